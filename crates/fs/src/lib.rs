@@ -1,0 +1,5 @@
+//! Everything Kiln does to a root filesystem on disk: resolving paths without escaping the root,
+//! applying image layers (unpack), finding what a build step changed (snapshots), and turning
+//! those changes into compressed, digested layer blobs.
+//!
+//! Modules are added by the unpack and the snapshot/layer-writer work; each owns one concern.
