@@ -143,3 +143,49 @@ fn write_blob(blobs: &Path, data: &[u8]) -> (String, u64) {
     std::fs::write(blobs.join(&digest[7..]), data).unwrap();
     (digest, data.len() as u64)
 }
+
+/// An image pulled back from a registry for inspection: its flattened root filesystem (made by
+/// skopeo + umoci, independent of Kiln) and its raw config JSON exactly as the registry stores it.
+pub struct Flattened {
+    /// The unpacked root filesystem, as a runtime would see it.
+    pub rootfs: std::path::PathBuf,
+    /// The image config document.
+    pub config: serde_json::Value,
+    /// The runnable bundle directory umoci made (`rootfs/` plus `config.json` for runc).
+    pub bundle: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// Pulls `repo_tag` from `registry` with skopeo and unpacks it with umoci.
+pub fn flatten(registry: &Registry, repo_tag: &str) -> Flattened {
+    require_tools(&["skopeo", "umoci"]);
+    let dir = tempfile::Builder::new()
+        .prefix("kiln-flat-")
+        .tempdir()
+        .unwrap();
+    let source = format!("docker://{}/{repo_tag}", registry.addr());
+    let layout = dir.path().join("layout");
+    run(Command::new("skopeo")
+        .args(["copy", "--quiet", "--src-tls-verify=false", &source])
+        .arg(format!("oci:{}:img", layout.display())));
+    let bundle = dir.path().join("bundle");
+    run(Command::new("umoci")
+        .args(["unpack", "--image"])
+        .arg(format!("{}:img", layout.display()))
+        .arg(&bundle));
+    // skopeo's oci: copy drops Healthcheck/OnBuild/Shell, so read the config straight from the registry.
+    let raw = run(Command::new("skopeo").args([
+        "inspect",
+        "--config",
+        "--raw",
+        "--tls-verify=false",
+        &source,
+    ]));
+    let config = serde_json::from_str(&raw).expect("image config is JSON");
+    Flattened {
+        rootfs: bundle.join("rootfs"),
+        config,
+        bundle,
+        _dir: dir,
+    }
+}

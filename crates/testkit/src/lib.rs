@@ -6,8 +6,10 @@
 //! clear panic saying which Debian package is missing.
 
 pub mod bases;
+pub mod buildah;
 pub mod image;
 mod registry;
+pub mod tree;
 
 pub use registry::{Registry, RegistryConfig};
 
