@@ -3,3 +3,5 @@
 //! those changes into compressed, digested layer blobs.
 //!
 //! Modules are added by the unpack and the snapshot/layer-writer work; each owns one concern.
+pub mod compress;
+pub mod snapshot;

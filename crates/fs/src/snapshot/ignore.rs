@@ -1,0 +1,152 @@
+//! Paths a snapshot never walks: mount points, kernel filesystems, Kiln's own directory and
+//! whatever the user adds with `--ignore-path`.
+
+use std::collections::HashSet;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use super::index::normalise;
+
+/// Where the ignore list comes from.
+#[derive(Debug, Clone)]
+pub struct IgnoreOptions {
+    /// Ignore `/proc`, `/sys`, `/dev`, `/kiln` and `/kaniko` (relative to the root). On by
+    /// default; turning it off is only useful for tests on plain directories.
+    pub system_paths: bool,
+    /// Ignore `/var/run` (kaniko's `--ignore-var-run`, default true).
+    pub var_run: bool,
+    /// Ignore every mount point under the root listed in `/proc/self/mountinfo`.
+    pub mount_points: bool,
+    /// Extra paths (`--ignore-path`), absolute inside the rootfs or relative to it.
+    pub extra: Vec<PathBuf>,
+}
+
+impl Default for IgnoreOptions {
+    fn default() -> Self {
+        IgnoreOptions {
+            system_paths: true,
+            var_run: true,
+            mount_points: true,
+            extra: Vec::new(),
+        }
+    }
+}
+
+/// The resolved set of ignored paths, relative to the root. An ignored path and everything
+/// below it is neither walked nor reported; index entries under it are kept as they were.
+#[derive(Debug, Clone, Default)]
+pub struct IgnoreSet {
+    paths: HashSet<PathBuf>,
+}
+
+impl IgnoreSet {
+    /// Resolves `options` for the rootfs at `root`, reading `/proc/self/mountinfo` if asked to.
+    pub fn resolve(root: &Path, options: &IgnoreOptions) -> io::Result<IgnoreSet> {
+        let mut paths = HashSet::new();
+        if options.system_paths {
+            for p in ["proc", "sys", "dev", "kiln", "kaniko"] {
+                paths.insert(PathBuf::from(p));
+            }
+        }
+        if options.var_run {
+            paths.insert(PathBuf::from("var/run"));
+        }
+        for extra in &options.extra {
+            let rel = normalise(extra);
+            if !rel.as_os_str().is_empty() {
+                paths.insert(rel);
+            }
+        }
+        if options.mount_points {
+            let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
+            let root = std::fs::canonicalize(root)?;
+            for mount_point in mount_points(&mountinfo) {
+                if let Ok(rel) = mount_point.strip_prefix(&root) {
+                    if !rel.as_os_str().is_empty() {
+                        paths.insert(rel.to_path_buf());
+                    }
+                }
+            }
+        }
+        Ok(IgnoreSet { paths })
+    }
+
+    /// Whether exactly this path is ignored (the walk never descends below an ignored path, so
+    /// it only needs this check).
+    pub fn is_ignored_exact(&self, rel: &Path) -> bool {
+        !self.paths.is_empty() && self.paths.contains(rel)
+    }
+
+    /// Whether the path or one of its ancestors is ignored.
+    pub fn is_ignored(&self, rel: &Path) -> bool {
+        if self.paths.is_empty() {
+            return false;
+        }
+        rel.ancestors().any(|a| self.paths.contains(a))
+    }
+
+    /// The ignored paths, relative to the root.
+    pub fn paths(&self) -> impl Iterator<Item = &Path> {
+        self.paths.iter().map(PathBuf::as_path)
+    }
+}
+
+/// Mount points (field 5) of a `/proc/self/mountinfo` text, with the kernel's octal escapes
+/// (`\040` for space and so on) decoded.
+pub fn mount_points(mountinfo: &str) -> Vec<PathBuf> {
+    use std::os::unix::ffi::OsStringExt;
+    mountinfo
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(|escaped| {
+            let bytes = escaped.as_bytes();
+            let mut out = Vec::with_capacity(bytes.len());
+            let mut i = 0;
+            while i < bytes.len() {
+                let octal = bytes.get(i + 1..i + 4).filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
+                match (bytes[i], octal) {
+                    (b'\\', Some(d)) => {
+                        out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
+                        i += 4;
+                    }
+                    (b, _) => {
+                        out.push(b);
+                        i += 1;
+                    }
+                }
+            }
+            PathBuf::from(std::ffi::OsString::from_vec(out))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_mountinfo_escapes() {
+        let text = "36 35 98:0 / /mnt/with\\040space rw,noatime master:1 - ext3 /dev/root rw\n\
+                    37 35 0:5 / /proc rw - proc proc rw\n";
+        assert_eq!(
+            mount_points(text),
+            vec![PathBuf::from("/mnt/with space"), PathBuf::from("/proc")]
+        );
+    }
+
+    #[test]
+    fn ancestors_of_ignored_paths_are_not_ignored() {
+        let set = IgnoreSet::resolve(
+            Path::new("/nonexistent-root"),
+            &IgnoreOptions {
+                mount_points: false,
+                ..IgnoreOptions::default()
+            },
+        )
+        .unwrap();
+        assert!(set.is_ignored(Path::new("proc/1/status")));
+        assert!(set.is_ignored(Path::new("var/run")));
+        assert!(!set.is_ignored(Path::new("var")));
+        assert!(!set.is_ignored(Path::new("procfs")));
+    }
+}

@@ -1,0 +1,417 @@
+//! The snapshotter: finds what a build step changed in a rootfs by comparing a parallel stat walk
+//! with an [`Index`] of the previous state, reading file content only where metadata cannot
+//! decide (see [`index`] for the racy rule).
+//!
+//! Writes under a declared `VOLUME` are kept, as BuildKit keeps them (the legacy Docker builder
+//! and kaniko discard them): volumes are not in the ignore list.
+
+pub mod ignore;
+pub mod index;
+mod walk;
+
+use std::collections::{HashMap, HashSet};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+pub use ignore::{IgnoreOptions, IgnoreSet};
+pub use index::{Entry, FileKind, Index, Proof, Timestamp};
+
+use walk::{Item, Status, WalkContext};
+
+/// How changes are detected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SnapshotMode {
+    /// Metadata (inode, size, mode, owner, mtime, ctime, link count, device) decides; content is
+    /// hashed only for racy entries. Never misses a change, reads almost nothing. The default,
+    /// and what kaniko's `redo` maps to.
+    #[default]
+    Exact,
+    /// Every regular file's content and every symlink's target is hashed at every snapshot and
+    /// compared together with mode, owner, size and mtime, as kaniko's `full` does. A path whose
+    /// only change is its ctime or inode (`chmod` to the same mode, a rewrite with identical
+    /// bytes and restored mtime) is then not reported. Slow: it reads the whole rootfs.
+    Full,
+    /// Only existence, type and mtime are compared, as kaniko's `time` does: chmod, chown, xattr
+    /// changes and rewrites that restore the mtime are missed. Offered for compatibility only.
+    MtimeOnly,
+}
+
+/// kaniko's `--snapshot-mode` values, accepted for compatibility.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KanikoSnapshotMode {
+    /// `full`: kaniko hashes contents and metadata → [`SnapshotMode::Full`].
+    Full,
+    /// `redo`: kaniko compares mtime, size, mode, uid and gid → [`SnapshotMode::Exact`], which
+    /// compares those plus ctime and inode and so is at least as fast and never misses a change.
+    Redo,
+    /// `time`: kaniko compares mtime only → [`SnapshotMode::MtimeOnly`].
+    Time,
+}
+
+impl FromStr for KanikoSnapshotMode {
+    type Err = SnapshotError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "full" => Ok(KanikoSnapshotMode::Full),
+            "redo" => Ok(KanikoSnapshotMode::Redo),
+            "time" => Ok(KanikoSnapshotMode::Time),
+            other => Err(SnapshotError::UnknownMode(other.to_owned())),
+        }
+    }
+}
+
+impl From<KanikoSnapshotMode> for SnapshotMode {
+    fn from(mode: KanikoSnapshotMode) -> SnapshotMode {
+        match mode {
+            KanikoSnapshotMode::Full => SnapshotMode::Full,
+            KanikoSnapshotMode::Redo => SnapshotMode::Exact,
+            KanikoSnapshotMode::Time => SnapshotMode::MtimeOnly,
+        }
+    }
+}
+
+/// Why a snapshot failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// A path under the root could not be read.
+    #[error("snapshot of {root}: {path}: {source}")]
+    Io {
+        /// The rootfs.
+        root: PathBuf,
+        /// The path relative to the root (empty for the root itself).
+        path: PathBuf,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// A `--snapshot-mode` value kaniko does not have either.
+    #[error("unknown snapshot mode {0:?} (expected full, redo or time)")]
+    UnknownMode(String),
+}
+
+/// What happened to one path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeKind {
+    /// The path did not exist before.
+    Added,
+    /// The path existed and changed (content, metadata or type).
+    Modified,
+    /// A directory that was removed and created again (a new inode): nothing of the old
+    /// directory's content survives, so layers mark it opaque.
+    Replaced,
+    /// The path no longer exists.
+    Deleted,
+}
+
+/// One changed path.
+#[derive(Debug, Clone)]
+pub struct Change {
+    /// Path relative to the root.
+    pub path: PathBuf,
+    /// What happened.
+    pub kind: ChangeKind,
+    /// The path's metadata now; `None` for deletions.
+    pub entry: Option<Entry>,
+}
+
+/// The changes of one step, sorted by path component by component, so every directory comes
+/// right before its contents.
+#[derive(Debug, Clone, Default)]
+pub struct Diff {
+    /// The changes, sorted.
+    pub changes: Vec<Change>,
+}
+
+impl Diff {
+    /// Whether nothing changed.
+    pub fn is_empty(&self) -> bool {
+        self.changes.is_empty()
+    }
+
+    /// Number of changed paths.
+    pub fn len(&self) -> usize {
+        self.changes.len()
+    }
+
+    /// The change of one path, if any.
+    pub fn get(&self, rel: &Path) -> Option<&Change> {
+        self.changes
+            .binary_search_by(|c| c.path.as_path().cmp(rel))
+            .ok()
+            .map(|i| &self.changes[i])
+    }
+}
+
+/// Options of a [`Snapshotter`].
+#[derive(Debug, Clone, Default)]
+pub struct SnapshotOptions {
+    /// Detection mode.
+    pub mode: SnapshotMode,
+    /// Paths never walked.
+    pub ignore: IgnoreOptions,
+}
+
+/// Tracks one rootfs across the steps of a stage.
+#[derive(Debug)]
+pub struct Snapshotter {
+    root: PathBuf,
+    mode: SnapshotMode,
+    ignore: IgnoreSet,
+    index: Index,
+}
+
+impl Snapshotter {
+    /// A snapshotter for `root` that starts from `index`, e.g. the one the unpacker recorded
+    /// and sealed, so the first snapshot of a stage costs no extra walk. Use
+    /// [`Index::new`] and [`Snapshotter::rescan`] when there is none.
+    pub fn new(root: impl Into<PathBuf>, index: Index, options: &SnapshotOptions) -> Result<Self, SnapshotError> {
+        let root = root.into();
+        let ignore = IgnoreSet::resolve(&root, &options.ignore).map_err(|source| SnapshotError::Io {
+            root: root.clone(),
+            path: PathBuf::new(),
+            source,
+        })?;
+        Ok(Snapshotter {
+            root,
+            mode: options.mode,
+            ignore,
+            index,
+        })
+    }
+
+    /// The rootfs.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The index as of the last snapshot.
+    pub fn index(&self) -> &Index {
+        &self.index
+    }
+
+    /// The resolved ignore set.
+    pub fn ignore_set(&self) -> &IgnoreSet {
+        &self.ignore
+    }
+
+    /// Hands the index back, e.g. to keep it for a later stage that starts from this one.
+    pub fn into_index(self) -> Index {
+        self.index
+    }
+
+    /// Replaces the index with a fresh walk of the whole tree, reporting nothing.
+    pub fn rescan(&mut self) -> Result<(), SnapshotError> {
+        self.index = Index::new();
+        self.snapshot()?;
+        Ok(())
+    }
+
+    /// Walks the whole rootfs once, returns what changed since the previous snapshot and makes
+    /// the current state the new baseline.
+    pub fn snapshot(&mut self) -> Result<Diff, SnapshotError> {
+        let observed_at = Timestamp::coarse_now();
+        let root = self.open_root()?;
+        let ctx = WalkContext {
+            root: &root,
+            old: &self.index.entries,
+            ignore: &self.ignore,
+            observed_at,
+            mode: self.mode,
+        };
+        let items = walk::walk(&ctx, Path::new("")).map_err(|(path, source)| self.io_error(path, source))?;
+        let mut new_entries: HashMap<PathBuf, Entry> = HashMap::with_capacity(items.len());
+        let mut changes = Vec::new();
+        for item in items {
+            if let Some(change) = self.change_of(&item) {
+                changes.push(change);
+            }
+            new_entries.insert(item.path, item.entry);
+        }
+        for (path, entry) in &self.index.entries {
+            if new_entries.contains_key(path) {
+                continue;
+            }
+            if self.ignore.is_ignored(path) {
+                // Never walked: whatever the index knew stays true for the next step.
+                continue;
+            }
+            let _ = entry;
+            changes.push(Change {
+                path: path.clone(),
+                kind: ChangeKind::Deleted,
+                entry: None,
+            });
+        }
+        for (path, entry) in self.index.entries.drain() {
+            if !new_entries.contains_key(&path) && self.ignore.is_ignored(&path) {
+                new_entries.insert(path, entry);
+            }
+        }
+        self.index.entries = new_entries;
+        Ok(self.finish(changes))
+    }
+
+    /// Snapshot of a step that reports the paths it wrote (COPY/ADD): only those paths, the
+    /// subtrees of the directories among them, and their parent directories are looked at.
+    /// A listed path that no longer exists is reported deleted with everything under it.
+    pub fn snapshot_paths<P: AsRef<Path>>(&mut self, paths: &[P]) -> Result<Diff, SnapshotError> {
+        let observed_at = Timestamp::coarse_now();
+        let root = self.open_root()?;
+        let mut targets: Vec<PathBuf> = paths
+            .iter()
+            .map(|p| index::normalise(p.as_ref()))
+            .filter(|p| !p.as_os_str().is_empty() && !self.ignore.is_ignored(p))
+            .collect();
+        targets.sort();
+        targets.dedup();
+        // Parents gain or lose entries (and so change mtime) when their children are written.
+        let mut single: HashSet<PathBuf> = HashSet::new();
+        for t in &targets {
+            for a in t.ancestors().skip(1) {
+                if !a.as_os_str().is_empty() {
+                    single.insert(a.to_path_buf());
+                }
+            }
+            single.insert(t.clone());
+        }
+        let ctx = WalkContext {
+            root: &root,
+            old: &self.index.entries,
+            ignore: &self.ignore,
+            observed_at,
+            mode: self.mode,
+        };
+        let mut items: Vec<Item> = Vec::new();
+        let mut gone: Vec<PathBuf> = Vec::new();
+        let mut walked_dirs: Vec<PathBuf> = Vec::new();
+        let mut single: Vec<PathBuf> = single.into_iter().collect();
+        single.sort();
+        for path in single {
+            let mut entry = match walk::stat_beneath(&root, &path) {
+                Ok(entry) => entry,
+                Err(e) if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ELOOP) || e.raw_os_error() == Some(libc::ENOTDIR) => {
+                    gone.push(path);
+                    continue;
+                }
+                Err(e) => return Err(self.io_error(path, e)),
+            };
+            let status = walk::classify(&ctx, &path, &mut entry).map_err(|e| self.io_error(path.clone(), e))?;
+            if entry.kind == FileKind::Directory && targets.binary_search(&path).is_ok() {
+                walked_dirs.push(path.clone());
+            }
+            items.push(Item { path, entry, status });
+        }
+        // Nested listed directories are covered by their outermost listed ancestor's walk.
+        walked_dirs.retain(|d| !d.ancestors().skip(1).any(|a| targets.binary_search(&a.to_path_buf()).is_ok() && a != d));
+        let mut seen: HashSet<PathBuf> = items.iter().map(|i| i.path.clone()).collect();
+        for dir in &walked_dirs {
+            let sub = walk::walk(&ctx, dir).map_err(|(path, source)| self.io_error(path, source))?;
+            for item in sub {
+                if seen.insert(item.path.clone()) {
+                    items.push(item);
+                }
+            }
+        }
+        let mut changes = Vec::new();
+        for item in &items {
+            if let Some(change) = self.change_of(item) {
+                changes.push(change);
+            }
+        }
+        // Index entries that vanished: listed paths that are gone, and anything that used to be
+        // under a walked directory or a gone path but was not seen now.
+        let scopes: Vec<&PathBuf> = walked_dirs.iter().chain(gone.iter()).collect();
+        let mut deleted: Vec<PathBuf> = self
+            .index
+            .entries
+            .keys()
+            .filter(|k| !seen.contains(*k))
+            .filter(|k| scopes.iter().any(|s| k.starts_with(s)))
+            .filter(|k| !self.ignore.is_ignored(k))
+            .cloned()
+            .collect();
+        deleted.sort();
+        drop(ctx);
+        for path in deleted {
+            self.index.entries.remove(&path);
+            changes.push(Change {
+                path,
+                kind: ChangeKind::Deleted,
+                entry: None,
+            });
+        }
+        for item in items {
+            self.index.entries.insert(item.path, item.entry);
+        }
+        Ok(self.finish(changes))
+    }
+
+    fn change_of(&self, item: &Item) -> Option<Change> {
+        let kind = match item.status {
+            Status::Unchanged => return None,
+            Status::Added => ChangeKind::Added,
+            Status::Modified => {
+                let old = self.index.entries.get(&item.path);
+                match old {
+                    Some(old)
+                        if old.kind == FileKind::Directory
+                            && item.entry.kind == FileKind::Directory
+                            && (old.ino != item.entry.ino || old.dev != item.entry.dev) =>
+                    {
+                        ChangeKind::Replaced
+                    }
+                    _ => ChangeKind::Modified,
+                }
+            }
+        };
+        Some(Change {
+            path: item.path.clone(),
+            kind,
+            entry: Some(item.entry.clone()),
+        })
+    }
+
+    /// Sorts the changes and adds, under every replaced directory, everything it now contains:
+    /// an opaque directory hides all of the old content, so even paths whose metadata did not
+    /// change (moved in, same tick) must be in the layer.
+    fn finish(&self, mut changes: Vec<Change>) -> Diff {
+        let replaced: Vec<PathBuf> = changes
+            .iter()
+            .filter(|c| c.kind == ChangeKind::Replaced)
+            .map(|c| c.path.clone())
+            .collect();
+        if !replaced.is_empty() {
+            let present: HashSet<PathBuf> = changes
+                .iter()
+                .filter(|c| c.kind != ChangeKind::Deleted)
+                .map(|c| c.path.clone())
+                .collect();
+            for (path, entry) in &self.index.entries {
+                if present.contains(path) || self.ignore.is_ignored(path) {
+                    continue;
+                }
+                if replaced.iter().any(|r| path.starts_with(r) && path != r) {
+                    changes.push(Change {
+                        path: path.clone(),
+                        kind: ChangeKind::Added,
+                        entry: Some(entry.clone()),
+                    });
+                }
+            }
+        }
+        changes.sort_by(|a, b| a.path.cmp(&b.path));
+        Diff { changes }
+    }
+
+    fn open_root(&self) -> Result<walk::Root, SnapshotError> {
+        walk::open_root(&self.root).map_err(|source| self.io_error(PathBuf::new(), source))
+    }
+
+    fn io_error(&self, path: PathBuf, source: io::Error) -> SnapshotError {
+        SnapshotError::Io {
+            root: self.root.clone(),
+            path,
+            source,
+        }
+    }
+}
