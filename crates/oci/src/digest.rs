@@ -2,7 +2,7 @@
 //! streaming hashers so a blob is digested in the same pass that reads or writes it.
 
 use std::fmt;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::str::FromStr;
 
 use sha2::{Digest as _, Sha256, Sha512};
@@ -220,6 +220,11 @@ impl<W: Write> DigestWriter<W> {
         }
     }
 
+    /// The inner writer, e.g. to learn a temporary file's path.
+    pub fn get_ref(&self) -> &W {
+        &self.inner
+    }
+
     /// Bytes written so far.
     pub fn len(&self) -> u64 {
         self.hasher.len()
@@ -245,6 +250,153 @@ impl<W: Write> Write for DigestWriter<W> {
     }
     fn flush(&mut self) -> io::Result<()> {
         self.inner.flush()
+    }
+}
+
+/// Why a stream did not match the digest (and size) it was expected to have. Carried inside
+/// the `io::Error` a [`VerifyingReader`] returns (kind `InvalidData` or `UnexpectedEof`), so
+/// callers can add the blob's path or registry and still match on the cause.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VerifyError {
+    /// The content hashed to another digest.
+    #[error("digest mismatch: expected {expected}, got {actual}")]
+    Mismatch {
+        /// The digest the content should have.
+        expected: Digest,
+        /// The digest it has.
+        actual: Digest,
+    },
+    /// The stream ended before the declared size.
+    #[error("blob {expected} ended after {actual} of {expected_size} bytes")]
+    TooShort {
+        /// The digest the content should have.
+        expected: Digest,
+        /// The declared size.
+        expected_size: u64,
+        /// The bytes received.
+        actual: u64,
+    },
+    /// The stream has more bytes than declared.
+    #[error("blob {expected} is longer than its declared {expected_size} bytes")]
+    TooLong {
+        /// The digest the content should have.
+        expected: Digest,
+        /// The declared size.
+        expected_size: u64,
+    },
+}
+
+impl VerifyError {
+    /// The `VerifyError` inside an I/O error returned by a [`VerifyingReader`], if any.
+    pub fn from_io(err: &io::Error) -> Option<&VerifyError> {
+        err.get_ref()?.downcast_ref::<VerifyError>()
+    }
+}
+
+/// A reader adaptor that checks the stream against an expected digest (and optionally size)
+/// as it passes through. It reports end of stream only after the check passed, so whoever
+/// consumes it to the end never silently accepts a wrong blob; a wrong stream yields an
+/// `io::Error` wrapping a [`VerifyError`]. With a size, it never reads past that size plus
+/// one probe byte, so a lying source can't make it consume unbounded data.
+pub struct VerifyingReader<R> {
+    inner: R,
+    expected: Digest,
+    expected_size: Option<u64>,
+    hasher: Hasher,
+    verified: bool,
+}
+
+impl<R: Read> VerifyingReader<R> {
+    /// Wraps `inner`, which must produce exactly the content of `expected` (of
+    /// `expected_size` bytes, when given).
+    pub fn new(inner: R, expected: &Digest, expected_size: Option<u64>) -> Self {
+        VerifyingReader {
+            inner,
+            hasher: expected.hasher(),
+            expected: expected.clone(),
+            expected_size,
+            verified: false,
+        }
+    }
+
+    /// Bytes read so far.
+    pub fn bytes_read(&self) -> u64 {
+        self.hasher.len()
+    }
+
+    /// The inner reader.
+    pub fn into_inner(self) -> R {
+        self.inner
+    }
+
+    fn finish_check(&mut self) -> io::Result<()> {
+        if let Some(expected_size) = self.expected_size {
+            if self.hasher.len() < expected_size {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    VerifyError::TooShort {
+                        expected: self.expected.clone(),
+                        expected_size,
+                        actual: self.hasher.len(),
+                    },
+                ));
+            }
+            let mut probe = [0u8; 1];
+            let extra = loop {
+                match self.inner.read(&mut probe) {
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    other => break other?,
+                }
+            };
+            if extra > 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    VerifyError::TooLong {
+                        expected: self.expected.clone(),
+                        expected_size,
+                    },
+                ));
+            }
+        }
+        let actual = self.hasher.clone().finish();
+        if actual != self.expected {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                VerifyError::Mismatch {
+                    expected: self.expected.clone(),
+                    actual,
+                },
+            ));
+        }
+        self.verified = true;
+        Ok(())
+    }
+}
+
+impl<R: Read> Read for VerifyingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.verified || buf.is_empty() {
+            return Ok(0);
+        }
+        let want = match self.expected_size {
+            Some(size) => {
+                let remaining = size - self.hasher.len();
+                if remaining == 0 {
+                    self.finish_check()?;
+                    return Ok(0);
+                }
+                buf.len()
+                    .min(usize::try_from(remaining).unwrap_or(usize::MAX))
+            }
+            None => buf.len(),
+        };
+        let n = self.inner.read(&mut buf[..want])?;
+        if n == 0 {
+            self.finish_check()?;
+            return Ok(0);
+        }
+        self.hasher.update(&buf[..n]);
+        Ok(n)
     }
 }
 
@@ -290,5 +442,37 @@ mod tests {
         h.update(b"hello world");
         assert_eq!(h.finish(), digest);
         assert_eq!(digest.hex().len(), 128);
+    }
+
+    #[test]
+    fn verifying_reader_accepts_exact_content_only() {
+        let data = b"some blob content".to_vec();
+        let digest = Digest::sha256_of(&data);
+        let read_all = |bytes: &[u8], size: Option<u64>| {
+            let mut out = Vec::new();
+            VerifyingReader::new(bytes, &digest, size)
+                .read_to_end(&mut out)
+                .map(|_| out)
+        };
+        assert_eq!(read_all(&data, Some(data.len() as u64)).unwrap(), data);
+        assert_eq!(read_all(&data, None).unwrap(), data);
+
+        let cause = |r: io::Result<Vec<u8>>| VerifyError::from_io(&r.unwrap_err()).cloned();
+        let mut tampered = data.clone();
+        tampered[0] ^= 1;
+        assert!(matches!(
+            cause(read_all(&tampered, None)),
+            Some(VerifyError::Mismatch { .. })
+        ));
+        assert!(matches!(
+            cause(read_all(&data[..5], Some(data.len() as u64))),
+            Some(VerifyError::TooShort { actual: 5, .. })
+        ));
+        let mut longer = data.clone();
+        longer.extend_from_slice(b"more");
+        assert!(matches!(
+            cause(read_all(&longer, Some(data.len() as u64))),
+            Some(VerifyError::TooLong { .. })
+        ));
     }
 }
