@@ -1,0 +1,57 @@
+//! The distribution (OCI registry) protocol for Kiln.
+//!
+//! A [`Client`] pulls and pushes manifests and blobs. Blobs are streamed and verified
+//! against their digest in the same pass, never held whole in memory. Credentials come from
+//! a Docker `config.json`, as a kubelet mounts a `kubernetes.io/dockerconfigjson` Secret
+//! ([`Keychain`]), including `credsStore`/`credHelpers` helpers. Both Basic and Bearer-token
+//! challenges are answered, and tokens are cached per scope. Transport follows kaniko's flags
+//! ([`RegistryOptions`]): plain HTTP, skipped TLS verification, extra CAs and client
+//! certificates per registry, mirrors and registry maps, retries with back-off, and a limit
+//! on concurrent transfers.
+//!
+//! Errors name the registry, the repository and the HTTP status, for example
+//! `127.0.0.1:5000/app: push refused: 401 Unauthorized (UNAUTHORIZED: authentication required)`,
+//! and never contain a credential.
+//!
+//! ```no_run
+//! use kiln_registry::{Client, FileSource, Keychain, PushBlobOptions, RegistryOptions, Repository};
+//!
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! let options = RegistryOptions {
+//!     keychain: Keychain::from_default_locations()?,
+//!     ..RegistryOptions::default()
+//! };
+//! let client = Client::new(options)?;
+//! let repo = Repository::new("registry.example:5000", "team/app")?;
+//!
+//! // Pull: the manifest is verified when fetched by digest, blobs always.
+//! let manifest = client.get_manifest(&repo, "latest").await?;
+//! println!("{} is {}", manifest.digest, manifest.media_type);
+//!
+//! // Push a layer from a file; skipped if present, mounted if another repo has it.
+//! let layer = FileSource::new("/tmp/layer.tar.gz").await?;
+//! let pushed = client.push_blob(&repo, &layer, &PushBlobOptions::default()).await?;
+//! println!("layer {} ({:?})", pushed.digest, pushed.outcome);
+//! # Ok(())
+//! # }
+//! ```
+
+mod blob;
+mod challenge;
+mod client;
+mod credentials;
+mod error;
+pub mod media_types;
+mod options;
+mod repository;
+mod secret;
+mod transport;
+
+pub use blob::{BlobSource, BlobStream, BoxAsyncRead, BytesSource, FileSource, ReaderSource};
+pub use challenge::Challenge;
+pub use client::{Client, Manifest, ManifestInfo, PushBlobOptions, PushOutcome, PushedBlob};
+pub use credentials::{normalize_registry, Credential, DockerConfig, Keychain, DOCKER_HUB_AUTH_KEY};
+pub use error::{Error, Operation, RegistryErrorBody};
+pub use options::{ClientCertificate, RegistryOptions, UploadMode};
+pub use repository::{valid_tag, Repository};
+pub use secret::Secret;
