@@ -1,0 +1,177 @@
+//! Runs the `RUN` steps of a build: one [`Sandbox`] trait, two implementations.
+//!
+//! - [`ChrootSandbox`] (the default outside a container; needs root): each step gets new mount,
+//!   pid, uts and ipc namespaces, enters the stage rootfs with `pivot_root`, and sees a fresh
+//!   `/proc`, a minimal `/dev` (null, zero, full, random, urandom, tty bound from the host, a
+//!   private devpts instance, a tmpfs `/dev/shm`), a read-only `/sys`, and generated
+//!   `/etc/resolv.conf`, `/etc/hosts`, `/etc/hostname`. The network is the host's.
+//! - [`InPlaceSandbox`] (inside a container, as in a Pod): the rootfs is `/`; the step runs
+//!   directly, in a new session, and its process tree is killed when it ends.
+//!
+//! Both resolve USER from the rootfs's own `/etc/passwd` and `/etc/group`, add `PATH` and
+//! `HOME` to the caller's environment when missing, create a missing WORKDIR, stream output
+//! line by line to an [`OutputSink`], map signal deaths to 128+signal, can be cancelled with a
+//! [`CancelToken`], and return only once every process the step started is gone.
+//!
+//! # What a step leaves in the rootfs (for the snapshotter)
+//!
+//! In chroot mode all mounts live in the step's own mount namespace, which disappears with the
+//! step; nothing is ever mounted in the caller's namespace. The rootfs itself is touched only
+//! where it lacks a mount target:
+//! - missing targets among [`CHROOT_MOUNT_POINTS`] and the targets of [`MountSpec`]s (and their
+//!   missing parent directories) are created before the step, as empty files or directories,
+//!   and removed after it (unless the step put something into a created directory);
+//! - the directories they were created in get their atime/mtime back unless the step changed
+//!   them too; they are listed in [`RunOutcome::restored_dirs`] because their ctime is newer
+//!   although their content and metadata are as before.
+//!
+//! The WORKDIR, when missing, is created for real (owned by the step's user) and belongs in the
+//! layer, as with Docker. In in-place mode only [`MountSpec`] targets are created and removed;
+//! `/proc`, `/sys`, `/dev` and the `/etc` files are the container's own.
+//!
+//! # Threads
+//!
+//! [`Sandbox::run`] blocks the calling thread until the step is over: it is the thread that
+//! supervises the step, and the step's processes are killed if that thread dies (Linux's
+//! parent-death signal is per thread). Run it on a thread that lives as long as the call, e.g.
+//! `tokio::task::spawn_blocking`. Nothing else in the process may reap children with
+//! `waitpid(-1, ...)` or ignore SIGCHLD.
+
+mod cancel;
+mod chroot;
+mod error;
+mod inplace;
+mod output;
+mod process;
+mod rootpath;
+mod step;
+mod user;
+
+use std::path::{Path, PathBuf};
+
+pub use cancel::CancelToken;
+pub use chroot::{ChrootSandbox, CHROOT_MOUNT_POINTS, DEFAULT_HOSTNAME};
+pub use error::SandboxError;
+pub use inplace::InPlaceSandbox;
+pub use output::{OutputLine, OutputSink, OutputStream, MAX_LINE};
+pub use rootpath::resolve_in_root;
+pub use step::{Command, MountKind, MountSpec, Step, DEFAULT_PATH, DEFAULT_SHELL};
+pub use user::{resolve_user, ResolvedUser};
+
+/// How RUN steps are isolated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Namespaces and pivot_root into a stage rootfs ([`ChrootSandbox`]).
+    Chroot,
+    /// Directly in the current container, whose `/` is the rootfs ([`InPlaceSandbox`]).
+    InPlace,
+}
+
+impl Mode {
+    /// In-place when this process looks like it runs in a container (a `/.dockerenv` or
+    /// `/run/.containerenv` file, a `container` or `KUBERNETES_SERVICE_HOST` variable, or a
+    /// container runtime in `/proc/1/cgroup`), chroot otherwise.
+    pub fn detect() -> Mode {
+        let marker_file = ["/.dockerenv", "/run/.containerenv"]
+            .iter()
+            .any(|p| Path::new(p).exists());
+        let marker_env = ["container", "KUBERNETES_SERVICE_HOST"]
+            .iter()
+            .any(|v| std::env::var_os(v).is_some());
+        let cgroup = std::fs::read_to_string("/proc/1/cgroup")
+            .map(|c| {
+                ["docker", "kubepods", "containerd", "libpod"]
+                    .iter()
+                    .any(|k| c.contains(k))
+            })
+            .unwrap_or(false);
+        if marker_file || marker_env || cgroup {
+            Mode::InPlace
+        } else {
+            Mode::Chroot
+        }
+    }
+}
+
+/// How a step's command ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitStatus {
+    /// It exited with this code.
+    Code(i32),
+    /// It was killed by this signal.
+    Signal(i32),
+}
+
+impl ExitStatus {
+    /// The code a shell would report: the exit code, or 128 + the signal number.
+    pub fn code(self) -> i32 {
+        match self {
+            ExitStatus::Code(c) => c,
+            ExitStatus::Signal(s) => 128 + s,
+        }
+    }
+
+    /// Whether the command exited with code 0.
+    pub fn success(self) -> bool {
+        self == ExitStatus::Code(0)
+    }
+
+    pub(crate) fn from_wait_status(status: i32) -> Self {
+        if libc::WIFSIGNALED(status) {
+            ExitStatus::Signal(libc::WTERMSIG(status))
+        } else {
+            ExitStatus::Code(libc::WEXITSTATUS(status))
+        }
+    }
+}
+
+impl std::fmt::Display for ExitStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExitStatus::Code(c) => write!(f, "exit code {c}"),
+            ExitStatus::Signal(s) => write!(f, "killed by signal {s} (exit code {})", 128 + s),
+        }
+    }
+}
+
+/// The result of a step that ran.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunOutcome {
+    /// How the step's command ended.
+    pub status: ExitStatus,
+    /// Directories (paths inside the rootfs) in which the sandbox created and removed mount
+    /// targets and whose atime/mtime it restored: unchanged except for their ctime.
+    pub restored_dirs: Vec<PathBuf>,
+}
+
+/// Runs RUN steps in one rootfs. One implementation per [`Mode`].
+pub trait Sandbox: Send + Sync {
+    /// Which isolation this is.
+    fn mode(&self) -> Mode;
+
+    /// The host path of the rootfs the steps run in (`/` in in-place mode).
+    fn rootfs(&self) -> &Path;
+
+    /// Runs one step to its end, streaming its output to `sink`; returns once every process it
+    /// started is gone. A non-zero exit is an `Ok` with that status; `Err` means the step could
+    /// not be run (bad USER, missing program, setup failure) or was cancelled.
+    fn run(
+        &self,
+        step: &Step,
+        sink: &mut dyn OutputSink,
+        cancel: &CancelToken,
+    ) -> Result<RunOutcome, SandboxError>;
+}
+
+/// The sandbox for `mode`: chroot mode on `rootfs`, or in-place mode (where `rootfs` must be
+/// `/`, the only rootfs in-place mode can run in).
+pub fn open(mode: Mode, rootfs: &Path) -> Result<Box<dyn Sandbox>, SandboxError> {
+    match mode {
+        Mode::Chroot => Ok(Box::new(ChrootSandbox::new(rootfs)?)),
+        Mode::InPlace if rootfs == Path::new("/") => Ok(Box::new(InPlaceSandbox::new())),
+        Mode::InPlace => Err(SandboxError::BadPath {
+            path: rootfs.to_path_buf(),
+            reason: "in-place mode runs in / only".into(),
+        }),
+    }
+}

@@ -1,0 +1,984 @@
+//! Starting, supervising and reaping a step's processes. All `unsafe` of the crate is here.
+//!
+//! Shape of a running step:
+//!
+//! ```text
+//! caller thread (supervisor)        poll(): stdout, stderr, report pipe, cancel wake-up pipe
+//!   └─ init      clone(2): in chroot mode with new mount/pid/uts/ipc namespaces (pid 1 there);
+//!      │         runs the setup operations (mounts, pivot_root), reaps every orphan, and
+//!      │         reports the command's wait status over the report pipe
+//!      └─ command   setsid, user switch, chdir, execve of the step's program
+//! ```
+//!
+//! The init exists so that the step's program is not pid 1 (pid 1 ignores signals it has no
+//! handler for, so `kill $$` would not work as in Docker) and so that daemonised grandchildren
+//! have a reaper that is ours. When the command exits:
+//! - chroot mode: the init exits; the kernel then kills every process left in the pid namespace
+//!   and its mount namespace (with all the step's mounts) disappears with the last of them;
+//! - in-place mode: the init is a child subreaper; it kills the command's process group and
+//!   every process re-parented to it (found through `/proc`), until it has no child left.
+//!
+//! Both children are made with the raw `clone` system call from a possibly multi-threaded
+//! program, so they may only do async-signal-safe work: everything (C strings, pointer arrays,
+//! the group list) is prepared before the clone, the children never allocate, never unwind and
+//! leave only through `_exit` or `execve`, and user switching uses raw system calls because
+//! glibc's `setuid` family would try to signal the parent's other threads.
+
+use std::ffi::{CStr, CString};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use libc::{c_char, c_int, c_ulong, pid_t};
+
+use crate::cancel::CancelToken;
+use crate::error::SandboxError;
+use crate::output::{LineSplitter, OutputSink, OutputStream};
+use crate::ExitStatus;
+
+/// How long output pipes may stay open after the init reported, before the supervisor stops
+/// reading them (only a process that escaped the step could hold them).
+const OUTPUT_GRACE: Duration = Duration::from_secs(5);
+
+/// One operation the init performs before starting the command.
+pub(crate) enum SetupOp {
+    /// `unshare(2)` with these flags (in-place mode, for RUN --mount).
+    Unshare(c_int),
+    /// `mount(2)`.
+    Mount {
+        source: Option<CString>,
+        target: CString,
+        fstype: Option<CString>,
+        flags: c_ulong,
+        data: Option<CString>,
+    },
+    /// A read-only sysfs; if the kernel refuses a new sysfs instance, a read-only recursive bind
+    /// of the host's `/sys`.
+    Sysfs { target: CString },
+    /// Creates an empty file (a bind-mount target inside the sandbox's own /dev tmpfs).
+    CreateFile(CString),
+    /// `mkdir(2)` inside the sandbox's own tmpfs.
+    Mkdir(CString),
+    /// `symlink(2)` inside the sandbox's own tmpfs.
+    Symlink { target: CString, link: CString },
+    /// `sethostname(2)` in the new UTS namespace.
+    SetHostname(CString),
+    /// Makes this directory (a mount point) the root: pivot_root(".", ".") and a lazy unmount of
+    /// the old root stacked on it, so no directory for the old root is needed in the rootfs.
+    PivotRoot(CString),
+}
+
+/// A setup operation and its description for error messages.
+pub(crate) struct Setup {
+    pub op: SetupOp,
+    pub description: String,
+}
+
+/// How the step's left-over processes are killed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Reaping {
+    /// The init is pid 1 of a new pid namespace: its exit kills everything.
+    PidNamespace,
+    /// Process group kill plus child-subreaper sweep.
+    ProcessTree,
+}
+
+/// The step's program and the identity it runs as.
+pub(crate) struct ExecSpec {
+    /// `argv[0]` as the step named it, for error messages.
+    pub program: String,
+    /// Paths to try with `execve`, in order (the PATH search is done up front).
+    pub candidates: Vec<CString>,
+    pub argv: Vec<CString>,
+    pub env: Vec<CString>,
+    /// uid, gid and supplementary groups; `None` keeps the supervisor's identity.
+    pub user: Option<(u32, u32, Vec<libc::gid_t>)>,
+    /// Working directory, as seen by the command (after pivot_root in chroot mode).
+    pub workdir: CString,
+}
+
+/// Everything needed to run one step.
+pub(crate) struct Plan {
+    /// Namespace flags for the init's clone; 0 for in-place mode.
+    pub namespaces: c_int,
+    pub setup: Vec<Setup>,
+    pub reaping: Reaping,
+    pub exec: ExecSpec,
+}
+
+// Report records, written by the init and the command child into the report pipe. 16 bytes,
+// below PIPE_BUF, so every write is atomic.
+const REC_SETUP_FAILED: u32 = 1;
+const REC_COMMAND_FAILED: u32 = 2;
+const REC_EXEC_FAILED: u32 = 3;
+const REC_EXITED: u32 = 4;
+const REC_CANCELLED: u32 = 5;
+const REC_INIT_FAILED: u32 = 6;
+
+/// Steps of the command child before exec, for [`REC_COMMAND_FAILED`].
+const COMMAND_STEPS: [&str; 5] = [
+    "redirecting stdin/stdout/stderr",
+    "setgroups",
+    "setresgid",
+    "setresuid",
+    "chdir to the working directory",
+];
+/// Steps of the init itself, for [`REC_INIT_FAILED`].
+const INIT_STEPS: [&str; 2] = ["fork of the command", "waiting for signals"];
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Record {
+    kind: u32,
+    index: u32,
+    value: i32,
+    _pad: i32,
+}
+
+/// What the children need, prepared before the clone so they allocate nothing.
+struct ChildContext<'a> {
+    plan: &'a Plan,
+    argv: Vec<*const c_char>,
+    envp: Vec<*const c_char>,
+    groups: &'a [libc::gid_t],
+    stdin: RawFd,
+    stdout: RawFd,
+    stderr: RawFd,
+    report: RawFd,
+    /// The supervisor's pid; the init of in-place mode accepts SIGTERM only from it.
+    supervisor: pid_t,
+    /// Sorted fds the init keeps; every other inherited fd is closed (a concurrent step's pipe
+    /// ends would otherwise be held open by this step's init).
+    init_keep: [RawFd; 4],
+}
+
+/// Runs `plan` to completion, streaming output to `sink`. Returns the command's exit status;
+/// when it returns, every process of the step is gone.
+pub(crate) fn run(
+    plan: &Plan,
+    sink: &mut dyn OutputSink,
+    cancel: &CancelToken,
+) -> Result<ExitStatus, SandboxError> {
+    let (out_r, out_w) = pipe("pipe for stdout")?;
+    let (err_r, err_w) = pipe("pipe for stderr")?;
+    let (report_r, report_w) = pipe("pipe for the sandbox report")?;
+    let (wake_r, wake_w) = pipe("pipe for cancellation")?;
+    set_nonblocking(&wake_w);
+    let stdin = open_dev_null()?;
+    let _registration = cancel.register(Arc::new(wake_w));
+    if cancel.is_cancelled() {
+        return Err(SandboxError::Cancelled);
+    }
+
+    let groups: &[libc::gid_t] = plan
+        .exec
+        .user
+        .as_ref()
+        .map(|(_, _, g)| g.as_slice())
+        .unwrap_or(&[]);
+    let mut init_keep = [
+        stdin.as_raw_fd(),
+        out_w.as_raw_fd(),
+        err_w.as_raw_fd(),
+        report_w.as_raw_fd(),
+    ];
+    init_keep.sort_unstable();
+    let ctx = ChildContext {
+        plan,
+        argv: null_terminated(&plan.exec.argv),
+        envp: null_terminated(&plan.exec.env),
+        groups,
+        stdin: stdin.as_raw_fd(),
+        stdout: out_w.as_raw_fd(),
+        stderr: err_w.as_raw_fd(),
+        report: report_w.as_raw_fd(),
+        // SAFETY: getpid has no preconditions.
+        supervisor: unsafe { libc::getpid() },
+        init_keep,
+    };
+
+    // SAFETY: a fork-like clone (no CLONE_VM, no new stack): the child gets a copy of this
+    // address space and continues here with 0. The child only runs `init_main`, which obeys the
+    // async-signal-safety rules of the module comment and never returns.
+    let pid = unsafe { raw_clone(plan.namespaces) };
+    if pid < 0 {
+        let err = io::Error::last_os_error();
+        return Err(SandboxError::Os {
+            operation: if plan.namespaces != 0 {
+                "clone with new mount/pid/uts/ipc namespaces (chroot mode needs root)"
+            } else {
+                "fork"
+            },
+            source: err,
+        });
+    }
+    if pid == 0 {
+        // SAFETY: we are the freshly cloned child; see above.
+        unsafe { init_main(&ctx) }
+    }
+    let mut init = InitGuard {
+        pid,
+        reaping: plan.reaping,
+        reaped: false,
+    };
+    drop((out_w, err_w, report_w, stdin));
+
+    let mut out_lines = LineSplitter::new(OutputStream::Stdout);
+    let mut err_lines = LineSplitter::new(OutputStream::Stderr);
+    let mut report_bytes: Vec<u8> = Vec::new();
+    let mut fds = [
+        pollfd(out_r.as_raw_fd()),
+        pollfd(err_r.as_raw_fd()),
+        pollfd(report_r.as_raw_fd()),
+        pollfd(wake_r.as_raw_fd()),
+    ];
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut stop_reading_at: Option<Instant> = None;
+    let mut cancelled = false;
+    let mut escalate_at: Option<Instant> = None;
+    while fds[..3].iter().any(|p| p.fd >= 0) {
+        let now = Instant::now();
+        if stop_reading_at.is_some_and(|t| now >= t) {
+            break;
+        }
+        if let Some(t) = escalate_at.filter(|t| now >= *t) {
+            let _ = t;
+            init.kill(libc::SIGKILL);
+            escalate_at = None;
+        }
+        let timeout = [stop_reading_at, escalate_at]
+            .into_iter()
+            .flatten()
+            .min()
+            .map(|t| t.saturating_duration_since(now).as_millis().min(60_000) as c_int + 1)
+            .unwrap_or(-1);
+        // SAFETY: `fds` is a live array of 4 initialised pollfd structs.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(SandboxError::Os {
+                operation: "poll on the step's output",
+                source: err,
+            });
+        }
+        for (i, pfd) in fds.iter_mut().enumerate().take(3) {
+            if pfd.fd < 0 || pfd.revents == 0 {
+                continue;
+            }
+            match read(pfd.fd, &mut buf) {
+                Ok(0) => {
+                    pfd.fd = -1;
+                    if i == 2 {
+                        stop_reading_at = Some(Instant::now() + OUTPUT_GRACE);
+                    }
+                }
+                Ok(n) => match i {
+                    0 => out_lines.push(&buf[..n], sink),
+                    1 => err_lines.push(&buf[..n], sink),
+                    _ => report_bytes.extend_from_slice(&buf[..n]),
+                },
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => pfd.fd = -1,
+            }
+        }
+        if fds[3].fd >= 0 && fds[3].revents != 0 {
+            fds[3].fd = -1;
+            cancelled = true;
+            match plan.reaping {
+                Reaping::PidNamespace => init.kill(libc::SIGKILL),
+                Reaping::ProcessTree => {
+                    // The init kills the process tree and exits; if it does not within the
+                    // grace period, it is killed itself.
+                    init.kill(libc::SIGTERM);
+                    escalate_at = Some(Instant::now() + OUTPUT_GRACE);
+                }
+            }
+        }
+    }
+    out_lines.finish(sink);
+    err_lines.finish(sink);
+    let init_status = init.wait()?;
+
+    let mut exited = None;
+    let mut failure = None;
+    for chunk in report_bytes.chunks_exact(std::mem::size_of::<Record>()) {
+        let field = |i: usize| {
+            let b = &chunk[i * 4..i * 4 + 4];
+            u32::from_ne_bytes([b[0], b[1], b[2], b[3]])
+        };
+        let (kind, index, value) = (field(0), field(1) as usize, field(2) as i32);
+        let errno = io::Error::from_raw_os_error(value);
+        match kind {
+            REC_EXITED => exited = Some(value),
+            REC_CANCELLED => cancelled = true,
+            REC_SETUP_FAILED => {
+                failure.get_or_insert(SandboxError::Setup {
+                    operation: plan
+                        .setup
+                        .get(index)
+                        .map(|s| s.description.clone())
+                        .unwrap_or_default(),
+                    source: errno,
+                });
+            }
+            REC_COMMAND_FAILED => {
+                let step = COMMAND_STEPS.get(index).copied().unwrap_or("?");
+                let operation = if index == 4 {
+                    format!("{step} {:?}", plan.exec.workdir)
+                } else {
+                    step.to_string()
+                };
+                failure.get_or_insert(SandboxError::Setup {
+                    operation,
+                    source: errno,
+                });
+            }
+            REC_EXEC_FAILED => {
+                failure.get_or_insert(SandboxError::Exec {
+                    program: plan.exec.program.clone(),
+                    source: errno,
+                });
+            }
+            REC_INIT_FAILED => {
+                failure.get_or_insert(SandboxError::Setup {
+                    operation: INIT_STEPS.get(index).copied().unwrap_or("?").to_string(),
+                    source: errno,
+                });
+            }
+            _ => {}
+        }
+    }
+    if let Some(err) = failure {
+        return Err(err);
+    }
+    match exited {
+        Some(raw) => Ok(ExitStatus::from_wait_status(raw)),
+        None if cancelled => Err(SandboxError::Cancelled),
+        None => Err(SandboxError::InitDied(describe_wait_status(init_status))),
+    }
+}
+
+/// Owns the init's pid until it is reaped; kills and reaps it if the supervisor leaves early
+/// (an error, or a panicking sink), so no step outlives its `run`.
+struct InitGuard {
+    pid: pid_t,
+    reaping: Reaping,
+    reaped: bool,
+}
+
+impl InitGuard {
+    fn kill(&self, signal: c_int) {
+        // SAFETY: `pid` is our unreaped child, so the pid cannot have been reused.
+        unsafe { libc::kill(self.pid, signal) };
+    }
+
+    fn wait(&mut self) -> Result<c_int, SandboxError> {
+        let mut status = 0;
+        loop {
+            // SAFETY: plain waitpid on our own child with a valid out pointer.
+            let r = unsafe { libc::waitpid(self.pid, &mut status, 0) };
+            if r == self.pid {
+                self.reaped = true;
+                return Ok(status);
+            }
+            let err = io::Error::last_os_error();
+            if err.kind() != io::ErrorKind::Interrupted {
+                self.reaped = true;
+                return Err(SandboxError::Os {
+                    operation: "waitpid for the sandbox init",
+                    source: err,
+                });
+            }
+        }
+    }
+}
+
+impl Drop for InitGuard {
+    fn drop(&mut self) {
+        if !self.reaped {
+            // In in-place mode SIGTERM makes the init kill the tree before it exits; SIGKILL
+            // would orphan the step's processes.
+            self.kill(match self.reaping {
+                Reaping::PidNamespace => libc::SIGKILL,
+                Reaping::ProcessTree => libc::SIGTERM,
+            });
+            let _ = self.wait();
+        }
+    }
+}
+
+fn describe_wait_status(status: c_int) -> String {
+    if libc::WIFSIGNALED(status) {
+        format!("killed by signal {}", libc::WTERMSIG(status))
+    } else {
+        format!("exit status {}", libc::WEXITSTATUS(status))
+    }
+}
+
+fn pollfd(fd: RawFd) -> libc::pollfd {
+    libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    }
+}
+
+fn read(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is a live, writable buffer of `buf.len()` bytes.
+    let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// A close-on-exec pipe whose ends are numbered 3 or above, so that the command child's
+/// `dup2` onto 0, 1 and 2 can never clobber one of them.
+fn pipe(what: &'static str) -> Result<(OwnedFd, OwnedFd), SandboxError> {
+    let mut fds = [0 as c_int; 2];
+    // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err(SandboxError::Os {
+            operation: what,
+            source: io::Error::last_os_error(),
+        });
+    }
+    // SAFETY: pipe2 succeeded, so both fds are open and owned by nobody else.
+    let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    Ok((above_stdio(r, what)?, above_stdio(w, what)?))
+}
+
+fn above_stdio(fd: OwnedFd, what: &'static str) -> Result<OwnedFd, SandboxError> {
+    if fd.as_raw_fd() > 2 {
+        return Ok(fd);
+    }
+    // SAFETY: F_DUPFD_CLOEXEC on an fd we own.
+    let new = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 3) };
+    if new < 0 {
+        return Err(SandboxError::Os {
+            operation: what,
+            source: io::Error::last_os_error(),
+        });
+    }
+    // SAFETY: fcntl returned a new fd that nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(new) })
+}
+
+fn set_nonblocking(fd: &OwnedFd) {
+    // SAFETY: fcntl flag manipulation on an fd we own.
+    unsafe {
+        let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+        libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK);
+    }
+}
+
+fn open_dev_null() -> Result<OwnedFd, SandboxError> {
+    let file = std::fs::File::open("/dev/null").map_err(|e| SandboxError::io("/dev/null", e))?;
+    above_stdio(OwnedFd::from(file), "duplicating /dev/null")
+}
+
+fn null_terminated(strings: &[CString]) -> Vec<*const c_char> {
+    strings
+        .iter()
+        .map(|s| s.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Code below runs in cloned children only: no allocation, no panics, no return.
+
+/// `clone(2)` used like `fork(2)`: returns 0 in the child, the child's pid in the parent.
+///
+/// # Safety
+/// The child may only perform async-signal-safe operations and must end in `_exit`/`execve`.
+unsafe fn raw_clone(namespaces: c_int) -> pid_t {
+    let flags = (namespaces | libc::SIGCHLD) as c_ulong;
+    // SAFETY: without CLONE_VM and with a null stack the kernel gives the child a copy of our
+    // memory and stack, exactly as fork does; the caller upholds the child's restrictions.
+    unsafe { libc::syscall(libc::SYS_clone, flags, 0usize, 0usize, 0usize, 0usize) as pid_t }
+}
+
+fn errno() -> c_int {
+    io::Error::last_os_error().raw_os_error().unwrap_or(0)
+}
+
+/// Writes one record to the report pipe; false if the supervisor is gone.
+fn report(fd: RawFd, kind: u32, index: usize, value: c_int) -> bool {
+    let rec = Record {
+        kind,
+        index: index as u32,
+        value,
+        _pad: 0,
+    };
+    // SAFETY: writes the bytes of a live, plain-old-data local.
+    let n = unsafe {
+        libc::write(
+            fd,
+            (&rec as *const Record).cast(),
+            std::mem::size_of::<Record>(),
+        )
+    };
+    n == std::mem::size_of::<Record>() as isize
+}
+
+fn exit(code: c_int) -> ! {
+    // SAFETY: _exit is async-signal-safe and skips atexit handlers and destructors, which
+    // belong to the parent.
+    unsafe { libc::_exit(code) }
+}
+
+/// Closes every fd from 3 up except those in `keep` (sorted).
+fn close_fds_except(keep: &[RawFd]) {
+    let mut from: u32 = 3;
+    for &fd in keep {
+        let fd = fd as u32;
+        if fd > from {
+            close_range(from, fd - 1);
+        }
+        if fd >= from {
+            from = fd + 1;
+        }
+    }
+    close_range(from, u32::MAX);
+}
+
+fn close_range(first: u32, last: u32) {
+    // SAFETY: close_range only closes fds; in a child that owns nothing else that is what we want.
+    let r = unsafe { libc::syscall(libc::SYS_close_range, first, last, 0u32) };
+    if r < 0 {
+        // Kernels before 5.9: close one by one up to a sane bound.
+        let last = last.min(65_535);
+        for fd in first..=last {
+            // SAFETY: closing an fd number; EBADF for unused numbers is harmless.
+            unsafe { libc::close(fd as c_int) };
+        }
+    }
+}
+
+/// The init: setup, start the command, reap, report. Never returns.
+///
+/// # Safety
+/// Only to be called in the child of [`raw_clone`].
+unsafe fn init_main(ctx: &ChildContext<'_>) -> ! {
+    // SAFETY (whole function): only async-signal-safe libc calls on data prepared before the
+    // clone; pointers come from CStrings and arrays that live in this copy of the address space.
+    unsafe {
+        // All signals are blocked: the ones we care about are taken with sigwaitinfo below, and
+        // SIGINT/SIGTERM aimed at the supervisor's process group must not kill the init before it
+        // has cleaned up.
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::sigprocmask(libc::SIG_SETMASK, &all, std::ptr::null_mut());
+        close_fds_except(&ctx.init_keep);
+        // A recognisable name in `ps` inside the step instead of the embedding program's.
+        libc::prctl(libc::PR_SET_NAME, c"kiln-init".as_ptr() as c_ulong, 0, 0, 0);
+        // Die with the supervising thread. In chroot mode SIGKILL to pid 1 takes the whole
+        // namespace with it; in in-place mode SIGTERM makes the init kill the tree first.
+        let death_signal = match ctx.plan.reaping {
+            Reaping::PidNamespace => libc::SIGKILL,
+            Reaping::ProcessTree => libc::SIGTERM,
+        };
+        libc::prctl(libc::PR_SET_PDEATHSIG, death_signal as c_ulong, 0, 0, 0);
+        if ctx.plan.reaping == Reaping::ProcessTree {
+            if libc::getppid() != ctx.supervisor {
+                exit(1);
+            }
+            // Orphans of the step are re-parented to us rather than to the container's init,
+            // so that they can be found and killed.
+            libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1 as c_ulong, 0, 0, 0);
+        }
+
+        for (index, setup) in ctx.plan.setup.iter().enumerate() {
+            if !run_setup(&setup.op) {
+                report(ctx.report, REC_SETUP_FAILED, index, errno());
+                exit(1);
+            }
+        }
+
+        let command = raw_clone(0);
+        if command < 0 {
+            report(ctx.report, REC_INIT_FAILED, 0, errno());
+            exit(1);
+        }
+        if command == 0 {
+            command_main(ctx);
+        }
+        libc::close(ctx.stdin);
+        libc::close(ctx.stdout);
+        libc::close(ctx.stderr);
+
+        let mut wanted: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut wanted);
+        libc::sigaddset(&mut wanted, libc::SIGCHLD);
+        libc::sigaddset(&mut wanted, libc::SIGTERM);
+        let mut command_status: Option<c_int> = None;
+        let mut cancelled = false;
+        while command_status.is_none() && !cancelled {
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            let sig = libc::sigwaitinfo(&wanted, &mut info);
+            if sig == libc::SIGCHLD {
+                loop {
+                    let mut status = 0;
+                    let pid = libc::waitpid(-1, &mut status, libc::WNOHANG);
+                    if pid <= 0 {
+                        break;
+                    }
+                    if pid == command {
+                        command_status = Some(status);
+                    }
+                }
+            } else if sig == libc::SIGTERM {
+                // Only the supervisor (or its death) cancels; a step's own `kill -TERM $PPID`
+                // must not.
+                cancelled = ctx.plan.reaping == Reaping::ProcessTree
+                    && (info.si_pid() == ctx.supervisor || libc::getppid() != ctx.supervisor);
+            } else if sig < 0 && errno() != libc::EINTR {
+                report(ctx.report, REC_INIT_FAILED, 1, errno());
+                break;
+            }
+        }
+        if ctx.plan.reaping == Reaping::ProcessTree {
+            kill_tree(command);
+        }
+        match command_status {
+            Some(status) if !cancelled => report(ctx.report, REC_EXITED, 0, status),
+            _ => report(ctx.report, REC_CANCELLED, 0, 0),
+        };
+        exit(0)
+    }
+}
+
+/// One setup operation; false with errno set on failure.
+///
+/// # Safety
+/// Only in the init child.
+unsafe fn run_setup(op: &SetupOp) -> bool {
+    fn opt_ptr(s: &Option<CString>) -> *const c_char {
+        s.as_ref().map_or(std::ptr::null(), |s| s.as_ptr())
+    }
+    // SAFETY: async-signal-safe system calls on C strings prepared before the clone.
+    unsafe {
+        match op {
+            SetupOp::Unshare(flags) => libc::unshare(*flags) == 0,
+            SetupOp::Mount {
+                source,
+                target,
+                fstype,
+                flags,
+                data,
+            } => {
+                libc::mount(
+                    opt_ptr(source),
+                    target.as_ptr(),
+                    opt_ptr(fstype),
+                    *flags,
+                    opt_ptr(data).cast(),
+                ) == 0
+            }
+            SetupOp::Sysfs { target } => {
+                let flags = libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+                let sysfs = c"sysfs".as_ptr();
+                if libc::mount(sysfs, target.as_ptr(), sysfs, flags, std::ptr::null()) == 0 {
+                    return true;
+                }
+                libc::mount(
+                    c"/sys".as_ptr(),
+                    target.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND | libc::MS_REC,
+                    std::ptr::null(),
+                ) == 0
+                    && libc::mount(
+                        std::ptr::null(),
+                        target.as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_BIND | libc::MS_REMOUNT | flags,
+                        std::ptr::null(),
+                    ) == 0
+            }
+            SetupOp::CreateFile(path) => {
+                let fd = libc::open(
+                    path.as_ptr(),
+                    libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC,
+                    0o644 as libc::c_uint,
+                );
+                fd >= 0 && libc::close(fd) == 0
+            }
+            SetupOp::Mkdir(path) => libc::mkdir(path.as_ptr(), 0o755) == 0,
+            SetupOp::Symlink { target, link } => libc::symlink(target.as_ptr(), link.as_ptr()) == 0,
+            SetupOp::SetHostname(name) => {
+                libc::sethostname(name.as_ptr(), name.as_bytes().len()) == 0
+            }
+            SetupOp::PivotRoot(new_root) => pivot_root(new_root),
+        }
+    }
+}
+
+/// # Safety
+/// Only in the init child, in its own mount namespace.
+unsafe fn pivot_root(new_root: &CStr) -> bool {
+    // SAFETY: system calls on valid C strings, in a private mount namespace.
+    unsafe {
+        let dot = c".".as_ptr();
+        let old_root = libc::open(
+            c"/".as_ptr(),
+            libc::O_DIRECTORY | libc::O_RDONLY | libc::O_CLOEXEC,
+        );
+        if old_root < 0 || libc::chdir(new_root.as_ptr()) != 0 {
+            return false;
+        }
+        // With "." as both arguments the old root ends up stacked on top of the new one, so the
+        // rootfs needs no directory to hold it.
+        if libc::syscall(libc::SYS_pivot_root, dot, dot) != 0 {
+            return false;
+        }
+        if libc::fchdir(old_root) != 0 {
+            return false;
+        }
+        // Keep the unmount below from propagating anywhere (the namespace is already private;
+        // this is belt and braces for mounts the pivot moved).
+        if libc::mount(
+            std::ptr::null(),
+            dot,
+            std::ptr::null(),
+            libc::MS_SLAVE | libc::MS_REC,
+            std::ptr::null(),
+        ) != 0
+        {
+            return false;
+        }
+        if libc::umount2(dot, libc::MNT_DETACH) != 0 {
+            return false;
+        }
+        libc::close(old_root);
+        libc::chdir(c"/".as_ptr()) == 0
+    }
+}
+
+/// The command child: session, signals, stdio, identity, cwd, exec. Never returns.
+///
+/// # Safety
+/// Only in the child the init cloned.
+unsafe fn command_main(ctx: &ChildContext<'_>) -> ! {
+    let fail = |step: usize| -> ! {
+        report(ctx.report, REC_COMMAND_FAILED, step, errno());
+        exit(127)
+    };
+    // SAFETY (whole function): async-signal-safe system calls on data prepared before the
+    // clone; user switching uses raw system calls (see the module comment).
+    unsafe {
+        libc::setsid();
+        // Dispositions set to "ignore" survive exec (Rust programs ignore SIGPIPE); a step must
+        // start with the defaults and nothing blocked, as under Docker.
+        for sig in 1..=libc::SIGRTMAX() {
+            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                libc::signal(sig, libc::SIG_DFL);
+            }
+        }
+        let mut none: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut none);
+        if libc::dup2(ctx.stdin, 0) < 0
+            || libc::dup2(ctx.stdout, 1) < 0
+            || libc::dup2(ctx.stderr, 2) < 0
+        {
+            fail(0);
+        }
+        close_fds_except(&[ctx.report]);
+        libc::umask(0o022);
+        if let Some((uid, gid, _)) = &ctx.plan.exec.user {
+            if libc::syscall(libc::SYS_setgroups, ctx.groups.len(), ctx.groups.as_ptr()) != 0 {
+                fail(1);
+            }
+            if libc::syscall(libc::SYS_setresgid, *gid, *gid, *gid) != 0 {
+                fail(2);
+            }
+            if libc::syscall(libc::SYS_setresuid, *uid, *uid, *uid) != 0 {
+                fail(3);
+            }
+        }
+        if libc::chdir(ctx.plan.exec.workdir.as_ptr()) != 0 {
+            fail(4);
+        }
+        libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+        let mut saw_eacces = false;
+        let mut last = libc::ENOENT;
+        for candidate in &ctx.plan.exec.candidates {
+            libc::execve(candidate.as_ptr(), ctx.argv.as_ptr(), ctx.envp.as_ptr());
+            last = errno();
+            match last {
+                libc::EACCES => saw_eacces = true,
+                libc::ENOENT | libc::ENOTDIR | libc::ELOOP | libc::ENAMETOOLONG => {}
+                // Anything else (ENOEXEC, E2BIG, ...) is about this program: stop searching.
+                _ => break,
+            }
+        }
+        let errno = if saw_eacces && last == libc::ENOENT {
+            libc::EACCES
+        } else {
+            last
+        };
+        report(ctx.report, REC_EXEC_FAILED, 0, errno);
+        exit(127)
+    }
+}
+
+/// Kills the command's process group and every process re-parented to this subreaper, until
+/// none is left. Without `/proc` only the process group can be found.
+fn kill_tree(group: pid_t) {
+    // SAFETY: kill and waitpid with plain integer arguments.
+    unsafe {
+        loop {
+            libc::kill(-group, libc::SIGKILL);
+            let scanned = kill_children();
+            let options = if scanned { 0 } else { libc::WNOHANG };
+            let r = libc::waitpid(-1, std::ptr::null_mut(), options);
+            if r > 0 {
+                continue;
+            }
+            if r < 0 && errno() == libc::EINTR {
+                continue;
+            }
+            break;
+        }
+    }
+}
+
+/// SIGKILLs every process whose parent is this process, found by reading `/proc/*/stat` with
+/// stack buffers. Returns false if `/proc` cannot be read.
+fn kill_children() -> bool {
+    // SAFETY: open/getdents64/read/close/kill on stack buffers; getpid has no preconditions.
+    unsafe {
+        let me = libc::getpid();
+        let dir = libc::open(
+            c"/proc".as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        );
+        if dir < 0 {
+            return false;
+        }
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = libc::syscall(libc::SYS_getdents64, dir, buf.as_mut_ptr(), buf.len());
+            if n <= 0 {
+                break;
+            }
+            let mut off = 0usize;
+            while off < n as usize {
+                // struct linux_dirent64: u64 ino, i64 off, u16 reclen, u8 type, name[].
+                let reclen = match buf.get(off + 16..off + 18) {
+                    Some(b) => u16::from_ne_bytes([b[0], b[1]]) as usize,
+                    None => break,
+                };
+                if reclen == 0 {
+                    break;
+                }
+                let name = buf.get(off + 19..off + reclen).unwrap_or(&[]);
+                if let Some(pid) = parse_pid(name) {
+                    if parent_of(pid) == Some(me) {
+                        libc::kill(pid, libc::SIGKILL);
+                    }
+                }
+                off += reclen;
+            }
+        }
+        libc::close(dir);
+        true
+    }
+}
+
+/// The leading all-digit part of a NUL-terminated name, if it is a pid.
+fn parse_pid(name: &[u8]) -> Option<pid_t> {
+    let mut pid: pid_t = 0;
+    let mut digits = 0;
+    for &b in name {
+        match b {
+            0 => break,
+            b'0'..=b'9' => {
+                pid = pid.checked_mul(10)?.checked_add((b - b'0') as pid_t)?;
+                digits += 1;
+            }
+            _ => return None,
+        }
+    }
+    (digits > 0).then_some(pid)
+}
+
+/// The parent pid from `/proc/PID/stat` (the field after the parenthesised command name).
+fn parent_of(pid: pid_t) -> Option<pid_t> {
+    let mut path = [0u8; 32];
+    let mut len = 0;
+    for &b in b"/proc/" {
+        *path.get_mut(len)? = b;
+        len += 1;
+    }
+    let mut digits = [0u8; 12];
+    let mut n = pid;
+    let mut count = 0;
+    loop {
+        *digits.get_mut(count)? = b'0' + (n % 10) as u8;
+        count += 1;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for i in (0..count).rev() {
+        *path.get_mut(len)? = digits[i];
+        len += 1;
+    }
+    for &b in b"/stat\0" {
+        *path.get_mut(len)? = b;
+        len += 1;
+    }
+    let mut stat = [0u8; 1024];
+    // SAFETY: `path` is NUL-terminated; `stat` is a live buffer of its length.
+    let read = unsafe {
+        let fd = libc::open(path.as_ptr().cast(), libc::O_RDONLY | libc::O_CLOEXEC);
+        if fd < 0 {
+            return None;
+        }
+        let r = libc::read(fd, stat.as_mut_ptr().cast(), stat.len());
+        libc::close(fd);
+        r
+    };
+    if read <= 0 {
+        return None;
+    }
+    let stat = stat.get(..read as usize)?;
+    let close_paren = stat.iter().rposition(|&b| b == b')')?;
+    // ") S PPID ..."
+    let rest = stat.get(close_paren + 4..)?;
+    let mut ppid: pid_t = 0;
+    let mut seen = false;
+    for &b in rest {
+        match b {
+            b'0'..=b'9' => {
+                ppid = ppid.checked_mul(10)?.checked_add((b - b'0') as pid_t)?;
+                seen = true;
+            }
+            _ => break,
+        }
+    }
+    seen.then_some(ppid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_proc_entries() {
+        assert_eq!(parse_pid(b"1234\0junk"), Some(1234));
+        assert_eq!(parse_pid(b"self\0"), None);
+        assert_eq!(parse_pid(b"\0"), None);
+        // SAFETY: getpid/getppid have no preconditions.
+        let (me, parent) = unsafe { (libc::getpid(), libc::getppid()) };
+        assert_eq!(parent_of(me), Some(parent));
+    }
+}
