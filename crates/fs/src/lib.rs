@@ -5,3 +5,5 @@
 //! Modules are added by the unpack and the snapshot/layer-writer work; each owns one concern.
 pub mod compress;
 pub mod snapshot;
+pub mod blobstore;
+pub mod layer;

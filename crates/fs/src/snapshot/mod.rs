@@ -7,7 +7,7 @@
 
 pub mod ignore;
 pub mod index;
-mod walk;
+pub(crate) mod walk;
 
 use std::collections::{HashMap, HashSet};
 use std::io;
@@ -412,6 +412,40 @@ impl Snapshotter {
             root: self.root.clone(),
             path,
             source,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The racy case made deterministic: the index holds exactly the metadata the file has now
+    /// (as if the rewrite happened within the clock tick of the observation, so no timestamp
+    /// moved) and the proof of the content it had then.
+    #[test]
+    fn racy_entry_with_identical_metadata_is_decided_by_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::write(root.join("f"), "aaaa").unwrap();
+        let opened = walk::open_root(root).unwrap();
+        let old_proof = walk::proof_of(&opened, Path::new("f"), FileKind::Regular).unwrap();
+        std::fs::write(root.join("f"), "bbbb").unwrap();
+        let options = SnapshotOptions {
+            ignore: IgnoreOptions { mount_points: false, ..IgnoreOptions::default() },
+            ..SnapshotOptions::default()
+        };
+        for (proof, expect_change) in [
+            (old_proof, true),
+            (walk::proof_of(&opened, Path::new("f"), FileKind::Regular).unwrap(), false),
+        ] {
+            let mut entry = walk::stat_beneath(&opened, Path::new("f")).unwrap();
+            entry.proof = Some(Box::new(proof));
+            let mut index = Index::new();
+            index.entries.insert(PathBuf::from("f"), entry);
+            let mut s = Snapshotter::new(root, index, &options).unwrap();
+            let diff = s.snapshot().unwrap();
+            assert_eq!(diff.get(Path::new("f")).is_some(), expect_change);
         }
     }
 }
