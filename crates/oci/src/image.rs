@@ -77,10 +77,18 @@ pub struct Descriptor {
     /// The blob's size in bytes.
     pub size: u64,
     /// Where a foreign layer can be downloaded from.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub urls: Vec<String>,
     /// Free-form metadata, e.g. [`ANNOTATION_REF_NAME`].
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
     pub annotations: BTreeMap<String, String>,
     /// The platform of a manifest listed in an index.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -279,7 +287,7 @@ pub struct RootFs {
     #[serde(rename = "type")]
     pub fs_type: String,
     /// Digest of each layer's uncompressed tar, bottom first.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub diff_ids: Vec<Digest>,
 }
 
@@ -314,19 +322,28 @@ pub struct ImageConfig {
     )]
     pub os_version: Option<String>,
     /// Required operating system features (Windows).
-    #[serde(rename = "os.features", default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        rename = "os.features",
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub os_features: Vec<String>,
     /// CPU variant (`v8`, ...).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub variant: Option<String>,
     /// Runtime settings.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub config: ContainerConfig,
     /// The layers' diff IDs.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub rootfs: RootFs,
     /// One entry per build step, including steps without a layer.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub history: Vec<History>,
     /// Keys neither spec defines (Docker's `container_config`, `docker_version`, ...), kept
     /// as read.
@@ -405,13 +422,17 @@ pub struct Manifest {
     /// The config blob.
     pub config: Descriptor,
     /// Layer blobs, bottom first.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub layers: Vec<Descriptor>,
     /// The manifest this one refers to (signatures, attestations).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subject: Option<Box<Descriptor>>,
     /// Free-form metadata (OCI only; Docker ignores it).
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
     pub annotations: BTreeMap<String, String>,
 }
 
@@ -563,13 +584,17 @@ pub struct Index {
     )]
     pub artifact_type: Option<MediaType>,
     /// The listed manifests (or nested indexes), usually with a platform each.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub manifests: Vec<Descriptor>,
     /// The manifest this one refers to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subject: Option<Box<Descriptor>>,
     /// Free-form metadata.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
     pub annotations: BTreeMap<String, String>,
 }
 
@@ -721,6 +746,15 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
     } as u32;
     let year = year_of_era + era * 400 + i64::from(month <= 2);
     (year, month, day)
+}
+
+/// Go tools write empty slices and maps as `null`; read that as empty.
+fn null_as_default<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
 }
 
 /// (De)serialises a set of strings as a JSON object whose values are `{}`, the shape of
@@ -970,5 +1004,20 @@ mod tests {
         assert_eq!(rfc3339_utc(1_700_000_000), "2023-11-14T22:13:20Z");
         assert_eq!(rfc3339_utc(-1), "1969-12-31T23:59:59Z");
         assert_eq!(rfc3339_utc(4_102_444_800), "2100-01-01T00:00:00Z");
+    }
+
+    #[test]
+    fn null_collections_from_go_tools_read_as_empty() {
+        let config = r#"{"architecture":"amd64","os":"linux","config":null,"history":null,
+            "rootfs":{"type":"layers","diff_ids":null},"os.features":null}"#;
+        let config = ImageConfig::from_json(config.as_bytes()).unwrap();
+        assert!(config.rootfs.diff_ids.is_empty() && config.history.is_empty());
+        let manifest = r#"{"schemaVersion":2,"config":{"mediaType":"application/vnd.oci.image.config.v1+json",
+            "digest":"sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+            "size":0,"annotations":null,"urls":null},"layers":null,"annotations":null}"#;
+        let manifest = Manifest::from_json(manifest.as_bytes()).unwrap();
+        assert!(manifest.layers.is_empty());
+        let index = Index::from_json(br#"{"schemaVersion":2,"manifests":null}"#).unwrap();
+        assert!(index.manifests.is_empty());
     }
 }
