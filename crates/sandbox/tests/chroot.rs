@@ -148,7 +148,8 @@ fn background_processes_are_killed() {
     // session that does not.
     let ran = sh(
         &sb,
-        "sleep 1001 & (setsid sleep 1002 </dev/null >/dev/null 2>&1 &) ; echo started",
+        "sleep 1001 & (setsid sh -c 'touch /tmp/up; exec sleep 1002' </dev/null >/dev/null 2>&1 &); \
+         while [ ! -e /tmp/up ]; do sleep 0.05; done; echo started",
     );
     assert_eq!(ran.ok_stdout(), vec!["started"]);
     assert!(
