@@ -235,14 +235,19 @@ impl Reference {
                 registry: registry.to_owned(),
             });
         }
-        if registry.len() + 1 + self.repository.len() > MAX_NAME_LEN {
-            return Err(ReferenceError::TooLong(format!(
-                "{registry}/{}",
-                self.repository
-            )));
+        // Keep the canonical form a fixed point: single-component names on Docker Hub live
+        // under `library/`.
+        let repository = if registry == DOCKER_HUB_REGISTRY && !self.repository.contains('/') {
+            format!("{OFFICIAL_PREFIX}{}", self.repository)
+        } else {
+            self.repository.clone()
+        };
+        if registry.len() + 1 + repository.len() > MAX_NAME_LEN {
+            return Err(ReferenceError::TooLong(format!("{registry}/{repository}")));
         }
         Ok(Reference {
             registry: registry.to_owned(),
+            repository,
             ..self.clone()
         })
     }
@@ -693,6 +698,10 @@ mod tests {
         let back = mirrored.with_registry("index.docker.io").unwrap();
         assert_eq!(back, r);
         assert!(r.with_registry("bad host").is_err());
+        let local = Reference::parse("localhost:5000/app:1").unwrap();
+        let on_hub = local.with_registry("docker.io").unwrap();
+        assert_eq!(on_hub.to_string(), "docker.io/library/app:1");
+        assert_eq!(Reference::parse(&on_hub.to_string()).unwrap(), on_hub);
 
         let digest = Digest::parse(D).unwrap();
         let pinned = r.with_digest(digest.clone());
