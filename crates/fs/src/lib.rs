@@ -7,3 +7,5 @@ pub mod compress;
 pub mod snapshot;
 pub mod blobstore;
 pub mod layer;
+pub mod resolve;
+pub mod unpack;

@@ -1,0 +1,840 @@
+//! Applying tar entries, one at a time, to a [`Root`].
+
+use std::collections::hash_map::RandomState;
+use std::collections::{HashMap, HashSet};
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::hash::BuildHasher;
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
+
+use kiln_oci::Digest;
+use rustix::fd::{AsFd, BorrowedFd};
+use rustix::fs::{AtFlags, FileType, Gid, Mode, OFlags, Timespec, Timestamps, Uid, XattrFlags};
+use rustix::io::Errno;
+
+use super::name::{self, Special};
+use super::{SkippedEntry, UnpackError, UnpackEvent};
+use crate::resolve::{list_dir, remove_entry, ParentDir, Root, RootError};
+
+/// Copy buffer for file contents: large enough for few syscalls, small enough to not matter.
+const COPY_BUFFER: usize = 256 * 1024;
+
+/// PAX record prefix under which GNU tar, Go's archive/tar and Kiln's writer store xattrs.
+const PAX_XATTR_PREFIX: &[u8] = b"SCHILY.xattr.";
+
+/// Why applying the tar stopped: the stream failed (reported with the compressed offset by the
+/// caller), or an entry failed (already a complete error).
+pub(crate) enum Failure {
+    Stream(io::Error),
+    Entry(UnpackError),
+}
+
+/// What went wrong inside one entry, before the entry name and layer are attached.
+enum OpError {
+    Root(RootError),
+    Stream(io::Error),
+    Invalid(String),
+}
+
+impl From<RootError> for OpError {
+    fn from(e: RootError) -> Self {
+        OpError::Root(e)
+    }
+}
+
+/// The metadata of one tar entry that Kiln applies.
+struct EntryMeta {
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    times: Timestamps,
+    xattrs: Vec<(OsString, Vec<u8>)>,
+    device: (u32, u32),
+}
+
+/// State of one layer's unpack.
+pub(crate) struct Applier<'r, 'o> {
+    root: &'r Root,
+    layer: &'r Digest,
+    on_event: Option<&'o mut dyn FnMut(UnpackEvent<'_>)>,
+    /// Keyed hashes of every path this layer wrote (and their parents), so opaque directories
+    /// and whiteouts spare this layer's own entries. Hashes rather than paths keep memory at a
+    /// few bytes per entry.
+    this_layer: HashSet<u64>,
+    keys: RandomState,
+    /// Directory times to set once everything under them is written.
+    dir_times: HashMap<PathBuf, Timestamps>,
+    skipped: Vec<SkippedEntry>,
+    entries: u64,
+    buf: Vec<u8>,
+}
+
+impl<'r, 'o> Applier<'r, 'o> {
+    pub(crate) fn new(
+        root: &'r Root,
+        layer: &'r Digest,
+        on_event: Option<&'o mut dyn FnMut(UnpackEvent<'_>)>,
+    ) -> Self {
+        Applier {
+            root,
+            layer,
+            on_event,
+            this_layer: HashSet::new(),
+            keys: RandomState::new(),
+            dir_times: HashMap::new(),
+            skipped: Vec::new(),
+            entries: 0,
+            buf: vec![0; COPY_BUFFER],
+        }
+    }
+
+    /// Applies every entry of `archive`.
+    pub(crate) fn apply_archive<R: Read>(
+        &mut self,
+        archive: &mut tar::Archive<R>,
+    ) -> Result<(), Failure> {
+        for entry in archive.entries().map_err(Failure::Stream)? {
+            let mut entry = entry.map_err(Failure::Stream)?;
+            self.apply_entry(&mut entry)?;
+        }
+        Ok(())
+    }
+
+    /// Sets directory times (now that all contents are written) and reports directories.
+    pub(crate) fn finish(mut self) -> Result<(u64, Vec<SkippedEntry>), UnpackError> {
+        let dir_times = std::mem::take(&mut self.dir_times);
+        for (path, times) in &dir_times {
+            let shown = path.to_string_lossy();
+            let set = if path.as_os_str().is_empty() {
+                rustix::fs::utimensat(self.root.as_fd(), ".", times, AtFlags::empty())
+                    .map_err(|e| self.io_err("set times of", path, e))
+            } else {
+                match self.root.resolve_parent(path) {
+                    // Replaced or removed later in this layer: nothing to date.
+                    Err(e) if e.is_not_found() => continue,
+                    Err(e) => Err(e),
+                    Ok(parent) => rustix::fs::utimensat(
+                        parent.dir(),
+                        parent.name(),
+                        times,
+                        AtFlags::SYMLINK_NOFOLLOW,
+                    )
+                    .map_err(|e| self.io_err("set times of", path, e)),
+                }
+            };
+            set.map_err(|source| UnpackError::Apply {
+                layer: self.layer.clone(),
+                entry: shown.to_string(),
+                source,
+            })?;
+            if self.on_event.is_some() {
+                let metadata =
+                    self.root
+                        .symlink_metadata(path)
+                        .map_err(|source| UnpackError::Apply {
+                            layer: self.layer.clone(),
+                            entry: shown.to_string(),
+                            source,
+                        })?;
+                self.emit(UnpackEvent::Written {
+                    path,
+                    metadata: &metadata,
+                });
+            }
+        }
+        Ok((self.entries, self.skipped))
+    }
+
+    fn apply_entry<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>) -> Result<(), Failure> {
+        let raw = entry.path_bytes().into_owned();
+        let shown = String::from_utf8_lossy(&raw).into_owned();
+        let entry_type = entry.header().entry_type();
+        if entry_type.is_pax_global_extensions() {
+            // Global PAX records carry no per-file metadata Kiln applies.
+            return Ok(());
+        }
+        let path = name::clean_name(&raw).map_err(|r| self.invalid(&shown, r))?;
+        let result = match name::classify(&path).map_err(|r| self.invalid(&shown, r))? {
+            Special::AufsMeta => return Ok(()),
+            Special::Opaque { dir } => {
+                let dir = dir.to_path_buf();
+                self.opaque(&dir)
+            }
+            Special::Whiteout { target } => self.whiteout(&target),
+            Special::None => self.apply_file(&path, entry),
+        };
+        match result {
+            Ok(()) => {
+                self.entries += 1;
+                Ok(())
+            }
+            Err(OpError::Stream(e)) => Err(Failure::Stream(e)),
+            Err(OpError::Invalid(reason)) => Err(self.invalid(&shown, &reason)),
+            Err(OpError::Root(source)) => Err(Failure::Entry(UnpackError::Apply {
+                layer: self.layer.clone(),
+                entry: shown,
+                source,
+            })),
+        }
+    }
+
+    fn apply_file<R: Read>(
+        &mut self,
+        path: &Path,
+        entry: &mut tar::Entry<'_, R>,
+    ) -> Result<(), OpError> {
+        let meta = read_meta(entry)?;
+        let entry_type = entry.header().entry_type();
+        if path.as_os_str().is_empty() && !entry_type.is_dir() {
+            return Err(OpError::Invalid(
+                "only a directory may stand for the root".into(),
+            ));
+        }
+        self.mark(path);
+        use tar::EntryType as T;
+        match entry_type {
+            T::Directory => self.directory(path, &meta),
+            T::Regular | T::Continuous | T::GNUSparse => self.regular(path, &meta, entry),
+            T::Symlink => {
+                let target = entry
+                    .link_name_bytes()
+                    .map(|t| t.into_owned())
+                    .unwrap_or_default();
+                self.symlink(path, &target, &meta)
+            }
+            T::Link => {
+                let target = entry
+                    .link_name_bytes()
+                    .map(|t| t.into_owned())
+                    .unwrap_or_default();
+                self.hard_link(path, &target)
+            }
+            T::Char | T::Block | T::Fifo => self.node(path, entry_type, &meta),
+            other => {
+                self.skip(
+                    path,
+                    format!("unsupported tar entry type {:?}", other.as_byte() as char),
+                );
+                Ok(())
+            }
+        }
+    }
+
+    fn regular<R: Read>(
+        &mut self,
+        path: &Path,
+        meta: &EntryMeta,
+        entry: &mut tar::Entry<'_, R>,
+    ) -> Result<(), OpError> {
+        let parent = self.parent(path)?;
+        self.clear(path, &parent, false)?;
+        let fd = rustix::fs::openat(
+            parent.dir(),
+            parent.name(),
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )
+        .map_err(|e| self.io_err("create", path, e))?;
+        let mut file = File::from(fd);
+        let size = entry.size();
+        let mut remaining = size;
+        while remaining > 0 {
+            let want = remaining.min(self.buf.len() as u64) as usize;
+            let n = match entry.read(&mut self.buf[..want]) {
+                Ok(0) => {
+                    return Err(OpError::Stream(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!(
+                            "{}: stream ended {remaining} bytes before the end of its declared {size} bytes",
+                            path.display()
+                        ),
+                    )))
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(OpError::Stream(e)),
+            };
+            file.write_all(&self.buf[..n])
+                .map_err(|e| self.io_err_std("write", path, e))?;
+            remaining -= n as u64;
+        }
+        // Owner first: chown clears setuid/setgid and security.capability.
+        rustix::fs::fchown(&file, Some(uid(meta.uid)), Some(gid(meta.gid)))
+            .map_err(|e| self.io_err("change owner of", path, e))?;
+        rustix::fs::fchmod(&file, Mode::from_bits_retain(meta.mode))
+            .map_err(|e| self.io_err("change mode of", path, e))?;
+        self.set_xattrs(path, XattrTarget::Fd(file.as_fd()), &meta.xattrs)?;
+        rustix::fs::futimens(&file, &meta.times)
+            .map_err(|e| self.io_err("set times of", path, e))?;
+        self.emit_written(path, &file)
+    }
+
+    fn directory(&mut self, path: &Path, meta: &EntryMeta) -> Result<(), OpError> {
+        let dir = if path.as_os_str().is_empty() {
+            self.root.open_dir("")?
+        } else {
+            let parent = self.parent(path)?;
+            if !self.clear(path, &parent, true)? {
+                rustix::fs::mkdirat(parent.dir(), parent.name(), Mode::from_raw_mode(0o700))
+                    .map_err(|e| self.io_err("create directory", path, e))?;
+            }
+            File::from(
+                rustix::fs::openat(
+                    parent.dir(),
+                    parent.name(),
+                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(|e| self.io_err("open directory", path, e))?,
+            )
+        };
+        rustix::fs::fchown(&dir, Some(uid(meta.uid)), Some(gid(meta.gid)))
+            .map_err(|e| self.io_err("change owner of", path, e))?;
+        rustix::fs::fchmod(&dir, Mode::from_bits_retain(meta.mode))
+            .map_err(|e| self.io_err("change mode of", path, e))?;
+        self.set_xattrs(path, XattrTarget::Fd(dir.as_fd()), &meta.xattrs)?;
+        self.dir_times.insert(path.to_path_buf(), meta.times.clone());
+        Ok(())
+    }
+
+    fn symlink(&mut self, path: &Path, target: &[u8], meta: &EntryMeta) -> Result<(), OpError> {
+        if target.is_empty() {
+            return Err(OpError::Invalid("symlink with an empty target".into()));
+        }
+        if target.contains(&0) {
+            return Err(OpError::Invalid("NUL byte in symlink target".into()));
+        }
+        let parent = self.parent(path)?;
+        self.clear(path, &parent, false)?;
+        rustix::fs::symlinkat(OsStr::from_bytes(target), parent.dir(), parent.name())
+            .map_err(|e| self.io_err("create symlink", path, e))?;
+        self.finish_special(path, &parent, meta, None)
+    }
+
+    fn hard_link(&mut self, path: &Path, raw_target: &[u8]) -> Result<(), OpError> {
+        let target = name::clean_name(raw_target).map_err(|r| {
+            OpError::Invalid(format!(
+                "hard link target {:?}: {r}",
+                String::from_utf8_lossy(raw_target)
+            ))
+        })?;
+        if target.as_os_str().is_empty() {
+            return Err(OpError::Invalid("hard link to the root directory".into()));
+        }
+        if target == path {
+            return Ok(());
+        }
+        let source = self.root.resolve_parent(&target)?;
+        let source_stat =
+            rustix::fs::statat(source.dir(), source.name(), AtFlags::SYMLINK_NOFOLLOW)
+                .map_err(|e| self.io_err("find hard link target", &target, e))?;
+        if FileType::from_raw_mode(source_stat.st_mode) == FileType::Directory {
+            return Err(OpError::Invalid(format!(
+                "hard link to a directory ({})",
+                target.display()
+            )));
+        }
+        let parent = self.parent(path)?;
+        if let Ok(existing) =
+            rustix::fs::statat(parent.dir(), parent.name(), AtFlags::SYMLINK_NOFOLLOW)
+        {
+            if existing.st_dev == source_stat.st_dev && existing.st_ino == source_stat.st_ino {
+                return Ok(());
+            }
+        }
+        self.clear(path, &parent, false)?;
+        rustix::fs::linkat(
+            source.dir(),
+            source.name(),
+            parent.dir(),
+            parent.name(),
+            AtFlags::empty(),
+        )
+        .map_err(|e| self.io_err("create hard link", path, e))?;
+        if self.on_event.is_some() {
+            let file = self.open_no_follow(path, &parent)?;
+            self.emit_written(path, &file)?;
+            // The target's link count changed too.
+            self.emit_written(&target, &file)?;
+        }
+        Ok(())
+    }
+
+    fn node(
+        &mut self,
+        path: &Path,
+        entry_type: tar::EntryType,
+        meta: &EntryMeta,
+    ) -> Result<(), OpError> {
+        let (file_type, what) = match entry_type {
+            tar::EntryType::Char => (FileType::CharacterDevice, "character device"),
+            tar::EntryType::Block => (FileType::BlockDevice, "block device"),
+            _ => (FileType::Fifo, "FIFO"),
+        };
+        let dev = match file_type {
+            FileType::Fifo => 0,
+            _ => rustix::fs::makedev(meta.device.0, meta.device.1),
+        };
+        let parent = self.parent(path)?;
+        self.clear(path, &parent, false)?;
+        match rustix::fs::mknodat(
+            parent.dir(),
+            parent.name(),
+            file_type,
+            Mode::from_raw_mode(0o600),
+            dev,
+        ) {
+            Ok(()) => {}
+            Err(e @ (Errno::PERM | Errno::ACCESS)) => {
+                let (major, minor) = meta.device;
+                self.skip(
+                    path,
+                    format!("{what} {major}:{minor} not created: {e} (creating device nodes needs CAP_MKNOD)"),
+                );
+                return Ok(());
+            }
+            Err(e) => return Err(self.io_err("create", path, e).into()),
+        }
+        self.finish_special(path, &parent, meta, Some(meta.mode))
+    }
+
+    /// Owner, mode (not for symlinks), xattrs and times of an entry that cannot be opened for
+    /// reading without side effects (symlink, device, FIFO): all set without following it.
+    fn finish_special(
+        &mut self,
+        path: &Path,
+        parent: &ParentDir,
+        meta: &EntryMeta,
+        mode: Option<u32>,
+    ) -> Result<(), OpError> {
+        rustix::fs::chownat(
+            parent.dir(),
+            parent.name(),
+            Some(uid(meta.uid)),
+            Some(gid(meta.gid)),
+            AtFlags::SYMLINK_NOFOLLOW,
+        )
+        .map_err(|e| self.io_err("change owner of", path, e))?;
+        if let Some(mode) = mode {
+            // chmod through the O_PATH descriptor's /proc link changes exactly the inode just
+            // created; without /proc, the name in the held directory is the same inode (only
+            // this unpack writes the root).
+            let node = rustix::fs::openat(
+                parent.dir(),
+                parent.name(),
+                OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|e| self.io_err("open", path, e))?;
+            let proc_path = format!("/proc/self/fd/{}", node.as_raw_fd());
+            match rustix::fs::chmod(proc_path.as_str(), Mode::from_bits_retain(mode)) {
+                Ok(()) => {}
+                Err(Errno::NOENT) => rustix::fs::chmodat(
+                    parent.dir(),
+                    parent.name(),
+                    Mode::from_bits_retain(mode),
+                    AtFlags::empty(),
+                )
+                .map_err(|e| self.io_err("change mode of", path, e))?,
+                Err(e) => return Err(self.io_err("change mode of", path, e).into()),
+            }
+        }
+        self.set_xattrs(path, XattrTarget::InDir(parent), &meta.xattrs)?;
+        rustix::fs::utimensat(
+            parent.dir(),
+            parent.name(),
+            &meta.times,
+            AtFlags::SYMLINK_NOFOLLOW,
+        )
+        .map_err(|e| self.io_err("set times of", path, e))?;
+        if self.on_event.is_some() {
+            let file = self.open_no_follow(path, parent)?;
+            self.emit_written(path, &file)?;
+        }
+        Ok(())
+    }
+
+    fn opaque(&mut self, dir: &Path) -> Result<(), OpError> {
+        let handle = match self.root.open_dir(dir) {
+            Ok(handle) => handle,
+            Err(e) if e.is_not_found() || e.raw_os_error() == Some(libc::ENOTDIR) => {
+                return Ok(())
+            }
+            Err(e) => return Err(e.into()),
+        };
+        self.mark(dir);
+        let mut rel = dir.to_path_buf();
+        self.prune(handle.as_fd(), &mut rel)
+    }
+
+    /// Removes everything under `dir` (at `rel`) that this layer did not write.
+    fn prune(&mut self, dir: BorrowedFd<'_>, rel: &mut PathBuf) -> Result<(), OpError> {
+        let names = list_dir(dir).map_err(|e| self.io_err_std("list", rel, e))?;
+        for name in names {
+            rel.push(&name);
+            let result = if self.in_layer(rel) {
+                self.prune_child(dir, &name, rel)
+            } else {
+                match remove_entry(dir, &name) {
+                    Ok(_) => {
+                        self.dir_times.remove(rel.as_path());
+                        self.emit(UnpackEvent::Removed { path: rel });
+                        Ok(())
+                    }
+                    Err(e) => Err(self.io_err_std("remove", rel, e).into()),
+                }
+            };
+            rel.pop();
+            result?;
+        }
+        Ok(())
+    }
+
+    fn prune_child(
+        &mut self,
+        dir: BorrowedFd<'_>,
+        name: &OsStr,
+        rel: &mut PathBuf,
+    ) -> Result<(), OpError> {
+        let st = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(|e| self.io_err("stat", rel, e))?;
+        if FileType::from_raw_mode(st.st_mode) != FileType::Directory {
+            return Ok(());
+        }
+        let child = rustix::fs::openat(
+            dir,
+            name,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| self.io_err("open directory", rel, e))?;
+        self.prune(child.as_fd(), rel)
+    }
+
+    fn whiteout(&mut self, target: &Path) -> Result<(), OpError> {
+        // A whiteout hides lower layers only; an entry of this layer with the same name stays.
+        if self.in_layer(target) {
+            return Ok(());
+        }
+        let parent = match self.root.resolve_parent(target) {
+            Ok(parent) => parent,
+            Err(e) if e.is_not_found() || e.raw_os_error() == Some(libc::ENOTDIR) => {
+                return Ok(())
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let removed = remove_entry(parent.dir(), parent.name())
+            .map_err(|e| self.io_err_std("remove", target, e))?;
+        if removed {
+            self.dir_times.remove(target);
+            self.emit(UnpackEvent::Removed { path: target });
+        }
+        Ok(())
+    }
+
+    /// The directory that will hold `path`, created (with parents, mode 0755) if missing.
+    fn parent(&mut self, path: &Path) -> Result<ParentDir, OpError> {
+        match self.root.resolve_parent(path) {
+            Ok(parent) => Ok(parent),
+            Err(e) if e.is_not_found() => {
+                let dir = path.parent().unwrap_or(Path::new(""));
+                self.root.mkdir_all(dir, 0o755)?;
+                Ok(self.root.resolve_parent(path)?)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Makes room for a new entry at `path`: removes what is there unless it is a directory and
+    /// `keep_dir`. Returns whether a directory was kept.
+    fn clear(&mut self, path: &Path, parent: &ParentDir, keep_dir: bool) -> Result<bool, OpError> {
+        let st = match rustix::fs::statat(parent.dir(), parent.name(), AtFlags::SYMLINK_NOFOLLOW)
+        {
+            Ok(st) => st,
+            Err(Errno::NOENT) => return Ok(false),
+            Err(e) => return Err(self.io_err("stat", path, e).into()),
+        };
+        if keep_dir && FileType::from_raw_mode(st.st_mode) == FileType::Directory {
+            return Ok(true);
+        }
+        remove_entry(parent.dir(), parent.name())
+            .map_err(|e| self.io_err_std("remove", path, e))?;
+        self.dir_times.remove(path);
+        self.emit(UnpackEvent::Removed { path });
+        Ok(false)
+    }
+
+    fn set_xattrs(
+        &mut self,
+        path: &Path,
+        target: XattrTarget<'_>,
+        xattrs: &[(OsString, Vec<u8>)],
+    ) -> Result<(), OpError> {
+        for (name, value) in xattrs {
+            let result = match &target {
+                XattrTarget::Fd(fd) => {
+                    rustix::fs::fsetxattr(fd, name.as_os_str(), value, XattrFlags::empty())
+                }
+                XattrTarget::InDir(parent) => {
+                    let mut proc_path =
+                        OsString::from(format!("/proc/self/fd/{}/", parent.dir().as_raw_fd()));
+                    proc_path.push(parent.name());
+                    rustix::fs::lsetxattr(
+                        proc_path.as_os_str(),
+                        name.as_os_str(),
+                        value,
+                        XattrFlags::empty(),
+                    )
+                }
+            };
+            match result {
+                Ok(()) => {}
+                Err(e @ (Errno::NOTSUP | Errno::PERM)) => self.skip(
+                    path,
+                    format!(
+                        "xattr {} not set: {e} (not supported or not permitted here)",
+                        name.to_string_lossy()
+                    ),
+                ),
+                Err(e) => return Err(self.io_err("set xattr on", path, e).into()),
+            }
+        }
+        Ok(())
+    }
+
+    fn open_no_follow(&self, path: &Path, parent: &ParentDir) -> Result<File, OpError> {
+        rustix::fs::openat(
+            parent.dir(),
+            parent.name(),
+            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map(File::from)
+        .map_err(|e| self.io_err("open", path, e).into())
+    }
+
+    fn emit_written(&mut self, path: &Path, file: &File) -> Result<(), OpError> {
+        if self.on_event.is_some() {
+            let metadata = file
+                .metadata()
+                .map_err(|e| self.io_err_std("stat", path, e))?;
+            self.emit(UnpackEvent::Written {
+                path,
+                metadata: &metadata,
+            });
+        }
+        Ok(())
+    }
+
+    fn emit(&mut self, event: UnpackEvent<'_>) {
+        if let Some(callback) = self.on_event.as_mut() {
+            callback(event);
+        }
+    }
+
+    fn skip(&mut self, path: &Path, reason: String) {
+        tracing::warn!(layer = %self.layer, entry = %path.display(), "skipped: {reason}");
+        self.skipped.push(SkippedEntry {
+            path: path.to_path_buf(),
+            reason,
+        });
+    }
+
+    fn mark(&mut self, path: &Path) {
+        let mut current = Some(path);
+        while let Some(p) = current {
+            let key = self.keys.hash_one(p.as_os_str().as_bytes());
+            if !self.this_layer.insert(key) {
+                // Parents of a marked path are marked already.
+                break;
+            }
+            current = p.parent();
+        }
+    }
+
+    fn in_layer(&self, path: &Path) -> bool {
+        self.this_layer
+            .contains(&self.keys.hash_one(path.as_os_str().as_bytes()))
+    }
+
+    fn invalid(&self, shown: &str, reason: &str) -> Failure {
+        Failure::Entry(UnpackError::InvalidEntry {
+            layer: self.layer.clone(),
+            entry: shown.to_owned(),
+            reason: reason.to_owned(),
+        })
+    }
+
+    fn io_err(&self, op: &'static str, path: &Path, e: Errno) -> RootError {
+        self.io_err_std(op, path, e.into())
+    }
+
+    fn io_err_std(&self, op: &'static str, path: &Path, source: io::Error) -> RootError {
+        RootError::Io {
+            op,
+            root: self.root.path().to_path_buf(),
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// Where xattrs go: an open file or directory, or a name in a held directory (symlinks and
+/// device nodes, which must not be opened).
+enum XattrTarget<'a> {
+    Fd(BorrowedFd<'a>),
+    InDir(&'a ParentDir),
+}
+
+fn uid(raw: u32) -> Uid {
+    Uid::from_raw(raw)
+}
+
+fn gid(raw: u32) -> Gid {
+    Gid::from_raw(raw)
+}
+
+/// Reads the applied metadata of an entry: header fields with their PAX overrides (uid/gid are
+/// already folded in by the tar crate; sub-second times and xattrs are read here).
+fn read_meta<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<EntryMeta, OpError> {
+    let bad = |what: &str, e: io::Error| OpError::Invalid(format!("bad {what} field: {e}"));
+    let header = entry.header();
+    let old = header.as_old();
+    // As Go's archive/tar does, an all-blank numeric field reads as 0 (some writers leave
+    // fields they do not track empty).
+    let numeric = |field: &[u8], parsed: io::Result<u64>, what: &str| {
+        if field.iter().all(|b| *b == 0 || *b == b' ') {
+            Ok(0)
+        } else {
+            parsed.map_err(|e| bad(what, e))
+        }
+    };
+    let mode = numeric(&old.mode, header.mode().map(u64::from), "mode")? as u32 & 0o7777;
+    let uid = numeric(&old.uid, header.uid(), "uid")?;
+    let gid = numeric(&old.gid, header.gid(), "gid")?;
+    let mtime = numeric(&old.mtime, header.mtime(), "mtime")?;
+    let (major, minor) = match header.entry_type() {
+        tar::EntryType::Char | tar::EntryType::Block => {
+            let (dev_major, dev_minor) = match header.as_gnu() {
+                Some(gnu) => (gnu.dev_major, gnu.dev_minor),
+                None => match header.as_ustar() {
+                    Some(ustar) => (ustar.dev_major, ustar.dev_minor),
+                    None => ([0; 8], [0; 8]),
+                },
+            };
+            let major = header.device_major().map(|d| u64::from(d.unwrap_or(0)));
+            let minor = header.device_minor().map(|d| u64::from(d.unwrap_or(0)));
+            (
+                numeric(&dev_major, major, "device major")? as u32,
+                numeric(&dev_minor, minor, "device minor")? as u32,
+            )
+        }
+        _ => (0, 0),
+    };
+    let to_id = |v: u64, what: &str| {
+        u32::try_from(v)
+            .ok()
+            .filter(|v| *v != u32::MAX)
+            .ok_or_else(|| OpError::Invalid(format!("{what} {v} out of range")))
+    };
+    let (uid, gid) = (to_id(uid, "uid")?, to_id(gid, "gid")?);
+    let mut mtime = Timespec {
+        tv_sec: i64::try_from(mtime).unwrap_or(i64::MAX),
+        tv_nsec: 0,
+    };
+    let mut atime = None;
+    let mut xattrs = Vec::new();
+    if let Some(records) = entry.pax_extensions().map_err(OpError::Stream)? {
+        for record in records {
+            let record = record.map_err(|e| bad("PAX", e))?;
+            let key = record.key_bytes();
+            if key == b"mtime" {
+                mtime = parse_pax_time(record.value_bytes())
+                    .ok_or_else(|| OpError::Invalid("bad PAX mtime".into()))?;
+            } else if key == b"atime" {
+                atime = Some(
+                    parse_pax_time(record.value_bytes())
+                        .ok_or_else(|| OpError::Invalid("bad PAX atime".into()))?,
+                );
+            } else if let Some(name) = key.strip_prefix(PAX_XATTR_PREFIX) {
+                if name.is_empty() {
+                    return Err(OpError::Invalid("PAX xattr record without a name".into()));
+                }
+                xattrs.push((
+                    OsString::from_vec(name.to_vec()),
+                    record.value_bytes().to_vec(),
+                ));
+            }
+        }
+    }
+    Ok(EntryMeta {
+        mode,
+        uid,
+        gid,
+        times: Timestamps {
+            last_access: atime.unwrap_or(mtime),
+            last_modification: mtime,
+        },
+        xattrs,
+        device: (major, minor),
+    })
+}
+
+/// Parses a PAX time (`[-]SECONDS[.FRACTION]`).
+fn parse_pax_time(value: &[u8]) -> Option<Timespec> {
+    let text = std::str::from_utf8(value).ok()?;
+    let (negative, text) = match text.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, text),
+    };
+    let (secs, frac) = text.split_once('.').unwrap_or((text, ""));
+    if secs.is_empty() || !secs.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    if !frac.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let secs: i64 = secs.parse().ok()?;
+    let mut nanos: i64 = 0;
+    for (i, digit) in frac.bytes().take(9).enumerate() {
+        nanos += i64::from(digit - b'0') * 10i64.pow(8 - i as u32);
+    }
+    Some(if negative {
+        if nanos > 0 {
+            Timespec {
+                tv_sec: -secs - 1,
+                tv_nsec: 1_000_000_000 - nanos,
+            }
+        } else {
+            Timespec {
+                tv_sec: -secs,
+                tv_nsec: 0,
+            }
+        }
+    } else {
+        Timespec {
+            tv_sec: secs,
+            tv_nsec: nanos,
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_pax_times() {
+        let t = parse_pax_time(b"1700000000.25").unwrap();
+        assert_eq!((t.tv_sec, t.tv_nsec), (1_700_000_000, 250_000_000));
+        let t = parse_pax_time(b"-1.5").unwrap();
+        assert_eq!((t.tv_sec, t.tv_nsec), (-2, 500_000_000));
+        let t = parse_pax_time(b"12").unwrap();
+        assert_eq!((t.tv_sec, t.tv_nsec), (12, 0));
+        assert!(parse_pax_time(b"1.2x").is_none());
+        assert!(parse_pax_time(b"").is_none());
+    }
+}

@@ -1,0 +1,131 @@
+//! Unit tests of layer application on small layers built in memory.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use kiln_oci::Digest;
+
+use super::*;
+use crate::resolve::Root;
+
+/// Builds a tar from `(path, kind)` pairs; kind: `"dir"`, `"file:CONTENT"`, `"link:TARGET"`.
+fn tar_of(entries: &[(&str, &str)]) -> Vec<u8> {
+    let mut builder = tar::Builder::new(Vec::new());
+    for (path, kind) in entries {
+        let mut header = tar::Header::new_gnu();
+        header.set_mode(0o755);
+        header.set_mtime(1_600_000_000);
+        if *kind == "dir" {
+            header.set_entry_type(tar::EntryType::Directory);
+            header.set_size(0);
+            builder.append_data(&mut header, path, &[][..]).unwrap();
+        } else if let Some(content) = kind.strip_prefix("file:") {
+            header.set_entry_type(tar::EntryType::Regular);
+            header.set_size(content.len() as u64);
+            builder
+                .append_data(&mut header, path, content.as_bytes())
+                .unwrap();
+        } else if let Some(target) = kind.strip_prefix("link:") {
+            header.set_entry_type(tar::EntryType::Symlink);
+            header.set_size(0);
+            builder.append_link(&mut header, path, target).unwrap();
+        }
+    }
+    builder.into_inner().unwrap()
+}
+
+fn unpack(root: &Root, blob: &[u8]) -> Result<UnpackReport, UnpackError> {
+    unpack_layer(root, blob, &Digest::sha256_of(blob), UnpackOptions::default())
+}
+
+#[test]
+fn whiteouts_and_opaque_dirs_follow_the_spec() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = Root::open(tmp.path()).unwrap();
+    let lower = tar_of(&[
+        ("a", "dir"),
+        ("a/old", "file:old"),
+        ("a/sub", "dir"),
+        ("a/sub/deep", "file:deep"),
+        ("gone", "file:x"),
+        ("keep", "file:k"),
+    ]);
+    unpack(&root, &lower).unwrap();
+    // The opaque marker comes after an entry of the same layer in the same directory: that
+    // entry stays, lower ones go, also below a directory this layer re-creates.
+    let upper = tar_of(&[
+        ("a", "dir"),
+        ("a/new", "file:new"),
+        ("a/sub", "dir"),
+        ("a/.wh..wh..opq", "file:"),
+        (".wh.gone", "file:"),
+    ]);
+    let mut events = Vec::new();
+    let mut on_event = |e: UnpackEvent<'_>| match e {
+        UnpackEvent::Removed { path } => events.push(format!("-{}", path.display())),
+        UnpackEvent::Written { path, .. } => events.push(format!("+{}", path.display())),
+    };
+    let report = unpack_layer(
+        &root,
+        &upper[..],
+        &Digest::sha256_of(&upper),
+        UnpackOptions {
+            on_event: Some(&mut on_event),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let p = tmp.path();
+    assert!(p.join("a/new").exists());
+    assert!(p.join("a/sub").is_dir());
+    assert!(!p.join("a/sub/deep").exists());
+    assert!(!p.join("a/old").exists());
+    assert!(!p.join("gone").exists());
+    assert!(p.join("keep").exists());
+    assert_eq!(report.entries, 5);
+    for expected in ["-a/old", "-a/sub/deep", "-gone", "+a/new", "+a", "+a/sub"] {
+        assert!(events.iter().any(|e| e == expected), "{expected} in {events:?}");
+    }
+}
+
+#[test]
+fn types_replace_each_other_and_dir_times_are_set_last() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = Root::open(tmp.path()).unwrap();
+    unpack(
+        &root,
+        &tar_of(&[("d", "dir"), ("d/f", "file:1"), ("f", "file:2")]),
+    )
+    .unwrap();
+    unpack(
+        &root,
+        &tar_of(&[("d", "file:now a file"), ("f", "dir"), ("f/x", "file:3")]),
+    )
+    .unwrap();
+    let p = tmp.path();
+    assert_eq!(std::fs::read(p.join("d")).unwrap(), b"now a file");
+    assert!(p.join("f").is_dir());
+    assert_eq!(std::fs::metadata(p.join("f")).unwrap().mtime(), 1_600_000_000);
+}
+
+#[test]
+fn digest_mismatch_is_reported_after_reading_everything() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = Root::open(tmp.path()).unwrap();
+    let blob = tar_of(&[("x", "file:x")]);
+    let wrong = Digest::sha256_of(b"something else");
+    let err = unpack_layer(&root, &blob[..], &wrong, UnpackOptions::default()).unwrap_err();
+    match err {
+        UnpackError::DigestMismatch {
+            expected,
+            actual,
+            size,
+        } => {
+            assert_eq!(expected, wrong);
+            assert_eq!(actual, Digest::sha256_of(&blob));
+            assert_eq!(size, blob.len() as u64);
+        }
+        other => panic!("unexpected {other}"),
+    }
+    assert!(Path::new(&tmp.path().join("x")).exists(), "applied while streaming");
+}
