@@ -2,7 +2,7 @@
 //! tests start it inside a runc container, as Kiln would run in a Pod.
 //!
 //! Usage: `inplace_probe [--user U] [--workdir DIR] [--env K=V]... [--cancel-after-ms N]
-//! [--expect-gone "ARG ARG"]... SCRIPT`
+//! [--expect-gone "ARG ARG"]... [--tmpfs DIR]... SCRIPT`
 //!
 //! Prints `out:LINE` / `err:LINE` per output line, then `status:CODE`, `cancelled` or
 //! `error:MESSAGE`, then `leftover:PID CMDLINE` for every process still alive whose command
@@ -11,7 +11,8 @@
 use std::time::Duration;
 
 use kiln_sandbox::{
-    CancelToken, Command, InPlaceSandbox, OutputStream, Sandbox, SandboxError, Step,
+    CancelToken, Command, InPlaceSandbox, MountKind, MountSpec, OutputStream, Sandbox,
+    SandboxError, Step,
 };
 
 fn main() {
@@ -34,6 +35,10 @@ fn main() {
                 cancel_after = Some(Duration::from_millis(value().parse().expect("a number")))
             }
             "--expect-gone" => expect_gone.push(value()),
+            "--tmpfs" => step.mounts.push(MountSpec {
+                target: value().into(),
+                kind: MountKind::Tmpfs { size: None },
+            }),
             _ => script = Some(arg),
         }
     }

@@ -426,3 +426,30 @@ fn debian_base() {
     assert_eq!(before, listing(&root.path));
     assert!(host_mounts_under(&root.path).is_empty());
 }
+
+#[test]
+fn a_bare_rootfs_gets_its_mount_targets_and_loses_them_again() {
+    // Only a static busybox: no /proc, /dev, /sys or /etc at all.
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("rootfs");
+    std::fs::create_dir_all(root.join("bin")).unwrap();
+    std::fs::copy(
+        kiln_testkit::bases::busybox_rootfs().join("bin/busybox"),
+        root.join("bin/busybox"),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("busybox", root.join("bin/sh")).unwrap();
+    let before = listing(&root);
+    let sb = ChrootSandbox::new(&root).unwrap();
+    let step = Step::new(Command::shell(
+        "/bin/busybox ls /proc/self/ >/dev/null && /bin/busybox cat /etc/hostname",
+    ));
+    let ran = run(&sb, &step);
+    assert_eq!(ran.ok_stdout(), vec!["kiln-sandbox"]);
+    assert_eq!(before, listing(&root));
+    assert_eq!(
+        ran.result.unwrap().restored_dirs,
+        vec![Path::new("/").to_path_buf()]
+    );
+    assert!(host_mounts_under(&root).is_empty());
+}

@@ -55,6 +55,11 @@ const DOCKER_DEFAULT_CAPS: [&str; 14] = [
 /// Runs the probe with `args` as pid 1 of a runc container whose rootfs is a copy of the
 /// busybox base; returns the probe's stdout lines and the rootfs copy.
 fn in_container(args: &[&str]) -> (Vec<String>, RootCopy) {
+    in_container_with_caps(args, &[])
+}
+
+/// [`in_container`] with capabilities added to Docker's default set.
+fn in_container_with_caps(args: &[&str], extra_caps: &[&str]) -> (Vec<String>, RootCopy) {
     kiln_testkit::require_tools(&["runc", "ldd"]);
     let root = busybox();
     let probe = probe();
@@ -76,7 +81,9 @@ fn in_container(args: &[&str]) -> (Vec<String>, RootCopy) {
     let mut argv = vec!["/probe".to_string()];
     argv.extend(args.iter().map(|a| a.to_string()));
     process["args"] = argv.into();
-    let caps: serde_json::Value = DOCKER_DEFAULT_CAPS.to_vec().into();
+    let mut caps = DOCKER_DEFAULT_CAPS.to_vec();
+    caps.extend_from_slice(extra_caps);
+    let caps: serde_json::Value = caps.into();
     for set in ["bounding", "effective", "permitted"] {
         process["capabilities"][set] = caps.clone();
     }
@@ -189,4 +196,21 @@ fn cancellation() {
     ]);
     assert_eq!(stdout_of(&lines), vec!["running"], "{lines:?}");
     assert_eq!(last(&lines), "cancelled", "{lines:?}");
+}
+
+#[test]
+fn run_mounts_need_cap_sys_admin_and_leave_nothing() {
+    let script = "echo data > /cache/x && cat /cache/x && grep -c ' /cache ' /proc/self/mountinfo";
+    let (lines, root) = in_container(&["--tmpfs", "/cache", script]);
+    let err = last(&lines);
+    assert!(
+        err.starts_with("error:") && err.contains("CAP_SYS_ADMIN"),
+        "{lines:?}"
+    );
+    assert!(!root.path.join("cache").exists());
+
+    let (lines, root) = in_container_with_caps(&["--tmpfs", "/cache", script], &["CAP_SYS_ADMIN"]);
+    assert_eq!(stdout_of(&lines), vec!["data", "1"], "{lines:?}");
+    assert_eq!(last(&lines), "status:0");
+    assert!(!root.path.join("cache").exists());
 }
