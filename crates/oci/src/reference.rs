@@ -303,6 +303,20 @@ impl FromStr for Reference {
     }
 }
 
+impl serde::Serialize for Reference {
+    /// As the canonical string, so stored references re-parse to the same value.
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Reference {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        Reference::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
 /// Splits `name[:tag]` into registry and the rest, with Docker's rule: the first path
 /// component is a registry only if it looks like a host (has `.` or `:`, is `localhost`, or
 /// has uppercase letters, which repositories can't).
@@ -671,6 +685,16 @@ mod tests {
         );
         let pinned = Reference::parse(&format!("busybox:1@{D}")).unwrap();
         assert_eq!(pinned.manifest_reference(), D);
+    }
+
+    #[test]
+    fn serde_uses_the_canonical_string() {
+        let r = Reference::parse("busybox").unwrap();
+        let json = serde_json::to_string(&r).unwrap();
+        assert_eq!(json, r#""docker.io/library/busybox:latest""#);
+        assert_eq!(serde_json::from_str::<Reference>(&json).unwrap(), r);
+        let err = serde_json::from_str::<Reference>(r#""Bad""#).unwrap_err();
+        assert!(err.to_string().contains("must be lowercase"), "{err}");
     }
 
     #[test]
