@@ -26,6 +26,12 @@ pub const CHROOT_MOUNT_POINTS: [&str; 6] = [
     "/etc/hostname",
 ];
 
+/// The capabilities a step keeps in chroot mode unless [`ChrootSandbox::with_all_capabilities`]
+/// is used: Docker's default set (CHOWN, DAC_OVERRIDE, FOWNER, FSETID, KILL, SETGID, SETUID,
+/// SETPCAP, NET_BIND_SERVICE, NET_RAW, SYS_CHROOT, MKNOD, AUDIT_WRITE, SETFCAP), so a RUN step
+/// can do what it can under Docker and no more (no mount, no ptrace, no module loading).
+pub const DOCKER_DEFAULT_CAPABILITIES: u64 = 0xa804_25fb;
+
 /// Host devices bound into the step's `/dev`.
 const DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
 
@@ -37,6 +43,7 @@ pub struct ChrootSandbox {
     hostname: String,
     resolv_conf: Option<Vec<u8>>,
     extra_hosts: Vec<(String, String)>,
+    all_capabilities: bool,
 }
 
 impl ChrootSandbox {
@@ -57,6 +64,7 @@ impl ChrootSandbox {
             hostname: DEFAULT_HOSTNAME.to_string(),
             resolv_conf: None,
             extra_hosts: Vec::new(),
+            all_capabilities: false,
         })
     }
 
@@ -76,6 +84,13 @@ impl ChrootSandbox {
     /// Adds `host ip` entries to the step's `/etc/hosts` (`--add-host`).
     pub fn with_extra_host(mut self, host: impl Into<String>, ip: impl Into<String>) -> Self {
         self.extra_hosts.push((host.into(), ip.into()));
+        self
+    }
+
+    /// Lets steps keep every capability of the caller (like `RUN --security=insecure`)
+    /// instead of [`DOCKER_DEFAULT_CAPABILITIES`].
+    pub fn with_all_capabilities(mut self) -> Self {
+        self.all_capabilities = true;
         self
     }
 
@@ -120,7 +135,10 @@ impl ChrootSandbox {
         stubs: &mut Stubs,
         etc_files: &[(&'static str, PathBuf)],
     ) -> Result<Plan, SandboxError> {
-        let exec = prepare_exec(&self.rootfs, step)?;
+        let mut exec = prepare_exec(&self.rootfs, step)?;
+        if !self.all_capabilities {
+            exec.capabilities = Some(DOCKER_DEFAULT_CAPABILITIES);
+        }
         let root = path_cstring(&self.rootfs)?;
         let mut setup = Vec::new();
         let mut add = |op: SetupOp, description: String| setup.push(Setup { op, description });

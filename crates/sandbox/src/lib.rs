@@ -4,7 +4,10 @@
 //!   pid, uts and ipc namespaces, enters the stage rootfs with `pivot_root`, and sees a fresh
 //!   `/proc`, a minimal `/dev` (null, zero, full, random, urandom, tty bound from the host, a
 //!   private devpts instance, a tmpfs `/dev/shm`), a read-only `/sys`, and generated
-//!   `/etc/resolv.conf`, `/etc/hosts`, `/etc/hostname`. The network is the host's.
+//!   `/etc/resolv.conf`, `/etc/hosts`, `/etc/hostname`. The network is the host's. The step
+//!   keeps Docker's default capability set. This is isolation for builds, not a security
+//!   boundary against hostile Dockerfiles (the step is real root on the host's kernel, as with
+//!   buildah's chroot isolation).
 //! - [`InPlaceSandbox`] (inside a container, as in a Pod): the rootfs is `/`; the step runs
 //!   directly, in a new session, and its process tree is killed when it ends.
 //!
@@ -50,7 +53,9 @@ mod user;
 use std::path::{Path, PathBuf};
 
 pub use cancel::CancelToken;
-pub use chroot::{ChrootSandbox, CHROOT_MOUNT_POINTS, DEFAULT_HOSTNAME};
+pub use chroot::{
+    ChrootSandbox, CHROOT_MOUNT_POINTS, DEFAULT_HOSTNAME, DOCKER_DEFAULT_CAPABILITIES,
+};
 pub use error::SandboxError;
 pub use inplace::InPlaceSandbox;
 pub use output::{OutputLine, OutputSink, OutputStream, MAX_LINE};

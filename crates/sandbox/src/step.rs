@@ -221,6 +221,7 @@ pub(crate) fn prepare_exec(rootfs: &Path, step: &Step) -> Result<ExecSpec, Sandb
             .collect::<Result<_, _>>()?,
         user: identity(&user, spec)?,
         workdir: path_cstring(&step.workdir)?,
+        capabilities: None,
     })
 }
 

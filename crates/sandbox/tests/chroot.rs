@@ -453,3 +453,24 @@ fn a_bare_rootfs_gets_its_mount_targets_and_loses_them_again() {
     );
     assert!(host_mounts_under(&root).is_empty());
 }
+
+#[test]
+fn steps_get_dockers_default_capabilities() {
+    let root = busybox();
+    let script = "grep CapEff /proc/self/status; mkdir -p /mnt/t; mount -t tmpfs none /mnt/t 2>/dev/null && echo mounted || echo denied";
+    let ran = sh(&sandbox(&root), script);
+    assert_eq!(ran.ok_stdout(), vec!["CapEff:\t00000000a80425fb", "denied"]);
+    let ran = sh(&sandbox(&root), "grep CapBnd /proc/self/status");
+    assert_eq!(ran.ok_stdout(), vec!["CapBnd:\t00000000a80425fb"]);
+    // A non-root user has none.
+    let ran = run(
+        &sandbox(&root),
+        &Step::new(Command::shell("grep CapEff /proc/self/status")).user("kiln"),
+    );
+    assert_eq!(ran.ok_stdout(), vec!["CapEff:\t0000000000000000"]);
+    let all = ChrootSandbox::new(&root.path)
+        .unwrap()
+        .with_all_capabilities();
+    let ran = sh(&all, script);
+    assert_eq!(ran.ok_stdout().last().map(String::as_str), Some("mounted"));
+}
