@@ -478,6 +478,8 @@ impl<'r, 'o> Applier<'r, 'o> {
             let result = if self.in_layer(rel) {
                 self.prune_child(dir, &name, rel)
             } else {
+                let dir_path = rel.parent().unwrap_or(Path::new("")).to_path_buf();
+                self.preserve_dir_time(&dir_path, dir);
                 match remove_entry(dir, &name) {
                     Ok(_) => {
                         self.dir_times.remove(rel.as_path());
@@ -526,6 +528,7 @@ impl<'r, 'o> Applier<'r, 'o> {
             }
             Err(e) => return Err(e.into()),
         };
+        self.preserve_dir_time(target.parent().unwrap_or(Path::new("")), parent.dir());
         let removed = remove_entry(parent.dir(), parent.name())
             .map_err(|e| self.io_err_std("remove", target, e))?;
         if removed {
@@ -537,14 +540,38 @@ impl<'r, 'o> Applier<'r, 'o> {
 
     /// The directory that will hold `path`, created (with parents, mode 0755) if missing.
     fn parent(&mut self, path: &Path) -> Result<ParentDir, OpError> {
-        match self.root.resolve_parent(path) {
-            Ok(parent) => Ok(parent),
+        let parent = match self.root.resolve_parent(path) {
+            Ok(parent) => parent,
             Err(e) if e.is_not_found() => {
                 let dir = path.parent().unwrap_or(Path::new(""));
                 self.root.mkdir_all(dir, 0o755)?;
-                Ok(self.root.resolve_parent(path)?)
+                self.root.resolve_parent(path)?
             }
-            Err(e) => Err(e.into()),
+            Err(e) => return Err(e.into()),
+        };
+        self.preserve_dir_time(path.parent().unwrap_or(Path::new("")), parent.dir());
+        Ok(parent)
+    }
+
+    /// Remembers the times of a directory this layer is about to change without listing it, so
+    /// they are put back at the end: only a layer's own directory entries set directory times
+    /// (as umoci does), which keeps unpacked trees independent of entry order.
+    fn preserve_dir_time(&mut self, dir_path: &Path, dir: BorrowedFd<'_>) {
+        if self.dir_times.contains_key(dir_path) {
+            return;
+        }
+        if let Ok(st) = rustix::fs::fstat(dir) {
+            let times = Timestamps {
+                last_access: Timespec {
+                    tv_sec: st.st_atime as _,
+                    tv_nsec: st.st_atime_nsec as _,
+                },
+                last_modification: Timespec {
+                    tv_sec: st.st_mtime as _,
+                    tv_nsec: st.st_mtime_nsec as _,
+                },
+            };
+            self.dir_times.insert(dir_path.to_path_buf(), times);
         }
     }
 
