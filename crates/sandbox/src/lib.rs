@@ -73,16 +73,16 @@ pub enum Mode {
 }
 
 impl Mode {
-    /// In-place when this process looks like it runs in a container (a `/.dockerenv` or
-    /// `/run/.containerenv` file, a `container` or `KUBERNETES_SERVICE_HOST` variable, or a
-    /// container runtime in `/proc/1/cgroup`), chroot otherwise.
+    /// In-place when this process looks like it runs in a container, chroot otherwise.
+    /// Container signs: a `KUBERNETES_SERVICE_HOST` or `container` variable, a
+    /// `/run/.containerenv` file, a container runtime in `/proc/1/cgroup`, or a `/.dockerenv`
+    /// file together with an overlay root filesystem (a `/.dockerenv` alone is often left in VM
+    /// images made from container images). The CLI's explicit choice should override this.
     pub fn detect() -> Mode {
-        let marker_file = ["/.dockerenv", "/run/.containerenv"]
-            .iter()
-            .any(|p| Path::new(p).exists());
-        let marker_env = ["container", "KUBERNETES_SERVICE_HOST"]
+        let env = ["KUBERNETES_SERVICE_HOST", "container"]
             .iter()
             .any(|v| std::env::var_os(v).is_some());
+        let containerenv = Path::new("/run/.containerenv").exists();
         let cgroup = std::fs::read_to_string("/proc/1/cgroup")
             .map(|c| {
                 ["docker", "kubepods", "containerd", "libpod"]
@@ -90,12 +90,32 @@ impl Mode {
                     .any(|k| c.contains(k))
             })
             .unwrap_or(false);
-        if marker_file || marker_env || cgroup {
+        let dockerenv = Path::new("/.dockerenv").exists() && root_is_overlay();
+        if env || containerenv || cgroup || dockerenv {
             Mode::InPlace
         } else {
             Mode::Chroot
         }
     }
+}
+
+/// Whether `/` is an overlay-type filesystem, as container runtimes give their containers.
+fn root_is_overlay() -> bool {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .ok()
+        .as_deref()
+        .and_then(root_fstype)
+        .is_some_and(|fstype| fstype.contains("overlay") || fstype == "aufs")
+}
+
+/// The filesystem type of the topmost mount on `/` in a mountinfo text (fields: id, parent,
+/// dev, root, mount point, ..., `-`, fstype, source, options).
+fn root_fstype(mountinfo: &str) -> Option<&str> {
+    mountinfo
+        .lines()
+        .rev()
+        .filter(|l| l.split(' ').nth(4) == Some("/"))
+        .find_map(|l| l.split(" - ").nth(1)?.split(' ').next())
 }
 
 /// How a step's command ended.
@@ -178,5 +198,28 @@ pub fn open(mode: Mode, rootfs: &Path) -> Result<Box<dyn Sandbox>, SandboxError>
             path: rootfs.to_path_buf(),
             reason: "in-place mode runs in / only".into(),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn root_fstype_from_mountinfo() {
+        let docker = "1226 1098 0:64 / / rw,relatime master:320 - overlay overlay rw,lowerdir=/l\n\
+                      1227 1226 0:66 / /proc rw,nosuid - proc proc rw\n";
+        assert_eq!(root_fstype(docker), Some("overlay"));
+        let vm =
+            "27 1 254:0 / / rw,relatime - ext4 /dev/vda rw\n22 27 0:21 / /proc rw - proc proc rw\n";
+        assert_eq!(root_fstype(vm), Some("ext4"));
+        assert_eq!(root_fstype(""), None);
+    }
+
+    #[test]
+    fn exit_status_codes() {
+        assert_eq!(ExitStatus::Signal(9).code(), 137);
+        assert_eq!(ExitStatus::Code(3).code(), 3);
+        assert!(!ExitStatus::Signal(15).success());
     }
 }

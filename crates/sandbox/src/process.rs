@@ -247,8 +247,7 @@ pub(crate) fn run(
         if stop_reading_at.is_some_and(|t| now >= t) {
             break;
         }
-        if let Some(t) = escalate_at.filter(|t| now >= *t) {
-            let _ = t;
+        if escalate_at.is_some_and(|t| now >= t) {
             init.kill(libc::SIGKILL);
             escalate_at = None;
         }
@@ -580,6 +579,9 @@ unsafe fn init_main(ctx: &ChildContext<'_>) -> ! {
         let mut all: libc::sigset_t = std::mem::zeroed();
         libc::sigfillset(&mut all);
         libc::sigprocmask(libc::SIG_SETMASK, &all, std::ptr::null_mut());
+        // An embedding program that ignores SIGCHLD would make the kernel reap our children
+        // before we can read their status.
+        libc::signal(libc::SIGCHLD, libc::SIG_DFL);
         close_fds_except(&ctx.init_keep);
         // A recognisable name in `ps` inside the step instead of the embedding program's.
         libc::prctl(libc::PR_SET_NAME, c"kiln-init".as_ptr() as c_ulong, 0, 0, 0);

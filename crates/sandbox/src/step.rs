@@ -203,6 +203,7 @@ pub(crate) fn prepare_exec(rootfs: &Path, step: &Step) -> Result<ExecSpec, Sandb
             step.workdir.display()
         )));
     }
+    let identity = identity(&user, spec)?;
     create_dirs_owned(rootfs, &step.workdir, user.uid, user.gid)?;
 
     Ok(ExecSpec {
@@ -219,7 +220,7 @@ pub(crate) fn prepare_exec(rootfs: &Path, step: &Step) -> Result<ExecSpec, Sandb
             .into_iter()
             .map(|(k, v)| cstring(format!("{k}={v}"), &format!("variable {k}")))
             .collect::<Result<_, _>>()?,
-        user: identity(&user, spec)?,
+        user: identity,
         workdir: path_cstring(&step.workdir)?,
         capabilities: None,
     })
