@@ -118,7 +118,8 @@ fn did_you_mean_flag(suggestion: &Option<String>) -> String {
 pub struct Error {
     file: String,
     lines: Option<Lines>,
-    kind: ErrorKind,
+    // Boxed so that `Result<_, Error>` stays small on the happy path.
+    kind: Box<ErrorKind>,
 }
 
 impl Error {
@@ -126,7 +127,7 @@ impl Error {
         Error {
             file: "Dockerfile".to_string(),
             lines: Some(lines),
-            kind,
+            kind: Box::new(kind),
         }
     }
 
@@ -134,7 +135,7 @@ impl Error {
         Error {
             file: "Dockerfile".to_string(),
             lines: None,
-            kind,
+            kind: Box::new(kind),
         }
     }
 
@@ -171,7 +172,7 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match &self.kind {
+        match &*self.kind {
             ErrorKind::Expansion(e) => Some(e),
             _ => None,
         }

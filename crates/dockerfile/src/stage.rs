@@ -167,10 +167,12 @@ impl Dockerfile {
             match stages.last_mut() {
                 Some(stage) => stage.nodes.push(node.clone()),
                 None if node.keyword == "arg" => meta_args.push(node.clone()),
-                None => return Err(at(ErrorKind::Invalid(format!(
+                None => {
+                    return Err(at(ErrorKind::Invalid(format!(
                     "{} must come after a FROM instruction (only ARG may precede the first FROM)",
                     node.keyword.to_uppercase()
-                )))),
+                ))))
+                }
             }
         }
         if stages.is_empty() {
@@ -805,11 +807,9 @@ impl PlannedStage {
                         set(&mut own_env, &kv.key, &kv.value);
                     }
                 }
-                Instruction::Copy(copy) => {
-                    if copy.from == Some(Source::Stage(self.index)) {
-                        let name = self.name.clone().unwrap_or_else(|| self.index.to_string());
-                        return Err(Error::at(node.lines, ErrorKind::CircularDependency(name)));
-                    }
+                Instruction::Copy(copy) if copy.from == Some(Source::Stage(self.index)) => {
+                    let name = self.name.clone().unwrap_or_else(|| self.index.to_string());
+                    return Err(Error::at(node.lines, ErrorKind::CircularDependency(name)));
                 }
                 _ => {}
             }
