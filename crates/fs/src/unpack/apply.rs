@@ -125,6 +125,11 @@ impl<'r, 'o> Applier<'r, 'o> {
                     .map_err(|e| self.io_err("set times of", path, e)),
                 }
             };
+            let set = match set {
+                // Removed later in this layer (e.g. by an opaque marker): nothing to date.
+                Err(e) if e.is_not_found() => continue,
+                other => other,
+            };
             set.map_err(|source| UnpackError::Apply {
                 layer: self.layer.clone(),
                 entry: shown.to_string(),
