@@ -599,7 +599,7 @@ fn parse_health(rest: &str) -> Result<Parsed, ErrorKind> {
 }
 
 /// Builds the node for one (continuation-joined) instruction line.
-fn node_from_line(line: &str, escape: char, lines: Lines) -> Result<Node, ErrorKind> {
+fn node_from_line(line: &str, escape: char, lines: Lines, depth: usize) -> Result<Node, ErrorKind> {
     let trimmed = line.trim();
     let parts = split_whitespace_runs(trimmed, Some(2));
     let keyword = lower(&parts[0]);
@@ -619,8 +619,11 @@ fn node_from_line(line: &str, escape: char, lines: Lines) -> Result<Node, ErrorK
         "onbuild" => {
             if rest.is_empty() {
                 Parsed::plain(Vec::new())
+            } else if depth >= 16 {
+                // Chained ONBUILD is rejected later anyway; the bound keeps recursion shallow.
+                return Err(syntax("ONBUILD nested too deeply".to_string()));
             } else {
-                let trigger = node_from_line(rest, escape, lines)?;
+                let trigger = node_from_line(rest, escape, lines, depth + 1)?;
                 Parsed {
                     args: Vec::new(),
                     json: false,
@@ -761,6 +764,7 @@ pub fn parse_ast(source: &str) -> Result<Ast, Error> {
                 start,
                 end: current,
             },
+            0,
         )
         .map_err(|kind| {
             Error::at(
@@ -870,6 +874,13 @@ mod tests {
         );
         assert_eq!(trim_continuation("\\  ", '\\'), (String::new(), false));
         assert_eq!(trim_continuation("a `", '`'), ("a ".to_string(), false));
+    }
+
+    #[test]
+    fn chained_onbuild_depth_is_bounded() {
+        let src = format!("FROM a\n{}RUN x\n", "ONBUILD ".repeat(10_000));
+        let err = parse_ast(&src).unwrap_err();
+        assert_eq!(err.to_string(), "Dockerfile:2: ONBUILD nested too deeply");
     }
 
     #[test]

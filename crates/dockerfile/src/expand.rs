@@ -117,6 +117,7 @@ impl Lexer {
             pos: 0,
             vars,
             raw_escapes: self.raw_escapes,
+            depth: 0,
         };
         state
             .process_until(None, self.raw_escapes)
@@ -177,7 +178,12 @@ struct State<'a> {
     pos: usize,
     vars: &'a dyn Variables,
     raw_escapes: bool,
+    /// Nesting of `${...}`, bounded so hostile input cannot exhaust the stack.
+    depth: usize,
 }
+
+/// Deeper nesting than any real Dockerfile uses.
+const MAX_NESTING: usize = 128;
 
 type Res<T> = Result<T, String>;
 
@@ -336,6 +342,16 @@ impl State<'_> {
     }
 
     fn dollar(&mut self) -> Res<String> {
+        if self.depth >= MAX_NESTING {
+            return Err("substitutions nested too deeply".to_string());
+        }
+        self.depth += 1;
+        let result = self.dollar_inner();
+        self.depth -= 1;
+        result
+    }
+
+    fn dollar_inner(&mut self) -> Res<String> {
         self.next();
         if self.peek() != Some('{') {
             let name = self.name();
@@ -535,6 +551,20 @@ mod tests {
             "unsupported modifier (:#) in substitution"
         );
         assert!(ex("${P/x}").is_err());
+    }
+
+    #[test]
+    fn hostile_nesting_is_an_error_not_a_stack_overflow() {
+        let deep = "${A:-".repeat(10_000) + &"}".repeat(10_000);
+        assert_eq!(
+            ex(&deep).unwrap_err().message,
+            "substitutions nested too deeply"
+        );
+        let long_pattern = format!("${{P#{}}}", "*a".repeat(5_000));
+        assert!(ex(&long_pattern)
+            .unwrap_err()
+            .message
+            .contains("pattern longer than"));
     }
 
     #[test]

@@ -14,6 +14,8 @@ enum Token {
     Star,
 }
 
+const MAX_PATTERN: usize = 1024;
+
 /// A compiled pattern.
 #[derive(Debug, Clone)]
 pub(crate) struct Pattern {
@@ -24,6 +26,10 @@ impl Pattern {
     /// Compiles `pattern`; `\` escapes `*`, `?` and `\`, and is dropped before `}` and `/`
     /// (which had to be escaped to be part of the `${...}`).
     pub(crate) fn compile(pattern: &str) -> Result<Self, String> {
+        // The matcher recurses per token; real patterns are a few characters long.
+        if pattern.chars().count() > MAX_PATTERN {
+            return Err(format!("pattern longer than {MAX_PATTERN} characters"));
+        }
         let mut tokens = Vec::new();
         let mut chars = pattern.chars().peekable();
         while let Some(c) = chars.next() {
