@@ -775,13 +775,55 @@ impl PlannedStage {
     /// config's `Env` for an image base, the [`StageSteps::env`] of the base stage, or empty for
     /// scratch.
     pub fn steps(&self, inherited_env: &[(String, String)]) -> Result<StageSteps, Error> {
+        self.expand_nodes(inherited_env, self.nodes.iter())
+    }
+
+    /// Like [`PlannedStage::steps`] for a stage whose base image carries ONBUILD triggers (its
+    /// config's `OnBuild` entries): they run first, as if written right after FROM, and their
+    /// steps carry the FROM line. A trigger that is not a valid instruction (or is ONBUILD,
+    /// FROM or MAINTAINER) is an error at that line.
+    pub fn steps_with_triggers(
+        &self,
+        inherited_env: &[(String, String)],
+        triggers: &[String],
+    ) -> Result<StageSteps, Error> {
+        let mut nodes = Vec::with_capacity(triggers.len());
+        let resolve = |v: &str| Ok(Source::Image(v.to_string()));
+        for trigger in triggers {
+            let at = |e: Error| Error::at(self.lines, e.kind().clone());
+            let ast = parse_ast(trigger).map_err(at)?;
+            for mut node in ast.nodes {
+                if matches!(node.keyword.as_str(), "onbuild" | "from" | "maintainer") {
+                    return Err(Error::at(
+                        self.lines,
+                        ErrorKind::Invalid(format!(
+                            "{} isn't allowed as an ONBUILD trigger",
+                            node.keyword.to_uppercase()
+                        )),
+                    ));
+                }
+                Builder::check('\\', &resolve)
+                    .build(&node)
+                    .map_err(|k| Error::at(self.lines, k))?;
+                node.lines = self.lines;
+                nodes.push(node);
+            }
+        }
+        self.expand_nodes(inherited_env, nodes.iter().chain(&self.nodes))
+    }
+
+    fn expand_nodes<'n>(
+        &self,
+        inherited_env: &[(String, String)],
+        nodes: impl Iterator<Item = &'n Node>,
+    ) -> Result<StageSteps, Error> {
         let names = &self.stage_names;
         let resolve = |v: &str| resolve_source(v, names);
         let mut env: Vec<(String, String)> = inherited_env.to_vec();
         let mut own_env: Vec<(String, String)> = Vec::new();
         let mut args: Vec<(String, String)> = Vec::new();
         let mut steps = Vec::with_capacity(self.nodes.len());
-        for node in &self.nodes {
+        for node in nodes {
             let instruction = {
                 let scope = Scope {
                     env: &env,

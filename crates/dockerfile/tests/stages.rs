@@ -451,3 +451,35 @@ fn directives_and_warnings_are_exposed() {
     assert_eq!(d.warnings().len(), 1);
     assert_eq!(d.warnings()[0].lines.start, 4);
 }
+
+#[test]
+fn onbuild_triggers_of_a_base_image_run_first() {
+    let p = plan(
+        "FROM app-base\nARG V=1\nRUN make\n",
+        &PlanOptions::default(),
+    );
+    let stage = p.stage(0).unwrap();
+    let triggers = vec![
+        "COPY . /app/src".to_string(),
+        "RUN cd /app/src && build $V".to_string(),
+    ];
+    let s = stage.steps_with_triggers(&[], &triggers).unwrap().steps;
+    assert_eq!(s.len(), 4);
+    assert_eq!(s[0].lines, stage.lines);
+    assert!(matches!(s[0].instruction, Instruction::Copy(_)));
+    assert!(matches!(s[1].instruction, Instruction::Run(_)));
+    let err = stage
+        .steps_with_triggers(&[], &["FROM x".to_string()])
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "Dockerfile:1: FROM isn't allowed as an ONBUILD trigger"
+    );
+    let err = stage
+        .steps_with_triggers(&[], &["RUNN x".to_string()])
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "Dockerfile:1: unknown instruction: RUNN (did you mean RUN?)"
+    );
+}

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 
-use kiln_dockerfile::{parse_ast, Base, Dockerfile, Lexer, PlanOptions};
+use kiln_dockerfile::{parse_ast, Base, Dockerfile, Instruction, Lexer, PlanOptions};
 use libfuzzer_sys::fuzz_target;
 
 fn plan_and_expand(dockerfile: &Dockerfile, options: &PlanOptions) {
@@ -22,9 +22,15 @@ fn plan_and_expand(dockerfile: &Dockerfile, options: &PlanOptions) {
             Base::Scratch => Vec::new(),
         };
         if let Ok(steps) = stage.steps(&inherited) {
+            let mut triggers = Vec::new();
             for step in &steps.steps {
                 let _ = step.run_env();
+                if let Instruction::Onbuild(trigger) = &step.instruction {
+                    triggers.push(trigger.clone());
+                }
             }
+            // Replay this stage's ONBUILD triggers as if its image were a base.
+            let _ = stage.steps_with_triggers(&inherited, &triggers);
             finished.insert(stage.index, steps.env);
         }
     }
