@@ -1,0 +1,255 @@
+//! Content hashes of context trees, the part of a COPY/ADD cache key that says what the step
+//! can observe.
+//!
+//! A hash covers, for every entry of every source: its path relative to the source, its type,
+//! its permission bits (with setuid/setgid/sticky), its owner only when asked (COPY resets
+//! owners unless `--chown` or a preserving mode says otherwise), its symlink target and, for a
+//! regular file, the SHA-256 of its content. Every variable-length field is length-framed, so
+//! no two different trees produce the same byte stream: moving bytes between a name and a link
+//! target, or renaming a file, changes the hash. Modification times are not covered: a touched
+//! but unchanged file must not bust the cache.
+//!
+//! File contents are hashed in parallel and memoised per build by (path, device, inode, size,
+//! mtime, ctime), so a file used by several COPY steps is read once.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::fs::{File, Metadata};
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use rayon::prelude::*;
+use sha2::{Digest as _, Sha256};
+
+use crate::error::{ContextError, Result};
+
+/// The domain tag that starts every tree hash; bump it when the framing changes.
+const FORMAT_TAG: &[u8] = b"kiln-context-tree-v1";
+
+/// A SHA-256 digest of a context tree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ContentDigest(pub [u8; 32]);
+
+impl fmt::Display for ContentDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "sha256:{}", hex::encode(self.0))
+    }
+}
+
+/// What a tree hash covers beyond paths, types, modes, link targets and contents.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HashOptions {
+    /// Include each entry's uid and gid (for COPY modes that keep the context's owners).
+    pub include_owner: bool,
+}
+
+/// One entry of a tree to hash.
+#[derive(Debug, Clone)]
+pub struct TreeEntry {
+    /// The entry's path relative to its source root, as bytes (`.` for the root itself).
+    pub rel: Vec<u8>,
+    /// Where the entry is on disk.
+    pub path: PathBuf,
+    /// The entry's `lstat` metadata.
+    pub metadata: Metadata,
+}
+
+/// One source of a COPY/ADD: a label (the source as matched, e.g. `src/*.rs` → `src/a.rs`)
+/// and the entries it contributes, in a deterministic order.
+#[derive(Debug, Clone)]
+pub struct HashedTree {
+    /// Identifies the source within the step; framed into the hash.
+    pub label: Vec<u8>,
+    /// The entries, in the order they are hashed.
+    pub entries: Vec<TreeEntry>,
+}
+
+/// The memo key of a file's content hash: if none of these changed, the content is assumed
+/// unchanged within one build.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct FileKey {
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl FileKey {
+    fn new(path: &Path, metadata: &Metadata) -> Self {
+        FileKey {
+            path: path.to_owned(),
+            dev: metadata.dev(),
+            ino: metadata.ino(),
+            size: metadata.size(),
+            mtime: (metadata.mtime(), metadata.mtime_nsec()),
+            ctime: (metadata.ctime(), metadata.ctime_nsec()),
+        }
+    }
+}
+
+/// Hashes context trees; one per build, shared by all steps so file contents are read once.
+#[derive(Debug, Default)]
+pub struct ContentHasher {
+    memo: Mutex<HashMap<FileKey, [u8; 32]>>,
+    reads: std::sync::atomic::AtomicU64,
+}
+
+impl ContentHasher {
+    /// A hasher with an empty memo.
+    pub fn new() -> Self {
+        ContentHasher::default()
+    }
+
+    /// How many files have actually been read (memo misses); for tests and progress figures.
+    pub fn files_read(&self) -> u64 {
+        self.reads.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The SHA-256 of the regular file at `path` whose `lstat` is `metadata`, memoised.
+    pub fn file_digest(&self, path: &Path, metadata: &Metadata) -> io::Result<[u8; 32]> {
+        let key = FileKey::new(path, metadata);
+        if let Some(digest) = self.lock_memo().get(&key) {
+            return Ok(*digest);
+        }
+        let mut file = File::open(path)?;
+        let mut hasher = Sha256::new();
+        io::copy(&mut file, &mut hasher)?;
+        let digest: [u8; 32] = hasher.finalize().into();
+        self.reads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.lock_memo().insert(key, digest);
+        Ok(digest)
+    }
+
+    fn lock_memo(&self) -> std::sync::MutexGuard<'_, HashMap<FileKey, [u8; 32]>> {
+        // A panic while holding the lock cannot leave the map inconsistent (single inserts).
+        self.memo.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Hashes a list of sources (in the given order) into one digest.
+    pub fn hash_trees(&self, trees: &[HashedTree], options: HashOptions) -> Result<ContentDigest> {
+        // Read every regular file's content in parallel first; framing is sequential.
+        let files: Vec<&TreeEntry> = trees
+            .iter()
+            .flat_map(|t| t.entries.iter())
+            .filter(|e| e.metadata.file_type().is_file())
+            .collect();
+        let digests: Vec<[u8; 32]> = files
+            .par_iter()
+            .map(|entry| {
+                self.file_digest(&entry.path, &entry.metadata)
+                    .map_err(|e| ContextError::io("content hash", "read", &entry.path, e))
+            })
+            .collect::<Result<_>>()?;
+        let mut digests = digests.into_iter();
+
+        let mut hasher = Sha256::new();
+        hasher.update(FORMAT_TAG);
+        hasher.update([u8::from(options.include_owner)]);
+        hasher.update((trees.len() as u64).to_le_bytes());
+        for tree in trees {
+            frame(&mut hasher, &tree.label);
+            hasher.update((tree.entries.len() as u64).to_le_bytes());
+            for entry in &tree.entries {
+                let metadata = &entry.metadata;
+                let file_type = metadata.file_type();
+                frame(&mut hasher, &entry.rel);
+                let type_tag: u8 = if file_type.is_file() {
+                    b'f'
+                } else if file_type.is_dir() {
+                    b'd'
+                } else if file_type.is_symlink() {
+                    b'l'
+                } else if file_type.is_char_device() {
+                    b'c'
+                } else if file_type.is_block_device() {
+                    b'b'
+                } else if file_type.is_fifo() {
+                    b'p'
+                } else {
+                    b's'
+                };
+                hasher.update([type_tag]);
+                hasher.update((metadata.mode() & 0o7777).to_le_bytes());
+                if options.include_owner {
+                    hasher.update(metadata.uid().to_le_bytes());
+                    hasher.update(metadata.gid().to_le_bytes());
+                }
+                match type_tag {
+                    b'f' => {
+                        let digest = digests
+                            .next()
+                            .expect("one digest was computed per regular file");
+                        hasher.update(digest);
+                    }
+                    b'l' => {
+                        let target = std::fs::read_link(&entry.path).map_err(|e| {
+                            ContextError::io("content hash", "read link", &entry.path, e)
+                        })?;
+                        frame(&mut hasher, target.as_os_str().as_bytes());
+                    }
+                    b'c' | b'b' => hasher.update(metadata.rdev().to_le_bytes()),
+                    _ => {}
+                }
+            }
+        }
+        Ok(ContentDigest(hasher.finalize().into()))
+    }
+
+    /// Hashes a whole directory tree (no ignore rules), e.g. a `COPY --from` source in another
+    /// stage's rootfs. Paths are relative to `dir`.
+    pub fn hash_directory(&self, dir: &Path, options: HashOptions) -> Result<ContentDigest> {
+        let metadata = std::fs::symlink_metadata(dir)
+            .map_err(|e| ContextError::io("content hash", "stat", dir, e))?;
+        let mut entries = vec![TreeEntry {
+            rel: b".".to_vec(),
+            path: dir.to_owned(),
+            metadata: metadata.clone(),
+        }];
+        if metadata.is_dir() {
+            collect_all(dir, Path::new(""), &mut entries)?;
+        }
+        let tree = HashedTree {
+            label: b".".to_vec(),
+            entries,
+        };
+        self.hash_trees(&[tree], options)
+    }
+}
+
+/// Writes a length-framed field.
+fn frame(hasher: &mut Sha256, bytes: &[u8]) {
+    hasher.update((bytes.len() as u64).to_le_bytes());
+    hasher.update(bytes);
+}
+
+/// Every entry below `dir`, depth first with names sorted bytewise, symlinks not followed.
+fn collect_all(dir: &Path, rel: &Path, out: &mut Vec<TreeEntry>) -> Result<()> {
+    let mut names: Vec<_> = std::fs::read_dir(dir)
+        .map_err(|e| ContextError::io("content hash", "list", dir, e))?
+        .map(|entry| entry.map(|e| e.file_name()))
+        .collect::<io::Result<_>>()
+        .map_err(|e| ContextError::io("content hash", "list", dir, e))?;
+    names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+    for name in names {
+        let path = dir.join(&name);
+        let child_rel = rel.join(&name);
+        let metadata = std::fs::symlink_metadata(&path)
+            .map_err(|e| ContextError::io("content hash", "stat", &path, e))?;
+        let is_dir = metadata.is_dir();
+        out.push(TreeEntry {
+            rel: child_rel.as_os_str().as_bytes().to_vec(),
+            path: path.clone(),
+            metadata,
+        });
+        if is_dir {
+            collect_all(&path, &child_rel, out)?;
+        }
+    }
+    Ok(())
+}

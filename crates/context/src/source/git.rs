@@ -1,0 +1,338 @@
+//! A git repository context: `git://host/repo.git#ref#commit` or an `http(s)://` URL ending in
+//! `.git`, cloned with the system `git` program.
+//!
+//! The fragment after the URL selects what is checked out, as in kaniko: an optional ref
+//! (`main`, `refs/heads/main`, `v1.0`, `refs/tags/v1.0`, or any other ref such as
+//! `refs/pull/1/head`, which is fetched explicitly), then an optional commit that is checked
+//! out after the ref. The repository's `.git` directory stays in the context, as in kaniko.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use futures::future::BoxFuture;
+
+use super::{blocking, new_workspace, redactor, ContextSource, Materialized, SourceOptions};
+use crate::error::{ContextError, Result};
+use crate::redact::Redactor;
+
+/// kaniko's `--git` options.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GitOptions {
+    /// `branch=NAME`: the branch (or tag) to clone; overrides a ref given in the URL fragment.
+    pub branch: Option<String>,
+    /// `single-branch=BOOL`: fetch only the history of the selected branch.
+    pub single_branch: bool,
+    /// `recurse-submodules=BOOL`: initialise and update submodules recursively.
+    pub recurse_submodules: bool,
+    /// `insecure-skip-tls=BOOL`: don't verify the server's certificate for HTTPS git.
+    pub insecure_skip_tls: bool,
+    /// Transport for `git://` contexts. kaniko never speaks the git protocol: it fetches a
+    /// `git://host/repo` context from `https://host/repo` (or `http://` when its
+    /// `GIT_PULL_METHOD` is `http`). `Some("https")`/`Some("http")` reproduces that; `None`
+    /// uses the git protocol itself.
+    pub pull_method: Option<String>,
+}
+
+impl GitOptions {
+    /// Applies a `--git` value such as `branch=main,single-branch=true`; may be called once
+    /// per repeated flag. Booleans accept Go's spellings (`1`, `t`, `true`, `0`, `f`, ...).
+    pub fn apply(&mut self, value: &str) -> Result<()> {
+        for item in value.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            let invalid = |reason: &str| ContextError::InvalidGitOption {
+                option: item.to_owned(),
+                reason: reason.to_owned(),
+            };
+            let (key, val) = item
+                .split_once('=')
+                .ok_or_else(|| invalid("expected key=value"))?;
+            let flag = || parse_go_bool(val).ok_or_else(|| invalid("expected a boolean"));
+            match key.trim() {
+                "branch" => {
+                    self.branch = (!val.is_empty()).then(|| val.to_owned());
+                }
+                "single-branch" => self.single_branch = flag()?,
+                "recurse-submodules" => self.recurse_submodules = flag()?,
+                "insecure-skip-tls" => self.insecure_skip_tls = flag()?,
+                _ => {
+                    return Err(invalid(
+                        "unknown key (known: branch, single-branch, recurse-submodules, insecure-skip-tls)",
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn parse_go_bool(value: &str) -> Option<bool> {
+    match value {
+        "1" | "t" | "T" | "true" | "TRUE" | "True" => Some(true),
+        "0" | "f" | "F" | "false" | "FALSE" | "False" => Some(false),
+        _ => None,
+    }
+}
+
+/// What the URL fragment (or `branch=`) asks to check out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Checkout {
+    /// The remote's default branch.
+    Default,
+    /// A branch or tag, cloned with `--branch`.
+    Branch(String),
+    /// Any other ref, fetched after the clone.
+    Ref(String),
+}
+
+/// A git repository cloned into the work directory.
+#[derive(Debug, Clone)]
+pub struct GitSource {
+    spec: String,
+    url: String,
+    checkout: Checkout,
+    commit: Option<String>,
+    options: GitOptions,
+    ca_certificates: Vec<PathBuf>,
+    redactor: Redactor,
+}
+
+impl GitSource {
+    /// Parses a git context value (`git://...` or `http(s)://....git`, with an optional
+    /// `#ref` and `#commit`).
+    pub fn parse(spec: &str, options: &SourceOptions) -> Result<Self> {
+        let redactor = redactor(spec);
+        let invalid = |reason: &str| ContextError::InvalidSpec {
+            spec: redactor.redact(spec),
+            reason: reason.to_owned(),
+        };
+        let mut parts = spec.split('#');
+        let location = parts.next().unwrap_or_default();
+        let reference = parts.next().filter(|r| !r.is_empty());
+        let commit = parts.next().filter(|c| !c.is_empty());
+        if parts.next().is_some() {
+            return Err(invalid("expected at most URL#ref#commit"));
+        }
+        if let Some(commit) = commit {
+            if !commit.chars().all(|c| c.is_ascii_hexdigit()) {
+                return Err(invalid("the commit after the ref must be a hexadecimal id"));
+            }
+        }
+        let (scheme, rest) = location
+            .split_once("://")
+            .ok_or_else(|| invalid("not a URL"))?;
+        if rest.is_empty() {
+            return Err(invalid("missing repository address"));
+        }
+        let url = match (scheme, options.git.pull_method.as_deref()) {
+            ("git", Some(method @ ("http" | "https"))) => format!("{method}://{rest}"),
+            ("git", Some(other)) => {
+                return Err(invalid(&format!("unknown git pull method {other:?}")))
+            }
+            _ => location.to_owned(),
+        };
+        let selected = options.git.branch.as_deref().or(reference);
+        let checkout = match selected {
+            None => Checkout::Default,
+            Some(name) => {
+                if let Some(branch) = name.strip_prefix("refs/heads/") {
+                    Checkout::Branch(branch.to_owned())
+                } else if let Some(tag) = name.strip_prefix("refs/tags/") {
+                    Checkout::Branch(tag.to_owned())
+                } else if name.starts_with("refs/") {
+                    Checkout::Ref(name.to_owned())
+                } else {
+                    Checkout::Branch(name.to_owned())
+                }
+            }
+        };
+        Ok(GitSource {
+            spec: spec.to_owned(),
+            url,
+            checkout,
+            commit: commit.map(str::to_owned),
+            options: options.git.clone(),
+            ca_certificates: options.ca_certificates.clone(),
+            redactor,
+        })
+    }
+
+    /// Configuration passed with `-c` to every git invocation.
+    fn config_args(&self, ca_bundle: Option<&Path>) -> Vec<String> {
+        let mut args = vec!["-c".to_owned(), "advice.detachedHead=false".to_owned()];
+        if self.options.insecure_skip_tls {
+            args.extend(["-c".to_owned(), "http.sslVerify=false".to_owned()]);
+        }
+        if let Some(bundle) = ca_bundle {
+            args.extend(["-c".to_owned(), format!("http.sslCAInfo={}", bundle.display())]);
+        }
+        args
+    }
+
+    fn clone_into(&self, workspace: &Path) -> Result<PathBuf> {
+        let name = self.describe();
+        let ca_bundle = if self.ca_certificates.is_empty() {
+            None
+        } else {
+            let bundle = workspace.join("ca-bundle.pem");
+            let mut pem = Vec::new();
+            for path in &self.ca_certificates {
+                let bytes = std::fs::read(path).map_err(|e| ContextError::CaCertificate {
+                    path: path.clone(),
+                    message: e.to_string(),
+                })?;
+                pem.extend_from_slice(&bytes);
+                pem.push(b'\n');
+            }
+            std::fs::write(&bundle, pem)
+                .map_err(|e| ContextError::io(&name, "write", &bundle, e))?;
+            Some(bundle)
+        };
+        let config = self.config_args(ca_bundle.as_deref());
+        let dest = workspace.join("src");
+
+        let mut clone: Vec<String> = vec!["clone".into(), "--quiet".into()];
+        if let Checkout::Branch(branch) = &self.checkout {
+            clone.extend(["--branch".into(), branch.clone()]);
+        }
+        clone.push(if self.options.single_branch {
+            "--single-branch".into()
+        } else {
+            "--no-single-branch".into()
+        });
+        clone.extend(["--".into(), self.url.clone(), dest.display().to_string()]);
+        self.git(None, &config, &clone)?;
+
+        if let Checkout::Ref(reference) = &self.checkout {
+            self.git(
+                Some(&dest),
+                &config,
+                &["fetch".into(), "--quiet".into(), "origin".into(), reference.clone()],
+            )?;
+            self.git(
+                Some(&dest),
+                &config,
+                &["checkout".into(), "--quiet".into(), "--detach".into(), "FETCH_HEAD".into()],
+            )?;
+        }
+        if let Some(commit) = &self.commit {
+            self.git(
+                Some(&dest),
+                &config,
+                &["checkout".into(), "--quiet".into(), "--detach".into(), commit.clone()],
+            )?;
+        }
+        if self.options.recurse_submodules {
+            self.git(
+                Some(&dest),
+                &config,
+                &[
+                    "submodule".into(),
+                    "update".into(),
+                    "--quiet".into(),
+                    "--init".into(),
+                    "--recursive".into(),
+                ],
+            )?;
+        }
+        Ok(dest)
+    }
+
+    /// Runs one git command; on failure the error carries the (redacted) command and stderr.
+    fn git(&self, dir: Option<&Path>, config: &[String], args: &[String]) -> Result<()> {
+        let mut command = Command::new("git");
+        if let Some(dir) = dir {
+            command.arg("-C").arg(dir);
+        }
+        command
+            .args(config)
+            .args(args)
+            .env("GIT_TERMINAL_PROMPT", "0")
+            .env("LC_ALL", "C")
+            .stdin(std::process::Stdio::null());
+        let output = command.output().map_err(|error| ContextError::GitNotRunnable {
+            source_name: self.describe(),
+            error,
+        })?;
+        if output.status.success() {
+            return Ok(());
+        }
+        Err(ContextError::Git {
+            source_name: self.describe(),
+            command: self.redactor.redact(&args.join(" ")),
+            status: output.status.to_string(),
+            stderr: self
+                .redactor
+                .redact(String::from_utf8_lossy(&output.stderr).trim()),
+        })
+    }
+}
+
+impl ContextSource for GitSource {
+    fn describe(&self) -> String {
+        format!("git context {}", self.redactor.redact(&self.spec))
+    }
+
+    fn materialize<'a>(&'a self, work_dir: &'a Path) -> BoxFuture<'a, Result<Materialized>> {
+        Box::pin(async move {
+            let name = self.describe();
+            let workspace = new_workspace(work_dir, "context-git-", &name)?;
+            let this = self.clone();
+            let path = workspace.path().to_path_buf();
+            let root = blocking(&name, move || this.clone_into(&path)).await?;
+            Ok(Materialized::owned(root, workspace))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(spec: &str, git: &str) -> GitSource {
+        let mut options = SourceOptions::default();
+        options.git.apply(git).unwrap();
+        GitSource::parse(spec, &options).unwrap()
+    }
+
+    #[test]
+    fn fragments_select_checkout() {
+        let s = parse("git://h/r.git", "");
+        assert_eq!((s.checkout, s.commit), (Checkout::Default, None));
+        let s = parse("git://h/r.git#refs/heads/dev#0123abc", "");
+        assert_eq!(s.checkout, Checkout::Branch("dev".into()));
+        assert_eq!(s.commit.as_deref(), Some("0123abc"));
+        let s = parse("git://h/r.git#refs/pull/7/head", "");
+        assert_eq!(s.checkout, Checkout::Ref("refs/pull/7/head".into()));
+        let s = parse("git://h/r.git#v1", "branch=other");
+        assert_eq!(s.checkout, Checkout::Branch("other".into()));
+        assert_eq!(s.url, "git://h/r.git");
+        let s = parse("git://h/r.git##abcdef", "");
+        assert_eq!((s.checkout, s.commit.as_deref()), (Checkout::Default, Some("abcdef")));
+    }
+
+    #[test]
+    fn options_parse_like_kaniko() {
+        let mut options = GitOptions::default();
+        options
+            .apply("branch=main,single-branch=true,recurse-submodules=T")
+            .unwrap();
+        assert_eq!(options.branch.as_deref(), Some("main"));
+        assert!(options.single_branch && options.recurse_submodules);
+        assert!(options.apply("single-branch=maybe").is_err());
+        assert!(options.apply("depth=1").is_err());
+        assert!(options.apply("nonsense").is_err());
+    }
+
+    #[test]
+    fn pull_method_rewrites_git_scheme() {
+        let mut options = SourceOptions::default();
+        options.git.pull_method = Some("https".into());
+        let s = GitSource::parse("git://example.invalid/r.git#main", &options).unwrap();
+        assert_eq!(s.url, "https://example.invalid/r.git");
+    }
+
+    #[test]
+    fn bad_commit_is_rejected() {
+        assert!(GitSource::parse("git://h/r.git#main#not-hex", &SourceOptions::default()).is_err());
+        assert!(GitSource::parse("git://h/r.git#a#b#c", &SourceOptions::default()).is_err());
+    }
+}
