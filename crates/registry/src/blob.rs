@@ -275,7 +275,10 @@ impl PullState {
                     return Err(Error::invalid(
                         &self.target,
                         Operation::PullBlob,
-                        format!("asked to resume at byte {}, got range {start:?}", self.offset),
+                        format!(
+                            "asked to resume at byte {}, got range {start:?}",
+                            self.offset
+                        ),
                     ));
                 }
                 self.skip = 0;

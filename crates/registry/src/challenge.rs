@@ -144,7 +144,9 @@ mod tests {
         let both = Challenge::from_headers([
             r#"Basic realm="x", Bearer realm="http://127.0.0.1:1/t", service=svc"#,
         ]);
-        assert!(matches!(both, Some(Challenge::Bearer { ref service, .. }) if service.as_deref() == Some("svc")));
+        assert!(
+            matches!(both, Some(Challenge::Bearer { ref service, .. }) if service.as_deref() == Some("svc"))
+        );
     }
 
     #[test]

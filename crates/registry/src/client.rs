@@ -119,7 +119,11 @@ impl Client {
 
     /// Fetches a manifest or index by tag or digest, trying mirrors first when configured.
     /// A manifest fetched by digest is verified against it.
-    pub async fn get_manifest(&self, repo: &Repository, reference: &str) -> Result<Manifest, Error> {
+    pub async fn get_manifest(
+        &self,
+        repo: &Repository,
+        reference: &str,
+    ) -> Result<Manifest, Error> {
         let mref = ManifestRef::parse(reference)?;
         let sources = self.pull_sources(repo)?;
         let mut last = None;
@@ -168,7 +172,12 @@ impl Client {
                 hasher.update(&bytes);
                 let actual = hasher.finish();
                 if &actual != expected {
-                    return Err(Error::digest_mismatch(&target, ctx.operation, expected, actual));
+                    return Err(Error::digest_mismatch(
+                        &target,
+                        ctx.operation,
+                        expected,
+                        actual,
+                    ));
                 }
                 actual
             }
@@ -190,7 +199,9 @@ impl Client {
         let media_type = content_type(&headers)
             .filter(|t| t != "application/json" && t != "text/plain")
             .or_else(|| media_type_of_document(&bytes))
-            .ok_or_else(|| Error::invalid(&target, ctx.operation, "the manifest has no media type"))?;
+            .ok_or_else(|| {
+                Error::invalid(&target, ctx.operation, "the manifest has no media type")
+            })?;
         Ok(Manifest {
             bytes,
             media_type,
@@ -211,7 +222,9 @@ impl Client {
             target: &target,
             operation: Operation::Exists,
         };
-        let url = self.url(&ep, &format!("v2/{}/manifests/{mref}", repo.name())).await?;
+        let url = self
+            .url(&ep, &format!("v2/{}/manifests/{mref}", repo.name()))
+            .await?;
         let scopes = [pull_scope(repo.name())];
         let accept = media_types::MANIFEST_ACCEPT.join(", ");
         let resp = self
@@ -259,7 +272,9 @@ impl Client {
             ManifestRef::Tag(_) => Digest::sha256_of(&bytes),
         };
         let ep = self.inner.endpoint(repo.registry(), Access::Push)?;
-        let url = self.url(&ep, &format!("v2/{}/manifests/{mref}", repo.name())).await?;
+        let url = self
+            .url(&ep, &format!("v2/{}/manifests/{mref}", repo.name()))
+            .await?;
         let scopes = [push_scope(repo.name())];
         let resp = self
             .inner
@@ -276,7 +291,12 @@ impl Client {
         }
         if let Some(announced) = header_digest(resp.headers()) {
             if announced.algorithm() == local.algorithm() && announced != local {
-                return Err(Error::digest_mismatch(&target, ctx.operation, &local, announced));
+                return Err(Error::digest_mismatch(
+                    &target,
+                    ctx.operation,
+                    &local,
+                    announced,
+                ));
             }
         }
         Ok(local)
@@ -367,7 +387,11 @@ impl Client {
     }
 
     /// `HEAD` of a blob: its size if the repository has it, `None` if not.
-    pub async fn blob_exists(&self, repo: &Repository, digest: &Digest) -> Result<Option<u64>, Error> {
+    pub async fn blob_exists(
+        &self,
+        repo: &Repository,
+        digest: &Digest,
+    ) -> Result<Option<u64>, Error> {
         let ep = self.inner.endpoint(repo.registry(), Access::Pull)?;
         self.blob_exists_on(&ep, repo.name(), digest, &pull_scope(repo.name()))
             .await
@@ -415,10 +439,14 @@ impl Client {
         }
         let ep = self.inner.endpoint(repo.registry(), Access::Push)?;
         let target = repo.to_string();
-        match self.start_upload(&ep, repo.name(), &target, Some((digest, from.name()))).await? {
+        match self
+            .start_upload(&ep, repo.name(), &target, Some((digest, from.name())))
+            .await?
+        {
             Started::Mounted => Ok(true),
             Started::Session(location) => {
-                self.cancel_upload(&ep, repo.name(), &target, &location).await;
+                self.cancel_upload(&ep, repo.name(), &target, &location)
+                    .await;
                 Ok(false)
             }
         }
@@ -485,7 +513,11 @@ impl Client {
                 Ok(None) => {
                     self.cancel_upload(&ep, name, &target, &location).await;
                     return Err(last_error.unwrap_or_else(|| {
-                        Error::invalid(&target, ctx.operation, "the blob source was already consumed")
+                        Error::invalid(
+                            &target,
+                            ctx.operation,
+                            "the blob source was already consumed",
+                        )
                     }));
                 }
                 Err(e) => {
@@ -507,8 +539,15 @@ impl Client {
                 self.upload_monolithic(&ep, ctx, name, location.clone(), reader, digest, size)
                     .await
             } else {
-                self.upload_chunked(&ep, ctx, name, location.clone(), reader, options.digest.as_ref())
-                    .await
+                self.upload_chunked(
+                    &ep,
+                    ctx,
+                    name,
+                    location.clone(),
+                    reader,
+                    options.digest.as_ref(),
+                )
+                .await
             };
             match result {
                 Ok((digest, size)) => {
@@ -670,7 +709,8 @@ impl Client {
         size: u64,
     ) -> Result<(Digest, u64), Error> {
         let mut url = location;
-        url.query_pairs_mut().append_pair("digest", &digest.to_string());
+        url.query_pairs_mut()
+            .append_pair("digest", &digest.to_string());
         let local_failure: Arc<Mutex<Option<Error>>> = Arc::default();
         let body = verified_body(
             reader,
@@ -692,7 +732,11 @@ impl Client {
                 })
             })
             .await;
-        if let Some(local) = local_failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        if let Some(local) = local_failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
             return Err(local);
         }
         let resp = sent?;
@@ -716,12 +760,15 @@ impl Client {
             let mut chunk = vec![0u8; chunk_size];
             let mut filled = 0;
             while filled < chunk_size {
-                let n = reader.read(&mut chunk[filled..]).await.map_err(|e| Error::Io {
-                    target: ctx.target.to_owned(),
-                    operation: ctx.operation,
-                    message: format!("reading the content at byte {}", offset + filled as u64),
-                    source: e,
-                })?;
+                let n = reader
+                    .read(&mut chunk[filled..])
+                    .await
+                    .map_err(|e| Error::Io {
+                        target: ctx.target.to_owned(),
+                        operation: ctx.operation,
+                        message: format!("reading the content at byte {}", offset + filled as u64),
+                        source: e,
+                    })?;
                 if n == 0 {
                     break;
                 }
@@ -744,11 +791,17 @@ impl Client {
         let digest = hasher.finish();
         if let Some(expected) = expected {
             if &digest != expected {
-                return Err(Error::digest_mismatch(ctx.target, ctx.operation, expected, digest));
+                return Err(Error::digest_mismatch(
+                    ctx.target,
+                    ctx.operation,
+                    expected,
+                    digest,
+                ));
             }
         }
         let mut url = location;
-        url.query_pairs_mut().append_pair("digest", &digest.to_string());
+        url.query_pairs_mut()
+            .append_pair("digest", &digest.to_string());
         let scopes = [push_scope(name)];
         let resp = self
             .inner
@@ -847,13 +900,23 @@ impl Client {
         Ok((committed, next))
     }
 
-    async fn finish_upload(&self, resp: Response, ctx: Ctx<'_>, digest: &Digest) -> Result<(), Error> {
+    async fn finish_upload(
+        &self,
+        resp: Response,
+        ctx: Ctx<'_>,
+        digest: &Digest,
+    ) -> Result<(), Error> {
         if !resp.status().is_success() {
             return Err(status_error(resp, ctx).await);
         }
         if let Some(announced) = header_digest(resp.headers()) {
             if announced.algorithm() == digest.algorithm() && &announced != digest {
-                return Err(Error::digest_mismatch(ctx.target, ctx.operation, digest, announced));
+                return Err(Error::digest_mismatch(
+                    ctx.target,
+                    ctx.operation,
+                    digest,
+                    announced,
+                ));
             }
         }
         Ok(())
@@ -900,11 +963,30 @@ fn verified_body(
             Some(Ok(chunk)) => {
                 let hasher = state.hasher.as_mut()?;
                 hasher.update(&chunk);
+                // Check with the last chunk still in hand: once the announced length is sent
+                // the request may complete without polling the body again.
+                if hasher.len() == state.size {
+                    let actual = hasher.clone().finish();
+                    if actual != state.digest {
+                        let err = Error::digest_mismatch(
+                            &state.target,
+                            Operation::Push,
+                            &state.digest,
+                            actual,
+                        );
+                        let io = fail(&state, err);
+                        state.hasher = None;
+                        return Some((Err(io), state));
+                    }
+                }
                 if hasher.len() > state.size {
                     let err = Error::invalid(
                         &state.target,
                         Operation::Push,
-                        format!("the content is longer than the announced {} bytes", state.size),
+                        format!(
+                            "the content is longer than the announced {} bytes",
+                            state.size
+                        ),
                     );
                     let io = fail(&state, err);
                     state.hasher = None;
@@ -931,7 +1013,10 @@ fn verified_body(
                     Error::invalid(
                         &state.target,
                         Operation::Push,
-                        format!("the content has {len} bytes, not the announced {}", state.size),
+                        format!(
+                            "the content has {len} bytes, not the announced {}",
+                            state.size
+                        ),
                     )
                 } else if actual != state.digest {
                     Error::digest_mismatch(&state.target, Operation::Push, &state.digest, actual)
@@ -1041,7 +1126,9 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert(
             LINK,
-            "</v2/app/tags/list?last=b&n=2>; rel=\"next\"".parse().unwrap(),
+            "</v2/app/tags/list?last=b&n=2>; rel=\"next\""
+                .parse()
+                .unwrap(),
         );
         assert_eq!(
             next_link(&headers).as_deref(),

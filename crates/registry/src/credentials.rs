@@ -315,7 +315,7 @@ impl Keychain {
     }
 
     /// Looks credential helpers up on `path` (a `PATH`-style list) instead of the process's
-    /// `PATH`; the helper also runs with this `PATH`.
+    /// `PATH`. The helper itself runs with the process's environment.
     pub fn with_helper_path(mut self, path: impl Into<OsString>) -> Self {
         self.helper_path = Some(path.into());
         self
@@ -361,7 +361,6 @@ impl Keychain {
         let mut command = tokio::process::Command::new(&executable);
         command
             .arg("get")
-            .env("PATH", &search_path)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -549,12 +548,9 @@ mod tests {
             r#"{"auths":{"r.example":{"username":"u","password":"p"}}}"#,
         )
         .unwrap();
-        let keychain = Keychain::from_search_dirs(&[
-            root.path().join("missing"),
-            empty,
-            mounted.clone(),
-        ])
-        .unwrap();
+        let keychain =
+            Keychain::from_search_dirs(&[root.path().join("missing"), empty, mounted.clone()])
+                .unwrap();
         assert_eq!(
             keychain.config().unwrap().path(),
             Some(mounted.join("config.json").as_path())

@@ -249,7 +249,8 @@ pub(crate) fn parse_error_body(body: &[u8]) -> Option<RegistryErrorBody> {
     }
     let envelope: Envelope = serde_json::from_slice(body).ok()?;
     let first = envelope.errors.into_iter().next()?;
-    let one_line = |s: String| -> String { s.lines().next().unwrap_or("").chars().take(300).collect() };
+    let one_line =
+        |s: String| -> String { s.lines().next().unwrap_or("").chars().take(300).collect() };
     Some(RegistryErrorBody {
         code: one_line(first.code),
         message: one_line(first.message),

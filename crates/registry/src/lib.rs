@@ -50,7 +50,9 @@ mod transport;
 pub use blob::{BlobSource, BlobStream, BoxAsyncRead, BytesSource, FileSource, ReaderSource};
 pub use challenge::Challenge;
 pub use client::{Client, Manifest, ManifestInfo, PushBlobOptions, PushOutcome, PushedBlob};
-pub use credentials::{normalize_registry, Credential, DockerConfig, Keychain, DOCKER_HUB_AUTH_KEY};
+pub use credentials::{
+    normalize_registry, Credential, DockerConfig, Keychain, DOCKER_HUB_AUTH_KEY,
+};
 pub use error::{Error, Operation, RegistryErrorBody};
 pub use options::{ClientCertificate, RegistryOptions, UploadMode};
 pub use repository::{valid_tag, Repository};

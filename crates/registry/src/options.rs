@@ -151,7 +151,8 @@ impl RegistryOptions {
                 "registry map {flag:?}: expected ORIGINAL=MIRROR[;MIRROR...]"
             )));
         }
-        self.registry_maps.push((original.trim().to_owned(), mirrors));
+        self.registry_maps
+            .push((original.trim().to_owned(), mirrors));
         Ok(())
     }
 
@@ -161,7 +162,9 @@ impl RegistryOptions {
             .split_once('=')
             .filter(|(r, p)| !r.is_empty() && !p.is_empty())
             .ok_or_else(|| {
-                Error::InvalidArgument(format!("registry certificate {flag:?}: expected REGISTRY=PATH"))
+                Error::InvalidArgument(format!(
+                    "registry certificate {flag:?}: expected REGISTRY=PATH"
+                ))
             })?;
         self.registry_certificates
             .push((registry.to_owned(), PathBuf::from(path)));
@@ -299,10 +302,21 @@ mod tests {
 
     #[test]
     fn loopback_detection() {
-        for yes in ["localhost:5000", "127.0.0.1:5000", "127.3.4.5", "[::1]:5000", "LOCALHOST"] {
+        for yes in [
+            "localhost:5000",
+            "127.0.0.1:5000",
+            "127.3.4.5",
+            "[::1]:5000",
+            "LOCALHOST",
+        ] {
             assert!(is_loopback(yes), "{yes}");
         }
-        for no in ["10.0.0.1:5000", "registry.local", "example.com:5000", "[::2]:1"] {
+        for no in [
+            "10.0.0.1:5000",
+            "registry.local",
+            "example.com:5000",
+            "[::2]:1",
+        ] {
             assert!(!is_loopback(no), "{no}");
         }
     }
@@ -321,7 +335,11 @@ mod tests {
         let p = options.profile("remote.example", Access::Pull);
         assert!(!p.allow_http && p.skip_verify);
         assert!(options.profile("plain.example", Access::Pull).allow_http);
-        assert!(options.profile("self-signed.example:443", Access::Push).skip_verify);
+        assert!(
+            options
+                .profile("self-signed.example:443", Access::Push)
+                .skip_verify
+        );
         assert!(
             RegistryOptions::default()
                 .profile("127.0.0.1:5000", Access::Pull)
@@ -362,12 +380,17 @@ mod tests {
         options
             .add_registry_client_certificate("reg.example=/c/cert.pem,/c/key.pem")
             .unwrap();
-        assert_eq!(options.registry_certificates[0].1, PathBuf::from("/certs/ca.pem"));
+        assert_eq!(
+            options.registry_certificates[0].1,
+            PathBuf::from("/certs/ca.pem")
+        );
         assert_eq!(
             options.registry_client_certificates[0].1.key,
             PathBuf::from("/c/key.pem")
         );
-        assert!(options.add_registry_client_certificate("reg=/only-cert").is_err());
+        assert!(options
+            .add_registry_client_certificate("reg=/only-cert")
+            .is_err());
         assert!(options.add_registry_certificate("=x").is_err());
     }
 }

@@ -156,10 +156,7 @@ fn valid_repository_name(name: &str) -> bool {
                     i += 1;
                 }
                 let sep = &component[start..i];
-                let ok = sep == "."
-                    || sep == "_"
-                    || sep == "__"
-                    || sep.bytes().all(|b| b == b'-');
+                let ok = sep == "." || sep == "_" || sep == "__" || sep.bytes().all(|b| b == b'-');
                 if !ok {
                     return false;
                 }
@@ -177,7 +174,9 @@ mod tests {
         for ok in ["app", "team/app", "a.b_c__d--e/f", "library/busybox"] {
             assert!(Repository::new("127.0.0.1:5000", ok).is_ok(), "{ok}");
         }
-        for bad in ["", "App", "a//b", "../x", "a/", "x?y", "a..b", "a___b", "-a"] {
+        for bad in [
+            "", "App", "a//b", "../x", "a/", "x?y", "a..b", "a___b", "-a",
+        ] {
             assert!(Repository::new("127.0.0.1:5000", bad).is_err(), "{bad}");
         }
         for ok in ["localhost", "reg.example:443", "[::1]:5000", "docker.io"] {

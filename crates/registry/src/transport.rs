@@ -73,12 +73,11 @@ impl Inner {
         };
         let parse_roots = |registry: &str, path: &std::path::Path| {
             let pem = read_pem(registry, path)?;
-            let certs =
-                reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| Error::Tls {
-                    registry: registry.to_owned(),
-                    path: path.to_owned(),
-                    message: error_chain(&e),
-                })?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| Error::Tls {
+                registry: registry.to_owned(),
+                path: path.to_owned(),
+                message: error_chain(&e),
+            })?;
             if certs.is_empty() {
                 return Err(Error::Tls {
                     registry: registry.to_owned(),
@@ -208,7 +207,17 @@ impl Inner {
                         *ep.challenge.lock().unwrap_or_else(|p| p.into_inner()) = challenge;
                         return Ok(base);
                     }
-                    return Err(status_error(resp, ctx).await);
+                    let err = status_error(resp, ctx).await;
+                    return Err(match https_failure {
+                        // A TLS port answers plain HTTP with 400: the HTTPS failure is the news.
+                        Some(https) => Error::Transport {
+                            target: ep.registry.clone(),
+                            operation: Operation::Ping,
+                            message: format!("over HTTPS: {https}; over plain HTTP: {err}"),
+                            connect: true,
+                        },
+                        None => err,
+                    });
                 }
                 Err(err @ Error::Transport { .. }) if !is_last => {
                     tracing::info!(registry = %ep.registry, error = %err, "HTTPS failed, trying plain HTTP");
@@ -385,7 +394,14 @@ impl Inner {
                     return Ok(Some(bearer_header(&cached.value)));
                 }
                 let token = self
-                    .fetch_token(ep, ctx, &realm, service.as_deref(), scopes, credential.as_ref())
+                    .fetch_token(
+                        ep,
+                        ctx,
+                        &realm,
+                        service.as_deref(),
+                        scopes,
+                        credential.as_ref(),
+                    )
                     .await?;
                 let header = bearer_header(&token.value);
                 self.tokens
@@ -417,8 +433,9 @@ impl Inner {
             target: ctx.target,
             operation: Operation::Token,
         };
-        let realm_url = Url::parse(realm)
-            .map_err(|e| Error::invalid(ctx.target, ctx.operation, format!("realm {realm:?}: {e}")))?;
+        let realm_url = Url::parse(realm).map_err(|e| {
+            Error::invalid(ctx.target, ctx.operation, format!("realm {realm:?}: {e}"))
+        })?;
         let requested_at = SystemTime::now();
         let resp = match credential {
             Some(Credential::IdentityToken { token, .. }) => {
@@ -502,7 +519,9 @@ impl Inner {
             .access_token
             .filter(|t| !t.is_empty())
             .or(answer.token.filter(|t| !t.is_empty()))
-            .ok_or_else(|| Error::invalid(ctx.target, ctx.operation, "the answer holds no token"))?;
+            .ok_or_else(|| {
+                Error::invalid(ctx.target, ctx.operation, "the answer holds no token")
+            })?;
         // The spec's minimum lifetime is 60 s when the server does not say.
         let lifetime = Duration::from_secs(answer.expires_in.unwrap_or(60).max(1));
         let issued = answer
@@ -552,8 +571,8 @@ fn bearer_header(token: &Secret) -> HeaderValue {
 
 /// Header values marked sensitive are left out of reqwest's and hyper's debug output.
 fn sensitive(value: String) -> HeaderValue {
-    let mut header = HeaderValue::from_str(&value)
-        .unwrap_or_else(|_| HeaderValue::from_static("Invalid"));
+    let mut header =
+        HeaderValue::from_str(&value).unwrap_or_else(|_| HeaderValue::from_static("Invalid"));
     header.set_sensitive(true);
     header
 }
@@ -614,13 +633,22 @@ pub(crate) async fn read_limited(
 /// (`2024-01-02T03:04:05.678Z`, `...+02:00`).
 fn parse_rfc3339(text: &str) -> Option<SystemTime> {
     let bytes = text.as_bytes();
-    if bytes.len() < 20 || bytes[4] != b'-' || bytes[7] != b'-' || !matches!(bytes[10], b'T' | b't' | b' ') {
+    if bytes.len() < 20
+        || bytes[4] != b'-'
+        || bytes[7] != b'-'
+        || !matches!(bytes[10], b'T' | b't' | b' ')
+    {
         return None;
     }
     let num = |range: std::ops::Range<usize>| -> Option<i64> { text.get(range)?.parse().ok() };
     let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
     let (hour, minute, second) = (num(11..13)?, num(14..16)?, num(17..19)?);
-    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || minute > 59 || second > 60 {
+    if !(1..=12).contains(&month)
+        || !(1..=31).contains(&day)
+        || hour > 23
+        || minute > 59
+        || second > 60
+    {
         return None;
     }
     let mut rest = &text[19..];
