@@ -629,7 +629,9 @@ pub struct PlanOptions {
     pub build_args: BTreeMap<String, String>,
     /// `--target`: the stage to build (the last one when `None`).
     pub target: Option<String>,
-    /// The platform the image is for (TARGET* args).
+    /// The platform the image is for (TARGET* args). As in BuildKit, `FROM --platform` does
+    /// not change these: `FROM --platform=$BUILDPLATFORM` stages still see the target platform,
+    /// which is what cross-compiling stages need.
     pub target_platform: Platform,
     /// The platform the build runs on (BUILD* args).
     pub build_platform: Platform,
