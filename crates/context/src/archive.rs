@@ -22,7 +22,9 @@ use crate::error::{ContextError, Result};
 
 /// Wraps `reader` in a gzip decoder when its first bytes are the gzip magic, so callers need
 /// not know whether an archive is compressed.
-pub fn decompress_auto<R: Read + Send + 'static>(mut reader: R) -> io::Result<Box<dyn Read + Send>> {
+pub fn decompress_auto<R: Read + Send + 'static>(
+    mut reader: R,
+) -> io::Result<Box<dyn Read + Send>> {
     let mut magic = [0u8; 2];
     let mut filled = 0;
     while filled < magic.len() {
@@ -92,8 +94,12 @@ pub fn extract_tar(reader: impl Read, dest: &Path, source_name: &str) -> Result<
         }
         let target = dest.join(&relative);
         prepare_parents(dest, &relative).map_err(|reason| match reason {
-            ParentProblem::Symlink => unsafe_entry(&raw_name, "its parent path passes through a symlink"),
-            ParentProblem::NotADirectory => unsafe_entry(&raw_name, "a parent path is not a directory"),
+            ParentProblem::Symlink => {
+                unsafe_entry(&raw_name, "its parent path passes through a symlink")
+            }
+            ParentProblem::NotADirectory => {
+                unsafe_entry(&raw_name, "a parent path is not a directory")
+            }
             ParentProblem::Io(path, e) => io_error("create directory", &path, e),
         })?;
 
@@ -112,7 +118,8 @@ pub fn extract_tar(reader: impl Read, dest: &Path, source_name: &str) -> Result<
             EntryType::Directory => {
                 replace(true)?;
                 if !target.is_dir() {
-                    fs::create_dir(&target).map_err(|e| io_error("create directory", &target, e))?;
+                    fs::create_dir(&target)
+                        .map_err(|e| io_error("create directory", &target, e))?;
                 }
                 directories.push((target.clone(), mode, mtime));
             }
@@ -249,7 +256,12 @@ fn passes_through_symlink(dest: &Path, relative: &Path) -> bool {
     false
 }
 
-fn make_node<R: Read>(entry: &tar::Entry<'_, R>, kind: EntryType, mode: u32, target: &Path) -> io::Result<()> {
+fn make_node<R: Read>(
+    entry: &tar::Entry<'_, R>,
+    kind: EntryType,
+    mode: u32,
+    target: &Path,
+) -> io::Result<()> {
     use std::ffi::CString;
     let path = CString::new(target.as_os_str().as_bytes())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
@@ -259,10 +271,19 @@ fn make_node<R: Read>(entry: &tar::Entry<'_, R>, kind: EntryType, mode: u32, tar
         EntryType::Char | EntryType::Block => {
             let major = header.device_major()?.unwrap_or(0);
             let minor = header.device_minor()?.unwrap_or(0);
-            let file_type = if kind == EntryType::Char { libc::S_IFCHR } else { libc::S_IFBLK };
+            let file_type = if kind == EntryType::Char {
+                libc::S_IFCHR
+            } else {
+                libc::S_IFBLK
+            };
             (file_type, libc::makedev(major, minor))
         }
-        _ => return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a device node")),
+        _ => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a device node",
+            ))
+        }
     };
     // SAFETY: `path` is a valid NUL-terminated string that outlives the call.
     let rc = unsafe { libc::mknod(path.as_ptr(), file_type | (mode & 0o7777), device) };

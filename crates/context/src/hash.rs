@@ -128,7 +128,9 @@ impl ContentHasher {
 
     fn lock_memo(&self) -> std::sync::MutexGuard<'_, HashMap<FileKey, [u8; 32]>> {
         // A panic while holding the lock cannot leave the map inconsistent (single inserts).
-        self.memo.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.memo
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Hashes a list of sources (in the given order) into one digest.

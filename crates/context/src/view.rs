@@ -169,7 +169,8 @@ impl BuildContext {
             };
             let mut names = Vec::new();
             for entry in listing {
-                let entry = entry.map_err(|e| ContextError::io(&self.description, "list", &dir, e))?;
+                let entry =
+                    entry.map_err(|e| ContextError::io(&self.description, "list", &dir, e))?;
                 let name = entry.file_name().to_string_lossy().into_owned();
                 if go_match(element, &name).unwrap_or(false) {
                     names.push(name);
@@ -198,7 +199,11 @@ impl BuildContext {
             out.push(SourceMatch {
                 matched,
                 entry: ContextEntry {
-                    rel: if real_rel.is_empty() { ".".to_owned() } else { real_rel },
+                    rel: if real_rel.is_empty() {
+                        ".".to_owned()
+                    } else {
+                        real_rel
+                    },
                     path: real_path,
                     metadata,
                 },
@@ -219,7 +224,11 @@ impl BuildContext {
         let metadata = std::fs::symlink_metadata(&path)
             .map_err(|e| ContextError::io(&self.description, "stat", &path, e))?;
         Ok(ContextEntry {
-            rel: if rel.is_empty() { ".".to_owned() } else { rel.to_owned() },
+            rel: if rel.is_empty() {
+                ".".to_owned()
+            } else {
+                rel.to_owned()
+            },
             path,
             metadata,
         })
@@ -251,12 +260,14 @@ impl BuildContext {
                             path: rel.to_owned(),
                         });
                     }
-                    let target = std::fs::read_link(&candidate)
-                        .map_err(|e| ContextError::io(&self.description, "read link", &candidate, e))?;
+                    let target = std::fs::read_link(&candidate).map_err(|e| {
+                        ContextError::io(&self.description, "read link", &candidate, e)
+                    })?;
                     if target.is_absolute() {
                         resolved.clear();
                     }
-                    for (index, part) in target.components().filter_map(component_name).enumerate() {
+                    for (index, part) in target.components().filter_map(component_name).enumerate()
+                    {
                         pending.insert(index, part);
                     }
                 }

@@ -17,8 +17,18 @@ fn git(dir: &Path, args: &[&str]) -> String {
     let output = Command::new("git")
         .arg("-C")
         .arg(dir)
-        .args(["-c", "user.name=Kiln Test", "-c", "user.email=test@kiln.invalid"])
-        .args(["-c", "protocol.file.allow=always", "-c", "init.defaultBranch=main"])
+        .args([
+            "-c",
+            "user.name=Kiln Test",
+            "-c",
+            "user.email=test@kiln.invalid",
+        ])
+        .args([
+            "-c",
+            "protocol.file.allow=always",
+            "-c",
+            "init.defaultBranch=main",
+        ])
         .args(args)
         .output()
         .unwrap();
@@ -38,7 +48,11 @@ struct Daemon {
 
 impl Daemon {
     fn start(base: &Path) -> Daemon {
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let child = Command::new("git")
             .arg("daemon")
             .arg("--export-all")
@@ -92,7 +106,10 @@ fn fixture() -> Fixture {
     fs::write(lib.join("lib.txt"), "lib\n").unwrap();
     git(&lib, &["add", "."]);
     git(&lib, &["commit", "-q", "-m", "lib"]);
-    git(tmp.path(), &["clone", "-q", "--bare", "lib", "served/lib.git"]);
+    git(
+        tmp.path(),
+        &["clone", "-q", "--bare", "lib", "served/lib.git"],
+    );
 
     let app = tmp.path().join("app");
     fs::create_dir(&app).unwrap();
@@ -110,12 +127,33 @@ fn fixture() -> Fixture {
     fs::write(app.join("a.txt"), "two\n").unwrap();
     git(&app, &["commit", "-q", "-am", "second"]);
     let lib_path = served.join("lib.git");
-    git(&app, &["submodule", "add", "-q", lib_path.to_str().unwrap(), "vendor/lib"]);
+    git(
+        &app,
+        &[
+            "submodule",
+            "add",
+            "-q",
+            lib_path.to_str().unwrap(),
+            "vendor/lib",
+        ],
+    );
     // Clients resolve the relative URL against the superproject's own URL on the daemon.
-    git(&app, &["config", "-f", ".gitmodules", "submodule.vendor/lib.url", "../lib.git"]);
+    git(
+        &app,
+        &[
+            "config",
+            "-f",
+            ".gitmodules",
+            "submodule.vendor/lib.url",
+            "../lib.git",
+        ],
+    );
     git(&app, &["add", ".gitmodules"]);
     git(&app, &["commit", "-q", "-m", "submodule"]);
-    git(tmp.path(), &["clone", "-q", "--bare", "app", "served/app.git"]);
+    git(
+        tmp.path(),
+        &["clone", "-q", "--bare", "app", "served/app.git"],
+    );
 
     Fixture {
         work: tmp.path().join("work"),
@@ -141,8 +179,14 @@ async fn git_contexts_from_a_git_daemon() {
     assert_eq!(read(&root, "a.txt").as_deref(), Some("two\n"));
     assert!(read(&root, "dev.txt").is_none());
     assert!(root.join("vendor/lib").is_dir());
-    assert!(read(&root, "vendor/lib/lib.txt").is_none(), "submodules only on request");
-    assert!(root.join(".git").is_dir(), "kaniko keeps .git in the context");
+    assert!(
+        read(&root, "vendor/lib/lib.txt").is_none(),
+        "submodules only on request"
+    );
+    assert!(
+        root.join(".git").is_dir(),
+        "kaniko keeps .git in the context"
+    );
     drop(context);
     assert!(!root.exists(), "the clone is removed with the context");
 
@@ -154,7 +198,11 @@ async fn git_contexts_from_a_git_daemon() {
         (format!("{app}#refs/tags/v1"), "a.txt", "one\n"),
     ] {
         let context = open_context(&spec, &options).await.unwrap();
-        assert_eq!(read(context.root(), file).as_deref(), Some(content), "{spec}");
+        assert_eq!(
+            read(context.root(), file).as_deref(),
+            Some(content),
+            "{spec}"
+        );
     }
 
     // A commit pinned after the ref is what gets checked out.
@@ -163,7 +211,11 @@ async fn git_contexts_from_a_git_daemon() {
         format!("{app}##{}", fx.first_commit),
     ] {
         let context = open_context(&spec, &options).await.unwrap();
-        assert_eq!(read(context.root(), "a.txt").as_deref(), Some("one\n"), "{spec}");
+        assert_eq!(
+            read(context.root(), "a.txt").as_deref(),
+            Some("one\n"),
+            "{spec}"
+        );
         assert_eq!(git(context.root(), &["rev-parse", "HEAD"]), fx.first_commit);
     }
 }
@@ -174,20 +226,39 @@ async fn git_options_branch_single_branch_and_submodules() {
     let app = fx.daemon.url("app.git");
 
     let mut options = ContextOptions::new(&fx.work);
-    options.source.git.apply("branch=dev,single-branch=true").unwrap();
-    let context = open_context(&format!("{app}#main"), &options).await.unwrap();
-    assert_eq!(read(context.root(), "dev.txt").as_deref(), Some("dev\n"), "branch= wins");
-    let remote_refs = git(context.root(), &["for-each-ref", "--format=%(refname)", "refs/remotes"]);
+    options
+        .source
+        .git
+        .apply("branch=dev,single-branch=true")
+        .unwrap();
+    let context = open_context(&format!("{app}#main"), &options)
+        .await
+        .unwrap();
+    assert_eq!(
+        read(context.root(), "dev.txt").as_deref(),
+        Some("dev\n"),
+        "branch= wins"
+    );
+    let remote_refs = git(
+        context.root(),
+        &["for-each-ref", "--format=%(refname)", "refs/remotes"],
+    );
     assert_eq!(remote_refs, "refs/remotes/origin/dev");
 
     let mut options = ContextOptions::new(&fx.work);
     let context = open_context(&app, &options).await.unwrap();
-    let remote_refs = git(context.root(), &["for-each-ref", "--format=%(refname)", "refs/remotes"]);
+    let remote_refs = git(
+        context.root(),
+        &["for-each-ref", "--format=%(refname)", "refs/remotes"],
+    );
     assert!(remote_refs.contains("origin/dev") && remote_refs.contains("origin/main"));
 
     options.source.git.apply("recurse-submodules=true").unwrap();
     let context = open_context(&app, &options).await.unwrap();
-    assert_eq!(read(context.root(), "vendor/lib/lib.txt").as_deref(), Some("lib\n"));
+    assert_eq!(
+        read(context.root(), "vendor/lib/lib.txt").as_deref(),
+        Some("lib\n")
+    );
 
     // The sub-path applies inside the clone.
     options.sub_path = Some("vendor/lib".into());
@@ -204,9 +275,14 @@ async fn git_failures_name_the_source_and_hide_credentials() {
     let err = open_context(&spec, &options).await.unwrap_err();
     assert!(matches!(err, ContextError::Git { .. }), "{err}");
     let message = err.to_string();
-    assert!(message.contains(&spec) && message.contains("no-such-branch"), "{message}");
+    assert!(
+        message.contains(&spec) && message.contains("no-such-branch"),
+        "{message}"
+    );
 
-    let err = open_context(&fx.daemon.url("missing.git"), &options).await.unwrap_err();
+    let err = open_context(&fx.daemon.url("missing.git"), &options)
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("missing.git"), "{err}");
 
     let pinned = format!("{}#main#{}", fx.daemon.url("app.git"), "0".repeat(40));
@@ -216,7 +292,10 @@ async fn git_failures_name_the_source_and_hide_credentials() {
     let secret = "https://kiln-user:hunter22-token@127.0.0.1:1/private/repo.git#main";
     let err = open_context(secret, &options).await.unwrap_err();
     let shown = format!("{err} {err:?}");
-    assert!(!shown.contains("hunter22") && !shown.contains("kiln-user"), "{shown}");
+    assert!(
+        !shown.contains("hunter22") && !shown.contains("kiln-user"),
+        "{shown}"
+    );
     assert!(shown.contains("127.0.0.1:1/private/repo.git"), "{shown}");
 
     // Nothing is left behind in the work directory by failed clones.

@@ -7,6 +7,9 @@ use std::process::Command;
 
 use kiln_context::{open_dir, ContentDigest, ContextHasher, DockerIgnore, HashOptions};
 
+/// A modification applied to a fresh copy of the tree.
+type Change = Box<dyn Fn(&Path)>;
+
 fn make_tree(root: &Path) {
     fs::create_dir_all(root.join("app/lib")).unwrap();
     fs::write(root.join("app/main.txt"), "main").unwrap();
@@ -40,49 +43,99 @@ fn hash_is_stable_across_copies_and_changes_with_every_observable_property() {
 
     // The same tree elsewhere (and with other mtimes) hashes the same.
     let copy = tmp.path().join("copy");
-    let status = Command::new("cp").arg("-r").arg(&base_root).arg(&copy).status().unwrap();
+    let status = Command::new("cp")
+        .arg("-r")
+        .arg(&base_root)
+        .arg(&copy)
+        .status()
+        .unwrap();
     assert!(status.success());
     assert_eq!(hash(&copy, "app", defaults), base);
     assert_eq!(hash(&base_root, "app", defaults), base, "deterministic");
 
-    let changes: Vec<(&str, Box<dyn Fn(&Path)>)> = vec![
-        ("content", Box::new(|r| fs::write(r.join("app/lib/util.txt"), "UTIL").unwrap())),
-        ("content of a large file", Box::new(|r| {
-            let mut data = vec![7u8; 3 << 20];
-            data[2 << 20] = 8;
-            fs::write(r.join("app/big.bin"), data).unwrap()
-        })),
-        ("name", Box::new(|r| fs::rename(r.join("app/lib/util.txt"), r.join("app/lib/utils.txt")).unwrap())),
-        ("directory name", Box::new(|r| fs::rename(r.join("app/lib"), r.join("app/lib2")).unwrap())),
-        ("mode", Box::new(|r| {
-            fs::set_permissions(r.join("app/main.txt"), fs::Permissions::from_mode(0o600)).unwrap()
-        })),
-        ("directory mode", Box::new(|r| {
-            fs::set_permissions(r.join("app/lib"), fs::Permissions::from_mode(0o700)).unwrap()
-        })),
-        ("symlink target", Box::new(|r| {
-            fs::remove_file(r.join("app/link")).unwrap();
-            symlink("lib/util.txt", r.join("app/link")).unwrap();
-        })),
-        ("file becomes symlink", Box::new(|r| {
-            fs::remove_file(r.join("app/main.txt")).unwrap();
-            symlink("main", r.join("app/main.txt")).unwrap();
-        })),
-        ("added empty file", Box::new(|r| fs::write(r.join("app/empty"), "").unwrap())),
-        ("removed file", Box::new(|r| fs::remove_file(r.join("app/lib/util.txt")).unwrap())),
+    let changes: Vec<(&str, Change)> = vec![
+        (
+            "content",
+            Box::new(|r| fs::write(r.join("app/lib/util.txt"), "UTIL").unwrap()),
+        ),
+        (
+            "content of a large file",
+            Box::new(|r| {
+                let mut data = vec![7u8; 3 << 20];
+                data[2 << 20] = 8;
+                fs::write(r.join("app/big.bin"), data).unwrap()
+            }),
+        ),
+        (
+            "name",
+            Box::new(|r| {
+                fs::rename(r.join("app/lib/util.txt"), r.join("app/lib/utils.txt")).unwrap()
+            }),
+        ),
+        (
+            "directory name",
+            Box::new(|r| fs::rename(r.join("app/lib"), r.join("app/lib2")).unwrap()),
+        ),
+        (
+            "mode",
+            Box::new(|r| {
+                fs::set_permissions(r.join("app/main.txt"), fs::Permissions::from_mode(0o600))
+                    .unwrap()
+            }),
+        ),
+        (
+            "directory mode",
+            Box::new(|r| {
+                fs::set_permissions(r.join("app/lib"), fs::Permissions::from_mode(0o700)).unwrap()
+            }),
+        ),
+        (
+            "symlink target",
+            Box::new(|r| {
+                fs::remove_file(r.join("app/link")).unwrap();
+                symlink("lib/util.txt", r.join("app/link")).unwrap();
+            }),
+        ),
+        (
+            "file becomes symlink",
+            Box::new(|r| {
+                fs::remove_file(r.join("app/main.txt")).unwrap();
+                symlink("main", r.join("app/main.txt")).unwrap();
+            }),
+        ),
+        (
+            "added empty file",
+            Box::new(|r| fs::write(r.join("app/empty"), "").unwrap()),
+        ),
+        (
+            "removed file",
+            Box::new(|r| fs::remove_file(r.join("app/lib/util.txt")).unwrap()),
+        ),
     ];
     for (index, (what, change)) in changes.iter().enumerate() {
         let root = fresh(&format!("changed-{index}"), tmp.path());
-        assert_eq!(hash(&root, "app", defaults), base, "{what}: before the change");
+        assert_eq!(
+            hash(&root, "app", defaults),
+            base,
+            "{what}: before the change"
+        );
         change(&root);
-        assert_ne!(hash(&root, "app", defaults), base, "{what} must change the hash");
+        assert_ne!(
+            hash(&root, "app", defaults),
+            base,
+            "{what} must change the hash"
+        );
     }
 
     // Files outside the sources, and mtimes, don't matter.
     let root = fresh("unrelated", tmp.path());
     fs::write(root.join("other.txt"), "changed").unwrap();
-    let file = fs::File::options().write(true).open(root.join("app/main.txt")).unwrap();
-    file.set_modified(std::time::SystemTime::UNIX_EPOCH).unwrap();
+    let file = fs::File::options()
+        .write(true)
+        .open(root.join("app/main.txt"))
+        .unwrap();
+    file.set_modified(std::time::SystemTime::UNIX_EPOCH)
+        .unwrap();
     assert_eq!(hash(&root, "app", defaults), base);
 
     // Excluded files don't matter either.
@@ -108,11 +161,26 @@ fn owner_is_covered_only_when_asked() {
     let tmp = tempfile::tempdir().unwrap();
     let root = fresh("o", tmp.path());
     let without = hash(&root, "app", HashOptions::default());
-    let with = hash(&root, "app", HashOptions { include_owner: true });
+    let with = hash(
+        &root,
+        "app",
+        HashOptions {
+            include_owner: true,
+        },
+    );
     assert_ne!(with, without, "the options are part of the hash");
     std::os::unix::fs::lchown(root.join("app/main.txt"), Some(4321), Some(8765)).unwrap();
     assert_eq!(hash(&root, "app", HashOptions::default()), without);
-    assert_ne!(hash(&root, "app", HashOptions { include_owner: true }), with);
+    assert_ne!(
+        hash(
+            &root,
+            "app",
+            HashOptions {
+                include_owner: true
+            }
+        ),
+        with
+    );
 }
 
 #[test]
@@ -123,14 +191,25 @@ fn files_are_read_once_per_build() {
     let hasher = ContextHasher::new();
     let app = context.resolve_sources("app").unwrap();
     let main = context.resolve_sources("app/main.txt").unwrap();
-    let first = context.hash_sources(&hasher, &app, HashOptions::default()).unwrap();
+    let first = context
+        .hash_sources(&hasher, &app, HashOptions::default())
+        .unwrap();
     assert_eq!(hasher.files_read(), 3);
-    context.hash_sources(&hasher, &main, HashOptions::default()).unwrap();
-    assert_eq!(context.hash_sources(&hasher, &app, HashOptions::default()).unwrap(), first);
+    context
+        .hash_sources(&hasher, &main, HashOptions::default())
+        .unwrap();
+    assert_eq!(
+        context
+            .hash_sources(&hasher, &app, HashOptions::default())
+            .unwrap(),
+        first
+    );
     assert_eq!(hasher.files_read(), 3, "memoised");
     // A changed file (new size/mtime) is read again.
     fs::write(root.join("app/main.txt"), "main, longer").unwrap();
-    let changed = context.hash_sources(&hasher, &app, HashOptions::default()).unwrap();
+    let changed = context
+        .hash_sources(&hasher, &app, HashOptions::default())
+        .unwrap();
     assert_ne!(changed, first);
     assert_eq!(hasher.files_read(), 4);
 }
@@ -144,9 +223,15 @@ fn whole_directory_hash_for_other_stages() {
     fs::write(b.join(".dockerignore"), "other.txt\n").unwrap();
     let hasher = ContextHasher::new();
     let da = hasher.hash_directory(&a, HashOptions::default()).unwrap();
-    assert_eq!(hasher.hash_directory(&b, HashOptions::default()).unwrap(), da);
+    assert_eq!(
+        hasher.hash_directory(&b, HashOptions::default()).unwrap(),
+        da
+    );
     // No ignore rules apply to a stage's filesystem.
     fs::write(b.join("other.txt"), "x").unwrap();
-    assert_ne!(hasher.hash_directory(&b, HashOptions::default()).unwrap(), da);
+    assert_ne!(
+        hasher.hash_directory(&b, HashOptions::default()).unwrap(),
+        da
+    );
     let _ = DockerIgnore::empty();
 }

@@ -139,7 +139,10 @@ async fn https_tarballs_download_and_extract() {
 async fn https_failures_name_url_and_status_without_credentials() {
     let tmp = tempfile::tempdir().unwrap();
     let (ca, config) = certificates(tmp.path());
-    let port = serve(config, vec![("/junk.tar", b"this is not a tar archive at all".repeat(40))]);
+    let port = serve(
+        config,
+        vec![("/junk.tar", b"this is not a tar archive at all".repeat(40))],
+    );
 
     let mut options = ContextOptions::new(tmp.path().join("work"));
     options.source.ca_certificates = vec![ca.clone()];
@@ -150,9 +153,15 @@ async fn https_failures_name_url_and_status_without_credentials() {
         "{err}"
     );
     let shown = format!("{err} {err:?}");
-    assert!(shown.contains(&format!("127.0.0.1:{port}/missing.tar.gz")), "{shown}");
+    assert!(
+        shown.contains(&format!("127.0.0.1:{port}/missing.tar.gz")),
+        "{shown}"
+    );
     assert!(shown.contains("404"), "{shown}");
-    assert!(!shown.contains("hunter22") && !shown.contains("alice"), "{shown}");
+    assert!(
+        !shown.contains("hunter22") && !shown.contains("alice"),
+        "{shown}"
+    );
 
     // A corrupt archive is an archive error, not a silent empty context.
     let err = open_context(&format!("https://127.0.0.1:{port}/junk.tar"), &options)
@@ -166,7 +175,10 @@ async fn https_failures_name_url_and_status_without_credentials() {
         .await
         .unwrap_err();
     assert!(matches!(err, ContextError::Http { .. }), "{err}");
-    assert!(err.to_string().contains(&format!("127.0.0.1:{port}")), "{err}");
+    assert!(
+        err.to_string().contains(&format!("127.0.0.1:{port}")),
+        "{err}"
+    );
 
     // A CA file that isn't PEM is reported with its path.
     let bogus = tmp.path().join("bogus.pem");

@@ -75,7 +75,12 @@ fn dockerignore_table() {
         ("*.md", all_but(&["README.md", "dir.md/inner.txt"])),
         (
             "**/*.md",
-            all_but(&["README.md", "docs/guide.md", "src/notes.md", "dir.md/inner.txt"]),
+            all_but(&[
+                "README.md",
+                "docs/guide.md",
+                "src/notes.md",
+                "dir.md/inner.txt",
+            ]),
         ),
         // An exception inside an excluded directory re-includes just that file.
         ("target\n!target/keep.txt", all_but(&["target/debug/app"])),
@@ -83,21 +88,38 @@ fn dockerignore_table() {
         // Leading `/`, `./` and trailing `/` are cleaned away.
         (
             "/build/\n./node_modules\n.git/",
-            all_but(&["build/a.o", "build/sub/b.o", "node_modules/x/index.js", ".git/HEAD"]),
+            all_but(&[
+                "build/a.o",
+                "build/sub/b.o",
+                "node_modules/x/index.js",
+                ".git/HEAD",
+            ]),
         ),
         // The last matching line wins.
         (
             "*.env\n!config/*.env\nconfig/app.env",
             all_but(&["secret.env", "config/app.env"]),
         ),
-        ("*.env\nconfig/*.env\n!config/*.env", all_but(&["secret.env"])),
+        (
+            "*.env\nconfig/*.env\n!config/*.env",
+            all_but(&["secret.env"]),
+        ),
         // Exclude everything, then re-include: Docker's "allow list" idiom.
         (
             "**\n!src\n!Dockerfile",
-            only(&["Dockerfile", "src/main.rs", "src/lib.rs", "src/notes.md", "src/gen/out.rs"]),
+            only(&[
+                "Dockerfile",
+                "src/main.rs",
+                "src/lib.rs",
+                "src/notes.md",
+                "src/gen/out.rs",
+            ]),
         ),
         ("*\n!src/gen", only(&["src/gen/out.rs"])),
-        ("src/**/*.rs", all_but(&["src/main.rs", "src/lib.rs", "src/gen/out.rs"])),
+        (
+            "src/**/*.rs",
+            all_but(&["src/main.rs", "src/lib.rs", "src/gen/out.rs"]),
+        ),
         ("*/*.rs", all_but(&["src/main.rs", "src/lib.rs"])),
         ("**/gen", all_but(&["src/gen/out.rs"])),
         // Comments, blank lines and surrounding spaces.
@@ -109,14 +131,21 @@ fn dockerignore_table() {
         // An exception with a wildcard only reaches what it names.
         ("build\n!build/*.o", all_but(&["build/sub/b.o"])),
         // `?`, classes and escapes are Go's.
-        ("?ocs\nconfig/[a-j]*.env", all_but(&["docs/guide.md", "docs/img/logo.png", "config/app.env"])),
+        (
+            "?ocs\nconfig/[a-j]*.env",
+            all_but(&["docs/guide.md", "docs/img/logo.png", "config/app.env"]),
+        ),
         ("a\\[1\\].txt", all_but(&["a[1].txt"])),
         ("!README.md", all_but(&[])),
         (".*", all_but(&[".dockerignore", ".git/HEAD"])),
         ("**/*.o\n!**/b.o", all_but(&["build/a.o"])),
     ];
     for (patterns, want) in cases {
-        assert_eq!(included(tmp.path(), patterns), want, "patterns {patterns:?}");
+        assert_eq!(
+            included(tmp.path(), patterns),
+            want,
+            "patterns {patterns:?}"
+        );
     }
 }
 
@@ -168,7 +197,11 @@ fn dockerfile_specific_ignore_file_takes_precedence() {
 fn the_dockerfile_and_ignore_file_can_be_excluded() {
     let tmp = tempfile::tempdir().unwrap();
     make_tree(tmp.path());
-    fs::write(tmp.path().join(".dockerignore"), "Dockerfile\n.dockerignore\n").unwrap();
+    fs::write(
+        tmp.path().join(".dockerignore"),
+        "Dockerfile\n.dockerignore\n",
+    )
+    .unwrap();
     let context = open_dir(tmp.path(), Some(&tmp.path().join("Dockerfile"))).unwrap();
     // Only COPY is affected: the files are still on disk for the front end to read.
     assert!(matches!(
@@ -201,7 +234,10 @@ fn copy_sources_resolve_with_wildcards_ignores_and_containment() {
     let context = open_dir(&root, None).unwrap();
 
     assert_eq!(matched(&context, "src/*.rs"), ["src/lib.rs", "src/main.rs"]);
-    assert_eq!(matched(&context, "src/*"), ["src/gen", "src/lib.rs", "src/main.rs"]);
+    assert_eq!(
+        matched(&context, "src/*"),
+        ["src/gen", "src/lib.rs", "src/main.rs"]
+    );
     assert_eq!(matched(&context, "*/*.o"), ["build/a.o"]);
     assert_eq!(matched(&context, "*.env"), Vec::<String>::new());
     assert_eq!(matched(&context, "config/?eep.env"), ["config/keep.env"]);
@@ -239,5 +275,8 @@ fn copy_sources_resolve_with_wildcards_ignores_and_containment() {
         .iter()
         .map(|e| e.rel().to_owned())
         .collect();
-    assert_eq!(walked, ["src/gen", "src/gen/out.rs", "src/lib.rs", "src/main.rs"]);
+    assert_eq!(
+        walked,
+        ["src/gen", "src/gen/out.rs", "src/lib.rs", "src/main.rs"]
+    );
 }

@@ -14,7 +14,11 @@ fn make_tree(root: &Path) {
     fs::write(root.join("Dockerfile"), "FROM scratch\nCOPY . /\n").unwrap();
     fs::write(root.join("app/main.txt"), "hello\n").unwrap();
     fs::write(root.join("app/bin/run.sh"), "#!/bin/sh\necho hi\n").unwrap();
-    fs::set_permissions(root.join("app/bin/run.sh"), fs::Permissions::from_mode(0o755)).unwrap();
+    fs::set_permissions(
+        root.join("app/bin/run.sh"),
+        fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
     symlink("main.txt", root.join("app/link")).unwrap();
 }
 
@@ -24,8 +28,14 @@ fn run(command: &mut Command) {
 }
 
 fn assert_tree(root: &Path) {
-    assert_eq!(fs::read_to_string(root.join("app/main.txt")).unwrap(), "hello\n");
-    let mode = fs::metadata(root.join("app/bin/run.sh")).unwrap().permissions().mode();
+    assert_eq!(
+        fs::read_to_string(root.join("app/main.txt")).unwrap(),
+        "hello\n"
+    );
+    let mode = fs::metadata(root.join("app/bin/run.sh"))
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o755);
     assert_eq!(
         fs::read_link(root.join("app/link")).unwrap(),
@@ -40,7 +50,10 @@ async fn directory_contexts_plain_and_dir_scheme() {
     make_tree(&ctx);
     let options = ContextOptions::new(tmp.path().join("work"));
 
-    for spec in [ctx.display().to_string(), format!("dir://{}", ctx.display())] {
+    for spec in [
+        ctx.display().to_string(),
+        format!("dir://{}", ctx.display()),
+    ] {
         let context = open_context(&spec, &options).await.unwrap();
         assert_eq!(context.root(), fs::canonicalize(&ctx).unwrap());
         assert_tree(context.root());
@@ -59,8 +72,18 @@ async fn tarball_contexts_plain_and_gzip() {
     make_tree(&ctx);
     let plain = tmp.path().join("ctx.tar");
     let gzip = tmp.path().join("ctx.tgz-without-telling-extension");
-    run(Command::new("tar").arg("-C").arg(&ctx).arg("-cf").arg(&plain).arg("."));
-    run(Command::new("tar").arg("-C").arg(&ctx).arg("-czf").arg(&gzip).arg("."));
+    run(Command::new("tar")
+        .arg("-C")
+        .arg(&ctx)
+        .arg("-cf")
+        .arg(&plain)
+        .arg("."));
+    run(Command::new("tar")
+        .arg("-C")
+        .arg(&ctx)
+        .arg("-czf")
+        .arg(&gzip)
+        .arg("."));
 
     let work = tmp.path().join("work");
     let options = ContextOptions::new(&work);
@@ -75,9 +98,12 @@ async fn tarball_contexts_plain_and_gzip() {
         assert!(!root.exists(), "extracted context is removed on drop");
     }
 
-    let err = open_context(&format!("tar://{}/missing.tar", tmp.path().display()), &options)
-        .await
-        .unwrap_err();
+    let err = open_context(
+        &format!("tar://{}/missing.tar", tmp.path().display()),
+        &options,
+    )
+    .await
+    .unwrap_err();
     assert!(err.to_string().contains("missing.tar"), "{err}");
 }
 
@@ -98,9 +124,18 @@ async fn sub_path_selects_a_directory_inside_the_context() {
 
     options.sub_path = Some("inner-link".into());
     let context = open_context(&spec, &options).await.unwrap();
-    assert_eq!(context.root(), fs::canonicalize(ctx.join("app/bin")).unwrap());
+    assert_eq!(
+        context.root(),
+        fs::canonicalize(ctx.join("app/bin")).unwrap()
+    );
 
-    for bad in ["../outside", "app/../../outside", "escape", "missing", "Dockerfile"] {
+    for bad in [
+        "../outside",
+        "app/../../outside",
+        "escape",
+        "missing",
+        "Dockerfile",
+    ] {
         options.sub_path = Some(bad.into());
         let err = open_context(&spec, &options).await.unwrap_err();
         assert!(matches!(err, ContextError::SubPath { .. }), "{bad}: {err}");
@@ -109,7 +144,12 @@ async fn sub_path_selects_a_directory_inside_the_context() {
 
     // The sub-path also applies to archives, after extraction.
     let archive = tmp.path().join("ctx.tar.gz");
-    run(Command::new("tar").arg("-C").arg(&ctx).arg("-czf").arg(&archive).arg("."));
+    run(Command::new("tar")
+        .arg("-C")
+        .arg(&ctx)
+        .arg("-czf")
+        .arg(&archive)
+        .arg("."));
     options.sub_path = Some("app/bin".into());
     let context = open_context(&format!("tar://{}", archive.display()), &options)
         .await
@@ -169,18 +209,36 @@ async fn hostile_tarballs_are_rejected() {
         }),
         ("through-symlink", {
             let mut b = tar::Builder::new(Vec::new());
-            raw_entry(&mut b, b"link", EntryType::Symlink, Some(&outside_bytes), b"");
+            raw_entry(
+                &mut b,
+                b"link",
+                EntryType::Symlink,
+                Some(&outside_bytes),
+                b"",
+            );
             raw_entry(&mut b, b"link/pwned.txt", EntryType::Regular, None, b"x");
             b.into_inner().unwrap()
         }),
         ("hardlink-out", {
             let mut b = tar::Builder::new(Vec::new());
-            raw_entry(&mut b, b"hl", EntryType::Link, Some(b"../../../etc/passwd"), b"");
+            raw_entry(
+                &mut b,
+                b"hl",
+                EntryType::Link,
+                Some(b"../../../etc/passwd"),
+                b"",
+            );
             b.into_inner().unwrap()
         }),
         ("hardlink-through-symlink", {
             let mut b = tar::Builder::new(Vec::new());
-            raw_entry(&mut b, b"link", EntryType::Symlink, Some(&outside_bytes), b"");
+            raw_entry(
+                &mut b,
+                b"link",
+                EntryType::Symlink,
+                Some(&outside_bytes),
+                b"",
+            );
             raw_entry(&mut b, b"hl", EntryType::Link, Some(b"link/secret"), b"");
             b.into_inner().unwrap()
         }),

@@ -162,7 +162,10 @@ impl GitSource {
             args.extend(["-c".to_owned(), "http.sslVerify=false".to_owned()]);
         }
         if let Some(bundle) = ca_bundle {
-            args.extend(["-c".to_owned(), format!("http.sslCAInfo={}", bundle.display())]);
+            args.extend([
+                "-c".to_owned(),
+                format!("http.sslCAInfo={}", bundle.display()),
+            ]);
         }
         args
     }
@@ -205,19 +208,34 @@ impl GitSource {
             self.git(
                 Some(&dest),
                 &config,
-                &["fetch".into(), "--quiet".into(), "origin".into(), reference.clone()],
+                &[
+                    "fetch".into(),
+                    "--quiet".into(),
+                    "origin".into(),
+                    reference.clone(),
+                ],
             )?;
             self.git(
                 Some(&dest),
                 &config,
-                &["checkout".into(), "--quiet".into(), "--detach".into(), "FETCH_HEAD".into()],
+                &[
+                    "checkout".into(),
+                    "--quiet".into(),
+                    "--detach".into(),
+                    "FETCH_HEAD".into(),
+                ],
             )?;
         }
         if let Some(commit) = &self.commit {
             self.git(
                 Some(&dest),
                 &config,
-                &["checkout".into(), "--quiet".into(), "--detach".into(), commit.clone()],
+                &[
+                    "checkout".into(),
+                    "--quiet".into(),
+                    "--detach".into(),
+                    commit.clone(),
+                ],
             )?;
         }
         if self.options.recurse_submodules {
@@ -248,10 +266,12 @@ impl GitSource {
             .env("GIT_TERMINAL_PROMPT", "0")
             .env("LC_ALL", "C")
             .stdin(std::process::Stdio::null());
-        let output = command.output().map_err(|error| ContextError::GitNotRunnable {
-            source_name: self.describe(),
-            error,
-        })?;
+        let output = command
+            .output()
+            .map_err(|error| ContextError::GitNotRunnable {
+                source_name: self.describe(),
+                error,
+            })?;
         if output.status.success() {
             return Ok(());
         }
@@ -306,7 +326,10 @@ mod tests {
         assert_eq!(s.checkout, Checkout::Branch("other".into()));
         assert_eq!(s.url, "git://h/r.git");
         let s = parse("git://h/r.git##abcdef", "");
-        assert_eq!((s.checkout, s.commit.as_deref()), (Checkout::Default, Some("abcdef")));
+        assert_eq!(
+            (s.checkout, s.commit.as_deref()),
+            (Checkout::Default, Some("abcdef"))
+        );
     }
 
     #[test]

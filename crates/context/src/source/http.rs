@@ -88,7 +88,9 @@ fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
             Some(re) => {
                 let text = re.to_string();
                 match re.url() {
-                    Some(url) => text.replace(&format!(" ({url})"), "").replace(url.as_str(), "<url>"),
+                    Some(url) => text
+                        .replace(&format!(" ({url})"), "")
+                        .replace(url.as_str(), "<url>"),
                     None => text,
                 }
             }
@@ -104,8 +106,15 @@ fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
 
 impl ContextSource for HttpTarballSource {
     fn describe(&self) -> String {
-        let scheme = if self.url.starts_with("http://") { "http" } else { "https" };
-        format!("{scheme} tarball context {}", self.redactor.redact(&self.url))
+        let scheme = if self.url.starts_with("http://") {
+            "http"
+        } else {
+            "https"
+        };
+        format!(
+            "{scheme} tarball context {}",
+            self.redactor.redact(&self.url)
+        )
     }
 
     fn materialize<'a>(&'a self, work_dir: &'a Path) -> BoxFuture<'a, Result<Materialized>> {
@@ -134,12 +143,13 @@ impl ContextSource for HttpTarballSource {
                 let name = name.clone();
                 async move {
                     blocking(&name, move || {
-                        let reader = decompress_auto(ChannelReader::new(receiver)).map_err(
-                            |error| ContextError::Archive {
-                                source_name: worker_name.clone(),
-                                error,
-                            },
-                        )?;
+                        let reader =
+                            decompress_auto(ChannelReader::new(receiver)).map_err(|error| {
+                                ContextError::Archive {
+                                    source_name: worker_name.clone(),
+                                    error,
+                                }
+                            })?;
                         extract_tar(reader, &dest, &worker_name)
                     })
                     .await

@@ -149,8 +149,8 @@ pub fn select_sub_path(root: &Path, sub_path: &str, source_name: &str) -> Result
     if relative == ".." || relative.starts_with("../") {
         return Err(reject("it points outside the build context"));
     }
-    let canonical_root =
-        std::fs::canonicalize(root).map_err(|e| ContextError::io(source_name, "resolve", root, e))?;
+    let canonical_root = std::fs::canonicalize(root)
+        .map_err(|e| ContextError::io(source_name, "resolve", root, e))?;
     let candidate = canonical_root.join(relative);
     let resolved = match std::fs::canonicalize(&candidate) {
         Ok(resolved) => resolved,
@@ -160,7 +160,9 @@ pub fn select_sub_path(root: &Path, sub_path: &str, source_name: &str) -> Result
         Err(e) => return Err(ContextError::io(source_name, "resolve", candidate, e)),
     };
     if !resolved.starts_with(&canonical_root) {
-        return Err(reject("it resolves (through a symlink) outside the build context"));
+        return Err(reject(
+            "it resolves (through a symlink) outside the build context",
+        ));
     }
     if !resolved.is_dir() {
         return Err(reject("not a directory"));
@@ -228,7 +230,12 @@ mod tests {
 
     #[test]
     fn bad_specs_are_rejected_without_secrets() {
-        for spec in ["", "ftp://x/y", "s3://bucket/x", "https://a:secret@h/x.tgz#frag"] {
+        for spec in [
+            "",
+            "ftp://x/y",
+            "s3://bucket/x",
+            "https://a:secret@h/x.tgz#frag",
+        ] {
             let err = open_source(spec, &SourceOptions::default())
                 .err()
                 .unwrap()
