@@ -1,8 +1,5 @@
-//! Git contexts against repositories served by a real `git daemon` on loopback.
-//!
-//! Only the git protocol (`git://`) is exercised against a live server; HTTPS git goes through
-//! the same code with an `https://` URL, and its failure path (credential redaction) is tested
-//! against a closed port.
+//! Git contexts against repositories served by a real `git daemon` on loopback (`git://`).
+//! Smart HTTP with credentials is in `git_http.rs`.
 
 use std::fs;
 use std::net::{TcpListener, TcpStream};
