@@ -286,6 +286,11 @@ async fn read_head(conn: &mut TcpStream) -> Option<(String, Vec<u8>)> {
             return None;
         }
         buf.extend_from_slice(&chunk[..n]);
+        // A TLS ClientHello (the client trying HTTPS first): hang up at once, as an HTTP
+        // server's error answer would, instead of waiting for a request that never comes.
+        if buf[0] == 0x16 {
+            return None;
+        }
     }
 }
 
