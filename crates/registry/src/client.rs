@@ -4,7 +4,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use futures::StreamExt as _;
-use kiln_oci::{Digest, Hasher};
+use kiln_oci::{Digest, Hasher, MediaType, Reference};
 use reqwest::header::{
     HeaderMap, ACCEPT, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, LINK, LOCATION,
 };
@@ -14,7 +14,6 @@ use url::Url;
 
 use crate::blob::{blob_stream, BlobSource, BlobStream, BoxAsyncRead};
 use crate::error::{Error, Operation};
-use crate::media_types;
 use crate::options::{Access, RegistryOptions, UploadMode};
 use crate::repository::{ManifestRef, Repository};
 use crate::transport::{read_limited, status_error, Ctx, Endpoint, Inner};
@@ -46,7 +45,7 @@ pub struct Manifest {
     /// The exact bytes the registry served; the digest is over these.
     pub bytes: Bytes,
     /// The media type, from `Content-Type` or the document's `mediaType` field.
-    pub media_type: String,
+    pub media_type: MediaType,
     /// The digest of `bytes` (verified against the requested digest when pulled by digest).
     pub digest: Digest,
 }
@@ -59,7 +58,7 @@ pub struct ManifestInfo {
     /// `Content-Length`, if sent.
     pub size: Option<u64>,
     /// `Content-Type`, if sent.
-    pub media_type: Option<String>,
+    pub media_type: Option<MediaType>,
 }
 
 /// Options of one blob upload.
@@ -110,6 +109,58 @@ impl Client {
         &self.inner.options
     }
 
+    /// Fetches the manifest a [`Reference`] names: by digest when it has one (verified), by tag
+    /// otherwise.
+    pub async fn get_manifest_ref(&self, reference: &Reference) -> Result<Manifest, Error> {
+        self.get_manifest(
+            &Repository::from(reference),
+            &reference.manifest_reference(),
+        )
+        .await
+    }
+
+    /// `HEAD` of the manifest a [`Reference`] names.
+    pub async fn head_manifest_ref(
+        &self,
+        reference: &Reference,
+    ) -> Result<Option<ManifestInfo>, Error> {
+        self.head_manifest(
+            &Repository::from(reference),
+            &reference.manifest_reference(),
+        )
+        .await
+    }
+
+    /// Uploads a manifest under the reference's tag (or, without a tag, by its digest). If the
+    /// reference also pins a digest, the manifest must have that digest.
+    pub async fn put_manifest_ref(
+        &self,
+        reference: &Reference,
+        media_type: &MediaType,
+        bytes: Bytes,
+    ) -> Result<Digest, Error> {
+        let repo = Repository::from(reference);
+        let target = match (reference.tag(), reference.digest()) {
+            (Some(tag), _) => tag.to_owned(),
+            (None, Some(digest)) => digest.to_string(),
+            (None, None) => kiln_oci::reference::DEFAULT_TAG.to_owned(),
+        };
+        if let Some(pinned) = reference.digest() {
+            let mut hasher = pinned.hasher();
+            hasher.update(&bytes);
+            let actual = hasher.finish();
+            if &actual != pinned {
+                return Err(Error::digest_mismatch(
+                    &repo.to_string(),
+                    Operation::PushManifest,
+                    pinned,
+                    actual,
+                ));
+            }
+        }
+        self.put_manifest(&repo, &target, media_type, bytes).await
+    }
+
     /// Checks that `registry` speaks the distribution API (`GET /v2/`), settling the scheme
     /// (HTTPS, or plain HTTP where allowed) and learning its authentication challenge.
     pub async fn ping(&self, registry: &str) -> Result<(), Error> {
@@ -154,11 +205,11 @@ impl Client {
         };
         let url = self.url(ep, &format!("v2/{name}/manifests/{mref}")).await?;
         let scopes = [pull_scope(name)];
-        let accept = media_types::MANIFEST_ACCEPT.join(", ");
+        let accept = MediaType::MANIFEST_ACCEPT;
         let resp = self
             .inner
             .send(ep, ctx, &scopes, |http| {
-                Some(http.get(url.clone()).header(ACCEPT, accept.clone()))
+                Some(http.get(url.clone()).header(ACCEPT, accept))
             })
             .await?;
         if resp.status() != StatusCode::OK {
@@ -198,10 +249,18 @@ impl Client {
         };
         let media_type = content_type(&headers)
             .filter(|t| t != "application/json" && t != "text/plain")
+            .map(|t| MediaType::parse(&t))
             .or_else(|| media_type_of_document(&bytes))
             .ok_or_else(|| {
                 Error::invalid(&target, ctx.operation, "the manifest has no media type")
             })?;
+        if media_type.is_schema1() {
+            return Err(Error::invalid(
+                &target,
+                ctx.operation,
+                "the registry only offers a Docker schema 1 manifest, which Kiln cannot use",
+            ));
+        }
         Ok(Manifest {
             bytes,
             media_type,
@@ -226,18 +285,18 @@ impl Client {
             .url(&ep, &format!("v2/{}/manifests/{mref}", repo.name()))
             .await?;
         let scopes = [pull_scope(repo.name())];
-        let accept = media_types::MANIFEST_ACCEPT.join(", ");
+        let accept = MediaType::MANIFEST_ACCEPT;
         let resp = self
             .inner
             .send(&ep, ctx, &scopes, |http| {
-                Some(http.head(url.clone()).header(ACCEPT, accept.clone()))
+                Some(http.head(url.clone()).header(ACCEPT, accept))
             })
             .await?;
         match resp.status() {
             StatusCode::OK => Ok(Some(ManifestInfo {
                 digest: header_digest(resp.headers()),
                 size: header_u64(resp.headers(), CONTENT_LENGTH.as_str()),
-                media_type: content_type(resp.headers()),
+                media_type: content_type(resp.headers()).map(|t| MediaType::parse(&t)),
             })),
             StatusCode::NOT_FOUND => Ok(None),
             _ => Err(status_error(resp, ctx).await),
@@ -250,7 +309,7 @@ impl Client {
         &self,
         repo: &Repository,
         reference: &str,
-        media_type: &str,
+        media_type: &MediaType,
         bytes: Bytes,
     ) -> Result<Digest, Error> {
         let mref = ManifestRef::parse(reference)?;
@@ -281,7 +340,7 @@ impl Client {
             .send(&ep, ctx, &scopes, |http| {
                 Some(
                     http.put(url.clone())
-                        .header(CONTENT_TYPE, media_type)
+                        .header(CONTENT_TYPE, media_type.as_str())
                         .body(bytes.clone()),
                 )
             })
@@ -1077,7 +1136,7 @@ fn content_type(headers: &HeaderMap) -> Option<String> {
 
 /// The `mediaType` a manifest declares, or its kind guessed from its shape, for registries
 /// that serve manifests as `application/json`.
-fn media_type_of_document(bytes: &[u8]) -> Option<String> {
+fn media_type_of_document(bytes: &[u8]) -> Option<MediaType> {
     #[derive(serde::Deserialize)]
     struct Shape {
         #[serde(rename = "mediaType", default)]
@@ -1088,15 +1147,19 @@ fn media_type_of_document(bytes: &[u8]) -> Option<String> {
         layers: Option<serde_json::Value>,
     }
     let shape: Shape = serde_json::from_slice(bytes).ok()?;
-    shape.media_type.filter(|t| !t.is_empty()).or_else(|| {
-        if shape.manifests.is_some() {
-            Some(media_types::OCI_INDEX.to_owned())
-        } else if shape.layers.is_some() {
-            Some(media_types::OCI_MANIFEST.to_owned())
-        } else {
-            None
-        }
-    })
+    shape
+        .media_type
+        .filter(|t| !t.is_empty())
+        .map(|t| MediaType::parse(&t))
+        .or_else(|| {
+            if shape.manifests.is_some() {
+                Some(MediaType::OciIndex)
+            } else if shape.layers.is_some() {
+                Some(MediaType::OciManifest)
+            } else {
+                None
+            }
+        })
 }
 
 /// The target of a `Link: <...>; rel="next"` header.
@@ -1141,15 +1204,14 @@ mod tests {
     #[test]
     fn media_type_from_document_shape() {
         assert_eq!(
-            media_type_of_document(br#"{"schemaVersion":2,"manifests":[]}"#).as_deref(),
-            Some(media_types::OCI_INDEX)
+            media_type_of_document(br#"{"schemaVersion":2,"manifests":[]}"#),
+            Some(MediaType::OciIndex)
         );
         assert_eq!(
             media_type_of_document(
                 br#"{"mediaType":"application/vnd.docker.distribution.manifest.v2+json"}"#
-            )
-            .as_deref(),
-            Some(media_types::DOCKER_MANIFEST)
+            ),
+            Some(MediaType::DockerManifest)
         );
         assert_eq!(media_type_of_document(b"[]"), None);
     }

@@ -14,6 +14,7 @@
 //! and never contain a credential.
 //!
 //! ```no_run
+//! use kiln_oci::Reference;
 //! use kiln_registry::{Client, FileSource, Keychain, PushBlobOptions, RegistryOptions, Repository};
 //!
 //! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
@@ -22,10 +23,11 @@
 //!     ..RegistryOptions::default()
 //! };
 //! let client = Client::new(options)?;
-//! let repo = Repository::new("registry.example:5000", "team/app")?;
+//! let reference = Reference::parse("registry.example:5000/team/app:latest")?;
+//! let repo = Repository::from(&reference);
 //!
 //! // Pull: the manifest is verified when fetched by digest, blobs always.
-//! let manifest = client.get_manifest(&repo, "latest").await?;
+//! let manifest = client.get_manifest_ref(&reference).await?;
 //! println!("{} is {}", manifest.digest, manifest.media_type);
 //!
 //! // Push a layer from a file; skipped if present, mounted if another repo has it.
@@ -41,7 +43,6 @@ mod challenge;
 mod client;
 mod credentials;
 mod error;
-pub mod media_types;
 mod options;
 mod repository;
 mod secret;

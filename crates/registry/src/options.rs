@@ -290,7 +290,7 @@ pub(crate) fn is_loopback(registry: &str) -> bool {
 /// The host a registry's API is served from: Docker Hub's name is not its API host.
 pub(crate) fn api_host(registry: &str) -> String {
     if normalize_registry(registry) == "docker.io" {
-        "registry-1.docker.io".to_owned()
+        kiln_oci::reference::DOCKER_HUB_API_HOST.to_owned()
     } else {
         registry.to_owned()
     }

@@ -3,15 +3,16 @@
 
 use std::fmt;
 
-use kiln_oci::Digest;
+use kiln_oci::{Digest, Reference};
 
 use crate::error::Error;
 
 /// A repository on a registry, e.g. registry `127.0.0.1:5000`, name `team/app`.
 ///
 /// The registry is the host (with optional port) as the user wrote it; Docker Hub may be
-/// given as `docker.io` and its API host is used automatically. Reference parsing with
-/// Docker's normalisation (`busybox` → `docker.io/library/busybox`) belongs to `kiln-oci`.
+/// given as `docker.io` and its API host is used automatically. Parse user input with
+/// [`kiln_oci::Reference`] (Docker's normalisation: `busybox` → `docker.io/library/busybox`)
+/// and convert with `Repository::from(&reference)`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Repository {
     registry: String,
@@ -50,6 +51,16 @@ impl Repository {
     /// The same repository path on another registry (a mirror, or a change of registry).
     pub fn with_registry(&self, registry: impl Into<String>) -> Result<Self, Error> {
         Repository::new(registry, self.name.clone())
+    }
+}
+
+impl From<&Reference> for Repository {
+    /// The repository a parsed reference points into (already validated by `kiln-oci`).
+    fn from(reference: &Reference) -> Self {
+        Repository {
+            registry: reference.registry().to_owned(),
+            name: reference.repository().to_owned(),
+        }
     }
 }
 

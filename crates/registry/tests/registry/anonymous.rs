@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::StreamExt as _;
-use kiln_oci::Digest;
+use kiln_oci::{Digest, Reference};
 use kiln_registry::{
     BytesSource, Client, Error, Keychain, PushBlobOptions, PushOutcome, ReaderSource,
     RegistryOptions, Repository, UploadMode,
@@ -38,6 +38,30 @@ async fn push_is_pulled_by_skopeo_and_skopeo_push_is_pulled_back() {
     )
     .await;
     assert_eq!(pulled_by_skopeo, image.manifest_digest);
+
+    // The same through kiln-oci references: tag, tag+digest, and a wrong pinned digest.
+    let by_tag = Reference::parse(&format!("{}/kiln/app:v1", registry.addr())).unwrap();
+    let fetched = client.get_manifest_ref(&by_tag).await.unwrap();
+    assert_eq!(fetched.digest, image.manifest_digest);
+    assert_eq!(fetched.media_type, image.media_type);
+    let pinned = by_tag
+        .with_tag("v2")
+        .unwrap()
+        .with_digest(image.manifest_digest.clone());
+    let put = client
+        .put_manifest_ref(&pinned, &image.media_type, image.manifest.clone())
+        .await
+        .unwrap();
+    assert_eq!(put, image.manifest_digest);
+    let head = client.head_manifest_ref(&pinned).await.unwrap().unwrap();
+    assert_eq!(head.digest, Some(image.manifest_digest.clone()));
+    let wrong = by_tag.with_digest(Digest::sha256_of(b"another manifest"));
+    let err = client
+        .put_manifest_ref(&wrong, &image.media_type, image.manifest.clone())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::DigestMismatch { .. }), "{err}");
+    assert!(client.get_manifest_ref(&wrong).await.is_err());
 
     let other = make_image("pushed by skopeo", 50_000);
     let dest = format!("{}/skopeo/app:latest", registry.addr());
@@ -203,7 +227,7 @@ async fn cross_repository_mount_head_and_existing_blobs() {
         .unwrap();
     assert_eq!(head.digest, Some(image.manifest_digest.clone()));
     assert_eq!(head.size, Some(image.manifest.len() as u64));
-    assert_eq!(head.media_type.as_deref(), Some(image.media_type.as_str()));
+    assert_eq!(head.media_type, Some(image.media_type.clone()));
     assert_eq!(
         client.head_manifest(&source, "missing").await.unwrap(),
         None

@@ -12,7 +12,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use bytes::Bytes;
-use kiln_oci::Digest;
+use kiln_oci::{Digest, MediaType};
 use kiln_registry::{Client, FileSource, Keychain, PushBlobOptions, RegistryOptions, Repository};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -22,7 +22,7 @@ pub struct TestImage {
     pub layout: tempfile::TempDir,
     pub manifest_digest: Digest,
     pub manifest: Bytes,
-    pub media_type: String,
+    pub media_type: MediaType,
     /// Config then layers: digest, file in the layout, size.
     pub blobs: Vec<(Digest, PathBuf, u64)>,
 }
@@ -66,7 +66,7 @@ pub fn make_image(label: &str, payload_size: usize) -> TestImage {
         blobs.push((d.clone(), blob_path(&d), size));
     }
     TestImage {
-        media_type: doc["mediaType"].as_str().unwrap().to_owned(),
+        media_type: MediaType::parse(doc["mediaType"].as_str().unwrap()),
         layout,
         manifest_digest,
         manifest,
