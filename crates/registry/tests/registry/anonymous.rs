@@ -476,3 +476,170 @@ async fn registry_map_tries_mirrors_then_the_original() {
         image.manifest_digest
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interrupted_download_resumes_with_a_range_request() {
+    let registry = Registry::start();
+    let client = anonymous_client();
+    let repo = Repository::new(registry.addr(), "resume").unwrap();
+    let image = make_image("resume", 1_000);
+    push_with_kiln(&client, &repo, &image, "v1").await;
+    // The config is JSON, so its first bytes fit in the proxy's text response.
+    let (config, config_path, config_size) = image.blobs[0].clone();
+    let content = std::fs::read_to_string(&config_path).unwrap();
+    let cut = 100;
+    let proxy = FaultProxy::start(
+        registry.socket_addr(),
+        vec![Fault {
+            matches: Box::new(|line: &str| line.starts_with("GET /v2/resume/blobs/")),
+            response: format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {config_size}\r\nConnection: close\r\n\r\n{}",
+                &content[..cut]
+            ),
+            remaining: 1,
+        }],
+    )
+    .await;
+    let repo = Repository::new(proxy.addr.to_string(), "resume").unwrap();
+    let mut pulled = Vec::new();
+    let size = client
+        .pull_blob_to(&repo, &config, &mut pulled)
+        .await
+        .unwrap();
+    assert_eq!(size, config_size);
+    assert_eq!(pulled, content.as_bytes());
+    assert_eq!(proxy.faults_served.load(Ordering::SeqCst), 1);
+    let blob_gets = proxy
+        .requests
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|r| r.starts_with("GET /v2/resume/blobs/"))
+        .count();
+    assert_eq!(blob_gets, 2, "one cut-off answer, one resumed range");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_connections_are_retried_and_one_shot_bodies_are_not_resent() {
+    let registry = Registry::start();
+    let proxy = FaultProxy::start(
+        registry.socket_addr(),
+        vec![
+            // Hang up without an answer: a connection error.
+            Fault {
+                matches: Box::new(|line: &str| line.starts_with("GET /v2/dropped/manifests/")),
+                response: String::new(),
+                remaining: 1,
+            },
+            Fault {
+                matches: Box::new(|line: &str| line.starts_with("PUT /v2/dropped/blobs/uploads/")),
+                response: empty_response("503 Service Unavailable", ""),
+                remaining: 1,
+            },
+        ],
+    )
+    .await;
+    let client = anonymous_client();
+    let direct = Repository::new(registry.addr(), "dropped").unwrap();
+    let image = make_image("dropped", 1_000);
+    push_with_kiln(&client, &direct, &image, "v1").await;
+
+    let repo = Repository::new(proxy.addr.to_string(), "dropped").unwrap();
+    let manifest = client.get_manifest(&repo, "v1").await.unwrap();
+    assert_eq!(manifest.digest, image.manifest_digest);
+
+    // A one-shot reader with known digest and size goes up in one PUT; when that PUT fails
+    // the upload cannot be restarted, and the registry's answer is the error.
+    let content = Bytes::from_static(b"streamed once, never again");
+    let digest = Digest::sha256_of(&content);
+    let reader = ReaderSource::new(
+        std::io::Cursor::new(content.clone()),
+        Some(content.len() as u64),
+    );
+    let err = client
+        .push_blob(
+            &repo,
+            &reader,
+            &PushBlobOptions {
+                digest: Some(digest.clone()),
+                mount_from: None,
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.status().map(|s| s.as_u16()), Some(503), "{err}");
+    assert!(
+        err.to_string()
+            .starts_with(&format!("{}/dropped: push refused", proxy.addr)),
+        "{err}"
+    );
+    assert_eq!(client.blob_exists(&repo, &digest).await.unwrap(), None);
+    assert_eq!(proxy.faults_served.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_transfers_are_limited() {
+    let registry = Registry::start();
+    let client = Client::new(RegistryOptions {
+        max_concurrent_transfers: 1,
+        ..test_options(Keychain::anonymous())
+    })
+    .unwrap();
+    let repo = Repository::new(registry.addr(), "limited").unwrap();
+    let image = make_image("limited", 1_000);
+    push_with_kiln(&client, &repo, &image, "v1").await;
+    let (config, _, _) = image.blobs[0].clone();
+
+    let first = client.get_blob(&repo, &config).await.unwrap();
+    let waiting =
+        tokio::time::timeout(Duration::from_millis(300), client.get_blob(&repo, &config)).await;
+    assert!(
+        waiting.is_err(),
+        "a second transfer started while the first was open"
+    );
+    drop(first);
+    let second = tokio::time::timeout(Duration::from_secs(10), client.get_blob(&repo, &config))
+        .await
+        .expect("the second transfer starts once the first is dropped")
+        .unwrap();
+    let received: Vec<Bytes> = second.map(|c| c.unwrap()).collect().await;
+    assert_eq!(received.concat(), std::fs::read(&image.blobs[0].1).unwrap());
+}
+
+#[test]
+fn client_certificates_and_cas_are_checked_when_the_client_is_made() {
+    let tls = make_tls();
+    let mut options = RegistryOptions::default();
+    options
+        .add_registry_client_certificate(&format!(
+            "reg.example:5000={},{}",
+            tls.cert.display(),
+            tls.key.display()
+        ))
+        .unwrap();
+    options
+        .add_registry_certificate(&format!("reg.example:5000={}", tls.ca.display()))
+        .unwrap();
+    Client::new(options).unwrap();
+
+    let mut missing = RegistryOptions::default();
+    missing
+        .add_registry_certificate("reg.example:5000=/nonexistent/ca.pem")
+        .unwrap();
+    let err = Client::new(missing).unwrap_err().to_string();
+    assert!(
+        err.contains("reg.example:5000") && err.contains("/nonexistent/ca.pem"),
+        "{err}"
+    );
+
+    let mut mismatched = RegistryOptions::default();
+    mismatched
+        .add_registry_client_certificate(&format!(
+            "reg.example:5000={},{}",
+            tls.cert.display(),
+            tls.ca.display()
+        ))
+        .unwrap();
+    let err = Client::new(mismatched).unwrap_err().to_string();
+    assert!(err.contains("reg.example:5000"), "{err}");
+}
