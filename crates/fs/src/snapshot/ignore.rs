@@ -5,7 +5,9 @@ use std::collections::HashSet;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use super::index::normalise;
+use std::os::unix::ffi::OsStrExt;
+
+use super::index::{key_of, Key};
 
 /// Where the ignore list comes from.
 #[derive(Debug, Clone)]
@@ -36,24 +38,24 @@ impl Default for IgnoreOptions {
 /// below it is neither walked nor reported; index entries under it are kept as they were.
 #[derive(Debug, Clone, Default)]
 pub struct IgnoreSet {
-    paths: HashSet<PathBuf>,
+    paths: HashSet<Key>,
 }
 
 impl IgnoreSet {
     /// Resolves `options` for the rootfs at `root`, reading `/proc/self/mountinfo` if asked to.
     pub fn resolve(root: &Path, options: &IgnoreOptions) -> io::Result<IgnoreSet> {
-        let mut paths = HashSet::new();
+        let mut paths: HashSet<Key> = HashSet::new();
         if options.system_paths {
             for p in ["proc", "sys", "dev", "kiln", "kaniko"] {
-                paths.insert(PathBuf::from(p));
+                paths.insert(p.as_bytes().to_vec());
             }
         }
         if options.var_run {
-            paths.insert(PathBuf::from("var/run"));
+            paths.insert(b"var/run".to_vec());
         }
         for extra in &options.extra {
-            let rel = normalise(extra);
-            if !rel.as_os_str().is_empty() {
+            let rel = key_of(extra);
+            if !rel.is_empty() {
                 paths.insert(rel);
             }
         }
@@ -63,7 +65,7 @@ impl IgnoreSet {
             for mount_point in mount_points(&mountinfo) {
                 if let Ok(rel) = mount_point.strip_prefix(&root) {
                     if !rel.as_os_str().is_empty() {
-                        paths.insert(rel.to_path_buf());
+                        paths.insert(key_of(rel));
                     }
                 }
             }
@@ -73,21 +75,35 @@ impl IgnoreSet {
 
     /// Whether exactly this path is ignored (the walk never descends below an ignored path, so
     /// it only needs this check).
-    pub fn is_ignored_exact(&self, rel: &Path) -> bool {
+    pub(crate) fn is_ignored_exact(&self, rel: &[u8]) -> bool {
         !self.paths.is_empty() && self.paths.contains(rel)
     }
 
     /// Whether the path or one of its ancestors is ignored.
     pub fn is_ignored(&self, rel: &Path) -> bool {
+        self.is_key_ignored(rel.as_os_str().as_bytes())
+    }
+
+    /// [`IgnoreSet::is_ignored`] on an index key.
+    pub(crate) fn is_key_ignored(&self, key: &[u8]) -> bool {
         if self.paths.is_empty() {
             return false;
         }
-        rel.ancestors().any(|a| self.paths.contains(a))
+        let mut end = key.len();
+        loop {
+            if self.paths.contains(&key[..end]) {
+                return true;
+            }
+            match key[..end].iter().rposition(|b| *b == b'/') {
+                Some(slash) => end = slash,
+                None => return false,
+            }
+        }
     }
 
     /// The ignored paths, relative to the root.
     pub fn paths(&self) -> impl Iterator<Item = &Path> {
-        self.paths.iter().map(PathBuf::as_path)
+        self.paths.iter().map(|k| super::index::as_path(k))
     }
 }
 

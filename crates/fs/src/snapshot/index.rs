@@ -20,6 +20,8 @@
 use std::collections::HashMap;
 use std::fs::Metadata;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::ffi::OsStr;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 
 use kiln_oci::Digest;
@@ -115,6 +117,9 @@ pub struct Entry {
     pub ctime: Timestamp,
     /// Device number for character and block devices (`makedev(major, minor)`).
     pub rdev: u64,
+    /// Creation time, where the filesystem records one: together with the inode number it tells
+    /// a recreated path from the old one even when the inode number was reused.
+    pub btime: Option<Timestamp>,
     /// Present only when the entry was racy at observation time (see the module docs).
     pub proof: Option<Box<Proof>>,
 }
@@ -159,6 +164,13 @@ impl Entry {
                 nsec: meta.ctime_nsec() as u32,
             },
             rdev: meta.rdev(),
+            btime: meta.created().ok().and_then(|t| {
+                let d = t.duration_since(std::time::UNIX_EPOCH).ok()?;
+                Some(Timestamp {
+                    sec: i64::try_from(d.as_secs()).ok()?,
+                    nsec: d.subsec_nanos(),
+                })
+            }),
             proof: None,
         })
     }
@@ -185,15 +197,29 @@ impl Entry {
                 nsec: st.stx_ctime.tv_nsec,
             },
             rdev: libc::makedev(st.stx_rdev_major, st.stx_rdev_minor),
+            btime: (st.stx_mask & libc::STATX_BTIME != 0).then_some(Timestamp {
+                sec: st.stx_btime.tv_sec,
+                nsec: st.stx_btime.tv_nsec,
+            }),
             proof: None,
         })
+    }
+
+    /// Whether both describe the same inode: same device and number and, where both know it,
+    /// the same creation time.
+    pub fn same_inode(&self, other: &Entry) -> bool {
+        self.dev == other.dev
+            && self.ino == other.ino
+            && match (self.btime, other.btime) {
+                (Some(a), Some(b)) => a == b,
+                _ => true,
+            }
     }
 
     /// Whether all stat fields are equal (the proof is not compared).
     pub fn same_stat(&self, other: &Entry) -> bool {
         self.kind == other.kind
-            && self.dev == other.dev
-            && self.ino == other.ino
+            && self.same_inode(other)
             && self.mode == other.mode
             && self.uid == other.uid
             && self.gid == other.gid
@@ -228,7 +254,7 @@ impl Entry {
 /// root itself is not in the index.
 #[derive(Debug, Clone, Default)]
 pub struct Index {
-    pub(crate) entries: HashMap<PathBuf, Entry>,
+    pub(crate) entries: HashMap<Key, Entry>,
 }
 
 impl Index {
@@ -247,8 +273,8 @@ impl Index {
         let Some(entry) = Entry::from_metadata(meta) else {
             return;
         };
-        let key = normalise(rel_path);
-        if key.as_os_str().is_empty() {
+        let key = key_of(rel_path);
+        if key.is_empty() {
             return;
         }
         self.entries.insert(key, entry);
@@ -256,10 +282,8 @@ impl Index {
 
     /// Forgets a path and everything under it, for a writer that removed it (a whiteout).
     pub fn forget(&mut self, rel_path: &Path) {
-        let key = normalise(rel_path);
-        if self.entries.remove(&key).is_some() || self.entries.keys().any(|k| k.starts_with(&key)) {
-            self.entries.retain(|k, _| !k.starts_with(&key));
-        }
+        let key = key_of(rel_path);
+        self.entries.retain(|k, _| !is_under(k, &key));
     }
 
     /// Ends a recording session: entries recorded in the current clock tick are racy, so their
@@ -271,7 +295,9 @@ impl Index {
         for (path, entry) in self.entries.iter_mut() {
             if entry.kind != FileKind::Socket && entry.is_racy(now) {
                 entry.proof = Some(Box::new(super::walk::proof_of(
-                    &root_fd, path, entry.kind,
+                    &root_fd,
+                    as_path(path),
+                    entry.kind,
                 )?));
             }
         }
@@ -280,7 +306,7 @@ impl Index {
 
     /// The entry of a path, if it was observed.
     pub fn get(&self, rel_path: &Path) -> Option<&Entry> {
-        self.entries.get(rel_path)
+        self.entries.get(&key_of(rel_path))
     }
 
     /// Number of paths.
@@ -295,7 +321,7 @@ impl Index {
 
     /// All paths and entries, in no particular order.
     pub fn iter(&self) -> impl Iterator<Item = (&Path, &Entry)> {
-        self.entries.iter().map(|(p, e)| (p.as_path(), e))
+        self.entries.iter().map(|(k, e)| (as_path(k), e))
     }
 }
 
@@ -313,4 +339,35 @@ pub(crate) fn normalise(path: &Path) -> PathBuf {
         }
     }
     out
+}
+
+/// An index key: a normalised relative path as bytes. Hashing and comparing bytes is several
+/// times cheaper than doing it on a `Path`, which re-parses its components every time, and the
+/// walk does both for every entry.
+pub(crate) type Key = Vec<u8>;
+
+/// The key of a path in any spelling.
+pub(crate) fn key_of(path: &Path) -> Key {
+    normalise(path).into_os_string().into_vec()
+}
+
+/// A key seen as a path.
+pub(crate) fn as_path(key: &[u8]) -> &Path {
+    Path::new(OsStr::from_bytes(key))
+}
+
+/// Whether `key` is `prefix` or lies below it.
+pub(crate) fn is_under(key: &[u8], prefix: &[u8]) -> bool {
+    key.starts_with(prefix) && (key.len() == prefix.len() || key[prefix.len()] == b'/')
+}
+
+/// `parent/name` as a key (`name` alone below the root).
+pub(crate) fn join_key(parent: &[u8], name: &[u8]) -> Key {
+    let mut key = Vec::with_capacity(parent.len() + 1 + name.len());
+    if !parent.is_empty() {
+        key.extend_from_slice(parent);
+        key.push(b'/');
+    }
+    key.extend_from_slice(name);
+    key
 }

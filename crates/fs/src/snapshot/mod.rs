@@ -17,6 +17,7 @@ use std::str::FromStr;
 pub use ignore::{IgnoreOptions, IgnoreSet};
 pub use index::{Entry, FileKind, Index, Proof, Timestamp};
 
+use index::{as_path, is_under, key_of, Key};
 use walk::{Item, Status, WalkContext};
 
 /// How changes are detected.
@@ -218,8 +219,8 @@ impl Snapshotter {
             observed_at,
             mode: self.mode,
         };
-        let items = walk::walk(&ctx, Path::new("")).map_err(|(path, source)| self.io_error(path, source))?;
-        let mut new_entries: HashMap<PathBuf, Entry> = HashMap::with_capacity(items.len());
+        let items = walk::walk(&ctx, b"").map_err(|(path, source)| self.io_error(path, source))?;
+        let mut new_entries: HashMap<Key, Entry> = HashMap::with_capacity(items.len());
         let mut changes = Vec::new();
         for item in items {
             if let Some(change) = self.change_of(&item) {
@@ -227,25 +228,20 @@ impl Snapshotter {
             }
             new_entries.insert(item.path, item.entry);
         }
-        for (path, entry) in &self.index.entries {
-            if new_entries.contains_key(path) {
+        for (key, entry) in std::mem::take(&mut self.index.entries) {
+            if new_entries.contains_key(&key) {
                 continue;
             }
-            if self.ignore.is_ignored(path) {
+            if self.ignore.is_key_ignored(&key) {
                 // Never walked: whatever the index knew stays true for the next step.
+                new_entries.insert(key, entry);
                 continue;
             }
-            let _ = entry;
             changes.push(Change {
-                path: path.clone(),
+                path: as_path(&key).to_path_buf(),
                 kind: ChangeKind::Deleted,
                 entry: None,
             });
-        }
-        for (path, entry) in self.index.entries.drain() {
-            if !new_entries.contains_key(&path) && self.ignore.is_ignored(&path) {
-                new_entries.insert(path, entry);
-            }
         }
         self.index.entries = new_entries;
         Ok(self.finish(changes))
@@ -257,23 +253,26 @@ impl Snapshotter {
     pub fn snapshot_paths<P: AsRef<Path>>(&mut self, paths: &[P]) -> Result<Diff, SnapshotError> {
         let observed_at = Timestamp::coarse_now();
         let root = self.open_root()?;
-        let mut targets: Vec<PathBuf> = paths
+        let mut targets: Vec<Key> = paths
             .iter()
-            .map(|p| index::normalise(p.as_ref()))
-            .filter(|p| !p.as_os_str().is_empty() && !self.ignore.is_ignored(p))
+            .map(|p| key_of(p.as_ref()))
+            .filter(|k| !k.is_empty() && !self.ignore.is_key_ignored(k))
             .collect();
         targets.sort();
         targets.dedup();
+        let listed: HashSet<&[u8]> = targets.iter().map(Vec::as_slice).collect();
         // Parents gain or lose entries (and so change mtime) when their children are written.
-        let mut single: HashSet<PathBuf> = HashSet::new();
+        let mut single: Vec<Key> = Vec::new();
         for t in &targets {
-            for a in t.ancestors().skip(1) {
-                if !a.as_os_str().is_empty() {
-                    single.insert(a.to_path_buf());
-                }
+            single.push(t.clone());
+            let mut end = t.len();
+            while let Some(slash) = t[..end].iter().rposition(|b| *b == b'/') {
+                single.push(t[..slash].to_vec());
+                end = slash;
             }
-            single.insert(t.clone());
         }
+        single.sort();
+        single.dedup();
         let ctx = WalkContext {
             root: &root,
             old: &self.index.entries,
@@ -282,29 +281,36 @@ impl Snapshotter {
             mode: self.mode,
         };
         let mut items: Vec<Item> = Vec::new();
-        let mut gone: Vec<PathBuf> = Vec::new();
-        let mut walked_dirs: Vec<PathBuf> = Vec::new();
-        let mut single: Vec<PathBuf> = single.into_iter().collect();
-        single.sort();
-        for path in single {
-            let mut entry = match walk::stat_beneath(&root, &path) {
+        let mut gone: Vec<Key> = Vec::new();
+        let mut walked_dirs: Vec<Key> = Vec::new();
+        for key in single {
+            let path = as_path(&key);
+            let mut entry = match walk::stat_beneath(&root, path) {
                 Ok(entry) => entry,
-                Err(e) if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ELOOP) || e.raw_os_error() == Some(libc::ENOTDIR) => {
-                    gone.push(path);
+                Err(e)
+                    if e.kind() == io::ErrorKind::NotFound
+                        || e.raw_os_error() == Some(libc::ELOOP)
+                        || e.raw_os_error() == Some(libc::ENOTDIR) =>
+                {
+                    gone.push(key);
                     continue;
                 }
-                Err(e) => return Err(self.io_error(path, e)),
+                Err(e) => return Err(self.io_error(path.to_path_buf(), e)),
             };
-            let status = walk::classify(&ctx, &path, &mut entry).map_err(|e| self.io_error(path.clone(), e))?;
-            if entry.kind == FileKind::Directory && targets.binary_search(&path).is_ok() {
-                walked_dirs.push(path.clone());
+            let status = walk::classify(&ctx, &key, &mut entry).map_err(|e| self.io_error(path.to_path_buf(), e))?;
+            if entry.kind == FileKind::Directory && listed.contains(key.as_slice()) {
+                walked_dirs.push(key.clone());
             }
-            items.push(Item { path, entry, status });
+            items.push(Item { path: key, entry, status });
         }
-        // Nested listed directories are covered by their outermost listed ancestor's walk.
-        walked_dirs.retain(|d| !d.ancestors().skip(1).any(|a| targets.binary_search(&a.to_path_buf()).is_ok() && a != d));
-        let mut seen: HashSet<PathBuf> = items.iter().map(|i| i.path.clone()).collect();
-        for dir in &walked_dirs {
+        // A listed directory inside another listed directory is covered by the outer walk.
+        let outer: Vec<Key> = walked_dirs
+            .iter()
+            .filter(|d| !walked_dirs.iter().any(|o| o != *d && is_under(d, o)))
+            .cloned()
+            .collect();
+        let mut seen: HashSet<Key> = items.iter().map(|i| i.path.clone()).collect();
+        for dir in &outer {
             let sub = walk::walk(&ctx, dir).map_err(|(path, source)| self.io_error(path, source))?;
             for item in sub {
                 if seen.insert(item.path.clone()) {
@@ -312,30 +318,23 @@ impl Snapshotter {
                 }
             }
         }
-        let mut changes = Vec::new();
-        for item in &items {
-            if let Some(change) = self.change_of(item) {
-                changes.push(change);
-            }
-        }
+        let mut changes: Vec<Change> = items.iter().filter_map(|item| self.change_of(item)).collect();
         // Index entries that vanished: listed paths that are gone, and anything that used to be
         // under a walked directory or a gone path but was not seen now.
-        let scopes: Vec<&PathBuf> = walked_dirs.iter().chain(gone.iter()).collect();
-        let mut deleted: Vec<PathBuf> = self
+        let mut deleted: Vec<Key> = self
             .index
             .entries
             .keys()
             .filter(|k| !seen.contains(*k))
-            .filter(|k| scopes.iter().any(|s| k.starts_with(s)))
-            .filter(|k| !self.ignore.is_ignored(k))
+            .filter(|k| outer.iter().chain(gone.iter()).any(|s| is_under(k, s)))
+            .filter(|k| !self.ignore.is_key_ignored(k))
             .cloned()
             .collect();
         deleted.sort();
-        drop(ctx);
-        for path in deleted {
-            self.index.entries.remove(&path);
+        for key in deleted {
+            self.index.entries.remove(&key);
             changes.push(Change {
-                path,
+                path: as_path(&key).to_path_buf(),
                 kind: ChangeKind::Deleted,
                 entry: None,
             });
@@ -350,22 +349,19 @@ impl Snapshotter {
         let kind = match item.status {
             Status::Unchanged => return None,
             Status::Added => ChangeKind::Added,
-            Status::Modified => {
-                let old = self.index.entries.get(&item.path);
-                match old {
-                    Some(old)
-                        if old.kind == FileKind::Directory
-                            && item.entry.kind == FileKind::Directory
-                            && (old.ino != item.entry.ino || old.dev != item.entry.dev) =>
-                    {
-                        ChangeKind::Replaced
-                    }
-                    _ => ChangeKind::Modified,
+            Status::Modified => match self.index.entries.get(&item.path) {
+                Some(old)
+                    if old.kind == FileKind::Directory
+                        && item.entry.kind == FileKind::Directory
+                        && !old.same_inode(&item.entry) =>
+                {
+                    ChangeKind::Replaced
                 }
-            }
+                _ => ChangeKind::Modified,
+            },
         };
         Some(Change {
-            path: item.path.clone(),
+            path: as_path(&item.path).to_path_buf(),
             kind,
             entry: Some(item.entry.clone()),
         })
@@ -375,24 +371,24 @@ impl Snapshotter {
     /// an opaque directory hides all of the old content, so even paths whose metadata did not
     /// change (moved in, same tick) must be in the layer.
     fn finish(&self, mut changes: Vec<Change>) -> Diff {
-        let replaced: Vec<PathBuf> = changes
+        let replaced: Vec<Key> = changes
             .iter()
             .filter(|c| c.kind == ChangeKind::Replaced)
-            .map(|c| c.path.clone())
+            .map(|c| key_of(&c.path))
             .collect();
         if !replaced.is_empty() {
-            let present: HashSet<PathBuf> = changes
+            let present: HashSet<Key> = changes
                 .iter()
                 .filter(|c| c.kind != ChangeKind::Deleted)
-                .map(|c| c.path.clone())
+                .map(|c| key_of(&c.path))
                 .collect();
-            for (path, entry) in &self.index.entries {
-                if present.contains(path) || self.ignore.is_ignored(path) {
+            for (key, entry) in &self.index.entries {
+                if present.contains(key) || self.ignore.is_key_ignored(key) {
                     continue;
                 }
-                if replaced.iter().any(|r| path.starts_with(r) && path != r) {
+                if replaced.iter().any(|r| is_under(key, r) && key != r) {
                     changes.push(Change {
-                        path: path.clone(),
+                        path: as_path(key).to_path_buf(),
                         kind: ChangeKind::Added,
                         entry: Some(entry.clone()),
                     });
@@ -442,7 +438,7 @@ mod tests {
             let mut entry = walk::stat_beneath(&opened, Path::new("f")).unwrap();
             entry.proof = Some(Box::new(proof));
             let mut index = Index::new();
-            index.entries.insert(PathBuf::from("f"), entry);
+            index.entries.insert(b"f".to_vec(), entry);
             let mut s = Snapshotter::new(root, index, &options).unwrap();
             let diff = s.snapshot().unwrap();
             assert_eq!(diff.get(Path::new("f")).is_some(), expect_change);

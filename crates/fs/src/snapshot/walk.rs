@@ -14,7 +14,7 @@ use kiln_oci::{Digest, Hasher};
 use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags, StatxFlags};
 
 use super::ignore::IgnoreSet;
-use super::index::{Entry, FileKind, Proof, Timestamp};
+use super::index::{as_path, join_key, Entry, FileKind, Key, Proof, Timestamp};
 use super::SnapshotMode;
 
 /// A rootfs opened once per walk: its path (for path-based xattr calls) and a directory fd that
@@ -68,7 +68,7 @@ pub(crate) fn stat_beneath(root: &Root, rel: &Path) -> io::Result<Entry> {
         _ => return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a path below the root")),
     };
     let dir = open_beneath(root, parent, OFlags::PATH | OFlags::DIRECTORY)?;
-    let st = rustix::fs::statx(&dir, name, AtFlags::SYMLINK_NOFOLLOW, StatxFlags::BASIC_STATS)?;
+    let st = rustix::fs::statx(&dir, name, AtFlags::SYMLINK_NOFOLLOW, StatxFlags::BASIC_STATS | StatxFlags::BTIME)?;
     Entry::from_statx(&st).ok_or_else(|| io::Error::other("unknown file type"))
 }
 
@@ -170,7 +170,7 @@ pub(crate) enum Status {
 
 /// One path seen by the walk.
 pub(crate) struct Item {
-    pub(crate) path: PathBuf,
+    pub(crate) path: Key,
     pub(crate) entry: Entry,
     pub(crate) status: Status,
 }
@@ -178,7 +178,7 @@ pub(crate) struct Item {
 /// What a walk needs to know besides the tree.
 pub(crate) struct WalkContext<'a> {
     pub(crate) root: &'a Root,
-    pub(crate) old: &'a HashMap<PathBuf, Entry>,
+    pub(crate) old: &'a HashMap<Key, Entry>,
     pub(crate) ignore: &'a IgnoreSet,
     pub(crate) observed_at: Timestamp,
     pub(crate) mode: SnapshotMode,
@@ -186,7 +186,7 @@ pub(crate) struct WalkContext<'a> {
 
 /// Walks the subtree at `start` (a directory relative to the root; empty for the whole root),
 /// not including `start` itself. Returns every path found, compared with the index.
-pub(crate) fn walk(ctx: &WalkContext<'_>, start: &Path) -> Result<Vec<Item>, (PathBuf, io::Error)> {
+pub(crate) fn walk(ctx: &WalkContext<'_>, start: &[u8]) -> Result<Vec<Item>, (PathBuf, io::Error)> {
     let batches: Mutex<Vec<Vec<Item>>> = Mutex::new(Vec::new());
     let failure: Mutex<Option<(PathBuf, io::Error)>> = Mutex::new(None);
     let shared = Shared {
@@ -194,7 +194,7 @@ pub(crate) fn walk(ctx: &WalkContext<'_>, start: &Path) -> Result<Vec<Item>, (Pa
         batches: &batches,
         failure: &failure,
     };
-    rayon::scope(|scope| walk_dir(scope, &shared, start.to_path_buf()));
+    rayon::scope(|scope| walk_dir(scope, &shared, start.to_vec()));
     if let Some(err) = failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
         return Err(err);
     }
@@ -212,7 +212,7 @@ struct Shared<'a, 'c> {
     failure: &'a Mutex<Option<(PathBuf, io::Error)>>,
 }
 
-fn walk_dir<'s>(scope: &rayon::Scope<'s>, shared: &'s Shared<'s, '_>, rel: PathBuf) {
+fn walk_dir<'s>(scope: &rayon::Scope<'s>, shared: &'s Shared<'s, '_>, rel: Key) {
     match read_dir(scope, shared, &rel) {
         Ok(items) => shared
             .batches
@@ -232,11 +232,11 @@ fn walk_dir<'s>(scope: &rayon::Scope<'s>, shared: &'s Shared<'s, '_>, rel: PathB
 fn read_dir<'s>(
     scope: &rayon::Scope<'s>,
     shared: &'s Shared<'s, '_>,
-    rel: &Path,
+    rel: &[u8],
 ) -> Result<Vec<Item>, (PathBuf, io::Error)> {
     let ctx = shared.ctx;
-    let at = |e: io::Error| (rel.to_path_buf(), e);
-    let fd = open_beneath(ctx.root, rel, OFlags::RDONLY | OFlags::DIRECTORY).map_err(at)?;
+    let at = |e: io::Error| (as_path(rel).to_path_buf(), e);
+    let fd = open_beneath(ctx.root, as_path(rel), OFlags::RDONLY | OFlags::DIRECTORY).map_err(at)?;
     let mut dir = rustix::fs::Dir::new(fd).map_err(|e| at(e.into()))?;
     let mut items = Vec::new();
     while let Some(dirent) = dir.read() {
@@ -246,7 +246,7 @@ fn read_dir<'s>(
         if bytes == b"." || bytes == b".." {
             continue;
         }
-        let path = rel.join(OsStr::from_bytes(bytes));
+        let path = join_key(rel, bytes);
         if ctx.ignore.is_ignored_exact(&path) {
             continue;
         }
@@ -255,16 +255,16 @@ fn read_dir<'s>(
             dirfd.as_fd(),
             name,
             AtFlags::SYMLINK_NOFOLLOW,
-            StatxFlags::BASIC_STATS,
+            StatxFlags::BASIC_STATS | StatxFlags::BTIME,
         ) {
             Ok(st) => st,
             Err(rustix::io::Errno::NOENT) => continue,
-            Err(e) => return Err((path, e.into())),
+            Err(e) => return Err((as_path(&path).to_path_buf(), e.into())),
         };
         let Some(mut entry) = Entry::from_statx(&st) else {
             continue;
         };
-        let status = classify(ctx, &path, &mut entry).map_err(|e| (path.clone(), e))?;
+        let status = classify(ctx, &path, &mut entry).map_err(|e| (as_path(&path).to_path_buf(), e))?;
         if entry.kind == FileKind::Directory {
             let child = path.clone();
             scope.spawn(move |s| walk_dir(s, shared, child));
@@ -279,8 +279,9 @@ fn read_dir<'s>(
 }
 
 /// Compares a freshly stat'ed entry with the index and fills in its proof when it needs one.
-pub(crate) fn classify(ctx: &WalkContext<'_>, path: &Path, entry: &mut Entry) -> io::Result<Status> {
-    let old = ctx.old.get(path);
+pub(crate) fn classify(ctx: &WalkContext<'_>, key: &[u8], entry: &mut Entry) -> io::Result<Status> {
+    let old = ctx.old.get(key);
+    let path = as_path(key);
     let provable = !matches!(entry.kind, FileKind::Socket);
     match ctx.mode {
         SnapshotMode::MtimeOnly => Ok(match old {
