@@ -189,3 +189,38 @@ pub fn flatten(registry: &Registry, repo_tag: &str) -> Flattened {
         _dir: dir,
     }
 }
+
+/// Runs a flattened image's default command with runc (as a container runtime would) and
+/// returns its stdout; panics with stderr if it fails.
+pub fn run_with_runc(flat: &Flattened) -> String {
+    require_tools(&["runc"]);
+    let config_path = flat.bundle.join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&config_path).unwrap()).unwrap();
+    config["process"]["terminal"] = serde_json::Value::Bool(false);
+    std::fs::write(&config_path, serde_json::to_vec(&config).unwrap()).unwrap();
+    let name = format!(
+        "kiln-test-{}-{}",
+        std::process::id(),
+        flat.bundle.display().to_string().len()
+            + std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .subsec_nanos() as usize
+    );
+    let out = Command::new("runc")
+        .args(["run", "--bundle"])
+        .arg(&flat.bundle)
+        .arg(&name)
+        .stdin(Stdio::null())
+        .output()
+        .expect("spawn runc");
+    let _ = Command::new("runc").args(["delete", "--force", &name]).output();
+    assert!(
+        out.status.success(),
+        "runc run failed with {}:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

@@ -1,0 +1,299 @@
+//! [`Builder`]: the library's front door. Options in, events out, an image at the end.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use kiln_context::{open_context, ContextOptions};
+use kiln_dockerfile::{Dockerfile, PlanOptions};
+use kiln_fs::blobstore::BlobStore;
+use kiln_oci::image::ImageConfig;
+use kiln_oci::{Digest, Platform};
+use kiln_registry::Client;
+use kiln_sandbox::Mode;
+
+use crate::error::BuildError;
+use crate::events::{BuildEvent, EventSink};
+use crate::options::BuildOptions;
+use crate::output;
+use crate::stage::{build_stage, Shared};
+
+/// What a successful build produced.
+#[derive(Debug, Clone)]
+pub struct BuildReport {
+    /// The image manifest digest (what `--digest-file` contains).
+    pub digest: Digest,
+    /// The image config as written.
+    pub config: ImageConfig,
+    /// The destinations pushed to.
+    pub pushed: Vec<String>,
+}
+
+/// Runs one build. Everything the `executor` binary can do goes through here.
+///
+/// ```no_run
+/// # async fn example() -> Result<(), kiln_build::BuildError> {
+/// use std::sync::Arc;
+/// use kiln_build::{BuildEvent, BuildOptions, Builder};
+///
+/// let mut options = BuildOptions::new("/src/app");
+/// options.output.destinations.push("registry.example:5000/team/app:1.0".into());
+/// let report = Builder::new(options)
+///     .events(Arc::new(|event: BuildEvent| eprintln!("{event:?}")))
+///     .build()
+///     .await?;
+/// println!("pushed {}", report.digest);
+/// # Ok(()) }
+/// ```
+pub struct Builder {
+    options: BuildOptions,
+    events: EventSink,
+}
+
+impl Builder {
+    /// A builder for `options` that reports no events.
+    pub fn new(options: BuildOptions) -> Builder {
+        Builder {
+            options,
+            events: Arc::new(|_| {}),
+        }
+    }
+
+    /// Delivers progress events to `sink`.
+    pub fn events(mut self, sink: EventSink) -> Builder {
+        self.events = sink;
+        self
+    }
+
+    /// Builds the image and writes it to every output. Must run inside a multi-threaded tokio
+    /// runtime (stages run on blocking threads). On failure nothing is pushed and no digest file
+    /// is written.
+    pub async fn build(self) -> Result<BuildReport, BuildError> {
+        let started = Instant::now();
+        let options = self.options;
+        let events = self.events;
+        let mode = options.mode.unwrap_or_else(Mode::detect);
+        if mode == Mode::InPlace {
+            return Err(BuildError::Options(
+                "in-place mode (building in the container's own /) is not implemented by the engine yet; run with --mode chroot".into(),
+            ));
+        }
+        if options.output.destinations.is_empty()
+            && !options.output.no_push
+            && options.output.tar_path.is_none()
+            && options.output.oci_layout_path.is_none()
+        {
+            return Err(BuildError::Options(
+                "no --destination given: name one, or use --no-push (with --tar-path or --oci-layout-path to keep the image)".into(),
+            ));
+        }
+        let destinations = output::parse_destinations(&options.output.destinations)?;
+
+        let work_root = options.kiln_dir.join("work");
+        std::fs::create_dir_all(&work_root).map_err(|source| BuildError::Io {
+            path: work_root.clone(),
+            source,
+        })?;
+        let work_dir = tempfile::Builder::new()
+            .prefix("build-")
+            .tempdir_in(&work_root)
+            .map_err(|source| BuildError::Io {
+                path: work_root.clone(),
+                source,
+            })?;
+        let blobs = BlobStore::open(options.kiln_dir.join("blobs"))
+            .map_err(|e| BuildError::Image(format!("blob store: {e}")))?;
+
+        let mut context_options = ContextOptions::new(work_dir.path().join("context"));
+        context_options.sub_path = options
+            .context
+            .sub_path
+            .as_ref()
+            .map(|p| p.to_string_lossy().into_owned());
+        context_options
+            .source
+            .git
+            .branch
+            .clone_from(&options.context.git.branch);
+        context_options.source.git.single_branch = options.context.git.single_branch;
+        context_options.source.git.recurse_submodules = options.context.git.recurse_submodules;
+        let dockerfile_path = locate_dockerfile(&options.dockerfile, &options.context.source);
+        context_options.dockerfile = Some(dockerfile_path.clone());
+        let context = open_context(&options.context.source, &context_options)
+            .await
+            .map_err(|e| BuildError::Context(e.to_string()))?;
+        let dockerfile_path = if dockerfile_path.is_absolute() {
+            dockerfile_path
+        } else {
+            context.root().join(dockerfile_path)
+        };
+        let dockerfile_name = options.dockerfile.display().to_string();
+        let text = std::fs::read_to_string(&dockerfile_path).map_err(|source| BuildError::Io {
+            path: dockerfile_path.clone(),
+            source,
+        })?;
+        let dockerfile =
+            Dockerfile::parse(&text).map_err(|e| dockerfile_error(&dockerfile_name, e))?;
+        let platform = options.platform.clone().unwrap_or_else(Platform::host);
+        let to_df_platform = |p: &Platform| {
+            kiln_dockerfile::Platform::parse(&p.to_string()).map_err(BuildError::Options)
+        };
+        let plan = dockerfile
+            .plan(&PlanOptions {
+                build_args: options.build_args.clone(),
+                target: options.target.clone(),
+                target_platform: to_df_platform(&platform)?,
+                build_platform: to_df_platform(&Platform::host())?,
+            })
+            .map_err(|e| dockerfile_error(&dockerfile_name, e))?;
+        for arg in plan.unused_build_args() {
+            events(BuildEvent::Warning {
+                message: format!("build arg {arg} was given but no stage uses it"),
+            });
+        }
+        events(BuildEvent::BuildStarted {
+            stages: plan
+                .stages()
+                .iter()
+                .map(|s| s.name.clone().unwrap_or_else(|| s.index.to_string()))
+                .collect(),
+        });
+        let client = Client::new(options.registry.clone())?;
+        let levels = plan.levels().to_vec();
+        let target = plan.target();
+        let shared = Arc::new(Shared {
+            client,
+            blobs,
+            context,
+            dockerfile_name,
+            dockerfile_lines: text.lines().map(str::to_owned).collect(),
+            plan,
+            platform,
+            work_dir: work_dir.path().to_path_buf(),
+            mode,
+            events: events.clone(),
+            runtime: tokio::runtime::Handle::current(),
+            stages: Mutex::new(HashMap::new()),
+            images: Mutex::new(HashMap::new()),
+            options,
+        });
+
+        for level in levels {
+            let tasks: Vec<_> = level
+                .into_iter()
+                .map(|index| {
+                    let shared = shared.clone();
+                    tokio::task::spawn_blocking(move || (index, build_stage(&shared, index)))
+                })
+                .collect();
+            let mut first_error = None;
+            for task in tasks {
+                let (index, result) = task
+                    .await
+                    .map_err(|e| BuildError::Image(format!("a build stage panicked: {e}")))?;
+                match result {
+                    Ok(stage) => {
+                        shared
+                            .stages
+                            .lock()
+                            .expect("stage map")
+                            .insert(index, Arc::new(stage));
+                    }
+                    Err(e) => {
+                        first_error.get_or_insert(e);
+                    }
+                }
+            }
+            if let Some(e) = first_error {
+                return Err(e);
+            }
+        }
+
+        let final_stage = shared
+            .stages
+            .lock()
+            .expect("stage map")
+            .get(&target)
+            .cloned()
+            .ok_or_else(|| BuildError::Options("the target stage was not built".into()))?;
+        let image = output::assemble(
+            &final_stage.config,
+            &final_stage.layers,
+            &shared.options.output,
+            shared.source_date_epoch(),
+        )?;
+        let out = &shared.options.output;
+        if let Some(path) = &out.oci_layout_path {
+            output::write_oci_layout(
+                path,
+                &shared.blobs,
+                &image,
+                &output::layout_tag(&destinations),
+            )?;
+        }
+        if let Some(path) = &out.tar_path {
+            output::write_docker_archive(path, &shared.blobs, &image, &destinations)?;
+        }
+        let mut pushed = Vec::new();
+        if !out.no_push && !destinations.is_empty() {
+            output::push(
+                &shared.client,
+                &shared.blobs,
+                &image,
+                &destinations,
+                &*events,
+            )
+            .await?;
+            pushed = out.destinations.clone();
+            output::write_digest_files(out, &destinations, &image.manifest.digest)?;
+        }
+        let config = ImageConfig::from_json(&image.config.bytes)
+            .map_err(|e| BuildError::Image(e.to_string()))?;
+        events(BuildEvent::BuildFinished {
+            digest: image.manifest.digest.clone(),
+            duration: started.elapsed(),
+        });
+        drop(shared);
+        drop(work_dir);
+        Ok(BuildReport {
+            digest: image.manifest.digest,
+            config,
+            pushed,
+        })
+    }
+}
+
+/// kaniko resolves a relative `--dockerfile` against the working directory when it exists
+/// there, else against the context.
+fn locate_dockerfile(dockerfile: &Path, context: &str) -> PathBuf {
+    if dockerfile.is_absolute() {
+        return dockerfile.to_path_buf();
+    }
+    let local_context = context.strip_prefix("dir://").unwrap_or(context);
+    let in_context = Path::new(local_context).join(dockerfile);
+    if !context.contains("://") || context.starts_with("dir://") {
+        if in_context.is_file() {
+            return dockerfile.to_path_buf();
+        }
+        if dockerfile.is_file() {
+            if let Ok(absolute) = std::fs::canonicalize(dockerfile) {
+                return absolute;
+            }
+        }
+    }
+    dockerfile.to_path_buf()
+}
+
+/// Dockerfile errors print as `Dockerfile:LINE: ...`; other file names replace the prefix.
+fn dockerfile_error(name: &str, error: kiln_dockerfile::Error) -> BuildError {
+    let text = error.to_string();
+    let file = Path::new(name)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "Dockerfile".into());
+    match text.strip_prefix("Dockerfile") {
+        Some(rest) if file != "Dockerfile" => BuildError::Dockerfile(format!("{file}{rest}")),
+        _ => BuildError::Dockerfile(text),
+    }
+}

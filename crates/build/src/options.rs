@@ -1,0 +1,175 @@
+//! [`BuildOptions`]: one build's whole configuration, the library form of kaniko's flags.
+//!
+//! Field docs name the executor flag that sets them. Defaults are kaniko's, except where Kiln
+//! is stricter or faster by design (noted per field).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use kiln_fs::snapshot::SnapshotMode;
+use kiln_oci::{Compression, ImageFormat, Platform};
+use kiln_registry::RegistryOptions;
+use kiln_sandbox::Mode;
+
+/// Where the build context comes from (`--context`, `--context-sub-path`, `--git`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContextSpec {
+    /// The `--context` value as given: a path, `dir://`, `tar://`, `git://`, `https://`.
+    pub source: String,
+    /// `--context-sub-path`: a subdirectory of the fetched context to use as its root.
+    pub sub_path: Option<PathBuf>,
+    /// `--git` options for git contexts.
+    pub git: GitOptions,
+}
+
+/// kaniko's `--git branch=...,single-branch=...,recurse-submodules=...`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GitOptions {
+    /// Branch to check out, when the URL names none.
+    pub branch: Option<String>,
+    /// Fetch only that branch's history.
+    pub single_branch: bool,
+    /// Check out submodules recursively.
+    pub recurse_submodules: bool,
+}
+
+/// Where a `RUN --mount=type=secret` secret's value is read from (`--secret id=ID,src=PATH` or
+/// `--secret id=ID,env=VAR`). The value is read at use and never stored in options or events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretSource {
+    /// A file on the build host.
+    File(PathBuf),
+    /// An environment variable of the executor process.
+    Env(String),
+}
+
+/// One `--secret` flag.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretSpec {
+    /// The id a `RUN --mount=type=secret,id=ID` refers to.
+    pub id: String,
+    /// Where the value comes from.
+    pub source: SecretSource,
+}
+
+/// How filesystem changes are detected and what is never looked at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotOptions {
+    /// `--snapshot-mode` (kaniko's `full|redo|time`, mapped as documented on [`SnapshotMode`]).
+    pub mode: SnapshotMode,
+    /// `--single-snapshot`: take one snapshot at the end of each stage instead of one per step.
+    pub single_snapshot: bool,
+    /// `--ignore-path`: paths never snapshotted or overwritten (in addition to the built-in list).
+    pub ignore_paths: Vec<PathBuf>,
+    /// `--ignore-var-run` (default true): leave `/var/run` out of snapshots.
+    pub ignore_var_run: bool,
+}
+
+impl Default for SnapshotOptions {
+    fn default() -> Self {
+        SnapshotOptions {
+            mode: SnapshotMode::Exact,
+            single_snapshot: false,
+            ignore_paths: Vec::new(),
+            ignore_var_run: true,
+        }
+    }
+}
+
+/// Where the finished image goes besides the registry destinations.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OutputOptions {
+    /// `--destination` (repeatable): image references to push to.
+    pub destinations: Vec<String>,
+    /// `--no-push`: build (and write local outputs) but push nothing.
+    pub no_push: bool,
+    /// `--tar-path`: write a docker-archive (`docker load`/`podman load`) here.
+    pub tar_path: Option<PathBuf>,
+    /// `--oci-layout-path`: write an OCI image layout here.
+    pub oci_layout_path: Option<PathBuf>,
+    /// `--digest-file`: write the image digest here after a successful push.
+    pub digest_file: Option<PathBuf>,
+    /// `--image-name-with-digest-file`: write `REPO@DIGEST` per destination.
+    pub image_name_with_digest_file: Option<PathBuf>,
+    /// `--image-name-tag-with-digest-file`: write `REPO:TAG@DIGEST` per destination.
+    pub image_name_tag_with_digest_file: Option<PathBuf>,
+    /// `--image-format`: OCI media types (default) or Docker v2 schema 2.
+    pub image_format: ImageFormat,
+    /// `--compression`: gzip (default) or zstd for new layers; base layers are never recompressed.
+    pub compression: Compression,
+    /// `--compression-level`: compressor level; `None` is the compressor's default.
+    pub compression_level: Option<i32>,
+    /// `--label KEY=VALUE` (repeatable): labels added to the image config.
+    pub labels: BTreeMap<String, String>,
+    /// `--reproducible`: strip timestamps so the same inputs give the same digest.
+    pub reproducible: bool,
+    /// `SOURCE_DATE_EPOCH`: clamp layer and config times to this Unix time.
+    pub source_date_epoch: Option<i64>,
+}
+
+/// One build's whole configuration.
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    /// `--context`.
+    pub context: ContextSpec,
+    /// `-f/--dockerfile`: path of the Dockerfile, relative to the context unless absolute.
+    pub dockerfile: PathBuf,
+    /// `--build-arg` values after resolution (`K` alone takes the executor's environment).
+    pub build_args: BTreeMap<String, String>,
+    /// `--target`: the stage to build; the last stage when `None`. Only stages it needs are
+    /// built (kaniko's `--skip-unused-stages`, always on).
+    pub target: Option<String>,
+    /// `--custom-platform`: the platform to build for and to select base images by.
+    pub platform: Option<Platform>,
+    /// `--secret` flags.
+    pub secrets: Vec<SecretSpec>,
+    /// Registry transport and credentials (`--insecure*`, `--skip-tls-verify*`,
+    /// `--registry-*`, `--push-retry`, `--image-download-retry`).
+    pub registry: RegistryOptions,
+    /// `--mode`: how RUN is isolated; `None` detects (in-place inside a container).
+    pub mode: Option<Mode>,
+    /// Snapshot behaviour.
+    pub snapshot: SnapshotOptions,
+    /// Outputs.
+    pub output: OutputOptions,
+    /// `--kaniko-dir`/`--kiln-dir`: Kiln's own directory (work dirs, blob store); never
+    /// snapshotted. Default `/kiln`.
+    pub kiln_dir: PathBuf,
+    /// `--cleanup`: remove the work directory (and in in-place mode, the built filesystem
+    /// changes) after the build.
+    pub cleanup: bool,
+    /// `--force`: build even when not running in a container in in-place mode.
+    pub force: bool,
+    /// `--benchmark-file`: write per-phase timings as JSON here.
+    pub benchmark_file: Option<PathBuf>,
+}
+
+impl BuildOptions {
+    /// Options for building the context directory or URL `context` with its `Dockerfile`,
+    /// everything else at its default.
+    pub fn new(context: impl Into<String>) -> BuildOptions {
+        BuildOptions {
+            context: ContextSpec {
+                source: context.into(),
+                sub_path: None,
+                git: GitOptions::default(),
+            },
+            dockerfile: PathBuf::from("Dockerfile"),
+            build_args: BTreeMap::new(),
+            target: None,
+            platform: None,
+            secrets: Vec::new(),
+            registry: RegistryOptions::default(),
+            mode: None,
+            snapshot: SnapshotOptions::default(),
+            output: OutputOptions {
+                compression: Compression::Gzip,
+                ..OutputOptions::default()
+            },
+            kiln_dir: PathBuf::from("/kiln"),
+            cleanup: false,
+            force: false,
+            benchmark_file: None,
+        }
+    }
+}

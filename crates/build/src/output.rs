@@ -1,0 +1,296 @@
+//! The finished image: its config and manifest, and where it goes — registry destinations,
+//! an OCI layout, a docker-archive, and the digest files kaniko writes. Local files are written
+//! under a temporary name and renamed, and digest files only after every push succeeded, so a
+//! failed build leaves nothing half-written behind.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use futures::future::try_join_all;
+use kiln_fs::blobstore::BlobStore;
+use kiln_oci::archive::{ArchiveLayer, DockerArchiveWriter};
+use kiln_oci::image::{rfc3339_utc, ImageConfig, JsonBlob, ManifestBuilder};
+use kiln_oci::layout::OciLayout;
+use kiln_oci::{Digest, Reference};
+use kiln_registry::{BytesSource, Client, FileSource, PushBlobOptions, Repository};
+
+use crate::base::ImageLayer;
+use crate::error::BuildError;
+use crate::events::BuildEvent;
+use crate::options::OutputOptions;
+
+/// The image documents, ready to be written anywhere.
+#[derive(Debug, Clone)]
+pub struct Image {
+    /// The config document.
+    pub config: JsonBlob,
+    /// The manifest document.
+    pub manifest: JsonBlob,
+    /// Layers, bottom first (all in the blob store).
+    pub layers: Vec<ImageLayer>,
+}
+
+/// Builds the config (with `--label`s and the creation time, unless reproducible) and the
+/// manifest of a finished stage.
+pub fn assemble(
+    config: &ImageConfig,
+    layers: &[ImageLayer],
+    output: &OutputOptions,
+    source_date_epoch: Option<i64>,
+) -> Result<Image, BuildError> {
+    let mut config = config.clone();
+    if !output.labels.is_empty() {
+        let labels = config.config.labels.get_or_insert_with(Default::default);
+        for (k, v) in &output.labels {
+            labels.insert(k.clone(), v.clone());
+        }
+    }
+    config.created = match source_date_epoch {
+        Some(epoch) => Some(rfc3339_utc(epoch)),
+        None => Some(rfc3339_utc(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64),
+        )),
+    };
+    let created = config.created.clone();
+    for entry in &mut config.history {
+        if entry.created.is_none() || source_date_epoch.is_some() {
+            entry.created.clone_from(&created);
+        }
+    }
+    let image_error = |e: kiln_oci::image::ImageError| BuildError::Image(e.to_string());
+    let config_blob = config.to_blob(output.image_format).map_err(image_error)?;
+    let manifest = ManifestBuilder::new(output.image_format)
+        .config(&config_blob)
+        .layers(layers.iter().map(|l| l.descriptor.clone()))
+        .build()
+        .map_err(image_error)?;
+    let manifest_blob = manifest.to_blob().map_err(image_error)?;
+    Ok(Image {
+        config: config_blob,
+        manifest: manifest_blob,
+        layers: layers.to_vec(),
+    })
+}
+
+/// Parses every `--destination` before anything is built, so a typo fails fast.
+pub fn parse_destinations(destinations: &[String]) -> Result<Vec<Reference>, BuildError> {
+    destinations
+        .iter()
+        .map(|d| {
+            Reference::parse(d)
+                .map_err(|e| BuildError::Options(format!("invalid --destination {d:?}: {e}")))
+        })
+        .collect()
+}
+
+/// Pushes the image to every destination: layers concurrently (skipping blobs the repository
+/// has, mounting base layers from their repository on the same registry), then the config,
+/// then the manifest under the destination's tag.
+pub async fn push(
+    client: &Client,
+    blobs: &BlobStore,
+    image: &Image,
+    destinations: &[Reference],
+    emit: &(dyn Fn(BuildEvent) + Send + Sync),
+) -> Result<Digest, BuildError> {
+    for destination in destinations {
+        let repo = Repository::new(destination.registry(), destination.repository())?;
+        let uploads = image.layers.iter().map(|layer| {
+            let repo = repo.clone();
+            async move {
+                let mount_from = layer.origin.clone().filter(|origin| {
+                    origin.registry() == repo.registry() && origin.name() != repo.name()
+                });
+                let source = FileSource::new(blobs.blob_path(&layer.descriptor.digest))
+                    .await
+                    .map_err(|source| BuildError::Io {
+                        path: blobs.blob_path(&layer.descriptor.digest),
+                        source,
+                    })?;
+                let options = PushBlobOptions {
+                    digest: Some(layer.descriptor.digest.clone()),
+                    mount_from,
+                };
+                client.push_blob(&repo, &source, &options).await?;
+                emit(BuildEvent::PushProgress {
+                    destination: destination.to_string(),
+                    digest: layer.descriptor.digest.clone(),
+                    done: layer.descriptor.size,
+                    total: layer.descriptor.size,
+                });
+                Ok::<(), BuildError>(())
+            }
+        });
+        try_join_all(uploads).await?;
+        let config_options = PushBlobOptions {
+            digest: Some(image.config.digest.clone()),
+            mount_from: None,
+        };
+        client
+            .push_blob(
+                &repo,
+                &BytesSource(Bytes::from(image.config.bytes.clone())),
+                &config_options,
+            )
+            .await?;
+        let reference = destination.tag().unwrap_or("latest").to_owned();
+        let pushed = client
+            .put_manifest(
+                &repo,
+                &reference,
+                image.manifest.media_type.as_str(),
+                Bytes::from(image.manifest.bytes.clone()),
+            )
+            .await?;
+        emit(BuildEvent::Pushed {
+            destination: destination.to_string(),
+            digest: pushed,
+        });
+    }
+    Ok(image.manifest.digest.clone())
+}
+
+/// Writes an OCI image layout at `path` (created if missing, tagged `tag`).
+pub fn write_oci_layout(
+    path: &Path,
+    blobs: &BlobStore,
+    image: &Image,
+    tag: &str,
+) -> Result<(), BuildError> {
+    let layout_error =
+        |e: kiln_oci::layout::LayoutError| BuildError::Image(format!("{}: {e}", path.display()));
+    let layout = if path.join("oci-layout").is_file() {
+        OciLayout::open(path).map_err(layout_error)?
+    } else {
+        OciLayout::create(path).map_err(layout_error)?
+    };
+    for layer in &image.layers {
+        if layout.has_blob(&layer.descriptor.digest) {
+            continue;
+        }
+        let blob_path = blobs.blob_path(&layer.descriptor.digest);
+        let file = std::fs::File::open(&blob_path).map_err(|source| BuildError::Io {
+            path: blob_path,
+            source,
+        })?;
+        layout
+            .write_blob(file, Some(&layer.descriptor.digest))
+            .map_err(layout_error)?;
+    }
+    layout
+        .write_json_blob(&image.config)
+        .map_err(layout_error)?;
+    let descriptor = layout
+        .write_json_blob(&image.manifest)
+        .map_err(layout_error)?;
+    layout.tag(tag, descriptor).map_err(layout_error)
+}
+
+/// Writes a docker-archive (`docker load` / `podman load`) at `path`, named by `tags`.
+pub fn write_docker_archive(
+    path: &Path,
+    blobs: &BlobStore,
+    image: &Image,
+    tags: &[Reference],
+) -> Result<(), BuildError> {
+    let temp = temp_sibling(path);
+    let result = (|| {
+        let file = std::fs::File::create(&temp).map_err(|source| BuildError::Io {
+            path: temp.clone(),
+            source,
+        })?;
+        let mut writer = DockerArchiveWriter::new(std::io::BufWriter::new(file));
+        let layers: Vec<ArchiveLayer> = image
+            .layers
+            .iter()
+            .map(|l| {
+                ArchiveLayer::from_descriptor(&l.descriptor).ok_or_else(|| {
+                    BuildError::Image(format!("layer {} has no archive form", l.descriptor.digest))
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        writer
+            .add_image(&image.config, tags, &layers, |layer| {
+                std::fs::File::open(blobs.blob_path(&layer.digest))
+            })
+            .map_err(|e| BuildError::Image(format!("{}: {e}", path.display())))?;
+        let mut out = writer
+            .finish()
+            .map_err(|e| BuildError::Image(format!("{}: {e}", path.display())))?;
+        out.flush().map_err(|source| BuildError::Io {
+            path: temp.clone(),
+            source,
+        })?;
+        Ok(())
+    })();
+    match result {
+        Ok(()) => std::fs::rename(&temp, path).map_err(|source| BuildError::Io {
+            path: path.to_path_buf(),
+            source,
+        }),
+        Err(e) => {
+            let _ = std::fs::remove_file(&temp);
+            Err(e)
+        }
+    }
+}
+
+/// Writes `content` to `path` atomically (temporary sibling, then rename).
+pub fn write_file_atomically(path: &Path, content: &str) -> Result<(), BuildError> {
+    let temp = temp_sibling(path);
+    std::fs::write(&temp, content).map_err(|source| BuildError::Io {
+        path: temp.clone(),
+        source,
+    })?;
+    std::fs::rename(&temp, path).map_err(|source| BuildError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn temp_sibling(path: &Path) -> PathBuf {
+    let mut name = path
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
+    name.push(format!(".kiln-tmp-{}", std::process::id()));
+    path.with_file_name(name)
+}
+
+/// The digest files kaniko writes after a successful push.
+pub fn write_digest_files(
+    output: &OutputOptions,
+    destinations: &[Reference],
+    digest: &Digest,
+) -> Result<(), BuildError> {
+    if let Some(path) = &output.digest_file {
+        write_file_atomically(path, &digest.to_string())?;
+    }
+    if let Some(path) = &output.image_name_with_digest_file {
+        let lines: Vec<String> = destinations
+            .iter()
+            .map(|d| format!("{}@{digest}", d.name()))
+            .collect();
+        write_file_atomically(path, &format!("{}\n", lines.join("\n")))?;
+    }
+    if let Some(path) = &output.image_name_tag_with_digest_file {
+        let lines: Vec<String> = destinations
+            .iter()
+            .map(|d| format!("{}:{}@{digest}", d.name(), d.tag().unwrap_or("latest")))
+            .collect();
+        write_file_atomically(path, &format!("{}\n", lines.join("\n")))?;
+    }
+    Ok(())
+}
+
+/// The tag an OCI layout entry gets: the first destination's tag, else `latest`.
+pub fn layout_tag(destinations: &[Reference]) -> String {
+    destinations
+        .first()
+        .and_then(|d| d.tag())
+        .unwrap_or("latest")
+        .to_owned()
+}

@@ -1,0 +1,631 @@
+//! Executes one stage: prepares its rootfs from its base, runs each step, and turns each step's
+//! changes into a layer in the blob store. Blocking code: it runs on a blocking thread and
+//! reaches the registry through the runtime handle.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use kiln_context::BuildContext;
+use kiln_dockerfile::{Base, FileSource, Instruction, Plan, Source, Step};
+use kiln_fs::blobstore::BlobStore;
+use kiln_fs::layer::{write_layer, LayerOptions};
+use kiln_fs::snapshot::{ChangeKind, Diff, IgnoreOptions, Index, SnapshotOptions, Snapshotter};
+use kiln_oci::image::{Descriptor, History, ImageConfig};
+use kiln_oci::{MediaType, Platform};
+use kiln_registry::Client;
+use kiln_sandbox::{Mode, Sandbox};
+
+use crate::base::{self, ImageLayer};
+use crate::copy::{self, CopyRequest, SourceTree};
+use crate::error::BuildError;
+use crate::events::{BuildEvent, EventSink};
+use crate::metadata;
+use crate::options::BuildOptions;
+use crate::run::{self, RunContext};
+
+/// A finished stage: what later stages (`FROM stage`, `COPY --from`) and the image need.
+#[derive(Debug)]
+pub struct StageOutput {
+    /// The stage's rootfs directory.
+    pub rootfs: PathBuf,
+    /// Its image config (history and diff IDs included).
+    pub config: ImageConfig,
+    /// Its layers, bottom first.
+    pub layers: Vec<ImageLayer>,
+    /// Its environment, inherited by a stage built FROM it.
+    pub env: Vec<(String, String)>,
+    /// The base image, when the stage (or the stage it starts from) came from one.
+    pub base_image: Option<(String, kiln_oci::Digest)>,
+}
+
+/// Everything stages share during one build.
+pub struct Shared {
+    /// The build's options.
+    pub options: BuildOptions,
+    /// Registry client.
+    pub client: Client,
+    /// Content-addressed blobs of this build (and earlier ones in the same Kiln dir).
+    pub blobs: BlobStore,
+    /// The build context.
+    pub context: BuildContext,
+    /// The Dockerfile's name as given, for error messages.
+    pub dockerfile_name: String,
+    /// The Dockerfile's text, for history entries.
+    pub dockerfile_lines: Vec<String>,
+    /// The plan.
+    pub plan: Plan,
+    /// The platform being built.
+    pub platform: Platform,
+    /// This build's work directory.
+    pub work_dir: PathBuf,
+    /// How RUN is isolated.
+    pub mode: Mode,
+    /// Event sink.
+    pub events: EventSink,
+    /// Runtime handle for registry calls from blocking code.
+    pub runtime: tokio::runtime::Handle,
+    /// Finished stages.
+    pub stages: Mutex<HashMap<usize, Arc<StageOutput>>>,
+    /// Images used by `COPY --from=IMAGE`, unpacked once each.
+    pub images: Mutex<HashMap<String, PathBuf>>,
+}
+
+impl Shared {
+    fn emit(&self, event: BuildEvent) {
+        (self.events)(event)
+    }
+
+    fn finished(&self, index: usize) -> Option<Arc<StageOutput>> {
+        self.stages.lock().expect("stage map").get(&index).cloned()
+    }
+
+    fn step_error(&self, line: usize, message: impl Into<String>) -> BuildError {
+        BuildError::Step {
+            file: self.dockerfile_name.clone(),
+            line,
+            message: message.into(),
+        }
+    }
+
+    /// The instruction as written (continuation lines joined), for display and history.
+    fn instruction_text(&self, step: &Step) -> String {
+        let start = step.lines.start.saturating_sub(1);
+        let end = step.lines.end.min(self.dockerfile_lines.len());
+        let mut text = String::new();
+        for line in self.dockerfile_lines.get(start..end).unwrap_or_default() {
+            let trimmed = line.trim();
+            let trimmed = trimmed.strip_suffix('\\').unwrap_or(trimmed).trim();
+            if trimmed.starts_with('#') || trimmed.is_empty() {
+                continue;
+            }
+            if !text.is_empty() {
+                text.push(' ');
+            }
+            text.push_str(trimmed);
+        }
+        text
+    }
+
+    fn layer_options(&self) -> LayerOptions {
+        let compression = match self.options.output.compression {
+            kiln_oci::Compression::None => kiln_fs::compress::Compression::None,
+            kiln_oci::Compression::Gzip => kiln_fs::compress::Compression::Gzip {
+                level: self
+                    .options
+                    .output
+                    .compression_level
+                    .map_or(6, |l| l.clamp(0, 9) as u32),
+            },
+            kiln_oci::Compression::Zstd => kiln_fs::compress::Compression::Zstd {
+                level: self
+                    .options
+                    .output
+                    .compression_level
+                    .map_or(3, |l| l.clamp(1, 22)),
+            },
+        };
+        LayerOptions {
+            compression,
+            source_date_epoch: self.source_date_epoch(),
+            ..LayerOptions::default()
+        }
+    }
+
+    /// `SOURCE_DATE_EPOCH`, or 0 under `--reproducible`, which clamps every new entry's time.
+    pub fn source_date_epoch(&self) -> Option<i64> {
+        self.options
+            .output
+            .source_date_epoch
+            .or(self.options.output.reproducible.then_some(0))
+    }
+}
+
+/// Builds stage `index` of the plan.
+pub fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, BuildError> {
+    let planned = shared
+        .plan
+        .stage(index)
+        .ok_or_else(|| BuildError::Options(format!("stage {index} is not part of the plan")))?;
+    let rootfs = shared.work_dir.join(format!("stage-{index}"));
+    std::fs::create_dir_all(&rootfs).map_err(|source| BuildError::Io {
+        path: rootfs.clone(),
+        source,
+    })?;
+    let from_line = planned.lines.start;
+    let base_text = match &planned.base {
+        Base::Scratch => "scratch".to_owned(),
+        Base::Image(image) => image.clone(),
+        Base::Stage(i) => format!("stage {i}"),
+    };
+    shared.emit(BuildEvent::StageStarted {
+        stage: index,
+        base: base_text,
+    });
+
+    let mut index_of_rootfs = Index::new();
+    let mut rescan = false;
+    let (mut config, mut layers, inherited_env, base_image) = match &planned.base {
+        Base::Scratch => (
+            ImageConfig::new(&shared.platform),
+            Vec::new(),
+            Vec::new(),
+            None,
+        ),
+        Base::Image(image) => {
+            let pulled = shared
+                .runtime
+                .block_on(base::pull(
+                    &shared.client,
+                    &shared.blobs,
+                    image,
+                    &shared.platform,
+                    &*shared.events,
+                ))
+                .map_err(|e| shared.step_error(from_line, format!("FROM {image}: {e}")))?;
+            base::unpack_into(&rootfs, &pulled.layers, &shared.blobs, &mut index_of_rootfs)
+                .map_err(|e| shared.step_error(from_line, format!("FROM {image}: {e}")))?;
+            let env = metadata::env_pairs(&pulled.config.config);
+            let base = Some((pulled.reference.to_string(), pulled.manifest_digest.clone()));
+            (pulled.config, pulled.layers, env, base)
+        }
+        Base::Stage(i) => {
+            let parent = shared.finished(*i).ok_or_else(|| {
+                shared.step_error(from_line, format!("stage {i} has not been built"))
+            })?;
+            copy_tree_contents(&parent.rootfs, &rootfs)?;
+            rescan = true;
+            (
+                parent.config.clone(),
+                parent.layers.clone(),
+                parent.env.clone(),
+                parent.base_image.clone(),
+            )
+        }
+    };
+    if config
+        .config
+        .on_build
+        .as_ref()
+        .is_some_and(|t| !t.is_empty())
+    {
+        return Err(shared.step_error(
+            from_line,
+            "the base image has ONBUILD triggers, which Kiln does not run yet",
+        ));
+    }
+    config.config.on_build = None;
+    config.created = None;
+
+    let snapshot_options = SnapshotOptions {
+        mode: shared.options.snapshot.mode,
+        ignore: IgnoreOptions {
+            var_run: shared.options.snapshot.ignore_var_run,
+            extra: shared.options.snapshot.ignore_paths.clone(),
+            ..IgnoreOptions::default()
+        },
+    };
+    let mut snapshotter = Snapshotter::new(&rootfs, index_of_rootfs, &snapshot_options)
+        .map_err(|e| BuildError::Image(e.to_string()))?;
+    if rescan {
+        snapshotter
+            .rescan()
+            .map_err(|e| BuildError::Image(e.to_string()))?;
+    }
+    let sandbox: Box<dyn Sandbox> = kiln_sandbox::open(shared.mode, &rootfs).map_err(|e| {
+        shared.step_error(from_line, format!("cannot prepare the RUN sandbox: {e}"))
+    })?;
+
+    let steps = planned
+        .steps(&inherited_env)
+        .map_err(|e| BuildError::Dockerfile(e.to_string()))?;
+    let mut cmd_inherited = config.config.cmd.is_some();
+    let layer_options = shared.layer_options();
+    let mut stage = StageRun {
+        shared,
+        index,
+        rootfs: &rootfs,
+        snapshotter: &mut snapshotter,
+        layer_options: &layer_options,
+    };
+
+    for (step_no, step) in steps.steps.iter().enumerate() {
+        let started = Instant::now();
+        let line = step.lines.start;
+        let text = shared.instruction_text(step);
+        shared.emit(BuildEvent::StepStarted {
+            stage: index,
+            step: step_no,
+            line,
+            instruction: text.clone(),
+        });
+        let history = History {
+            created_by: Some(text.clone()),
+            comment: Some("kiln".to_owned()),
+            ..History::default()
+        };
+        let diff = match &step.instruction {
+            Instruction::Run(run_command) => {
+                let scratch = shared.work_dir.join(format!("scratch-{index}-{step_no}"));
+                let stage_root = |i: usize| shared.finished(i).map(|s| s.rootfs.clone());
+                let ctx = RunContext {
+                    stage: index,
+                    step: step_no,
+                    context_root: shared.context.root(),
+                    stage_root: &stage_root,
+                    scratch: &scratch,
+                    cache_mounts: &shared.options.kiln_dir.join("mount-cache"),
+                    secrets: &shared.options.secrets,
+                    emit: &*shared.events,
+                };
+                let outcome =
+                    run::run(&*sandbox, &ctx, run_command, &config.config, step.run_env());
+                let _ = std::fs::remove_dir_all(&scratch);
+                let outcome = outcome.map_err(|e| shared.step_error(line, format!("RUN: {e}")))?;
+                if !outcome.status.success() {
+                    return Err(BuildError::RunFailed {
+                        file: shared.dockerfile_name.clone(),
+                        line,
+                        code: outcome.status.code(),
+                    });
+                }
+                let restored: Vec<PathBuf> = outcome
+                    .restored_dirs
+                    .iter()
+                    .map(|d| copy::clean_relative(d))
+                    .collect();
+                Some(stage.snapshot_after_run(&restored, line)?)
+            }
+            Instruction::Copy(files) => {
+                let written = stage.copy(
+                    &files.sources,
+                    &files.dest,
+                    files.from.as_ref(),
+                    files.chown.as_deref(),
+                    files.chmod.as_ref(),
+                    &config,
+                    line,
+                    &files.exclude,
+                    files.parents,
+                )?;
+                Some(stage.snapshot_paths(&written, line)?)
+            }
+            Instruction::Add(files) => {
+                for source in &files.sources {
+                    if let FileSource::Path(p) = source {
+                        if p.contains("://") || p.starts_with("git@") {
+                            return Err(shared.step_error(
+                                line,
+                                format!("ADD {p}: remote sources are not supported yet"),
+                            ));
+                        }
+                        if is_archive_name(p) {
+                            return Err(shared.step_error(
+                                line,
+                                format!("ADD {p}: archive extraction is not supported yet"),
+                            ));
+                        }
+                    }
+                }
+                let written = stage.copy(
+                    &files.sources,
+                    &files.dest,
+                    None,
+                    files.chown.as_deref(),
+                    files.chmod.as_ref(),
+                    &config,
+                    line,
+                    &files.exclude,
+                    false,
+                )?;
+                Some(stage.snapshot_paths(&written, line)?)
+            }
+            Instruction::Workdir(dir) => {
+                let current = config
+                    .config
+                    .working_dir
+                    .clone()
+                    .unwrap_or_else(|| "/".into());
+                let absolute = Path::new("/").join(&current).join(dir);
+                let rel = copy::clean_relative(&absolute);
+                config.config.working_dir = Some(format!("/{}", rel.display()));
+                if rel.as_os_str().is_empty() || rootfs.join(&rel).is_dir() {
+                    None
+                } else {
+                    let user = config.config.user.clone().unwrap_or_default();
+                    let (uid, gid) = resolve_ids(&rootfs, &user, false)
+                        .map_err(|e| shared.step_error(line, format!("WORKDIR: {e}")))?;
+                    let created = copy::make_dirs(&rootfs, &rel, uid, gid)
+                        .map_err(|e| shared.step_error(line, format!("WORKDIR: {e}")))?;
+                    Some(stage.snapshot_paths(&created, line)?)
+                }
+            }
+            Instruction::Maintainer(name) => {
+                config.author = Some(name.clone());
+                None
+            }
+            Instruction::Arg(_) => None,
+            other => {
+                metadata::apply(&mut config.config, other, &mut cmd_inherited);
+                None
+            }
+        };
+        match diff {
+            Some(diff) if !diff.is_empty() => {
+                let layer = stage.write_layer(&diff, step_no, line)?;
+                config.push_layer(layer.diff_id.clone(), history);
+                layers.push(layer);
+            }
+            _ if matches!(step.instruction, Instruction::Arg(_)) => {}
+            _ => config.push_empty_layer_history(history),
+        }
+        shared.emit(BuildEvent::StepFinished {
+            stage: index,
+            step: step_no,
+            duration: started.elapsed(),
+            cached: false,
+        });
+    }
+    Ok(StageOutput {
+        rootfs,
+        config,
+        layers,
+        env: steps.env,
+        base_image,
+    })
+}
+
+fn is_archive_name(path: &str) -> bool {
+    [
+        ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar.zst",
+    ]
+    .iter()
+    .any(|ext| path.ends_with(ext))
+}
+
+/// `--chown` / USER resolution: `user[:group]` by name or id against the rootfs's passwd and
+/// group files. For `--chown`, a missing group means "same number as the uid" (Docker's rule);
+/// for USER (WORKDIR ownership), the user's primary group.
+fn resolve_ids(rootfs: &Path, spec: &str, chown_rule: bool) -> Result<(u32, u32), String> {
+    if spec.is_empty() {
+        return Ok((0, 0));
+    }
+    let (user, group) = match spec.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (spec, None),
+    };
+    let resolved = kiln_sandbox::resolve_user(rootfs, user).map_err(|e| e.to_string())?;
+    let gid = match group {
+        Some(g) if !g.is_empty() => {
+            kiln_sandbox::resolve_user(rootfs, &format!("0:{g}"))
+                .map_err(|e| e.to_string())?
+                .gid
+        }
+        _ if chown_rule => resolved.uid,
+        _ => resolved.gid,
+    };
+    Ok((resolved.uid, gid))
+}
+
+fn copy_tree_contents(from: &Path, to: &Path) -> Result<(), BuildError> {
+    let status = std::process::Command::new("cp")
+        .args(["-a", "--reflink=auto"])
+        .arg(format!("{}/.", from.display()))
+        .arg(to)
+        .status()
+        .map_err(|source| BuildError::Io {
+            path: to.to_path_buf(),
+            source,
+        })?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(BuildError::Image(format!(
+            "copying stage rootfs {} to {} failed",
+            from.display(),
+            to.display()
+        )))
+    }
+}
+
+struct StageRun<'a> {
+    shared: &'a Shared,
+    index: usize,
+    rootfs: &'a Path,
+    snapshotter: &'a mut Snapshotter,
+    layer_options: &'a LayerOptions,
+}
+
+impl StageRun<'_> {
+    fn snapshot_after_run(
+        &mut self,
+        restored: &[PathBuf],
+        line: usize,
+    ) -> Result<Diff, BuildError> {
+        let before: Vec<_> = restored
+            .iter()
+            .filter_map(|p| {
+                self.snapshotter
+                    .index()
+                    .get(p)
+                    .cloned()
+                    .map(|e| (p.clone(), e))
+            })
+            .collect();
+        let mut diff = self
+            .snapshotter
+            .snapshot()
+            .map_err(|e| self.shared.step_error(line, format!("snapshot: {e}")))?;
+        // The sandbox created and removed mount targets in these directories and restored their
+        // times: only their ctime moved, which is no change an image can show.
+        diff.changes.retain(|change| {
+            change.kind != ChangeKind::Modified
+                || !before.iter().any(|(path, old)| {
+                    *path == change.path
+                        && change
+                            .entry
+                            .as_ref()
+                            .is_some_and(|new| new.same_visible_stat(old))
+                })
+        });
+        Ok(diff)
+    }
+
+    fn snapshot_paths(&mut self, written: &[PathBuf], line: usize) -> Result<Diff, BuildError> {
+        self.snapshotter
+            .snapshot_paths(written)
+            .map_err(|e| self.shared.step_error(line, format!("snapshot: {e}")))
+    }
+
+    fn write_layer(
+        &mut self,
+        diff: &Diff,
+        step: usize,
+        line: usize,
+    ) -> Result<ImageLayer, BuildError> {
+        let blob = write_layer(self.rootfs, diff, &self.shared.blobs, self.layer_options)
+            .map_err(|e| self.shared.step_error(line, format!("writing layer: {e}")))?;
+        self.shared.emit(BuildEvent::LayerCreated {
+            stage: self.index,
+            step,
+            digest: blob.digest.clone(),
+            diff_id: blob.diff_id.clone(),
+            size: blob.size,
+        });
+        Ok(ImageLayer {
+            descriptor: Descriptor::new(MediaType::parse(blob.media_type), blob.digest, blob.size),
+            diff_id: blob.diff_id,
+            origin: None,
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn copy(
+        &mut self,
+        sources: &[FileSource],
+        dest: &str,
+        from: Option<&Source>,
+        chown: Option<&str>,
+        chmod: Option<&kiln_dockerfile::Chmod>,
+        config: &ImageConfig,
+        line: usize,
+        exclude: &[String],
+        parents: bool,
+    ) -> Result<Vec<PathBuf>, BuildError> {
+        let shared = self.shared;
+        if !exclude.is_empty() {
+            return Err(shared.step_error(line, "COPY --exclude is not supported yet"));
+        }
+        if parents {
+            return Err(shared.step_error(line, "COPY --parents is not supported yet"));
+        }
+        let owner = match chown {
+            Some(spec) => Some(
+                resolve_ids(self.rootfs, spec, true)
+                    .map_err(|e| shared.step_error(line, format!("--chown={spec}: {e}")))?,
+            ),
+            None => None,
+        };
+        let workdir = config
+            .config
+            .working_dir
+            .clone()
+            .unwrap_or_else(|| "/".into());
+        let request = CopyRequest {
+            sources,
+            dest,
+            workdir: &workdir,
+            owner,
+            chmod,
+        };
+        let result = match from {
+            None => {
+                let ignore = shared.context.ignore();
+                let context_root = shared.context.root().to_path_buf();
+                let include = |rel: &Path| {
+                    let text = rel.to_string_lossy();
+                    !ignore.is_excluded(&text)
+                        || (context_root.join(rel).is_dir() && ignore.has_exception_under(&text))
+                };
+                let tree = SourceTree {
+                    root: &context_root,
+                    include: &include,
+                    keep_owner: false,
+                };
+                copy::copy(self.rootfs, &tree, &request)
+            }
+            Some(Source::Stage(i)) => {
+                let stage = shared.finished(*i).ok_or_else(|| {
+                    shared.step_error(line, format!("COPY --from: stage {i} has not been built"))
+                })?;
+                let include = |_: &Path| true;
+                let tree = SourceTree {
+                    root: &stage.rootfs,
+                    include: &include,
+                    keep_owner: true,
+                };
+                copy::copy(self.rootfs, &tree, &request)
+            }
+            Some(Source::Image(image)) => {
+                let root = self.image_rootfs(image, line)?;
+                let include = |_: &Path| true;
+                let tree = SourceTree {
+                    root: &root,
+                    include: &include,
+                    keep_owner: true,
+                };
+                copy::copy(self.rootfs, &tree, &request)
+            }
+        };
+        result.map_err(|e| shared.step_error(line, format!("COPY failed: {e}")))
+    }
+
+    /// Pulls and unpacks an image named by `COPY --from`, once per build.
+    fn image_rootfs(&self, image: &str, line: usize) -> Result<PathBuf, BuildError> {
+        let shared = self.shared;
+        let mut images = shared.images.lock().expect("image map");
+        if let Some(path) = images.get(image) {
+            return Ok(path.clone());
+        }
+        let pulled = shared
+            .runtime
+            .block_on(base::pull(
+                &shared.client,
+                &shared.blobs,
+                image,
+                &shared.platform,
+                &*shared.events,
+            ))
+            .map_err(|e| shared.step_error(line, format!("COPY --from={image}: {e}")))?;
+        let root = shared.work_dir.join(format!("image-{}", images.len()));
+        std::fs::create_dir_all(&root).map_err(|source| BuildError::Io {
+            path: root.clone(),
+            source,
+        })?;
+        base::unpack_into(&root, &pulled.layers, &shared.blobs, &mut Index::new())
+            .map_err(|e| shared.step_error(line, format!("COPY --from={image}: {e}")))?;
+        images.insert(image.to_owned(), root.clone());
+        Ok(root)
+    }
+}

@@ -1,0 +1,3 @@
+#!/bin/sh
+cat /app/shout.txt
+echo "and hello from $WHO"
