@@ -61,7 +61,7 @@ pub async fn pull(
         .get_manifest(&repo, &reference.manifest_reference())
         .await?;
     let manifest = loop {
-        match AnyManifest::parse(Some(&fetched.media_type), &fetched.bytes)
+        match AnyManifest::parse(Some(fetched.media_type.as_str()), &fetched.bytes)
             .map_err(|e| BuildError::Image(format!("{reference}: {e}")))?
         {
             AnyManifest::Manifest(m) => break m,

@@ -141,7 +141,7 @@ pub async fn push(
             .put_manifest(
                 &repo,
                 &reference,
-                image.manifest.media_type.as_str(),
+                &image.manifest.media_type,
                 Bytes::from(image.manifest.bytes.clone()),
             )
             .await?;
