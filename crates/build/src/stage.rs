@@ -204,17 +204,12 @@ pub fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, BuildEr
             )
         }
     };
-    if config
-        .config
-        .on_build
-        .as_ref()
-        .is_some_and(|t| !t.is_empty())
-    {
-        return Err(shared.step_error(
-            from_line,
-            "the base image has ONBUILD triggers, which Kiln does not run yet",
-        ));
-    }
+    // ONBUILD triggers of an image base run first, as if written right after FROM; a stage
+    // built FROM another stage of this Dockerfile does not run that stage's own triggers.
+    let triggers = match planned.base {
+        Base::Image(_) => config.config.on_build.clone().unwrap_or_default(),
+        _ => Vec::new(),
+    };
     config.config.on_build = None;
     config.created = None;
 
@@ -238,7 +233,7 @@ pub fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, BuildEr
     })?;
 
     let steps = planned
-        .steps(&inherited_env)
+        .steps_with_triggers(&inherited_env, &triggers)
         .map_err(|e| BuildError::Dockerfile(e.to_string()))?;
     let mut cmd_inherited = config.config.cmd.is_some();
     let layer_options = shared.layer_options();
