@@ -1109,7 +1109,18 @@ fn location_of(resp: &Response, request_url: &Url, ctx: Ctx<'_>) -> Result<Url, 
         .get(LOCATION)
         .and_then(|v| v.to_str().ok())
         .ok_or_else(|| Error::invalid(ctx.target, ctx.operation, "no Location header"))?;
-    join(request_url, location, ctx)
+    let mut url = join(request_url, location, ctx)?;
+    // A registry behind a TLS-terminating proxy sees plain HTTP and writes `http://` into
+    // absolute Locations on its own host. Following that would downgrade the session (and
+    // fail on the TLS port), so keep the scheme and port the request used.
+    if request_url.scheme() == "https" && url.scheme() == "http" && url.host() == request_url.host()
+    {
+        let port = url.port().or(request_url.port());
+        if url.set_scheme("https").is_ok() {
+            let _ = url.set_port(port);
+        }
+    }
+    Ok(url)
 }
 
 fn header_digest(headers: &HeaderMap) -> Option<Digest> {
@@ -1199,6 +1210,39 @@ mod tests {
         );
         headers.insert(LINK, "<http://x/other>; rel=\"prev\"".parse().unwrap());
         assert_eq!(next_link(&headers), None);
+    }
+
+    #[test]
+    fn https_sessions_are_not_downgraded_by_absolute_locations() {
+        let ctx = Ctx {
+            target: "r",
+            operation: Operation::Push,
+        };
+        let answer = |location: &str| {
+            let resp = http::Response::builder()
+                .status(202)
+                .header(LOCATION, location)
+                .body(Vec::<u8>::new())
+                .unwrap();
+            Response::from(resp)
+        };
+        let request = Url::parse("https://reg.example:5443/v2/a/blobs/uploads/").unwrap();
+        let same_host = location_of(
+            &answer("http://reg.example:5443/v2/a/blobs/uploads/u?x=1"),
+            &request,
+            ctx,
+        )
+        .unwrap();
+        assert_eq!(
+            same_host.as_str(),
+            "https://reg.example:5443/v2/a/blobs/uploads/u?x=1"
+        );
+        let no_port = location_of(&answer("http://reg.example/v2/a/u"), &request, ctx).unwrap();
+        assert_eq!(no_port.as_str(), "https://reg.example:5443/v2/a/u");
+        let relative = location_of(&answer("/v2/a/u"), &request, ctx).unwrap();
+        assert_eq!(relative.as_str(), "https://reg.example:5443/v2/a/u");
+        let elsewhere = location_of(&answer("http://storage.example/x"), &request, ctx).unwrap();
+        assert_eq!(elsewhere.as_str(), "http://storage.example/x");
     }
 
     #[test]

@@ -288,3 +288,43 @@ fn credentials_never_show_in_debug_output() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_certificate_for_mutual_tls() {
+    let registry = Registry::start();
+    let tls = make_tls();
+    let proxy = start_mtls_proxy(registry.socket_addr(), &tls)
+        .await
+        .to_string();
+    let repo = Repository::new(&proxy, "mtls/app").unwrap();
+    let image = make_image("mutual tls", 20_000);
+
+    let mut options = tls_options(Keychain::anonymous(), &proxy, &tls);
+    options
+        .add_registry_client_certificate(&format!(
+            "{proxy}={},{}",
+            tls.client_cert.display(),
+            tls.client_key.display()
+        ))
+        .unwrap();
+    let client = Client::new(options).unwrap();
+    assert_eq!(
+        push_with_kiln(&client, &repo, &image, "v1").await,
+        image.manifest_digest
+    );
+    let pulled = skopeo_pull(
+        &format!("{proxy}/mtls/app:v1"),
+        &[
+            "--src-cert-dir".into(),
+            tls.client_cert_dir.display().to_string(),
+        ],
+    )
+    .await;
+    assert_eq!(pulled, image.manifest_digest);
+
+    // Without the client certificate the handshake is refused (and plain HTTP is no way in).
+    let without = Client::new(tls_options(Keychain::anonymous(), &proxy, &tls)).unwrap();
+    let err = without.get_manifest(&repo, "v1").await.unwrap_err();
+    assert!(matches!(err, Error::Transport { .. }), "{err}");
+    assert!(err.to_string().starts_with(&proxy), "{err}");
+}

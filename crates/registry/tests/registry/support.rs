@@ -226,6 +226,14 @@ pub struct TestTls {
     pub key: PathBuf,
     /// A directory with `ca.crt`, for skopeo's `--src-cert-dir`/`--dest-cert-dir`.
     pub cert_dir: PathBuf,
+    /// A client certificate and key signed by the same CA, for mutual TLS.
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+    /// Like `cert_dir`, plus the client certificate as `client.cert`/`client.key`.
+    pub client_cert_dir: PathBuf,
+    pub ca_der: Vec<u8>,
+    pub server_cert_der: Vec<u8>,
+    pub server_key_der: Vec<u8>,
 }
 
 pub fn make_tls() -> TestTls {
@@ -247,13 +255,35 @@ pub fn make_tls() -> TestTls {
         .distinguished_name
         .push(DnType::CommonName, "kiln test registry");
     let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+    let client_key = KeyPair::generate().unwrap();
+    let mut client_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    client_params
+        .distinguished_name
+        .push(DnType::CommonName, "kiln test client");
+    let client_cert = client_params.signed_by(&client_key, &ca, &ca_key).unwrap();
     let paths = TestTls {
         ca: dir.path().join("ca.pem"),
         cert: dir.path().join("server.pem"),
         key: dir.path().join("server.key"),
         cert_dir: dir.path().join("certs.d"),
+        client_cert: dir.path().join("client.pem"),
+        client_key: dir.path().join("client-key.pem"),
+        client_cert_dir: dir.path().join("client-certs.d"),
+        ca_der: ca.der().to_vec(),
+        server_cert_der: cert.der().to_vec(),
+        server_key_der: key.serialize_der(),
         _dir: dir,
     };
+    std::fs::write(&paths.client_cert, client_cert.pem()).unwrap();
+    std::fs::write(&paths.client_key, client_key.serialize_pem()).unwrap();
+    std::fs::create_dir(&paths.client_cert_dir).unwrap();
+    std::fs::write(paths.client_cert_dir.join("ca.crt"), ca.pem()).unwrap();
+    std::fs::write(paths.client_cert_dir.join("client.cert"), client_cert.pem()).unwrap();
+    std::fs::write(
+        paths.client_cert_dir.join("client.key"),
+        client_key.serialize_pem(),
+    )
+    .unwrap();
     std::fs::write(&paths.ca, ca.pem()).unwrap();
     std::fs::write(&paths.cert, cert.pem()).unwrap();
     std::fs::write(&paths.key, key.serialize_pem()).unwrap();
@@ -649,4 +679,50 @@ fn rfc3339_now() -> String {
         rem % 3600 / 60,
         rem % 60
     )
+}
+
+/// A TLS terminator in front of a plain-HTTP registry that demands a client certificate signed
+/// by the test CA (distribution's `http.tls.clientcas`, which the test registry config does
+/// not expose).
+pub async fn start_mtls_proxy(upstream: SocketAddr, tls: &TestTls) -> SocketAddr {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from(tls.ca_der.clone())).unwrap();
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            vec![CertificateDer::from(tls.server_cert_der.clone())],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(tls.server_key_der.clone())),
+        )
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((conn, _)) = listener.accept().await else {
+                return;
+            };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls_conn) = acceptor.accept(conn).await else {
+                    return;
+                };
+                let Ok(mut upstream_conn) = TcpStream::connect(upstream).await else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut tls_conn, &mut upstream_conn).await;
+            });
+        }
+    });
+    addr
 }
