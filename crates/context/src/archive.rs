@@ -58,6 +58,7 @@ pub fn extract_tar(reader: impl Read, dest: &Path, source_name: &str) -> Result<
         entry: entry.to_owned(),
         reason: reason.to_owned(),
     };
+    // SAFETY: geteuid has no preconditions and cannot fail.
     let running_as_root = unsafe { libc::geteuid() } == 0;
 
     let mut archive = tar::Archive::new(reader);
