@@ -351,6 +351,17 @@ struct Signer {
 
 impl TokenServer {
     pub async fn start(user: &str, password: &str, refresh_token: &str) -> TokenServer {
+        Self::start_with_lifetime(user, password, refresh_token, 300).await
+    }
+
+    /// Like `start`, announcing `expires_in` seconds of validity (the JWT itself stays valid
+    /// for at least five minutes, so only the client's cache decides when to renew).
+    pub async fn start_with_lifetime(
+        user: &str,
+        password: &str,
+        refresh_token: &str,
+        expires_in: u64,
+    ) -> TokenServer {
         let dir = tempfile::tempdir().unwrap();
         let key_pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
         let mut params =
@@ -460,11 +471,11 @@ impl TokenServer {
                                 sign_token(&signer, &issuer, &service, &subject, &scopes, 300);
                             let body = serde_json::json!({
                                 "token": token, "access_token": token,
-                                "expires_in": 300, "issued_at": rfc3339_now(),
+                                "expires_in": expires_in, "issued_at": rfc3339_now(),
                             });
                             let body = if request_line.starts_with("POST ") {
                                 // OAuth2 answers carry only access_token.
-                                serde_json::json!({"access_token": token, "expires_in": 300})
+                                serde_json::json!({"access_token": token, "expires_in": expires_in})
                                     .to_string()
                             } else {
                                 body.to_string()

@@ -155,3 +155,31 @@ async fn identity_token_and_registry_token() {
         .unwrap_err();
     assert_eq!(err.status().map(|s| s.as_u16()), Some(401), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_cached_per_scope_until_they_expire() {
+    let issuer = TokenServer::start_with_lifetime(USER, PASSWORD, REFRESH, 2).await;
+    let registry = Registry::start_with(RegistryConfig {
+        auth: Some(issuer.registry_auth_yaml()),
+        tls: None,
+    });
+    let addr = registry.addr();
+    let secret = mounted_docker_config(&serde_json::json!({
+        "auths": { addr.clone(): basic_auth_entry(USER, PASSWORD) }
+    }));
+    let client = Client::new(test_options(keychain_for(secret.path()))).unwrap();
+    let repo = Repository::new(&addr, "tokens/expiring").unwrap();
+    let image = make_image("expiring", 1_000);
+    push_with_kiln(&client, &repo, &image, "v1").await;
+    assert_eq!(issuer.requests.load(Ordering::SeqCst), 1);
+
+    // A different scope (pull only) needs its own token; repeating it does not.
+    client.get_manifest(&repo, "v1").await.unwrap();
+    client.head_manifest(&repo, "v1").await.unwrap();
+    assert_eq!(issuer.requests.load(Ordering::SeqCst), 2);
+
+    // After expires_in, the next request fetches a fresh token.
+    tokio::time::sleep(std::time::Duration::from_millis(2_200)).await;
+    client.get_manifest(&repo, "v1").await.unwrap();
+    assert_eq!(issuer.requests.load(Ordering::SeqCst), 3);
+}
