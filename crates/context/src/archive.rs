@@ -8,7 +8,7 @@
 //! they are stored, not followed.
 
 use std::ffi::OsStr;
-use std::fs::{self, File, FileTimes, OpenOptions};
+use std::fs::{self, FileTimes, OpenOptions};
 use std::io::{self, Read};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -89,7 +89,7 @@ pub fn extract_tar(reader: impl Read, dest: &Path, source_name: &str) -> Result<
         if relative.as_os_str().is_empty() {
             // The archive's own root ("./"): only its mode matters.
             if kind == EntryType::Directory {
-                directories.push((dest.to_owned(), mode, mtime));
+                directories.push((PathBuf::new(), mode, mtime));
             }
             continue;
         }
@@ -122,7 +122,7 @@ pub fn extract_tar(reader: impl Read, dest: &Path, source_name: &str) -> Result<
                     fs::create_dir(&target)
                         .map_err(|e| io_error("create directory", &target, e))?;
                 }
-                directories.push((target.clone(), mode, mtime));
+                directories.push((relative.clone(), mode, mtime));
             }
             EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
                 replace(false)?;
@@ -191,13 +191,31 @@ pub fn extract_tar(reader: impl Read, dest: &Path, source_name: &str) -> Result<
         }
     }
 
-    for (path, mode, mtime) in directories.iter().rev() {
-        fs::set_permissions(path, fs::Permissions::from_mode(*mode))
-            .map_err(|e| io_error("set mode of", path, e))?;
+    for (relative, mode, mtime) in directories.iter().rev() {
+        // A later entry may have replaced the directory, or one of its parents, with a
+        // symlink; applying the mode through it would change something outside `dest`.
+        if passes_through_symlink(dest, relative) {
+            continue;
+        }
+        let path = dest.join(relative);
+        let dir = match OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_DIRECTORY)
+            .open(&path)
+        {
+            Ok(dir) => dir,
+            // Replaced by a file or removed by a later entry: nothing to apply.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTDIR) | Some(libc::ELOOP)) => {
+                continue
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(io_error("open", &path, e)),
+        };
+        dir.set_permissions(fs::Permissions::from_mode(*mode))
+            .map_err(|e| io_error("set mode of", &path, e))?;
         if let Some(mtime) = mtime {
-            let dir = File::open(path).map_err(|e| io_error("open", path, e))?;
             dir.set_times(FileTimes::new().set_modified(*mtime))
-                .map_err(|e| io_error("set times of", path, e))?;
+                .map_err(|e| io_error("set times of", &path, e))?;
         }
     }
     Ok(())

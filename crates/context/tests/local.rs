@@ -261,6 +261,40 @@ async fn hostile_tarballs_are_rejected() {
 }
 
 #[tokio::test]
+async fn directory_modes_are_never_applied_through_a_later_symlink() {
+    use tar::EntryType;
+    let tmp = tempfile::tempdir().unwrap();
+    let outside = tmp.path().join("outside");
+    fs::create_dir(&outside).unwrap();
+    fs::set_permissions(&outside, fs::Permissions::from_mode(0o755)).unwrap();
+    let outside_bytes = outside.as_os_str().as_encoded_bytes().to_vec();
+    let mut b = tar::Builder::new(Vec::new());
+    let mut dir = tar::Header::new_gnu();
+    dir.as_gnu_mut().unwrap().name[..2].copy_from_slice(b"d/");
+    dir.set_entry_type(EntryType::Directory);
+    dir.set_size(0);
+    dir.set_mode(0o700);
+    dir.set_mtime(0);
+    dir.set_cksum();
+    b.append(&dir, &[][..]).unwrap();
+    raw_entry(&mut b, b"d", EntryType::Symlink, Some(&outside_bytes), b"");
+    let archive_path = tmp.path().join("swap.tar");
+    fs::write(&archive_path, b.into_inner().unwrap()).unwrap();
+    let before = fs::metadata(&outside).unwrap().modified().unwrap();
+    let options = ContextOptions::new(tmp.path().join("work"));
+    let context = open_context(&format!("tar://{}", archive_path.display()), &options)
+        .await
+        .unwrap();
+    assert!(fs::symlink_metadata(context.root().join("d"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    let after = fs::metadata(&outside).unwrap();
+    assert_eq!(after.permissions().mode() & 0o777, 0o755);
+    assert_eq!(after.modified().unwrap(), before);
+}
+
+#[tokio::test]
 async fn a_file_entry_replaces_a_symlink_instead_of_writing_through_it() {
     use tar::EntryType;
     let tmp = tempfile::tempdir().unwrap();
