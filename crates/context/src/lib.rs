@@ -9,7 +9,9 @@
 //! plus `.dockerignore` rules (with Docker's per-Dockerfile `NAME.dockerignore`).
 //!
 //! [`BuildContext::resolve_sources`] and [`BuildContext::walk`] give COPY/ADD what they may
-//! see, and [`BuildContext::hash_sources`] the content hash their cache keys need.
+//! see, and [`BuildContext::hash_sources`] the content hash their cache keys need. Those are
+//! blocking filesystem calls (hashing fans out over rayon's pool): async callers run them with
+//! `tokio::task::spawn_blocking`. Only [`open_context`] is async, for the network sources.
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), kiln_context::ContextError> {

@@ -164,8 +164,16 @@ impl BuildContext {
         };
         let candidates: Vec<String> = if has_meta(element) {
             let (_, dir) = self.resolve_in_root(&prefix)?;
-            let Ok(listing) = std::fs::read_dir(&dir) else {
-                return Ok(());
+            let listing = match std::fs::read_dir(&dir) {
+                Ok(listing) => listing,
+                // Nothing to match in a missing directory or in a file.
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::NotFound
+                        || e.raw_os_error() == Some(libc::ENOTDIR) =>
+                {
+                    return Ok(())
+                }
+                Err(e) => return Err(ContextError::io(&self.description, "list", &dir, e)),
             };
             let mut names = Vec::new();
             for entry in listing {
