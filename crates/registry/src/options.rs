@@ -51,6 +51,11 @@ pub struct RegistryOptions {
     pub skip_tls_verify_registries: Vec<String>,
     /// CA certificates (PEM files) trusted for every registry, on top of the built-in roots.
     pub ca_certificates: Vec<PathBuf>,
+    /// Also trust the system's CA certificates the way Go programs such as kaniko find them:
+    /// `SSL_CERT_FILE` (or the distribution's bundle, e.g. `/etc/ssl/certs/ca-certificates.crt`)
+    /// and the PEM files in the `SSL_CERT_DIR` directories. This is how a Pod adds a private
+    /// CA without flags. The built-in Mozilla roots are always trusted.
+    pub system_ca_certificates: bool,
     /// `--registry-certificate REGISTRY=PATH`: extra CA certificates for one registry.
     pub registry_certificates: Vec<(String, PathBuf)>,
     /// `--registry-client-cert REGISTRY=CERT,KEY`: client certificates per registry.
@@ -97,6 +102,7 @@ impl Default for RegistryOptions {
             skip_tls_verify_pull: false,
             skip_tls_verify_registries: Vec::new(),
             ca_certificates: Vec::new(),
+            system_ca_certificates: true,
             registry_certificates: Vec::new(),
             registry_client_certificates: Vec::new(),
             registry_mirrors: Vec::new(),

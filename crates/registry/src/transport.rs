@@ -92,6 +92,9 @@ impl Inner {
             registry_roots: Vec::new(),
             identities: Vec::new(),
         };
+        if options.system_ca_certificates {
+            tls.global_roots.extend(system_roots());
+        }
         for path in &options.ca_certificates {
             tls.global_roots.extend(parse_roots("*", path)?);
         }
@@ -543,6 +546,61 @@ impl Inner {
     }
 }
 
+/// Where Go's crypto/x509 looks for the system bundle on Linux, in its order.
+const SYSTEM_BUNDLES: [&str; 6] = [
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/ca-bundle.pem",
+    "/etc/pki/tls/cacert.pem",
+    "/etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem",
+    "/etc/ssl/cert.pem",
+];
+
+/// The system's CA certificates: `SSL_CERT_FILE` or the first bundle found, plus every PEM
+/// file in the `SSL_CERT_DIR` directories. Unreadable or malformed files are skipped: they
+/// were not named by the user, and the built-in roots remain.
+fn system_roots() -> Vec<reqwest::Certificate> {
+    system_roots_from(|name| std::env::var_os(name), &SYSTEM_BUNDLES)
+}
+
+fn system_roots_from(
+    env: impl Fn(&str) -> Option<std::ffi::OsString>,
+    bundles: &[&str],
+) -> Vec<reqwest::Certificate> {
+    let env_path = |name: &str| env(name).filter(|v| !v.is_empty());
+    let mut files: Vec<std::path::PathBuf> = Vec::new();
+    match env_path("SSL_CERT_FILE") {
+        Some(file) => files.push(file.into()),
+        None => files.extend(
+            bundles
+                .iter()
+                .map(std::path::PathBuf::from)
+                .find(|p| p.is_file()),
+        ),
+    }
+    if let Some(dirs) = env_path("SSL_CERT_DIR") {
+        for dir in std::env::split_paths(&dirs) {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            let mut found: Vec<_> = entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.is_file())
+                .collect();
+            found.sort();
+            files.extend(found);
+        }
+    }
+    let mut roots = Vec::new();
+    for file in files {
+        match std::fs::read(&file).map(|pem| reqwest::Certificate::from_pem_bundle(&pem)) {
+            Ok(Ok(certs)) => roots.extend(certs),
+            _ => tracing::debug!(path = %file.display(), "skipping unusable system CA file"),
+        }
+    }
+    roots
+}
+
 impl Endpoint {
     /// The target as written in errors for a repository on this endpoint.
     pub fn target(&self, repository: &str) -> String {
@@ -712,6 +770,45 @@ mod tests {
         assert_eq!(inner.backoff(1), Duration::from_millis(200));
         assert_eq!(inner.backoff(2), Duration::from_millis(350));
         assert_eq!(inner.backoff(40), Duration::from_millis(350));
+    }
+
+    #[test]
+    fn system_roots_follow_go_environment_variables() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["ca.example".to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let bundle = dir.path().join("bundle.pem");
+        std::fs::write(&bundle, format!("{}{}", cert.pem(), cert.pem())).unwrap();
+        let cert_dir = dir.path().join("certs");
+        std::fs::create_dir(&cert_dir).unwrap();
+        std::fs::write(cert_dir.join("one.pem"), cert.pem()).unwrap();
+        std::fs::write(cert_dir.join("README"), "not a certificate").unwrap();
+        let bundle_str = bundle.to_str().unwrap().to_owned();
+
+        fn env(
+            file: Option<&std::path::Path>,
+            dir: Option<&std::path::Path>,
+        ) -> impl Fn(&str) -> Option<std::ffi::OsString> {
+            let (file, dir) = (
+                file.map(|f| f.as_os_str().to_owned()),
+                dir.map(|d| d.as_os_str().to_owned()),
+            );
+            move |name: &str| match name {
+                "SSL_CERT_FILE" => file.clone(),
+                "SSL_CERT_DIR" => dir.clone(),
+                _ => None,
+            }
+        }
+        assert_eq!(system_roots_from(env(Some(&bundle), None), &[]).len(), 2);
+        assert_eq!(system_roots_from(env(None, Some(&cert_dir)), &[]).len(), 1);
+        assert_eq!(
+            system_roots_from(env(None, Some(&cert_dir)), &["/nonexistent", &bundle_str]).len(),
+            3
+        );
+        assert!(system_roots_from(env(None, None), &["/nonexistent"]).is_empty());
     }
 
     #[test]
