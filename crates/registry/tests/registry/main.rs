@@ -4,5 +4,6 @@
 
 mod anonymous;
 mod basic_tls;
+mod memory;
 mod support;
 mod token;
