@@ -10,7 +10,9 @@ use std::process::Command;
 use kiln_fs::blobstore::BlobStore;
 use kiln_fs::compress::Compression;
 use kiln_fs::layer::{write_layer, write_tar, LayerBlob, LayerOptions};
+use kiln_fs::resolve::Root;
 use kiln_fs::snapshot::{Diff, IgnoreOptions, Index, SnapshotOptions, Snapshotter};
+use kiln_fs::unpack::{unpack_layer, UnpackOptions};
 use kiln_oci::Digest;
 use kiln_testkit::tree::Tree;
 
@@ -236,6 +238,58 @@ fn incremental_layers_with_whiteouts_and_opaque_dirs_unpack_with_umoci() {
     oci_layout(&layout, &[base, step]);
     let rootfs = umoci_unpack(&layout, &work.path().join("bundle"));
     assert_same_tree(&src, &rootfs);
+}
+
+#[test]
+fn kiln_unpack_and_umoci_build_the_same_tree_and_unpack_fills_the_index() {
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    fs::create_dir(&src).unwrap();
+    rich_tree(&src);
+    write(&src, "var/lib/tree/a/b", b"deep");
+    write(&src, "recreate/old", b"1");
+    write(&src, "dir-to-file/child", b"c");
+    let (mut s, diff) = all_added(&src);
+    let layout = work.path().join("layout");
+    let store = BlobStore::open(&layout).unwrap();
+    let base = write_layer(&src, &diff, &store, &gzip_options(2)).unwrap();
+    fs::remove_dir_all(src.join("var/lib/tree")).unwrap();
+    fs::remove_dir_all(src.join("recreate")).unwrap();
+    write(&src, "recreate/new", b"n");
+    fs::remove_dir_all(src.join("dir-to-file")).unwrap();
+    write(&src, "dir-to-file", b"file");
+    fs::hard_link(src.join("etc/empty"), src.join("etc/empty-link")).unwrap();
+    chmod(&src, "etc/os-release", 0o640);
+    let diff = s.snapshot().unwrap();
+    let step = write_layer(&src, &diff, &store, &gzip_options(2)).unwrap();
+
+    // Kiln's own unpack, filling a snapshot index as it goes.
+    let kiln_root = work.path().join("kiln-rootfs");
+    fs::create_dir(&kiln_root).unwrap();
+    let root = Root::open(&kiln_root).unwrap();
+    let mut index = Index::new();
+    for layer in [&base, &step] {
+        let mut on_event = |event: kiln_fs::unpack::UnpackEvent<'_>| index.observe(&event);
+        let options = UnpackOptions {
+            diff_id: Some(&layer.diff_id),
+            on_event: Some(&mut on_event),
+        };
+        unpack_layer(&root, fs::File::open(&layer.path).unwrap(), &layer.digest, options).unwrap();
+    }
+    index.seal(&kiln_root).unwrap();
+
+    oci_layout(&layout, &[base, step]);
+    let umoci_root = umoci_unpack(&layout, &work.path().join("bundle"));
+    assert_same_tree(&src, &kiln_root);
+    assert_same_tree(&src, &umoci_root);
+
+    // The index the unpack recorded is a complete baseline: nothing spurious, real changes seen.
+    let mut after = Snapshotter::new(&kiln_root, index, &snapshot_options()).unwrap();
+    let spurious = after.snapshot().unwrap();
+    assert!(spurious.is_empty(), "unpacked tree reported changes: {:?}", spurious.changes.iter().map(|c| (&c.path, c.kind)).collect::<Vec<_>>());
+    fs::write(kiln_root.join("etc/os-release"), b"NAME=changed\n").unwrap();
+    let diff = after.snapshot().unwrap();
+    assert_eq!(diff.changes.iter().map(|c| c.path.to_str().unwrap()).collect::<Vec<_>>(), ["etc/os-release"]);
 }
 
 #[test]

@@ -265,10 +265,10 @@ impl Index {
 
     /// Records one path as its writer (the layer unpacker) left it.
     ///
-    /// Contract: `meta` is the path's final state (taken after the last write, chmod, chown,
-    /// xattr or link that the writer makes to it; a path touched again later is recorded
-    /// again), and nothing else writes under the root until [`Index::seal`] runs. Relative
-    /// paths with a leading `/` or `./` are normalised.
+    /// Contract: `meta` is the path's state after the writer's last write, chmod, chown or xattr
+    /// change to it (a path written again later is recorded again; link counts and directory
+    /// times that move later are refreshed by [`Index::seal`]), and nothing else writes under
+    /// the root until `seal` runs. Leading `/` and `./` are normalised away.
     pub fn record(&mut self, rel_path: &Path, meta: &Metadata) {
         let Some(entry) = Entry::from_metadata(meta) else {
             return;
@@ -280,23 +280,70 @@ impl Index {
         self.entries.insert(key, entry);
     }
 
+    /// Feeds one event of [`crate::unpack::unpack_layer`]'s `on_event` callback into the index,
+    /// so unpacking a stage's base image also builds the baseline of its first snapshot. Call
+    /// [`Index::seal`] after the last layer.
+    pub fn observe(&mut self, event: &crate::unpack::UnpackEvent<'_>) {
+        match event {
+            crate::unpack::UnpackEvent::Written { path, metadata } => self.record(path, metadata),
+            crate::unpack::UnpackEvent::Removed { path } => self.forget(path),
+        }
+    }
+
     /// Forgets a path and everything under it, for a writer that removed it (a whiteout).
     pub fn forget(&mut self, rel_path: &Path) {
         let key = key_of(rel_path);
         self.entries.retain(|k, _| !is_under(k, &key));
     }
 
-    /// Ends a recording session: entries recorded in the current clock tick are racy, so their
-    /// proofs are computed now, reading those few files under `root`. After this the index is
-    /// as good as one made by a full walk.
+    /// Ends a recording session and makes the index as good as one made by a full walk, at the
+    /// cost of a few hundred `statx` calls instead of a walk:
+    /// - entries recorded below a path that is recorded as a non-directory (the writer went
+    ///   through a symlink) are dropped; the next snapshot sees them at their real path;
+    /// - directories and multiply linked files are stat'ed again, because writing other paths
+    ///   moves their link counts and times after they were recorded;
+    /// - entries whose ctime falls in the current clock tick are racy, so their proofs are
+    ///   computed now, reading those few files.
     pub fn seal(&mut self, root: &Path) -> std::io::Result<()> {
+        let opened = super::walk::open_root(root)?;
+        let through_symlink: Vec<Key> = self
+            .entries
+            .keys()
+            .filter(|key| {
+                let mut end = key.len();
+                while let Some(slash) = key[..end].iter().rposition(|b| *b == b'/') {
+                    end = slash;
+                    match self.entries.get(&key[..end]) {
+                        Some(parent) if parent.kind != FileKind::Directory => return true,
+                        _ => {}
+                    }
+                }
+                false
+            })
+            .cloned()
+            .collect();
+        for key in through_symlink {
+            self.entries.remove(&key);
+        }
+        let mut vanished = Vec::new();
+        for (key, entry) in self.entries.iter_mut() {
+            if entry.kind == FileKind::Directory || entry.nlink > 1 {
+                match super::walk::stat_beneath(&opened, as_path(key)) {
+                    Ok(fresh) => *entry = fresh,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => vanished.push(key.clone()),
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        for key in vanished {
+            self.entries.remove(&key);
+        }
         let now = Timestamp::coarse_now();
-        let root_fd = super::walk::open_root(root)?;
-        for (path, entry) in self.entries.iter_mut() {
+        for (key, entry) in self.entries.iter_mut() {
             if entry.kind != FileKind::Socket && entry.is_racy(now) {
                 entry.proof = Some(Box::new(super::walk::proof_of(
-                    &root_fd,
-                    as_path(path),
+                    &opened,
+                    as_path(key),
                     entry.kind,
                 )?));
             }
