@@ -26,9 +26,13 @@ pub(crate) struct Inner {
     pub options: RegistryOptions,
     tls: TlsMaterial,
     endpoints: Mutex<HashMap<(String, Profile), Arc<Endpoint>>>,
-    tokens: Mutex<HashMap<(String, String), CachedToken>>,
+    tokens: Mutex<HashMap<TokenKey, CachedToken>>,
+    token_fetches: Mutex<HashMap<TokenKey, Arc<tokio::sync::Mutex<()>>>>,
     pub transfers: Arc<Semaphore>,
 }
+
+/// A token cache key: API host and the space-joined scopes.
+type TokenKey = (String, String);
 
 /// Certificates read once when the client is made, so a bad file fails early and by name.
 struct TlsMaterial {
@@ -124,6 +128,7 @@ impl Inner {
             tls,
             endpoints: Mutex::new(HashMap::new()),
             tokens: Mutex::new(HashMap::new()),
+            token_fetches: Mutex::new(HashMap::new()),
             transfers,
         })
     }
@@ -387,14 +392,21 @@ impl Inner {
                     return Ok(Some(bearer_header(token)));
                 }
                 let key = (ep.host.clone(), scopes.join(" "));
-                if let Some(cached) = self
-                    .tokens
+                if let Some(header) = self.cached_token(&key) {
+                    return Ok(Some(header));
+                }
+                // One fetch per scope at a time: parallel layer pushes share the first token
+                // instead of each asking the token server.
+                let fetch_lock = self
+                    .token_fetches
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .get(&key)
-                    .filter(|t| t.expires > Instant::now())
-                {
-                    return Ok(Some(bearer_header(&cached.value)));
+                    .entry(key.clone())
+                    .or_default()
+                    .clone();
+                let _fetching = fetch_lock.lock().await;
+                if let Some(header) = self.cached_token(&key) {
+                    return Ok(Some(header));
                 }
                 let token = self
                     .fetch_token(
@@ -414,6 +426,15 @@ impl Inner {
                 Ok(Some(header))
             }
         }
+    }
+
+    fn cached_token(&self, key: &TokenKey) -> Option<HeaderValue> {
+        self.tokens
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .filter(|t| t.expires > Instant::now())
+            .map(|t| bearer_header(&t.value))
     }
 
     fn forget_token(&self, ep: &Endpoint, scopes: &[String]) {

@@ -183,3 +183,31 @@ async fn tokens_are_cached_per_scope_until_they_expire() {
     client.get_manifest(&repo, "v1").await.unwrap();
     assert_eq!(issuer.requests.load(Ordering::SeqCst), 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_pushes_share_one_token() {
+    let (issuer, registry) = start().await;
+    let addr = registry.addr();
+    let secret = mounted_docker_config(&serde_json::json!({
+        "auths": { addr.clone(): basic_auth_entry(USER, PASSWORD) }
+    }));
+    let client = Client::new(test_options(keychain_for(secret.path()))).unwrap();
+    let repo = Repository::new(&addr, "tokens/parallel").unwrap();
+    let pushes = (0..4u8).map(|i| {
+        let (client, repo) = (client.clone(), repo.clone());
+        tokio::spawn(async move {
+            let content = bytes::Bytes::from(vec![i; 10_000]);
+            client
+                .push_blob(
+                    &repo,
+                    &kiln_registry::BytesSource(content),
+                    &PushBlobOptions::default(),
+                )
+                .await
+        })
+    });
+    for push in futures::future::join_all(pushes).await {
+        assert_eq!(push.unwrap().unwrap().outcome, PushOutcome::Uploaded);
+    }
+    assert_eq!(issuer.requests.load(Ordering::SeqCst), 1);
+}
