@@ -656,9 +656,45 @@ fn sensitive(value: String) -> HeaderValue {
     header
 }
 
+/// `Retry-After` as delay-seconds or as an HTTP date (RFC 9110).
 fn retry_after(resp: &Response) -> Option<Duration> {
-    let value = resp.headers().get(RETRY_AFTER)?.to_str().ok()?;
-    value.trim().parse::<u64>().ok().map(Duration::from_secs)
+    let value = resp.headers().get(RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = parse_http_date(value)?;
+    Some(
+        at.duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
+}
+
+/// Parses the IMF-fixdate form, `Sun, 06 Nov 1994 08:49:37 GMT`.
+fn parse_http_date(text: &str) -> Option<SystemTime> {
+    let (_, rest) = text.split_once(", ")?;
+    let mut parts = rest.split(' ');
+    let day: i64 = parts.next()?.parse().ok()?;
+    let month = match parts.next()? {
+        "Jan" => 1,
+        "Feb" => 2,
+        "Mar" => 3,
+        "Apr" => 4,
+        "May" => 5,
+        "Jun" => 6,
+        "Jul" => 7,
+        "Aug" => 8,
+        "Sep" => 9,
+        "Oct" => 10,
+        "Nov" => 11,
+        "Dec" => 12,
+        _ => return None,
+    };
+    let year: i64 = parts.next()?.parse().ok()?;
+    let time = parts.next()?;
+    if parts.next()? != "GMT" || time.len() != 8 {
+        return None;
+    }
+    parse_rfc3339(&format!("{year:04}-{month:02}-{day:02}T{time}Z"))
 }
 
 /// Turns an unexpected response into an error with the registry's code and message.
@@ -776,6 +812,9 @@ mod tests {
         let with_offset = parse_rfc3339("2024-01-02T05:04:05.123456+02:00").unwrap();
         assert_eq!(with_offset, t);
         assert!(parse_rfc3339("yesterday").is_none());
+        assert_eq!(parse_http_date("Tue, 02 Jan 2024 03:04:05 GMT"), Some(t));
+        assert!(parse_http_date("Tue, 02 Foo 2024 03:04:05 GMT").is_none());
+        assert!(parse_http_date("2 hours").is_none());
         assert!(parse_rfc3339("2024-13-02T03:04:05Z").is_none());
     }
 
