@@ -19,16 +19,26 @@ fn main() {
     let base = kiln_testkit::bases::debian_rootfs();
     let work = tempfile::tempdir().expect("temp dir");
     let root = work.path().join("rootfs");
-    let status = Command::new("cp").arg("-a").arg(base).arg(&root).status().expect("cp");
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(base)
+        .arg(&root)
+        .status()
+        .expect("cp");
     assert!(status.success(), "cp -a {} failed", base.display());
 
     // Snapshots.
-    let mut snapshotter = Snapshotter::new(&root, Index::new(), &SnapshotOptions::default()).expect("snapshotter");
+    let mut snapshotter =
+        Snapshotter::new(&root, Index::new(), &SnapshotOptions::default()).expect("snapshotter");
     snapshotter.rescan().expect("baseline");
     let files = snapshotter.index().len();
     let unchanged = repeat(15, || {
         let diff = snapshotter.snapshot().expect("snapshot");
-        assert!(diff.is_empty(), "unchanged base reported {} changes", diff.len());
+        assert!(
+            diff.is_empty(),
+            "unchanged base reported {} changes",
+            diff.len()
+        );
     });
     println!(
         "snapshot, unchanged Debian base ({files} paths): median {:.1} ms, min {:.1} ms (target < 30 ms)",
@@ -41,7 +51,11 @@ fn main() {
         let dir = root.join(format!("srv/gen/{d:03}"));
         fs::create_dir_all(&dir).expect("mkdir");
         for f in 0..100 {
-            fs::write(dir.join(format!("file-{f:03}.txt")), format!("generated file {d}/{f}\n")).expect("write");
+            fs::write(
+                dir.join(format!("file-{f:03}.txt")),
+                format!("generated file {d}/{f}\n"),
+            )
+            .expect("write");
         }
     }
     let wrote = started.elapsed();
@@ -65,7 +79,8 @@ fn main() {
     fs::remove_dir_all(root.join("srv/gen")).expect("cleanup");
 
     // Layer writing: the whole base as one layer.
-    let mut full = Snapshotter::new(&root, Index::new(), &SnapshotOptions::default()).expect("snapshotter");
+    let mut full =
+        Snapshotter::new(&root, Index::new(), &SnapshotOptions::default()).expect("snapshotter");
     let diff = full.snapshot().expect("snapshot");
     let store = BlobStore::open(work.path().join("store")).expect("store");
     let mut results = Vec::new();
@@ -95,12 +110,18 @@ fn main() {
         fs::remove_file(&layer.path).expect("remove blob");
     }
 
-    let tar_bytes = shell_output(&format!("tar --numeric-owner -C {} -cf - . | wc -c", root.display()))
-        .trim()
-        .parse::<f64>()
-        .expect("tar size");
+    let tar_bytes = shell_output(&format!(
+        "tar --numeric-owner -C {} -cf - . | wc -c",
+        root.display()
+    ))
+    .trim()
+    .parse::<f64>()
+    .expect("tar size");
     let out = work.path().join("out.gz");
-    for (label, compressor) in [("tar | gzip -6", "gzip -6"), ("tar | pigz -6 (2 threads)", "pigz -6 -p 2")] {
+    for (label, compressor) in [
+        ("tar | gzip -6", "gzip -6"),
+        ("tar | pigz -6 (2 threads)", "pigz -6 -p 2"),
+    ] {
         let cmd = format!(
             "set -o pipefail; tar --numeric-owner -C {} -cf - . | {compressor} > {}",
             root.display(),
@@ -118,7 +139,13 @@ fn main() {
         );
         results.push((label, mbps));
     }
-    let speed = |name: &str| results.iter().find(|(l, _)| *l == name).map(|(_, v)| *v).unwrap_or(f64::NAN);
+    let speed = |name: &str| {
+        results
+            .iter()
+            .find(|(l, _)| *l == name)
+            .map(|(_, v)| *v)
+            .unwrap_or(f64::NAN)
+    };
     println!(
         "kiln parallel gzip (2 threads) vs single-threaded gzip -6: {:.2}x (target >= 1.6x); vs kiln 1 thread: {:.2}x",
         speed("kiln gzip -6, 2 threads") / speed("tar | gzip -6"),
@@ -147,7 +174,15 @@ fn ms(d: Duration) -> f64 {
 }
 
 fn shell_output(cmd: &str) -> String {
-    let out = Command::new("bash").arg("-c").arg(cmd).output().expect("bash");
-    assert!(out.status.success(), "{cmd}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(cmd)
+        .output()
+        .expect("bash");
+    assert!(
+        out.status.success(),
+        "{cmd}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }

@@ -34,7 +34,10 @@ impl BlobStore {
     pub fn open(root: impl Into<PathBuf>) -> Result<BlobStore, BlobStoreError> {
         let root = root.into();
         for dir in [root.join("blobs").join("sha256"), root.join("ingest")] {
-            std::fs::create_dir_all(&dir).map_err(|source| BlobStoreError::Io { path: dir.clone(), source })?;
+            std::fs::create_dir_all(&dir).map_err(|source| BlobStoreError::Io {
+                path: dir.clone(),
+                source,
+            })?;
         }
         Ok(BlobStore { root })
     }
@@ -60,7 +63,10 @@ impl BlobStore {
     /// Starts writing a new blob; its digest is given when it is committed.
     pub fn create(&self) -> Result<BlobFile, BlobStoreError> {
         let ingest = self.root.join("ingest");
-        let temp = tempfile_in(&ingest).map_err(|source| BlobStoreError::Io { path: ingest, source })?;
+        let temp = tempfile_in(&ingest).map_err(|source| BlobStoreError::Io {
+            path: ingest,
+            source,
+        })?;
         Ok(BlobFile {
             writer: Some(BufWriter::with_capacity(256 * 1024, temp.1)),
             temp_path: temp.0,
@@ -101,9 +107,10 @@ impl BlobFile {
             move |source| BlobStoreError::Io { path, source }
         };
         let writer = self.writer.take().expect("writer present until commit");
-        let file = writer
-            .into_inner()
-            .map_err(|e| BlobStoreError::Io { path: self.temp_path.clone(), source: e.into_error() })?;
+        let file = writer.into_inner().map_err(|e| BlobStoreError::Io {
+            path: self.temp_path.clone(),
+            source: e.into_error(),
+        })?;
         file.sync_data().map_err(io_err(&self.temp_path))?;
         drop(file);
         let dest = self.store.blob_path(digest);
@@ -153,6 +160,11 @@ mod tests {
             let mut abandoned = store.create().unwrap();
             abandoned.write_all(b"partial").unwrap();
         }
-        assert_eq!(std::fs::read_dir(dir.path().join("ingest")).unwrap().count(), 0);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("ingest"))
+                .unwrap()
+                .count(),
+            0
+        );
     }
 }

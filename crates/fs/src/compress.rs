@@ -76,12 +76,14 @@ pub struct Compressor<W: Write + Send + 'static> {
     inner: Inner<W>,
 }
 
+struct ZstdStream<W: Write> {
+    tar: Hasher,
+    encoder: zstd::stream::write::Encoder<'static, DigestWriter<W>>,
+}
+
 enum Inner<W: Write + Send + 'static> {
-    Plain(DigestWriter<W>),
-    Zstd {
-        tar: Hasher,
-        encoder: zstd::stream::write::Encoder<'static, DigestWriter<W>>,
-    },
+    Plain(Box<DigestWriter<W>>),
+    Zstd(Box<ZstdStream<W>>),
     Gzip(Box<ParallelGzip<W>>),
 }
 
@@ -90,22 +92,26 @@ impl<W: Write + Send + 'static> Compressor<W> {
     /// (at least one is used); other algorithms run on the calling thread.
     pub fn new(sink: W, compression: Compression, threads: usize) -> io::Result<Self> {
         let inner = match compression {
-            Compression::None => Inner::Plain(DigestWriter::new(sink, Algorithm::Sha256)),
+            Compression::None => Inner::Plain(Box::new(DigestWriter::new(sink, Algorithm::Sha256))),
             Compression::Zstd { level } => {
-                let mut encoder =
-                    zstd::stream::write::Encoder::new(DigestWriter::new(sink, Algorithm::Sha256), level)?;
+                let mut encoder = zstd::stream::write::Encoder::new(
+                    DigestWriter::new(sink, Algorithm::Sha256),
+                    level,
+                )?;
                 // Fixed frame parameters keep the output independent of the zstd version's
                 // heuristics for unknown sizes as far as the library allows.
                 encoder.include_checksum(false)?;
                 encoder.include_contentsize(false)?;
-                Inner::Zstd {
+                Inner::Zstd(Box::new(ZstdStream {
                     tar: Hasher::sha256(),
                     encoder,
-                }
+                }))
             }
-            Compression::Gzip { level } => {
-                Inner::Gzip(Box::new(ParallelGzip::new(sink, level.min(9), threads.max(1))?))
-            }
+            Compression::Gzip { level } => Inner::Gzip(Box::new(ParallelGzip::new(
+                sink,
+                level.min(9),
+                threads.max(1),
+            )?)),
         };
         Ok(Compressor { inner })
     }
@@ -114,7 +120,7 @@ impl<W: Write + Send + 'static> Compressor<W> {
     pub fn finish(self) -> io::Result<(W, StreamSummary)> {
         match self.inner {
             Inner::Plain(writer) => {
-                let (sink, digest, size) = writer.finish();
+                let (sink, digest, size) = (*writer).finish();
                 Ok((
                     sink,
                     StreamSummary {
@@ -125,7 +131,8 @@ impl<W: Write + Send + 'static> Compressor<W> {
                     },
                 ))
             }
-            Inner::Zstd { tar, encoder } => {
+            Inner::Zstd(zstd) => {
+                let ZstdStream { tar, encoder } = *zstd;
                 let uncompressed_size = tar.len();
                 let diff_id = tar.finish();
                 let writer = encoder.finish()?;
@@ -149,9 +156,9 @@ impl<W: Write + Send + 'static> Write for Compressor<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match &mut self.inner {
             Inner::Plain(w) => w.write(buf),
-            Inner::Zstd { tar, encoder } => {
-                let n = encoder.write(buf)?;
-                tar.update(&buf[..n]);
+            Inner::Zstd(zstd) => {
+                let n = zstd.encoder.write(buf)?;
+                zstd.tar.update(&buf[..n]);
                 Ok(n)
             }
             Inner::Gzip(gz) => gz.write(buf),
@@ -205,7 +212,9 @@ impl<W: Write + Send + 'static> ParallelGzip<W> {
         let (done_tx, done_rx) = bounded::<Done>(threads * 2);
         let (token_tx, token_rx) = bounded::<()>(in_flight);
         for _ in 0..in_flight {
-            token_tx.send(()).map_err(|_| io::Error::other("token channel closed"))?;
+            token_tx
+                .send(())
+                .map_err(|_| io::Error::other("token channel closed"))?;
         }
         let mut workers = Vec::with_capacity(threads);
         for i in 0..threads {
@@ -411,7 +420,9 @@ mod tests {
 
     fn sample(len: usize) -> Vec<u8> {
         // Compressible but not trivial: words from a small vocabulary driven by an LCG.
-        let words: [&[u8]; 8] = [b"layer ", b"kiln ", b"tar ", b"gzip ", b"0123 ", b"\n", b"rootfs/", b"zz"];
+        let words: [&[u8]; 8] = [
+            b"layer ", b"kiln ", b"tar ", b"gzip ", b"0123 ", b"\n", b"rootfs/", b"zz",
+        ];
         let mut out = Vec::with_capacity(len);
         let mut x: u32 = 12345;
         while out.len() < len {
@@ -448,7 +459,9 @@ mod tests {
         assert_eq!(s1.size, one.len() as u64);
         assert!(one.len() < data.len() / 2);
         let mut decoded = Vec::new();
-        flate2::read::GzDecoder::new(&one[..]).read_to_end(&mut decoded).unwrap();
+        flate2::read::GzDecoder::new(&one[..])
+            .read_to_end(&mut decoded)
+            .unwrap();
         assert_eq!(decoded, data);
     }
 
@@ -456,7 +469,9 @@ mod tests {
     fn empty_gzip_stream_is_valid() {
         let (bytes, summary) = compress(b"", Compression::Gzip { level: 6 }, 2);
         let mut decoded = Vec::new();
-        flate2::read::GzDecoder::new(&bytes[..]).read_to_end(&mut decoded).unwrap();
+        flate2::read::GzDecoder::new(&bytes[..])
+            .read_to_end(&mut decoded)
+            .unwrap();
         assert!(decoded.is_empty());
         assert_eq!(summary.uncompressed_size, 0);
     }

@@ -41,7 +41,9 @@ fn chmod(root: &Path, rel: &str, mode: u32) {
 fn rich_tree(root: &Path) {
     write(root, "etc/os-release", b"NAME=kiln\n");
     write(root, "etc/empty", b"");
-    let big: Vec<u8> = (0..3_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let big: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
     write(root, "usr/lib/big.bin", &big);
     write(root, "usr/bin/suid", b"#!/bin/sh\n");
     chmod(root, "usr/bin/suid", 0o4755);
@@ -92,9 +94,27 @@ fn rich_tree(root: &Path) {
     )
     .unwrap();
     let _socket = std::os::unix::net::UnixListener::bind(root.join("dev-nodes/socket")).unwrap();
-    rustix::fs::lsetxattr(root.join("etc/os-release"), "user.origin", b"kiln\0binary", rustix::fs::XattrFlags::empty()).unwrap();
-    rustix::fs::lsetxattr(root.join("srv/shared"), "user.dir", b"x", rustix::fs::XattrFlags::empty()).unwrap();
-    rustix::fs::lsetxattr(root.join("usr/bin/suid"), "security.capability", &[1, 0, 0, 2, 0, 32, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], rustix::fs::XattrFlags::empty()).unwrap();
+    rustix::fs::lsetxattr(
+        root.join("etc/os-release"),
+        "user.origin",
+        b"kiln\0binary",
+        rustix::fs::XattrFlags::empty(),
+    )
+    .unwrap();
+    rustix::fs::lsetxattr(
+        root.join("srv/shared"),
+        "user.dir",
+        b"x",
+        rustix::fs::XattrFlags::empty(),
+    )
+    .unwrap();
+    rustix::fs::lsetxattr(
+        root.join("usr/bin/suid"),
+        "security.capability",
+        &[1, 0, 0, 2, 0, 32, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        rustix::fs::XattrFlags::empty(),
+    )
+    .unwrap();
 }
 
 fn all_added(root: &Path) -> (Snapshotter, Diff) {
@@ -155,7 +175,11 @@ fn umoci_unpack(layout: &Path, bundle: &Path) -> PathBuf {
         .arg(bundle)
         .output()
         .unwrap();
-    assert!(out.status.success(), "umoci unpack failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "umoci unpack failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     bundle.join("rootfs")
 }
 
@@ -217,7 +241,13 @@ fn incremental_layers_with_whiteouts_and_opaque_dirs_unpack_with_umoci() {
     write(&src, "file-to-dir/child", b"now a dir");
     chmod(&src, "etc/os-release", 0o600);
     std::os::unix::fs::lchown(src.join("etc/empty"), Some(7), Some(8)).unwrap();
-    rustix::fs::lsetxattr(src.join("etc/os-release"), "user.second", b"2", rustix::fs::XattrFlags::empty()).unwrap();
+    rustix::fs::lsetxattr(
+        src.join("etc/os-release"),
+        "user.second",
+        b"2",
+        rustix::fs::XattrFlags::empty(),
+    )
+    .unwrap();
     fs::remove_file(src.join("etc/relative-link")).unwrap();
     symlink("empty", src.join("etc/relative-link")).unwrap();
     fs::hard_link(src.join("etc/empty"), src.join("etc/empty-link")).unwrap();
@@ -226,14 +256,25 @@ fn incremental_layers_with_whiteouts_and_opaque_dirs_unpack_with_umoci() {
     let step = write_layer(&src, &diff, &store, &gzip_options(2)).unwrap();
 
     let names = tar_names(&step);
-    let whiteouts: Vec<&str> = names.iter().map(String::as_str).filter(|n| n.contains(".wh.")).collect();
+    let whiteouts: Vec<&str> = names
+        .iter()
+        .map(String::as_str)
+        .filter(|n| n.contains(".wh."))
+        .collect();
     assert_eq!(
         whiteouts,
-        ["recreate/.wh..wh..opq", "var/cache/.wh.gone", "var/lib/.wh.tree"],
+        [
+            "recreate/.wh..wh..opq",
+            "var/cache/.wh.gone",
+            "var/lib/.wh.tree"
+        ],
         "one whiteout per deleted tree, an opaque marker for the recreated directory: {names:?}"
     );
     assert!(names.contains(&"etc/empty-link".to_string()));
-    assert!(!names.iter().any(|n| n.starts_with("dir-to-file/")), "no whiteouts below a dir replaced by a file");
+    assert!(
+        !names.iter().any(|n| n.starts_with("dir-to-file/")),
+        "no whiteouts below a dir replaced by a file"
+    );
 
     oci_layout(&layout, &[base, step]);
     let rootfs = umoci_unpack(&layout, &work.path().join("bundle"));
@@ -274,7 +315,13 @@ fn kiln_unpack_and_umoci_build_the_same_tree_and_unpack_fills_the_index() {
             diff_id: Some(&layer.diff_id),
             on_event: Some(&mut on_event),
         };
-        unpack_layer(&root, fs::File::open(&layer.path).unwrap(), &layer.digest, options).unwrap();
+        unpack_layer(
+            &root,
+            fs::File::open(&layer.path).unwrap(),
+            &layer.digest,
+            options,
+        )
+        .unwrap();
     }
     index.seal(&kiln_root).unwrap();
 
@@ -286,10 +333,24 @@ fn kiln_unpack_and_umoci_build_the_same_tree_and_unpack_fills_the_index() {
     // The index the unpack recorded is a complete baseline: nothing spurious, real changes seen.
     let mut after = Snapshotter::new(&kiln_root, index, &snapshot_options()).unwrap();
     let spurious = after.snapshot().unwrap();
-    assert!(spurious.is_empty(), "unpacked tree reported changes: {:?}", spurious.changes.iter().map(|c| (&c.path, c.kind)).collect::<Vec<_>>());
+    assert!(
+        spurious.is_empty(),
+        "unpacked tree reported changes: {:?}",
+        spurious
+            .changes
+            .iter()
+            .map(|c| (&c.path, c.kind))
+            .collect::<Vec<_>>()
+    );
     fs::write(kiln_root.join("etc/os-release"), b"NAME=changed\n").unwrap();
     let diff = after.snapshot().unwrap();
-    assert_eq!(diff.changes.iter().map(|c| c.path.to_str().unwrap()).collect::<Vec<_>>(), ["etc/os-release"]);
+    assert_eq!(
+        diff.changes
+            .iter()
+            .map(|c| c.path.to_str().unwrap())
+            .collect::<Vec<_>>(),
+        ["etc/os-release"]
+    );
 }
 
 #[test]
@@ -312,11 +373,23 @@ fn layers_are_byte_identical_across_runs_and_thread_counts_and_gzip_accepts_them
     assert_eq!(fresh.digest, one.digest);
     for tool in ["gzip", "pigz"] {
         kiln_testkit::require_tools(&[tool]);
-        let status = Command::new(tool).arg("-t").arg(&one.path).status().unwrap();
-        assert!(status.success(), "{tool} -t rejected {}", one.path.display());
+        let status = Command::new(tool)
+            .arg("-t")
+            .arg(&one.path)
+            .status()
+            .unwrap();
+        assert!(
+            status.success(),
+            "{tool} -t rejected {}",
+            one.path.display()
+        );
     }
     // The diffID is the digest of what gzip -d gives back.
-    let out = Command::new("gzip").arg("-dc").arg(&one.path).output().unwrap();
+    let out = Command::new("gzip")
+        .arg("-dc")
+        .arg(&one.path)
+        .output()
+        .unwrap();
     assert_eq!(Digest::sha256_of(&out.stdout), one.diff_id);
     assert_eq!(out.stdout.len() as u64, one.uncompressed_size);
 
@@ -328,7 +401,11 @@ fn layers_are_byte_identical_across_runs_and_thread_counts_and_gzip_accepts_them
     let z = write_layer(&src, &diff, &store, &zstd).unwrap();
     assert_eq!(z.diff_id, one.diff_id);
     assert_eq!(z.media_type, "application/vnd.oci.image.layer.v1.tar+zstd");
-    let out = Command::new("zstd").arg("-dc").arg(&z.path).output().unwrap();
+    let out = Command::new("zstd")
+        .arg("-dc")
+        .arg(&z.path)
+        .output()
+        .unwrap();
     assert_eq!(Digest::sha256_of(&out.stdout), z.diff_id);
 }
 
@@ -370,7 +447,8 @@ struct ParsedHeader {
 
 /// A minimal ustar reader (PAX headers skipped) to look at what the writer produced.
 fn parse_headers(tar: &[u8]) -> Vec<ParsedHeader> {
-    let field = |b: &[u8]| String::from_utf8_lossy(b.split(|c| *c == 0).next().unwrap()).into_owned();
+    let field =
+        |b: &[u8]| String::from_utf8_lossy(b.split(|c| *c == 0).next().unwrap()).into_owned();
     let octal = |b: &[u8]| i64::from_str_radix(field(b).trim(), 8).unwrap_or(0);
     let mut out = Vec::new();
     let mut pos = 0;
@@ -381,7 +459,11 @@ fn parse_headers(tar: &[u8]) -> Vec<ParsedHeader> {
         let name = field(&h[0..100]);
         if h[156] != b'x' {
             out.push(ParsedHeader {
-                name: if prefix.is_empty() { name } else { format!("{prefix}/{name}") },
+                name: if prefix.is_empty() {
+                    name
+                } else {
+                    format!("{prefix}/{name}")
+                },
                 mtime: octal(&h[136..148]),
                 uname: field(&h[265..297]),
                 gname: field(&h[297..329]),
@@ -393,7 +475,19 @@ fn parse_headers(tar: &[u8]) -> Vec<ParsedHeader> {
 }
 
 fn tar_names(layer: &LayerBlob) -> Vec<String> {
-    let out = Command::new("tar").arg("-tzf").arg(&layer.path).output().unwrap();
-    assert!(out.status.success(), "tar -t failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap().lines().map(str::to_owned).collect()
+    let out = Command::new("tar")
+        .arg("-tzf")
+        .arg(&layer.path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "tar -t failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect()
 }

@@ -74,9 +74,17 @@ fn new_modified_and_deleted_files() {
     let diff = s.snapshot().unwrap();
     assert_eq!(
         summary(&diff),
-        kinds(&[("a", Modified), ("a/delete", Deleted), ("a/modify", Modified), ("a/new", Added)])
+        kinds(&[
+            ("a", Modified),
+            ("a/delete", Deleted),
+            ("a/modify", Modified),
+            ("a/new", Added)
+        ])
     );
-    assert!(s.snapshot().unwrap().is_empty(), "second snapshot must be clean");
+    assert!(
+        s.snapshot().unwrap().is_empty(),
+        "second snapshot must be clean"
+    );
 }
 
 #[test]
@@ -100,12 +108,21 @@ fn rewrite_with_restored_mtime_is_seen() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     write(root, "conf", "value=1\n");
-    sh(&format!("touch -d '2001-02-03 04:05:06' {}", root.join("conf").display()));
+    sh(&format!(
+        "touch -d '2001-02-03 04:05:06' {}",
+        root.join("conf").display()
+    ));
     std::thread::sleep(std::time::Duration::from_millis(30));
     let mut s = baseline(root);
     fs::write(root.join("conf"), "value=2\n").unwrap();
-    sh(&format!("touch -d '2001-02-03 04:05:06' {}", root.join("conf").display()));
-    assert_eq!(summary(&s.snapshot().unwrap()), kinds(&[("conf", Modified)]));
+    sh(&format!(
+        "touch -d '2001-02-03 04:05:06' {}",
+        root.join("conf").display()
+    ));
+    assert_eq!(
+        summary(&s.snapshot().unwrap()),
+        kinds(&[("conf", Modified)])
+    );
 }
 
 #[test]
@@ -120,13 +137,24 @@ fn metadata_only_changes() {
     let mut s = baseline(root);
     fs::set_permissions(root.join("chmod"), fs::Permissions::from_mode(0o755)).unwrap();
     std::os::unix::fs::lchown(root.join("chown"), Some(1234), Some(5678)).unwrap();
-    rustix::fs::lsetxattr(root.join("xattr"), "user.kiln", b"1", rustix::fs::XattrFlags::empty()).unwrap();
+    rustix::fs::lsetxattr(
+        root.join("xattr"),
+        "user.kiln",
+        b"1",
+        rustix::fs::XattrFlags::empty(),
+    )
+    .unwrap();
     fs::remove_file(root.join("link")).unwrap();
     symlink("chown", root.join("link")).unwrap();
     let diff = s.snapshot().unwrap();
     assert_eq!(
         summary(&diff),
-        kinds(&[("chmod", Modified), ("chown", Modified), ("link", Modified), ("xattr", Modified)])
+        kinds(&[
+            ("chmod", Modified),
+            ("chown", Modified),
+            ("link", Modified),
+            ("xattr", Modified)
+        ])
     );
 }
 
@@ -140,7 +168,11 @@ fn hardlink_added_reports_both_names() {
     fs::hard_link(root.join("bin/tool"), root.join("bin/alias")).unwrap();
     assert_eq!(
         summary(&s.snapshot().unwrap()),
-        kinds(&[("bin", Modified), ("bin/alias", Added), ("bin/tool", Modified)])
+        kinds(&[
+            ("bin", Modified),
+            ("bin/alias", Added),
+            ("bin/tool", Modified)
+        ])
     );
 }
 
@@ -176,7 +208,10 @@ fn type_changes_and_deleted_trees() {
         ("recreated/old", Deleted),
         ("moved-away", Added),
     ] {
-        assert!(got.contains(&(expected.0.to_string(), expected.1)), "{expected:?} missing in {got:?}");
+        assert!(
+            got.contains(&(expected.0.to_string(), expected.1)),
+            "{expected:?} missing in {got:?}"
+        );
     }
 }
 
@@ -184,17 +219,36 @@ fn type_changes_and_deleted_trees() {
 fn ignored_paths_are_never_reported() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    for d in ["proc", "sys", "dev", "kiln", "kaniko", "var/run", "extra-ignored"] {
+    for d in [
+        "proc",
+        "sys",
+        "dev",
+        "kiln",
+        "kaniko",
+        "var/run",
+        "extra-ignored",
+    ] {
         write(root, &format!("{d}/before"), "x");
     }
     let mut s = baseline(root);
-    for d in ["proc", "sys", "dev", "kiln", "kaniko", "var/run", "extra-ignored"] {
+    for d in [
+        "proc",
+        "sys",
+        "dev",
+        "kiln",
+        "kaniko",
+        "var/run",
+        "extra-ignored",
+    ] {
         write(root, &format!("{d}/after"), "y");
         fs::remove_file(root.join(d).join("before")).unwrap();
     }
     write(root, "var/visible", "v");
     let diff = s.snapshot().unwrap();
-    assert_eq!(summary(&diff), kinds(&[("var", Modified), ("var/visible", Added)]));
+    assert_eq!(
+        summary(&diff),
+        kinds(&[("var", Modified), ("var/visible", Added)])
+    );
     assert!(s.snapshot().unwrap().is_empty());
 }
 
@@ -206,7 +260,10 @@ fn volume_writes_are_kept() {
     fs::create_dir_all(root.join("data")).unwrap();
     let mut s = baseline(root);
     write(root, "data/db", "rows");
-    assert_eq!(summary(&s.snapshot().unwrap()), kinds(&[("data", Modified), ("data/db", Added)]));
+    assert_eq!(
+        summary(&s.snapshot().unwrap()),
+        kinds(&[("data", Modified), ("data/db", Added)])
+    );
 }
 
 #[test]
@@ -246,13 +303,19 @@ fn index_recorded_by_a_writer_is_a_baseline() {
     write(root, "usr/lib/libc", "libc");
     let mut index = Index::new();
     for rel in ["usr", "usr/bin", "usr/bin/sh", "usr/lib", "usr/lib/libc"] {
-        index.record(Path::new(rel), &fs::symlink_metadata(root.join(rel)).unwrap());
+        index.record(
+            Path::new(rel),
+            &fs::symlink_metadata(root.join(rel)).unwrap(),
+        );
     }
     index.seal(root).unwrap();
     let mut s = Snapshotter::new(root, index, &options(SnapshotMode::Exact)).unwrap();
     assert!(s.snapshot().unwrap().is_empty());
     fs::write(root.join("usr/bin/sh"), "SHELL").unwrap();
-    assert_eq!(summary(&s.snapshot().unwrap()), kinds(&[("usr/bin/sh", Modified)]));
+    assert_eq!(
+        summary(&s.snapshot().unwrap()),
+        kinds(&[("usr/bin/sh", Modified)])
+    );
 }
 
 #[test]
@@ -273,11 +336,23 @@ fn kaniko_modes_map_to_their_meaning() {
         let mtime = filetime_of(&before);
         sh(&format!("touch -d @{mtime} {}", root.join("g").display()));
         let got = summary(&s.snapshot().unwrap());
-        assert_eq!(got.contains(&("f".into(), Modified)), expect_chmod, "{mode:?}: {got:?}");
+        assert_eq!(
+            got.contains(&("f".into(), Modified)),
+            expect_chmod,
+            "{mode:?}: {got:?}"
+        );
         assert!(!got.contains(&("g".into(), Modified)), "{mode:?}: {got:?}");
     }
-    assert_eq!("redo".parse::<kiln_fs::snapshot::KanikoSnapshotMode>().map(SnapshotMode::from).unwrap(), SnapshotMode::Exact);
-    assert!("fast".parse::<kiln_fs::snapshot::KanikoSnapshotMode>().is_err());
+    assert_eq!(
+        "redo"
+            .parse::<kiln_fs::snapshot::KanikoSnapshotMode>()
+            .map(SnapshotMode::from)
+            .unwrap(),
+        SnapshotMode::Exact
+    );
+    assert!("fast"
+        .parse::<kiln_fs::snapshot::KanikoSnapshotMode>()
+        .is_err());
 }
 
 fn filetime_of(meta: &fs::Metadata) -> String {

@@ -114,7 +114,8 @@ pub fn write_layer(
     options: &LayerOptions,
 ) -> Result<LayerBlob, LayerError> {
     let blob = store.create()?;
-    let mut compressor = Compressor::new(blob, options.compression, options.threads).map_err(LayerError::Write)?;
+    let mut compressor =
+        Compressor::new(blob, options.compression, options.threads).map_err(LayerError::Write)?;
     write_tar(root, diff, &mut compressor, options.source_date_epoch)?;
     let (blob, summary) = compressor.finish().map_err(LayerError::Write)?;
     let path = blob.commit(&summary.digest)?;
@@ -144,7 +145,11 @@ pub fn write_tar<W: Write>(
         root: &opened,
         out,
         source_date_epoch,
-        by_path: diff.changes.iter().map(|c| (c.path.as_path(), c.kind_and_entry())).collect(),
+        by_path: diff
+            .changes
+            .iter()
+            .map(|c| (c.path.as_path(), c.kind_and_entry()))
+            .collect(),
         emitted_dirs: HashSet::new(),
         links: HashMap::new(),
         buf: vec![0u8; 128 * 1024],
@@ -271,7 +276,8 @@ impl<W: Write> TarWriter<'_, W> {
                     match self.links.get(&(entry.dev, entry.ino)) {
                         Some(first) => Some(first.clone()),
                         None => {
-                            self.links.insert((entry.dev, entry.ino), path.to_path_buf());
+                            self.links
+                                .insert((entry.dev, entry.ino), path.to_path_buf());
                             None
                         }
                     }
@@ -290,10 +296,14 @@ impl<W: Write> TarWriter<'_, W> {
                 }
             }
             FileKind::Symlink => {
-                let (parent, file) = (path.parent().unwrap_or(Path::new("")), path.file_name().unwrap_or_default());
+                let (parent, file) = (
+                    path.parent().unwrap_or(Path::new("")),
+                    path.file_name().unwrap_or_default(),
+                );
                 let dir = walk::open_beneath(self.root, parent, OFlags::PATH | OFlags::DIRECTORY)
                     .map_err(self.read_err(path))?;
-                let target = rustix::fs::readlinkat(&dir, file, Vec::new()).map_err(|e| self.read_err(path)(e.into()))?;
+                let target = rustix::fs::readlinkat(&dir, file, Vec::new())
+                    .map_err(|e| self.read_err(path)(e.into()))?;
                 linkname = target.into_bytes();
                 typeflag::SYMLINK
             }
@@ -332,7 +342,8 @@ impl<W: Write> TarWriter<'_, W> {
 
     /// Copies exactly `size` bytes of a regular file, failing if it no longer has that size.
     fn content(&mut self, path: &Path, size: u64) -> Result<(), LayerError> {
-        let fd = walk::open_beneath(self.root, path, OFlags::RDONLY).map_err(self.read_err(path))?;
+        let fd =
+            walk::open_beneath(self.root, path, OFlags::RDONLY).map_err(self.read_err(path))?;
         let mut file = std::fs::File::from(fd);
         let actual = file.metadata().map_err(self.read_err(path))?.len();
         let changed = |actual| LayerError::Changed {
@@ -347,13 +358,19 @@ impl<W: Write> TarWriter<'_, W> {
         let mut left = size;
         while left > 0 {
             let want = left.min(self.buf.len() as u64) as usize;
-            let n = file.read(&mut self.buf[..want]).map_err(self.read_err(path))?;
+            let n = file
+                .read(&mut self.buf[..want])
+                .map_err(self.read_err(path))?;
             if n == 0 {
                 return Err(changed(size - left));
             }
-            self.out.write_all(&self.buf[..n]).map_err(LayerError::Write)?;
+            self.out
+                .write_all(&self.buf[..n])
+                .map_err(LayerError::Write)?;
             left -= n as u64;
         }
-        self.out.write_all(tar::padding(size)).map_err(LayerError::Write)
+        self.out
+            .write_all(tar::padding(size))
+            .map_err(LayerError::Write)
     }
 }

@@ -92,11 +92,27 @@ pub(crate) fn write_header(out: &mut impl Write, h: &Header<'_>) -> io::Result<(
         for (key, value) in &pax {
             pax_record(&mut records, key, value);
         }
-        let base = h.path.rsplit(|b| *b == b'/').find(|c| !c.is_empty()).unwrap_or(b"entry");
+        let base = h
+            .path
+            .rsplit(|b| *b == b'/')
+            .find(|c| !c.is_empty())
+            .unwrap_or(b"entry");
         let mut pax_name = b"PaxHeaders.0/".to_vec();
         pax_name.extend_from_slice(base);
         pax_name.truncate(100);
-        let block = ustar_block(&pax_name, b"", typeflag::PAX, 0o644, 0, 0, records.len() as u64, 0, b"", 0, 0);
+        let block = ustar_block(
+            &pax_name,
+            b"",
+            typeflag::PAX,
+            0o644,
+            0,
+            0,
+            records.len() as u64,
+            0,
+            b"",
+            0,
+            0,
+        );
         out.write_all(&block)?;
         out.write_all(&records)?;
         out.write_all(padding(records.len() as u64))?;
@@ -130,7 +146,11 @@ fn ustar_split(path: &[u8]) -> Option<usize> {
     }
     // The name part must be non-empty and at most 100 bytes; take the longest prefix that fits.
     let directory = path.ends_with(b"/");
-    let body = if directory { &path[..path.len() - 1] } else { path };
+    let body = if directory {
+        &path[..path.len() - 1]
+    } else {
+        path
+    };
     (0..body.len())
         .rev()
         .filter(|&i| body[i] == b'/')

@@ -119,7 +119,9 @@ pub fn mount_points(mountinfo: &str) -> Vec<PathBuf> {
             let mut out = Vec::with_capacity(bytes.len());
             let mut i = 0;
             while i < bytes.len() {
-                let octal = bytes.get(i + 1..i + 4).filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
+                let octal = bytes
+                    .get(i + 1..i + 4)
+                    .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
                 match (bytes[i], octal) {
                     (b'\\', Some(d)) => {
                         out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));

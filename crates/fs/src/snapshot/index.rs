@@ -18,10 +18,10 @@
 //! ctime (ctime cannot be set from user space).
 
 use std::collections::HashMap;
-use std::fs::Metadata;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::ffi::OsStr;
+use std::fs::Metadata;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use kiln_oci::Digest;
@@ -330,7 +330,9 @@ impl Index {
             if entry.kind == FileKind::Directory || entry.nlink > 1 {
                 match super::walk::stat_beneath(&opened, as_path(key)) {
                     Ok(fresh) => *entry = fresh,
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => vanished.push(key.clone()),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        vanished.push(key.clone())
+                    }
                     Err(e) => return Err(e),
                 }
             }

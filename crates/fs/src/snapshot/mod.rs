@@ -165,13 +165,18 @@ impl Snapshotter {
     /// A snapshotter for `root` that starts from `index`, e.g. the one the unpacker recorded
     /// and sealed, so the first snapshot of a stage costs no extra walk. Use
     /// [`Index::new`] and [`Snapshotter::rescan`] when there is none.
-    pub fn new(root: impl Into<PathBuf>, index: Index, options: &SnapshotOptions) -> Result<Self, SnapshotError> {
+    pub fn new(
+        root: impl Into<PathBuf>,
+        index: Index,
+        options: &SnapshotOptions,
+    ) -> Result<Self, SnapshotError> {
         let root = root.into();
-        let ignore = IgnoreSet::resolve(&root, &options.ignore).map_err(|source| SnapshotError::Io {
-            root: root.clone(),
-            path: PathBuf::new(),
-            source,
-        })?;
+        let ignore =
+            IgnoreSet::resolve(&root, &options.ignore).map_err(|source| SnapshotError::Io {
+                root: root.clone(),
+                path: PathBuf::new(),
+                source,
+            })?;
         Ok(Snapshotter {
             root,
             mode: options.mode,
@@ -297,11 +302,16 @@ impl Snapshotter {
                 }
                 Err(e) => return Err(self.io_error(path.to_path_buf(), e)),
             };
-            let status = walk::classify(&ctx, &key, &mut entry).map_err(|e| self.io_error(path.to_path_buf(), e))?;
+            let status = walk::classify(&ctx, &key, &mut entry)
+                .map_err(|e| self.io_error(path.to_path_buf(), e))?;
             if entry.kind == FileKind::Directory && listed.contains(key.as_slice()) {
                 walked_dirs.push(key.clone());
             }
-            items.push(Item { path: key, entry, status });
+            items.push(Item {
+                path: key,
+                entry,
+                status,
+            });
         }
         // A listed directory inside another listed directory is covered by the outer walk.
         let outer: Vec<Key> = walked_dirs
@@ -311,14 +321,18 @@ impl Snapshotter {
             .collect();
         let mut seen: HashSet<Key> = items.iter().map(|i| i.path.clone()).collect();
         for dir in &outer {
-            let sub = walk::walk(&ctx, dir).map_err(|(path, source)| self.io_error(path, source))?;
+            let sub =
+                walk::walk(&ctx, dir).map_err(|(path, source)| self.io_error(path, source))?;
             for item in sub {
                 if seen.insert(item.path.clone()) {
                     items.push(item);
                 }
             }
         }
-        let mut changes: Vec<Change> = items.iter().filter_map(|item| self.change_of(item)).collect();
+        let mut changes: Vec<Change> = items
+            .iter()
+            .filter_map(|item| self.change_of(item))
+            .collect();
         // Index entries that vanished: listed paths that are gone, and anything that used to be
         // under a walked directory or a gone path but was not seen now.
         let mut deleted: Vec<Key> = self
@@ -428,12 +442,18 @@ mod tests {
         let old_proof = walk::proof_of(&opened, Path::new("f"), FileKind::Regular).unwrap();
         std::fs::write(root.join("f"), "bbbb").unwrap();
         let options = SnapshotOptions {
-            ignore: IgnoreOptions { mount_points: false, ..IgnoreOptions::default() },
+            ignore: IgnoreOptions {
+                mount_points: false,
+                ..IgnoreOptions::default()
+            },
             ..SnapshotOptions::default()
         };
         for (proof, expect_change) in [
             (old_proof, true),
-            (walk::proof_of(&opened, Path::new("f"), FileKind::Regular).unwrap(), false),
+            (
+                walk::proof_of(&opened, Path::new("f"), FileKind::Regular).unwrap(),
+                false,
+            ),
         ] {
             let mut entry = walk::stat_beneath(&opened, Path::new("f")).unwrap();
             entry.proof = Some(Box::new(proof));

@@ -56,7 +56,9 @@ pub(crate) fn open_beneath(root: &Root, rel: &Path, flags: OFlags) -> io::Result
         Mode::empty(),
         ResolveFlags::NO_SYMLINKS | ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS,
     ) {
-        Err(rustix::io::Errno::NOSYS) => Ok(rustix::fs::openat(&root.fd, rel, flags, Mode::empty())?),
+        Err(rustix::io::Errno::NOSYS) => {
+            Ok(rustix::fs::openat(&root.fd, rel, flags, Mode::empty())?)
+        }
         other => Ok(other?),
     }
 }
@@ -65,10 +67,20 @@ pub(crate) fn open_beneath(root: &Root, rel: &Path, flags: OFlags) -> io::Result
 pub(crate) fn stat_beneath(root: &Root, rel: &Path) -> io::Result<Entry> {
     let (parent, name) = match (rel.parent(), rel.file_name()) {
         (Some(parent), Some(name)) => (parent, name),
-        _ => return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a path below the root")),
+        _ => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a path below the root",
+            ))
+        }
     };
     let dir = open_beneath(root, parent, OFlags::PATH | OFlags::DIRECTORY)?;
-    let st = rustix::fs::statx(&dir, name, AtFlags::SYMLINK_NOFOLLOW, StatxFlags::BASIC_STATS | StatxFlags::BTIME)?;
+    let st = rustix::fs::statx(
+        &dir,
+        name,
+        AtFlags::SYMLINK_NOFOLLOW,
+        StatxFlags::BASIC_STATS | StatxFlags::BTIME,
+    )?;
     Entry::from_statx(&st).ok_or_else(|| io::Error::other("unknown file type"))
 }
 
@@ -153,7 +165,10 @@ pub(crate) fn proof_of(root: &Root, rel: &Path, kind: FileKind) -> io::Result<Pr
 fn split(rel: &Path) -> io::Result<(&Path, &OsStr)> {
     match (rel.parent(), rel.file_name()) {
         (Some(parent), Some(name)) => Ok((parent, name)),
-        _ => Err(io::Error::new(io::ErrorKind::InvalidInput, "not a path below the root")),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a path below the root",
+        )),
     }
 }
 
@@ -236,7 +251,8 @@ fn read_dir<'s>(
 ) -> Result<Vec<Item>, (PathBuf, io::Error)> {
     let ctx = shared.ctx;
     let at = |e: io::Error| (as_path(rel).to_path_buf(), e);
-    let fd = open_beneath(ctx.root, as_path(rel), OFlags::RDONLY | OFlags::DIRECTORY).map_err(at)?;
+    let fd =
+        open_beneath(ctx.root, as_path(rel), OFlags::RDONLY | OFlags::DIRECTORY).map_err(at)?;
     let mut dir = rustix::fs::Dir::new(fd).map_err(|e| at(e.into()))?;
     let mut items = Vec::new();
     while let Some(dirent) = dir.read() {
@@ -264,7 +280,8 @@ fn read_dir<'s>(
         let Some(mut entry) = Entry::from_statx(&st) else {
             continue;
         };
-        let status = classify(ctx, &path, &mut entry).map_err(|e| (as_path(&path).to_path_buf(), e))?;
+        let status =
+            classify(ctx, &path, &mut entry).map_err(|e| (as_path(&path).to_path_buf(), e))?;
         if entry.kind == FileKind::Directory {
             let child = path.clone();
             scope.spawn(move |s| walk_dir(s, shared, child));
@@ -316,7 +333,11 @@ pub(crate) fn classify(ctx: &WalkContext<'_>, key: &[u8], entry: &mut Entry) -> 
                         if racy_now {
                             entry.proof = Some(Box::new(proof));
                         }
-                        return Ok(if changed { Status::Modified } else { Status::Unchanged });
+                        return Ok(if changed {
+                            Status::Modified
+                        } else {
+                            Status::Unchanged
+                        });
                     }
                     _ => Status::Unchanged,
                 },
