@@ -296,6 +296,32 @@ fn listed_paths_need_no_walk() {
 }
 
 #[test]
+fn listed_path_that_is_gone_is_deleted_with_its_subtree() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    write(root, "app/lib/a", "1");
+    write(root, "app/lib/sub/b", "2");
+    write(root, "app/keep", "3");
+    let mut s = baseline(root);
+    fs::remove_dir_all(root.join("app/lib")).unwrap();
+    let diff = s.snapshot_paths(&["app/lib"]).unwrap();
+    assert_eq!(
+        summary(&diff),
+        kinds(&[
+            ("app", Modified),
+            ("app/lib", Deleted),
+            ("app/lib/a", Deleted),
+            ("app/lib/sub", Deleted),
+            ("app/lib/sub/b", Deleted),
+        ])
+    );
+    assert!(
+        s.snapshot().unwrap().is_empty(),
+        "the index matches the tree again"
+    );
+}
+
+#[test]
 fn index_recorded_by_a_writer_is_a_baseline() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();

@@ -293,7 +293,11 @@ impl Index {
     /// Forgets a path and everything under it, for a writer that removed it (a whiteout).
     pub fn forget(&mut self, rel_path: &Path) {
         let key = key_of(rel_path);
-        self.entries.retain(|k, _| !is_under(k, &key));
+        match self.entries.remove(&key) {
+            // Only a directory (or a path never recorded) can have recorded descendants.
+            Some(entry) if entry.kind != FileKind::Directory => {}
+            _ => self.entries.retain(|k, _| !is_under(k, &key)),
+        }
     }
 
     /// Ends a recording session and makes the index as good as one made by a full walk, at the

@@ -2,6 +2,11 @@
 //! with an [`Index`] of the previous state, reading file content only where metadata cannot
 //! decide (see [`index`] for the racy rule).
 //!
+//! kaniko's `--use-new-run` (which detects a RUN step's changes from file mtimes instead of a
+//! full content snapshot) needs no counterpart: every step already gets the metadata walk, so
+//! the flag is accepted and changes nothing. `--snapshot-mode` maps through
+//! [`KanikoSnapshotMode`].
+//!
 //! Writes under a declared `VOLUME` are kept, as BuildKit keeps them (the legacy Docker builder
 //! and kaniko discard them): volumes are not in the ignore list.
 
