@@ -76,7 +76,9 @@ pub fn pull_and_unpack(
     std::fs::create_dir_all(dest)?;
     let root = Root::open(dest)?;
     let mut summary = PullUnpackSummary::default();
-    let layers = manifest["layers"].as_array().ok_or("manifest without layers")?;
+    let layers = manifest["layers"]
+        .as_array()
+        .ok_or("manifest without layers")?;
     for (layer, diff_id) in layers.iter().zip(diff_ids) {
         let digest = Digest::parse(layer["digest"].as_str().ok_or("layer without digest")?)?;
         let diff_id = Digest::parse(diff_id.as_str().ok_or("bad diff_id")?)?;

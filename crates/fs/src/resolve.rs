@@ -220,8 +220,17 @@ impl Root {
     }
 
     /// An `O_PATH` descriptor for `rel`; the final component is followed only if `follow_last`.
-    pub fn open_path(&self, rel: impl AsRef<Path>, follow_last: bool) -> Result<OwnedFd, RootError> {
-        self.open_raw(rel.as_ref(), OFlags::PATH | OFlags::CLOEXEC, follow_last, "open")
+    pub fn open_path(
+        &self,
+        rel: impl AsRef<Path>,
+        follow_last: bool,
+    ) -> Result<OwnedFd, RootError> {
+        self.open_raw(
+            rel.as_ref(),
+            OFlags::PATH | OFlags::CLOEXEC,
+            follow_last,
+            "open",
+        )
     }
 
     /// Creates (or truncates) the regular file `rel` for writing. The parent is resolved inside
@@ -298,7 +307,11 @@ impl Root {
 
     /// Creates a symlink at `rel` pointing to `target` (stored verbatim; it is only ever resolved
     /// inside the root).
-    pub fn symlink(&self, target: impl AsRef<Path>, rel: impl AsRef<Path>) -> Result<(), RootError> {
+    pub fn symlink(
+        &self,
+        target: impl AsRef<Path>,
+        rel: impl AsRef<Path>,
+    ) -> Result<(), RootError> {
         let rel = rel.as_ref();
         let parent = self.resolve_parent(rel)?;
         rustix::fs::symlinkat(target.as_ref(), &parent.dir, &parent.name)
@@ -635,7 +648,10 @@ mod tests {
             symlink("/etc", dir.join("abs")).unwrap();
             symlink("/../../../etc/inside", dir.join("absfile")).unwrap();
             let root = Root::open_with(&dir, strategy).unwrap();
-            assert!(read(&root, "up").unwrap_err().is_not_found(), "{strategy:?}");
+            assert!(
+                read(&root, "up").unwrap_err().is_not_found(),
+                "{strategy:?}"
+            );
             assert!(read(&root, "../outside").unwrap_err().is_not_found());
             assert_eq!(read(&root, "abs/inside").unwrap(), "inside");
             assert_eq!(read(&root, "absfile").unwrap(), "inside");
@@ -651,7 +667,10 @@ mod tests {
             symlink("a", dir.join("b")).unwrap();
             symlink("self/x", dir.join("self")).unwrap();
             let root = Root::open_with(&dir, strategy).unwrap();
-            assert!(matches!(read(&root, "a"), Err(RootError::SymlinkLoop { .. })));
+            assert!(matches!(
+                read(&root, "a"),
+                Err(RootError::SymlinkLoop { .. })
+            ));
             assert!(matches!(
                 read(&root, "self/x"),
                 Err(RootError::SymlinkLoop { .. })
@@ -673,7 +692,10 @@ mod tests {
                 .write_all(b"x")
                 .unwrap();
             assert_eq!(std::fs::read(dir.join("etc/new")).unwrap(), b"x");
-            assert_eq!(std::fs::read(tmp.path().join("outside")).unwrap(), b"canary");
+            assert_eq!(
+                std::fs::read(tmp.path().join("outside")).unwrap(),
+                b"canary"
+            );
         });
     }
 

@@ -107,10 +107,20 @@ fn assert_same_tree(ours: &Path, theirs: &Path) {
     let differing: Vec<_> = ours_times
         .iter()
         .filter(|(path, time)| theirs_times.get(*path) != Some(time))
-        .map(|(path, time)| format!("{}: {time:?} vs {:?}", path.display(), theirs_times.get(path)))
+        .map(|(path, time)| {
+            format!(
+                "{}: {time:?} vs {:?}",
+                path.display(),
+                theirs_times.get(path)
+            )
+        })
         .take(20)
         .collect();
-    assert!(differing.is_empty(), "mtimes differ:\n{}", differing.join("\n"));
+    assert!(
+        differing.is_empty(),
+        "mtimes differ:\n{}",
+        differing.join("\n")
+    );
 }
 
 #[test]
@@ -171,8 +181,16 @@ fn write_layout(layout: &Path, tag: &str, layers: &[(Vec<u8>, Vec<u8>)]) {
             "annotations": {"org.opencontainers.image.ref.name": tag},
         }],
     });
-    std::fs::write(layout.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
-    std::fs::write(layout.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    std::fs::write(
+        layout.join("index.json"),
+        serde_json::to_vec(&index).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(
+        layout.join("oci-layout"),
+        br#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+    .unwrap();
 }
 
 /// `security.capability` v2 granting CAP_NET_RAW (bit 13), permitted and effective.
@@ -320,6 +338,14 @@ fn gzip_zstd_and_plain_layers_unpack_identically() {
         }
         trees.push(Tree::scan(&dir, &[]).unwrap());
     }
-    assert!(trees[0].diff(&trees[1]).is_empty(), "{}", trees[0].diff(&trees[1]));
-    assert!(trees[0].diff(&trees[2]).is_empty(), "{}", trees[0].diff(&trees[2]));
+    assert!(
+        trees[0].diff(&trees[1]).is_empty(),
+        "{}",
+        trees[0].diff(&trees[1])
+    );
+    assert!(
+        trees[0].diff(&trees[2]).is_empty(),
+        "{}",
+        trees[0].diff(&trees[2])
+    );
 }

@@ -133,7 +133,7 @@ impl<'r, 'o> Applier<'r, 'o> {
             set.map_err(|source| UnpackError::Apply {
                 layer: self.layer.clone(),
                 entry: shown.to_string(),
-                source,
+                source: Box::new(source),
             })?;
             if self.on_event.is_some() {
                 let metadata =
@@ -142,7 +142,7 @@ impl<'r, 'o> Applier<'r, 'o> {
                         .map_err(|source| UnpackError::Apply {
                             layer: self.layer.clone(),
                             entry: shown.to_string(),
-                            source,
+                            source: Box::new(source),
                         })?;
                 self.emit(UnpackEvent::Written {
                     path,
@@ -181,7 +181,7 @@ impl<'r, 'o> Applier<'r, 'o> {
             Err(OpError::Root(source)) => Err(Failure::Entry(UnpackError::Apply {
                 layer: self.layer.clone(),
                 entry: shown,
-                source,
+                source: Box::new(source),
             })),
         }
     }
@@ -301,7 +301,8 @@ impl<'r, 'o> Applier<'r, 'o> {
         rustix::fs::fchmod(&dir, Mode::from_bits_retain(meta.mode))
             .map_err(|e| self.io_err("change mode of", path, e))?;
         self.set_xattrs(path, XattrTarget::Fd(dir.as_fd()), &meta.xattrs)?;
-        self.dir_times.insert(path.to_path_buf(), meta.times.clone());
+        self.dir_times
+            .insert(path.to_path_buf(), meta.times.clone());
         Ok(())
     }
 
@@ -465,9 +466,7 @@ impl<'r, 'o> Applier<'r, 'o> {
     fn opaque(&mut self, dir: &Path) -> Result<(), OpError> {
         let handle = match self.root.open_dir(dir) {
             Ok(handle) => handle,
-            Err(e) if e.is_not_found() || e.raw_os_error() == Some(libc::ENOTDIR) => {
-                return Ok(())
-            }
+            Err(e) if e.is_not_found() || e.raw_os_error() == Some(libc::ENOTDIR) => return Ok(()),
             Err(e) => return Err(e.into()),
         };
         self.mark(dir);
@@ -528,9 +527,7 @@ impl<'r, 'o> Applier<'r, 'o> {
         }
         let parent = match self.root.resolve_parent(target) {
             Ok(parent) => parent,
-            Err(e) if e.is_not_found() || e.raw_os_error() == Some(libc::ENOTDIR) => {
-                return Ok(())
-            }
+            Err(e) if e.is_not_found() || e.raw_os_error() == Some(libc::ENOTDIR) => return Ok(()),
             Err(e) => return Err(e.into()),
         };
         self.preserve_dir_time(target.parent().unwrap_or(Path::new("")), parent.dir());
@@ -583,8 +580,7 @@ impl<'r, 'o> Applier<'r, 'o> {
     /// Makes room for a new entry at `path`: removes what is there unless it is a directory and
     /// `keep_dir`. Returns whether a directory was kept.
     fn clear(&mut self, path: &Path, parent: &ParentDir, keep_dir: bool) -> Result<bool, OpError> {
-        let st = match rustix::fs::statat(parent.dir(), parent.name(), AtFlags::SYMLINK_NOFOLLOW)
-        {
+        let st = match rustix::fs::statat(parent.dir(), parent.name(), AtFlags::SYMLINK_NOFOLLOW) {
             Ok(st) => st,
             Err(Errno::NOENT) => return Ok(false),
             Err(e) => return Err(self.io_err("stat", path, e).into()),

@@ -124,7 +124,7 @@ pub enum UnpackError {
         entry: String,
         /// The failed operation.
         #[source]
-        source: RootError,
+        source: Box<RootError>,
     },
     /// The stream could not be read or decoded: truncated, corrupt compression, bad tar header.
     #[error("layer {layer}: reading the layer stream after {offset} compressed bytes: {source}")]
@@ -138,7 +138,9 @@ pub enum UnpackError {
         source: io::Error,
     },
     /// The blob uses a compression Kiln does not read.
-    #[error("layer {layer}: unsupported compression {name} (gzip, zstd and plain tar are supported)")]
+    #[error(
+        "layer {layer}: unsupported compression {name} (gzip, zstd and plain tar are supported)"
+    )]
     UnsupportedCompression {
         /// The layer's blob digest.
         layer: Digest,

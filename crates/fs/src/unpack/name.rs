@@ -93,7 +93,10 @@ mod tests {
     #[test]
     fn cleans_names() {
         assert_eq!(clean_name(b"./usr/bin/").unwrap(), Path::new("usr/bin"));
-        assert_eq!(clean_name(b"/etc//passwd").unwrap(), Path::new("etc/passwd"));
+        assert_eq!(
+            clean_name(b"/etc//passwd").unwrap(),
+            Path::new("etc/passwd")
+        );
         assert_eq!(clean_name(b"a/../b").unwrap(), Path::new("b"));
         assert_eq!(clean_name(b"./").unwrap(), Path::new(""));
         assert!(clean_name(b"../x").is_err());

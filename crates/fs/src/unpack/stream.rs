@@ -121,12 +121,24 @@ mod tests {
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         gz.write_all(b"x").unwrap();
         let gz = gz.finish().unwrap();
-        assert!(matches!(detect(&gz), Detected::Supported(Compression::Gzip)));
+        assert!(matches!(
+            detect(&gz),
+            Detected::Supported(Compression::Gzip)
+        ));
         let zst = zstd::encode_all(&b"x"[..], 3).unwrap();
-        assert!(matches!(detect(&zst), Detected::Supported(Compression::Zstd)));
+        assert!(matches!(
+            detect(&zst),
+            Detected::Supported(Compression::Zstd)
+        ));
         assert!(matches!(detect(b"BZh91AY"), Detected::Unsupported("bzip2")));
-        assert!(matches!(detect(b"usr/"), Detected::Supported(Compression::None)));
-        assert!(matches!(detect(b""), Detected::Supported(Compression::None)));
+        assert!(matches!(
+            detect(b"usr/"),
+            Detected::Supported(Compression::None)
+        ));
+        assert!(matches!(
+            detect(b""),
+            Detected::Supported(Compression::None)
+        ));
     }
 
     #[test]

@@ -35,7 +35,12 @@ fn tar_of(entries: &[(&str, &str)]) -> Vec<u8> {
 }
 
 fn unpack(root: &Root, blob: &[u8]) -> Result<UnpackReport, UnpackError> {
-    unpack_layer(root, blob, &Digest::sha256_of(blob), UnpackOptions::default())
+    unpack_layer(
+        root,
+        blob,
+        &Digest::sha256_of(blob),
+        UnpackOptions::default(),
+    )
 }
 
 #[test]
@@ -84,7 +89,10 @@ fn whiteouts_and_opaque_dirs_follow_the_spec() {
     assert!(p.join("keep").exists());
     assert_eq!(report.entries, 5);
     for expected in ["-a/old", "-a/sub/deep", "-gone", "+a/new", "+a", "+a/sub"] {
-        assert!(events.iter().any(|e| e == expected), "{expected} in {events:?}");
+        assert!(
+            events.iter().any(|e| e == expected),
+            "{expected} in {events:?}"
+        );
     }
 }
 
@@ -105,7 +113,10 @@ fn types_replace_each_other_and_dir_times_are_set_last() {
     let p = tmp.path();
     assert_eq!(std::fs::read(p.join("d")).unwrap(), b"now a file");
     assert!(p.join("f").is_dir());
-    assert_eq!(std::fs::metadata(p.join("f")).unwrap().mtime(), 1_600_000_000);
+    assert_eq!(
+        std::fs::metadata(p.join("f")).unwrap().mtime(),
+        1_600_000_000
+    );
 }
 
 #[test]
@@ -127,5 +138,8 @@ fn digest_mismatch_is_reported_after_reading_everything() {
         }
         other => panic!("unexpected {other}"),
     }
-    assert!(Path::new(&tmp.path().join("x")).exists(), "applied while streaming");
+    assert!(
+        Path::new(&tmp.path().join("x")).exists(),
+        "applied while streaming"
+    );
 }

@@ -37,7 +37,10 @@ impl Layer {
         header.set_gid(0);
         {
             let old = header.as_old_mut();
-            assert!(name.len() <= 100 && link.len() <= 100, "use pax_* for long names");
+            assert!(
+                name.len() <= 100 && link.len() <= 100,
+                "use pax_* for long names"
+            );
             old.name = [0; 100];
             old.name[..name.len()].copy_from_slice(name);
             old.linkname = [0; 100];
@@ -65,7 +68,13 @@ impl Layer {
 
     /// A regular file, mode 0644.
     pub fn file(mut self, name: &str, content: &[u8]) -> Self {
-        self.raw(name.as_bytes(), tar::EntryType::Regular, content, b"", 0o644);
+        self.raw(
+            name.as_bytes(),
+            tar::EntryType::Regular,
+            content,
+            b"",
+            0o644,
+        );
         self
     }
 
@@ -120,13 +129,26 @@ impl Layer {
     }
 
     /// Any entry with raw name bytes, written without validation.
-    pub fn raw(&mut self, name: &[u8], kind: tar::EntryType, content: &[u8], link: &[u8], mode: u32) {
+    pub fn raw(
+        &mut self,
+        name: &[u8],
+        kind: tar::EntryType,
+        content: &[u8],
+        link: &[u8],
+        mode: u32,
+    ) {
         let header = Self::header(name, kind, content.len() as u64, link, mode);
         self.builder.append(&header, content).unwrap();
     }
 
     /// A regular file preceded by a PAX header with the given records (e.g. `path`, xattrs).
-    pub fn pax_file(mut self, records: &[(&str, &[u8])], name: &str, content: &[u8], mode: u32) -> Self {
+    pub fn pax_file(
+        mut self,
+        records: &[(&str, &[u8])],
+        name: &str,
+        content: &[u8],
+        mode: u32,
+    ) -> Self {
         self.pax(records);
         self.raw(name.as_bytes(), tar::EntryType::Regular, content, b"", mode);
         self
@@ -146,7 +168,13 @@ impl Layer {
             data.extend_from_slice(value);
             data.push(b'\n');
         }
-        let header = Self::header(b"././@PaxHeader", tar::EntryType::XHeader, data.len() as u64, b"", 0o644);
+        let header = Self::header(
+            b"././@PaxHeader",
+            tar::EntryType::XHeader,
+            data.len() as u64,
+            b"",
+            0o644,
+        );
         self.builder.append(&header, &data[..]).unwrap();
     }
 
