@@ -253,6 +253,24 @@ fn ignored_paths_are_never_reported() {
 }
 
 #[test]
+fn mount_points_under_the_root_are_never_walked() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    write(root, "mnt/cache/.keep", "");
+    let mut s = baseline(root);
+    let mount_point = root.join("mnt/cache");
+    sh(&format!(
+        "mount -t tmpfs kiln-test {}",
+        mount_point.display()
+    ));
+    write(root, "mnt/cache/inside-the-mount", "x");
+    write(root, "outside", "y");
+    let diff = s.snapshot();
+    sh(&format!("umount {}", mount_point.display()));
+    assert_eq!(summary(&diff.unwrap()), kinds(&[("outside", Added)]));
+}
+
+#[test]
 fn volume_writes_are_kept() {
     // BuildKit keeps writes under a declared VOLUME; nothing special-cases them.
     let dir = tempfile::tempdir().unwrap();

@@ -162,6 +162,7 @@ pub struct SnapshotOptions {
 pub struct Snapshotter {
     root: PathBuf,
     mode: SnapshotMode,
+    ignore_options: IgnoreOptions,
     ignore: IgnoreSet,
     index: Index,
 }
@@ -185,6 +186,7 @@ impl Snapshotter {
         Ok(Snapshotter {
             root,
             mode: options.mode,
+            ignore_options: options.ignore.clone(),
             ignore,
             index,
         })
@@ -220,6 +222,7 @@ impl Snapshotter {
     /// Walks the whole rootfs once, returns what changed since the previous snapshot and makes
     /// the current state the new baseline.
     pub fn snapshot(&mut self) -> Result<Diff, SnapshotError> {
+        self.refresh_ignore()?;
         let observed_at = Timestamp::coarse_now();
         let root = self.open_root()?;
         let ctx = WalkContext {
@@ -261,6 +264,7 @@ impl Snapshotter {
     /// subtrees of the directories among them, and their parent directories are looked at.
     /// A listed path that no longer exists is reported deleted with everything under it.
     pub fn snapshot_paths<P: AsRef<Path>>(&mut self, paths: &[P]) -> Result<Diff, SnapshotError> {
+        self.refresh_ignore()?;
         let observed_at = Timestamp::coarse_now();
         let root = self.open_root()?;
         let mut targets: Vec<Key> = paths
@@ -416,6 +420,16 @@ impl Snapshotter {
         }
         changes.sort_by(|a, b| a.path.cmp(&b.path));
         Diff { changes }
+    }
+
+    /// Mounts come and go between steps (a RUN may mount something and leave it), so the mount
+    /// table is read again for every snapshot; it is a few dozen lines.
+    fn refresh_ignore(&mut self) -> Result<(), SnapshotError> {
+        if self.ignore_options.mount_points {
+            self.ignore = IgnoreSet::resolve(&self.root, &self.ignore_options)
+                .map_err(|source| self.io_error(PathBuf::new(), source))?;
+        }
+        Ok(())
     }
 
     fn open_root(&self) -> Result<walk::Root, SnapshotError> {
