@@ -1,0 +1,10 @@
+//! The `executor` binary's library half: kaniko-compatible flag parsing ([`cli`]), progress
+//! rendering ([`render`]) and exit codes ([`exit`]). `main.rs` only wires these to the engine,
+//! so everything here is testable without running a build.
+
+pub mod cli;
+pub mod exit;
+pub mod render;
+
+pub use cli::{parse, CacheFlags, Command, Env, Invocation, UsageError, WarmInvocation};
+pub use render::{Level, LogFormat, OutputSettings, Progress, Renderer};
