@@ -6,7 +6,9 @@
 //! this binary re-executes itself with `--child-pull-unpack` for Kiln's side.
 //!
 //! Run: `cargo bench -p kiln-fs --bench pull_unpack` (as root; needs docker-registry, skopeo,
-//! umoci, debootstrap for the cached base). `KILN_BENCH_RUNS` sets the repetitions (default 3).
+//! umoci, debootstrap for the cached base). `KILN_BENCH_RUNS` sets the repetitions (default 3);
+//! `KILN_BENCH_DIR` the directory the trees are written under (default: the temp dir).
+//! `--unpack-file BLOB DIGEST DEST` unpacks one local blob, for profiling the unpacker alone.
 
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
@@ -205,6 +207,18 @@ fn main() {
         }
         return;
     }
+    if let Some(i) = args.iter().position(|a| a == "--unpack-file") {
+        // Unpack only, from a blob file: `--unpack-file BLOB DIGEST DEST` (for profiling).
+        let (blob, digest, dest) = (&args[i + 1], &args[i + 2], PathBuf::from(&args[i + 3]));
+        std::fs::create_dir_all(&dest).expect("create destination");
+        let root = Root::open(&dest).expect("open destination");
+        let digest = Digest::parse(digest).expect("digest");
+        let file = std::fs::File::open(blob).expect("open blob");
+        let report = unpack_layer(&root, file, &digest, UnpackOptions::default())
+            .unwrap_or_else(|e| panic!("{e}"));
+        eprintln!("{report:?}");
+        return;
+    }
     if args.iter().any(|a| a == "--list") {
         // `cargo test --benches` lists benches; there is nothing to list.
         return;
@@ -223,7 +237,13 @@ fn main() {
     );
     let addr = registry.addr();
     let me = std::env::current_exe().expect("own executable");
-    let work = tempfile::tempdir().expect("temp dir");
+    // KILN_BENCH_DIR picks the filesystem the trees are written to (e.g. a tmpfs, to take a
+    // busy disk out of the comparison); the default is the system temp dir.
+    let work = match std::env::var_os("KILN_BENCH_DIR") {
+        Some(dir) => tempfile::tempdir_in(dir),
+        None => tempfile::tempdir(),
+    }
+    .expect("temp dir");
 
     let (mut kiln, mut skopeo, mut umoci) = (Vec::new(), Vec::new(), Vec::new());
     for run in 0..runs {
@@ -267,7 +287,10 @@ fn main() {
         median(reference),
     );
     let mib = |kib: i64| kib as f64 / 1024.0;
-    println!("pull + unpack of the Debian base (debootstrap minbase bookworm) from {addr}, median of {runs} runs");
+    println!(
+        "pull + unpack of the Debian base (debootstrap minbase bookworm) from {addr} into {}, median of {runs} runs",
+        work.path().display()
+    );
     println!(
         "{:<34} {:>10} {:>10} {:>14}",
         "", "wall (s)", "CPU (s)", "peak RSS (MiB)"
