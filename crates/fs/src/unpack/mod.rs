@@ -24,9 +24,11 @@
 //! the layer digest and the entry.
 //!
 //! The blob's digest is computed over the compressed bytes as they stream by; the stream is read
-//! to its end and compared before `unpack_layer` returns. **Any error means the root is
-//! partially written and must be discarded** — a digest mismatch in particular is only known once
-//! every entry has been applied.
+//! to its end and compared before `unpack_layer` returns (also when it fails to decode, so a
+//! corrupted blob is reported as a digest mismatch; an entry refused in a well-formed stream
+//! stops the read at once). **Any error means the root is partially written and must be
+//! discarded** — a digest mismatch in particular is only known once every entry has been
+//! applied. [`UnpackEvent`]s delivered before an error describe that discarded root.
 
 mod apply;
 mod name;
@@ -179,7 +181,7 @@ impl UnpackError {
 
 /// Applies the layer blob read from `layer`, whose digest must be `digest`, to `root`.
 ///
-/// The blob is read to its end. On success every entry is applied and both digests matched; on
+/// On success the blob was read to its end, every entry is applied and both digests matched; on
 /// error the root must be discarded (see the module documentation).
 pub fn unpack_layer<R: Read>(
     root: &Root,
@@ -190,10 +192,14 @@ pub fn unpack_layer<R: Read>(
     let mut compressed = stream::HashingReader::new(layer, digest.algorithm());
     let mut applier = apply::Applier::new(root, digest, options.on_event);
 
-    let applied = apply_entries(&mut compressed, &mut applier, digest);
+    let applied = match apply_entries(&mut compressed, &mut applier, digest) {
+        // A refused entry in a stream that decodes fine: no need to read the rest to say so.
+        Err(e) if !matches!(e, UnpackError::Stream { .. }) => return Err(e),
+        other => other,
+    };
 
-    // Whatever happened, the received bytes decide first: a corrupted or substituted blob is
-    // reported as such, not as whichever entry it happened to break.
+    // A stream that failed to decode, or a complete one: the received bytes decide first, so a
+    // corrupted or substituted blob is reported as such, not as whichever entry it broke.
     let offset = compressed.len();
     let (actual, size) = match compressed.drain_and_finish() {
         Ok(done) => done,

@@ -143,3 +143,52 @@ fn digest_mismatch_is_reported_after_reading_everything() {
         "applied while streaming"
     );
 }
+
+#[test]
+fn a_refused_entry_stops_reading_the_stream() {
+    struct Counting<'a> {
+        data: &'a [u8],
+        read: &'a std::cell::Cell<usize>,
+    }
+    impl std::io::Read for Counting<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = self.data.read(buf)?;
+            self.read.set(self.read.get() + n);
+            Ok(n)
+        }
+    }
+    let mut builder = tar::Builder::new(Vec::new());
+    let mut header = tar::Header::new_gnu();
+    header.as_old_mut().name[..5].copy_from_slice(b"../x\0");
+    header.set_entry_type(tar::EntryType::Regular);
+    header.set_size(0);
+    header.set_mode(0o644);
+    header.set_uid(0);
+    header.set_gid(0);
+    header.set_mtime(0);
+    header.set_cksum();
+    builder.append(&header, &[][..]).unwrap();
+    let mut big = tar::Header::new_gnu();
+    big.set_size(8 << 20);
+    big.set_mode(0o644);
+    big.set_cksum();
+    builder
+        .append_data(&mut big, "big", &vec![0u8; 8 << 20][..])
+        .unwrap();
+    let blob = builder.into_inner().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let root = Root::open(tmp.path()).unwrap();
+    let read = std::cell::Cell::new(0);
+    let err = unpack_layer(
+        &root,
+        Counting {
+            data: &blob,
+            read: &read,
+        },
+        &Digest::sha256_of(&blob),
+        UnpackOptions::default(),
+    )
+    .unwrap_err();
+    assert!(matches!(err, UnpackError::InvalidEntry { .. }), "{err}");
+    assert!(read.get() < 1 << 20, "read {} bytes", read.get());
+}
