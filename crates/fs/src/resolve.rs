@@ -76,8 +76,8 @@ pub enum RootError {
 }
 
 impl RootError {
-    /// The kind of the underlying I/O error, if this error came from a system call; symlink
-    /// loops report [`io::ErrorKind::FilesystemLoop`]-like semantics through `None`.
+    /// The kind of the underlying I/O error, if this error came from a system call (`None` for
+    /// symlink loops and invalid paths, which have their own variants).
     pub fn io_kind(&self) -> Option<io::ErrorKind> {
         match self {
             RootError::Io { source, .. } => Some(source.kind()),
@@ -396,7 +396,9 @@ impl Root {
                     ) {
                         Ok(fd) => return Ok(fd),
                         Err(Errno::AGAIN) if attempts < OPENAT2_RETRIES => attempts += 1,
-                        Err(Errno::LOOP) if follow_last || !is_last_symlink(self, rel) => {
+                        // Every caller either follows the last component or opens it with
+                        // O_PATH, so ELOOP can only mean too many symlinks.
+                        Err(Errno::LOOP) => {
                             return Err(RootError::SymlinkLoop {
                                 root: self.path.clone(),
                                 path: rel.to_path_buf(),
@@ -524,15 +526,6 @@ impl Root {
             source,
         }
     }
-}
-
-/// `openat2` reports `ELOOP` both for too many symlinks and for `O_NOFOLLOW` on a final symlink
-/// with a non-`O_PATH` open; tells the two apart for the error message.
-fn is_last_symlink(root: &Root, rel: &Path) -> bool {
-    root.resolve_parent(rel)
-        .ok()
-        .and_then(|p| rustix::fs::statat(&p.dir, &p.name, AtFlags::SYMLINK_NOFOLLOW).ok())
-        .is_some_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::Symlink)
 }
 
 /// Queues the components of `path` for the walk: in front (a symlink's target, to be resolved
