@@ -1,0 +1,470 @@
+//! Conformance: every case under `testdata/cases/` is built with Kiln (library API, chroot mode)
+//! and with buildah against one loopback registry; both images are pulled back with skopeo,
+//! unpacked with umoci and compared path by path and config field by config field. The Kiln image
+//! is then run with runc and must print what the case's `expect` file says.
+//!
+//! `expect` format, one directive per line (`#` starts a comment):
+//! - `run: TEXT` — one line of the expected stdout, in order;
+//! - `arg: KEY=VALUE` — a `--build-arg`;
+//! - `target: STAGE` — `--target`;
+//! - `secret: ID=VALUE` — a `--secret id=ID` whose value must never reach a layer or the config;
+//! - `buildah: skip REASON` — buildah cannot build this case at all (the Kiln image is still
+//!   built and run).
+//!
+//! `KILN_CONFORMANCE_CASES=a,b` restricts the run to the named cases.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use kiln_build::{BuildOptions, Builder, SecretSource, SecretSpec};
+use kiln_sandbox::Mode;
+use kiln_testkit::buildah::Buildah;
+use kiln_testkit::image::{self, Flattened};
+use kiln_testkit::tree::Tree;
+use kiln_testkit::{bases, Registry};
+
+/// Where buildah departs from Docker/BuildKit's documented behaviour, per case: a path (relative
+/// to the root, with its subtree) or `config:Field` that is not compared, and why. Docker wins:
+/// the Kiln side is still checked by the case's `run:` lines. `*` applies to every case.
+/// `testdata/cases/DEVIATIONS.md` lists the same entries for the README.
+const DEVIATIONS: &[(&str, &str, &str)] = &[
+    (
+        "*",
+        "dev",
+        "buildah leaves /dev stubs (device nodes, mount points) in RUN layers",
+    ),
+    (
+        "*",
+        "proc",
+        "buildah leaves a /proc mount point stub in RUN layers",
+    ),
+    (
+        "*",
+        "etc/hosts",
+        "buildah leaves an empty /etc/hosts in RUN layers; BuildKit mounts it and keeps it out of the image",
+    ),
+    (
+        "*",
+        "etc/resolv.conf",
+        "buildah leaves an empty /etc/resolv.conf in RUN layers; BuildKit mounts it and keeps it out of the image",
+    ),
+    (
+        "*",
+        "etc/hostname",
+        "buildah leaves an empty /etc/hostname in RUN layers; BuildKit mounts it and keeps it out of the image",
+    ),
+    (
+        "*",
+        "run",
+        "buildah leaves a /run mount point stub (for /run/secrets) in RUN layers",
+    ),
+    ("env", "config:Env", "buildah moves a redefined variable (PATH) to the end of Env; Docker replaces it in place"),
+    ("healthcheck", "config:Healthcheck", "buildah drops Healthcheck from OCI-format configs; Docker records HEALTHCHECK NONE as Test [\"NONE\"]"),
+    ("healthcheck-exec", "config:Healthcheck", "buildah drops Healthcheck from OCI-format configs"),
+    ("metadata", "config:OnBuild", "buildah drops OnBuild from OCI-format configs"),
+    ("shell", "config:Shell", "buildah drops Shell from OCI-format configs"),
+    ("shell", "config:Cmd", "buildah ignores SHELL for shell-form CMD; Docker wraps it with the current SHELL"),
+    ("user-workdir", "var/tmp", "buildah creates WORKDIR lazily at the next step, so a trailing WORKDIR never exists; BuildKit creates it (and missing parents) owned by USER"),
+    ("volume-writes", "data/after.txt", "buildah discards RUN writes under a declared VOLUME; BuildKit keeps them"),
+    (
+        "volume-writes",
+        "listing.txt",
+        "the listing of /data written after VOLUME lacks after.txt under buildah (writes under VOLUME discarded)",
+    ),
+    ("copy-chmod-octal", "secretdir", "buildah applies --chmod to copied files only; BuildKit applies it to the copied directory too"),
+    ("run-mount-bind-context", "tmp/ctx", "buildah leaves RUN --mount target stubs in the layer; BuildKit removes mount points it created"),
+    ("run-mount-bind-context", "tmp/data", "buildah leaves RUN --mount target stubs in the layer; BuildKit removes mount points it created"),
+    ("run-mount-bind-stage", "tmp/gen", "buildah leaves RUN --mount target stubs in the layer; BuildKit removes mount points it created"),
+    ("run-mount-cache", "tmp/cache", "buildah leaves RUN --mount target stubs in the layer; BuildKit removes mount points it created"),
+    ("run-mount-tmpfs", "tmp/scratch", "buildah leaves RUN --mount target stubs in the layer; BuildKit removes mount points it created"),
+];
+
+struct Case {
+    name: String,
+    dir: PathBuf,
+    run: String,
+    args: Vec<(String, String)>,
+    target: Option<String>,
+    secrets: Vec<(String, String)>,
+    buildah_skip: Option<String>,
+}
+
+fn cases_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/cases")
+}
+
+fn load_cases() -> Vec<Case> {
+    let only: Option<Vec<String>> = std::env::var("KILN_CONFORMANCE_CASES")
+        .ok()
+        .map(|v| v.split(',').map(str::to_owned).collect());
+    let mut cases = Vec::new();
+    let mut entries: Vec<_> = std::fs::read_dir(cases_dir())
+        .expect("testdata/cases exists")
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.join("Dockerfile").is_file())
+        .collect();
+    entries.sort();
+    for dir in entries {
+        let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+        if only.as_ref().is_some_and(|o| !o.contains(&name)) {
+            continue;
+        }
+        let expect = std::fs::read_to_string(dir.join("expect"))
+            .unwrap_or_else(|e| panic!("{}/expect: {e}", dir.display()));
+        let mut case = Case {
+            name,
+            dir: dir.clone(),
+            run: String::new(),
+            args: Vec::new(),
+            target: None,
+            secrets: Vec::new(),
+            buildah_skip: None,
+        };
+        for (number, line) in expect.lines().enumerate() {
+            if line.trim_start().starts_with('#') || line.trim().is_empty() {
+                continue;
+            }
+            let (key, value) = line
+                .split_once(':')
+                .unwrap_or_else(|| panic!("{}/expect:{}: no `key:`", dir.display(), number + 1));
+            let value = value.strip_prefix(' ').unwrap_or(value);
+            let pair = |v: &str| {
+                let (k, v) = v.split_once('=').unwrap_or_else(|| {
+                    panic!("{}/expect:{}: want KEY=VALUE", dir.display(), number + 1)
+                });
+                (k.to_owned(), v.to_owned())
+            };
+            match key {
+                "run" => {
+                    case.run.push_str(value);
+                    case.run.push('\n');
+                }
+                "arg" => case.args.push(pair(value)),
+                "secret" => case.secrets.push(pair(value)),
+                "target" => case.target = Some(value.to_owned()),
+                "buildah" => {
+                    case.buildah_skip = Some(
+                        value
+                            .strip_prefix("skip")
+                            .unwrap_or_else(|| {
+                                panic!(
+                                    "{}/expect:{}: want `buildah: skip REASON`",
+                                    dir.display(),
+                                    number + 1
+                                )
+                            })
+                            .trim()
+                            .to_owned(),
+                    )
+                }
+                other => panic!(
+                    "{}/expect:{}: unknown key {other:?}",
+                    dir.display(),
+                    number + 1
+                ),
+            }
+        }
+        cases.push(case);
+    }
+    cases
+}
+
+fn kiln_options(
+    registry: &Registry,
+    case: &Case,
+    kiln_dir: &Path,
+    secret_dir: &Path,
+) -> BuildOptions {
+    let mut options = BuildOptions::new(case.dir.to_string_lossy());
+    options.mode = Some(Mode::Chroot);
+    options.kiln_dir = kiln_dir.to_path_buf();
+    options
+        .registry
+        .registry_maps
+        .push(("docker.io".into(), vec![registry.addr()]));
+    options.registry.insecure_registries.push(registry.addr());
+    options.build_args = case.args.iter().cloned().collect::<BTreeMap<_, _>>();
+    options.target.clone_from(&case.target);
+    for (id, value) in &case.secrets {
+        let path = secret_dir.join(id);
+        std::fs::write(&path, value).unwrap();
+        options.secrets.push(SecretSpec {
+            id: id.clone(),
+            source: SecretSource::File(path),
+        });
+    }
+    options
+        .output
+        .destinations
+        .push(format!("{}/kiln/{}:1", registry.addr(), case.name));
+    options
+}
+
+/// Paths and config fields not compared for `case`.
+fn deviations_for(case: &str) -> Vec<&'static str> {
+    DEVIATIONS
+        .iter()
+        .filter(|(c, _, _)| *c == "*" || *c == case)
+        .map(|(_, what, _)| *what)
+        .collect()
+}
+
+fn scan(flat: &Flattened, excluded: &[&str]) -> Tree {
+    Tree::scan(&flat.rootfs, excluded)
+        .unwrap_or_else(|e| panic!("scan {}: {e}", flat.rootfs.display()))
+}
+
+const CONFIG_FIELDS: &[&str] = &[
+    "Env",
+    "Cmd",
+    "Entrypoint",
+    "WorkingDir",
+    "User",
+    "ExposedPorts",
+    "Volumes",
+    "Labels",
+    "StopSignal",
+    "Healthcheck",
+    "Shell",
+    "OnBuild",
+];
+
+/// A config field as JSON text, with every spelling of "not set" (absent, null, "", [] or {})
+/// mapped to `null`, since builders spell an unset field differently for the same image.
+fn render(value: &impl std::fmt::Display) -> String {
+    let text = value.to_string();
+    match text.as_str() {
+        "\"\"" | "[]" | "{}" => "null".to_owned(),
+        _ => text,
+    }
+}
+
+/// buildah stamps every image with an `io.buildah.version` label, which is not part of what the
+/// Dockerfile asks for.
+fn without_buildah_version(labels: &str) -> String {
+    let Some(start) = labels.find("\"io.buildah.version\":\"") else {
+        return labels.to_owned();
+    };
+    let value_start = start + "\"io.buildah.version\":\"".len();
+    let end = value_start + labels[value_start..].find('"').map_or(0, |e| e + 1);
+    let mut rest = format!("{}{}", &labels[..start], &labels[end..]);
+    rest = rest
+        .replace(",,", ",")
+        .replace("{,", "{")
+        .replace(",}", "}");
+    render(&rest)
+}
+
+/// Builds `case` with buildah on its own thread (it is a separate process and can overlap with
+/// Kiln's build of the same case).
+fn spawn_buildah(
+    buildah: &std::sync::Arc<Buildah>,
+    case: &Case,
+) -> Option<std::thread::JoinHandle<Result<(), String>>> {
+    if case.buildah_skip.is_some() {
+        return None;
+    }
+    let buildah = buildah.clone();
+    let dir = case.dir.clone();
+    let args = case.args.clone();
+    let target = case.target.clone();
+    let tag = format!("buildah/{}:1", case.name);
+    Some(std::thread::spawn(move || {
+        let args: Vec<(&str, &str)> = args.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        buildah.build_and_push(&dir, None, &args, target.as_deref(), &tag)
+    }))
+}
+
+/// Runs `f`, turning a testkit panic (skopeo/umoci/runc failure) into an error message so one
+/// broken case does not hide the others.
+fn catching<T>(what: &str, f: impl FnOnce() -> T) -> Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|panic| {
+        let message = panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+            .unwrap_or_default();
+        format!("{what}: {message}")
+    })
+}
+
+/// Compares Kiln's image with buildah's: trees (without deviating paths) and config fields.
+fn compare(case: &Case, kiln: &Flattened, oracle: &Flattened) -> Vec<String> {
+    let deviations = deviations_for(&case.name);
+    let paths: Vec<&str> = deviations
+        .iter()
+        .copied()
+        .filter(|d| !d.starts_with("config:"))
+        .collect();
+    let mut problems = Vec::new();
+    let diff = scan(kiln, &paths).diff(&scan(oracle, &paths));
+    if !diff.is_empty() {
+        problems.push(format!(
+            "rootfs differs (left: kiln, right: buildah):\n{diff}"
+        ));
+    }
+    for field in CONFIG_FIELDS {
+        if deviations.contains(&format!("config:{field}").as_str()) {
+            continue;
+        }
+        let left = render(&kiln.config["config"][field]);
+        let mut right = render(&oracle.config["config"][field]);
+        if *field == "Labels" {
+            right = without_buildah_version(&right);
+        }
+        if left != right {
+            problems.push(format!("config {field}: kiln {left} vs buildah {right}"));
+        }
+    }
+    problems
+}
+
+/// Looks for each secret value in every blob of the pushed image (layers decompressed, config
+/// with its history as is).
+fn secret_leaks(registry: &Registry, case: &Case) -> Vec<String> {
+    if case.secrets.is_empty() {
+        return Vec::new();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let copy = Command::new("skopeo")
+        .args(["copy", "--quiet", "--src-tls-verify=false"])
+        .arg(format!("docker://{}/kiln/{}:1", registry.addr(), case.name))
+        .arg(format!("dir:{}", dir.path().display()))
+        .output()
+        .expect("spawn skopeo");
+    if !copy.status.success() {
+        return vec![format!(
+            "skopeo copy for the secret check failed: {}",
+            String::from_utf8_lossy(&copy.stderr)
+        )];
+    }
+    let mut leaks = Vec::new();
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let blob = entry.unwrap().path();
+        let raw = std::fs::read(&blob).unwrap();
+        let unzipped = Command::new("gzip").arg("-dc").arg(&blob).output().unwrap();
+        for (id, value) in &case.secrets {
+            let found = |bytes: &[u8]| bytes.windows(value.len()).any(|w| w == value.as_bytes());
+            if found(&raw) || (unzipped.status.success() && found(&unzipped.stdout)) {
+                leaks.push(format!(
+                    "secret {id:?} appears in image blob {}",
+                    blob.file_name().unwrap().to_string_lossy()
+                ));
+            }
+        }
+    }
+    leaks
+}
+
+async fn check_case(
+    registry: &Registry,
+    buildah: &std::sync::Arc<Buildah>,
+    case: &Case,
+) -> Vec<String> {
+    let started = std::time::Instant::now();
+    let oracle_build = spawn_buildah(buildah, case);
+    let work = tempfile::tempdir().unwrap();
+    let secret_dir = tempfile::tempdir().unwrap();
+    let options = kiln_options(registry, case, work.path(), secret_dir.path());
+    let kiln_built = Builder::new(options).build().await;
+    let oracle_built = oracle_build.map(|h| h.join().expect("buildah thread"));
+    let mut problems = Vec::new();
+
+    let kiln = match kiln_built {
+        Ok(_) => match catching("pull/unpack kiln image", || {
+            image::flatten(registry, &format!("kiln/{}:1", case.name))
+        }) {
+            Ok(flat) => Some(flat),
+            Err(e) => {
+                problems.push(e);
+                None
+            }
+        },
+        Err(e) => {
+            problems.push(format!("kiln build failed: {e}"));
+            None
+        }
+    };
+    let oracle = match oracle_built {
+        None => None,
+        Some(Ok(())) => match catching("pull/unpack buildah image", || {
+            image::flatten(registry, &format!("buildah/{}:1", case.name))
+        }) {
+            Ok(flat) => Some(flat),
+            Err(e) => {
+                problems.push(e);
+                None
+            }
+        },
+        Some(Err(e)) => {
+            problems.push(format!("buildah build failed: {e}"));
+            None
+        }
+    };
+    if let (Some(kiln), Some(oracle)) = (&kiln, &oracle) {
+        problems.extend(compare(case, kiln, oracle));
+    }
+    if let Some(kiln) = &kiln {
+        problems.extend(secret_leaks(registry, case));
+        match catching("run kiln image with runc", || image::run_with_runc(kiln)) {
+            Ok(output) if output == case.run => {}
+            Ok(output) => problems.push(format!(
+                "kiln image printed:\n{output}--- expected:\n{}---",
+                case.run
+            )),
+            Err(e) => problems.push(e),
+        }
+    }
+    eprintln!(
+        "case {}: {} in {:.1?}{}",
+        case.name,
+        if problems.is_empty() { "ok" } else { "FAILED" },
+        started.elapsed(),
+        case.buildah_skip
+            .as_ref()
+            .map(|r| format!(" (buildah skipped: {r})"))
+            .unwrap_or_default()
+    );
+    problems
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cases_match_buildah_and_print_their_expected_output() {
+    kiln_testkit::require_tools(&["buildah", "skopeo", "umoci", "runc", "gzip"]);
+    let cases = load_cases();
+    assert!(!cases.is_empty(), "no cases selected");
+    let registry = Registry::start();
+    image::push_rootfs(&registry, bases::busybox_rootfs(), "library/busybox:latest");
+    image::push_rootfs(&registry, bases::debian_rootfs(), "library/debian:bookworm");
+    let buildah = std::sync::Arc::new(Buildah::new(&registry));
+
+    let mut failures = Vec::new();
+    for case in &cases {
+        let problems = check_case(&registry, &buildah, case).await;
+        if !problems.is_empty() {
+            failures.push(format!(
+                "=== case {} ===\n{}",
+                case.name,
+                problems.join("\n")
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases failed:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n\n")
+    );
+}
+
+#[test]
+fn deviations_are_documented() {
+    let doc = std::fs::read_to_string(cases_dir().join("DEVIATIONS.md"))
+        .expect("testdata/cases/DEVIATIONS.md");
+    for (case, what, _) in DEVIATIONS {
+        let entry = format!("`{case}` `{what}`");
+        assert!(doc.contains(&entry), "DEVIATIONS.md lacks {entry}");
+    }
+}
