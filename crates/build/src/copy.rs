@@ -4,7 +4,7 @@
 //! Rules (Docker/BuildKit): a source directory copies its *contents*; a source file goes to
 //! `dest/NAME` when `dest` ends with `/` or is an existing directory, else to `dest` itself;
 //! several sources need a directory destination; relative destinations are under WORKDIR;
-//! missing parents are created (root-owned, 0755); files from the build context are owned by
+//! missing parents are created 0755, owned by the `--chown` owner or root; files from the build context are owned by
 //! 0:0 unless `--chown` says otherwise, files from a stage or image keep their owners;
 //! `--chmod` replaces the mode of everything copied; modes and mtimes are otherwise kept;
 //! symlinks inside a copied tree are copied as symlinks, a source path that is itself a symlink
@@ -296,7 +296,8 @@ impl Writer<'_> {
         format!("/{}: {e}", rel.display())
     }
 
-    /// Creates missing parent directories of `target` (root-owned, 0755) and records them.
+    /// Creates missing parent directories of `target` (0755, owned by the `--chown` owner if one
+    /// was given, as BuildKit's copy does, else root) and records them.
     fn ensure_dir_parents(&mut self, target: &Path) -> Result<(), String> {
         let mut missing = Vec::new();
         for ancestor in target.ancestors().skip(1) {
@@ -312,7 +313,8 @@ impl Writer<'_> {
             self.root
                 .mkdir_all(&dir, 0o755)
                 .map_err(|e| self.err(&dir, e))?;
-            self.set_meta(&dir, 0, 0, Some(0o755), None)?;
+            let (uid, gid) = self.owner.unwrap_or((0, 0));
+            self.set_meta(&dir, uid, gid, Some(0o755), None)?;
             self.written.push(dir);
         }
         Ok(())
