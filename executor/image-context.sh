@@ -22,6 +22,8 @@ mkdir -p "$out/rootfs/kiln/ssl/certs" "$out/rootfs/kiln/.docker" "$out/rootfs/wo
     "$out/rootfs/tmp" "$out/rootfs/root"
 chmod 1777 "$out/rootfs/tmp"
 cp "$binary" "$out/rootfs/kiln/executor"
+# The release profile keeps line tables for profiling; the image does not need them.
+strip --strip-unneeded "$out/rootfs/kiln/executor"
 cp "$bundle" "$out/rootfs/kiln/ssl/certs/ca-certificates.crt"
 ln -s kiln "$out/rootfs/kaniko"
 if [ "$debug" = "--debug" ]; then
