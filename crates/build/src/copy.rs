@@ -93,6 +93,7 @@ pub fn copy(
         owner: request.owner,
         chmod: request.chmod,
         written: Vec::new(),
+        linked: std::collections::HashMap::new(),
     };
     writer.ensure_dir_parents(&dest_rel)?;
     for item in items {
@@ -145,6 +146,7 @@ pub fn make_dirs(dest_root: &Path, rel: &Path, uid: u32, gid: u32) -> Result<Vec
         owner: Some((uid, gid)),
         chmod: None,
         written: Vec::new(),
+        linked: std::collections::HashMap::new(),
     };
     let mut missing = Vec::new();
     for ancestor in rel.ancestors() {
@@ -289,6 +291,9 @@ struct Writer<'a> {
     owner: Option<(u32, u32)>,
     chmod: Option<&'a Chmod>,
     written: Vec<PathBuf>,
+    /// Source (device, inode) of multiply-linked files already copied, to their destination, so
+    /// hard links inside one copy stay hard links (BuildKit keeps them).
+    linked: std::collections::HashMap<(u64, u64), PathBuf>,
 }
 
 impl Writer<'_> {
@@ -413,7 +418,19 @@ impl Writer<'_> {
                 .symlink(&link, target)
                 .map_err(|e| self.err(target, e))?;
             self.set_meta(target, uid, gid, None, Some(&link_meta))?;
+        } else if meta.is_file()
+            && meta.nlink() > 1
+            && self.linked.contains_key(&(meta.dev(), meta.ino()))
+        {
+            let first = self.linked[&(meta.dev(), meta.ino())].clone();
+            self.root
+                .hard_link(&first, target)
+                .map_err(|e| self.err(target, e))?;
         } else if meta.is_file() {
+            if meta.nlink() > 1 {
+                self.linked
+                    .insert((meta.dev(), meta.ino()), target.to_path_buf());
+            }
             let mut input =
                 std::fs::File::open(host).map_err(|e| format!("{}: {e}", host.display()))?;
             let mode = self.mode_of(meta.permissions().mode() & 0o7777, false);
