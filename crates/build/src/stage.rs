@@ -167,12 +167,15 @@ pub fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, BuildEr
     let mut index_of_rootfs = Index::new();
     let mut rescan = false;
     let (mut config, mut layers, inherited_env, base_image) = match &planned.base {
-        Base::Scratch => (
-            ImageConfig::new(&shared.platform),
-            Vec::new(),
-            Vec::new(),
-            None,
-        ),
+        Base::Scratch => {
+            // BuildKit gives a stage built FROM scratch the default PATH in its config, so the
+            // image's own binaries are found by name at run time.
+            let mut config = ImageConfig::new(&shared.platform);
+            config.config.env = Some(vec![
+                "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_owned(),
+            ]);
+            (config, Vec::new(), Vec::new(), None)
+        }
         Base::Image(image) => {
             let pulled = shared
                 .runtime
