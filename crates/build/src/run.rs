@@ -133,9 +133,11 @@ fn prepare_mount(ctx: &RunContext<'_>, mount: &Mount, step: &mut Step) -> Result
                 Some(Source::Stage(index)) => (ctx.stage_root)(*index).ok_or_else(|| {
                     format!("--mount from stage {index}: the stage has not been built")
                 })?,
-                Some(Source::Image(image)) => return Err(format!(
+                Some(Source::Image(image)) => {
+                    return Err(format!(
                     "--mount=type=bind,from={image}: binding from an image is not supported yet"
-                )),
+                ))
+                }
             };
             let rel =
                 crate::copy::clean_relative(Path::new(mount.source.as_deref().unwrap_or("/")));
