@@ -9,7 +9,9 @@ use kiln_sandbox::Mode;
 use kiln_testkit::{bases, image, Registry};
 
 fn testdata(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../testdata")
+        .join(name)
 }
 
 fn options_for(registry: &Registry, context: &Path, kiln_dir: &Path) -> BuildOptions {
@@ -43,12 +45,18 @@ async fn quickstart_builds_pushes_and_runs() {
         .await
         .unwrap_or_else(|e| panic!("build failed: {e}\nregistry log:\n{}", registry.log()));
 
-    assert_eq!(std::fs::read_to_string(&digest_file).unwrap(), report.digest.to_string());
+    assert_eq!(
+        std::fs::read_to_string(&digest_file).unwrap(),
+        report.digest.to_string()
+    );
     let events = events.lock().unwrap();
-    assert!(events.iter().any(|e| matches!(e, BuildEvent::Pushed { .. })));
     assert!(events
         .iter()
-        .any(|e| matches!(e, BuildEvent::RunOutput { .. }) || matches!(e, BuildEvent::StepFinished { .. })));
+        .any(|e| matches!(e, BuildEvent::Pushed { .. })));
+    assert!(events
+        .iter()
+        .any(|e| matches!(e, BuildEvent::RunOutput { .. })
+            || matches!(e, BuildEvent::StepFinished { .. })));
 
     let flat = image::flatten(&registry, "quickstart:1");
     assert_eq!(flat.config["config"]["Cmd"][0], "/app/hello.sh");
