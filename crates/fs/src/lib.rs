@@ -3,9 +3,9 @@
 //! those changes into compressed, digested layer blobs.
 //!
 //! Modules are added by the unpack and the snapshot/layer-writer work; each owns one concern.
-pub mod compress;
-pub mod snapshot;
 pub mod blobstore;
+pub mod compress;
 pub mod layer;
 pub mod resolve;
+pub mod snapshot;
 pub mod unpack;

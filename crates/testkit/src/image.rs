@@ -215,7 +215,9 @@ pub fn run_with_runc(flat: &Flattened) -> String {
         .stdin(Stdio::null())
         .output()
         .expect("spawn runc");
-    let _ = Command::new("runc").args(["delete", "--force", &name]).output();
+    let _ = Command::new("runc")
+        .args(["delete", "--force", &name])
+        .output();
     assert!(
         out.status.success(),
         "runc run failed with {}:\n{}",
