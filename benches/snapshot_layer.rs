@@ -1,5 +1,5 @@
 //! Snapshot and layer-writing figures on a real Debian base (issue 4, acceptance 4):
-//! `cargo bench -p kiln-fs --bench snapshot_layer`.
+//! `cargo bench -p kiln-benches --bench snapshot_layer`.
 //!
 //! Prints the snapshot time of the unchanged base and after a step that wrote 20,000 small
 //! files, and layer-writing throughput for gzip on 1 and 2 threads and zstd, beside

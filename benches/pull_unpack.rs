@@ -5,7 +5,7 @@
 //! Each side runs in its own child process so its peak RSS can be read from `wait4`'s rusage:
 //! this binary re-executes itself with `--child-pull-unpack` for Kiln's side.
 //!
-//! Run: `cargo bench -p kiln-fs --bench pull_unpack` (as root; needs docker-registry, skopeo,
+//! Run: `cargo bench -p kiln-benches --bench pull_unpack` (as root; needs docker-registry, skopeo,
 //! umoci, debootstrap for the cached base). `KILN_BENCH_RUNS` sets the repetitions (default 3);
 //! `KILN_BENCH_DIR` the directory the trees are written under (default: the temp dir).
 //! `--unpack-file BLOB DIGEST DEST` unpacks one local blob, for profiling the unpacker alone.
@@ -13,9 +13,9 @@
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use kiln_benches::{measure, median, Measured};
 use kiln_fs::resolve::Root;
 use kiln_fs::unpack::{unpack_layer, UnpackOptions};
 use kiln_oci::Digest;
@@ -150,48 +150,6 @@ impl Read for ChannelReader {
         self.current = self.current.slice(n..);
         Ok(n)
     }
-}
-
-/// Wall time and peak RSS of one child process.
-#[derive(Debug, Clone, Copy)]
-struct Measured {
-    wall: Duration,
-    /// User + system CPU time: less sensitive than wall time to other load on the machine.
-    cpu: Duration,
-    max_rss_kib: i64,
-}
-
-/// Runs `cmd` to completion, reading its rusage with `wait4`.
-fn measure(cmd: &mut Command) -> Measured {
-    let start = Instant::now();
-    let child = cmd
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
-    let pid = child.id() as libc::pid_t;
-    let mut status = 0;
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: plain syscall on our own child; `child` is not waited for elsewhere.
-    let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-    let wall = start.elapsed();
-    assert_eq!(rc, pid, "wait4: {}", io::Error::last_os_error());
-    assert!(
-        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-        "{cmd:?} failed with status {status:#x}"
-    );
-    std::mem::forget(child);
-    let seconds = |t: libc::timeval| {
-        Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
-    };
-    Measured {
-        wall,
-        cpu: seconds(usage.ru_utime) + seconds(usage.ru_stime),
-        max_rss_kib: usage.ru_maxrss,
-    }
-}
-
-fn median(mut values: Vec<Measured>) -> Measured {
-    values.sort_by_key(|m| m.wall);
-    values[values.len() / 2]
 }
 
 fn main() {
