@@ -155,3 +155,113 @@ fn run_status_is_the_exit_code_and_success_pushes() {
     assert!(digest.trim().starts_with("sha256:"), "{digest}");
     assert!(err.contains(&format!("pushed {addr}/out/good:1")), "{err}");
 }
+
+/// A context with a COPY and a RUN, so a reproducible build has a real layer of each kind.
+fn write_small_context(dir: &std::path::Path, registry: &str) {
+    std::fs::create_dir_all(dir.join("files")).unwrap();
+    std::fs::write(
+        dir.join("Dockerfile"),
+        format!(
+            "FROM {registry}/base/busybox:latest\nCOPY files/ /srv/\nRUN echo made > /srv/made && chmod 0640 /srv/made\nCMD [\"cat\", \"/srv/a.txt\"]\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(dir.join("files/a.txt"), "a\n").unwrap();
+    std::fs::write(dir.join("files/b.txt"), "b\n").unwrap();
+}
+
+/// `--reproducible` from two different work directories, and from two copies of the context
+/// made at different times, gives one digest.
+#[test]
+fn reproducible_builds_from_two_work_dirs_have_one_digest() {
+    use kiln_testkit::{bases, image, Registry};
+    kiln_testkit::require_tools(&["docker-registry", "skopeo"]);
+    let registry = Registry::start();
+    let addr = registry.addr();
+    image::push_rootfs(&registry, bases::busybox_rootfs(), "base/busybox:latest");
+
+    let mut digests = Vec::new();
+    for (n, tag) in ["one", "two"].iter().enumerate() {
+        let work = tempfile::tempdir().unwrap();
+        let context = work.path().join(format!("context-{n}"));
+        write_small_context(&context, &addr);
+        // The second copy's files get later mtimes; --reproducible must not see them.
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        let digest_file = work.path().join("digest");
+        let out = executor(&[
+            &format!("--context={}", context.display()),
+            &format!("--destination={addr}/out/repro:{tag}"),
+            &format!(
+                "--kiln-dir={}",
+                work.path().join(format!("kiln-{n}")).display()
+            ),
+            &format!("--digest-file={}", digest_file.display()),
+            "--reproducible",
+            "--mode=chroot",
+            "--progress=plain",
+        ]);
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        digests.push(std::fs::read_to_string(&digest_file).unwrap());
+    }
+    assert!(digests[0].starts_with("sha256:"), "{digests:?}");
+    assert_eq!(digests[0], digests[1], "two reproducible builds differ");
+}
+
+/// A syntax error names the Dockerfile and line, exits 1 and pushes nothing.
+#[test]
+fn a_syntax_error_names_its_line_and_pushes_nothing() {
+    let work = tempfile::tempdir().unwrap();
+    std::fs::write(
+        work.path().join("Dockerfile"),
+        "FROM scratch\nCOPY . /\nRUNN echo typo\n",
+    )
+    .unwrap();
+    let digest_file = work.path().join("digest");
+    let out = executor(&[
+        &format!("--context={}", work.path().display()),
+        // Nothing listens here: the build must fail before any registry is contacted.
+        "--destination=127.0.0.1:9/out/never:1",
+        &format!("--kiln-dir={}", work.path().join("kiln").display()),
+        &format!("--digest-file={}", digest_file.display()),
+        "--mode=chroot",
+    ]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("Dockerfile:3"), "{err}");
+    assert!(err.contains("unknown instruction: RUNN"), "{err}");
+    assert!(err.contains("did you mean RUN?"), "{err}");
+    assert!(!digest_file.exists());
+}
+
+/// A registry that refuses the push gives an error naming registry, repository and HTTP status,
+/// exits 1 and writes no digest file.
+#[test]
+fn a_refused_push_names_registry_repository_and_status() {
+    use kiln_testkit::{bases, image, Registry, RegistryConfig};
+    kiln_testkit::require_tools(&["docker-registry", "skopeo"]);
+    let source = Registry::start();
+    image::push_rootfs(&source, bases::busybox_rootfs(), "base/busybox:latest");
+    let refusing = Registry::start_with(RegistryConfig {
+        read_only: true,
+        ..RegistryConfig::default()
+    });
+    let work = tempfile::tempdir().unwrap();
+    let context = work.path().join("context");
+    write_small_context(&context, &source.addr());
+    let digest_file = work.path().join("digest");
+    let out = executor(&[
+        &format!("--context={}", context.display()),
+        &format!("--destination={}/team/app:1", refusing.addr()),
+        &format!("--kiln-dir={}", work.path().join("kiln").display()),
+        &format!("--digest-file={}", digest_file.display()),
+        "--mode=chroot",
+        "--progress=plain",
+    ]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let last = err.lines().last().unwrap_or_default();
+    assert!(last.contains(&refusing.addr()), "{last}");
+    assert!(last.contains("team/app"), "{last}");
+    assert!(last.contains("405"), "{last}");
+    assert!(!digest_file.exists());
+}

@@ -14,6 +14,9 @@ pub struct RegistryConfig {
     pub auth: Option<String>,
     /// PEM certificate and key files; when set the registry serves HTTPS only.
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// Serve pulls but refuse every write (distribution's maintenance read-only mode), for
+    /// tests of a registry that refuses a push.
+    pub read_only: bool,
 }
 
 /// A running registry process, killed (and its storage deleted) on drop.
@@ -57,6 +60,12 @@ impl Registry {
             "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n  secret: kiln-test-secret\n",
             dir.path().join("storage").display()
         );
+        if config.read_only {
+            yaml = yaml.replace(
+                "  delete:\n    enabled: true\n",
+                "  delete:\n    enabled: true\n  maintenance:\n    readonly:\n      enabled: true\n",
+            );
+        }
         if let Some((cert, key)) = &config.tls {
             yaml.push_str(&format!(
                 "  tls:\n    certificate: {}\n    key: {}\n",

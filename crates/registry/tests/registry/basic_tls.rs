@@ -27,6 +27,7 @@ fn start_tls_registry() -> TlsRegistry {
             htpasswd.display()
         )),
         tls: Some((tls.cert.clone(), tls.key.clone())),
+        ..RegistryConfig::default()
     });
     TlsRegistry {
         registry,

@@ -17,7 +17,7 @@ async fn start() -> (TokenServer, Registry) {
     let issuer = TokenServer::start(USER, PASSWORD, REFRESH).await;
     let registry = Registry::start_with(RegistryConfig {
         auth: Some(issuer.registry_auth_yaml()),
-        tls: None,
+        ..RegistryConfig::default()
     });
     (issuer, registry)
 }
@@ -161,7 +161,7 @@ async fn tokens_are_cached_per_scope_until_they_expire() {
     let issuer = TokenServer::start_with_lifetime(USER, PASSWORD, REFRESH, 2).await;
     let registry = Registry::start_with(RegistryConfig {
         auth: Some(issuer.registry_auth_yaml()),
-        tls: None,
+        ..RegistryConfig::default()
     });
     let addr = registry.addr();
     let secret = mounted_docker_config(&serde_json::json!({
