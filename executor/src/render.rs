@@ -452,6 +452,22 @@ fn describe(event: &BuildEvent) -> (Level, String) {
             destination,
             digest,
         } => (Level::Info, format!("pushed {destination} ({digest})")),
+        BuildEvent::PhaseFinished {
+            stage,
+            step,
+            phase,
+            duration,
+        } => {
+            let place = match (stage, step) {
+                (Some(stage), Some(step)) => format!("#{stage}.{step} "),
+                (Some(stage), None) => format!("#{stage} "),
+                _ => String::new(),
+            };
+            (
+                Level::Debug,
+                format!("{place}{} took {}", phase.name(), seconds(*duration)),
+            )
+        }
         BuildEvent::Warning { message } => (Level::Warn, format!("WARN {message}")),
         BuildEvent::BuildFinished { digest, duration } => (
             Level::Info,
@@ -773,6 +789,7 @@ fn event_name(event: &BuildEvent) -> &'static str {
         BuildEvent::StepFinished { .. } => "step_finished",
         BuildEvent::PushProgress { .. } => "push_progress",
         BuildEvent::Pushed { .. } => "pushed",
+        BuildEvent::PhaseFinished { .. } => "phase_finished",
         BuildEvent::Warning { .. } => "warning",
         BuildEvent::BuildFinished { .. } => "build_finished",
         #[allow(unreachable_patterns)]
@@ -847,6 +864,17 @@ fn event_json(event: &BuildEvent) -> Value {
             destination,
             digest,
         } => json!({ "destination": destination, "digest": digest.to_string() }),
+        BuildEvent::PhaseFinished {
+            stage,
+            step,
+            phase,
+            duration,
+        } => json!({
+            "stage": stage,
+            "step": step,
+            "phase": phase.name(),
+            "duration_ms": duration_ms(*duration),
+        }),
         BuildEvent::Warning { message } => json!({ "message": message }),
         BuildEvent::BuildFinished { digest, duration } => json!({
             "digest": digest.to_string(),

@@ -188,7 +188,9 @@ fn reproducible_builds_from_two_work_dirs_have_one_digest() {
         // The second copy's files get later mtimes; --reproducible must not see them.
         std::thread::sleep(std::time::Duration::from_millis(1100));
         let digest_file = work.path().join("digest");
+        let timings = work.path().join("timings.json");
         let out = executor(&[
+            &format!("--benchmark-file={}", timings.display()),
             &format!("--context={}", context.display()),
             &format!("--destination={addr}/out/repro:{tag}"),
             &format!(
@@ -202,9 +204,34 @@ fn reproducible_builds_from_two_work_dirs_have_one_digest() {
         ]);
         assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
         digests.push(std::fs::read_to_string(&digest_file).unwrap());
+        check_timing_report(&timings);
     }
     assert!(digests[0].starts_with("sha256:"), "{digests:?}");
     assert_eq!(digests[0], digests[1], "two reproducible builds differ");
+}
+
+/// `--benchmark-file` holds every phase the build went through and each step's own phases.
+fn check_timing_report(path: &std::path::Path) {
+    let text = std::fs::read_to_string(path).expect("timing report written");
+    let report: serde_json::Value = serde_json::from_str(&text).expect("timing report is JSON");
+    assert_eq!(report["succeeded"], true, "{text}");
+    for phase in [
+        "context", "plan", "pull", "unpack", "execute", "snapshot", "layer", "push",
+    ] {
+        assert!(
+            report["phases"][phase].as_f64().is_some_and(|s| s >= 0.0),
+            "phase {phase} missing: {text}"
+        );
+    }
+    let steps = report["steps"].as_array().expect("steps");
+    let run = steps
+        .iter()
+        .find(|s| s["instruction"].as_str().unwrap_or("").starts_with("RUN "))
+        .unwrap_or_else(|| panic!("no RUN step: {text}"));
+    assert_eq!(run["line"], 3, "{text}");
+    assert!(run["seconds"].as_f64().is_some(), "{text}");
+    assert!(run["phases"]["execute"].as_f64().is_some(), "{text}");
+    assert!(run["phases"]["layer"].as_f64().is_some(), "{text}");
 }
 
 /// A syntax error names the Dockerfile and line, exits 1 and pushes nothing.

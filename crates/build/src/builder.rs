@@ -14,10 +14,11 @@ use kiln_registry::Client;
 use kiln_sandbox::Mode;
 
 use crate::error::BuildError;
-use crate::events::{BuildEvent, EventSink};
+use crate::events::{BuildEvent, EventSink, Phase};
 use crate::options::BuildOptions;
 use crate::output;
 use crate::stage::{build_stage, Shared};
+use crate::timing::TimingReport;
 
 /// What a successful build produced.
 #[derive(Debug, Clone)]
@@ -71,8 +72,40 @@ impl Builder {
     /// is written.
     pub async fn build(self) -> Result<BuildReport, BuildError> {
         let started = Instant::now();
+        let Some(path) = self.options.benchmark_file.clone() else {
+            return self.run(started).await;
+        };
+        let report = Arc::new(Mutex::new(TimingReport::default()));
+        let inner = self.events.clone();
+        let recorder = report.clone();
+        let events: EventSink = Arc::new(move |event: BuildEvent| {
+            recorder.lock().expect("timing report").record(&event);
+            inner(event)
+        });
+        let result = self.events(events).run(started).await;
+        // A failed build's timings are written too: they show how far it got and where the
+        // time went before it stopped.
+        let written =
+            report
+                .lock()
+                .expect("timing report")
+                .write(&path, started.elapsed(), result.is_ok());
+        let report = result?;
+        written?;
+        Ok(report)
+    }
+
+    async fn run(self, started: Instant) -> Result<BuildReport, BuildError> {
         let options = self.options;
         let events = self.events;
+        let timed_since = |phase: Phase, since: Instant| {
+            events(BuildEvent::PhaseFinished {
+                stage: None,
+                step: None,
+                phase,
+                duration: since.elapsed(),
+            })
+        };
         let mode = options.mode.unwrap_or_else(Mode::detect);
         if mode == Mode::InPlace {
             return Err(BuildError::Options(
@@ -105,6 +138,7 @@ impl Builder {
         let blobs = BlobStore::open(options.kiln_dir.join("blobs"))
             .map_err(|e| BuildError::Image(format!("blob store: {e}")))?;
 
+        let context_started = Instant::now();
         let mut context_options = ContextOptions::new(work_dir.path().join("context"));
         context_options.sub_path = options
             .context
@@ -123,6 +157,8 @@ impl Builder {
         let context = open_context(&options.context.source, &context_options)
             .await
             .map_err(|e| BuildError::Context(e.to_string()))?;
+        timed_since(Phase::Context, context_started);
+        let plan_started = Instant::now();
         let dockerfile_path = if dockerfile_path.is_absolute() {
             dockerfile_path
         } else {
@@ -147,6 +183,7 @@ impl Builder {
                 build_platform: to_df_platform(&Platform::host())?,
             })
             .map_err(|e| dockerfile_error(&dockerfile_name, e))?;
+        timed_since(Phase::Plan, plan_started);
         for arg in plan.unused_build_args() {
             events(BuildEvent::Warning {
                 message: format!("build arg {arg} was given but no stage uses it"),
@@ -224,6 +261,7 @@ impl Builder {
             shared.source_date_epoch(),
         )?;
         let out = &shared.options.output;
+        let output_started = Instant::now();
         if let Some(path) = &out.oci_layout_path {
             output::write_oci_layout(
                 path,
@@ -235,8 +273,12 @@ impl Builder {
         if let Some(path) = &out.tar_path {
             output::write_docker_archive(path, &shared.blobs, &image, &destinations)?;
         }
+        if out.oci_layout_path.is_some() || out.tar_path.is_some() {
+            timed_since(Phase::Output, output_started);
+        }
         let mut pushed = Vec::new();
         if !out.no_push && !destinations.is_empty() {
+            let push_started = Instant::now();
             output::push(
                 &shared.client,
                 &shared.blobs,
@@ -245,6 +287,7 @@ impl Builder {
                 &*events,
             )
             .await?;
+            timed_since(Phase::Push, push_started);
             pushed = out.destinations.clone();
             output::write_digest_files(out, &destinations, &image.manifest.digest)?;
         }

@@ -15,6 +15,47 @@ pub enum OutputStream {
     Stderr,
 }
 
+/// A part of a build whose time is accounted separately in the timing report
+/// (`--benchmark-file`), so a slow build shows where its time went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Phase {
+    /// Materialising the build context (copy, clone, download).
+    Context,
+    /// Parsing and planning the Dockerfile.
+    Plan,
+    /// Fetching a base image's manifest, config and layers.
+    Pull,
+    /// Unpacking base layers (or an earlier stage's tree) into a stage rootfs.
+    Unpack,
+    /// Running a step's own work: the RUN command, or the COPY/ADD file copying.
+    Execute,
+    /// Finding what a step changed.
+    Snapshot,
+    /// Writing and compressing a step's layer.
+    Layer,
+    /// Writing `--oci-layout-path` / `--tar-path`.
+    Output,
+    /// Pushing blobs and manifests to the destinations.
+    Push,
+}
+
+impl Phase {
+    /// The phase's name in the timing report.
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Context => "context",
+            Phase::Plan => "plan",
+            Phase::Pull => "pull",
+            Phase::Unpack => "unpack",
+            Phase::Execute => "execute",
+            Phase::Snapshot => "snapshot",
+            Phase::Layer => "layer",
+            Phase::Output => "output",
+            Phase::Push => "push",
+        }
+    }
+}
+
 /// Something that happened during a build. Stages and steps are numbered from 0 in Dockerfile
 /// order; `line` is the Dockerfile line an instruction starts on.
 #[derive(Debug, Clone, PartialEq)]
@@ -105,6 +146,17 @@ pub enum BuildEvent {
         destination: String,
         /// The manifest digest.
         digest: Digest,
+    },
+    /// A phase of the build (or of one step) ended.
+    PhaseFinished {
+        /// Stage index, for phases that belong to a stage.
+        stage: Option<usize>,
+        /// Step index within the stage, for phases that belong to a step.
+        step: Option<usize>,
+        /// Which phase.
+        phase: Phase,
+        /// How long it took.
+        duration: Duration,
     },
     /// Something the user should know that does not fail the build.
     Warning {

@@ -21,10 +21,12 @@ pub mod options;
 pub mod output;
 pub mod run;
 pub mod stage;
+pub mod timing;
 
 pub use builder::{BuildReport, Builder};
 pub use error::BuildError;
-pub use events::{BuildEvent, EventSink, OutputStream};
+pub use events::{BuildEvent, EventSink, OutputStream, Phase};
 pub use options::{
     BuildOptions, ContextSpec, GitOptions, OutputOptions, SecretSource, SecretSpec, SnapshotOptions,
 };
+pub use timing::TimingReport;

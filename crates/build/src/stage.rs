@@ -20,7 +20,7 @@ use kiln_sandbox::{Mode, Sandbox};
 use crate::base::{self, ImageLayer};
 use crate::copy::{self, CopyRequest, SourceTree};
 use crate::error::BuildError;
-use crate::events::{BuildEvent, EventSink};
+use crate::events::{BuildEvent, EventSink, Phase};
 use crate::metadata;
 use crate::options::BuildOptions;
 use crate::run::{self, RunContext};
@@ -75,6 +75,26 @@ pub struct Shared {
 impl Shared {
     fn emit(&self, event: BuildEvent) {
         (self.events)(event)
+    }
+
+    /// Runs `work`, reporting its duration as `phase` of `stage` (and `step`) for the timing
+    /// report.
+    pub fn timed<T>(
+        &self,
+        stage: Option<usize>,
+        step: Option<usize>,
+        phase: Phase,
+        work: impl FnOnce() -> T,
+    ) -> T {
+        let started = Instant::now();
+        let result = work();
+        self.emit(BuildEvent::PhaseFinished {
+            stage,
+            step,
+            phase,
+            duration: started.elapsed(),
+        });
+        result
     }
 
     fn finished(&self, index: usize) -> Option<Arc<StageOutput>> {
@@ -178,16 +198,20 @@ pub fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, BuildEr
         }
         Base::Image(image) => {
             let pulled = shared
-                .runtime
-                .block_on(base::pull(
-                    &shared.client,
-                    &shared.blobs,
-                    image,
-                    &shared.platform,
-                    &*shared.events,
-                ))
+                .timed(Some(index), None, Phase::Pull, || {
+                    shared.runtime.block_on(base::pull(
+                        &shared.client,
+                        &shared.blobs,
+                        image,
+                        &shared.platform,
+                        &*shared.events,
+                    ))
+                })
                 .map_err(|e| shared.step_error(from_line, format!("FROM {image}: {e}")))?;
-            base::unpack_into(&rootfs, &pulled.layers, &shared.blobs, &mut index_of_rootfs)
+            shared
+                .timed(Some(index), None, Phase::Unpack, || {
+                    base::unpack_into(&rootfs, &pulled.layers, &shared.blobs, &mut index_of_rootfs)
+                })
                 .map_err(|e| shared.step_error(from_line, format!("FROM {image}: {e}")))?;
             let env = metadata::env_pairs(&pulled.config.config);
             let base = Some((pulled.reference.to_string(), pulled.manifest_digest.clone()));
@@ -197,7 +221,9 @@ pub fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, BuildEr
             let parent = shared.finished(*i).ok_or_else(|| {
                 shared.step_error(from_line, format!("stage {i} has not been built"))
             })?;
-            copy_tree_contents(&parent.rootfs, &rootfs)?;
+            shared.timed(Some(index), None, Phase::Unpack, || {
+                copy_tree_contents(&parent.rootfs, &rootfs)
+            })?;
             rescan = true;
             (
                 parent.config.clone(),
@@ -277,8 +303,9 @@ pub fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, BuildEr
                     secrets: &shared.options.secrets,
                     emit: &*shared.events,
                 };
-                let outcome =
-                    run::run(&*sandbox, &ctx, run_command, &config.config, step.run_env());
+                let outcome = shared.timed(Some(index), Some(step_no), Phase::Execute, || {
+                    run::run(&*sandbox, &ctx, run_command, &config.config, step.run_env())
+                });
                 let _ = std::fs::remove_dir_all(&scratch);
                 let outcome = outcome.map_err(|e| shared.step_error(line, format!("RUN: {e}")))?;
                 if !outcome.status.success() {
@@ -293,21 +320,31 @@ pub fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, BuildEr
                     .iter()
                     .map(|d| copy::clean_relative(d))
                     .collect();
-                Some(stage.snapshot_after_run(&restored, line)?)
+                Some(
+                    shared.timed(Some(index), Some(step_no), Phase::Snapshot, || {
+                        stage.snapshot_after_run(&restored, line)
+                    })?,
+                )
             }
             Instruction::Copy(files) => {
-                let written = stage.copy(
-                    &files.sources,
-                    &files.dest,
-                    files.from.as_ref(),
-                    files.chown.as_deref(),
-                    files.chmod.as_ref(),
-                    &config,
-                    line,
-                    &files.exclude,
-                    files.parents,
-                )?;
-                Some(stage.snapshot_paths(&written, line)?)
+                let written = shared.timed(Some(index), Some(step_no), Phase::Execute, || {
+                    stage.copy(
+                        &files.sources,
+                        &files.dest,
+                        files.from.as_ref(),
+                        files.chown.as_deref(),
+                        files.chmod.as_ref(),
+                        &config,
+                        line,
+                        &files.exclude,
+                        files.parents,
+                    )
+                })?;
+                Some(
+                    shared.timed(Some(index), Some(step_no), Phase::Snapshot, || {
+                        stage.snapshot_paths(&written, line)
+                    })?,
+                )
             }
             Instruction::Add(files) => {
                 for source in &files.sources {
@@ -371,7 +408,9 @@ pub fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, BuildEr
         };
         match diff {
             Some(diff) if !diff.is_empty() => {
-                let layer = stage.write_layer(&diff, step_no, line)?;
+                let layer = shared.timed(Some(index), Some(step_no), Phase::Layer, || {
+                    stage.write_layer(&diff, step_no, line)
+                })?;
                 config.push_layer(layer.diff_id.clone(), history);
                 layers.push(layer);
             }
