@@ -1,12 +1,12 @@
 //! [`Builder`]: the library's front door. Options in, events out, an image at the end.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use kiln_context::{open_context, ContextOptions};
-use kiln_dockerfile::{Dockerfile, PlanOptions};
+use kiln_dockerfile::{Base, Dockerfile, PlanOptions};
 use kiln_fs::blobstore::BlobStore;
 use kiln_oci::image::ImageConfig;
 use kiln_oci::{Digest, Platform};
@@ -16,7 +16,7 @@ use kiln_sandbox::Mode;
 use crate::error::BuildError;
 use crate::events::{BuildEvent, EventSink, Phase};
 use crate::options::BuildOptions;
-use crate::output;
+use crate::output::{self, PushAhead};
 use crate::stage::{build_stage, Shared};
 use crate::timing::TimingReport;
 
@@ -199,6 +199,23 @@ impl Builder {
         let client = Client::new(options.registry.clone())?;
         let levels = plan.levels().to_vec();
         let target = plan.target();
+        let mut image_stages = HashSet::from([target]);
+        let mut chain = target;
+        while let Some(Base::Stage(parent)) = plan.stage(chain).map(|s| &s.base) {
+            image_stages.insert(*parent);
+            chain = *parent;
+        }
+        let push_ahead = if options.output.no_push || destinations.is_empty() {
+            None
+        } else {
+            Some(PushAhead::new(
+                client.clone(),
+                blobs.clone(),
+                &destinations,
+                events.clone(),
+                tokio::runtime::Handle::current(),
+            )?)
+        };
         let shared = Arc::new(Shared {
             client,
             blobs,
@@ -213,6 +230,8 @@ impl Builder {
             runtime: tokio::runtime::Handle::current(),
             stages: Mutex::new(HashMap::new()),
             images: Mutex::new(HashMap::new()),
+            push_ahead,
+            image_stages,
             options,
         });
 
@@ -279,6 +298,9 @@ impl Builder {
         let mut pushed = Vec::new();
         if !out.no_push && !destinations.is_empty() {
             let push_started = Instant::now();
+            if let Some(pusher) = &shared.push_ahead {
+                pusher.finish().await?;
+            }
             output::push(
                 &shared.client,
                 &shared.blobs,

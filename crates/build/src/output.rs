@@ -5,6 +5,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use bytes::Bytes;
 use futures::future::try_join_all;
@@ -17,7 +18,7 @@ use kiln_registry::{BytesSource, Client, FileSource, PushBlobOptions, Repository
 
 use crate::base::ImageLayer;
 use crate::error::BuildError;
-use crate::events::BuildEvent;
+use crate::events::{BuildEvent, EventSink};
 use crate::options::OutputOptions;
 
 /// The image documents, ready to be written anywhere.
@@ -98,32 +99,10 @@ pub async fn push(
 ) -> Result<Digest, BuildError> {
     for destination in destinations {
         let repo = Repository::new(destination.registry(), destination.repository())?;
-        let uploads = image.layers.iter().map(|layer| {
-            let repo = repo.clone();
-            async move {
-                let mount_from = layer.origin.clone().filter(|origin| {
-                    origin.registry() == repo.registry() && origin.name() != repo.name()
-                });
-                let source = FileSource::new(blobs.blob_path(&layer.descriptor.digest))
-                    .await
-                    .map_err(|source| BuildError::Io {
-                        path: blobs.blob_path(&layer.descriptor.digest),
-                        source,
-                    })?;
-                let options = PushBlobOptions {
-                    digest: Some(layer.descriptor.digest.clone()),
-                    mount_from,
-                };
-                client.push_blob(&repo, &source, &options).await?;
-                emit(BuildEvent::PushProgress {
-                    destination: destination.to_string(),
-                    digest: layer.descriptor.digest.clone(),
-                    done: layer.descriptor.size,
-                    total: layer.descriptor.size,
-                });
-                Ok::<(), BuildError>(())
-            }
-        });
+        let uploads = image
+            .layers
+            .iter()
+            .map(|layer| push_layer(client, blobs, &repo, destination, layer, emit));
         try_join_all(uploads).await?;
         let config_options = PushBlobOptions {
             digest: Some(image.config.digest.clone()),
@@ -151,6 +130,113 @@ pub async fn push(
         });
     }
     Ok(image.manifest.digest.clone())
+}
+
+/// Uploads one layer blob to `repo` unless it is there already, mounting it from the
+/// repository it came from when that is on the same registry.
+async fn push_layer(
+    client: &Client,
+    blobs: &BlobStore,
+    repo: &Repository,
+    destination: &Reference,
+    layer: &ImageLayer,
+    emit: &(dyn Fn(BuildEvent) + Send + Sync),
+) -> Result<(), BuildError> {
+    let mount_from = layer
+        .origin
+        .clone()
+        .filter(|origin| origin.registry() == repo.registry() && origin.name() != repo.name());
+    let path = blobs.blob_path(&layer.descriptor.digest);
+    let source = FileSource::new(path.clone())
+        .await
+        .map_err(|source| BuildError::Io { path, source })?;
+    let options = PushBlobOptions {
+        digest: Some(layer.descriptor.digest.clone()),
+        mount_from,
+    };
+    client.push_blob(repo, &source, &options).await?;
+    emit(BuildEvent::PushProgress {
+        destination: destination.to_string(),
+        digest: layer.descriptor.digest.clone(),
+        done: layer.descriptor.size,
+        total: layer.descriptor.size,
+    });
+    Ok(())
+}
+
+/// Pipelined push: layers of the final image start uploading to every destination as soon as
+/// they exist, while later steps run, so the push at the end only finds them there (one HEAD
+/// each) and writes config and manifest. Nothing is tagged until the build has succeeded; when a
+/// build fails, uploads still running are cancelled (see the README for what that leaves).
+pub struct PushAhead {
+    client: Client,
+    blobs: BlobStore,
+    destinations: Vec<(Reference, Repository)>,
+    events: EventSink,
+    runtime: tokio::runtime::Handle,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<Result<(), BuildError>>>>,
+}
+
+impl PushAhead {
+    /// A pipelined pusher to `destinations`, spawning uploads on `runtime`.
+    pub fn new(
+        client: Client,
+        blobs: BlobStore,
+        destinations: &[Reference],
+        events: EventSink,
+        runtime: tokio::runtime::Handle,
+    ) -> Result<PushAhead, BuildError> {
+        let destinations = destinations
+            .iter()
+            .map(|d| Ok((d.clone(), Repository::new(d.registry(), d.repository())?)))
+            .collect::<Result<Vec<_>, BuildError>>()?;
+        Ok(PushAhead {
+            client,
+            blobs,
+            destinations,
+            events,
+            runtime,
+            tasks: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Starts uploading `layer` (already in the blob store) to every destination.
+    pub fn start(&self, layer: &ImageLayer) {
+        let mut tasks = self.tasks.lock().expect("push-ahead tasks");
+        for (destination, repo) in &self.destinations {
+            let (client, blobs, events) =
+                (self.client.clone(), self.blobs.clone(), self.events.clone());
+            let (destination, repo, layer) = (destination.clone(), repo.clone(), layer.clone());
+            tasks.push(self.runtime.spawn(async move {
+                push_layer(&client, &blobs, &repo, &destination, &layer, &*events).await
+            }));
+        }
+    }
+
+    /// Waits for every upload started so far; the first failure is the result.
+    pub async fn finish(&self) -> Result<(), BuildError> {
+        let tasks = std::mem::take(&mut *self.tasks.lock().expect("push-ahead tasks"));
+        let mut first_error = None;
+        for task in tasks {
+            let outcome = task
+                .await
+                .map_err(|e| BuildError::Image(format!("a layer upload panicked: {e}")))
+                .and_then(|result| result);
+            if let Err(e) = outcome {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+impl Drop for PushAhead {
+    fn drop(&mut self) {
+        // A build that ends without `finish` failed: its uploads are of no use to anyone.
+        for task in self.tasks.get_mut().expect("push-ahead tasks").drain(..) {
+            task.abort();
+        }
+    }
 }
 
 /// Writes an OCI image layout at `path` (created if missing, tagged `tag`).

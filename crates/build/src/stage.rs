@@ -70,6 +70,11 @@ pub struct Shared {
     pub stages: Mutex<HashMap<usize, Arc<StageOutput>>>,
     /// Images used by `COPY --from=IMAGE`, unpacked once each.
     pub images: Mutex<HashMap<String, PathBuf>>,
+    /// Uploads layers of the final image while the build goes on, when it is pushed.
+    pub push_ahead: Option<crate::output::PushAhead>,
+    /// The stages whose layers end up in the final image: the target and the stages it is
+    /// built FROM, transitively.
+    pub image_stages: std::collections::HashSet<usize>,
 }
 
 impl Shared {
@@ -95,6 +100,15 @@ impl Shared {
             duration: started.elapsed(),
         });
         result
+    }
+
+    /// Starts pushing `layers` ahead when stage `index` is part of the final image.
+    fn push_ahead(&self, index: usize, layers: &[ImageLayer]) {
+        if let Some(pusher) = self.push_ahead.as_ref() {
+            if self.image_stages.contains(&index) {
+                layers.iter().for_each(|layer| pusher.start(layer));
+            }
+        }
     }
 
     fn finished(&self, index: usize) -> Option<Arc<StageOutput>> {
@@ -213,6 +227,7 @@ pub fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, BuildEr
                     base::unpack_into(&rootfs, &pulled.layers, &shared.blobs, &mut index_of_rootfs)
                 })
                 .map_err(|e| shared.step_error(from_line, format!("FROM {image}: {e}")))?;
+            shared.push_ahead(index, &pulled.layers);
             let env = metadata::env_pairs(&pulled.config.config);
             let base = Some((pulled.reference.to_string(), pulled.manifest_digest.clone()));
             (pulled.config, pulled.layers, env, base)
@@ -411,6 +426,7 @@ pub fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, BuildEr
                 let layer = shared.timed(Some(index), Some(step_no), Phase::Layer, || {
                     stage.write_layer(&diff, step_no, line)
                 })?;
+                shared.push_ahead(index, std::slice::from_ref(&layer));
                 config.push_layer(layer.diff_id.clone(), history);
                 layers.push(layer);
             }
