@@ -216,7 +216,7 @@ fn check_timing_report(path: &std::path::Path) {
     let report: serde_json::Value = serde_json::from_str(&text).expect("timing report is JSON");
     assert_eq!(report["succeeded"], true, "{text}");
     for phase in [
-        "context", "plan", "pull", "unpack", "execute", "snapshot", "layer", "push",
+        "context", "plan", "pull", "execute", "snapshot", "layer", "push",
     ] {
         assert!(
             report["phases"][phase].as_f64().is_some_and(|s| s >= 0.0),

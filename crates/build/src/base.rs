@@ -2,10 +2,11 @@
 //! platform, pulling its config and layers into the build's blob store, and unpacking them into a
 //! stage rootfs while recording the snapshot index, so the first snapshot needs no extra walk.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
 
 use futures::future::try_join_all;
-use kiln_fs::blobstore::BlobStore;
+use kiln_fs::blobstore::{BlobFile, BlobStore};
 use kiln_fs::resolve::Root;
 use kiln_fs::snapshot::Index;
 use kiln_fs::unpack::{unpack_layer, UnpackEvent, UnpackOptions};
@@ -15,7 +16,7 @@ use kiln_registry::{Client, Repository};
 use tokio::io::AsyncReadExt;
 
 use crate::error::BuildError;
-use crate::events::BuildEvent;
+use crate::events::{BuildEvent, EventSink};
 
 /// Largest config or manifest document accepted from a registry; real ones are a few KiB.
 const MAX_DOCUMENT: u64 = 16 << 20;
@@ -45,15 +46,42 @@ pub struct PulledImage {
     pub layers: Vec<ImageLayer>,
 }
 
-/// Fetches `image`'s manifest for `platform`, its config, and every layer blob missing from
-/// `blobs`, layers concurrently (the client bounds how many transfers run at once).
-pub async fn pull(
+/// An image's manifest for the build platform and its config, resolved but with no layer
+/// fetched yet.
+struct Resolved {
+    reference: Reference,
+    repo: Repository,
+    manifest_digest: Digest,
+    layers: Vec<Descriptor>,
+    config: ImageConfig,
+}
+
+impl Resolved {
+    fn into_pulled(self) -> PulledImage {
+        let layers = self
+            .layers
+            .iter()
+            .zip(&self.config.rootfs.diff_ids)
+            .map(|(descriptor, diff_id)| ImageLayer {
+                descriptor: descriptor.clone(),
+                diff_id: diff_id.clone(),
+                origin: Some(self.repo.clone()),
+            })
+            .collect();
+        PulledImage {
+            reference: self.reference,
+            manifest_digest: self.manifest_digest,
+            config: self.config,
+            layers,
+        }
+    }
+}
+
+async fn resolve(
     client: &Client,
-    blobs: &BlobStore,
     image: &str,
     platform: &Platform,
-    emit: &(dyn Fn(BuildEvent) + Send + Sync),
-) -> Result<PulledImage, BuildError> {
+) -> Result<Resolved, BuildError> {
     let reference = Reference::parse(image)
         .map_err(|e| BuildError::Options(format!("invalid image reference {image:?}: {e}")))?;
     let repo = Repository::new(reference.registry(), reference.repository())?;
@@ -77,7 +105,6 @@ pub async fn pull(
         }
     };
     let manifest_digest = fetched.digest.clone();
-
     let config_bytes = read_small_blob(client, &repo, &manifest.config.digest).await?;
     let config = ImageConfig::from_json(&config_bytes)
         .map_err(|e| BuildError::Image(format!("{reference}: {e}")))?;
@@ -88,29 +115,251 @@ pub async fn pull(
             manifest.layers.len()
         )));
     }
+    Ok(Resolved {
+        reference,
+        repo,
+        manifest_digest,
+        layers: manifest.layers,
+        config,
+    })
+}
 
-    let downloads = manifest.layers.iter().map(|layer| {
-        let repo = repo.clone();
-        async move { fetch_blob(client, blobs, &repo, layer, image, emit).await }
+/// Fetches `image`'s manifest for `platform`, its config, and every layer blob missing from
+/// `blobs`, layers concurrently (the client bounds how many transfers run at once).
+pub async fn pull(
+    client: &Client,
+    blobs: &BlobStore,
+    image: &str,
+    platform: &Platform,
+    emit: &(dyn Fn(BuildEvent) + Send + Sync),
+) -> Result<PulledImage, BuildError> {
+    let resolved = resolve(client, image, platform).await?;
+    let downloads = resolved.layers.iter().map(|layer| async {
+        if blobs.contains(&layer.digest) {
+            return Ok(());
+        }
+        let file = blobs.create().map_err(store_error)?;
+        fetch_blob(client, file, &resolved.repo, layer, image, emit, None).await
     });
     try_join_all(downloads).await?;
+    Ok(resolved.into_pulled())
+}
 
-    let layers = manifest
-        .layers
-        .iter()
-        .zip(&config.rootfs.diff_ids)
-        .map(|(descriptor, diff_id)| ImageLayer {
-            descriptor: descriptor.clone(),
-            diff_id: diff_id.clone(),
-            origin: Some(repo.clone()),
-        })
-        .collect();
-    Ok(PulledImage {
-        reference,
-        manifest_digest,
-        config,
-        layers,
+/// Pulls `image` and unpacks it into `rootfs` at the same time: every missing layer downloads
+/// concurrently into the blob store while the unpacker follows each one, bottom first, reading
+/// the bytes as they land. Blocking: call from a blocking thread; registry I/O runs on
+/// `runtime`. Every written path is recorded in `index`, which is sealed at the end.
+#[allow(clippy::too_many_arguments)]
+pub fn pull_and_unpack(
+    runtime: &tokio::runtime::Handle,
+    client: &Client,
+    blobs: &BlobStore,
+    image: &str,
+    platform: &Platform,
+    events: &EventSink,
+    rootfs: &Path,
+    index: &mut Index,
+) -> Result<PulledImage, BuildError> {
+    let resolved = runtime.block_on(resolve(client, image, platform))?;
+    let mut sources = Vec::with_capacity(resolved.layers.len());
+    let mut downloads = Vec::new();
+    for layer in &resolved.layers {
+        if blobs.contains(&layer.digest) {
+            let path = blobs.blob_path(&layer.digest);
+            let file =
+                std::fs::File::open(&path).map_err(|source| BuildError::Io { path, source })?;
+            sources.push(LayerSource::Stored(file));
+            continue;
+        }
+        let file = blobs.create().map_err(store_error)?;
+        let progress = Arc::new(Progress::default());
+        let reader = FollowingReader::open(file.temp_path(), progress.clone())?;
+        sources.push(LayerSource::Following(reader));
+        let (client, repo, layer, image, events) = (
+            client.clone(),
+            resolved.repo.clone(),
+            layer.clone(),
+            image.to_owned(),
+            events.clone(),
+        );
+        downloads.push(runtime.spawn(async move {
+            let _finish_on_drop = FinishOnDrop(progress.clone());
+            let result = fetch_blob(
+                &client,
+                file,
+                &repo,
+                &layer,
+                &image,
+                &*events,
+                Some(&progress),
+            )
+            .await;
+            progress.finish(result.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+            result
+        }));
+    }
+    let unpacked = unpack_sources(rootfs, &resolved, sources, index);
+    // The downloads' own errors say more (registry, status) than the unpacker's view of them.
+    for download in downloads {
+        if unpacked.is_err() {
+            download.abort();
+        }
+        match runtime.block_on(download) {
+            Ok(Err(e)) => return Err(e),
+            Err(e) if e.is_panic() => {
+                return Err(BuildError::Image(format!("a layer download panicked: {e}")))
+            }
+            _ => {}
+        }
+    }
+    unpacked?;
+    Ok(resolved.into_pulled())
+}
+
+enum LayerSource {
+    Stored(std::fs::File),
+    Following(FollowingReader),
+}
+
+fn unpack_sources(
+    rootfs: &Path,
+    resolved: &Resolved,
+    sources: Vec<LayerSource>,
+    index: &mut Index,
+) -> Result<(), BuildError> {
+    let root = Root::open(rootfs).map_err(|e| BuildError::Image(format!("{e}")))?;
+    for ((source, layer), diff_id) in sources
+        .into_iter()
+        .zip(&resolved.layers)
+        .zip(&resolved.config.rootfs.diff_ids)
+    {
+        let reader: Box<dyn std::io::Read> = match source {
+            LayerSource::Stored(file) => Box::new(file),
+            LayerSource::Following(reader) => Box::new(reader),
+        };
+        unpack_one(&root, reader, &layer.digest, diff_id, index)?;
+    }
+    index.seal(rootfs).map_err(|source| BuildError::Io {
+        path: rootfs.to_path_buf(),
+        source,
     })
+}
+
+fn unpack_one(
+    root: &Root,
+    reader: impl std::io::Read,
+    digest: &Digest,
+    diff_id: &Digest,
+    index: &mut Index,
+) -> Result<(), BuildError> {
+    let mut record = |event: UnpackEvent<'_>| match event {
+        UnpackEvent::Written { path, metadata } => index.record(path, metadata),
+        UnpackEvent::Removed { path } => index.forget(path),
+    };
+    let options = UnpackOptions {
+        diff_id: Some(diff_id),
+        on_event: Some(&mut record),
+    };
+    unpack_layer(
+        root,
+        std::io::BufReader::with_capacity(1 << 20, reader),
+        digest,
+        options,
+    )
+    .map(drop)
+    .map_err(|e| BuildError::Image(e.to_string()))
+}
+
+/// How far a download has got, shared with the reader that follows it.
+#[derive(Default)]
+struct Progress {
+    state: Mutex<ProgressState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct ProgressState {
+    /// Bytes flushed to the file so far.
+    written: u64,
+    /// Set when the download ended: `Ok` once the blob is complete and verified.
+    outcome: Option<Result<(), String>>,
+}
+
+impl Progress {
+    fn advance(&self, written: u64) {
+        self.state.lock().expect("download progress").written = written;
+        self.changed.notify_all();
+    }
+
+    /// Records how the download ended; the first outcome stands.
+    fn finish(&self, outcome: Result<(), String>) {
+        self.state
+            .lock()
+            .expect("download progress")
+            .outcome
+            .get_or_insert(outcome);
+        self.changed.notify_all();
+    }
+}
+
+/// Ends a download's progress when its task ends in any way (a panic or an abort included),
+/// so the reader following it never waits forever.
+struct FinishOnDrop(Arc<Progress>);
+
+impl Drop for FinishOnDrop {
+    fn drop(&mut self) {
+        self.0.finish(Err("the layer download stopped".to_owned()));
+    }
+}
+
+/// Reads a blob file while its download is still writing it: at the end of what is there it
+/// waits for more, and it reports end of file only once the download has finished.
+struct FollowingReader {
+    file: std::fs::File,
+    position: u64,
+    progress: Arc<Progress>,
+}
+
+impl FollowingReader {
+    fn open(path: &Path, progress: Arc<Progress>) -> Result<FollowingReader, BuildError> {
+        let file = std::fs::File::open(path).map_err(|source| BuildError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Ok(FollowingReader {
+            file,
+            position: 0,
+            progress,
+        })
+    }
+}
+
+impl std::io::Read for FollowingReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            let n = self.file.read(buf)?;
+            if n > 0 {
+                self.position += n as u64;
+                return Ok(n);
+            }
+            let mut state = self.progress.state.lock().expect("download progress");
+            loop {
+                if state.written > self.position {
+                    break;
+                }
+                match &state.outcome {
+                    Some(Ok(())) => return Ok(0),
+                    Some(Err(e)) => return Err(std::io::Error::other(e.clone())),
+                    None => {}
+                }
+                state = self
+                    .progress
+                    .changed
+                    .wait(state)
+                    .expect("download progress");
+            }
+        }
+    }
 }
 
 async fn read_small_blob(
@@ -131,21 +380,22 @@ async fn read_small_blob(
 
 async fn fetch_blob(
     client: &Client,
-    blobs: &BlobStore,
+    mut file: BlobFile,
     repo: &Repository,
     layer: &Descriptor,
     image: &str,
     emit: &(dyn Fn(BuildEvent) + Send + Sync),
+    progress: Option<&Progress>,
 ) -> Result<(), BuildError> {
-    if blobs.contains(&layer.digest) {
-        return Ok(());
-    }
     let stream = client.get_blob(repo, &layer.digest).await?;
     let mut reader = stream.into_async_read();
-    let mut file = blobs.create().map_err(store_error)?;
     let mut buf = vec![0u8; 256 << 10];
     let mut done = 0u64;
     let mut last_report = 0u64;
+    let write_error = |source| BuildError::Io {
+        path: file_path_for_errors(repo, layer),
+        source,
+    };
     loop {
         let n = reader
             .read(&mut buf)
@@ -154,11 +404,13 @@ async fn fetch_blob(
         if n == 0 {
             break;
         }
-        std::io::Write::write_all(&mut file, &buf[..n]).map_err(|source| BuildError::Io {
-            path: blobs.root().to_path_buf(),
-            source,
-        })?;
+        std::io::Write::write_all(&mut file, &buf[..n]).map_err(write_error)?;
         done += n as u64;
+        if let Some(progress) = progress {
+            // The follower reads the file, so what it may read must have left the buffer.
+            std::io::Write::flush(&mut file).map_err(write_error)?;
+            progress.advance(done);
+        }
         if done - last_report >= 4 << 20 {
             last_report = done;
             emit(BuildEvent::PullProgress {
@@ -180,6 +432,11 @@ async fn fetch_blob(
     Ok(())
 }
 
+/// Names a blob in an I/O error about writing it to the store.
+fn file_path_for_errors(repo: &Repository, layer: &Descriptor) -> PathBuf {
+    PathBuf::from(format!("blob store: {repo}@{}", layer.digest))
+}
+
 fn store_error(e: kiln_fs::blobstore::BlobStoreError) -> BuildError {
     BuildError::Image(format!("blob store: {e}"))
 }
@@ -199,21 +456,7 @@ pub fn unpack_into(
             path: path.clone(),
             source,
         })?;
-        let mut record = |event: UnpackEvent<'_>| match event {
-            UnpackEvent::Written { path, metadata } => index.record(path, metadata),
-            UnpackEvent::Removed { path } => index.forget(path),
-        };
-        let options = UnpackOptions {
-            diff_id: Some(&layer.diff_id),
-            on_event: Some(&mut record),
-        };
-        unpack_layer(
-            &root,
-            std::io::BufReader::with_capacity(1 << 20, file),
-            &layer.descriptor.digest,
-            options,
-        )
-        .map_err(|e| BuildError::Image(e.to_string()))?;
+        unpack_one(&root, file, &layer.descriptor.digest, &layer.diff_id, index)?;
     }
     index.seal(rootfs).map_err(|source| BuildError::Io {
         path: rootfs.to_path_buf(),

@@ -23,9 +23,10 @@ pub enum Phase {
     Context,
     /// Parsing and planning the Dockerfile.
     Plan,
-    /// Fetching a base image's manifest, config and layers.
+    /// Fetching a base image's manifest, config and layers, and unpacking the layers into the
+    /// stage rootfs while they arrive (the two overlap, so they are one phase).
     Pull,
-    /// Unpacking base layers (or an earlier stage's tree) into a stage rootfs.
+    /// Copying an earlier stage's tree into a stage built FROM it.
     Unpack,
     /// Running a step's own work: the RUN command, or the COPY/ADD file copying.
     Execute,

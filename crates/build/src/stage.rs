@@ -211,20 +211,19 @@ pub fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, BuildEr
             (config, Vec::new(), Vec::new(), None)
         }
         Base::Image(image) => {
+            // Layers download and unpack at the same time, so the two are one phase here.
             let pulled = shared
                 .timed(Some(index), None, Phase::Pull, || {
-                    shared.runtime.block_on(base::pull(
+                    base::pull_and_unpack(
+                        &shared.runtime,
                         &shared.client,
                         &shared.blobs,
                         image,
                         &shared.platform,
-                        &*shared.events,
-                    ))
-                })
-                .map_err(|e| shared.step_error(from_line, format!("FROM {image}: {e}")))?;
-            shared
-                .timed(Some(index), None, Phase::Unpack, || {
-                    base::unpack_into(&rootfs, &pulled.layers, &shared.blobs, &mut index_of_rootfs)
+                        &shared.events,
+                        &rootfs,
+                        &mut index_of_rootfs,
+                    )
                 })
                 .map_err(|e| shared.step_error(from_line, format!("FROM {image}: {e}")))?;
             shared.push_ahead(index, &pulled.layers);

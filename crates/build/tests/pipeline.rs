@@ -129,3 +129,48 @@ fn http_get(registry: &Registry, path: &str) -> String {
     stream.read_to_string(&mut response).unwrap();
     response
 }
+
+/// Base layers unpack while they download; a layer the registry serves corrupted fails the
+/// build with the digest named, and the unpacker following the download does not hang.
+#[test]
+fn a_corrupt_base_layer_fails_the_build_without_hanging() {
+    kiln_testkit::require_tools(&["docker-registry", "skopeo"]);
+    let registry = Registry::start();
+    image::push_rootfs(&registry, bases::busybox_rootfs(), "base/busybox:latest");
+    // Flip bytes in the middle of every layer-sized blob the registry stores.
+    let blobs = registry
+        .dir()
+        .join("storage/docker/registry/v2/blobs/sha256");
+    let mut corrupted = 0;
+    for prefix in std::fs::read_dir(&blobs).unwrap() {
+        for blob in std::fs::read_dir(prefix.unwrap().path()).unwrap() {
+            let data = blob.unwrap().path().join("data");
+            let mut bytes = std::fs::read(&data).unwrap();
+            if bytes.len() > 100_000 {
+                let middle = bytes.len() / 2;
+                for b in &mut bytes[middle..middle + 64] {
+                    *b ^= 0x5a;
+                }
+                std::fs::write(&data, bytes).unwrap();
+                corrupted += 1;
+            }
+        }
+    }
+    assert_eq!(corrupted, 1, "the busybox base has one layer");
+    let work = tempfile::tempdir().unwrap();
+    std::fs::create_dir(work.path().join("context")).unwrap();
+    context(&work.path().join("context"), &registry, 0, 0);
+    let destination = format!("{}/out/corrupt:1", registry.addr());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let work_path = work.path().to_path_buf();
+    std::thread::spawn(move || {
+        let (result, _) = build(&registry, &work_path, &destination);
+        tx.send(result.map(|_| ()).map_err(|e| e.to_string())).ok();
+    });
+    let result = rx
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("the build ended");
+    let error = result.expect_err("a corrupt base layer fails the build");
+    assert!(error.contains("FROM"), "{error}");
+    assert!(error.contains("sha256:"), "{error}");
+}

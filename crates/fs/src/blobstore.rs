@@ -98,6 +98,13 @@ pub struct BlobFile {
 }
 
 impl BlobFile {
+    /// Where the blob is being written until it is committed: a reader that follows a
+    /// download while it happens opens this path (its open file stays valid after the commit
+    /// renames it).
+    pub fn temp_path(&self) -> &Path {
+        &self.temp_path
+    }
+
     /// Moves the finished blob to its digest's name and returns that path. The caller computed
     /// `digest` over exactly the bytes written. If the blob already exists the new copy is
     /// dropped (same digest, same bytes).
