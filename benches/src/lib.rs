@@ -1,6 +1,8 @@
 //! What Kiln's benchmarks share: measuring a child process the way `time -v` would, so each
 //! tool's figures (wall time, CPU time, peak RSS) are taken the same way in the same run.
 
+pub mod workloads;
+
 use std::io;
 use std::process::Command;
 use std::time::{Duration, Instant};

@@ -1,0 +1,439 @@
+//! `kiln-bench`: Kiln against buildah (overlay driver) on the five reference workloads, in one
+//! run, on one loopback registry. For each workload: three cold builds+pushes of each tool,
+//! alternating, then three fully cached rebuilds+pushes of each; medians of wall time, CPU time
+//! and peak RSS, the Kiln/buildah ratio, and Kiln's per-phase times from `--benchmark-file`.
+//!
+//! Run it with `./scripts/bench` (as root). Options: `--executor PATH` (default: the release
+//! binary next to this one), `--work DIR` (default `/var/tmp/kiln-bench`, on disk like a Pod's
+//! work volume), `--runs N` (default 3), `--only a,b` (workloads), `--results FILE` (also write
+//! the report there).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use kiln_benches::workloads::{self, WORKLOADS};
+use kiln_benches::{measure, median, Measured};
+use kiln_testkit::{bases, image, Registry};
+
+struct Options {
+    executor: PathBuf,
+    work: PathBuf,
+    runs: usize,
+    only: Option<Vec<String>>,
+    results: Option<PathBuf>,
+}
+
+fn parse_options() -> Options {
+    let mut options = Options {
+        executor: std::env::current_exe()
+            .expect("own path")
+            .with_file_name("executor"),
+        work: PathBuf::from("/var/tmp/kiln-bench"),
+        runs: 3,
+        only: None,
+        results: None,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        let mut value = || {
+            args.next()
+                .unwrap_or_else(|| usage(&format!("{flag} needs a value")))
+        };
+        match flag.as_str() {
+            "--executor" => options.executor = value().into(),
+            "--work" => options.work = value().into(),
+            "--runs" => {
+                options.runs = value()
+                    .parse()
+                    .unwrap_or_else(|_| usage("--runs takes a number"))
+            }
+            "--only" => options.only = Some(value().split(',').map(str::to_owned).collect()),
+            "--results" => options.results = Some(value().into()),
+            other => usage(&format!("unknown argument {other}")),
+        }
+    }
+    options
+}
+
+fn usage(message: &str) -> ! {
+    eprintln!("kiln-bench: {message}\nusage: kiln-bench [--executor PATH] [--work DIR] [--runs N] [--only a,b] [--results FILE]");
+    std::process::exit(2)
+}
+
+/// One tool's side of a workload.
+trait Tool {
+    fn name(&self) -> &'static str;
+    /// A cold build+push: nothing cached anywhere.
+    fn cold(&self, workload: &str, context: &Path, run: usize) -> (Measured, Option<PathBuf>);
+    /// Fills the cache once (not measured).
+    fn prime(&self, workload: &str, context: &Path);
+    /// A fully cached rebuild+push.
+    fn cached(&self, workload: &str, context: &Path, run: usize) -> Measured;
+}
+
+struct Kiln<'a> {
+    executor: &'a Path,
+    registry: &'a str,
+    work: &'a Path,
+}
+
+impl Kiln<'_> {
+    fn command(&self, workload: &str, context: &Path, tag: &str, kiln_dir: &Path) -> Command {
+        let mut cmd = Command::new(self.executor);
+        cmd.arg(format!("--context=dir://{}", context.display()))
+            .arg(format!(
+                "--destination={}/bench/kiln-{workload}:{tag}",
+                self.registry
+            ))
+            .arg(format!("--kiln-dir={}", kiln_dir.display()))
+            .arg(format!("--registry-map=docker.io={}", self.registry))
+            .arg(format!("--insecure-registry={}", self.registry))
+            .arg("--mode=chroot")
+            .arg("--progress=plain")
+            .stdout(std::process::Stdio::null())
+            .stderr(log_file(self.work, &format!("kiln-{workload}-{tag}")))
+            .env("DOCKER_CONFIG", "/nonexistent-kiln-bench");
+        cmd
+    }
+
+    fn cache_flags(&self, cmd: &mut Command, workload: &str) {
+        cmd.arg("--cache=true").arg(format!(
+            "--cache-repo={}/bench/cache-{workload}",
+            self.registry
+        ));
+    }
+
+    fn fresh_dir(&self, name: &str) -> PathBuf {
+        let dir = self.work.join(name);
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+}
+
+impl Tool for Kiln<'_> {
+    fn name(&self) -> &'static str {
+        "kiln"
+    }
+
+    fn cold(&self, workload: &str, context: &Path, run: usize) -> (Measured, Option<PathBuf>) {
+        let kiln_dir = self.fresh_dir("kiln-cold");
+        let timings = self.work.join(format!("timings-{workload}-{run}.json"));
+        let mut cmd = self.command(workload, context, &format!("cold{run}"), &kiln_dir);
+        cmd.arg(format!("--benchmark-file={}", timings.display()));
+        let measured = measure(&mut cmd);
+        let _ = std::fs::remove_dir_all(&kiln_dir);
+        (measured, Some(timings))
+    }
+
+    fn prime(&self, workload: &str, context: &Path) {
+        let kiln_dir = self.fresh_dir("kiln-prime");
+        let mut cmd = self.command(workload, context, "prime", &kiln_dir);
+        self.cache_flags(&mut cmd, workload);
+        measure(&mut cmd);
+        let _ = std::fs::remove_dir_all(&kiln_dir);
+    }
+
+    fn cached(&self, workload: &str, context: &Path, run: usize) -> Measured {
+        // A new work directory, as a new Pod would have: only the registry cache is shared.
+        let kiln_dir = self.fresh_dir("kiln-cached");
+        let mut cmd = self.command(workload, context, &format!("cached{run}"), &kiln_dir);
+        self.cache_flags(&mut cmd, workload);
+        let measured = measure(&mut cmd);
+        let _ = std::fs::remove_dir_all(&kiln_dir);
+        measured
+    }
+}
+
+struct Buildah<'a> {
+    registry: &'a str,
+    work: &'a Path,
+    registries_conf: PathBuf,
+}
+
+impl<'a> Buildah<'a> {
+    fn new(registry: &'a str, work: &'a Path) -> Buildah<'a> {
+        let registries_conf = work.join("registries.conf");
+        std::fs::write(
+            &registries_conf,
+            format!(
+                "unqualified-search-registries = [\"docker.io\"]\n\n[[registry]]\nprefix = \"docker.io\"\nlocation = \"{registry}\"\ninsecure = true\n\n[[registry]]\nlocation = \"{registry}\"\ninsecure = true\n"
+            ),
+        )
+        .expect("write registries.conf");
+        Buildah {
+            registry,
+            work,
+            registries_conf,
+        }
+    }
+
+    /// `buildah bud` then `buildah push`, as one measured shell so both count.
+    fn command(
+        &self,
+        store: &Path,
+        workload: &str,
+        context: &Path,
+        tag: &str,
+        layers: bool,
+    ) -> Command {
+        let global = format!(
+            "buildah --root {root} --runroot {runroot} --storage-driver overlay",
+            root = store.join("root").display(),
+            runroot = store.join("runroot").display()
+        );
+        let local = format!("localhost/bench/{workload}:{tag}");
+        let script = format!(
+            "{global} bud --quiet --tls-verify=false --layers={layers} --format oci -t {local} {context} >/dev/null && \
+             {global} push --quiet --tls-verify=false {local} docker://{registry}/bench/buildah-{workload}:{tag}",
+            context = context.display(),
+            registry = self.registry,
+        );
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(script)
+            .stderr(log_file(self.work, &format!("buildah-{workload}-{tag}")))
+            .env("BUILDAH_ISOLATION", "chroot")
+            .env("CONTAINERS_REGISTRIES_CONF", &self.registries_conf);
+        cmd
+    }
+
+    fn clear(&self, store: &Path) {
+        let global = |args: &[&str]| {
+            let _ = Command::new("buildah")
+                .arg("--root")
+                .arg(store.join("root"))
+                .arg("--runroot")
+                .arg(store.join("runroot"))
+                .args(["--storage-driver", "overlay"])
+                .args(args)
+                .env("CONTAINERS_REGISTRIES_CONF", &self.registries_conf)
+                .output();
+        };
+        if store.exists() {
+            global(&["rm", "--all"]);
+            global(&["rmi", "--all", "--force"]);
+            let _ = Command::new("umount")
+                .arg("-R")
+                .arg(store.join("root/overlay"))
+                .output();
+            let _ = std::fs::remove_dir_all(store);
+        }
+    }
+}
+
+impl Tool for Buildah<'_> {
+    fn name(&self) -> &'static str {
+        "buildah"
+    }
+
+    fn cold(&self, workload: &str, context: &Path, run: usize) -> (Measured, Option<PathBuf>) {
+        let store = self.work.join("buildah-cold");
+        self.clear(&store);
+        let measured =
+            measure(&mut self.command(&store, workload, context, &format!("cold{run}"), false));
+        self.clear(&store);
+        (measured, None)
+    }
+
+    fn prime(&self, workload: &str, context: &Path) {
+        let store = self.work.join("buildah-cached");
+        self.clear(&store);
+        measure(&mut self.command(&store, workload, context, "prime", true));
+    }
+
+    fn cached(&self, workload: &str, context: &Path, run: usize) -> Measured {
+        let store = self.work.join("buildah-cached");
+        measure(&mut self.command(&store, workload, context, &format!("cached{run}"), true))
+    }
+}
+
+/// Where a measured command's stderr goes: the runner's output stays a readable report, and a
+/// failed run's log is there to read (`measure` names the command that failed).
+fn log_file(work: &Path, name: &str) -> std::fs::File {
+    let path = work.join("logs").join(format!("{name}.log"));
+    std::fs::create_dir_all(path.parent().unwrap()).expect("log dir");
+    std::fs::File::create(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.2}", d.as_secs_f64())
+}
+
+fn mib(kib: i64) -> String {
+    format!("{:.0}", kib as f64 / 1024.0)
+}
+
+/// Kiln's per-phase seconds from the timing report of its median cold run.
+fn phases(path: &Path) -> BTreeMap<String, f64> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return BTreeMap::new();
+    };
+    let value: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+    let mut phases: BTreeMap<String, f64> = value["phases"]
+        .as_object()
+        .map(|o| {
+            o.iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_f64()?)))
+                .collect()
+        })
+        .unwrap_or_default();
+    if let Some(steps) = value["steps"].as_array() {
+        for step in steps {
+            let label = format!(
+                "step {}.{} (line {})",
+                step["stage"], step["step"], step["line"]
+            );
+            if let Some(seconds) = step["seconds"].as_f64() {
+                phases.insert(label, seconds);
+            }
+        }
+    }
+    phases
+}
+
+fn main() {
+    let options = parse_options();
+    kiln_testkit::require_tools(&["buildah", "docker-registry", "skopeo"]);
+    assert!(
+        options.executor.is_file(),
+        "no executor at {} (cargo build --release -p kiln-executor)",
+        options.executor.display()
+    );
+    let _ = std::fs::remove_dir_all(&options.work);
+    std::fs::create_dir_all(&options.work).expect("work dir");
+    let workloads_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("workloads");
+
+    let registry = Registry::start();
+    let addr = registry.addr();
+    eprintln!("registry on {addr}; pushing the busybox and Debian bases");
+    image::push_rootfs(&registry, bases::busybox_rootfs(), "library/busybox:latest");
+    image::push_rootfs(&registry, bases::debian_rootfs(), "library/debian:bookworm");
+
+    let kiln = Kiln {
+        executor: &options.executor,
+        registry: &addr,
+        work: &options.work,
+    };
+    let buildah = Buildah::new(&addr, &options.work);
+    let tools: [&dyn Tool; 2] = [&kiln, &buildah];
+
+    let mut report = String::new();
+    let commit = Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    let date = Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    writeln!(
+        report,
+        "# Kiln vs buildah (overlay)\n\n{date}, commit {commit}, {cores} cores, medians of {} runs, work dir {}.\n",
+        options.runs,
+        options.work.display()
+    )
+    .unwrap();
+    writeln!(
+        report,
+        "| workload | build | tool | wall (s) | CPU (s) | peak RSS (MiB) | kiln/buildah wall |\n|---|---|---|---:|---:|---:|---:|"
+    )
+    .unwrap();
+    let mut phase_report = String::new();
+
+    for &workload in WORKLOADS {
+        if options
+            .only
+            .as_ref()
+            .is_some_and(|o| !o.iter().any(|w| w == workload))
+        {
+            continue;
+        }
+        let context = options.work.join(format!("context-{workload}"));
+        let summary = workloads::generate(workload, &workloads_dir, &context)
+            .unwrap_or_else(|e| panic!("generating {workload}: {e}"));
+        eprintln!(
+            "== {workload}: {} files, {:.1} MB of context",
+            summary.files,
+            summary.bytes as f64 / 1e6
+        );
+        let mut cold: BTreeMap<&str, Vec<(Measured, Option<PathBuf>)>> = BTreeMap::new();
+        for run in 0..options.runs {
+            for tool in tools {
+                let (m, timings) = tool.cold(workload, &context, run);
+                eprintln!("   cold   {:<8} run {run}: {} s", tool.name(), secs(m.wall));
+                cold.entry(tool.name()).or_default().push((m, timings));
+            }
+        }
+        for tool in tools {
+            tool.prime(workload, &context);
+        }
+        let mut cached: BTreeMap<&str, Vec<Measured>> = BTreeMap::new();
+        for run in 0..options.runs {
+            for tool in tools {
+                let m = tool.cached(workload, &context, run);
+                eprintln!("   cached {:<8} run {run}: {} s", tool.name(), secs(m.wall));
+                cached.entry(tool.name()).or_default().push(m);
+            }
+        }
+        for (label, medians) in [
+            (
+                "cold",
+                cold.iter()
+                    .map(|(k, v)| (*k, median(v.iter().map(|(m, _)| *m).collect())))
+                    .collect::<BTreeMap<_, _>>(),
+            ),
+            (
+                "cached",
+                cached
+                    .iter()
+                    .map(|(k, v)| (*k, median(v.clone())))
+                    .collect::<BTreeMap<_, _>>(),
+            ),
+        ] {
+            let ratio = medians["kiln"].wall.as_secs_f64() / medians["buildah"].wall.as_secs_f64();
+            for tool in ["kiln", "buildah"] {
+                let m = medians[tool];
+                writeln!(
+                    report,
+                    "| {workload} | {label} | {tool} | {} | {} | {} | {} |",
+                    secs(m.wall),
+                    secs(m.cpu),
+                    mib(m.max_rss_kib),
+                    if tool == "kiln" {
+                        format!("{ratio:.2}x")
+                    } else {
+                        String::new()
+                    }
+                )
+                .unwrap();
+            }
+        }
+        let kiln_runs = &cold["kiln"];
+        let median_wall = median(kiln_runs.iter().map(|(m, _)| *m).collect()).wall;
+        if let Some((_, Some(path))) = kiln_runs.iter().find(|(m, _)| m.wall == median_wall) {
+            let phases = phases(path);
+            let text: Vec<String> = phases.iter().map(|(k, v)| format!("{k} {v:.3}")).collect();
+            writeln!(
+                phase_report,
+                "- **{workload}** (cold, s): {}",
+                text.join(", ")
+            )
+            .unwrap();
+        }
+        let _ = std::fs::remove_dir_all(&context);
+    }
+    writeln!(report, "\nKiln's per-phase times (from `--benchmark-file` of its median cold run):\n\n{phase_report}").unwrap();
+    print!("{report}");
+    if let Some(path) = &options.results {
+        std::fs::write(path, &report)
+            .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+    }
+}
