@@ -6,7 +6,7 @@
 //! Run it with `./scripts/bench` (as root). Options: `--executor PATH` (default: the release
 //! binary next to this one), `--work DIR` (default `/var/tmp/kiln-bench`, on disk like a Pod's
 //! work volume), `--runs N` (default 3), `--only a,b` (workloads), `--results FILE` (also write
-//! the report there).
+//! the report there), `--tools kiln` (measure one side only, for profiling).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -24,6 +24,8 @@ struct Options {
     runs: usize,
     only: Option<Vec<String>>,
     results: Option<PathBuf>,
+    /// Measure only these tools (profiling one side); the ratio needs both.
+    tools: Vec<String>,
 }
 
 fn parse_options() -> Options {
@@ -35,6 +37,7 @@ fn parse_options() -> Options {
         runs: 3,
         only: None,
         results: None,
+        tools: vec!["kiln".into(), "buildah".into()],
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -52,6 +55,7 @@ fn parse_options() -> Options {
             }
             "--only" => options.only = Some(value().split(',').map(str::to_owned).collect()),
             "--results" => options.results = Some(value().into()),
+            "--tools" => options.tools = value().split(',').map(str::to_owned).collect(),
             other => usage(&format!("unknown argument {other}")),
         }
     }
@@ -59,7 +63,7 @@ fn parse_options() -> Options {
 }
 
 fn usage(message: &str) -> ! {
-    eprintln!("kiln-bench: {message}\nusage: kiln-bench [--executor PATH] [--work DIR] [--runs N] [--only a,b] [--results FILE]");
+    eprintln!("kiln-bench: {message}\nusage: kiln-bench [--executor PATH] [--work DIR] [--runs N] [--only a,b] [--results FILE] [--tools kiln,buildah]");
     std::process::exit(2)
 }
 
@@ -318,7 +322,10 @@ fn main() {
         work: &options.work,
     };
     let buildah = Buildah::new(&addr, &options.work);
-    let tools: [&dyn Tool; 2] = [&kiln, &buildah];
+    let tools: Vec<&dyn Tool> = [&kiln as &dyn Tool, &buildah]
+        .into_iter()
+        .filter(|t| options.tools.iter().any(|n| n == t.name()))
+        .collect();
 
     let mut report = String::new();
     let commit = Command::new("git")
@@ -366,18 +373,18 @@ fn main() {
         );
         let mut cold: BTreeMap<&str, Vec<(Measured, Option<PathBuf>)>> = BTreeMap::new();
         for run in 0..options.runs {
-            for tool in tools {
+            for &tool in &tools {
                 let (m, timings) = tool.cold(workload, &context, run);
                 eprintln!("   cold   {:<8} run {run}: {} s", tool.name(), secs(m.wall));
                 cold.entry(tool.name()).or_default().push((m, timings));
             }
         }
-        for tool in tools {
+        for &tool in &tools {
             tool.prime(workload, &context);
         }
         let mut cached: BTreeMap<&str, Vec<Measured>> = BTreeMap::new();
         for run in 0..options.runs {
-            for tool in tools {
+            for &tool in &tools {
                 let m = tool.cached(workload, &context, run);
                 eprintln!("   cached {:<8} run {run}: {} s", tool.name(), secs(m.wall));
                 cached.entry(tool.name()).or_default().push(m);
@@ -398,17 +405,22 @@ fn main() {
                     .collect::<BTreeMap<_, _>>(),
             ),
         ] {
-            let ratio = medians["kiln"].wall.as_secs_f64() / medians["buildah"].wall.as_secs_f64();
-            for tool in ["kiln", "buildah"] {
-                let m = medians[tool];
+            let ratio = match (medians.get("kiln"), medians.get("buildah")) {
+                (Some(k), Some(b)) => {
+                    format!("{:.2}x", k.wall.as_secs_f64() / b.wall.as_secs_f64())
+                }
+                _ => String::new(),
+            };
+            for (tool, m) in medians.iter().rev() {
+                let m = *m;
                 writeln!(
                     report,
                     "| {workload} | {label} | {tool} | {} | {} | {} | {} |",
                     secs(m.wall),
                     secs(m.cpu),
                     mib(m.max_rss_kib),
-                    if tool == "kiln" {
-                        format!("{ratio:.2}x")
+                    if *tool == "kiln" {
+                        ratio.clone()
                     } else {
                         String::new()
                     }
@@ -416,7 +428,10 @@ fn main() {
                 .unwrap();
             }
         }
-        let kiln_runs = &cold["kiln"];
+        let Some(kiln_runs) = cold.get("kiln") else {
+            let _ = std::fs::remove_dir_all(&context);
+            continue;
+        };
         let median_wall = median(kiln_runs.iter().map(|(m, _)| *m).collect()).wall;
         if let Some((_, Some(path))) = kiln_runs.iter().find(|(m, _)| m.wall == median_wall) {
             let phases = phases(path);
