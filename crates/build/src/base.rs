@@ -8,7 +8,7 @@ use futures::future::try_join_all;
 use kiln_fs::blobstore::BlobStore;
 use kiln_fs::resolve::Root;
 use kiln_fs::snapshot::Index;
-use kiln_fs::unpack::{unpack_layer, UnpackEvent, UnpackOptions};
+use kiln_fs::unpack::{unpack_layer_except, UnpackEvent, UnpackOptions};
 use kiln_oci::image::{AnyManifest, Descriptor, ImageConfig};
 use kiln_oci::{Digest, Platform, Reference};
 use kiln_registry::{Client, Repository};
@@ -192,6 +192,18 @@ pub fn unpack_into(
     blobs: &BlobStore,
     index: &mut Index,
 ) -> Result<(), BuildError> {
+    unpack_into_except(rootfs, layers, blobs, index, None)
+}
+
+/// [`unpack_into`] that leaves alone the paths (relative to `rootfs`) for which `skip` is true
+/// (see [`kiln_fs::unpack::unpack_layer_except`]).
+pub fn unpack_into_except(
+    rootfs: &Path,
+    layers: &[ImageLayer],
+    blobs: &BlobStore,
+    index: &mut Index,
+    skip: Option<&dyn Fn(&Path) -> bool>,
+) -> Result<(), BuildError> {
     let root = Root::open(rootfs).map_err(|e| BuildError::Image(format!("{e}")))?;
     for layer in layers {
         let path = blobs.blob_path(&layer.descriptor.digest);
@@ -207,11 +219,12 @@ pub fn unpack_into(
             diff_id: Some(&layer.diff_id),
             on_event: Some(&mut record),
         };
-        unpack_layer(
+        unpack_layer_except(
             &root,
             std::io::BufReader::with_capacity(1 << 20, file),
             &layer.descriptor.digest,
             options,
+            skip,
         )
         .map_err(|e| BuildError::Image(e.to_string()))?;
     }
