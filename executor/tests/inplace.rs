@@ -34,23 +34,45 @@ fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
-fn host_mount_points() -> BTreeSet<String> {
+/// The host's mounts (point and root) where the container's work could leak: under the test's
+/// directory, the host's own system directories, and the places the container sees mounted.
+/// Other tests and builds on the machine mount and unmount elsewhere meanwhile.
+fn host_mount_points(work: &Path) -> BTreeSet<String> {
+    let watched = |point: &str| {
+        Path::new(point).starts_with(work)
+            || [
+                "/",
+                "/proc",
+                "/sys",
+                "/dev",
+                "/kiln",
+                "/kaniko",
+                "/workspace",
+                "/cache-volume",
+            ]
+            .iter()
+            .any(|p| point == *p || (*p != "/" && Path::new(point).starts_with(p)))
+    };
     std::fs::read_to_string("/proc/self/mountinfo")
         .unwrap()
         .lines()
         .filter_map(|l| {
             let fields: Vec<&str> = l.split(' ').collect();
-            Some(format!("{} {}", fields.get(4)?, fields.get(3)?))
+            let point = *fields.get(4)?;
+            let root = *fields.get(3)?;
+            watched(point).then(|| format!("{point} {root}"))
         })
         .collect()
 }
 
-/// Copies the executor under `rootfs/kaniko`, with the shared libraries it needs (and their
-/// loader) under `rootfs/kaniko/lib` when it is not static; returns the argv prefix that
-/// starts it. The libraries live under the Kiln dir so the build's wipe of `/` spares them.
+/// Lays out Kiln's image (executor/Containerfile): the executor in `/kiln` and `/kaniko` a
+/// symlink to it, with the shared libraries it needs (and their loader) under `/kiln/lib` when
+/// it is not static; returns the argv prefix that starts it as `/kaniko/executor`. The
+/// libraries live under the Kiln dir so the build's wipe of `/` spares them.
 fn install_executor(rootfs: &Path) -> Vec<String> {
     let binary = env!("CARGO_BIN_EXE_executor");
-    let kaniko = rootfs.join("kaniko");
+    let kaniko = rootfs.join("kiln");
+    std::os::unix::fs::symlink("kiln", rootfs.join("kaniko")).unwrap();
     std::fs::create_dir_all(kaniko.join("lib")).unwrap();
     std::fs::copy(binary, kaniko.join("executor")).unwrap();
     let ldd = Command::new("ldd").arg(binary).output().unwrap();
@@ -148,21 +170,18 @@ fn executor_builds_in_place_inside_a_runc_container() {
     std::fs::write(volume.join("kept"), "a volume is never deleted").unwrap();
 
     let mut args = install_executor(&rootfs);
-    args.extend(
-        [
-            "--context=dir:///workspace/context".to_owned(),
-            format!("--destination={addr}/quickstart:in-place"),
-            format!("--registry-map=index.docker.io={addr}"),
-            "--kaniko-dir=/kaniko".to_owned(),
-            "--digest-file=/kaniko/digest".to_owned(),
-            "--mode=in-place".to_owned(),
-            "--progress=plain".to_owned(),
-        ]
-        .into_iter(),
-    );
+    args.extend([
+        "--context=dir:///workspace/context".to_owned(),
+        format!("--destination={addr}/quickstart:in-place"),
+        format!("--registry-map=index.docker.io={addr}"),
+        "--kaniko-dir=/kaniko".to_owned(),
+        "--digest-file=/kaniko/digest".to_owned(),
+        "--mode=in-place".to_owned(),
+        "--progress=plain".to_owned(),
+    ]);
     write_config(&bundle, &args, &volume);
 
-    let mounts_before = host_mount_points();
+    let mounts_before = host_mount_points(work.path());
     let name = format!("kiln-inplace-{}", std::process::id());
     let out = runc_run(&bundle, &name);
     let log = String::from_utf8_lossy(&out.stderr).into_owned();
@@ -171,9 +190,10 @@ fn executor_builds_in_place_inside_a_runc_container() {
         "in-place build failed ({}):\n{log}",
         out.status
     );
+    eprintln!("{log}");
     assert_eq!(
         mounts_before,
-        host_mount_points(),
+        host_mount_points(work.path()),
         "the host's mount namespace is untouched"
     );
 
@@ -184,12 +204,13 @@ fn executor_builds_in_place_inside_a_runc_container() {
     );
     assert!(rootfs.join("app/hello.sh").is_file());
     assert!(!rootfs.join("src").exists(), "stage 0's files are gone");
-    assert!(rootfs.join("kaniko/executor").is_file());
+    assert!(rootfs.join("kiln/executor").is_file());
+    assert!(rootfs.join("kaniko").is_symlink());
     assert_eq!(
         std::fs::read_to_string(volume.join("kept")).unwrap(),
         "a volume is never deleted"
     );
-    let digest = std::fs::read_to_string(rootfs.join("kaniko/digest")).unwrap();
+    let digest = std::fs::read_to_string(rootfs.join("kiln/digest")).unwrap();
     assert!(digest.starts_with("sha256:"), "{digest}");
 
     let flat = image::flatten(&registry, "quickstart:in-place");
@@ -213,7 +234,8 @@ fn executor_builds_in_place_inside_a_runc_container() {
     // only the ignored paths (and directories leading to them) remain.
     let mut cleanup_args = args.clone();
     cleanup_args.push("--cleanup".into());
-    cleanup_args.retain(|a| !a.starts_with("--digest-file"));
+    // The default Kiln dir, /kiln, this time.
+    cleanup_args.retain(|a| !a.starts_with("--digest-file") && !a.starts_with("--kaniko-dir"));
     std::fs::remove_file(bundle.join("config.json")).unwrap();
     write_config(&bundle, &cleanup_args, &volume);
     let out = runc_run(&bundle, &name);
@@ -226,11 +248,19 @@ fn executor_builds_in_place_inside_a_runc_container() {
     left.sort();
     assert_eq!(
         left,
-        ["cache-volume", "dev", "kaniko", "proc", "sys", "workspace"],
+        [
+            "cache-volume",
+            "dev",
+            "kaniko",
+            "kiln",
+            "proc",
+            "sys",
+            "workspace"
+        ],
         "{log}"
     );
     assert!(volume.join("kept").is_file());
-    assert_eq!(mounts_before, host_mount_points());
+    assert_eq!(mounts_before, host_mount_points(work.path()));
 }
 
 /// In-place mode deletes `/`: outside a container it is refused unless forced.
