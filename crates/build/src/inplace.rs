@@ -5,7 +5,8 @@
 //! overwritten by a base layer, or snapshotted: Kiln's own directory (where the executor
 //! binary, the blob store and the work directory live), `/proc`, `/sys`, `/dev`, every mount
 //! point of the container (volumes, Secrets, service-account tokens, the build context when it
-//! is mounted), the runtime's `/etc/resolv.conf`, `/etc/hosts` and `/etc/hostname`, `/var/run`
+//! is mounted), the runtime's `/etc/resolv.conf`, `/etc/hosts` and `/etc/hostname`, the debug
+//! image's `/busybox`, `/var/run`
 //! under `--ignore-var-run`, the `--ignore-path`s, a local build context, and the output files.
 //! A stage that a later one needs (`COPY --from`, `RUN --mount=from=`) is materialised from
 //! its layers into the work directory before the next stage wipes `/`.
@@ -19,8 +20,14 @@ use crate::base::{self, ImageLayer};
 use crate::error::BuildError;
 use crate::options::BuildOptions;
 
-/// The runtime-managed files in `/etc` that belong to the container, not to the image.
-const RUNTIME_FILES: [&str; 3] = ["/etc/resolv.conf", "/etc/hosts", "/etc/hostname"];
+/// Paths of the container that belong to neither the image nor the build: the runtime's files
+/// in `/etc`, and the debug image's `/busybox`, whose shell CI systems run the build from.
+const CONTAINER_PATHS: [&str; 4] = [
+    "/etc/resolv.conf",
+    "/etc/hosts",
+    "/etc/hostname",
+    "/busybox",
+];
 
 /// Refuses in-place mode outside a container unless `force` (`--force`), since it deletes `/`.
 pub fn check_allowed(force: bool) -> Result<(), BuildError> {
@@ -38,7 +45,7 @@ pub fn check_allowed(force: bool) -> Result<(), BuildError> {
 /// build context directory `context_root`.
 pub fn ignore_options(options: &BuildOptions, context_root: &Path) -> IgnoreOptions {
     let mut extra: Vec<PathBuf> = options.snapshot.ignore_paths.clone();
-    extra.extend(RUNTIME_FILES.iter().map(PathBuf::from));
+    extra.extend(CONTAINER_PATHS.iter().map(PathBuf::from));
     let mut keep = |path: &Path| {
         let absolute = if path.is_absolute() {
             path.to_path_buf()
