@@ -101,7 +101,7 @@ fn install_executor(rootfs: &Path) -> Vec<String> {
 
 /// A runc bundle for the container: host network, Docker's capabilities, the quickstart
 /// context and a "volume" bind-mounted, `args` as the process.
-fn write_config(bundle: &Path, args: &[String], volume: &Path) {
+fn write_config(bundle: &Path, args: &[String], context: &Path, volume: &Path) {
     run(Command::new("runc").arg("spec").current_dir(bundle));
     let path = bundle.join("config.json");
     let mut config: serde_json::Value =
@@ -116,10 +116,9 @@ fn write_config(bundle: &Path, args: &[String], volume: &Path) {
     config["root"]["readonly"] = false.into();
     let namespaces = config["linux"]["namespaces"].as_array_mut().unwrap();
     namespaces.retain(|ns| ns["type"] != "network");
-    let context = repo_root().join("testdata/quickstart");
     let mounts = config["mounts"].as_array_mut().unwrap();
     for (source, target, mode) in [
-        (context.as_path(), "/workspace/context", "ro"),
+        (context, "/workspace/context", "ro"),
         (volume, "/cache-volume", "rw"),
     ] {
         mounts.push(serde_json::json!({
@@ -169,6 +168,7 @@ fn executor_builds_in_place_inside_a_runc_container() {
     std::fs::create_dir(&volume).unwrap();
     std::fs::write(volume.join("kept"), "a volume is never deleted").unwrap();
 
+    let quickstart = repo_root().join("testdata/quickstart");
     let mut args = install_executor(&rootfs);
     args.extend([
         "--context=dir:///workspace/context".to_owned(),
@@ -179,7 +179,7 @@ fn executor_builds_in_place_inside_a_runc_container() {
         "--mode=in-place".to_owned(),
         "--progress=plain".to_owned(),
     ]);
-    write_config(&bundle, &args, &volume);
+    write_config(&bundle, &args, &quickstart, &volume);
 
     let mounts_before = host_mount_points(work.path());
     let name = format!("kiln-inplace-{}", std::process::id());
@@ -237,7 +237,7 @@ fn executor_builds_in_place_inside_a_runc_container() {
     // The default Kiln dir, /kiln, this time.
     cleanup_args.retain(|a| !a.starts_with("--digest-file") && !a.starts_with("--kaniko-dir"));
     std::fs::remove_file(bundle.join("config.json")).unwrap();
-    write_config(&bundle, &cleanup_args, &volume);
+    write_config(&bundle, &cleanup_args, &quickstart, &volume);
     let out = runc_run(&bundle, &name);
     let log = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "--cleanup build failed:\n{log}");
@@ -261,6 +261,50 @@ fn executor_builds_in_place_inside_a_runc_container() {
     );
     assert!(volume.join("kept").is_file());
     assert_eq!(mounts_before, host_mount_points(work.path()));
+
+    // FROM scratch, written as an OCI layout to the volume: the directories that survived the
+    // wipe because they lead to mount points (/workspace, /cache-volume) are not in its layer.
+    let scratch = work.path().join("scratch-context");
+    std::fs::create_dir(&scratch).unwrap();
+    std::fs::write(
+        scratch.join("Dockerfile"),
+        "FROM scratch\nCOPY note /note\n",
+    )
+    .unwrap();
+    std::fs::write(scratch.join("note"), "from scratch\n").unwrap();
+    let mut scratch_args = install_executor_args(&args);
+    scratch_args.extend([
+        "--context=dir:///workspace/context".to_owned(),
+        "--no-push".to_owned(),
+        "--oci-layout-path=/cache-volume/layout".to_owned(),
+        "--mode=in-place".to_owned(),
+        "--progress=plain".to_owned(),
+    ]);
+    std::fs::remove_file(bundle.join("config.json")).unwrap();
+    write_config(&bundle, &scratch_args, &scratch, &volume);
+    let out = runc_run(&bundle, &name);
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "FROM scratch build failed:\n{log}");
+    let unpacked = work.path().join("scratch-bundle");
+    run(Command::new("umoci")
+        .args(["unpack", "--image"])
+        .arg(format!("{}:latest", volume.join("layout").display()))
+        .arg(&unpacked));
+    let mut files: Vec<String> = std::fs::read_dir(unpacked.join("rootfs"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    assert_eq!(files, ["note"], "{log}");
+}
+
+/// The leading part of `args` that starts the executor (the loader and its options, if any).
+fn install_executor_args(args: &[String]) -> Vec<String> {
+    let end = args
+        .iter()
+        .position(|a| a == "/kaniko/executor")
+        .map_or(1, |i| i + 1);
+    args[..end].to_vec()
 }
 
 /// In-place mode deletes `/`: outside a container it is refused unless forced.

@@ -202,8 +202,6 @@ pub fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, BuildEr
                 let ignore = inplace::ignore_set(&in_place_ignore)?;
                 inplace::unpack_into_root(&pulled.layers, &shared.blobs, &ignore)
                     .map_err(|e| shared.step_error(from_line, format!("FROM {image}: {e}")))?;
-                // What survived the wipe (parents of mount points) is part of the baseline.
-                rescan = true;
             } else {
                 base::unpack_into(&rootfs, &pulled.layers, &shared.blobs, &mut index_of_rootfs)
                     .map_err(|e| shared.step_error(from_line, format!("FROM {image}: {e}")))?;
@@ -233,6 +231,9 @@ pub fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, BuildEr
             )
         }
     };
+    // In place, what survived the wipe (directories leading to mount points) is not the
+    // build's doing: the first snapshot must not report it.
+    rescan |= in_place;
     // ONBUILD triggers of an image base run first, as if written right after FROM; a stage
     // built FROM another stage of this Dockerfile does not run that stage's own triggers.
     let triggers = match planned.base {
