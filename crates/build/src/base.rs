@@ -9,7 +9,7 @@ use futures::future::try_join_all;
 use kiln_fs::blobstore::{BlobFile, BlobStore};
 use kiln_fs::resolve::Root;
 use kiln_fs::snapshot::Index;
-use kiln_fs::unpack::{unpack_layer, UnpackEvent, UnpackOptions};
+use kiln_fs::unpack::{unpack_layer_except, UnpackEvent, UnpackOptions};
 use kiln_oci::image::{AnyManifest, Descriptor, ImageConfig};
 use kiln_oci::{Digest, Platform, Reference};
 use kiln_registry::{Client, Repository};
@@ -237,7 +237,7 @@ fn unpack_sources(
             LayerSource::Stored(file) => Box::new(file),
             LayerSource::Following(reader) => Box::new(reader),
         };
-        unpack_one(&root, reader, &layer.digest, diff_id, index)?;
+        unpack_one(&root, reader, &layer.digest, diff_id, index, None)?;
     }
     index.seal(rootfs).map_err(|source| BuildError::Io {
         path: rootfs.to_path_buf(),
@@ -251,6 +251,7 @@ fn unpack_one(
     digest: &Digest,
     diff_id: &Digest,
     index: &mut Index,
+    skip: Option<&dyn Fn(&Path) -> bool>,
 ) -> Result<(), BuildError> {
     let mut record = |event: UnpackEvent<'_>| match event {
         UnpackEvent::Written { path, metadata } => index.record(path, metadata),
@@ -260,11 +261,12 @@ fn unpack_one(
         diff_id: Some(diff_id),
         on_event: Some(&mut record),
     };
-    unpack_layer(
+    unpack_layer_except(
         root,
         std::io::BufReader::with_capacity(1 << 20, reader),
         digest,
         options,
+        skip,
     )
     .map(drop)
     .map_err(|e| BuildError::Image(e.to_string()))
@@ -449,6 +451,18 @@ pub fn unpack_into(
     blobs: &BlobStore,
     index: &mut Index,
 ) -> Result<(), BuildError> {
+    unpack_into_except(rootfs, layers, blobs, index, None)
+}
+
+/// [`unpack_into`] that leaves alone the paths (relative to `rootfs`) for which `skip` is true
+/// (see [`kiln_fs::unpack::unpack_layer_except`]).
+pub fn unpack_into_except(
+    rootfs: &Path,
+    layers: &[ImageLayer],
+    blobs: &BlobStore,
+    index: &mut Index,
+    skip: Option<&dyn Fn(&Path) -> bool>,
+) -> Result<(), BuildError> {
     let root = Root::open(rootfs).map_err(|e| BuildError::Image(format!("{e}")))?;
     for layer in layers {
         let path = blobs.blob_path(&layer.descriptor.digest);
@@ -456,7 +470,14 @@ pub fn unpack_into(
             path: path.clone(),
             source,
         })?;
-        unpack_one(&root, file, &layer.descriptor.digest, &layer.diff_id, index)?;
+        unpack_one(
+            &root,
+            file,
+            &layer.descriptor.digest,
+            &layer.diff_id,
+            index,
+            skip,
+        )?;
     }
     index.seal(rootfs).map_err(|source| BuildError::Io {
         path: rootfs.to_path_buf(),

@@ -108,9 +108,7 @@ impl Builder {
         };
         let mode = options.mode.unwrap_or_else(Mode::detect);
         if mode == Mode::InPlace {
-            return Err(BuildError::Options(
-                "in-place mode (building in the container's own /) is not implemented by the engine yet; run with --mode chroot".into(),
-            ));
+            crate::inplace::check_allowed(options.force)?;
         }
         if options.output.destinations.is_empty()
             && !options.output.no_push
@@ -235,6 +233,16 @@ impl Builder {
             options,
         });
 
+        // In-place mode has one `/`: its stages run one after another.
+        let levels: Vec<Vec<usize>> = if mode == Mode::InPlace {
+            levels
+                .into_iter()
+                .flatten()
+                .map(|stage| vec![stage])
+                .collect()
+        } else {
+            levels
+        };
         for level in levels {
             let tasks: Vec<_> = level
                 .into_iter()
@@ -312,6 +320,10 @@ impl Builder {
             timed_since(Phase::Push, push_started);
             pushed = out.destinations.clone();
             output::write_digest_files(out, &destinations, &image.manifest.digest)?;
+        }
+        if mode == Mode::InPlace && shared.options.cleanup {
+            let ignore = crate::inplace::ignore_options(&shared.options, shared.context.root());
+            crate::inplace::wipe(Path::new("/"), &crate::inplace::ignore_set(&ignore)?)?;
         }
         let config = ImageConfig::from_json(&image.config.bytes)
             .map_err(|e| BuildError::Image(e.to_string()))?;

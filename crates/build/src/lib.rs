@@ -16,6 +16,7 @@ pub mod builder;
 pub mod copy;
 pub mod error;
 pub mod events;
+pub mod inplace;
 pub mod metadata;
 pub mod options;
 pub mod output;

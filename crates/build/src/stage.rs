@@ -21,6 +21,7 @@ use crate::base::{self, ImageLayer};
 use crate::copy::{self, CopyRequest, SourceTree};
 use crate::error::BuildError;
 use crate::events::{BuildEvent, EventSink, Phase};
+use crate::inplace;
 use crate::metadata;
 use crate::options::BuildOptions;
 use crate::run::{self, RunContext};
@@ -182,11 +183,21 @@ pub fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, BuildEr
         .plan
         .stage(index)
         .ok_or_else(|| BuildError::Options(format!("stage {index} is not part of the plan")))?;
-    let rootfs = shared.work_dir.join(format!("stage-{index}"));
+    let in_place = shared.mode == Mode::InPlace;
+    let in_place_ignore = inplace::ignore_options(&shared.options, shared.context.root());
+    let rootfs = if in_place {
+        PathBuf::from("/")
+    } else {
+        shared.work_dir.join(format!("stage-{index}"))
+    };
     std::fs::create_dir_all(&rootfs).map_err(|source| BuildError::Io {
         path: rootfs.clone(),
         source,
     })?;
+    if in_place {
+        // kaniko's model: the stage starts from an empty `/`, keeping only what is ignored.
+        inplace::wipe(&rootfs, &inplace::ignore_set(&in_place_ignore)?)?;
+    }
     let from_line = planned.lines.start;
     let base_text = match &planned.base {
         Base::Scratch => "scratch".to_owned(),
@@ -214,18 +225,33 @@ pub fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, BuildEr
             // Layers download and unpack at the same time, so the two are one phase here.
             let pulled = shared
                 .timed(Some(index), None, Phase::Pull, || {
-                    base::pull_and_unpack(
-                        &shared.runtime,
-                        &shared.client,
-                        &shared.blobs,
-                        image,
-                        &shared.platform,
-                        &shared.events,
-                        &rootfs,
-                        &mut index_of_rootfs,
-                    )
+                    if in_place {
+                        let pulled = shared.runtime.block_on(base::pull(
+                            &shared.client,
+                            &shared.blobs,
+                            image,
+                            &shared.platform,
+                            &*shared.events,
+                        ))?;
+                        let ignore = inplace::ignore_set(&in_place_ignore)?;
+                        inplace::unpack_into_root(&pulled.layers, &shared.blobs, &ignore)?;
+                        Ok(pulled)
+                    } else {
+                        base::pull_and_unpack(
+                            &shared.runtime,
+                            &shared.client,
+                            &shared.blobs,
+                            image,
+                            &shared.platform,
+                            &shared.events,
+                            &rootfs,
+                            &mut index_of_rootfs,
+                        )
+                    }
                 })
-                .map_err(|e| shared.step_error(from_line, format!("FROM {image}: {e}")))?;
+                .map_err(|e: BuildError| {
+                    shared.step_error(from_line, format!("FROM {image}: {e}"))
+                })?;
             shared.push_ahead(index, &pulled.layers);
             let env = metadata::env_pairs(&pulled.config.config);
             let base = Some((pulled.reference.to_string(), pulled.manifest_digest.clone()));
@@ -236,7 +262,14 @@ pub fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, BuildEr
                 shared.step_error(from_line, format!("stage {i} has not been built"))
             })?;
             shared.timed(Some(index), None, Phase::Unpack, || {
-                copy_tree_contents(&parent.rootfs, &rootfs)
+                if in_place {
+                    // `/` was the parent's until the wipe: its layers rebuild it.
+                    let ignore = inplace::ignore_set(&in_place_ignore)?;
+                    inplace::unpack_into_root(&parent.layers, &shared.blobs, &ignore)
+                        .map_err(|e| shared.step_error(from_line, format!("FROM stage {i}: {e}")))
+                } else {
+                    copy_tree_contents(&parent.rootfs, &rootfs)
+                }
             })?;
             rescan = true;
             (
@@ -247,6 +280,9 @@ pub fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, BuildEr
             )
         }
     };
+    // In place, what survived the wipe (directories leading to mount points) is not the
+    // build's doing: the first snapshot must not report it.
+    rescan |= in_place;
     // ONBUILD triggers of an image base run first, as if written right after FROM; a stage
     // built FROM another stage of this Dockerfile does not run that stage's own triggers.
     let triggers = match planned.base {
@@ -258,10 +294,14 @@ pub fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, BuildEr
 
     let snapshot_options = SnapshotOptions {
         mode: shared.options.snapshot.mode,
-        ignore: IgnoreOptions {
-            var_run: shared.options.snapshot.ignore_var_run,
-            extra: shared.options.snapshot.ignore_paths.clone(),
-            ..IgnoreOptions::default()
+        ignore: if in_place {
+            in_place_ignore.clone()
+        } else {
+            IgnoreOptions {
+                var_run: shared.options.snapshot.ignore_var_run,
+                extra: shared.options.snapshot.ignore_paths.clone(),
+                ..IgnoreOptions::default()
+            }
         },
     };
     let mut snapshotter = Snapshotter::new(&rootfs, index_of_rootfs, &snapshot_options)
@@ -439,6 +479,19 @@ pub fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, BuildEr
             cached: false,
         });
     }
+    let rootfs = if in_place && index != shared.plan.target() {
+        // The next stage wipes `/`; a later `COPY --from` or `RUN --mount=from=` reads this
+        // stage's files from a directory rebuilt from its layers.
+        let saved = shared.work_dir.join(format!("stage-{index}"));
+        std::fs::create_dir_all(&saved).map_err(|source| BuildError::Io {
+            path: saved.clone(),
+            source,
+        })?;
+        base::unpack_into(&saved, &layers, &shared.blobs, &mut Index::new())?;
+        saved
+    } else {
+        rootfs
+    };
     Ok(StageOutput {
         rootfs,
         config,

@@ -73,30 +73,58 @@ pub enum Mode {
 }
 
 impl Mode {
-    /// In-place when this process looks like it runs in a container, chroot otherwise.
-    /// Container signs: a `KUBERNETES_SERVICE_HOST` or `container` variable, a
-    /// `/run/.containerenv` file, a container runtime in `/proc/1/cgroup`, or a `/.dockerenv`
-    /// file together with an overlay root filesystem (a `/.dockerenv` alone is often left in VM
-    /// images made from container images). The CLI's explicit choice should override this.
+    /// In-place when this process looks like it runs in a container ([`in_container`]),
+    /// chroot otherwise. The CLI's explicit choice should override this.
     pub fn detect() -> Mode {
-        let env = ["KUBERNETES_SERVICE_HOST", "container"]
-            .iter()
-            .any(|v| std::env::var_os(v).is_some());
-        let containerenv = Path::new("/run/.containerenv").exists();
-        let cgroup = std::fs::read_to_string("/proc/1/cgroup")
-            .map(|c| {
-                ["docker", "kubepods", "containerd", "libpod"]
-                    .iter()
-                    .any(|k| c.contains(k))
-            })
-            .unwrap_or(false);
-        let dockerenv = Path::new("/.dockerenv").exists() && root_is_overlay();
-        if env || containerenv || cgroup || dockerenv {
+        if in_container() {
             Mode::InPlace
         } else {
             Mode::Chroot
         }
     }
+}
+
+/// Whether this process looks like it runs in a container. Signs: a `KUBERNETES_SERVICE_HOST`
+/// or `container` variable, a `/run/.containerenv` file, a container runtime in
+/// `/proc/1/cgroup`, a `/.dockerenv` file together with an overlay root filesystem (a
+/// `/.dockerenv` alone is often left in VM images made from container images), or a root
+/// mount that is a subdirectory of its filesystem, as a bare runc container's bind-mounted
+/// rootfs is (btrfs roots are left out: their subvolumes look the same on a plain host).
+/// In-place builds delete `/`, so they refuse to run when this is false unless forced.
+pub fn in_container() -> bool {
+    let env = ["KUBERNETES_SERVICE_HOST", "container"]
+        .iter()
+        .any(|v| std::env::var_os(v).is_some());
+    let containerenv = Path::new("/run/.containerenv").exists();
+    let cgroup = std::fs::read_to_string("/proc/1/cgroup")
+        .map(|c| {
+            ["docker", "kubepods", "containerd", "libpod"]
+                .iter()
+                .any(|k| c.contains(k))
+        })
+        .unwrap_or(false);
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let dockerenv = Path::new("/.dockerenv").exists() && root_is_overlay();
+    env || containerenv || cgroup || dockerenv || root_is_subdirectory(&mountinfo)
+}
+
+/// Whether the topmost mount on `/` in a mountinfo text shows a subdirectory of its filesystem
+/// (field 4, the mount's root, is not `/`) on a filesystem other than btrfs.
+fn root_is_subdirectory(mountinfo: &str) -> bool {
+    let Some(line) = mountinfo
+        .lines()
+        .rev()
+        .find(|l| l.split(' ').nth(4) == Some("/"))
+    else {
+        return false;
+    };
+    let fs_root = line.split(' ').nth(3).unwrap_or("/");
+    let fstype = line
+        .split(" - ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .unwrap_or("");
+    fs_root != "/" && fstype != "btrfs"
 }
 
 /// Whether `/` is an overlay-type filesystem, as container runtimes give their containers.
@@ -214,6 +242,18 @@ mod tests {
             "27 1 254:0 / / rw,relatime - ext4 /dev/vda rw\n22 27 0:21 / /proc rw - proc proc rw\n";
         assert_eq!(root_fstype(vm), Some("ext4"));
         assert_eq!(root_fstype(""), None);
+    }
+
+    #[test]
+    fn bare_runc_root_is_a_subdirectory() {
+        let runc = "600 550 254:0 /tmp/bundle/rootfs / rw,relatime - ext4 /dev/vda rw\n\
+                    601 600 0:70 / /proc rw - proc proc rw\n";
+        assert!(root_is_subdirectory(runc));
+        let vm = "27 1 254:0 / / rw,relatime - ext4 /dev/vda rw\n";
+        assert!(!root_is_subdirectory(vm));
+        let btrfs_subvolume = "27 1 0:25 /@ / rw,relatime - btrfs /dev/sda2 rw\n";
+        assert!(!root_is_subdirectory(btrfs_subvolume));
+        assert!(!root_is_subdirectory(""));
     }
 
     #[test]

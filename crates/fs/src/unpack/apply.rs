@@ -60,6 +60,8 @@ pub(crate) struct Applier<'r, 'o> {
     root: &'r Root,
     layer: &'r Digest,
     on_event: Option<&'o mut dyn FnMut(UnpackEvent<'_>)>,
+    /// Paths (relative, cleaned) whose entries, whiteouts and opaque markers are not applied.
+    skip: Option<&'o dyn Fn(&Path) -> bool>,
     /// Keyed hashes of every path this layer wrote (and their parents), so opaque directories
     /// and whiteouts spare this layer's own entries. Hashes rather than paths keep memory at a
     /// few bytes per entry.
@@ -77,11 +79,13 @@ impl<'r, 'o> Applier<'r, 'o> {
         root: &'r Root,
         layer: &'r Digest,
         on_event: Option<&'o mut dyn FnMut(UnpackEvent<'_>)>,
+        skip: Option<&'o dyn Fn(&Path) -> bool>,
     ) -> Self {
         Applier {
             root,
             layer,
             on_event,
+            skip,
             this_layer: HashSet::new(),
             keys: RandomState::new(),
             dir_times: HashMap::new(),
@@ -162,13 +166,18 @@ impl<'r, 'o> Applier<'r, 'o> {
             return Ok(());
         }
         let path = name::clean_name(&raw).map_err(|r| self.invalid(&shown, r))?;
+        let skip = self.skip;
+        let skipped = |p: &Path| skip.is_some_and(|skip| skip(p));
         let result = match name::classify(&path).map_err(|r| self.invalid(&shown, r))? {
             Special::AufsMeta => return Ok(()),
+            Special::Opaque { dir } if skipped(dir) => return Ok(()),
             Special::Opaque { dir } => {
                 let dir = dir.to_path_buf();
                 self.opaque(&dir)
             }
+            Special::Whiteout { target } if skipped(&target) => return Ok(()),
             Special::Whiteout { target } => self.whiteout(&target),
+            Special::None if skipped(&path) => return Ok(()),
             Special::None => self.apply_file(&path, entry),
         };
         match result {

@@ -189,8 +189,23 @@ pub fn unpack_layer<R: Read>(
     digest: &Digest,
     options: UnpackOptions<'_>,
 ) -> Result<UnpackReport, UnpackError> {
+    unpack_layer_except(root, layer, digest, options, None)
+}
+
+/// [`unpack_layer`] that leaves alone every path for which `skip` (given the entry's path
+/// relative to the root, without a leading `/`) is true: its entry, a whiteout of it and an
+/// opaque marker on it are not applied. In-place builds use it to keep the container's mount
+/// points and Kiln's own directory, which a base layer must not overwrite. An opaque marker or a
+/// whiteout on a directory that merely *contains* such a path is still applied.
+pub fn unpack_layer_except<'a, R: Read>(
+    root: &Root,
+    layer: R,
+    digest: &Digest,
+    options: UnpackOptions<'a>,
+    skip: Option<&'a dyn Fn(&Path) -> bool>,
+) -> Result<UnpackReport, UnpackError> {
     let mut compressed = stream::HashingReader::new(layer, digest.algorithm());
-    let mut applier = apply::Applier::new(root, digest, options.on_event);
+    let mut applier = apply::Applier::new(root, digest, options.on_event, skip);
 
     let applied = match apply_entries(&mut compressed, &mut applier, digest) {
         // A refused entry in a stream that decodes fine: no need to read the rest to say so.

@@ -192,3 +192,43 @@ fn a_refused_entry_stops_reading_the_stream() {
     assert!(matches!(err, UnpackError::InvalidEntry { .. }), "{err}");
     assert!(read.get() < 1 << 20, "read {} bytes", read.get());
 }
+
+#[test]
+fn skipped_paths_are_neither_written_nor_whited_out() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path();
+    std::fs::create_dir_all(p.join("etc")).unwrap();
+    std::fs::write(p.join("etc/hosts"), "the runtime's").unwrap();
+    std::fs::create_dir_all(p.join("kiln")).unwrap();
+    std::fs::write(p.join("kiln/executor"), "binary").unwrap();
+    let root = Root::open(p).unwrap();
+    let layer = tar_of(&[
+        ("etc", "dir"),
+        ("etc/hosts", "file:the image's"),
+        ("etc/passwd", "file:root"),
+        ("kiln/.wh..wh..opq", "file:"),
+        (".wh.kiln", "file:"),
+        ("kiln/executor", "file:replaced"),
+    ]);
+    let skip = |rel: &Path| rel == Path::new("etc/hosts") || rel.starts_with("kiln");
+    unpack_layer_except(
+        &root,
+        &layer[..],
+        &Digest::sha256_of(&layer),
+        UnpackOptions::default(),
+        Some(&skip),
+    )
+    .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(p.join("etc/passwd")).unwrap(),
+        "root"
+    );
+    assert_eq!(
+        std::fs::read_to_string(p.join("etc/hosts")).unwrap(),
+        "the runtime's"
+    );
+    assert_eq!(
+        std::fs::read_to_string(p.join("kiln/executor")).unwrap(),
+        "binary"
+    );
+}

@@ -1,0 +1,330 @@
+//! In-place mode end to end, as in a Pod: `executor` runs INSIDE a runc container whose rootfs
+//! is a copy of the busybox base plus the executor under `/kaniko`, builds testdata/quickstart
+//! (two stages, RUN, COPY --from) in the container's own `/`, and pushes to a loopback registry
+//! (the container shares the host's network namespace). The image is pulled back and run.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use kiln_testkit::{bases, image, require_tools, run, Registry};
+
+/// Docker's default capability set: what an ordinary (non-privileged) Pod's root has.
+const DOCKER_CAPS: [&str; 14] = [
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
+];
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// The host's mounts (point and root) where the container's work could leak: under the test's
+/// directory, the host's own system directories, and the places the container sees mounted.
+/// Other tests and builds on the machine mount and unmount elsewhere meanwhile.
+fn host_mount_points(work: &Path) -> BTreeSet<String> {
+    let watched = |point: &str| {
+        Path::new(point).starts_with(work)
+            || [
+                "/",
+                "/proc",
+                "/sys",
+                "/dev",
+                "/kiln",
+                "/kaniko",
+                "/workspace",
+                "/cache-volume",
+            ]
+            .iter()
+            .any(|p| point == *p || (*p != "/" && Path::new(point).starts_with(p)))
+    };
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let fields: Vec<&str> = l.split(' ').collect();
+            let point = *fields.get(4)?;
+            let root = *fields.get(3)?;
+            watched(point).then(|| format!("{point} {root}"))
+        })
+        .collect()
+}
+
+/// Lays out Kiln's image (executor/Containerfile): the executor in `/kiln` and `/kaniko` a
+/// symlink to it, with the shared libraries it needs (and their loader) under `/kiln/lib` when
+/// it is not static; returns the argv prefix that starts it as `/kaniko/executor`. The
+/// libraries live under the Kiln dir so the build's wipe of `/` spares them.
+fn install_executor(rootfs: &Path) -> Vec<String> {
+    let binary = env!("CARGO_BIN_EXE_executor");
+    let kaniko = rootfs.join("kiln");
+    std::os::unix::fs::symlink("kiln", rootfs.join("kaniko")).unwrap();
+    std::fs::create_dir_all(kaniko.join("lib")).unwrap();
+    std::fs::copy(binary, kaniko.join("executor")).unwrap();
+    let ldd = Command::new("ldd").arg(binary).output().unwrap();
+    let listing = String::from_utf8_lossy(&ldd.stdout).into_owned();
+    let mut loader = None;
+    for line in listing.lines() {
+        let Some(path) = line.split_whitespace().find(|w| w.starts_with('/')) else {
+            continue;
+        };
+        let name = Path::new(path).file_name().unwrap();
+        std::fs::copy(path, kaniko.join("lib").join(name)).unwrap();
+        if name.to_string_lossy().starts_with("ld-linux") {
+            loader = Some(format!("/kaniko/lib/{}", name.to_string_lossy()));
+        }
+    }
+    match loader {
+        Some(loader) => vec![
+            loader,
+            "--library-path".into(),
+            "/kaniko/lib".into(),
+            "/kaniko/executor".into(),
+        ],
+        None => vec!["/kaniko/executor".into()],
+    }
+}
+
+/// A runc bundle for the container: host network, Docker's capabilities, the quickstart
+/// context and a "volume" bind-mounted, `args` as the process.
+fn write_config(bundle: &Path, args: &[String], context: &Path, volume: &Path) {
+    run(Command::new("runc").arg("spec").current_dir(bundle));
+    let path = bundle.join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    config["process"]["terminal"] = false.into();
+    config["process"]["args"] = args.into();
+    config["process"]["cwd"] = "/kaniko".into();
+    let caps: Vec<serde_json::Value> = DOCKER_CAPS.iter().map(|c| (*c).into()).collect();
+    for set in ["bounding", "effective", "permitted"] {
+        config["process"]["capabilities"][set] = caps.clone().into();
+    }
+    config["root"]["readonly"] = false.into();
+    let namespaces = config["linux"]["namespaces"].as_array_mut().unwrap();
+    namespaces.retain(|ns| ns["type"] != "network");
+    let mounts = config["mounts"].as_array_mut().unwrap();
+    for (source, target, mode) in [
+        (context, "/workspace/context", "ro"),
+        (volume, "/cache-volume", "rw"),
+    ] {
+        mounts.push(serde_json::json!({
+            "destination": target,
+            "type": "bind",
+            "source": source,
+            "options": ["rbind", mode],
+        }));
+    }
+    std::fs::write(&path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+}
+
+fn runc_run(bundle: &Path, name: &str) -> Output {
+    let out = Command::new("runc")
+        .args(["run", "--bundle"])
+        .arg(bundle)
+        .arg(name)
+        .stdin(Stdio::null())
+        .output()
+        .expect("spawn runc");
+    let _ = Command::new("runc")
+        .args(["delete", "--force", name])
+        .output();
+    out
+}
+
+#[test]
+fn executor_builds_in_place_inside_a_runc_container() {
+    require_tools(&["runc", "docker-registry", "skopeo", "umoci", "ldd"]);
+    let registry = Registry::start();
+    let addr = registry.addr();
+    image::push_rootfs(&registry, bases::busybox_rootfs(), "library/busybox:latest");
+
+    let work = tempfile::tempdir().unwrap();
+    let bundle = work.path().join("bundle");
+    let rootfs = bundle.join("rootfs");
+    std::fs::create_dir_all(&bundle).unwrap();
+    run(Command::new("cp")
+        .arg("-a")
+        .arg(bases::busybox_rootfs())
+        .arg(&rootfs));
+    std::fs::create_dir_all(rootfs.join("workspace/context")).unwrap();
+    std::fs::create_dir_all(rootfs.join("cache-volume")).unwrap();
+    // Left by "the container image": an in-place build must delete it.
+    std::fs::write(rootfs.join("etc/left-over"), "not part of any image").unwrap();
+    let volume = work.path().join("volume");
+    std::fs::create_dir(&volume).unwrap();
+    std::fs::write(volume.join("kept"), "a volume is never deleted").unwrap();
+
+    let quickstart = repo_root().join("testdata/quickstart");
+    let mut args = install_executor(&rootfs);
+    args.extend([
+        "--context=dir:///workspace/context".to_owned(),
+        format!("--destination={addr}/quickstart:in-place"),
+        format!("--registry-map=index.docker.io={addr}"),
+        "--kaniko-dir=/kaniko".to_owned(),
+        "--digest-file=/kaniko/digest".to_owned(),
+        "--mode=in-place".to_owned(),
+        "--progress=plain".to_owned(),
+    ]);
+    write_config(&bundle, &args, &quickstart, &volume);
+
+    let mounts_before = host_mount_points(work.path());
+    let name = format!("kiln-inplace-{}", std::process::id());
+    let out = runc_run(&bundle, &name);
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        out.status.success(),
+        "in-place build failed ({}):\n{log}",
+        out.status
+    );
+    eprintln!("{log}");
+    assert_eq!(
+        mounts_before,
+        host_mount_points(work.path()),
+        "the host's mount namespace is untouched"
+    );
+
+    // The container's `/` is now the image's filesystem; Kiln's dir and the volume survived.
+    assert!(
+        !rootfs.join("etc/left-over").exists(),
+        "/ was wiped:\n{log}"
+    );
+    assert!(rootfs.join("app/hello.sh").is_file());
+    assert!(!rootfs.join("src").exists(), "stage 0's files are gone");
+    assert!(rootfs.join("kiln/executor").is_file());
+    assert!(rootfs.join("kaniko").is_symlink());
+    assert_eq!(
+        std::fs::read_to_string(volume.join("kept")).unwrap(),
+        "a volume is never deleted"
+    );
+    let digest = std::fs::read_to_string(rootfs.join("kiln/digest")).unwrap();
+    assert!(digest.starts_with("sha256:"), "{digest}");
+
+    let flat = image::flatten(&registry, "quickstart:in-place");
+    for absent in ["kaniko", "workspace", "cache-volume", "etc/left-over"] {
+        assert!(
+            !flat.rootfs.join(absent).exists(),
+            "{absent} is not in the image"
+        );
+    }
+    let greeting = std::fs::read_to_string(repo_root().join("testdata/quickstart/greeting.txt"))
+        .unwrap()
+        .to_uppercase();
+    let output = image::run_with_runc(&flat);
+    assert_eq!(
+        output,
+        format!("{greeting}built by root in /src\nand hello from kiln\n"),
+        "build log:\n{log}"
+    );
+
+    // Again over the first build's leftovers, with --cleanup: the same image, and afterwards
+    // only the ignored paths (and directories leading to them) remain.
+    let mut cleanup_args = args.clone();
+    cleanup_args.push("--cleanup".into());
+    // The default Kiln dir, /kiln, this time.
+    cleanup_args.retain(|a| !a.starts_with("--digest-file") && !a.starts_with("--kaniko-dir"));
+    std::fs::remove_file(bundle.join("config.json")).unwrap();
+    write_config(&bundle, &cleanup_args, &quickstart, &volume);
+    let out = runc_run(&bundle, &name);
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "--cleanup build failed:\n{log}");
+    let mut left: Vec<String> = std::fs::read_dir(&rootfs)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(
+        left,
+        [
+            "cache-volume",
+            "dev",
+            "kaniko",
+            "kiln",
+            "proc",
+            "sys",
+            "workspace"
+        ],
+        "{log}"
+    );
+    assert!(volume.join("kept").is_file());
+    assert_eq!(mounts_before, host_mount_points(work.path()));
+
+    // FROM scratch, written as an OCI layout to the volume: the directories that survived the
+    // wipe because they lead to mount points (/workspace, /cache-volume) are not in its layer.
+    let scratch = work.path().join("scratch-context");
+    std::fs::create_dir(&scratch).unwrap();
+    std::fs::write(
+        scratch.join("Dockerfile"),
+        "FROM scratch\nCOPY note /note\n",
+    )
+    .unwrap();
+    std::fs::write(scratch.join("note"), "from scratch\n").unwrap();
+    let mut scratch_args = install_executor_args(&args);
+    scratch_args.extend([
+        "--context=dir:///workspace/context".to_owned(),
+        "--no-push".to_owned(),
+        "--oci-layout-path=/cache-volume/layout".to_owned(),
+        "--mode=in-place".to_owned(),
+        "--progress=plain".to_owned(),
+    ]);
+    std::fs::remove_file(bundle.join("config.json")).unwrap();
+    write_config(&bundle, &scratch_args, &scratch, &volume);
+    let out = runc_run(&bundle, &name);
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "FROM scratch build failed:\n{log}");
+    let unpacked = work.path().join("scratch-bundle");
+    run(Command::new("umoci")
+        .args(["unpack", "--image"])
+        .arg(format!("{}:latest", volume.join("layout").display()))
+        .arg(&unpacked));
+    let mut files: Vec<String> = std::fs::read_dir(unpacked.join("rootfs"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    assert_eq!(files, ["note"], "{log}");
+}
+
+/// The leading part of `args` that starts the executor (the loader and its options, if any).
+fn install_executor_args(args: &[String]) -> Vec<String> {
+    let end = args
+        .iter()
+        .position(|a| a == "/kaniko/executor")
+        .map_or(1, |i| i + 1);
+    args[..end].to_vec()
+}
+
+/// In-place mode deletes `/`: outside a container it is refused unless forced.
+#[test]
+fn in_place_mode_is_refused_outside_a_container() {
+    if kiln_sandbox::in_container() {
+        // Running the refused command here would build in this container's `/`.
+        eprintln!("skipped: these tests run inside a container");
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    std::fs::write(work.path().join("Dockerfile"), "FROM scratch\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_executor"))
+        .arg(format!("--context={}", work.path().display()))
+        .arg(format!("--kiln-dir={}", work.path().join("kiln").display()))
+        .args(["--no-push", "--mode=in-place", "--progress=plain"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("does not look like a container"), "{err}");
+    assert!(err.contains("--force"), "{err}");
+}
