@@ -152,16 +152,19 @@ impl CacheStore {
             }
             return CacheStore::oci_layout(path, ttl);
         }
-        let reference = Reference::parse(value).map_err(|e| CacheError::InvalidRepository {
-            value: value.to_owned(),
-            reason: e.to_string(),
-        })?;
-        if reference.digest().is_some() || reference.tag().is_some() {
+        // Parsing adds the default tag, so look for a tag or digest in the text itself: a `:`
+        // after the last `/` is a tag (a registry port always has a `/` after it).
+        let last_component = value.rsplit('/').next().unwrap_or(value);
+        if value.contains('@') || last_component.contains(':') {
             return Err(CacheError::InvalidRepository {
                 value: value.to_owned(),
                 reason: "name a repository without a tag or digest".to_owned(),
             });
         }
+        let reference = Reference::parse(value).map_err(|e| CacheError::InvalidRepository {
+            value: value.to_owned(),
+            reason: e.to_string(),
+        })?;
         Ok(CacheStore::registry(
             client.clone(),
             Repository::from(&reference),

@@ -116,7 +116,10 @@ fn first_change(before: &[CacheKey], after: &[CacheKey]) -> Option<usize> {
     assert_eq!(before.len(), after.len());
     let first = before.iter().zip(after).position(|(a, b)| a != b)?;
     for i in first..before.len() {
-        assert_ne!(before[i], after[i], "step {i} kept its key after step {first} changed");
+        assert_ne!(
+            before[i], after[i],
+            "step {i} kept its key after step {first} changed"
+        );
     }
     Some(first)
 }
@@ -136,7 +139,8 @@ fn same_inputs_give_the_same_keys() {
         .append(true)
         .open(ctx.path().join("a.txt"))
         .unwrap();
-    file.set_modified(std::time::SystemTime::UNIX_EPOCH).unwrap();
+    file.set_modified(std::time::SystemTime::UNIX_EPOCH)
+        .unwrap();
     assert_eq!(stage_keys(DOCKERFILE, &[], ctx.path(), false), a);
 }
 
@@ -263,12 +267,24 @@ fn secret_value_never_changes_a_key_but_its_id_does() {
     let key = |input: &StepInput| KeyChain::new(base(), platform()).next_key(input);
     let plain = key(&run_with_secret("token", &[("PATH", "/bin")]));
     // Even if the caller leaks the secret's value into the environment, it is not keyed.
-    let leaked_a = key(&run_with_secret("token", &[("PATH", "/bin"), ("TOKEN", "s3cr3t")]));
-    let leaked_b = key(&run_with_secret("token", &[("PATH", "/bin"), ("TOKEN", "other")]));
+    let leaked_a = key(&run_with_secret(
+        "token",
+        &[("PATH", "/bin"), ("TOKEN", "s3cr3t")],
+    ));
+    let leaked_b = key(&run_with_secret(
+        "token",
+        &[("PATH", "/bin"), ("TOKEN", "other")],
+    ));
     assert_eq!(plain, leaked_a);
     assert_eq!(leaked_a, leaked_b);
-    assert_ne!(plain, key(&run_with_secret("another-id", &[("PATH", "/bin")])));
-    assert_ne!(plain, key(&run_with_secret("token", &[("PATH", "/usr/bin")])));
+    assert_ne!(
+        plain,
+        key(&run_with_secret("another-id", &[("PATH", "/bin")]))
+    );
+    assert_ne!(
+        plain,
+        key(&run_with_secret("token", &[("PATH", "/usr/bin")]))
+    );
 }
 
 #[test]
@@ -363,7 +379,11 @@ fn listed_files_key_every_field() {
     let mut keys: Vec<CacheKey> = variants.into_iter().map(key).collect();
     keys.push(reference);
     let unique: std::collections::BTreeSet<_> = keys.iter().cloned().collect();
-    assert_eq!(unique.len(), keys.len(), "two different listings share a key");
+    assert_eq!(
+        unique.len(),
+        keys.len(),
+        "two different listings share a key"
+    );
 }
 
 #[test]
