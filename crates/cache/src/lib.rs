@@ -39,6 +39,6 @@ pub use key::{
     Parent, RemoteSource, RemoteValidator, RunInput, SourceContent, StepInput,
 };
 pub use store::{
-    CacheEntry, CacheStore, CachedLayer, LayerFile, NewEntry, ANNOTATION_CREATED_UNIX,
+    CacheEntry, CacheStore, CachedLayer, LayerFile, NewEntry, StoredEntry, ANNOTATION_CREATED_UNIX,
     ANNOTATION_KEY, DEFAULT_TTL,
 };

@@ -33,7 +33,9 @@ use kiln_oci::{
     ContainerConfig, Descriptor, Digest, History, ImageConfig, ImageFormat, Manifest,
     ManifestBuilder, Platform, Reference,
 };
-use kiln_registry::{BoxAsyncRead, BytesSource, Client, FileSource, PushBlobOptions, Repository};
+use kiln_registry::{
+    BoxAsyncRead, BytesSource, Client, FileSource, PushBlobOptions, PushOutcome, Repository,
+};
 
 use crate::error::CacheError;
 use crate::key::CacheKey;
@@ -99,6 +101,16 @@ pub struct NewEntry {
     pub config: ContainerConfig,
     /// The step's history entry.
     pub history: History,
+}
+
+/// What [`CacheStore::store`] wrote.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredEntry {
+    /// The entry, as a later lookup returns it.
+    pub entry: CacheEntry,
+    /// How the layer blob got into the cache: already there, mounted from
+    /// [`LayerFile::mount_from`], or uploaded (copied, for a layout). `None` without a layer.
+    pub layer_transfer: Option<PushOutcome>,
 }
 
 /// A step cache in a registry repository or an OCI layout. Cloning is cheap; clones share the
@@ -228,16 +240,17 @@ impl CacheStore {
 
     /// Writes an entry (its layer blob, config and manifest, then the tag) and returns it as a
     /// later lookup will. An entry under the same key is replaced.
-    pub async fn store(&self, entry: &NewEntry) -> Result<CacheEntry, CacheError> {
+    pub async fn store(&self, entry: &NewEntry) -> Result<StoredEntry, CacheError> {
         let created = SystemTime::now();
         let documents = EntryDocuments::build(entry, created)?;
-        match &self.backend {
+        let layer_transfer = match &self.backend {
             Backend::Registry { client, repo } => {
+                let mut transfer = None;
                 if let Some(layer) = &entry.layer {
                     let source = FileSource::new(&layer.path)
                         .await
                         .map_err(CacheError::io(&layer.path))?;
-                    client
+                    let pushed = client
                         .push_blob(
                             repo,
                             &source,
@@ -247,6 +260,7 @@ impl CacheStore {
                             },
                         )
                         .await?;
+                    transfer = Some(pushed.outcome);
                 }
                 let config = Bytes::from(documents.config.bytes.clone());
                 client
@@ -267,6 +281,7 @@ impl CacheStore {
                         Bytes::from(documents.manifest.bytes.clone()),
                     )
                     .await?;
+                transfer
             }
             Backend::Layout(layout) => {
                 let layout = layout.clone();
@@ -275,27 +290,37 @@ impl CacheStore {
                 let manifest = documents.manifest.clone();
                 let config = documents.config.clone();
                 blocking("cache write", move || {
-                    if let Some(layer) = layer {
-                        if !layout.has_blob(&layer.descriptor.digest) {
+                    let transfer = match layer {
+                        Some(layer) if layout.has_blob(&layer.descriptor.digest) => {
+                            Some(PushOutcome::AlreadyPresent)
+                        }
+                        Some(layer) => {
                             let file =
                                 File::open(&layer.path).map_err(CacheError::io(&layer.path))?;
                             layout.write_blob(file, Some(&layer.descriptor.digest))?;
+                            Some(PushOutcome::Uploaded)
                         }
-                    }
+                        None => None,
+                    };
                     layout.write_json_blob(&config)?;
                     let descriptor = layout.write_json_blob(&manifest)?;
-                    tag_locked(&layout, &tag, descriptor)
+                    tag_locked(&layout, &tag, descriptor)?;
+                    Ok(transfer)
                 })
-                .await?;
+                .await?
             }
-        }
-        Ok(CacheEntry {
+        };
+        let entry = CacheEntry {
             key: entry.key.clone(),
             layer: documents.layer,
             config: entry.config.clone(),
             history: documents.history,
             created: UNIX_EPOCH + Duration::from_secs(unix_seconds(created)),
             manifest_digest: documents.manifest.digest,
+        };
+        Ok(StoredEntry {
+            entry,
+            layer_transfer,
         })
     }
 

@@ -11,7 +11,9 @@ use kiln_cache::{
 };
 use kiln_dockerfile::Instruction;
 use kiln_oci::{ContainerConfig, Descriptor, Digest, History, MediaType, Platform, Reference};
-use kiln_registry::{Client, FileSource, PushBlobOptions, RegistryOptions, Repository};
+use kiln_registry::{
+    Client, FileSource, PushBlobOptions, PushOutcome, RegistryOptions, Repository,
+};
 use kiln_testkit::Registry;
 use tokio::io::AsyncReadExt as _;
 
@@ -130,7 +132,18 @@ async fn registry_entry_written_by_one_pod_is_read_by_another() {
         ))
         .await
         .unwrap();
+    // The layer was already in the destination: mounted, not uploaded a second time.
+    assert_eq!(with_layer.layer_transfer, Some(PushOutcome::Mounted));
+    let with_layer = with_layer.entry;
     let metadata_only = writer.store(&new_entry(key(1), None, "two")).await.unwrap();
+    assert_eq!(metadata_only.layer_transfer, None);
+    let metadata_only = metadata_only.entry;
+    // Storing the same layer again (another step, same content) sends nothing.
+    let again = writer
+        .store(&new_entry(key(3), Some(layer.clone()), "three"))
+        .await
+        .unwrap();
+    assert_eq!(again.layer_transfer, Some(PushOutcome::AlreadyPresent));
 
     // A second Pod: its own client and store, same repository.
     let second_pod = client();
@@ -244,6 +257,8 @@ async fn oci_layout_cache_round_trip() {
         .store(&new_entry(key(0), Some(layer.clone()), "one"))
         .await
         .unwrap();
+    assert_eq!(stored.layer_transfer, Some(PushOutcome::Uploaded));
+    let stored = stored.entry;
     writer.store(&new_entry(key(1), None, "two")).await.unwrap();
 
     let reader = CacheStore::open(&value, &client, DEFAULT_TTL).unwrap();
