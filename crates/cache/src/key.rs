@@ -362,6 +362,18 @@ pub fn run_environment(
     env
 }
 
+/// [`run_environment`] for a step planned by kiln-dockerfile, whose `env` is the image
+/// environment at that step and whose `args` are the declared ARGs in scope with their values
+/// already resolved from the build args (proxy args are kept apart there and stay out).
+pub fn step_run_environment(step: &kiln_dockerfile::Step) -> Vec<(String, String)> {
+    let declared: Vec<(String, Option<String>)> = step
+        .args
+        .iter()
+        .map(|(name, value)| (name.clone(), Some(value.clone())))
+        .collect();
+    run_environment(&step.env, &declared, &BTreeMap::new())
+}
+
 fn write_run(w: &mut KeyWriter, run: &RunInput) {
     let command = &run.command;
     match &command.program {

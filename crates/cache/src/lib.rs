@@ -35,8 +35,8 @@ pub mod store;
 pub use base::{BaseImage, BaseImageDir, WarmReport};
 pub use error::CacheError;
 pub use key::{
-    run_environment, step_key, AddInput, CacheKey, CopyInput, FileEntry, FileKind, KeyChain,
-    Parent, RemoteSource, RemoteValidator, RunInput, SourceContent, StepInput,
+    run_environment, step_key, step_run_environment, AddInput, CacheKey, CopyInput, FileEntry,
+    FileKind, KeyChain, Parent, RemoteSource, RemoteValidator, RunInput, SourceContent, StepInput,
 };
 pub use store::{
     CacheEntry, CacheStore, CachedLayer, LayerFile, NewEntry, StoredEntry, ANNOTATION_CREATED_UNIX,

@@ -337,8 +337,57 @@ impl CacheStore {
                 let file = tokio::fs::File::open(&path)
                     .await
                     .map_err(CacheError::io(&path))?;
-                Ok(Box::new(file))
+                Ok(Box::new(VerifyingFile {
+                    file,
+                    hasher: Some(layer.descriptor.digest.hasher()),
+                    expected: layer.descriptor.digest.clone(),
+                    path,
+                }))
             }
+        }
+    }
+}
+
+/// A layout blob read asynchronously and checked against its digest at end of file, so a
+/// corrupted cache layer fails the step instead of being unpacked silently.
+struct VerifyingFile {
+    file: tokio::fs::File,
+    hasher: Option<kiln_oci::Hasher>,
+    expected: Digest,
+    path: PathBuf,
+}
+
+impl tokio::io::AsyncRead for VerifyingFile {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        let before = buf.filled().len();
+        match std::pin::Pin::new(&mut this.file).poll_read(cx, buf) {
+            std::task::Poll::Ready(Ok(())) => {
+                let new = &buf.filled()[before..];
+                if !new.is_empty() {
+                    if let Some(hasher) = &mut this.hasher {
+                        hasher.update(new);
+                    }
+                } else if let Some(hasher) = this.hasher.take() {
+                    let actual = hasher.finish();
+                    if actual != this.expected {
+                        return std::task::Poll::Ready(Err(std::io::Error::new(
+                            std::io::ErrorKind::InvalidData,
+                            format!(
+                                "{}: content is {actual}, not {}",
+                                this.path.display(),
+                                this.expected
+                            ),
+                        )));
+                    }
+                }
+                std::task::Poll::Ready(Ok(()))
+            }
+            other => other,
         }
     }
 }

@@ -7,8 +7,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use kiln_cache::{
-    run_environment, AddInput, CacheKey, CopyInput, FileEntry, FileKind, KeyChain, Parent,
-    RemoteSource, RemoteValidator, RunInput, SourceContent, StepInput,
+    run_environment, step_run_environment, AddInput, CacheKey, CopyInput, FileEntry, FileKind,
+    KeyChain, Parent, RemoteSource, RemoteValidator, RunInput, SourceContent, StepInput,
 };
 use kiln_context::{open_dir, ContextHasher, HashOptions};
 use kiln_dockerfile::{Dockerfile, FileSource, Instruction, PlanOptions};
@@ -63,9 +63,12 @@ fn stage_keys(
                         .iter()
                         .map(|(k, v)| (k.clone(), Some(v.clone())))
                         .collect();
+                    let env = run_environment(&step.env, &declared, &build_args);
+                    // The planner already resolved the values; both routes must agree.
+                    assert_eq!(env, step_run_environment(step));
                     StepInput::Run(RunInput {
                         command: command.clone(),
-                        env: run_environment(&step.env, &declared, &build_args),
+                        env,
                         user: String::new(),
                         workdir: "/".into(),
                         shell: vec!["/bin/sh".into(), "-c".into()],

@@ -272,6 +272,20 @@ async fn oci_layout_cache_round_trip() {
     assert!(meta.layer.is_none());
     assert!(reader.lookup(&key(5)).await.unwrap().is_none());
 
+    // A corrupted layer blob fails the read instead of passing as the cached layer.
+    let blob = dir.join("blobs/sha256").join(layer.descriptor.digest.hex());
+    let mut corrupted = std::fs::read(&blob).unwrap();
+    let last = corrupted.len() - 1;
+    corrupted[last] ^= 0xff;
+    std::fs::write(&blob, &corrupted).unwrap();
+    let mut stream = reader
+        .open_layer(hit.layer.as_ref().unwrap())
+        .await
+        .unwrap();
+    let mut sink = Vec::new();
+    let err = stream.read_to_end(&mut sink).await.unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::InvalidData, "{err}");
+
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let expiring = CacheStore::oci_layout(&dir, Duration::ZERO).unwrap();
     assert!(expiring.lookup(&key(0)).await.unwrap().is_none());
@@ -379,7 +393,8 @@ async fn warm_fills_the_cache_dir_and_a_second_warm_is_a_no_op() {
     let (a, b) = (a.unwrap(), b.unwrap());
     assert_eq!(a.manifest_digest, b.manifest_digest);
     assert!(pushed.contains(a.digest.hex()), "{pushed} vs {}", a.digest);
-    assert!(a.blobs_fetched >= 3, "{a:?}");
+    // Between them they fetched the manifest, config and layer (who got which depends on timing).
+    assert!(a.blobs_fetched + b.blobs_fetched >= 3, "{a:?} {b:?}");
 
     let image = dir_a
         .lookup(&a.digest, &platform())
