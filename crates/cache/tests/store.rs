@@ -272,6 +272,16 @@ async fn oci_layout_cache_round_trip() {
     assert!(meta.layer.is_none());
     assert!(reader.lookup(&key(5)).await.unwrap().is_none());
 
+    // A tag that names some other manifest is never taken for the key's entry.
+    let layout = kiln_oci::layout::OciLayout::open(&dir).unwrap();
+    let other = layout.resolve(Some(&key(0).tag())).unwrap();
+    layout.tag(&key(7).tag(), other).unwrap();
+    let err = reader.lookup(&key(7)).await.unwrap_err();
+    assert!(
+        matches!(err, kiln_cache::CacheError::InvalidEntry { .. }),
+        "{err}"
+    );
+
     // A corrupted layer blob fails the read instead of passing as the cached layer.
     let blob = dir.join("blobs/sha256").join(layer.descriptor.digest.hex());
     let mut corrupted = std::fs::read(&blob).unwrap();
