@@ -1,0 +1,44 @@
+//! Kiln's layer cache.
+//!
+//! Three parts, used by the engine (`kiln-build`) and the `executor warm` command:
+//!
+//! - [`key`]: a step's [`CacheKey`], chained from the base image through every step, covering
+//!   exactly what the step can observe ([`StepInput`], [`run_environment`], [`KeyChain`]).
+//! - [`store`]: the step cache, [`CacheStore`], in a registry repository (`--cache-repo
+//!   REGISTRY/REPO`) or an OCI layout (`--cache-repo oci:/path`), with a TTL and concurrent
+//!   lookup of all of a stage's keys ([`CacheStore::lookup_all`]).
+//! - [`base`]: `--cache-dir`, base images by digest ([`BaseImageDir`]) and the warmer.
+//!
+//! ```no_run
+//! # async fn example(client: kiln_registry::Client, steps: Vec<kiln_cache::StepInput>,
+//! #     base: kiln_oci::Digest) -> Result<(), kiln_cache::CacheError> {
+//! use kiln_cache::{CacheStore, KeyChain, Parent, DEFAULT_TTL};
+//! let platform = kiln_oci::Platform::parse("linux/amd64").expect("valid platform");
+//! let mut chain = KeyChain::new(Parent::Image(base), platform);
+//! let keys: Vec<_> = steps.iter().map(|step| chain.next_key(step)).collect();
+//! let cache = CacheStore::open("127.0.0.1:5000/app/cache", &client, DEFAULT_TTL)?;
+//! for (key, hit) in keys.iter().zip(cache.lookup_all(&keys).await) {
+//!     match hit {
+//!         Ok(Some(entry)) => println!("{key}: cached, layer {:?}", entry.layer),
+//!         Ok(None) => println!("{key}: miss"),
+//!         Err(err) => println!("{key}: cache unavailable ({err}), treated as a miss"),
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
+
+pub mod base;
+mod error;
+pub mod key;
+pub mod store;
+
+pub use base::{BaseImage, BaseImageDir, WarmReport};
+pub use error::CacheError;
+pub use key::{
+    run_environment, step_key, step_run_environment, AddInput, CacheKey, CopyInput, FileEntry,
+    FileKind, KeyChain, Parent, RemoteSource, RemoteValidator, RunInput, SourceContent, StepInput,
+};
+pub use store::{
+    CacheEntry, CacheStore, CachedLayer, LayerFile, NewEntry, StoredEntry, ANNOTATION_CREATED_UNIX,
+    ANNOTATION_KEY, DEFAULT_TTL,
+};
