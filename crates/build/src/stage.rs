@@ -563,7 +563,8 @@ impl StageRun<'_> {
                 copy::copy(self.rootfs, &tree, &request)
             }
         };
-        result.map_err(|e| shared.step_error(line, format!("COPY failed: {e}")))
+        let instruction = if unpack { "ADD" } else { "COPY" };
+        result.map_err(|e| shared.step_error(line, format!("{instruction} failed: {e}")))
     }
 
     fn chown_ids(
