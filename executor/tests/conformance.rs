@@ -9,7 +9,10 @@
 //! - `target: STAGE` — `--target`;
 //! - `secret: ID=VALUE` — a `--secret id=ID` whose value must never reach a layer or the config;
 //! - `buildah: skip REASON` — buildah cannot build this case at all (the Kiln image is still
-//!   built and run).
+//!   built and run);
+//! - `serve: DIR` — serve the case's DIR over HTTP (`python3 -m http.server`) on a loopback port
+//!   for the duration of the case, and pass its URL as `--build-arg SERVE_URL=...` to both
+//!   builders (ADD of URLs).
 //!
 //! `KILN_CONFORMANCE_CASES=a,b` restricts the run to the named cases.
 
@@ -75,10 +78,13 @@ const DEVIATIONS: &[(&str, &str, &str)] = &[
     ("run-mount-bind-stage", "tmp/gen", "buildah leaves RUN --mount target stubs in the layer; BuildKit removes mount points it created"),
     ("run-mount-cache", "tmp/cache", "buildah leaves RUN --mount target stubs in the layer; BuildKit removes mount points it created"),
     ("run-mount-tmpfs", "tmp/scratch", "buildah leaves RUN --mount target stubs in the layer; BuildKit removes mount points it created"),
+    ("add-archives", "x/owned", "buildah ignores ADD --chown for extracted archive entries (as Docker's legacy builder did); BuildKit owns every extracted entry by --chown since v0.23 (moby/buildkit#5987)"),
 ];
 
+#[derive(Clone)]
 struct Case {
     name: String,
+    serve: Option<PathBuf>,
     dir: PathBuf,
     run: String,
     args: Vec<(String, String)>,
@@ -111,6 +117,7 @@ fn load_cases() -> Vec<Case> {
             .unwrap_or_else(|e| panic!("{}/expect: {e}", dir.display()));
         let mut case = Case {
             name,
+            serve: None,
             dir: dir.clone(),
             run: String::new(),
             args: Vec::new(),
@@ -140,6 +147,7 @@ fn load_cases() -> Vec<Case> {
                 "arg" => case.args.push(pair(value)),
                 "secret" => case.secrets.push(pair(value)),
                 "target" => case.target = Some(value.to_owned()),
+                "serve" => case.serve = Some(dir.join(value)),
                 "buildah" => {
                     case.buildah_skip = Some(
                         value
@@ -356,8 +364,55 @@ fn secret_leaks(registry: &Registry, case: &Case) -> Vec<String> {
     leaks
 }
 
+/// `python3 -m http.server` serving one directory on a free loopback port, stopped on drop.
+struct HttpServer {
+    child: std::process::Child,
+    url: String,
+}
+
+impl HttpServer {
+    fn start(dir: &Path) -> HttpServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free loopback port")
+            .port();
+        let child = Command::new("python3")
+            .args(["-m", "http.server", "--bind", "127.0.0.1"])
+            .arg(port.to_string())
+            .current_dir(dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn python3 -m http.server");
+        let server = HttpServer {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        };
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return server;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("python3 -m http.server did not listen on port {port}");
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 fn check_case(registry: &Registry, buildah: &std::sync::Arc<Buildah>, case: &Case) -> Vec<String> {
     let started = std::time::Instant::now();
+    let server = case.serve.as_deref().map(HttpServer::start);
+    let mut case = case.clone();
+    if let Some(server) = &server {
+        case.args.push(("SERVE_URL".to_owned(), server.url.clone()));
+    }
+    let case = &case;
     let oracle_build = spawn_buildah(buildah, case);
     let work = tempfile::tempdir().unwrap();
     let secret_dir = tempfile::tempdir().unwrap();
@@ -438,7 +493,7 @@ fn check_case(registry: &Registry, buildah: &std::sync::Arc<Buildah>, case: &Cas
 
 #[test]
 fn cases_match_buildah_and_print_their_expected_output() {
-    kiln_testkit::require_tools(&["buildah", "skopeo", "umoci", "runc", "gzip"]);
+    kiln_testkit::require_tools(&["buildah", "skopeo", "umoci", "runc", "gzip", "python3"]);
     let cases = load_cases();
     assert!(!cases.is_empty(), "no cases selected");
     let registry = Registry::start();

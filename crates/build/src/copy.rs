@@ -9,6 +9,12 @@
 //! `--chmod` replaces the mode of everything copied; modes and mtimes are otherwise kept;
 //! symlinks inside a copied tree are copied as symlinks, a source path that is itself a symlink
 //! is followed.
+//!
+//! `--exclude` patterns (`.dockerignore` syntax) are matched, as BuildKit's copier does, against
+//! paths relative to each copied source directory, and against wildcard matches relative to the
+//! directory the wildcard expands in. `--parents` keeps each source's path below the context root
+//! (or below a `/./` pivot in the source) under the destination. ADD's archive extraction is in
+//! [`crate::archive`].
 
 use std::ffi::CString;
 use std::fs::Metadata;
@@ -43,6 +49,18 @@ pub struct CopyRequest<'a> {
     pub owner: Option<(u32, u32)>,
     /// `--chmod`.
     pub chmod: Option<&'a Chmod>,
+    /// `--exclude`: whether a path, relative to the copied source directory (or to the directory
+    /// a wildcard expands in), is left out.
+    pub exclude: &'a dyn Fn(&Path) -> bool,
+    /// `--parents`: keep each source's parent directories under the destination.
+    pub parents: bool,
+    /// ADD: extract local tar archives (plain or compressed) into the destination.
+    pub unpack: bool,
+}
+
+/// An `exclude` for [`CopyRequest`] that leaves nothing out.
+pub fn exclude_nothing(_: &Path) -> bool {
+    false
 }
 
 /// Copies according to `request` into the rootfs `dest_root`; returns every path written or
@@ -59,7 +77,8 @@ pub fn copy(
         Path::new(request.workdir).join(request.dest)
     };
     let dest_rel = clean_relative(&dest_abs);
-    let dest_names_dir = request.dest.ends_with('/')
+    let dest_names_dir = request.parents
+        || request.dest.ends_with('/')
         || request.dest.ends_with("/.")
         || request.dest == "."
         || root
@@ -76,7 +95,21 @@ pub fn copy(
             }),
             FileSource::Path(path) => {
                 let matches = resolve_source(from, path)?;
-                items.extend(matches.into_iter().map(Item::Path));
+                let base = has_wildcard(path).then(|| wildcard_base(path));
+                let pivot = request.parents.then(|| parents_pivot(path));
+                for rel in matches {
+                    if let Some(base) = &base {
+                        if let Ok(below) = rel.strip_prefix(base) {
+                            if (request.exclude)(below) {
+                                continue;
+                            }
+                        }
+                    }
+                    let keep = pivot
+                        .as_ref()
+                        .map(|pivot| rel.strip_prefix(pivot).unwrap_or(&rel).to_path_buf());
+                    items.push(Item::Path { rel, keep });
+                }
             }
         }
     }
@@ -94,6 +127,8 @@ pub fn copy(
         chmod: request.chmod,
         written: Vec::new(),
         linked: std::collections::HashMap::new(),
+        exclude: request.exclude,
+        exclude_base: PathBuf::new(),
     };
     writer.ensure_dir_parents(&dest_rel)?;
     for item in items {
@@ -107,13 +142,34 @@ pub fn copy(
                 writer.ensure_dir_parents(&target)?;
                 writer.write_bytes(&target, content.as_bytes(), 0o644)?;
             }
-            Item::Path(rel) => {
+            Item::Path { rel, keep } => {
                 let host = from.root.join(&rel);
                 let meta =
                     std::fs::metadata(&host).map_err(|e| format!("{}: {e}", rel.display()))?;
-                if meta.is_dir() {
+                writer.exclude_base.clone_from(&rel);
+                if let Some(keep) = keep {
+                    // --parents: the kept path's directories take the metadata of their source
+                    // directories when they are created.
+                    let target = dest_rel.join(&keep);
+                    let pivot = rel.strip_suffix_path(&keep);
+                    writer.make_source_dirs(&pivot, &keep, &dest_rel)?;
+                    if meta.is_dir() {
+                        writer.make_dir(&target, Some(&meta))?;
+                        writer.copy_dir_contents(&rel, &target)?;
+                    } else {
+                        writer.copy_entry(&host, &meta, &target, true)?;
+                    }
+                } else if meta.is_dir() {
                     writer.make_dir(&dest_rel, Some(&meta))?;
                     writer.copy_dir_contents(&rel, &dest_rel)?;
+                } else if let Some(format) = request
+                    .unpack
+                    .then(|| crate::archive::detect(&host))
+                    .transpose()
+                    .map_err(|e| format!("{}: {e}", rel.display()))?
+                    .flatten()
+                {
+                    writer.extract(&host, format, &dest_rel)?;
                 } else {
                     let name = rel.file_name().map(PathBuf::from).unwrap_or_default();
                     let target = if dest_names_dir {
@@ -147,6 +203,8 @@ pub fn make_dirs(dest_root: &Path, rel: &Path, uid: u32, gid: u32) -> Result<Vec
         chmod: None,
         written: Vec::new(),
         linked: std::collections::HashMap::new(),
+        exclude: &exclude_nothing,
+        exclude_base: PathBuf::new(),
     };
     let mut missing = Vec::new();
     for ancestor in rel.ancestors() {
@@ -165,8 +223,47 @@ pub fn make_dirs(dest_root: &Path, rel: &Path, uid: u32, gid: u32) -> Result<Vec
 }
 
 enum Item {
-    Path(PathBuf),
-    Inline { name: String, content: String },
+    /// A source path relative to the source root; with `--parents`, the part of it kept under
+    /// the destination.
+    Path {
+        rel: PathBuf,
+        keep: Option<PathBuf>,
+    },
+    Inline {
+        name: String,
+        content: String,
+    },
+}
+
+/// `rel` without its trailing components `tail` (the `--parents` pivot directory).
+trait StripSuffixPath {
+    fn strip_suffix_path(&self, tail: &Path) -> PathBuf;
+}
+
+impl StripSuffixPath for PathBuf {
+    fn strip_suffix_path(&self, tail: &Path) -> PathBuf {
+        let keep =
+            self.components().count() - tail.components().count().min(self.components().count());
+        self.components().take(keep).collect()
+    }
+}
+
+/// The directory (relative to the source root) a wildcard source expands in: its components
+/// before the first one with a wildcard.
+fn wildcard_base(path: &str) -> PathBuf {
+    clean_relative(Path::new(path))
+        .components()
+        .take_while(|c| !has_wildcard(&c.as_os_str().to_string_lossy()))
+        .collect()
+}
+
+/// The part of a `--parents` source that is not kept: everything before its first `/./`
+/// (BuildKit's pivot), or nothing, so the whole path below the context root is kept.
+fn parents_pivot(path: &str) -> PathBuf {
+    match path.find("/./") {
+        Some(at) => clean_relative(Path::new(&path[..at])),
+        None => PathBuf::new(),
+    }
 }
 
 /// A path inside a root as a relative path with `.` and `..` resolved lexically (clamped at
@@ -294,6 +391,10 @@ struct Writer<'a> {
     /// Source (device, inode) of multiply-linked files already copied, to their destination, so
     /// hard links inside one copy stay hard links (BuildKit keeps them).
     linked: std::collections::HashMap<(u64, u64), PathBuf>,
+    /// `--exclude`, matched against paths relative to `exclude_base`.
+    exclude: &'a dyn Fn(&Path) -> bool,
+    /// The source directory being copied.
+    exclude_base: PathBuf,
 }
 
 impl Writer<'_> {
@@ -349,6 +450,48 @@ impl Writer<'_> {
         Ok(())
     }
 
+    /// `--parents`: creates the missing parent directories of `keep` under `dest`, each with
+    /// the mode and owner rules applied to its source directory below `pivot`.
+    fn make_source_dirs(&mut self, pivot: &Path, keep: &Path, dest: &Path) -> Result<(), String> {
+        self.ensure_dir_parents(&dest.join("_"))?;
+        // The last component is the source itself, created by the caller.
+        let dirs = keep.components().count().saturating_sub(1);
+        let mut partial = PathBuf::new();
+        for component in keep.components().take(dirs) {
+            partial.push(component);
+            let target = dest.join(&partial);
+            if matches!(self.root.symlink_metadata(&target), Ok(m) if m.is_dir()) {
+                continue;
+            }
+            let source = self.from.root.join(pivot).join(&partial);
+            let meta =
+                std::fs::metadata(&source).map_err(|e| format!("{}: {e}", source.display()))?;
+            self.make_dir(&target, Some(&meta))?;
+        }
+        Ok(())
+    }
+
+    /// ADD: extracts the archive at `host` into the directory `dest`, which is created (with the
+    /// usual owner rule) if missing and is `/` for every entry.
+    fn extract(
+        &mut self,
+        host: &Path,
+        format: crate::archive::ArchiveFormat,
+        dest: &Path,
+    ) -> Result<(), String> {
+        self.ensure_dir_parents(&dest.join("_"))?;
+        let fd = self
+            .root
+            .mkdir_all(dest, 0o755)
+            .map_err(|e| self.err(dest, e))?;
+        let dest_root = Root::open(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+            .map_err(|e| self.err(dest, e))?;
+        let changed = crate::archive::extract(&dest_root, host, format, self.owner)?;
+        self.written
+            .extend(changed.into_iter().map(|c| dest.join(c.path)));
+        Ok(())
+    }
+
     fn owner_of(&self, meta: &Metadata) -> (u32, u32) {
         match self.owner {
             Some(ids) => ids,
@@ -376,6 +519,12 @@ impl Writer<'_> {
         for name in entries {
             let child_src = src_rel.join(&name);
             if !(self.from.include)(&child_src) {
+                continue;
+            }
+            if child_src
+                .strip_prefix(&self.exclude_base)
+                .is_ok_and(|below| (self.exclude)(below))
+            {
                 continue;
             }
             let host = self.from.root.join(&child_src);
@@ -645,6 +794,9 @@ mod tests {
                 workdir: "/w",
                 owner: Some((7, 8)),
                 chmod: None,
+                exclude: &exclude_nothing,
+                parents: false,
+                unpack: false,
             },
         )
         .unwrap();
@@ -669,6 +821,9 @@ mod tests {
                 workdir: "/",
                 owner: None,
                 chmod: None,
+                exclude: &exclude_nothing,
+                parents: false,
+                unpack: false,
             },
         )
         .unwrap_err();
@@ -683,6 +838,9 @@ mod tests {
                 workdir: "/",
                 owner: None,
                 chmod: None,
+                exclude: &exclude_nothing,
+                parents: false,
+                unpack: false,
             },
         )
         .unwrap_err();

@@ -11,11 +11,13 @@
 //! changes snapshotted and written as a compressed layer (kiln-fs), and the image assembled and
 //! pushed or written out (kiln-oci).
 
+pub mod archive;
 pub mod base;
 pub mod builder;
 pub mod copy;
 pub mod error;
 pub mod events;
+pub mod fetch;
 pub mod inplace;
 pub mod metadata;
 pub mod options;

@@ -392,6 +392,7 @@ pub fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, BuildEr
                         line,
                         &files.exclude,
                         files.parents,
+                        false,
                     )
                 })?;
                 Some(
@@ -401,34 +402,14 @@ pub fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, BuildEr
                 )
             }
             Instruction::Add(files) => {
-                for source in &files.sources {
-                    if let FileSource::Path(p) = source {
-                        if p.contains("://") || p.starts_with("git@") {
-                            return Err(shared.step_error(
-                                line,
-                                format!("ADD {p}: remote sources are not supported yet"),
-                            ));
-                        }
-                        if is_archive_name(p) {
-                            return Err(shared.step_error(
-                                line,
-                                format!("ADD {p}: archive extraction is not supported yet"),
-                            ));
-                        }
-                    }
-                }
-                let written = stage.copy(
-                    &files.sources,
-                    &files.dest,
-                    None,
-                    files.chown.as_deref(),
-                    files.chmod.as_ref(),
-                    &config,
-                    line,
-                    &files.exclude,
-                    false,
-                )?;
-                Some(stage.snapshot_paths(&written, line)?)
+                let written = shared.timed(Some(index), Some(step_no), Phase::Execute, || {
+                    stage.add(files, &config, line, step_no)
+                })?;
+                Some(
+                    shared.timed(Some(index), Some(step_no), Phase::Snapshot, || {
+                        stage.snapshot_paths(&written, line)
+                    })?,
+                )
             }
             Instruction::Workdir(dir) => {
                 let current = config
@@ -501,14 +482,6 @@ pub fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, BuildEr
     })
 }
 
-fn is_archive_name(path: &str) -> bool {
-    [
-        ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar.zst",
-    ]
-    .iter()
-    .any(|ext| path.ends_with(ext))
-}
-
 /// `--chown` / USER resolution: `user[:group]` by name or id against the rootfs's passwd and
 /// group files. For `--chown`, a missing group means "same number as the uid" (Docker's rule);
 /// for USER (WORKDIR ownership), the user's primary group.
@@ -552,6 +525,14 @@ fn copy_tree_contents(from: &Path, to: &Path) -> Result<(), BuildError> {
             to.display()
         )))
     }
+}
+
+fn workdir_of(config: &ImageConfig) -> String {
+    config
+        .config
+        .working_dir
+        .clone()
+        .unwrap_or_else(|| "/".into())
 }
 
 struct StageRun<'a> {
@@ -637,32 +618,24 @@ impl StageRun<'_> {
         line: usize,
         exclude: &[String],
         parents: bool,
+        unpack: bool,
     ) -> Result<Vec<PathBuf>, BuildError> {
         let shared = self.shared;
-        if !exclude.is_empty() {
-            return Err(shared.step_error(line, "COPY --exclude is not supported yet"));
-        }
-        if parents {
-            return Err(shared.step_error(line, "COPY --parents is not supported yet"));
-        }
-        let owner = match chown {
-            Some(spec) => Some(
-                resolve_ids(self.rootfs, spec, true)
-                    .map_err(|e| shared.step_error(line, format!("--chown={spec}: {e}")))?,
-            ),
-            None => None,
-        };
-        let workdir = config
-            .config
-            .working_dir
-            .clone()
-            .unwrap_or_else(|| "/".into());
+        let owner = self.chown_ids(chown, line)?;
+        let workdir = workdir_of(config);
+        let excluded =
+            kiln_context::DockerIgnore::parse(&exclude.join("\n"), Path::new("--exclude"))
+                .map_err(|e| shared.step_error(line, e.to_string()))?;
+        let exclude = |rel: &Path| excluded.is_excluded(&rel.to_string_lossy());
         let request = CopyRequest {
             sources,
             dest,
             workdir: &workdir,
             owner,
             chmod,
+            exclude: &exclude,
+            parents,
+            unpack,
         };
         let result = match from {
             None => {
@@ -703,7 +676,138 @@ impl StageRun<'_> {
                 copy::copy(self.rootfs, &tree, &request)
             }
         };
-        result.map_err(|e| shared.step_error(line, format!("COPY failed: {e}")))
+        let instruction = if unpack { "ADD" } else { "COPY" };
+        result.map_err(|e| shared.step_error(line, format!("{instruction} failed: {e}")))
+    }
+
+    fn chown_ids(
+        &self,
+        chown: Option<&str>,
+        line: usize,
+    ) -> Result<Option<(u32, u32)>, BuildError> {
+        chown
+            .map(|spec| {
+                resolve_ids(self.rootfs, spec, true)
+                    .map_err(|e| self.shared.step_error(line, format!("--chown={spec}: {e}")))
+            })
+            .transpose()
+    }
+
+    /// ADD: local sources as COPY does, with archives extracted; HTTP(S) URLs downloaded (and
+    /// checked against `--checksum`) before anything is written, then copied as files.
+    fn add(
+        &mut self,
+        files: &kiln_dockerfile::AddFiles,
+        config: &ImageConfig,
+        line: usize,
+        step: usize,
+    ) -> Result<Vec<PathBuf>, BuildError> {
+        let shared = self.shared;
+        let mut local = Vec::new();
+        let mut urls = Vec::new();
+        for source in &files.sources {
+            match source {
+                FileSource::Path(p) if crate::fetch::is_git_source(p) => {
+                    return Err(shared.step_error(
+                        line,
+                        format!("ADD {p}: git repositories are not supported as ADD sources"),
+                    ))
+                }
+                FileSource::Path(p) if crate::fetch::is_http_url(p) => urls.push(p.as_str()),
+                FileSource::Path(p) if p.contains("://") => {
+                    return Err(shared.step_error(
+                        line,
+                        format!("ADD {p}: only http:// and https:// URLs can be fetched"),
+                    ))
+                }
+                other => local.push(other.clone()),
+            }
+        }
+        if files.checksum.is_some() && (urls.is_empty() || !local.is_empty()) {
+            return Err(
+                shared.step_error(line, "ADD --checksum is only supported for HTTP(S) sources")
+            );
+        }
+        if files.sources.len() > 1 && !urls.is_empty() && !files.dest.ends_with('/') {
+            return Err(shared.step_error(
+                line,
+                format!("when using ADD with more than one source file, the destination must be a directory and end with a /: {}", files.dest),
+            ));
+        }
+        // Every download completes (and passes its checksum) before the rootfs is touched.
+        let mut downloads = Vec::new();
+        for (i, url) in urls.iter().enumerate() {
+            let dir = shared
+                .work_dir
+                .join(format!("add-{}-{step}-{i}", self.index));
+            std::fs::create_dir_all(&dir).map_err(|source| BuildError::Io {
+                path: dir.clone(),
+                source,
+            })?;
+            let fetched = shared.runtime.block_on(crate::fetch::download(
+                url,
+                files.checksum.as_deref(),
+                &dir,
+            ));
+            match fetched {
+                Ok(path) => downloads.push((dir, path)),
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(&dir);
+                    for (dir, _) in &downloads {
+                        let _ = std::fs::remove_dir_all(dir);
+                    }
+                    return Err(shared.step_error(line, format!("ADD failed: {e}")));
+                }
+            }
+        }
+        let mut written = Vec::new();
+        let result = (|| {
+            if !local.is_empty() {
+                written.extend(self.copy(
+                    &local,
+                    &files.dest,
+                    None,
+                    files.chown.as_deref(),
+                    files.chmod.as_ref(),
+                    config,
+                    line,
+                    &files.exclude,
+                    false,
+                    true,
+                )?);
+            }
+            let owner = self.chown_ids(files.chown.as_deref(), line)?;
+            let workdir = workdir_of(config);
+            for (dir, path) in &downloads {
+                let name = path.file_name().unwrap_or_default().to_string_lossy();
+                let sources = [FileSource::Path(name.into_owned())];
+                let include = |_: &Path| true;
+                let tree = SourceTree {
+                    root: dir,
+                    include: &include,
+                    keep_owner: false,
+                };
+                let request = CopyRequest {
+                    sources: &sources,
+                    dest: &files.dest,
+                    workdir: &workdir,
+                    owner,
+                    chmod: files.chmod.as_ref(),
+                    exclude: &copy::exclude_nothing,
+                    parents: false,
+                    unpack: false,
+                };
+                written.extend(
+                    copy::copy(self.rootfs, &tree, &request)
+                        .map_err(|e| shared.step_error(line, format!("ADD failed: {e}")))?,
+                );
+            }
+            Ok(())
+        })();
+        for (dir, _) in &downloads {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        result.map(|()| written)
     }
 
     /// Pulls and unpacks an image named by `COPY --from`, once per build.

@@ -1,0 +1,309 @@
+//! ADD of an `http://` or `https://` URL: the body is streamed to a file (never held in
+//! memory) and digested on the way; with `--checksum` a mismatch is an error and the file is
+//! removed, so nothing reaches the image. Docker's rules: the file is named after the last
+//! segment of the URL path (`__unnamed__` when there is none), has mode 0600, and takes its
+//! modification time from `Last-Modified` when the server sends one. Downloads are never
+//! extracted.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use kiln_oci::Digest;
+
+/// Whether an ADD source is fetched over HTTP(S).
+pub fn is_http_url(source: &str) -> bool {
+    let lower = source.to_ascii_lowercase();
+    lower.starts_with("http://") || lower.starts_with("https://")
+}
+
+/// Whether an ADD source names a git repository (which Kiln's ADD does not fetch).
+pub fn is_git_source(source: &str) -> bool {
+    let lower = source.to_ascii_lowercase();
+    if lower.starts_with("git://") || lower.starts_with("git@") || lower.starts_with("ssh://") {
+        return true;
+    }
+    if !is_http_url(source) {
+        return false;
+    }
+    let without_fragment = lower.split('#').next().unwrap_or_default();
+    without_fragment.trim_end_matches('/').ends_with(".git")
+}
+
+/// The file name ADD gives a download: the last segment of the URL's path, or `__unnamed__`.
+pub fn file_name_for(url: &url::Url) -> String {
+    url.path_segments()
+        .and_then(|mut segments| segments.next_back().map(str::to_owned))
+        .filter(|name| !name.is_empty() && name != "." && name != "..")
+        .map(|name| percent_decode(&name))
+        .filter(|name| !name.is_empty() && name != "." && name != ".." && !name.contains('/'))
+        .unwrap_or_else(|| "__unnamed__".to_owned())
+}
+
+/// Decodes `%XX` escapes (the URL keeps its path encoded; the file name is the decoded text,
+/// as Go's `url.URL.Path` gives it to BuildKit).
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (bytes[i], bytes.get(i + 1), bytes.get(i + 2)) {
+            (b'%', Some(&hi), Some(&lo)) if hex(hi).is_some() && hex(lo).is_some() => {
+                out.push((hex(hi).unwrap_or(0) * 16 + hex(lo).unwrap_or(0)) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Downloads `source` into the directory `dir`; returns the file's path. With `checksum`
+/// (`sha256:HEX`), the body must hash to it, else the file is removed and the error names the
+/// URL and both digests.
+pub async fn download(source: &str, checksum: Option<&str>, dir: &Path) -> Result<PathBuf, String> {
+    let url = url::Url::parse(source).map_err(|e| format!("{source}: not a valid URL: {e}"))?;
+    let expected = checksum
+        .map(|c| Digest::parse(c).map_err(|e| format!("--checksum={c}: not a valid digest: {e}")))
+        .transpose()?;
+    let client = reqwest::Client::builder()
+        .use_rustls_tls()
+        .build()
+        .map_err(|e| format!("{source}: cannot create an HTTP client: {e}"))?;
+    let mut response = client
+        .get(url.clone())
+        .send()
+        .await
+        .map_err(|e| format!("{source}: {}", error_chain(&e)))?;
+    let status = response.status();
+    if !status.is_success() {
+        return Err(format!("{source}: the server answered HTTP {status}"));
+    }
+    let modified = response
+        .headers()
+        .get(reqwest::header::LAST_MODIFIED)
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_http_date);
+
+    let path = dir.join(file_name_for(&url));
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let algorithm = expected
+        .as_ref()
+        .map_or(kiln_oci::Algorithm::Sha256, Digest::algorithm);
+    let mut hasher = kiln_oci::Hasher::new(algorithm);
+    let streamed: Result<(), String> = async {
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|e| format!("{source}: reading the body: {}", error_chain(&e)))?
+        {
+            hasher.update(&chunk);
+            file.write_all(&chunk)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+        Ok(())
+    }
+    .await;
+    let result = streamed.and_then(|()| {
+        let actual = hasher.finish();
+        if let Some(expected) = &expected {
+            if *expected != actual {
+                return Err(format!(
+                    "{source}: checksum mismatch: expected {expected}, the downloaded content hashes to {actual}"
+                ));
+            }
+        }
+        // An explicit mode: the process umask must not decide it.
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        if let Some(time) = modified {
+            file.set_modified(time)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+        Ok(())
+    });
+    drop(file);
+    match result {
+        Ok(()) => Ok(path),
+        Err(e) => {
+            let _ = std::fs::remove_file(&path);
+            Err(e)
+        }
+    }
+}
+
+/// A reqwest error with its causes (the top-level message alone says little).
+fn error_chain(error: &reqwest::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// Parses an HTTP date in the preferred IMF-fixdate form (`Sun, 06 Nov 1994 08:49:37 GMT`,
+/// RFC 9110 section 5.6.7), the only form servers may send today.
+pub fn parse_http_date(text: &str) -> Option<SystemTime> {
+    let rest = text.trim().split_once(", ")?.1;
+    let parts: Vec<&str> = rest.split(' ').collect();
+    let [day, month, year, time, "GMT"] = parts.as_slice() else {
+        return None;
+    };
+    let day: u32 = day.parse().ok()?;
+    let month = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ]
+    .iter()
+    .position(|m| m == month)? as u32
+        + 1;
+    let year: i64 = year.parse().ok()?;
+    let hms: Vec<u64> = time
+        .split(':')
+        .map(|p| p.parse().ok())
+        .collect::<Option<_>>()?;
+    let [h, m, s] = hms.as_slice() else {
+        return None;
+    };
+    if !(1..=31).contains(&day) || *h > 23 || *m > 59 || *s > 60 {
+        return None;
+    }
+    let days = days_from_civil(year, month, day);
+    let seconds = days.checked_mul(86_400)? + (*h * 3600 + *m * 60 + *s) as i64;
+    let seconds = u64::try_from(seconds).ok()?;
+    SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(seconds))
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let m = i64::from(month);
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(day) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::process::{Child, Command, Stdio};
+
+    #[test]
+    fn http_dates_parse() {
+        let t = parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT").unwrap();
+        assert_eq!(
+            t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs(),
+            784_111_777
+        );
+        assert!(parse_http_date("Sunday, 06-Nov-94 08:49:37 GMT").is_none());
+        assert!(parse_http_date("garbage").is_none());
+    }
+
+    #[test]
+    fn names_and_kinds_of_sources() {
+        let name = |s: &str| file_name_for(&url::Url::parse(s).unwrap());
+        assert_eq!(name("http://h/dir/file.tar.gz?x=1"), "file.tar.gz");
+        assert_eq!(name("http://h/"), "__unnamed__");
+        assert_eq!(name("http://h"), "__unnamed__");
+        assert_eq!(name("http://h/a%20b"), "a b");
+        assert!(is_git_source("https://example.com/repo.git#main"));
+        assert!(is_git_source("git@example.com:repo"));
+        assert!(!is_git_source("https://example.com/file.tgz"));
+        assert!(is_http_url("HTTPS://example.com/x"));
+    }
+
+    /// `python3 -m http.server` on a free loopback port, serving `dir`.
+    struct Server {
+        child: Child,
+        port: u16,
+    }
+
+    impl Server {
+        fn start(dir: &Path) -> Option<Server> {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .ok()?
+                .local_addr()
+                .ok()?
+                .port();
+            let child = Command::new("python3")
+                .args(["-m", "http.server", "--bind", "127.0.0.1"])
+                .arg(port.to_string())
+                .current_dir(dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .ok()?;
+            let server = Server { child, port };
+            for _ in 0..100 {
+                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    return Some(server);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            None
+        }
+    }
+
+    impl Drop for Server {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    #[tokio::test]
+    async fn downloads_verify_the_checksum_and_write_nothing_on_mismatch() {
+        let served = tempfile::tempdir().unwrap();
+        std::fs::write(served.path().join("payload.bin"), b"payload\n").unwrap();
+        let mtime = SystemTime::UNIX_EPOCH + Duration::from_secs(1_600_000_000);
+        std::fs::File::options()
+            .write(true)
+            .open(served.path().join("payload.bin"))
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+        let server = Server::start(served.path()).expect("python3 -m http.server");
+        let url = format!("http://127.0.0.1:{}/payload.bin", server.port);
+        let good = Digest::sha256_of(b"payload\n").to_string();
+
+        let out = tempfile::tempdir().unwrap();
+        let path = download(&url, Some(&good), out.path()).await.unwrap();
+        assert_eq!(path, out.path().join("payload.bin"));
+        assert_eq!(std::fs::read(&path).unwrap(), b"payload\n");
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o7777, 0o600);
+        assert_eq!(meta.mtime(), 1_600_000_000, "mtime from Last-Modified");
+
+        let bad = Digest::sha256_of(b"something else").to_string();
+        let out = tempfile::tempdir().unwrap();
+        let err = download(&url, Some(&bad), out.path()).await.unwrap_err();
+        assert!(err.contains(&url), "{err}");
+        assert!(err.contains(&bad), "{err}");
+        assert!(err.contains(&good), "{err}");
+        assert_eq!(std::fs::read_dir(out.path()).unwrap().count(), 0);
+
+        let err = download(
+            &format!("http://127.0.0.1:{}/missing", server.port),
+            None,
+            out.path(),
+        )
+        .await
+        .unwrap_err();
+        assert!(err.contains("404"), "{err}");
+    }
+}

@@ -1,0 +1,141 @@
+//! ADD failures through the whole engine: a `--checksum` that does not match what a real HTTP
+//! server (`python3 -m http.server` on loopback) serves, and archives that try to leave the
+//! destination. Each build must fail with an error naming the Dockerfile line and what was
+//! wrong, and write nothing outside the build's rootfs.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use kiln_build::{BuildOptions, Builder};
+use kiln_sandbox::Mode;
+
+struct HttpServer {
+    child: Child,
+    port: u16,
+}
+
+impl HttpServer {
+    fn start(dir: &Path) -> HttpServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free loopback port")
+            .port();
+        let child = Command::new("python3")
+            .args(["-m", "http.server", "--bind", "127.0.0.1"])
+            .arg(port.to_string())
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn python3 -m http.server");
+        let server = HttpServer { child, port };
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return server;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("python3 -m http.server did not listen on port {port}");
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn options(context: &Path, kiln_dir: &Path, layout: &Path) -> BuildOptions {
+    let mut options = BuildOptions::new(context.to_string_lossy());
+    options.mode = Some(Mode::Chroot);
+    options.kiln_dir = kiln_dir.to_path_buf();
+    options.output.no_push = true;
+    options.output.oci_layout_path = Some(layout.to_path_buf());
+    options
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checksum_mismatch_fails_naming_url_and_digests_and_writes_no_image() {
+    kiln_testkit::require_tools(&["python3"]);
+    let served = tempfile::tempdir().unwrap();
+    std::fs::write(served.path().join("payload.txt"), "payload\n").unwrap();
+    let server = HttpServer::start(served.path());
+    let url = format!("http://127.0.0.1:{}/payload.txt", server.port);
+    let actual = kiln_oci::Digest::sha256_of(b"payload\n").to_string();
+    let wrong = kiln_oci::Digest::sha256_of(b"not the payload").to_string();
+
+    let context = tempfile::tempdir().unwrap();
+    std::fs::write(
+        context.path().join("Dockerfile"),
+        format!("FROM scratch\nADD --checksum={wrong} {url} /payload.txt\n"),
+    )
+    .unwrap();
+    let kiln_dir = tempfile::tempdir().unwrap();
+    let layout = kiln_dir.path().join("layout");
+    let err = Builder::new(options(context.path(), kiln_dir.path(), &layout))
+        .build()
+        .await
+        .expect_err("a checksum mismatch must fail the build")
+        .to_string();
+    for needle in ["Dockerfile:2", &url, &wrong, &actual] {
+        assert!(err.contains(needle), "{needle} missing from: {err}");
+    }
+    assert!(!layout.exists(), "a failed build wrote an image");
+
+    // The right checksum builds.
+    std::fs::write(
+        context.path().join("Dockerfile"),
+        format!("FROM scratch\nADD --checksum={actual} {url} /payload.txt\n"),
+    )
+    .unwrap();
+    Builder::new(options(context.path(), kiln_dir.path(), &layout))
+        .build()
+        .await
+        .expect("the matching checksum builds");
+    assert!(layout.join("index.json").is_file());
+}
+
+/// A tar whose one entry is named `name` (written raw: the `tar` crate refuses such names).
+fn hostile_tar(name: &[u8]) -> Vec<u8> {
+    let mut header = tar::Header::new_old();
+    header.as_old_mut().name[..name.len()].copy_from_slice(name);
+    header.set_entry_type(tar::EntryType::Regular);
+    header.set_mode(0o644);
+    header.set_size(4);
+    header.set_cksum();
+    let mut bytes = header.as_bytes().to_vec();
+    bytes.extend_from_slice(b"evil");
+    bytes.resize(512 * 2, 0);
+    bytes.extend_from_slice(&[0u8; 1024]);
+    bytes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn archives_climbing_out_of_the_destination_fail_the_build() {
+    let context = tempfile::tempdir().unwrap();
+    let escape = context.path().join("escaped");
+    let name = format!("../../../../../../../../..{}", escape.display());
+    std::fs::write(
+        context.path().join("evil.tar"),
+        hostile_tar(name.as_bytes()),
+    )
+    .unwrap();
+    std::fs::write(
+        context.path().join("Dockerfile"),
+        "FROM scratch\nADD evil.tar /dest/\n",
+    )
+    .unwrap();
+    let kiln_dir = tempfile::tempdir().unwrap();
+    let layout = kiln_dir.path().join("layout");
+    let err = Builder::new(options(context.path(), kiln_dir.path(), &layout))
+        .build()
+        .await
+        .expect_err("an entry climbing out of the destination must fail the build")
+        .to_string();
+    assert!(err.contains("Dockerfile:2"), "{err}");
+    assert!(err.contains("evil.tar"), "{err}");
+    assert!(!escape.exists(), "the archive wrote outside the rootfs");
+    assert!(!layout.exists());
+}
