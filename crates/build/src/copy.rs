@@ -151,7 +151,7 @@ pub fn copy(
                     // --parents: the kept path's directories take the metadata of their source
                     // directories when they are created.
                     let target = dest_rel.join(&keep);
-                    let pivot = rel.strip_suffix_path(&keep);
+                    let pivot = without_tail(&rel, &keep);
                     writer.make_source_dirs(&pivot, &keep, &dest_rel)?;
                     if meta.is_dir() {
                         writer.make_dir(&target, Some(&meta))?;
@@ -235,17 +235,13 @@ enum Item {
     },
 }
 
-/// `rel` without its trailing components `tail` (the `--parents` pivot directory).
-trait StripSuffixPath {
-    fn strip_suffix_path(&self, tail: &Path) -> PathBuf;
-}
-
-impl StripSuffixPath for PathBuf {
-    fn strip_suffix_path(&self, tail: &Path) -> PathBuf {
-        let keep =
-            self.components().count() - tail.components().count().min(self.components().count());
-        self.components().take(keep).collect()
-    }
+/// `rel` without its last components `tail`: the `--parents` pivot directory of a source.
+fn without_tail(rel: &Path, tail: &Path) -> PathBuf {
+    let keep = rel
+        .components()
+        .count()
+        .saturating_sub(tail.components().count());
+    rel.components().take(keep).collect()
 }
 
 /// The directory (relative to the source root) a wildcard source expands in: its components
@@ -845,5 +841,65 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.contains("nope: not found"), "{err}");
+    }
+
+    #[test]
+    fn exclude_and_parents() {
+        let context = tempfile::tempdir().unwrap();
+        let rootfs = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(context.path().join("src/a/deep")).unwrap();
+        std::fs::write(context.path().join("src/a/x.txt"), "x").unwrap();
+        std::fs::write(context.path().join("src/a/y.md"), "y").unwrap();
+        std::fs::write(context.path().join("src/a/deep/z.txt"), "z").unwrap();
+        std::fs::write(context.path().join("top.txt"), "t").unwrap();
+        let include = |_: &Path| true;
+        let from = SourceTree {
+            root: context.path(),
+            include: &include,
+            keep_owner: false,
+        };
+        let md = |p: &Path| p.extension().is_some_and(|e| e == "md");
+        let txt_at_top = |p: &Path| p == Path::new("top.txt");
+        let run = |sources: &[&str], dest: &str, exclude: &dyn Fn(&Path) -> bool, parents| {
+            let sources: Vec<_> = sources
+                .iter()
+                .map(|s| FileSource::Path((*s).into()))
+                .collect();
+            copy(
+                rootfs.path(),
+                &from,
+                &CopyRequest {
+                    sources: &sources,
+                    dest,
+                    workdir: "/",
+                    owner: None,
+                    chmod: None,
+                    exclude,
+                    parents,
+                    unpack: false,
+                },
+            )
+            .unwrap()
+        };
+        run(&["src"], "/e/", &md, false);
+        assert!(rootfs.path().join("e/a/x.txt").is_file());
+        assert!(
+            !rootfs.path().join("e/a/y.md").exists(),
+            "excluded below the source"
+        );
+        run(&["*.txt", "src"], "/w/", &txt_at_top, false);
+        assert!(
+            !rootfs.path().join("w/top.txt").exists(),
+            "excluded wildcard match"
+        );
+        assert!(rootfs.path().join("w/a/x.txt").is_file());
+
+        run(&["src/a/x.txt"], "/p", &exclude_nothing, true);
+        assert!(rootfs.path().join("p/src/a/x.txt").is_file());
+        run(&["./src/./a/deep"], "/q/", &exclude_nothing, true);
+        assert!(rootfs.path().join("q/a/deep/z.txt").is_file());
+        assert!(!rootfs.path().join("q/src").exists());
+        run(&["src/./a/*.md"], "/r/", &exclude_nothing, true);
+        assert!(rootfs.path().join("r/a/y.md").is_file());
     }
 }
