@@ -121,6 +121,21 @@ impl Default for CacheFlags {
     }
 }
 
+impl CacheFlags {
+    /// The engine's cache options for these flags. The cache directory is used when it exists
+    /// (kaniko's `/cache` default is only there when a volume is mounted).
+    pub fn engine_options(&self) -> kiln_build::CacheOptions {
+        kiln_build::CacheOptions {
+            enabled: self.enabled,
+            repo: self.repo.clone(),
+            dir: self.dir.is_dir().then(|| self.dir.clone()),
+            ttl: self.ttl,
+            run_layers: self.run_layers,
+            no_push: self.no_push_cache,
+        }
+    }
+}
+
 /// `executor warm` (kaniko's `warmer`): which base images to store in the cache directory.
 #[derive(Debug)]
 pub struct WarmInvocation {

@@ -4,9 +4,10 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use kiln_build::Builder;
-use kiln_executor::cli::{self, Command, Invocation};
+use kiln_executor::cli::{self, Command, Invocation, WarmInvocation};
 use kiln_executor::exit;
 use kiln_executor::render::Renderer;
+use kiln_oci::{Platform, Reference};
 
 fn main() -> ExitCode {
     let env = cli::process_env();
@@ -33,13 +34,7 @@ fn main() -> ExitCode {
             if let Err(error) = warm.load_credentials(&env) {
                 fail(&renderer, &error, exit::BUILD_FAILED)
             } else {
-                // LEAD WIRING POINT (issue 6): the base-image warmer lives in kiln-cache,
-                // which does not exist yet.
-                fail(
-                    &renderer,
-                    &"executor warm: the cache warmer is not available in this build yet",
-                    exit::BUILD_FAILED,
-                )
+                warm_cache_dir(&renderer, &warm)
             }
         }
         Ok(Command::Build(mut invocation)) => {
@@ -59,14 +54,94 @@ fn main() -> ExitCode {
     ExitCode::from(u8::try_from(code).unwrap_or(1))
 }
 
+/// `executor warm`: stores every named base image (and every base image of `--dockerfile`) in
+/// the cache directory, downloading only what is missing.
+fn warm_cache_dir(renderer: &Renderer, warm: &WarmInvocation) -> i32 {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            return fail(
+                renderer,
+                &format!("cannot start the async runtime: {error}"),
+                exit::BUILD_FAILED,
+            )
+        }
+    };
+    let result: Result<Vec<String>, String> = runtime.block_on(async {
+        let platform = warm.platform.clone().unwrap_or_else(Platform::host);
+        let mut images = warm.images.clone();
+        if let Some(path) = &warm.dockerfile {
+            images.extend(dockerfile_bases(path, warm, &platform)?);
+        }
+        if images.is_empty() {
+            return Err("executor warm: name an --image or a --dockerfile".to_owned());
+        }
+        let dir = kiln_cache::BaseImageDir::open(&warm.cache_dir)
+            .map_err(|e| format!("--cache-dir {}: {e}", warm.cache_dir.display()))?;
+        let client =
+            kiln_registry::Client::new(warm.registry.clone()).map_err(|e| e.to_string())?;
+        let mut lines = Vec::new();
+        for image in images {
+            let reference =
+                Reference::parse(&image).map_err(|e| format!("--image {image}: {e}"))?;
+            let report = dir
+                .warm(&client, &reference, &platform)
+                .await
+                .map_err(|e| format!("warming {image}: {e}"))?;
+            lines.push(format!(
+                "cached {image} as {} ({} blobs, {} bytes downloaded)",
+                report.manifest_digest, report.blobs_fetched, report.bytes_fetched
+            ));
+        }
+        Ok(lines)
+    });
+    match result {
+        Ok(lines) => {
+            for line in lines {
+                println!("{line}");
+            }
+            exit::SUCCESS
+        }
+        Err(error) => fail(renderer, &error, exit::BUILD_FAILED),
+    }
+}
+
+/// The base images (`FROM image`) of the stages a Dockerfile's last stage needs.
+fn dockerfile_bases(
+    path: &std::path::Path,
+    warm: &WarmInvocation,
+    platform: &Platform,
+) -> Result<Vec<String>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let name = path.display().to_string();
+    let dockerfile =
+        kiln_dockerfile::Dockerfile::parse(&text).map_err(|e| format!("{name}:{e}"))?;
+    let to_df = |p: &Platform| kiln_dockerfile::Platform::parse(&p.to_string());
+    let plan = dockerfile
+        .plan(&kiln_dockerfile::PlanOptions {
+            build_args: warm.build_args.clone(),
+            target: None,
+            target_platform: to_df(platform)?,
+            build_platform: to_df(&Platform::host())?,
+        })
+        .map_err(|e| format!("{name}:{e}"))?;
+    Ok(plan
+        .stages()
+        .iter()
+        .filter_map(|stage| match &stage.base {
+            kiln_dockerfile::Base::Image(image) => Some(image.clone()),
+            _ => None,
+        })
+        .collect())
+}
+
 /// Runs the build and returns the process exit code.
 fn build(renderer: &Renderer, invocation: Invocation) -> i32 {
-    if invocation.cache.enabled {
-        // The cache flags are parsed (CacheFlags) but the engine has no cache options yet.
-        renderer.warn(
-            "--cache: the layer cache is not available in this build yet; building without it",
-        );
-    }
+    let mut invocation = invocation;
+    invocation.options.cache = invocation.cache.engine_options();
     // The engine runs stages on blocking threads and needs a multi-threaded runtime.
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -46,6 +46,33 @@ pub struct PulledImage {
     pub layers: Vec<ImageLayer>,
 }
 
+/// Takes base layers from `--cache-dir` (filled by `executor warm`) instead of the registry:
+/// each blob found there is hard-linked (or copied) into the build's blob store. A cache
+/// directory that cannot be read is no error: the layers are pulled as usual.
+pub fn link_from_cache_dir(cache_dir: Option<&Path>, blobs: &BlobStore, layers: &[Descriptor]) {
+    let Some(dir) = cache_dir else {
+        return;
+    };
+    let Ok(cached) = BlobStore::open(dir) else {
+        return;
+    };
+    for layer in layers {
+        if blobs.contains(&layer.digest) || !cached.contains(&layer.digest) {
+            continue;
+        }
+        let from = cached.blob_path(&layer.digest);
+        let to = blobs.blob_path(&layer.digest);
+        // The warmer verified the blob when it stored it under its digest.
+        if std::fs::hard_link(&from, &to).is_err() {
+            let temp = to.with_extension("from-cache-dir");
+            if std::fs::copy(&from, &temp).is_ok() {
+                let _ = std::fs::rename(&temp, &to);
+            }
+            let _ = std::fs::remove_file(&temp);
+        }
+    }
+}
+
 /// An image's manifest for the build platform and its config, resolved but with no layer
 /// fetched yet.
 struct Resolved {
@@ -124,6 +151,16 @@ async fn resolve(
     })
 }
 
+/// Resolves `image` to its manifest for `platform` and its config, fetching no layer: what a
+/// stage needs to know about its base when the cache may spare it the layers.
+pub async fn pull_metadata(
+    client: &Client,
+    image: &str,
+    platform: &Platform,
+) -> Result<PulledImage, BuildError> {
+    Ok(resolve(client, image, platform).await?.into_pulled())
+}
+
 /// Fetches `image`'s manifest for `platform`, its config, and every layer blob missing from
 /// `blobs`, layers concurrently (the client bounds how many transfers run at once).
 pub async fn pull(
@@ -132,8 +169,10 @@ pub async fn pull(
     image: &str,
     platform: &Platform,
     emit: &(dyn Fn(BuildEvent) + Send + Sync),
+    cache_dir: Option<&Path>,
 ) -> Result<PulledImage, BuildError> {
     let resolved = resolve(client, image, platform).await?;
+    link_from_cache_dir(cache_dir, blobs, &resolved.layers);
     let downloads = resolved.layers.iter().map(|layer| async {
         if blobs.contains(&layer.digest) {
             return Ok(());
@@ -159,8 +198,10 @@ pub fn pull_and_unpack(
     events: &EventSink,
     rootfs: &Path,
     index: &mut Index,
+    cache_dir: Option<&Path>,
 ) -> Result<PulledImage, BuildError> {
     let resolved = runtime.block_on(resolve(client, image, platform))?;
+    link_from_cache_dir(cache_dir, blobs, &resolved.layers);
     let mut sources = Vec::with_capacity(resolved.layers.len());
     let mut downloads = Vec::new();
     for layer in &resolved.layers {
@@ -274,7 +315,7 @@ fn unpack_one(
 
 /// How far a download has got, shared with the reader that follows it.
 #[derive(Default)]
-struct Progress {
+pub(crate) struct Progress {
     state: Mutex<ProgressState>,
     changed: Condvar,
 }
@@ -380,7 +421,7 @@ async fn read_small_blob(
     Ok(bytes)
 }
 
-async fn fetch_blob(
+pub(crate) async fn fetch_blob(
     client: &Client,
     mut file: BlobFile,
     repo: &Repository,

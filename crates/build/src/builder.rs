@@ -13,12 +13,14 @@ use kiln_oci::{Digest, Platform};
 use kiln_registry::Client;
 use kiln_sandbox::Mode;
 
+use crate::cache::EngineCache;
 use crate::error::BuildError;
 use crate::events::{BuildEvent, EventSink, Phase};
 use crate::options::BuildOptions;
 use crate::output::{self, PushAhead};
 use crate::stage::{build_stage, Shared};
 use crate::timing::TimingReport;
+use kiln_cache::CacheStore;
 
 /// What a successful build produced.
 #[derive(Debug, Clone)]
@@ -203,6 +205,7 @@ impl Builder {
             image_stages.insert(*parent);
             chain = *parent;
         }
+        let cache = engine_cache(&options, &client, &destinations, &platform, &events)?;
         let push_ahead = if options.output.no_push || destinations.is_empty() {
             None
         } else {
@@ -230,6 +233,7 @@ impl Builder {
             images: Mutex::new(HashMap::new()),
             push_ahead,
             image_stages,
+            cache,
             options,
         });
 
@@ -288,6 +292,11 @@ impl Builder {
             shared.source_date_epoch(),
         )?;
         let out = &shared.options.output;
+        if out.oci_layout_path.is_some() || out.tar_path.is_some() {
+            // Layers taken from the cache or mounted from a base repository may exist only in
+            // a registry; local outputs need every blob here.
+            output::ensure_local(&shared.client, &shared.blobs, &image.layers).await?;
+        }
         let output_started = Instant::now();
         if let Some(path) = &out.oci_layout_path {
             output::write_oci_layout(
@@ -327,6 +336,9 @@ impl Builder {
         }
         let config = ImageConfig::from_json(&image.config.bytes)
             .map_err(|e| BuildError::Image(e.to_string()))?;
+        if let Some(cache) = &shared.cache {
+            cache.finish_writes().await;
+        }
         events(BuildEvent::BuildFinished {
             digest: image.manifest.digest.clone(),
             duration: started.elapsed(),
@@ -339,6 +351,43 @@ impl Builder {
             pushed,
         })
     }
+}
+
+/// The layer cache for this build, when `--cache` is on and there is somewhere to keep it.
+fn engine_cache(
+    options: &BuildOptions,
+    client: &Client,
+    destinations: &[kiln_oci::Reference],
+    platform: &Platform,
+    events: &EventSink,
+) -> Result<Option<EngineCache>, BuildError> {
+    let settings = &options.cache;
+    if !settings.enabled {
+        return Ok(None);
+    }
+    let store = match (&settings.repo, destinations.first()) {
+        (Some(repo), _) => CacheStore::open(repo, client, settings.ttl)
+            .map_err(|e| BuildError::Options(format!("--cache-repo {repo}: {e}")))?,
+        (None, Some(destination)) => {
+            let repo = CacheStore::default_repository(destination)
+                .map_err(|e| BuildError::Options(format!("cache repository: {e}")))?;
+            CacheStore::registry(client.clone(), repo, settings.ttl)
+        }
+        (None, None) => {
+            events(BuildEvent::Warning {
+                message:
+                    "--cache needs --cache-repo or a --destination; building without the cache"
+                        .into(),
+            });
+            return Ok(None);
+        }
+    };
+    Ok(Some(EngineCache::new(
+        store,
+        !settings.no_push,
+        settings.run_layers,
+        platform.clone(),
+    )))
 }
 
 /// kaniko resolves a relative `--dockerfile` against the working directory when it exists

@@ -14,6 +14,7 @@
 pub mod archive;
 pub mod base;
 pub mod builder;
+pub mod cache;
 pub mod copy;
 pub mod error;
 pub mod events;
@@ -30,6 +31,7 @@ pub use builder::{BuildReport, Builder};
 pub use error::BuildError;
 pub use events::{BuildEvent, EventSink, OutputStream, Phase};
 pub use options::{
-    BuildOptions, ContextSpec, GitOptions, OutputOptions, SecretSource, SecretSpec, SnapshotOptions,
+    BuildOptions, CacheOptions, ContextSpec, GitOptions, OutputOptions, SecretSource, SecretSpec,
+    SnapshotOptions,
 };
 pub use timing::TimingReport;

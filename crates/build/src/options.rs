@@ -107,6 +107,38 @@ pub struct OutputOptions {
     pub source_date_epoch: Option<i64>,
 }
 
+/// The layer cache (`--cache*` flags).
+#[derive(Debug, Clone)]
+pub struct CacheOptions {
+    /// `--cache`: look up and store step layers.
+    pub enabled: bool,
+    /// `--cache-repo`: `REGISTRY/REPO` or `oci:/path`; `None` is `<first destination>/cache`.
+    pub repo: Option<String>,
+    /// `--cache-dir`: base images stored by digest (filled by `executor warm`); a base found
+    /// there is not pulled from its registry.
+    pub dir: Option<PathBuf>,
+    /// `--cache-ttl`: entries older than this are misses.
+    pub ttl: std::time::Duration,
+    /// `--cache-run-layers`: cache RUN steps (COPY/ADD/WORKDIR are always cached: their keys
+    /// cover their sources' content).
+    pub run_layers: bool,
+    /// `--no-push-cache`: read the cache, never write it.
+    pub no_push: bool,
+}
+
+impl Default for CacheOptions {
+    fn default() -> Self {
+        CacheOptions {
+            enabled: false,
+            repo: None,
+            dir: None,
+            ttl: kiln_cache::DEFAULT_TTL,
+            run_layers: true,
+            no_push: false,
+        }
+    }
+}
+
 /// One build's whole configuration.
 #[derive(Debug, Clone)]
 pub struct BuildOptions {
@@ -142,6 +174,8 @@ pub struct BuildOptions {
     pub force: bool,
     /// `--benchmark-file`: write per-phase timings as JSON here.
     pub benchmark_file: Option<PathBuf>,
+    /// The layer cache.
+    pub cache: CacheOptions,
 }
 
 impl BuildOptions {
@@ -170,6 +204,7 @@ impl BuildOptions {
             cleanup: false,
             force: false,
             benchmark_file: None,
+            cache: CacheOptions::default(),
         }
     }
 }

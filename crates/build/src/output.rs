@@ -146,21 +146,87 @@ async fn push_layer(
         .origin
         .clone()
         .filter(|origin| origin.registry() == repo.registry() && origin.name() != repo.name());
-    let path = blobs.blob_path(&layer.descriptor.digest);
-    let source = FileSource::new(path.clone())
-        .await
-        .map_err(|source| BuildError::Io { path, source })?;
     let options = PushBlobOptions {
         digest: Some(layer.descriptor.digest.clone()),
         mount_from,
     };
-    client.push_blob(repo, &source, &options).await?;
+    // A layer taken from the cache or from a base image that was never pulled may exist only
+    // in a registry: the destination may have it already or mount it. Only when neither works
+    // is it downloaded here and uploaded.
+    let pushed_without_local_copy = !blobs.contains(&layer.descriptor.digest)
+        && client
+            .push_blob(repo, &NotLocal(layer.descriptor.size), &options)
+            .await
+            .is_ok();
+    if !pushed_without_local_copy {
+        ensure_local(client, blobs, std::slice::from_ref(layer)).await?;
+        let path = blobs.blob_path(&layer.descriptor.digest);
+        let source = FileSource::new(path.clone())
+            .await
+            .map_err(|source| BuildError::Io { path, source })?;
+        client.push_blob(repo, &source, &options).await?;
+    }
     emit(BuildEvent::PushProgress {
         destination: destination.to_string(),
         digest: layer.descriptor.digest.clone(),
         done: layer.descriptor.size,
         total: layer.descriptor.size,
     });
+    Ok(())
+}
+
+/// Stands for a blob that is not in the blob store: opening it fails, so a push with it
+/// succeeds only when the repository has the blob or can mount it.
+struct NotLocal(u64);
+
+impl kiln_registry::BlobSource for NotLocal {
+    fn open(
+        &self,
+    ) -> futures::future::BoxFuture<'_, std::io::Result<Option<kiln_registry::BoxAsyncRead>>> {
+        Box::pin(async {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "blob not in the local blob store",
+            ))
+        })
+    }
+
+    fn size(&self) -> Option<u64> {
+        Some(self.0)
+    }
+}
+
+/// Downloads into the blob store every layer of `layers` that is not there yet, from the
+/// repository it came from (a base image's or the cache's).
+pub async fn ensure_local(
+    client: &Client,
+    blobs: &BlobStore,
+    layers: &[ImageLayer],
+) -> Result<(), BuildError> {
+    for layer in layers {
+        if blobs.contains(&layer.descriptor.digest) {
+            continue;
+        }
+        let origin = layer.origin.as_ref().ok_or_else(|| {
+            BuildError::Image(format!(
+                "layer {} is neither in the blob store nor in a known repository",
+                layer.descriptor.digest
+            ))
+        })?;
+        let file = blobs
+            .create()
+            .map_err(|e| BuildError::Image(format!("blob store: {e}")))?;
+        crate::base::fetch_blob(
+            client,
+            file,
+            origin,
+            &layer.descriptor,
+            &origin.to_string(),
+            &|_| {},
+            None,
+        )
+        .await?;
+    }
     Ok(())
 }
 

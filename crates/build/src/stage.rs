@@ -39,6 +39,9 @@ pub struct StageOutput {
     pub env: Vec<(String, String)>,
     /// The base image, when the stage (or the stage it starts from) came from one.
     pub base_image: Option<(String, kiln_oci::Digest)>,
+    /// The cache key after the stage's last step, when the layer cache is on and every step
+    /// could be keyed.
+    pub cache_key: Option<kiln_cache::CacheKey>,
 }
 
 /// Everything stages share during one build.
@@ -76,6 +79,8 @@ pub struct Shared {
     /// The stages whose layers end up in the final image: the target and the stages it is
     /// built FROM, transitively.
     pub image_stages: std::collections::HashSet<usize>,
+    /// The layer cache, when `--cache` is on.
+    pub cache: Option<crate::cache::EngineCache>,
 }
 
 impl Shared {
@@ -211,6 +216,15 @@ pub fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, BuildEr
 
     let mut index_of_rootfs = Index::new();
     let mut rescan = false;
+    let mut pending_base: Option<String> = None;
+    let mut cache_parent: Option<kiln_cache::Parent> = match &planned.base {
+        Base::Scratch => Some(kiln_cache::Parent::Scratch),
+        Base::Stage(i) => shared
+            .finished(*i)
+            .and_then(|s| s.cache_key.clone())
+            .map(kiln_cache::Parent::Key),
+        Base::Image(_) => None,
+    };
     let (mut config, mut layers, inherited_env, base_image) = match &planned.base {
         Base::Scratch => {
             // BuildKit gives a stage built FROM scratch the default PATH in its config, so the
@@ -220,6 +234,24 @@ pub fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, BuildEr
                 "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_owned(),
             ]);
             (config, Vec::new(), Vec::new(), None)
+        }
+        Base::Image(image) if shared.cache.is_some() => {
+            // With the cache, layers are fetched only if a step has to run (see `materialize`).
+            let pulled = shared
+                .timed(Some(index), None, Phase::Pull, || {
+                    shared.runtime.block_on(base::pull_metadata(
+                        &shared.client,
+                        image,
+                        &shared.platform,
+                    ))
+                })
+                .map_err(|e| shared.step_error(from_line, format!("FROM {image}: {e}")))?;
+            pending_base = Some(image.clone());
+            shared.push_ahead(index, &pulled.layers);
+            let env = metadata::env_pairs(&pulled.config.config);
+            let base = Some((pulled.reference.to_string(), pulled.manifest_digest.clone()));
+            cache_parent = Some(crate::cache::image_parent(&pulled.manifest_digest));
+            (pulled.config, pulled.layers, env, base)
         }
         Base::Image(image) => {
             // Layers download and unpack at the same time, so the two are one phase here.
@@ -232,6 +264,7 @@ pub fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, BuildEr
                             image,
                             &shared.platform,
                             &*shared.events,
+                            shared.options.cache.dir.as_deref(),
                         ))?;
                         let ignore = inplace::ignore_set(&in_place_ignore)?;
                         inplace::unpack_into_root(&pulled.layers, &shared.blobs, &ignore)?;
@@ -246,6 +279,7 @@ pub fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, BuildEr
                             &shared.events,
                             &rootfs,
                             &mut index_of_rootfs,
+                            shared.options.cache.dir.as_deref(),
                         )
                     }
                 })
@@ -304,28 +338,45 @@ pub fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, BuildEr
             }
         },
     };
-    let mut snapshotter = Snapshotter::new(&rootfs, index_of_rootfs, &snapshot_options)
-        .map_err(|e| BuildError::Image(e.to_string()))?;
-    if rescan {
-        snapshotter
-            .rescan()
-            .map_err(|e| BuildError::Image(e.to_string()))?;
-    }
-    let sandbox: Box<dyn Sandbox> = kiln_sandbox::open(shared.mode, &rootfs).map_err(|e| {
-        shared.step_error(from_line, format!("cannot prepare the RUN sandbox: {e}"))
-    })?;
-
     let steps = planned
         .steps_with_triggers(&inherited_env, &triggers)
         .map_err(|e| BuildError::Dockerfile(e.to_string()))?;
     let mut cmd_inherited = config.config.cmd.is_some();
     let layer_options = shared.layer_options();
-    let mut stage = StageRun {
+    let mut materializer = Materializer {
         shared,
         index,
         rootfs: &rootfs,
-        snapshotter: &mut snapshotter,
-        layer_options: &layer_options,
+        from_line,
+        in_place,
+        in_place_ignore: &in_place_ignore,
+        snapshot_options: &snapshot_options,
+        pending_base,
+        pending_cached: Vec::new(),
+        base_index: Some(index_of_rootfs),
+        rescan,
+    };
+    let mut prepared: Option<(Snapshotter, Box<dyn Sandbox>)> = None;
+    let mut plan = match &shared.cache {
+        Some(cache) => {
+            let stage_key = |i: usize| shared.finished(i).and_then(|s| s.cache_key.clone());
+            let keys = crate::cache::KeyContext {
+                context: &shared.context,
+                stage_key: &stage_key,
+            };
+            cache.plan_stage(
+                &shared.runtime,
+                &shared.events,
+                cache_parent.take(),
+                &steps.steps,
+                &config.config,
+                &keys,
+            )
+        }
+        None => {
+            prepared = Some(materializer.materialize()?);
+            crate::cache::StagePlan::default()
+        }
     };
 
     for (step_no, step) in steps.steps.iter().enumerate() {
@@ -343,6 +394,54 @@ pub fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, BuildEr
             comment: Some("kiln".to_owned()),
             ..History::default()
         };
+        if let Some(entry) = plan.hits.get_mut(step_no).and_then(Option::take) {
+            let cache = shared.cache.as_ref().expect("hits come from the cache");
+            if let Instruction::Workdir(dir) = &step.instruction {
+                let rel = workdir_target(&config, dir);
+                config.config.working_dir = Some(format!("/{}", rel.display()));
+            }
+            match &entry.layer {
+                Some(cached) => {
+                    let layer = cache.hit_layer(&shared.runtime, &shared.blobs, cached)?;
+                    match prepared.as_mut() {
+                        Some((snapshotter, _)) => {
+                            materializer.apply_cached(&[(cached.clone(), layer.clone())])?;
+                            snapshotter
+                                .rescan()
+                                .map_err(|e| BuildError::Image(e.to_string()))?;
+                        }
+                        None => materializer
+                            .pending_cached
+                            .push((cached.clone(), layer.clone())),
+                    }
+                    shared.push_ahead(index, std::slice::from_ref(&layer));
+                    config.push_layer(layer.diff_id.clone(), history);
+                    layers.push(layer);
+                }
+                None => config.push_empty_layer_history(history),
+            }
+            shared.emit(BuildEvent::StepFinished {
+                stage: index,
+                step: step_no,
+                duration: started.elapsed(),
+                cached: true,
+            });
+            continue;
+        }
+        if prepared.is_none() && crate::cache::is_layer_step(&step.instruction) {
+            prepared = Some(materializer.materialize()?);
+        }
+        let (snapshotter, sandbox) = match prepared.as_mut() {
+            Some((snapshotter, sandbox)) => (Some(snapshotter), Some(&*sandbox)),
+            None => (None, None),
+        };
+        let mut stage = snapshotter.map(|snapshotter| StageRun {
+            shared,
+            index,
+            rootfs: &rootfs,
+            snapshotter,
+            layer_options: &layer_options,
+        });
         let diff = match &step.instruction {
             Instruction::Run(run_command) => {
                 let scratch = shared.work_dir.join(format!("scratch-{index}-{step_no}"));
@@ -358,7 +457,14 @@ pub fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, BuildEr
                     emit: &*shared.events,
                 };
                 let outcome = shared.timed(Some(index), Some(step_no), Phase::Execute, || {
-                    run::run(&*sandbox, &ctx, run_command, &config.config, step.run_env())
+                    let sandbox = sandbox.expect("materialized for RUN");
+                    run::run(
+                        &**sandbox,
+                        &ctx,
+                        run_command,
+                        &config.config,
+                        step.run_env(),
+                    )
                 });
                 let _ = std::fs::remove_dir_all(&scratch);
                 let outcome = outcome.map_err(|e| shared.step_error(line, format!("RUN: {e}")))?;
@@ -376,13 +482,13 @@ pub fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, BuildEr
                     .collect();
                 Some(
                     shared.timed(Some(index), Some(step_no), Phase::Snapshot, || {
-                        stage.snapshot_after_run(&restored, line)
+                        materialized(&mut stage).snapshot_after_run(&restored, line)
                     })?,
                 )
             }
             Instruction::Copy(files) => {
                 let written = shared.timed(Some(index), Some(step_no), Phase::Execute, || {
-                    stage.copy(
+                    materialized(&mut stage).copy(
                         &files.sources,
                         &files.dest,
                         files.from.as_ref(),
@@ -397,17 +503,17 @@ pub fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, BuildEr
                 })?;
                 Some(
                     shared.timed(Some(index), Some(step_no), Phase::Snapshot, || {
-                        stage.snapshot_paths(&written, line)
+                        materialized(&mut stage).snapshot_paths(&written, line)
                     })?,
                 )
             }
             Instruction::Add(files) => {
                 let written = shared.timed(Some(index), Some(step_no), Phase::Execute, || {
-                    stage.add(files, &config, line, step_no)
+                    materialized(&mut stage).add(files, &config, line, step_no)
                 })?;
                 Some(
                     shared.timed(Some(index), Some(step_no), Phase::Snapshot, || {
-                        stage.snapshot_paths(&written, line)
+                        materialized(&mut stage).snapshot_paths(&written, line)
                     })?,
                 )
             }
@@ -428,7 +534,7 @@ pub fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, BuildEr
                         .map_err(|e| shared.step_error(line, format!("WORKDIR: {e}")))?;
                     let created = copy::make_dirs(&rootfs, &rel, uid, gid)
                         .map_err(|e| shared.step_error(line, format!("WORKDIR: {e}")))?;
-                    Some(stage.snapshot_paths(&created, line)?)
+                    Some(materialized(&mut stage).snapshot_paths(&created, line)?)
                 }
             }
             Instruction::Maintainer(name) => {
@@ -444,14 +550,39 @@ pub fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, BuildEr
         match diff {
             Some(diff) if !diff.is_empty() => {
                 let layer = shared.timed(Some(index), Some(step_no), Phase::Layer, || {
-                    stage.write_layer(&diff, step_no, line)
+                    materialized(&mut stage).write_layer(&diff, step_no, line)
                 })?;
                 shared.push_ahead(index, std::slice::from_ref(&layer));
+                if let (Some(cache), Some(Some(key))) = (&shared.cache, plan.keys.get(step_no)) {
+                    let path = shared.blobs.blob_path(&layer.descriptor.digest);
+                    cache.store_in_background(
+                        &shared.runtime,
+                        &shared.events,
+                        key.clone(),
+                        &step.instruction,
+                        Some((&layer, &path)),
+                        &config.config,
+                        &history,
+                    );
+                }
                 config.push_layer(layer.diff_id.clone(), history);
                 layers.push(layer);
             }
             _ if matches!(step.instruction, Instruction::Arg(_)) => {}
-            _ => config.push_empty_layer_history(history),
+            _ => {
+                if let (Some(cache), Some(Some(key))) = (&shared.cache, plan.keys.get(step_no)) {
+                    cache.store_in_background(
+                        &shared.runtime,
+                        &shared.events,
+                        key.clone(),
+                        &step.instruction,
+                        None,
+                        &config.config,
+                        &history,
+                    );
+                }
+                config.push_empty_layer_history(history)
+            }
         }
         shared.emit(BuildEvent::StepFinished {
             stage: index,
@@ -460,6 +591,11 @@ pub fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, BuildEr
             cached: false,
         });
     }
+    if prepared.is_none() && index != shared.plan.target() {
+        // Later stages read this one's files (`FROM`, `COPY --from`, `RUN --mount=from=`).
+        prepared = Some(materializer.materialize()?);
+    }
+    drop(prepared);
     let rootfs = if in_place && index != shared.plan.target() {
         // The next stage wipes `/`; a later `COPY --from` or `RUN --mount=from=` reads this
         // stage's files from a directory rebuilt from its layers.
@@ -479,7 +615,130 @@ pub fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, BuildEr
         layers,
         env: steps.env,
         base_image,
+        cache_key: plan.final_key,
     })
+}
+
+/// The StageRun of a step that needs the rootfs, which the loop has materialized.
+fn materialized<'s, 'a>(stage: &'s mut Option<StageRun<'a>>) -> &'s mut StageRun<'a> {
+    stage
+        .as_mut()
+        .expect("the rootfs is materialized before a layer step")
+}
+
+/// Where `WORKDIR dir` leads from the current working directory, relative to the root.
+fn workdir_target(config: &ImageConfig, dir: &str) -> PathBuf {
+    let current = config
+        .config
+        .working_dir
+        .clone()
+        .unwrap_or_else(|| "/".into());
+    copy::clean_relative(&Path::new("/").join(&current).join(dir))
+}
+
+/// Brings a stage's rootfs into being only when a step has to run: with the cache, a stage
+/// whose steps are all hits never pulls or unpacks anything.
+struct Materializer<'a> {
+    shared: &'a Shared,
+    index: usize,
+    rootfs: &'a Path,
+    from_line: usize,
+    in_place: bool,
+    in_place_ignore: &'a IgnoreOptions,
+    snapshot_options: &'a SnapshotOptions,
+    /// A base image whose layers are not unpacked yet.
+    pending_base: Option<String>,
+    /// Cache hits taken before the rootfs existed, to apply on top of the base.
+    pending_cached: Vec<(kiln_cache::CachedLayer, ImageLayer)>,
+    base_index: Option<Index>,
+    rescan: bool,
+}
+
+impl Materializer<'_> {
+    /// Unpacks what is pending and prepares the snapshotter and the RUN sandbox.
+    fn materialize(&mut self) -> Result<(Snapshotter, Box<dyn Sandbox>), BuildError> {
+        let shared = self.shared;
+        let mut index_of_rootfs = self.base_index.take().unwrap_or_default();
+        if let Some(image) = self.pending_base.take() {
+            let from_line = self.from_line;
+            let pulled = shared
+                .timed(Some(self.index), None, Phase::Pull, || {
+                    if self.in_place {
+                        let pulled = shared.runtime.block_on(base::pull(
+                            &shared.client,
+                            &shared.blobs,
+                            &image,
+                            &shared.platform,
+                            &*shared.events,
+                            shared.options.cache.dir.as_deref(),
+                        ))?;
+                        let ignore = inplace::ignore_set(self.in_place_ignore)?;
+                        inplace::unpack_into_root(&pulled.layers, &shared.blobs, &ignore)?;
+                        Ok(pulled)
+                    } else {
+                        base::pull_and_unpack(
+                            &shared.runtime,
+                            &shared.client,
+                            &shared.blobs,
+                            &image,
+                            &shared.platform,
+                            &shared.events,
+                            self.rootfs,
+                            &mut index_of_rootfs,
+                            shared.options.cache.dir.as_deref(),
+                        )
+                    }
+                })
+                .map_err(|e: BuildError| {
+                    shared.step_error(from_line, format!("FROM {image}: {e}"))
+                });
+            pulled?;
+        }
+        let cached = std::mem::take(&mut self.pending_cached);
+        if !cached.is_empty() {
+            self.apply_cached(&cached)?;
+            self.rescan = true;
+        }
+        let mut snapshotter = Snapshotter::new(self.rootfs, index_of_rootfs, self.snapshot_options)
+            .map_err(|e| BuildError::Image(e.to_string()))?;
+        if self.rescan {
+            snapshotter
+                .rescan()
+                .map_err(|e| BuildError::Image(e.to_string()))?;
+        }
+        let sandbox: Box<dyn Sandbox> =
+            kiln_sandbox::open(shared.mode, self.rootfs).map_err(|e| {
+                shared.step_error(
+                    self.from_line,
+                    format!("cannot prepare the RUN sandbox: {e}"),
+                )
+            })?;
+        Ok((snapshotter, sandbox))
+    }
+
+    /// Fetches cached layers into the blob store and unpacks them onto the rootfs.
+    fn apply_cached(
+        &self,
+        cached: &[(kiln_cache::CachedLayer, ImageLayer)],
+    ) -> Result<(), BuildError> {
+        let shared = self.shared;
+        let cache = shared
+            .cache
+            .as_ref()
+            .expect("cached layers come from the cache");
+        for (entry, _) in cached {
+            cache.fetch_blob(&shared.runtime, &shared.blobs, entry)?;
+        }
+        let layers: Vec<ImageLayer> = cached.iter().map(|(_, layer)| layer.clone()).collect();
+        shared.timed(Some(self.index), None, Phase::Unpack, || {
+            if self.in_place {
+                let ignore = inplace::ignore_set(self.in_place_ignore)?;
+                inplace::unpack_into_root(&layers, &shared.blobs, &ignore)
+            } else {
+                base::unpack_into(self.rootfs, &layers, &shared.blobs, &mut Index::new())
+            }
+        })
+    }
 }
 
 /// `--chown` / USER resolution: `user[:group]` by name or id against the rootfs's passwd and
@@ -825,6 +1084,7 @@ impl StageRun<'_> {
                 image,
                 &shared.platform,
                 &*shared.events,
+                shared.options.cache.dir.as_deref(),
             ))
             .map_err(|e| shared.step_error(line, format!("COPY --from={image}: {e}")))?;
         let root = shared.work_dir.join(format!("image-{}", images.len()));

@@ -1,0 +1,419 @@
+//! The layer cache as the engine uses it (`--cache`): every step's key is computed before the
+//! stage runs, all keys are probed at once, hits are taken without executing anything, and
+//! the layers of steps that did run are written to the cache in the background.
+//!
+//! The keys themselves and the storage formats live in kiln-cache; this module decides what
+//! each step can observe (its [`StepInput`]) from the engine's view of the stage.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Mutex;
+
+use kiln_cache::{
+    AddInput, CacheEntry, CacheKey, CacheStore, CachedLayer, CopyInput, KeyChain, LayerFile,
+    NewEntry, Parent, RemoteSource, RemoteValidator, RunInput, SourceContent, StepInput,
+};
+use kiln_context::{BuildContext, ContextHasher as ContentHasher, HashOptions};
+use kiln_dockerfile::{FileSource, Instruction, MountType, Source, Step};
+use kiln_fs::blobstore::BlobStore;
+use kiln_oci::image::{ContainerConfig, History};
+use kiln_oci::{Digest, Platform};
+use tokio::io::AsyncReadExt;
+
+use crate::base::ImageLayer;
+use crate::error::BuildError;
+use crate::events::{BuildEvent, EventSink};
+use crate::metadata;
+
+/// The engine's cache settings and the store behind them, shared by every stage of a build.
+pub struct EngineCache {
+    /// Where entries are read and written.
+    pub store: CacheStore,
+    /// Whether new entries are written (`--no-push-cache` turns this off).
+    pub write: bool,
+    /// Whether RUN layers are looked up and stored (`--cache-run-layers`).
+    pub run_layers: bool,
+    /// The platform being built (part of every key).
+    pub platform: Platform,
+    writes: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+/// What the cache knows about one stage before it runs: each step's key (`None` from the
+/// first step whose inputs cannot be pinned) and each layer step's entry when it is a hit.
+#[derive(Debug, Default)]
+pub struct StagePlan {
+    /// Key per step.
+    pub keys: Vec<Option<CacheKey>>,
+    /// Entry per step, for steps that are hits.
+    pub hits: Vec<Option<CacheEntry>>,
+    /// The key after the last step: what a stage built FROM this one, or a `COPY --from` of
+    /// it, is keyed by.
+    pub final_key: Option<CacheKey>,
+}
+
+/// Whether `instruction` is a step that may produce a layer and so has a cache entry.
+pub fn is_layer_step(instruction: &Instruction) -> bool {
+    matches!(
+        instruction,
+        Instruction::Run(_) | Instruction::Copy(_) | Instruction::Add(_) | Instruction::Workdir(_)
+    )
+}
+
+/// What a stage's keys need from the rest of the build.
+pub struct KeyContext<'a> {
+    /// The build context, for COPY/ADD sources and bind mounts.
+    pub context: &'a BuildContext,
+    /// Final keys of the stages built so far.
+    pub stage_key: &'a dyn Fn(usize) -> Option<CacheKey>,
+}
+
+impl EngineCache {
+    /// An engine cache over `store`.
+    pub fn new(store: CacheStore, write: bool, run_layers: bool, platform: Platform) -> Self {
+        EngineCache {
+            store,
+            write,
+            run_layers,
+            platform,
+            writes: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Computes every step's key and probes the store for all layer steps at once. A store
+    /// that cannot be reached makes every step a miss, with a warning.
+    pub fn plan_stage(
+        &self,
+        runtime: &tokio::runtime::Handle,
+        events: &EventSink,
+        parent: Option<Parent>,
+        steps: &[Step],
+        start: &ContainerConfig,
+        keys: &KeyContext<'_>,
+    ) -> StagePlan {
+        let step_keys = self.step_keys(parent, steps, start, keys);
+        let probe: Vec<(usize, CacheKey)> = steps
+            .iter()
+            .zip(&step_keys)
+            .enumerate()
+            .filter(|(_, (step, key))| key.is_some() && self.caches(&step.instruction))
+            .map(|(i, (_, key))| (i, key.clone().expect("filtered")))
+            .collect();
+        let mut hits = vec![None; steps.len()];
+        if !probe.is_empty() {
+            let only_keys: Vec<CacheKey> = probe.iter().map(|(_, k)| k.clone()).collect();
+            let found = runtime.block_on(self.store.lookup_all(&only_keys));
+            let mut warned = false;
+            for ((i, _), result) in probe.iter().zip(found) {
+                match result {
+                    Ok(entry) => hits[*i] = entry,
+                    Err(e) if !warned => {
+                        warned = true;
+                        events(BuildEvent::Warning {
+                            message: format!(
+                                "layer cache {} unavailable, building without it: {e}",
+                                self.store.location()
+                            ),
+                        });
+                    }
+                    Err(_) => {}
+                }
+            }
+        }
+        let final_key = step_keys.last().cloned().flatten();
+        StagePlan {
+            keys: step_keys,
+            hits,
+            final_key,
+        }
+    }
+
+    /// Whether steps like `instruction` are looked up and stored.
+    fn caches(&self, instruction: &Instruction) -> bool {
+        match instruction {
+            Instruction::Run(_) => self.run_layers,
+            other => is_layer_step(other),
+        }
+    }
+
+    fn step_keys(
+        &self,
+        parent: Option<Parent>,
+        steps: &[Step],
+        start: &ContainerConfig,
+        keys: &KeyContext<'_>,
+    ) -> Vec<Option<CacheKey>> {
+        let Some(parent) = parent else {
+            return vec![None; steps.len()];
+        };
+        let mut chain = KeyChain::new(parent, self.platform.clone());
+        let mut config = start.clone();
+        let mut cmd_inherited = config.cmd.is_some();
+        let mut out = Vec::with_capacity(steps.len());
+        let mut broken = false;
+        let hasher = ContentHasher::new();
+        for step in steps {
+            if broken {
+                out.push(None);
+                continue;
+            }
+            let input = step_input(step, &config, keys, &hasher);
+            // The simulated config follows the steps, so a RUN's key sees the USER, WORKDIR
+            // and SHELL in force where it stands.
+            match &step.instruction {
+                Instruction::Workdir(dir) => {
+                    let current = config.working_dir.clone().unwrap_or_else(|| "/".into());
+                    let absolute = Path::new("/").join(&current).join(dir);
+                    let rel = crate::copy::clean_relative(&absolute);
+                    config.working_dir = Some(format!("/{}", rel.display()));
+                }
+                Instruction::Run(_)
+                | Instruction::Copy(_)
+                | Instruction::Add(_)
+                | Instruction::Arg(_)
+                | Instruction::Maintainer(_) => {}
+                other => {
+                    metadata::apply(&mut config, other, &mut cmd_inherited);
+                }
+            }
+            match input {
+                Some(input) => out.push(Some(chain.next_key(&input))),
+                None => {
+                    broken = true;
+                    out.push(None);
+                }
+            }
+        }
+        out
+    }
+
+    /// Writes the entry of a step that ran, in the background; a failure is a warning.
+    #[allow(clippy::too_many_arguments)]
+    pub fn store_in_background(
+        &self,
+        runtime: &tokio::runtime::Handle,
+        events: &EventSink,
+        key: CacheKey,
+        instruction: &Instruction,
+        layer: Option<(&ImageLayer, &Path)>,
+        config: &ContainerConfig,
+        history: &History,
+    ) {
+        if !self.write || !self.caches(instruction) {
+            return;
+        }
+        let entry = NewEntry {
+            key,
+            platform: self.platform.clone(),
+            layer: layer.map(|(layer, path)| LayerFile {
+                descriptor: layer.descriptor.clone(),
+                diff_id: layer.diff_id.clone(),
+                path: path.to_path_buf(),
+                mount_from: None,
+            }),
+            config: config.clone(),
+            history: history.clone(),
+        };
+        let store = self.store.clone();
+        let events = events.clone();
+        let task = runtime.spawn(async move {
+            if let Err(e) = store.store(&entry).await {
+                events(BuildEvent::Warning {
+                    message: format!(
+                        "could not write cache entry {} to {}: {e}",
+                        entry.key,
+                        store.location()
+                    ),
+                });
+            }
+        });
+        self.writes.lock().expect("cache writes").push(task);
+    }
+
+    /// Waits for the background writes (a build's cache is complete when the build ends).
+    pub async fn finish_writes(&self) {
+        let tasks = std::mem::take(&mut *self.writes.lock().expect("cache writes"));
+        for task in tasks {
+            let _ = task.await;
+        }
+    }
+
+    /// The image layer a cache hit contributes: its blob is in the cache repository (mounted
+    /// from there at push time) or, for an OCI-layout cache, copied into the blob store.
+    pub fn hit_layer(
+        &self,
+        runtime: &tokio::runtime::Handle,
+        blobs: &BlobStore,
+        cached: &CachedLayer,
+    ) -> Result<ImageLayer, BuildError> {
+        let origin = self.store.repository().cloned();
+        if origin.is_none() {
+            self.fetch_blob(runtime, blobs, cached)?;
+        }
+        Ok(ImageLayer {
+            descriptor: cached.descriptor.clone(),
+            diff_id: cached.diff_id.clone(),
+            origin,
+        })
+    }
+
+    /// Copies a cached layer's blob into the build's blob store (to unpack it, or to write it
+    /// into a local output).
+    pub fn fetch_blob(
+        &self,
+        runtime: &tokio::runtime::Handle,
+        blobs: &BlobStore,
+        cached: &CachedLayer,
+    ) -> Result<(), BuildError> {
+        let digest = &cached.descriptor.digest;
+        if blobs.contains(digest) {
+            return Ok(());
+        }
+        runtime.block_on(async {
+            let mut reader = self
+                .store
+                .open_layer(cached)
+                .await
+                .map_err(|e| BuildError::Image(format!("cache layer {digest}: {e}")))?;
+            let mut file = blobs
+                .create()
+                .map_err(|e| BuildError::Image(format!("blob store: {e}")))?;
+            let mut buf = vec![0u8; 256 << 10];
+            loop {
+                let n = reader
+                    .read(&mut buf)
+                    .await
+                    .map_err(|e| BuildError::Image(format!("cache layer {digest}: {e}")))?;
+                if n == 0 {
+                    break;
+                }
+                std::io::Write::write_all(&mut file, &buf[..n]).map_err(|source| {
+                    BuildError::Io {
+                        path: blobs.root().to_path_buf(),
+                        source,
+                    }
+                })?;
+            }
+            // The cache store verified the digest as the stream was read.
+            file.commit(digest)
+                .map_err(|e| BuildError::Image(format!("blob store: {e}")))?;
+            Ok(())
+        })
+    }
+}
+
+/// What `step` can observe, or `None` when some input cannot be pinned (a remote ADD without
+/// `--checksum`, a `COPY --from` an image, a source that does not resolve): the chain stops
+/// there and the rest of the stage runs uncached.
+fn step_input(
+    step: &Step,
+    config: &ContainerConfig,
+    keys: &KeyContext<'_>,
+    hasher: &ContentHasher,
+) -> Option<StepInput> {
+    Some(match &step.instruction {
+        Instruction::Run(command) => {
+            let mut bind_contents = BTreeMap::new();
+            for mount in command.mounts.iter().filter(|m| m.kind == MountType::Bind) {
+                let content = match &mount.from {
+                    None => context_content(
+                        keys.context,
+                        hasher,
+                        &[mount.source.clone().unwrap_or_else(|| ".".into())],
+                    )?,
+                    Some(Source::Stage(i)) => SourceContent::Stage((keys.stage_key)(*i)?),
+                    Some(Source::Image(_)) => return None,
+                };
+                bind_contents.insert(mount.target.clone(), content);
+            }
+            StepInput::Run(RunInput {
+                command: command.clone(),
+                env: kiln_cache::key::step_run_environment(step),
+                user: config.user.clone().unwrap_or_default(),
+                workdir: config.working_dir.clone().unwrap_or_else(|| "/".into()),
+                shell: metadata::shell(config),
+                bind_contents,
+            })
+        }
+        Instruction::Copy(files) => {
+            let content = match &files.from {
+                None => context_content(keys.context, hasher, &paths(&files.sources))?,
+                Some(Source::Stage(i)) => SourceContent::Stage((keys.stage_key)(*i)?),
+                Some(Source::Image(_)) => return None,
+            };
+            StepInput::Copy(CopyInput {
+                files: files.clone(),
+                content,
+            })
+        }
+        Instruction::Add(files) => {
+            let mut local = Vec::new();
+            let mut remote = Vec::new();
+            for path in paths(&files.sources) {
+                if crate::fetch::is_git_source(&path) {
+                    return None;
+                }
+                if crate::fetch::is_http_url(&path) {
+                    let checksum = files.checksum.clone()?;
+                    remote.push(RemoteSource {
+                        url: path,
+                        validator: RemoteValidator::Checksum(checksum.to_string()),
+                    });
+                } else {
+                    local.push(path);
+                }
+            }
+            let local = if local.is_empty() {
+                SourceContent::None
+            } else {
+                context_content(keys.context, hasher, &local)?
+            };
+            StepInput::Add(AddInput {
+                files: files.clone(),
+                local,
+                remote,
+            })
+        }
+        other => StepInput::Metadata(other.clone()),
+    })
+}
+
+fn paths(sources: &[FileSource]) -> Vec<String> {
+    sources
+        .iter()
+        .filter_map(|s| match s {
+            FileSource::Path(p) => Some(p.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The content hash of context sources; `None` when one does not resolve (the step itself
+/// then fails with the real error).
+fn context_content(
+    context: &BuildContext,
+    hasher: &ContentHasher,
+    sources: &[String],
+) -> Option<SourceContent> {
+    if sources.is_empty() {
+        return Some(SourceContent::None);
+    }
+    let mut matches = Vec::new();
+    for source in sources {
+        matches.extend(context.resolve_sources(source).ok()?);
+    }
+    let digest = context
+        .hash_sources(
+            hasher,
+            &matches,
+            HashOptions {
+                include_owner: false,
+            },
+        )
+        .ok()?;
+    Some(SourceContent::Tree(digest))
+}
+
+/// The parent key of a stage whose base is an image with manifest `digest`.
+pub fn image_parent(digest: &Digest) -> Parent {
+    Parent::Image(digest.clone())
+}

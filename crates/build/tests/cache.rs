@@ -1,0 +1,258 @@
+//! The layer cache end to end against a real registry: full hits execute and unpack nothing
+//! and give the same digest, the cache is shared between work directories (two Pods), an
+//! `oci:` cache works without pushing, a changed file re-runs only what follows it, and a base
+//! image stored in `--cache-dir` is not pulled again.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use kiln_build::{BuildEvent, BuildOptions, Builder, Phase};
+use kiln_sandbox::Mode;
+use kiln_testkit::{bases, image, Registry};
+
+fn write_context(dir: &Path, registry: &Registry, greeting: &str) {
+    std::fs::create_dir_all(dir.join("app")).unwrap();
+    std::fs::write(dir.join("app/greeting.txt"), greeting).unwrap();
+    std::fs::write(dir.join("app/other.txt"), "unchanged\n").unwrap();
+    std::fs::write(
+        dir.join("Dockerfile"),
+        format!(
+            "FROM {}/base/busybox:latest\n\
+             RUN echo ran-first > /first\n\
+             COPY app/other.txt /app/other.txt\n\
+             WORKDIR /work\n\
+             COPY app/greeting.txt /app/greeting.txt\n\
+             RUN cat /app/greeting.txt > /work/copied && echo ran-last\n\
+             CMD [\"cat\", \"/work/copied\"]\n",
+            registry.addr()
+        ),
+    )
+    .unwrap();
+}
+
+struct Built {
+    digest: String,
+    events: Vec<BuildEvent>,
+}
+
+impl Built {
+    fn ran(&self) -> Vec<String> {
+        self.events
+            .iter()
+            .filter_map(|e| match e {
+                BuildEvent::RunOutput { line, .. } => Some(line.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn cached_steps(&self) -> Vec<usize> {
+        self.events
+            .iter()
+            .filter_map(|e| match e {
+                BuildEvent::StepFinished {
+                    step, cached: true, ..
+                } => Some(*step),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn pulled_layers(&self) -> usize {
+        self.events
+            .iter()
+            .filter(|e| matches!(e, BuildEvent::PullProgress { .. }))
+            .count()
+    }
+
+    fn unpacked(&self) -> bool {
+        self.events.iter().any(|e| {
+            matches!(
+                e,
+                BuildEvent::PhaseFinished {
+                    phase: Phase::Unpack,
+                    ..
+                }
+            )
+        })
+    }
+}
+
+fn build(
+    registry: &Registry,
+    context: &Path,
+    kiln_dir: &Path,
+    configure: impl FnOnce(&mut BuildOptions),
+) -> Built {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut options = BuildOptions::new(context.to_string_lossy());
+    options.mode = Some(Mode::Chroot);
+    options.kiln_dir = kiln_dir.to_path_buf();
+    options.registry.insecure_registries.push(registry.addr());
+    options.output.reproducible = true;
+    configure(&mut options);
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let sink = events.clone();
+    let report = runtime
+        .block_on(
+            Builder::new(options)
+                .events(Arc::new(move |e: BuildEvent| sink.lock().unwrap().push(e)))
+                .build(),
+        )
+        .unwrap_or_else(|e| panic!("build failed: {e}\nregistry log:\n{}", registry.log()));
+    let events = events.lock().unwrap().clone();
+    Built {
+        digest: report.digest.to_string(),
+        events,
+    }
+}
+
+#[test]
+fn an_unchanged_rebuild_in_another_pod_is_a_full_hit_with_the_same_digest() {
+    kiln_testkit::require_tools(&["docker-registry", "skopeo", "umoci", "runc"]);
+    let registry = Registry::start();
+    image::push_rootfs(&registry, bases::busybox_rootfs(), "base/busybox:latest");
+    let work = tempfile::tempdir().unwrap();
+    let context = work.path().join("context");
+    write_context(&context, &registry, "hello from the cache\n");
+    let cache_flags = |tag: &'static str| {
+        let addr = registry.addr();
+        move |o: &mut BuildOptions| {
+            o.cache.enabled = true;
+            o.cache.repo = Some(format!("{addr}/team/app/cache"));
+            o.output.destinations.push(format!("{addr}/team/app:{tag}"));
+        }
+    };
+
+    let cold = build(
+        &registry,
+        &context,
+        &work.path().join("pod-1"),
+        cache_flags("1"),
+    );
+    assert_eq!(
+        cold.ran(),
+        vec!["ran-last".to_owned()],
+        "cold build runs both RUNs"
+    );
+    assert!(cold.cached_steps().is_empty());
+
+    // A second Pod: a new work directory, only the registry cache is shared.
+    let warm = build(
+        &registry,
+        &context,
+        &work.path().join("pod-2"),
+        cache_flags("2"),
+    );
+    assert!(
+        warm.ran().is_empty(),
+        "a full hit runs nothing: {:?}",
+        warm.ran()
+    );
+    assert_eq!(
+        warm.cached_steps(),
+        vec![0, 1, 2, 3, 4],
+        "every layer step is a hit"
+    );
+    assert_eq!(warm.pulled_layers(), 0, "no base layer is downloaded");
+    assert!(!warm.unpacked(), "nothing is unpacked");
+    assert_eq!(cold.digest, warm.digest);
+
+    let flat = image::flatten(&registry, "team/app:2");
+    assert_eq!(image::run_with_runc(&flat), "hello from the cache\n");
+
+    // A changed file: the steps before it hit, its COPY and the RUN after it run again.
+    write_context(&context, &registry, "changed greeting\n");
+    let changed = build(
+        &registry,
+        &context,
+        &work.path().join("pod-3"),
+        cache_flags("3"),
+    );
+    assert_eq!(changed.cached_steps(), vec![0, 1, 2]);
+    assert_eq!(changed.ran(), vec!["ran-last".to_owned()]);
+    assert_ne!(changed.digest, cold.digest);
+    let flat = image::flatten(&registry, "team/app:3");
+    assert_eq!(image::run_with_runc(&flat), "changed greeting\n");
+    assert_eq!(
+        std::fs::read_to_string(flat.rootfs.join("first")).unwrap(),
+        "ran-first\n",
+        "the cached first RUN's layer is in the image"
+    );
+}
+
+#[test]
+fn an_oci_layout_cache_works_without_pushing() {
+    kiln_testkit::require_tools(&["docker-registry", "skopeo"]);
+    let registry = Registry::start();
+    image::push_rootfs(&registry, bases::busybox_rootfs(), "base/busybox:latest");
+    let work = tempfile::tempdir().unwrap();
+    let context = work.path().join("context");
+    write_context(&context, &registry, "offline\n");
+    let cache = work.path().join("oci-cache");
+    let layout = work.path().join("out");
+    let flags = |o: &mut BuildOptions| {
+        o.cache.enabled = true;
+        o.cache.repo = Some(format!("oci:{}", cache.display()));
+        o.output.no_push = true;
+        o.output.oci_layout_path = Some(layout.clone());
+    };
+    let cold = build(&registry, &context, &work.path().join("a"), flags);
+    assert_eq!(cold.ran(), vec!["ran-last".to_owned()]);
+    let warm = build(&registry, &context, &work.path().join("b"), flags);
+    assert!(warm.ran().is_empty());
+    assert_eq!(warm.cached_steps(), vec![0, 1, 2, 3, 4]);
+    assert_eq!(cold.digest, warm.digest);
+    assert!(cache.join("index.json").is_file());
+}
+
+#[test]
+fn a_base_in_the_cache_dir_is_not_pulled() {
+    kiln_testkit::require_tools(&["docker-registry", "skopeo"]);
+    let registry = Registry::start();
+    image::push_rootfs(&registry, bases::busybox_rootfs(), "base/busybox:latest");
+    let work = tempfile::tempdir().unwrap();
+    let context = work.path().join("context");
+    write_context(&context, &registry, "warm\n");
+    let cache_dir = work.path().join("cache-dir");
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let mut registry_options = kiln_registry::RegistryOptions::default();
+    registry_options.insecure_registries.push(registry.addr());
+    let client = kiln_registry::Client::new(registry_options).unwrap();
+    let reference =
+        kiln_oci::Reference::parse(&format!("{}/base/busybox:latest", registry.addr())).unwrap();
+    let report = runtime
+        .block_on(kiln_cache::BaseImageDir::open(&cache_dir).unwrap().warm(
+            &client,
+            &reference,
+            &kiln_oci::Platform::host(),
+        ))
+        .unwrap();
+    assert!(
+        report.blobs_fetched >= 3,
+        "manifest, config and layer were stored"
+    );
+
+    let without = build(&registry, &context, &work.path().join("a"), |o| {
+        o.output.no_push = true;
+    });
+    assert!(
+        without.pulled_layers() > 0,
+        "without --cache-dir the base layer is pulled"
+    );
+    let with = build(&registry, &context, &work.path().join("b"), |o| {
+        o.output.no_push = true;
+        o.cache.dir = Some(cache_dir.clone());
+    });
+    assert_eq!(
+        with.pulled_layers(),
+        0,
+        "the base layer came from --cache-dir"
+    );
+    assert_eq!(with.ran(), vec!["ran-last".to_owned()]);
+}
