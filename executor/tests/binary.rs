@@ -292,3 +292,44 @@ fn a_refused_push_names_registry_repository_and_status() {
     assert!(last.contains("405"), "{last}");
     assert!(!digest_file.exists());
 }
+
+/// `executor warm` stores a base image in the cache directory (by digest, every blob), a
+/// second run downloads nothing, and a Dockerfile's bases are found from its FROM lines.
+#[test]
+fn warm_fills_the_cache_dir_once() {
+    use kiln_testkit::{bases, image, Registry};
+    kiln_testkit::require_tools(&["docker-registry", "skopeo"]);
+    let registry = Registry::start();
+    let addr = registry.addr();
+    image::push_rootfs(&registry, bases::busybox_rootfs(), "base/busybox:latest");
+    let work = tempfile::tempdir().unwrap();
+    let cache_dir = work.path().join("cache");
+    let dockerfile = work.path().join("Dockerfile");
+    std::fs::write(
+        &dockerfile,
+        format!("FROM {addr}/base/busybox:latest AS b\nRUN true\nFROM b\n"),
+    )
+    .unwrap();
+    let warm = |extra: &[&str]| {
+        let mut args = vec![
+            "warm".to_owned(),
+            format!("--cache-dir={}", cache_dir.display()),
+            format!("--insecure-registry={addr}"),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        executor(&args)
+    };
+    let first = warm(&[&format!("--image={addr}/base/busybox:latest")]);
+    let out = String::from_utf8_lossy(&first.stdout).into_owned();
+    assert_eq!(first.status.code(), Some(0), "{}", stderr(&first));
+    assert!(out.contains("cached ") && !out.contains(" 0 blobs"), "{out}");
+    let blobs = std::fs::read_dir(cache_dir.join("blobs/sha256"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert!(blobs >= 3, "manifest, config and layer stored: {blobs}");
+    let again = warm(&[&format!("--dockerfile={}", dockerfile.display())]);
+    let out = String::from_utf8_lossy(&again.stdout).into_owned();
+    assert_eq!(again.status.code(), Some(0), "{}", stderr(&again));
+    assert!(out.contains("(0 blobs, 0 bytes downloaded)"), "{out}");
+}
