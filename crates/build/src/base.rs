@@ -205,10 +205,20 @@ pub fn pull_and_unpack(
     let mut sources = Vec::with_capacity(resolved.layers.len());
     let mut downloads = Vec::new();
     for layer in &resolved.layers {
+        let final_path = blobs.blob_path(&layer.digest);
+        let mut in_flight = IN_FLIGHT.lock().expect("in-flight downloads");
+        // Two stages on the same base: the second follows the first one's download.
+        if let Some((temp, progress)) = in_flight.get(&final_path) {
+            if let Ok(reader) = FollowingReader::open(temp, progress.clone()) {
+                sources.push(LayerSource::Following(reader));
+                continue;
+            }
+        }
         if blobs.contains(&layer.digest) {
-            let path = blobs.blob_path(&layer.digest);
-            let file =
-                std::fs::File::open(&path).map_err(|source| BuildError::Io { path, source })?;
+            let file = std::fs::File::open(&final_path).map_err(|source| BuildError::Io {
+                path: final_path,
+                source,
+            })?;
             sources.push(LayerSource::Stored(file));
             continue;
         }
@@ -216,6 +226,12 @@ pub fn pull_and_unpack(
         let progress = Arc::new(Progress::default());
         let reader = FollowingReader::open(file.temp_path(), progress.clone())?;
         sources.push(LayerSource::Following(reader));
+        in_flight.insert(
+            final_path.clone(),
+            (file.temp_path().to_path_buf(), progress.clone()),
+        );
+        drop(in_flight);
+        let registered = InFlight(final_path);
         let (client, repo, layer, image, events) = (
             client.clone(),
             resolved.repo.clone(),
@@ -224,6 +240,7 @@ pub fn pull_and_unpack(
             events.clone(),
         );
         downloads.push(runtime.spawn(async move {
+            let _registered = registered;
             let _finish_on_drop = FinishOnDrop(progress.clone());
             let result = fetch_blob(
                 &client,
@@ -342,6 +359,23 @@ impl Progress {
             .outcome
             .get_or_insert(outcome);
         self.changed.notify_all();
+    }
+}
+
+/// Blob downloads in progress in this process, by the blob's final path in its store: the
+/// temporary file being written and its progress, for a second reader to follow.
+static IN_FLIGHT: Mutex<std::collections::BTreeMap<PathBuf, (PathBuf, Arc<Progress>)>> =
+    Mutex::new(std::collections::BTreeMap::new());
+
+/// Removes a download from [`IN_FLIGHT`] when its task ends in any way.
+struct InFlight(PathBuf);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        IN_FLIGHT
+            .lock()
+            .expect("in-flight downloads")
+            .remove(&self.0);
     }
 }
 

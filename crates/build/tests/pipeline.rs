@@ -174,3 +174,41 @@ fn a_corrupt_base_layer_fails_the_build_without_hanging() {
     assert!(error.contains("FROM"), "{error}");
     assert!(error.contains("sha256:"), "{error}");
 }
+
+/// Two stages on the same base, built at the same time: the second follows the first one's
+/// download of the base layer, and both trees are complete.
+#[test]
+fn parallel_stages_on_one_base_share_its_download() {
+    kiln_testkit::require_tools(&["docker-registry", "skopeo", "umoci"]);
+    let registry = Registry::start();
+    image::push_rootfs(&registry, bases::busybox_rootfs(), "base/busybox:latest");
+    let work = tempfile::tempdir().unwrap();
+    let context = work.path().join("context");
+    std::fs::create_dir(&context).unwrap();
+    let base = format!("{}/base/busybox:latest", registry.addr());
+    std::fs::write(
+        context.join("Dockerfile"),
+        format!(
+            "FROM {base} AS one\nRUN ls /bin | wc -l > /count\n\
+             FROM {base} AS two\nRUN ls /bin | wc -l > /count\n\
+             FROM {base}\nCOPY --from=one /count /one\nCOPY --from=two /count /two\n"
+        ),
+    )
+    .unwrap();
+    let destination = format!("{}/out/parallel:1", registry.addr());
+    let (result, events) = build(&registry, work.path(), &destination);
+    result.unwrap_or_else(|e| panic!("build failed: {e}"));
+    let downloads = events
+        .iter()
+        .filter(|e| matches!(e, BuildEvent::PullProgress { .. }))
+        .count();
+    assert!(downloads >= 1, "the base layer was downloaded");
+    let flat = image::flatten(&registry, "out/parallel:1");
+    let one = std::fs::read_to_string(flat.rootfs.join("one")).unwrap();
+    let two = std::fs::read_to_string(flat.rootfs.join("two")).unwrap();
+    assert_eq!(one, two);
+    assert!(
+        one.trim().parse::<u32>().unwrap() > 100,
+        "busybox's /bin is complete: {one}"
+    );
+}

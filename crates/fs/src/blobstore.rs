@@ -118,7 +118,9 @@ impl BlobFile {
             path: self.temp_path.clone(),
             source: e.into_error(),
         })?;
-        file.sync_data().map_err(io_err(&self.temp_path))?;
+        // No fsync: on a busy ext4 it waits for other processes' dirty data and cost seconds per
+        // base layer. A blob cut short by a crash cannot be used silently: unpacking verifies
+        // the digest of what it reads, and a registry refuses an upload whose digest is wrong.
         drop(file);
         let dest = self.store.blob_path(digest);
         std::fs::rename(&self.temp_path, &dest).map_err(io_err(&dest))?;
