@@ -29,8 +29,12 @@ use crate::run::{self, RunContext};
 /// A finished stage: what later stages (`FROM stage`, `COPY --from`) and the image need.
 #[derive(Debug)]
 pub struct StageOutput {
-    /// The stage's rootfs directory.
+    /// The stage's rootfs directory; read it through [`Shared::stage_rootfs`], which fills it
+    /// from the layers when the stage never needed it itself.
     pub rootfs: PathBuf,
+    /// Whether `rootfs` holds the stage's tree. A stage whose steps were all cache hits (or one
+    /// built in place, whose `/` the next stage wipes) leaves it empty until someone asks.
+    pub ready: Mutex<bool>,
     /// Its image config (history and diff IDs included).
     pub config: ImageConfig,
     /// Its layers, bottom first.
@@ -115,6 +119,32 @@ impl Shared {
                 layers.iter().for_each(|layer| pusher.start(layer));
             }
         }
+    }
+
+    /// The tree of finished stage `index`, for `FROM`, `COPY --from` and `RUN --mount=from=`:
+    /// unpacked from the stage's layers the first time it is needed, if the stage itself never
+    /// materialized it.
+    pub fn stage_rootfs(&self, index: usize) -> Result<PathBuf, BuildError> {
+        let stage = self
+            .finished(index)
+            .ok_or_else(|| BuildError::Image(format!("stage {index} has not been built")))?;
+        let mut ready = stage.ready.lock().expect("stage rootfs");
+        if !*ready {
+            self.timed(Some(index), None, Phase::Unpack, || {
+                std::fs::create_dir_all(&stage.rootfs).map_err(|source| BuildError::Io {
+                    path: stage.rootfs.clone(),
+                    source,
+                })?;
+                self.runtime.block_on(crate::output::ensure_local(
+                    &self.client,
+                    &self.blobs,
+                    &stage.layers,
+                ))?;
+                base::unpack_into(&stage.rootfs, &stage.layers, &self.blobs, &mut Index::new())
+            })?;
+            *ready = true;
+        }
+        Ok(stage.rootfs.clone())
     }
 
     fn finished(&self, index: usize) -> Option<Arc<StageOutput>> {
@@ -217,6 +247,7 @@ pub fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, BuildEr
     let mut index_of_rootfs = Index::new();
     let mut rescan = false;
     let mut pending_base: Option<String> = None;
+    let mut pending_stage: Option<usize> = None;
     let mut cache_parent: Option<kiln_cache::Parent> = match &planned.base {
         Base::Scratch => Some(kiln_cache::Parent::Scratch),
         Base::Stage(i) => shared
@@ -295,16 +326,7 @@ pub fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, BuildEr
             let parent = shared.finished(*i).ok_or_else(|| {
                 shared.step_error(from_line, format!("stage {i} has not been built"))
             })?;
-            shared.timed(Some(index), None, Phase::Unpack, || {
-                if in_place {
-                    // `/` was the parent's until the wipe: its layers rebuild it.
-                    let ignore = inplace::ignore_set(&in_place_ignore)?;
-                    inplace::unpack_into_root(&parent.layers, &shared.blobs, &ignore)
-                        .map_err(|e| shared.step_error(from_line, format!("FROM stage {i}: {e}")))
-                } else {
-                    copy_tree_contents(&parent.rootfs, &rootfs)
-                }
-            })?;
+            pending_stage = Some(*i);
             rescan = true;
             (
                 parent.config.clone(),
@@ -352,6 +374,7 @@ pub fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, BuildEr
         in_place_ignore: &in_place_ignore,
         snapshot_options: &snapshot_options,
         pending_base,
+        pending_stage,
         pending_cached: Vec::new(),
         base_index: Some(index_of_rootfs),
         rescan,
@@ -445,7 +468,7 @@ pub fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, BuildEr
         let diff = match &step.instruction {
             Instruction::Run(run_command) => {
                 let scratch = shared.work_dir.join(format!("scratch-{index}-{step_no}"));
-                let stage_root = |i: usize| shared.finished(i).map(|s| s.rootfs.clone());
+                let stage_root = |i: usize| shared.stage_rootfs(i).ok();
                 let ctx = RunContext {
                     stage: index,
                     step: step_no,
@@ -591,26 +614,18 @@ pub fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, BuildEr
             cached: false,
         });
     }
-    if prepared.is_none() && index != shared.plan.target() {
-        // Later stages read this one's files (`FROM`, `COPY --from`, `RUN --mount=from=`).
-        prepared = Some(materializer.materialize()?);
-    }
-    drop(prepared);
-    let rootfs = if in_place && index != shared.plan.target() {
-        // The next stage wipes `/`; a later `COPY --from` or `RUN --mount=from=` reads this
-        // stage's files from a directory rebuilt from its layers.
-        let saved = shared.work_dir.join(format!("stage-{index}"));
-        std::fs::create_dir_all(&saved).map_err(|source| BuildError::Io {
-            path: saved.clone(),
-            source,
-        })?;
-        base::unpack_into(&saved, &layers, &shared.blobs, &mut Index::new())?;
-        saved
+    // A stage that never needed its tree leaves it to be unpacked from its layers when a later
+    // stage reads it (`FROM`, `COPY --from`, `RUN --mount=from=`), if one does. In place, the
+    // next stage wipes `/`: a non-target stage's tree is rebuilt from its layers the same way.
+    let (rootfs, ready) = if in_place && index != shared.plan.target() {
+        (shared.work_dir.join(format!("stage-{index}")), false)
     } else {
-        rootfs
+        (rootfs, prepared.is_some())
     };
+    drop(prepared);
     Ok(StageOutput {
         rootfs,
+        ready: Mutex::new(ready),
         config,
         layers,
         env: steps.env,
@@ -648,6 +663,8 @@ struct Materializer<'a> {
     snapshot_options: &'a SnapshotOptions,
     /// A base image whose layers are not unpacked yet.
     pending_base: Option<String>,
+    /// A base stage whose tree is not copied yet.
+    pending_stage: Option<usize>,
     /// Cache hits taken before the rootfs existed, to apply on top of the base.
     pending_cached: Vec<(kiln_cache::CachedLayer, ImageLayer)>,
     base_index: Option<Index>,
@@ -693,6 +710,34 @@ impl Materializer<'_> {
                     shared.step_error(from_line, format!("FROM {image}: {e}"))
                 });
             pulled?;
+        }
+        if let Some(parent) = self.pending_stage.take() {
+            let from_line = self.from_line;
+            let stage_error =
+                |e: BuildError| shared.step_error(from_line, format!("FROM stage {parent}: {e}"));
+            let parent_output = shared
+                .finished(parent)
+                .ok_or_else(|| BuildError::Image(format!("stage {parent} has not been built")))
+                .map_err(stage_error)?;
+            if self.in_place {
+                // `/` was the parent's until the wipe: its layers rebuild it.
+                shared.runtime.block_on(crate::output::ensure_local(
+                    &shared.client,
+                    &shared.blobs,
+                    &parent_output.layers,
+                ))?;
+                shared
+                    .timed(Some(self.index), None, Phase::Unpack, || {
+                        let ignore = inplace::ignore_set(self.in_place_ignore)?;
+                        inplace::unpack_into_root(&parent_output.layers, &shared.blobs, &ignore)
+                    })
+                    .map_err(stage_error)?;
+            } else {
+                let tree = shared.stage_rootfs(parent).map_err(stage_error)?;
+                shared.timed(Some(self.index), None, Phase::Unpack, || {
+                    copy_tree_contents(&tree, self.rootfs)
+                })?;
+            }
         }
         let cached = std::mem::take(&mut self.pending_cached);
         if !cached.is_empty() {
@@ -913,12 +958,12 @@ impl StageRun<'_> {
                 copy::copy(self.rootfs, &tree, &request)
             }
             Some(Source::Stage(i)) => {
-                let stage = shared.finished(*i).ok_or_else(|| {
-                    shared.step_error(line, format!("COPY --from: stage {i} has not been built"))
-                })?;
+                let stage_root = shared
+                    .stage_rootfs(*i)
+                    .map_err(|e| shared.step_error(line, format!("COPY --from: {e}")))?;
                 let include = |_: &Path| true;
                 let tree = SourceTree {
-                    root: &stage.rootfs,
+                    root: &stage_root,
                     include: &include,
                     keep_owner: true,
                 };

@@ -256,3 +256,44 @@ fn a_base_in_the_cache_dir_is_not_pulled() {
     );
     assert_eq!(with.ran(), vec!["ran-last".to_owned()]);
 }
+
+/// A fully cached multi-stage build unpacks no stage: `COPY --from` a cached stage is keyed
+/// by that stage's key, so neither stage's tree is needed.
+#[test]
+fn a_cached_multi_stage_build_unpacks_no_stage() {
+    kiln_testkit::require_tools(&["docker-registry", "skopeo", "umoci", "runc"]);
+    let registry = Registry::start();
+    image::push_rootfs(&registry, bases::busybox_rootfs(), "base/busybox:latest");
+    let work = tempfile::tempdir().unwrap();
+    let context = work.path().join("context");
+    std::fs::create_dir_all(&context).unwrap();
+    let base = format!("{}/base/busybox:latest", registry.addr());
+    std::fs::write(
+        context.join("Dockerfile"),
+        format!(
+            "FROM {base} AS builder\nRUN echo built-in-builder > /artifact\n\
+             FROM builder AS tested\nRUN cat /artifact > /tested\n\
+             FROM {base}\nCOPY --from=tested /tested /tested\nCMD [\"cat\", \"/tested\"]\n"
+        ),
+    )
+    .unwrap();
+    let addr = registry.addr();
+    let flags = |tag: &'static str| {
+        let addr = addr.clone();
+        move |o: &mut BuildOptions| {
+            o.cache.enabled = true;
+            o.output
+                .destinations
+                .push(format!("{addr}/multi/app:{tag}"));
+        }
+    };
+    let cold = build(&registry, &context, &work.path().join("a"), flags("1"));
+    assert!(cold.unpacked(), "the stage FROM builder copies its tree");
+    let warm = build(&registry, &context, &work.path().join("b"), flags("2"));
+    assert!(warm.ran().is_empty());
+    assert!(!warm.unpacked(), "no stage tree is made");
+    assert_eq!(warm.pulled_layers(), 0);
+    assert_eq!(warm.digest, cold.digest);
+    let flat = image::flatten(&registry, "multi/app:2");
+    assert_eq!(image::run_with_runc(&flat), "built-in-builder\n");
+}
