@@ -129,6 +129,8 @@ pub fn copy(
         linked: std::collections::HashMap::new(),
         exclude: request.exclude,
         exclude_base: PathBuf::new(),
+        pending_files: Vec::new(),
+        pending_dir_times: Vec::new(),
     };
     writer.ensure_dir_parents(&dest_rel)?;
     for item in items {
@@ -182,6 +184,9 @@ pub fn copy(
                 }
             }
         }
+        // Each source is complete before the next: a later source's file of the same name
+        // must win, as in Docker.
+        writer.flush()?;
     }
     Ok(writer.written)
 }
@@ -205,6 +210,8 @@ pub fn make_dirs(dest_root: &Path, rel: &Path, uid: u32, gid: u32) -> Result<Vec
         linked: std::collections::HashMap::new(),
         exclude: &exclude_nothing,
         exclude_base: PathBuf::new(),
+        pending_files: Vec::new(),
+        pending_dir_times: Vec::new(),
     };
     let mut missing = Vec::new();
     for ancestor in rel.ancestors() {
@@ -391,11 +398,61 @@ struct Writer<'a> {
     exclude: &'a dyn Fn(&Path) -> bool,
     /// The source directory being copied.
     exclude_base: PathBuf,
+    /// Regular files found while walking a source directory, copied together at the end by
+    /// several threads: creating files and filling their pages is kernel work that scales
+    /// with cores.
+    pending_files: Vec<FileJob>,
+    /// Directory times to set once every file below them exists (creating a file moves its
+    /// directory's mtime), deepest first.
+    pending_dir_times: Vec<(PathBuf, Metadata)>,
+}
+
+/// One regular file to copy: source, its metadata, destination, owner and mode.
+struct FileJob {
+    host: PathBuf,
+    meta: Metadata,
+    target: PathBuf,
+    uid: u32,
+    gid: u32,
+    mode: u32,
 }
 
 impl Writer<'_> {
     fn err(&self, rel: &Path, e: impl std::fmt::Display) -> String {
         format!("/{}: {e}", rel.display())
+    }
+
+    /// Copies the deferred regular files on as many threads as there are cores, then sets the
+    /// deferred directory times.
+    fn flush(&mut self) -> Result<(), String> {
+        let jobs = std::mem::take(&mut self.pending_files);
+        let root = self.root;
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(jobs.len().max(1));
+        let first_error: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+        std::thread::scope(|scope| {
+            for _ in 0..threads {
+                scope.spawn(|| loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(job) = jobs.get(i) else { break };
+                    if let Err(e) = copy_regular(root, job) {
+                        first_error.lock().expect("copy errors").get_or_insert(e);
+                        next.store(jobs.len(), std::sync::atomic::Ordering::Relaxed);
+                        break;
+                    }
+                });
+            }
+        });
+        if let Some(e) = first_error.into_inner().expect("copy errors") {
+            return Err(e);
+        }
+        self.written.extend(jobs.into_iter().map(|job| job.target));
+        for (dir, meta) in std::mem::take(&mut self.pending_dir_times) {
+            self.set_meta(&dir, u32::MAX, u32::MAX, None, Some(&meta))?;
+        }
+        Ok(())
     }
 
     /// Creates missing parent directories of `target` (0755, owned by the `--chown` owner if one
@@ -530,7 +587,18 @@ impl Writer<'_> {
             if meta.is_dir() {
                 self.make_dir(&target, Some(&meta))?;
                 self.copy_dir_contents(&child_src, &target)?;
-                self.set_meta(&target, u32::MAX, u32::MAX, None, Some(&meta))?;
+                self.pending_dir_times.push((target, meta));
+            } else if meta.is_file() && meta.nlink() == 1 {
+                let (uid, gid) = self.owner_of(&meta);
+                let mode = self.mode_of(meta.permissions().mode() & 0o7777, false);
+                self.pending_files.push(FileJob {
+                    host,
+                    meta,
+                    target,
+                    uid,
+                    gid,
+                    mode,
+                });
             } else {
                 self.copy_entry(&host, &meta, &target, false)?;
             }
@@ -628,13 +696,51 @@ impl Writer<'_> {
         mode: Option<u32>,
         times_of: Option<&Metadata>,
     ) -> Result<(), String> {
-        let parent = self
-            .root
-            .resolve_parent(rel)
-            .map_err(|e| self.err(rel, e))?;
+        set_meta_at(self.root, rel, uid, gid, mode, times_of)
+    }
+}
+
+/// Copies one deferred regular file (a new or replaced destination) with its owner, mode
+/// and times.
+fn copy_regular(root: &Root, job: &FileJob) -> Result<(), String> {
+    let err = |e: &dyn std::fmt::Display| format!("/{}: {e}", job.target.display());
+    if let Ok(existing) = root.symlink_metadata(&job.target) {
+        if existing.is_dir() {
+            return Err(err(&"cannot overwrite a directory with a non-directory"));
+        }
+        root.remove_all(&job.target).map_err(|e| err(&e))?;
+    }
+    let mut input =
+        std::fs::File::open(&job.host).map_err(|e| format!("{}: {e}", job.host.display()))?;
+    let mut output = root.create(&job.target, 0o600).map_err(|e| err(&e))?;
+    io::copy(&mut input, &mut output).map_err(|e| err(&e))?;
+    drop(output);
+    set_meta_at(
+        root,
+        &job.target,
+        job.uid,
+        job.gid,
+        Some(job.mode),
+        Some(&job.meta),
+    )
+}
+
+/// Sets owner (skipped when `uid == u32::MAX`), mode (after chown, which clears setuid bits)
+/// and mtime (from `times_of`) of `rel` under `root` without following a final symlink.
+fn set_meta_at(
+    root: &Root,
+    rel: &Path,
+    uid: u32,
+    gid: u32,
+    mode: Option<u32>,
+    times_of: Option<&Metadata>,
+) -> Result<(), String> {
+    {
+        let err = |e: &dyn std::fmt::Display| format!("/{}: {e}", rel.display());
+        let parent = root.resolve_parent(rel).map_err(|e| err(&e))?;
         let dirfd = parent.dir().as_raw_fd();
-        let name = CString::new(parent.name().as_bytes()).map_err(|e| self.err(rel, e))?;
-        let os_err = |what: &str| self.err(rel, format!("{what}: {}", io::Error::last_os_error()));
+        let name = CString::new(parent.name().as_bytes()).map_err(|e| err(&e))?;
+        let os_err = |what: &str| err(&format!("{what}: {}", io::Error::last_os_error()));
         if uid != u32::MAX {
             // SAFETY: dirfd is a live descriptor owned by `parent`; name is NUL-terminated.
             if unsafe { libc::fchownat(dirfd, name.as_ptr(), uid, gid, libc::AT_SYMLINK_NOFOLLOW) }
