@@ -323,7 +323,10 @@ fn warm_fills_the_cache_dir_once() {
     let first = warm(&[&format!("--image={addr}/base/busybox:latest")]);
     let out = String::from_utf8_lossy(&first.stdout).into_owned();
     assert_eq!(first.status.code(), Some(0), "{}", stderr(&first));
-    assert!(out.contains("cached ") && !out.contains(" 0 blobs"), "{out}");
+    assert!(
+        out.contains("cached ") && !out.contains(" 0 blobs"),
+        "{out}"
+    );
     let blobs = std::fs::read_dir(cache_dir.join("blobs/sha256"))
         .map(|d| d.count())
         .unwrap_or(0);
