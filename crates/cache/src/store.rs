@@ -473,10 +473,11 @@ fn entry_created(manifest: &Manifest, location: &str) -> Result<SystemTime, Cach
 }
 
 fn expired(created: SystemTime, ttl: Duration) -> bool {
-    // A clock that went backwards makes the age zero: the entry counts as fresh.
-    SystemTime::now()
-        .duration_since(created)
-        .is_ok_and(|age| age > ttl)
+    // Creation times are stored in whole seconds, so the age is measured in whole seconds too:
+    // comparing a truncated creation time with a precise "now" would age an entry by up to a
+    // second at birth. A clock that went backwards makes the age zero: the entry counts as fresh.
+    let age_seconds = unix_seconds(SystemTime::now()).saturating_sub(unix_seconds(created));
+    age_seconds > ttl.as_secs()
 }
 
 /// Checks the manifest belongs to `key` and turns it and its config into an entry.

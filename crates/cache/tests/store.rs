@@ -192,8 +192,10 @@ async fn expired_registry_entry_is_a_miss() {
     let client = client();
     let store = CacheStore::open(&repo, &client, DEFAULT_TTL).unwrap();
     store.store(&new_entry(key(0), None, "old")).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(2100)).await;
-    let short = CacheStore::open(&repo, &client, Duration::from_secs(1)).unwrap();
+    // Ages are whole seconds: after 3.1 s the entry is at least 3 s old, past a 2 s TTL, while a
+    // rewritten entry stays fresh for the 2 s a slow machine may need to read it back.
+    tokio::time::sleep(Duration::from_millis(3100)).await;
+    let short = CacheStore::open(&repo, &client, Duration::from_secs(2)).unwrap();
     assert!(short.lookup(&key(0)).await.unwrap().is_none());
     assert!(store.lookup(&key(0)).await.unwrap().is_some());
     // Rewriting the entry makes it fresh again.
