@@ -158,7 +158,9 @@ async fn identity_token_and_registry_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_are_cached_per_scope_until_they_expire() {
-    let issuer = TokenServer::start_with_lifetime(USER, PASSWORD, REFRESH, 2).await;
+    let issuer = TokenServer::start_with_lifetime(USER, PASSWORD, REFRESH, 4).await;
+    // `issued_at` has whole seconds and the client renews 10% early, so a 4 s token is usable
+    // for at least 2.6 s: enough for the push and the two reads below on a slow machine.
     let registry = Registry::start_with(RegistryConfig {
         auth: Some(issuer.registry_auth_yaml()),
         ..RegistryConfig::default()
@@ -179,7 +181,7 @@ async fn tokens_are_cached_per_scope_until_they_expire() {
     assert_eq!(issuer.requests.load(Ordering::SeqCst), 2);
 
     // After expires_in, the next request fetches a fresh token.
-    tokio::time::sleep(std::time::Duration::from_millis(2_200)).await;
+    tokio::time::sleep(std::time::Duration::from_millis(4_200)).await;
     client.get_manifest(&repo, "v1").await.unwrap();
     assert_eq!(issuer.requests.load(Ordering::SeqCst), 3);
 }
