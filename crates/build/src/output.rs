@@ -11,7 +11,7 @@ use bytes::Bytes;
 use futures::future::try_join_all;
 use kiln_fs::blobstore::BlobStore;
 use kiln_oci::archive::{ArchiveLayer, DockerArchiveWriter};
-use kiln_oci::image::{rfc3339_utc, ImageConfig, JsonBlob, ManifestBuilder};
+use kiln_oci::image::{rfc3339_utc, History, ImageConfig, JsonBlob, ManifestBuilder};
 use kiln_oci::layout::OciLayout;
 use kiln_oci::{Digest, Reference};
 use kiln_registry::{BytesSource, Client, FileSource, PushBlobOptions, Repository};
@@ -47,18 +47,23 @@ pub fn assemble(
             labels.insert(k.clone(), v.clone());
         }
     }
-    config.created = match source_date_epoch {
-        Some(epoch) => Some(rfc3339_utc(epoch)),
-        None => Some(rfc3339_utc(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs() as i64),
-        )),
-    };
-    let created = config.created.clone();
-    for entry in &mut config.history {
-        if entry.created.is_none() || source_date_epoch.is_some() {
-            entry.created.clone_from(&created);
+    match source_date_epoch {
+        Some(epoch) => {
+            let created = Some(rfc3339_utc(epoch));
+            for entry in &mut config.history {
+                entry.created.clone_from(&created);
+            }
+            config.created = created;
+        }
+        None => {
+            date_untimed_history(&mut config.history);
+            // The image is as old as its newest step, so an unchanged rebuild from the cache
+            // has the same config, and the same digest, as the build that filled the cache.
+            config.created = config
+                .history
+                .last()
+                .and_then(|h| h.created.clone())
+                .or_else(|| Some(now_rfc3339()));
         }
     }
     let image_error = |e: kiln_oci::image::ImageError| BuildError::Image(e.to_string());
@@ -74,6 +79,46 @@ pub fn assemble(
         manifest: manifest_blob,
         layers: layers.to_vec(),
     })
+}
+
+/// The current time in whole seconds, as history entries and configs record it.
+pub fn now_rfc3339() -> String {
+    rfc3339_utc(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64),
+    )
+}
+
+/// Gives history entries without a time (metadata-only steps) one, by BuildKit's rule: the first
+/// run of untimed entries takes the time of the first timed entry after it (or, when none
+/// follows, of the last one before it); every later run takes the time of the entry before it.
+/// Entries stay untimed only when no entry has a time.
+fn date_untimed_history(history: &mut [History]) {
+    let mut fill: Option<String> = None;
+    let mut seen_gap = false;
+    for entry in history.iter() {
+        match &entry.created {
+            Some(time) => {
+                fill = Some(time.clone());
+                if seen_gap {
+                    break;
+                }
+            }
+            None => seen_gap = true,
+        }
+    }
+    seen_gap = false;
+    for entry in history.iter_mut() {
+        match &entry.created {
+            Some(time) if seen_gap => fill = Some(time.clone()),
+            Some(_) => {}
+            None => {
+                seen_gap = true;
+                entry.created.clone_from(&fill);
+            }
+        }
+    }
 }
 
 /// Parses every `--destination` before anything is built, so a typo fails fast.
@@ -445,4 +490,51 @@ pub fn layout_tag(destinations: &[Reference]) -> String {
         .and_then(|d| d.tag())
         .unwrap_or("latest")
         .to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dated(times: &[Option<&str>]) -> Vec<Option<String>> {
+        let mut history: Vec<History> = times
+            .iter()
+            .map(|t| History {
+                created: t.map(str::to_owned),
+                ..History::default()
+            })
+            .collect();
+        date_untimed_history(&mut history);
+        history.into_iter().map(|h| h.created).collect()
+    }
+
+    #[test]
+    fn untimed_steps_take_the_next_layer_time_first_then_the_previous_one() {
+        let base = Some("base");
+        // FROM base; LABEL; COPY (t1); RUN (t2); CMD
+        assert_eq!(
+            dated(&[base, None, Some("t1"), Some("t2"), None]),
+            [base, Some("t1"), Some("t1"), Some("t2"), Some("t2")].map(|t| t.map(str::to_owned))
+        );
+        // FROM base; COPY (t1); ENV; RUN (t2); EXPOSE; USER: the first gap looks forward.
+        assert_eq!(
+            dated(&[base, Some("t1"), None, Some("t2"), None, None]),
+            [
+                base,
+                Some("t1"),
+                Some("t2"),
+                Some("t2"),
+                Some("t2"),
+                Some("t2")
+            ]
+            .map(|t| t.map(str::to_owned))
+        );
+        // Metadata only: the base's newest time.
+        assert_eq!(
+            dated(&[base, None]),
+            [base, base].map(|t| t.map(str::to_owned))
+        );
+        // Nothing timed at all stays untimed (assemble then uses the build time).
+        assert_eq!(dated(&[None, None]), [None, None]);
+    }
 }

@@ -438,6 +438,10 @@ pub fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, BuildEr
                             .push((cached.clone(), layer.clone())),
                     }
                     shared.push_ahead(index, std::slice::from_ref(&layer));
+                    let history = History {
+                        created: entry.history.created.clone(),
+                        ..history
+                    };
                     config.push_layer(layer.diff_id.clone(), history);
                     layers.push(layer);
                 }
@@ -575,6 +579,13 @@ pub fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, BuildEr
                 let layer = shared.timed(Some(index), Some(step_no), Phase::Layer, || {
                     materialized(&mut stage).write_layer(&diff, step_no, line)
                 })?;
+                // A layer's history carries the time it was made, and the cache entry keeps
+                // it, so a rebuild from the cache dates the layer as the first build did (and
+                // `output::assemble` derives every other time from these, as BuildKit does).
+                let history = History {
+                    created: Some(crate::output::now_rfc3339()),
+                    ..history
+                };
                 shared.push_ahead(index, std::slice::from_ref(&layer));
                 if let (Some(cache), Some(Some(key))) = (&shared.cache, plan.keys.get(step_no)) {
                     let path = shared.blobs.blob_path(&layer.descriptor.digest);

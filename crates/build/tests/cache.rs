@@ -125,6 +125,9 @@ fn an_unchanged_rebuild_in_another_pod_is_a_full_hit_with_the_same_digest() {
             o.cache.enabled = true;
             o.cache.repo = Some(format!("{addr}/team/app/cache"));
             o.output.destinations.push(format!("{addr}/team/app:{tag}"));
+            // Not --reproducible: the same digest must come from the cached layers' own
+            // times, as with BuildKit, not from a fixed epoch.
+            o.output.reproducible = false;
         }
     };
 
@@ -141,7 +144,9 @@ fn an_unchanged_rebuild_in_another_pod_is_a_full_hit_with_the_same_digest() {
     );
     assert!(cold.cached_steps().is_empty());
 
-    // A second Pod: a new work directory, only the registry cache is shared.
+    // A second Pod, a second later (so a build-time timestamp would show): a new work
+    // directory, only the registry cache is shared.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
     let warm = build(
         &registry,
         &context,
