@@ -9,6 +9,8 @@ use std::time::{Duration, Instant, SystemTime};
 use base64::Engine as _;
 use reqwest::header::{HeaderValue, AUTHORIZATION, RETRY_AFTER, WWW_AUTHENTICATE};
 use reqwest::{RequestBuilder, Response, StatusCode};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::CertificateDer;
 use tokio::sync::{OnceCell, Semaphore};
 use url::Url;
 
@@ -578,10 +580,14 @@ const SYSTEM_BUNDLES: [&str; 6] = [
 ];
 
 /// The system's CA certificates: `SSL_CERT_FILE` or the first bundle found, plus every PEM
-/// file in the `SSL_CERT_DIR` directories. Unreadable or malformed files are skipped: they
-/// were not named by the user, and the built-in roots remain.
+/// file in the `SSL_CERT_DIR` directories, each certificate once. Unreadable or malformed
+/// files are skipped: they were not named by the user, and the built-in roots remain. Read
+/// once per process: every client of a build shares them.
 fn system_roots() -> Vec<reqwest::Certificate> {
-    system_roots_from(|name| std::env::var_os(name), &SYSTEM_BUNDLES)
+    static ROOTS: std::sync::OnceLock<Vec<reqwest::Certificate>> = std::sync::OnceLock::new();
+    ROOTS
+        .get_or_init(|| system_roots_from(|name| std::env::var_os(name), &SYSTEM_BUNDLES))
+        .clone()
 }
 
 fn system_roots_from(
@@ -612,11 +618,24 @@ fn system_roots_from(
             files.extend(found);
         }
     }
+    // A distribution's SSL_CERT_DIR usually holds each certificate of the bundle again, under
+    // its own name and a hash link: without deduplication every client would parse it three
+    // times (15 ms per build on Debian).
+    let mut seen = std::collections::HashSet::new();
     let mut roots = Vec::new();
     for file in files {
-        match std::fs::read(&file).map(|pem| reqwest::Certificate::from_pem_bundle(&pem)) {
-            Ok(Ok(certs)) => roots.extend(certs),
-            _ => tracing::debug!(path = %file.display(), "skipping unusable system CA file"),
+        let Ok(pem) = std::fs::read(&file) else {
+            tracing::debug!(path = %file.display(), "skipping unreadable system CA file");
+            continue;
+        };
+        for der in CertificateDer::pem_slice_iter(&pem).map_while(Result::ok) {
+            if !seen.insert(der.as_ref().to_vec()) {
+                continue;
+            }
+            match reqwest::Certificate::from_der(der.as_ref()) {
+                Ok(cert) => roots.push(cert),
+                Err(_) => tracing::debug!(path = %file.display(), "skipping a bad system CA"),
+            }
         }
     }
     roots
@@ -840,6 +859,10 @@ mod tests {
             .unwrap()
             .self_signed(&key)
             .unwrap();
+        let other = rcgen::CertificateParams::new(vec!["other-ca.example".to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
         let bundle = dir.path().join("bundle.pem");
         std::fs::write(&bundle, format!("{}{}", cert.pem(), cert.pem())).unwrap();
         let cert_dir = dir.path().join("certs");
@@ -862,11 +885,17 @@ mod tests {
                 _ => None,
             }
         }
-        assert_eq!(system_roots_from(env(Some(&bundle), None), &[]).len(), 2);
+        // Each certificate counts once, however often the bundle and the directory repeat it.
+        assert_eq!(system_roots_from(env(Some(&bundle), None), &[]).len(), 1);
         assert_eq!(system_roots_from(env(None, Some(&cert_dir)), &[]).len(), 1);
         assert_eq!(
             system_roots_from(env(None, Some(&cert_dir)), &["/nonexistent", &bundle_str]).len(),
-            3
+            1
+        );
+        std::fs::write(cert_dir.join("two.pem"), other.pem()).unwrap();
+        assert_eq!(
+            system_roots_from(env(None, Some(&cert_dir)), &["/nonexistent", &bundle_str]).len(),
+            2
         );
         assert!(system_roots_from(env(None, None), &["/nonexistent"]).is_empty());
     }
