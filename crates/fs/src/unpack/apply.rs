@@ -16,6 +16,7 @@ use rustix::fs::{AtFlags, FileType, Gid, Mode, OFlags, Timespec, Timestamps, Uid
 use rustix::io::Errno;
 
 use super::name::{self, Special};
+use super::pool::{FileJob, NewNode, WritePool, MAX_QUEUED_FILE};
 use super::{SkippedEntry, UnpackError, UnpackEvent};
 use crate::resolve::{list_dir, remove_entry, ParentDir, Root, RootError};
 
@@ -72,6 +73,9 @@ pub(crate) struct Applier<'r, 'o> {
     skipped: Vec<SkippedEntry>,
     entries: u64,
     buf: Vec<u8>,
+    /// Worker threads for small regular files, started at the first one.
+    pool: Option<WritePool>,
+    pool_started: bool,
 }
 
 impl<'r, 'o> Applier<'r, 'o> {
@@ -92,6 +96,8 @@ impl<'r, 'o> Applier<'r, 'o> {
             skipped: Vec::new(),
             entries: 0,
             buf: vec![0; COPY_BUFFER],
+            pool: None,
+            pool_started: false,
         }
     }
 
@@ -109,6 +115,30 @@ impl<'r, 'o> Applier<'r, 'o> {
 
     /// Sets directory times (now that all contents are written) and reports directories.
     pub(crate) fn finish(mut self) -> Result<(u64, Vec<SkippedEntry>), UnpackError> {
+        if let Err(e) = self.drain_pool() {
+            let entry = match &e {
+                OpError::Root(RootError::Io { path, .. }) => path.to_string_lossy().into_owned(),
+                _ => String::new(),
+            };
+            return Err(match e {
+                OpError::Root(source) => UnpackError::Apply {
+                    layer: self.layer.clone(),
+                    entry,
+                    source: Box::new(source),
+                },
+                OpError::Stream(e) => UnpackError::Apply {
+                    layer: self.layer.clone(),
+                    entry,
+                    source: Box::new(self.io_err_std("write", Path::new(""), e)),
+                },
+                OpError::Invalid(reason) => UnpackError::InvalidEntry {
+                    layer: self.layer.clone(),
+                    entry,
+                    reason,
+                },
+            });
+        }
+        self.pool = None;
         let dir_times = std::mem::take(&mut self.dir_times);
         for (path, times) in &dir_times {
             let shown = path.to_string_lossy();
@@ -245,6 +275,10 @@ impl<'r, 'o> Applier<'r, 'o> {
     ) -> Result<(), OpError> {
         let parent = self.parent(path)?;
         self.clear(path, &parent, false)?;
+        let size = entry.size();
+        if meta.xattrs.is_empty() && size <= MAX_QUEUED_FILE && self.start_pool() {
+            return self.queue_regular(path, parent, meta, entry);
+        }
         let fd = rustix::fs::openat(
             parent.dir(),
             parent.name(),
@@ -253,7 +287,6 @@ impl<'r, 'o> Applier<'r, 'o> {
         )
         .map_err(|e| self.io_err("create", path, e))?;
         let mut file = File::from(fd);
-        let size = entry.size();
         let mut remaining = size;
         while remaining > 0 {
             let want = remaining.min(self.buf.len() as u64) as usize;
@@ -284,6 +317,81 @@ impl<'r, 'o> Applier<'r, 'o> {
         rustix::fs::futimens(&file, &meta.times)
             .map_err(|e| self.io_err("set times of", path, e))?;
         self.emit_written(path, &file)
+    }
+
+    /// Reads a small file's content from the stream and hands the writing to the pool.
+    fn queue_regular<R: Read>(
+        &mut self,
+        path: &Path,
+        parent: ParentDir,
+        meta: &EntryMeta,
+        entry: &mut tar::Entry<'_, R>,
+    ) -> Result<(), OpError> {
+        let size = entry.size();
+        let mut content = Vec::with_capacity(size as usize);
+        let got = (&mut *entry)
+            .take(size)
+            .read_to_end(&mut content)
+            .map_err(OpError::Stream)? as u64;
+        if got < size {
+            return Err(OpError::Stream(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!(
+                    "{}: stream ended {} bytes before the end of its declared {size} bytes",
+                    path.display(),
+                    size - got
+                ),
+            )));
+        }
+        self.submit(FileJob {
+            path: path.to_path_buf(),
+            parent,
+            node: NewNode::File(content),
+            mode: meta.mode,
+            uid: meta.uid,
+            gid: meta.gid,
+            times: meta.times.clone(),
+            want_metadata: self.on_event.is_some(),
+        })
+    }
+
+    /// Hands a job to the pool, which must be running.
+    fn submit(&mut self, job: FileJob) -> Result<(), OpError> {
+        let pool = self.pool.as_mut().expect("checked by the caller");
+        let on_event = &mut self.on_event;
+        pool.submit(job, &mut |path, metadata| {
+            if let Some(callback) = on_event.as_mut() {
+                callback(UnpackEvent::Written { path, metadata });
+            }
+        })
+        .map_err(OpError::Root)
+    }
+
+    /// Waits for every queued file: called before anything that could touch one of them.
+    fn drain_pool(&mut self) -> Result<(), OpError> {
+        let Some(pool) = self.pool.as_mut() else {
+            return Ok(());
+        };
+        let on_event = &mut self.on_event;
+        pool.drain(&mut |path, metadata| {
+            if let Some(callback) = on_event.as_mut() {
+                callback(UnpackEvent::Written { path, metadata });
+            }
+        })
+        .map_err(OpError::Root)
+    }
+
+    /// Whether the pool runs, starting it at the first call.
+    fn start_pool(&mut self) -> bool {
+        if !self.pool_started {
+            self.pool_started = true;
+            self.pool = WritePool::start(self.root.path());
+        }
+        self.pool.is_some()
+    }
+
+    fn pool_busy(&self) -> bool {
+        self.pool.as_ref().is_some_and(WritePool::busy)
     }
 
     fn directory(&mut self, path: &Path, meta: &EntryMeta) -> Result<(), OpError> {
@@ -341,6 +449,9 @@ impl<'r, 'o> Applier<'r, 'o> {
         }
         if target == path {
             return Ok(());
+        }
+        if self.pool_busy() {
+            self.drain_pool()?;
         }
         let source = self.root.resolve_parent(&target)?;
         let source_stat =
@@ -473,6 +584,9 @@ impl<'r, 'o> Applier<'r, 'o> {
     }
 
     fn opaque(&mut self, dir: &Path) -> Result<(), OpError> {
+        if self.pool_busy() {
+            self.drain_pool()?;
+        }
         let handle = match self.root.open_dir(dir) {
             Ok(handle) => handle,
             Err(e) if e.is_not_found() || e.raw_os_error() == Some(libc::ENOTDIR) => return Ok(()),
@@ -530,6 +644,9 @@ impl<'r, 'o> Applier<'r, 'o> {
     }
 
     fn whiteout(&mut self, target: &Path) -> Result<(), OpError> {
+        if self.pool_busy() {
+            self.drain_pool()?;
+        }
         // A whiteout hides lower layers only; an entry of this layer with the same name stays.
         if self.in_layer(target) {
             return Ok(());
@@ -551,6 +668,15 @@ impl<'r, 'o> Applier<'r, 'o> {
 
     /// The directory that will hold `path`, created (with parents, mode 0755) if missing.
     fn parent(&mut self, path: &Path) -> Result<ParentDir, OpError> {
+        // A queued file in the way must exist before the path is resolved, so the resolution
+        // fails on it (not a directory) instead of creating a directory in its place.
+        if self
+            .pool
+            .as_ref()
+            .is_some_and(|pool| path.ancestors().skip(1).any(|a| pool.is_queued(a)))
+        {
+            self.drain_pool()?;
+        }
         let parent = match self.root.resolve_parent(path) {
             Ok(parent) => parent,
             Err(e) if e.is_not_found() => {
@@ -589,13 +715,21 @@ impl<'r, 'o> Applier<'r, 'o> {
     /// Makes room for a new entry at `path`: removes what is there unless it is a directory and
     /// `keep_dir`. Returns whether a directory was kept.
     fn clear(&mut self, path: &Path, parent: &ParentDir, keep_dir: bool) -> Result<bool, OpError> {
+        if self.pool.as_ref().is_some_and(|p| p.is_queued(path)) {
+            self.drain_pool()?;
+        }
         let st = match rustix::fs::statat(parent.dir(), parent.name(), AtFlags::SYMLINK_NOFOLLOW) {
             Ok(st) => st,
             Err(Errno::NOENT) => return Ok(false),
             Err(e) => return Err(self.io_err("stat", path, e).into()),
         };
-        if keep_dir && FileType::from_raw_mode(st.st_mode) == FileType::Directory {
+        let is_dir = FileType::from_raw_mode(st.st_mode) == FileType::Directory;
+        if keep_dir && is_dir {
             return Ok(true);
+        }
+        if is_dir && self.pool_busy() {
+            // Queued files may be inside the directory about to go.
+            self.drain_pool()?;
         }
         remove_entry(parent.dir(), parent.name())
             .map_err(|e| self.io_err_std("remove", path, e))?;

@@ -32,6 +32,7 @@
 
 mod apply;
 mod name;
+mod pool;
 mod stream;
 
 use std::io::{self, Read};
@@ -47,7 +48,9 @@ pub use stream::Compression;
 #[derive(Debug)]
 pub enum UnpackEvent<'a> {
     /// `path` was written by this layer and has this (final for the layer) metadata.
-    /// Non-directories are reported as soon as they are complete; directories after the
+    /// Non-directories are reported once complete (a regular file written by a worker thread
+    /// when the worker is done, always before a later entry of the layer touches it, so the
+    /// events of one path keep the layer's order); directories after the
     /// layer's last entry, once their modification times are set. When the entry's parent is a
     /// symlink, `path` is the entry's name as written in the layer, not the symlink's target.
     Written {

@@ -232,3 +232,110 @@ fn skipped_paths_are_neither_written_nor_whited_out() {
         "binary"
     );
 }
+
+/// Files are written by worker threads while later entries are applied: entries that touch a
+/// queued path (the same name again, a hard link to it, a type change of its directory) must
+/// still see the layer in order, and every written file must be reported.
+#[test]
+fn queued_file_writes_keep_entry_order() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = Root::open(tmp.path()).unwrap();
+    let mut builder = tar::Builder::new(Vec::new());
+    let mut add = |path: &str, kind: tar::EntryType, content: &[u8], link: Option<&str>| {
+        let mut header = tar::Header::new_gnu();
+        header.set_mode(if kind.is_dir() { 0o755 } else { 0o644 });
+        header.set_mtime(1_600_000_000);
+        header.set_entry_type(kind);
+        header.set_size(content.len() as u64);
+        match link {
+            Some(target) => builder.append_link(&mut header, path, target).unwrap(),
+            None => builder.append_data(&mut header, path, content).unwrap(),
+        }
+    };
+    add("d", tar::EntryType::Directory, b"", None);
+    for i in 0..300 {
+        add(
+            &format!("d/f{i}"),
+            tar::EntryType::Regular,
+            format!("first {i}").as_bytes(),
+            None,
+        );
+    }
+    add("d/f5", tar::EntryType::Regular, b"second", None);
+    add("hl", tar::EntryType::Link, b"", Some("d/f7"));
+    add("r", tar::EntryType::Directory, b"", None);
+    for i in 0..100 {
+        add(&format!("r/x{i}"), tar::EntryType::Regular, b"x", None);
+    }
+    add("r", tar::EntryType::Symlink, b"", Some("d"));
+    add("s", tar::EntryType::Regular, b"file first", None);
+    add("s", tar::EntryType::Directory, b"", None);
+    add("s/in", tar::EntryType::Regular, b"inside", None);
+    add("l", tar::EntryType::Symlink, b"", Some("d/f1"));
+    add("l", tar::EntryType::Regular, b"no longer a link", None);
+    add("l2", tar::EntryType::Symlink, b"", Some("d/f2"));
+    let blob = builder.into_inner().unwrap();
+
+    let mut written = std::collections::BTreeSet::new();
+    let mut on_event = |e: UnpackEvent<'_>| {
+        if let UnpackEvent::Written { path, metadata } = e {
+            if metadata.is_file() {
+                written.insert(path.to_path_buf());
+            }
+        }
+    };
+    unpack_layer(
+        &root,
+        &blob[..],
+        &Digest::sha256_of(&blob),
+        UnpackOptions {
+            on_event: Some(&mut on_event),
+            ..UnpackOptions::default()
+        },
+    )
+    .unwrap();
+
+    let at = |p: &str| tmp.path().join(p);
+    assert_eq!(std::fs::read_to_string(at("d/f5")).unwrap(), "second");
+    assert_eq!(std::fs::read_to_string(at("d/f299")).unwrap(), "first 299");
+    let (linked, target) = (at("hl").metadata().unwrap(), at("d/f7").metadata().unwrap());
+    assert_eq!(linked.ino(), target.ino());
+    assert_eq!(target.nlink(), 2);
+    assert_eq!(std::fs::read_link(at("r")).unwrap(), Path::new("d"));
+    assert_eq!(std::fs::read_to_string(at("s/in")).unwrap(), "inside");
+    assert_eq!(at("d/f1").metadata().unwrap().mode() & 0o7777, 0o644);
+    assert_eq!(at("d/f1").metadata().unwrap().mtime(), 1_600_000_000);
+    for i in 0..300 {
+        assert!(
+            written.contains(Path::new(&format!("d/f{i}"))),
+            "d/f{i} not reported"
+        );
+    }
+    assert!(written.contains(Path::new("s/in")) && written.contains(Path::new("hl")));
+    assert_eq!(
+        std::fs::read_to_string(at("l")).unwrap(),
+        "no longer a link"
+    );
+    assert_eq!(std::fs::read_link(at("l2")).unwrap(), Path::new("d/f2"));
+    assert_eq!(at("l2").symlink_metadata().unwrap().mtime(), 1_600_000_000);
+}
+
+#[test]
+fn a_queued_file_in_the_way_of_a_later_entry_is_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = Root::open(tmp.path()).unwrap();
+    let mut entries: Vec<(String, String)> = (0..50)
+        .map(|i| (format!("f{i}"), "file:x".to_owned()))
+        .collect();
+    entries.push(("f49/inside".to_owned(), "file:y".to_owned()));
+    let entries: Vec<(&str, &str)> = entries
+        .iter()
+        .map(|(p, k)| (p.as_str(), k.as_str()))
+        .collect();
+    let err = unpack(&root, &tar_of(&entries)).unwrap_err().to_string();
+    assert!(err.contains("f49/inside"), "{err}");
+    assert!(
+        tmp.path().join("f49").is_file(),
+        "no directory replaced the file"
+    );
+}
