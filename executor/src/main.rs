@@ -57,18 +57,9 @@ fn main() -> ExitCode {
 /// `executor warm`: stores every named base image (and every base image of `--dockerfile`) in
 /// the cache directory, downloading only what is missing.
 fn warm_cache_dir(renderer: &Renderer, warm: &WarmInvocation) -> i32 {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime(renderer) {
         Ok(runtime) => runtime,
-        Err(error) => {
-            return fail(
-                renderer,
-                &format!("cannot start the async runtime: {error}"),
-                exit::BUILD_FAILED,
-            )
-        }
+        Err(code) => return code,
     };
     let result: Result<Vec<String>, String> = runtime.block_on(async {
         let platform = warm.platform.clone().unwrap_or_else(Platform::host);
@@ -138,23 +129,28 @@ fn dockerfile_bases(
         .collect())
 }
 
-/// Runs the build and returns the process exit code.
-fn build(renderer: &Renderer, invocation: Invocation) -> i32 {
-    let mut invocation = invocation;
-    invocation.options.cache = invocation.cache.engine_options();
-    // The engine runs stages on blocking threads and needs a multi-threaded runtime.
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+/// The async runtime, multi-threaded because the engine runs stages on blocking threads; on
+/// failure, the exit code (the error is reported).
+fn runtime(renderer: &Renderer) -> Result<tokio::runtime::Runtime, i32> {
+    tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-    {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            return fail(
+        .map_err(|error| {
+            fail(
                 renderer,
                 &format!("cannot start the async runtime: {error}"),
                 exit::BUILD_FAILED,
             )
-        }
+        })
+}
+
+/// Runs the build and returns the process exit code.
+fn build(renderer: &Renderer, invocation: Invocation) -> i32 {
+    let mut invocation = invocation;
+    invocation.options.cache = invocation.cache.engine_options();
+    let runtime = match runtime(renderer) {
+        Ok(runtime) => runtime,
+        Err(code) => return code,
     };
     let builder = Builder::new(invocation.options).events(renderer.sink());
     match runtime.block_on(builder.build()) {

@@ -72,20 +72,6 @@ impl ArchiveFormat {
     }
 }
 
-/// Reads as much of `buf` as the stream holds; returns how many bytes were read.
-fn read_up_to(reader: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match reader.read(&mut buf[filled..]) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(filled)
-}
-
 /// Whether a 512-byte block is a tar header: its checksum field parses and matches the sum of
 /// the block's bytes with that field counted as spaces (what a tar reader checks first).
 fn is_tar_header(block: &[u8; 512]) -> bool {
@@ -105,29 +91,17 @@ fn is_tar_header(block: &[u8; 512]) -> bool {
     else {
         return false;
     };
-    let unsigned: u64 = block
-        .iter()
-        .enumerate()
-        .map(|(i, b)| {
-            if (148..156).contains(&i) {
-                32
-            } else {
-                u64::from(*b)
-            }
-        })
-        .sum();
-    // Some old writers summed signed bytes.
-    let signed: i64 = block
-        .iter()
-        .enumerate()
-        .map(|(i, b)| {
-            if (148..156).contains(&i) {
-                32
-            } else {
-                i64::from(*b as i8)
-            }
-        })
-        .sum();
+    // Some old writers summed signed bytes: both sums are accepted.
+    let (mut unsigned, mut signed) = (0u64, 0i64);
+    for (i, byte) in block.iter().enumerate() {
+        let (u, v) = if (148..156).contains(&i) {
+            (32, 32)
+        } else {
+            (u64::from(*byte), i64::from(*byte as i8))
+        };
+        unsigned += u;
+        signed += v;
+    }
     recorded == unsigned || i64::try_from(recorded).is_ok_and(|r| r == signed)
 }
 
@@ -136,16 +110,16 @@ fn is_tar_header(block: &[u8; 512]) -> bool {
 /// not an archive (Docker then copies it as it is).
 pub fn detect(path: &Path) -> io::Result<Option<ArchiveFormat>> {
     let mut file = File::open(path)?;
-    let mut magic = [0u8; 6];
-    let n = read_up_to(&mut file, &mut magic)?;
+    let mut magic = Vec::with_capacity(6);
+    (&mut file).take(6).read_to_end(&mut magic)?;
     file.seek(SeekFrom::Start(0))?;
-    let format = ArchiveFormat::from_magic(&magic[..n]);
+    let format = ArchiveFormat::from_magic(&magic);
     let Ok(mut decoded) = format.decoder(file) else {
         return Ok(None);
     };
     let mut block = [0u8; 512];
-    match read_up_to(&mut decoded, &mut block) {
-        Ok(512) if is_tar_header(&block) => Ok(Some(format)),
+    match decoded.read_exact(&mut block) {
+        Ok(()) if is_tar_header(&block) => Ok(Some(format)),
         _ => Ok(None),
     }
 }

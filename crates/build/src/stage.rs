@@ -92,6 +92,48 @@ impl Shared {
         (self.events)(event)
     }
 
+    /// Pulls base `image` and unpacks it into the stage's tree: `rootfs` (indexing it in
+    /// `index`), or `/` in in-place mode (`in_place_ignore` given), sparing ignored paths.
+    /// Layers download and unpack at the same time, so the two are one `pull` phase.
+    fn pull_base_into(
+        &self,
+        stage: usize,
+        from_line: usize,
+        image: &str,
+        in_place_ignore: Option<&IgnoreOptions>,
+        rootfs: &Path,
+        index: &mut Index,
+    ) -> Result<base::PulledImage, BuildError> {
+        let cache_dir = self.options.cache.dir.as_deref();
+        self.timed(Some(stage), None, Phase::Pull, || match in_place_ignore {
+            Some(ignore) => {
+                let pulled = self.runtime.block_on(base::pull(
+                    &self.client,
+                    &self.blobs,
+                    image,
+                    &self.platform,
+                    &*self.events,
+                    cache_dir,
+                ))?;
+                let ignore = inplace::ignore_set(ignore)?;
+                inplace::unpack_into_root(&pulled.layers, &self.blobs, &ignore)?;
+                Ok(pulled)
+            }
+            None => base::pull_and_unpack(
+                &self.runtime,
+                &self.client,
+                &self.blobs,
+                image,
+                &self.platform,
+                &self.events,
+                rootfs,
+                index,
+                cache_dir,
+            ),
+        })
+        .map_err(|e: BuildError| self.step_error(from_line, format!("FROM {image}: {e}")))
+    }
+
     /// Runs `work`, reporting its duration as `phase` of `stage` (and `step`) for the timing
     /// report.
     pub fn timed<T>(
@@ -285,38 +327,14 @@ pub fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, BuildEr
             (pulled.config, pulled.layers, env, base)
         }
         Base::Image(image) => {
-            // Layers download and unpack at the same time, so the two are one phase here.
-            let pulled = shared
-                .timed(Some(index), None, Phase::Pull, || {
-                    if in_place {
-                        let pulled = shared.runtime.block_on(base::pull(
-                            &shared.client,
-                            &shared.blobs,
-                            image,
-                            &shared.platform,
-                            &*shared.events,
-                            shared.options.cache.dir.as_deref(),
-                        ))?;
-                        let ignore = inplace::ignore_set(&in_place_ignore)?;
-                        inplace::unpack_into_root(&pulled.layers, &shared.blobs, &ignore)?;
-                        Ok(pulled)
-                    } else {
-                        base::pull_and_unpack(
-                            &shared.runtime,
-                            &shared.client,
-                            &shared.blobs,
-                            image,
-                            &shared.platform,
-                            &shared.events,
-                            &rootfs,
-                            &mut index_of_rootfs,
-                            shared.options.cache.dir.as_deref(),
-                        )
-                    }
-                })
-                .map_err(|e: BuildError| {
-                    shared.step_error(from_line, format!("FROM {image}: {e}"))
-                })?;
+            let pulled = shared.pull_base_into(
+                index,
+                from_line,
+                image,
+                in_place.then_some(&in_place_ignore),
+                &rootfs,
+                &mut index_of_rootfs,
+            )?;
             shared.push_ahead(index, &pulled.layers);
             let env = metadata::env_pairs(&pulled.config.config);
             let base = Some((pulled.reference.to_string(), pulled.manifest_digest.clone()));
@@ -688,39 +706,14 @@ impl Materializer<'_> {
         let shared = self.shared;
         let mut index_of_rootfs = self.base_index.take().unwrap_or_default();
         if let Some(image) = self.pending_base.take() {
-            let from_line = self.from_line;
-            let pulled = shared
-                .timed(Some(self.index), None, Phase::Pull, || {
-                    if self.in_place {
-                        let pulled = shared.runtime.block_on(base::pull(
-                            &shared.client,
-                            &shared.blobs,
-                            &image,
-                            &shared.platform,
-                            &*shared.events,
-                            shared.options.cache.dir.as_deref(),
-                        ))?;
-                        let ignore = inplace::ignore_set(self.in_place_ignore)?;
-                        inplace::unpack_into_root(&pulled.layers, &shared.blobs, &ignore)?;
-                        Ok(pulled)
-                    } else {
-                        base::pull_and_unpack(
-                            &shared.runtime,
-                            &shared.client,
-                            &shared.blobs,
-                            &image,
-                            &shared.platform,
-                            &shared.events,
-                            self.rootfs,
-                            &mut index_of_rootfs,
-                            shared.options.cache.dir.as_deref(),
-                        )
-                    }
-                })
-                .map_err(|e: BuildError| {
-                    shared.step_error(from_line, format!("FROM {image}: {e}"))
-                });
-            pulled?;
+            shared.pull_base_into(
+                self.index,
+                self.from_line,
+                &image,
+                self.in_place.then_some(self.in_place_ignore),
+                self.rootfs,
+                &mut index_of_rootfs,
+            )?;
         }
         if let Some(parent) = self.pending_stage.take() {
             let from_line = self.from_line;

@@ -472,6 +472,20 @@ fn entry_created(manifest: &Manifest, location: &str) -> Result<SystemTime, Cach
     Ok(UNIX_EPOCH + Duration::from_secs(seconds))
 }
 
+/// Parses an entry's manifest; `None` when the entry is older than `ttl` (a miss).
+fn fresh_manifest(
+    bytes: &[u8],
+    location: &str,
+    ttl: Duration,
+) -> Result<Option<(Manifest, SystemTime)>, CacheError> {
+    let manifest = Manifest::from_json(bytes).map_err(|source| CacheError::Image {
+        what: location.to_owned(),
+        source,
+    })?;
+    let created = entry_created(&manifest, location)?;
+    Ok((!expired(created, ttl)).then_some((manifest, created)))
+}
+
 fn expired(created: SystemTime, ttl: Duration) -> bool {
     // Creation times are stored in whole seconds, so the age is measured in whole seconds too:
     // comparing a truncated creation time with a precise "now" would age an entry by up to a
@@ -541,14 +555,9 @@ async fn registry_lookup(
         Err(err) if err.status().is_some_and(|s| s.as_u16() == 404) => return Ok(None),
         Err(err) => return Err(err.into()),
     };
-    let manifest = Manifest::from_json(&fetched.bytes).map_err(|source| CacheError::Image {
-        what: location.clone(),
-        source,
-    })?;
-    let created = entry_created(&manifest, &location)?;
-    if expired(created, ttl) {
+    let Some((manifest, created)) = fresh_manifest(&fetched.bytes, &location, ttl)? else {
         return Ok(None);
-    }
+    };
     let config = match read_small_blob(client, repo, &manifest.config.digest, MAX_CONFIG_SIZE).await
     {
         Ok(config) => config,
@@ -577,14 +586,9 @@ fn layout_lookup(
         return Ok(None);
     };
     let bytes = layout.read_blob_bytes(&descriptor.digest, MAX_MANIFEST_SIZE)?;
-    let manifest = Manifest::from_json(&bytes).map_err(|source| CacheError::Image {
-        what: location.clone(),
-        source,
-    })?;
-    let created = entry_created(&manifest, &location)?;
-    if expired(created, ttl) {
+    let Some((manifest, created)) = fresh_manifest(&bytes, &location, ttl)? else {
         return Ok(None);
-    }
+    };
     if let Some(layer) = manifest.layers.first() {
         if !layout.has_blob(&layer.digest) {
             return Ok(None);

@@ -16,7 +16,9 @@ use rustix::fs::{AtFlags, FileType, Gid, Mode, OFlags, Timespec, Timestamps, Uid
 use rustix::io::Errno;
 
 use super::name::{self, Special};
-use super::pool::{FileJob, NewNode, WritePool, MAX_QUEUED_FILE};
+use super::pool::{
+    create_exclusive, set_owner_and_mode, FileJob, FileOpError, WritePool, MAX_QUEUED_FILE,
+};
 use super::{SkippedEntry, UnpackError, UnpackEvent};
 use crate::resolve::{list_dir, remove_entry, ParentDir, Root, RootError};
 
@@ -279,27 +281,12 @@ impl<'r, 'o> Applier<'r, 'o> {
         if meta.xattrs.is_empty() && size <= MAX_QUEUED_FILE && self.start_pool() {
             return self.queue_regular(path, parent, meta, entry);
         }
-        let fd = rustix::fs::openat(
-            parent.dir(),
-            parent.name(),
-            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::from_raw_mode(0o600),
-        )
-        .map_err(|e| self.io_err("create", path, e))?;
-        let mut file = File::from(fd);
+        let mut file = create_exclusive(&parent).map_err(|e| self.file_op_error(path, e))?;
         let mut remaining = size;
         while remaining > 0 {
             let want = remaining.min(self.buf.len() as u64) as usize;
             let n = match entry.read(&mut self.buf[..want]) {
-                Ok(0) => {
-                    return Err(OpError::Stream(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        format!(
-                            "{}: stream ended {remaining} bytes before the end of its declared {size} bytes",
-                            path.display()
-                        ),
-                    )))
-                }
+                Ok(0) => return Err(truncated(path, remaining, size)),
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(OpError::Stream(e)),
@@ -308,11 +295,8 @@ impl<'r, 'o> Applier<'r, 'o> {
                 .map_err(|e| self.io_err_std("write", path, e))?;
             remaining -= n as u64;
         }
-        // Owner first: chown clears setuid/setgid and security.capability.
-        rustix::fs::fchown(&file, Some(uid(meta.uid)), Some(gid(meta.gid)))
-            .map_err(|e| self.io_err("change owner of", path, e))?;
-        rustix::fs::fchmod(&file, Mode::from_bits_retain(meta.mode))
-            .map_err(|e| self.io_err("change mode of", path, e))?;
+        set_owner_and_mode(&file, meta.uid, meta.gid, meta.mode)
+            .map_err(|e| self.file_op_error(path, e))?;
         self.set_xattrs(path, XattrTarget::Fd(file.as_fd()), &meta.xattrs)?;
         rustix::fs::futimens(&file, &meta.times)
             .map_err(|e| self.io_err("set times of", path, e))?;
@@ -334,37 +318,21 @@ impl<'r, 'o> Applier<'r, 'o> {
             .read_to_end(&mut content)
             .map_err(OpError::Stream)? as u64;
         if got < size {
-            return Err(OpError::Stream(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                format!(
-                    "{}: stream ended {} bytes before the end of its declared {size} bytes",
-                    path.display(),
-                    size - got
-                ),
-            )));
+            return Err(truncated(path, size - got, size));
         }
-        self.submit(FileJob {
+        let job = FileJob {
             path: path.to_path_buf(),
             parent,
-            node: NewNode::File(content),
+            content,
             mode: meta.mode,
             uid: meta.uid,
             gid: meta.gid,
             times: meta.times.clone(),
             want_metadata: self.on_event.is_some(),
-        })
-    }
-
-    /// Hands a job to the pool, which must be running.
-    fn submit(&mut self, job: FileJob) -> Result<(), OpError> {
+        };
         let pool = self.pool.as_mut().expect("checked by the caller");
-        let on_event = &mut self.on_event;
-        pool.submit(job, &mut |path, metadata| {
-            if let Some(callback) = on_event.as_mut() {
-                callback(UnpackEvent::Written { path, metadata });
-            }
-        })
-        .map_err(OpError::Root)
+        pool.submit(job, &mut report_written(&mut self.on_event))
+            .map_err(OpError::Root)
     }
 
     /// Waits for every queued file: called before anything that could touch one of them.
@@ -372,13 +340,8 @@ impl<'r, 'o> Applier<'r, 'o> {
         let Some(pool) = self.pool.as_mut() else {
             return Ok(());
         };
-        let on_event = &mut self.on_event;
-        pool.drain(&mut |path, metadata| {
-            if let Some(callback) = on_event.as_mut() {
-                callback(UnpackEvent::Written { path, metadata });
-            }
-        })
-        .map_err(OpError::Root)
+        pool.drain(&mut report_written(&mut self.on_event))
+            .map_err(OpError::Root)
     }
 
     /// Whether the pool runs, starting it at the first call.
@@ -839,6 +802,10 @@ impl<'r, 'o> Applier<'r, 'o> {
         })
     }
 
+    fn file_op_error(&self, path: &Path, (op, source): FileOpError) -> OpError {
+        OpError::Root(self.io_err_std(op, path, source))
+    }
+
     fn io_err(&self, op: &'static str, path: &Path, e: Errno) -> RootError {
         self.io_err_std(op, path, e.into())
     }
@@ -858,6 +825,28 @@ impl<'r, 'o> Applier<'r, 'o> {
 enum XattrTarget<'a> {
     Fd(BorrowedFd<'a>),
     InDir(&'a ParentDir),
+}
+
+/// The error for a file whose content ends `missing` bytes before its declared `size`.
+fn truncated(path: &Path, missing: u64, size: u64) -> OpError {
+    OpError::Stream(io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        format!(
+            "{}: stream ended {missing} bytes before the end of its declared {size} bytes",
+            path.display()
+        ),
+    ))
+}
+
+/// Hands each finished queued file to the caller's callback, if any, as a `Written` event.
+fn report_written<'a, 'o>(
+    on_event: &'a mut Option<&'o mut dyn FnMut(UnpackEvent<'_>)>,
+) -> impl FnMut(&Path, &std::fs::Metadata) + use<'a, 'o> {
+    move |path, metadata| {
+        if let Some(callback) = on_event.as_mut() {
+            callback(UnpackEvent::Written { path, metadata });
+        }
+    }
 }
 
 fn uid(raw: u32) -> Uid {

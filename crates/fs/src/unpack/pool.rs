@@ -30,27 +30,13 @@ pub(crate) const MAX_QUEUED_FILE: u64 = 1024 * 1024;
 /// the layer.
 const MAX_QUEUED_BYTES: u64 = 16 * 1024 * 1024;
 
-/// What a job creates. Only regular files: a symlink must exist as soon as its entry is
-/// applied, since later entries may resolve paths through it.
-pub(crate) enum NewNode {
-    /// A regular file with this content.
-    File(Vec<u8>),
-}
-
-impl NewNode {
-    fn bytes(&self) -> u64 {
-        match self {
-            NewNode::File(content) => content.len() as u64,
-        }
-    }
-}
-
-/// One regular file to create: the directory that holds it is already resolved
-/// inside the root.
+/// One regular file to create: the directory that holds it is already resolved inside the root.
+/// Only regular files are queued: a symlink must exist as soon as its entry is applied, since
+/// later entries may resolve paths through it.
 pub(crate) struct FileJob {
     pub path: PathBuf,
     pub parent: ParentDir,
-    pub node: NewNode,
+    pub content: Vec<u8>,
     pub mode: u32,
     pub uid: u32,
     pub gid: u32,
@@ -63,7 +49,7 @@ pub(crate) struct FileJob {
 pub(crate) struct Written {
     pub path: PathBuf,
     pub bytes: u64,
-    pub outcome: Result<Option<Metadata>, (&'static str, io::Error)>,
+    pub outcome: Result<Option<Metadata>, FileOpError>,
 }
 
 /// The worker threads and the bookkeeping of queued files.
@@ -96,11 +82,9 @@ impl WritePool {
                 .name(format!("kiln-unpack-{i}"))
                 .spawn(move || {
                     for job in job_queue {
-                        let outcome = match &job.node {
-                            NewNode::File(content) => write_file(&job, content),
-                        };
+                        let outcome = write_file(&job);
                         let report = Written {
-                            bytes: job.node.bytes(),
+                            bytes: job.content.len() as u64,
                             path: job.path,
                             outcome,
                         };
@@ -143,16 +127,16 @@ impl WritePool {
         job: FileJob,
         finished: &mut dyn FnMut(&Path, &Metadata),
     ) -> Result<(), RootError> {
-        while self.busy() && self.queued_bytes + job.node.bytes() > MAX_QUEUED_BYTES {
+        while self.busy() && self.queued_bytes + job.content.len() as u64 > MAX_QUEUED_BYTES {
             self.wait_one(finished)?;
         }
         self.queued.insert(job.path.clone());
-        self.queued_bytes += job.node.bytes();
+        self.queued_bytes += job.content.len() as u64;
         let jobs = self.jobs.as_ref().expect("the pool is running");
         if let Err(crossbeam_channel::SendError(job)) = jobs.send(job) {
             // Every worker is gone (they only stop when the queue closes): report it on the file.
             self.queued.remove(&job.path);
-            self.queued_bytes -= job.node.bytes();
+            self.queued_bytes -= job.content.len() as u64;
             return Err(self.error(
                 "queue the write of",
                 &job.path,
@@ -234,29 +218,41 @@ impl Drop for WritePool {
     }
 }
 
-/// Creates the file as the applier would inline: exclusive create without following a link,
-/// content, then owner before mode (chown clears setuid bits), then times.
-fn write_file(
-    job: &FileJob,
-    content: &[u8],
-) -> Result<Option<Metadata>, (&'static str, io::Error)> {
-    let fd = rustix::fs::openat(
-        job.parent.dir(),
-        job.parent.name(),
+/// A failed file operation: what was being done, and why it failed.
+pub(crate) type FileOpError = (&'static str, io::Error);
+
+/// Creates a new regular file in `parent` (never through a symlink, never over an existing
+/// entry), writable and private until its owner and mode are set.
+pub(crate) fn create_exclusive(parent: &ParentDir) -> Result<File, FileOpError> {
+    rustix::fs::openat(
+        parent.dir(),
+        parent.name(),
         OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
         Mode::from_raw_mode(0o600),
     )
-    .map_err(|e| ("create", e.into()))?;
-    let mut file = File::from(fd);
-    file.write_all(content).map_err(|e| ("write", e))?;
-    rustix::fs::fchown(
-        &file,
-        Some(Uid::from_raw(job.uid)),
-        Some(Gid::from_raw(job.gid)),
-    )
-    .map_err(|e| ("change owner of", e.into()))?;
-    rustix::fs::fchmod(&file, Mode::from_bits_retain(job.mode))
-        .map_err(|e| ("change mode of", e.into()))?;
+    .map(File::from)
+    .map_err(|e| ("create", e.into()))
+}
+
+/// Sets a written file's owner, then its mode: chown clears setuid/setgid bits and
+/// `security.capability`, so the order matters.
+pub(crate) fn set_owner_and_mode(
+    file: &File,
+    uid: u32,
+    gid: u32,
+    mode: u32,
+) -> Result<(), FileOpError> {
+    rustix::fs::fchown(file, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)))
+        .map_err(|e| ("change owner of", e.into()))?;
+    rustix::fs::fchmod(file, Mode::from_bits_retain(mode)).map_err(|e| ("change mode of", e.into()))
+}
+
+/// Creates the file as the applier does inline (queued files have no xattrs): content, owner
+/// and mode, then times.
+fn write_file(job: &FileJob) -> Result<Option<Metadata>, FileOpError> {
+    let mut file = create_exclusive(&job.parent)?;
+    file.write_all(&job.content).map_err(|e| ("write", e))?;
+    set_owner_and_mode(&file, job.uid, job.gid, job.mode)?;
     rustix::fs::futimens(&file, &job.times).map_err(|e| ("set times of", e.into()))?;
     if job.want_metadata {
         return file.metadata().map(Some).map_err(|e| ("stat", e));
