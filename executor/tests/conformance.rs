@@ -364,53 +364,15 @@ fn secret_leaks(registry: &Registry, case: &Case) -> Vec<String> {
     leaks
 }
 
-/// `python3 -m http.server` serving one directory on a free loopback port, stopped on drop.
-struct HttpServer {
-    child: std::process::Child,
-    url: String,
-}
-
-impl HttpServer {
-    fn start(dir: &Path) -> HttpServer {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free loopback port")
-            .port();
-        let child = Command::new("python3")
-            .args(["-m", "http.server", "--bind", "127.0.0.1"])
-            .arg(port.to_string())
-            .current_dir(dir)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("spawn python3 -m http.server");
-        let server = HttpServer {
-            child,
-            url: format!("http://127.0.0.1:{port}"),
-        };
-        for _ in 0..200 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return server;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-        panic!("python3 -m http.server did not listen on port {port}");
-    }
-}
-
-impl Drop for HttpServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn check_case(registry: &Registry, buildah: &std::sync::Arc<Buildah>, case: &Case) -> Vec<String> {
     let started = std::time::Instant::now();
-    let server = case.serve.as_deref().map(HttpServer::start);
+    let server = case
+        .serve
+        .as_deref()
+        .map(kiln_testkit::http::StaticServer::start);
     let mut case = case.clone();
     if let Some(server) = &server {
-        case.args.push(("SERVE_URL".to_owned(), server.url.clone()));
+        case.args.push(("SERVE_URL".to_owned(), server.url()));
     }
     let case = &case;
     let oracle_build = spawn_buildah(buildah, case);

@@ -201,7 +201,6 @@ fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
 mod tests {
     use super::*;
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
-    use std::process::{Child, Command, Stdio};
 
     #[test]
     fn http_dates_parse() {
@@ -227,45 +226,6 @@ mod tests {
         assert!(is_http_url("HTTPS://example.com/x"));
     }
 
-    /// `python3 -m http.server` on a free loopback port, serving `dir`.
-    struct Server {
-        child: Child,
-        port: u16,
-    }
-
-    impl Server {
-        fn start(dir: &Path) -> Option<Server> {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .ok()?
-                .local_addr()
-                .ok()?
-                .port();
-            let child = Command::new("python3")
-                .args(["-m", "http.server", "--bind", "127.0.0.1"])
-                .arg(port.to_string())
-                .current_dir(dir)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .ok()?;
-            let server = Server { child, port };
-            for _ in 0..100 {
-                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                    return Some(server);
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            None
-        }
-    }
-
-    impl Drop for Server {
-        fn drop(&mut self) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-
     #[tokio::test]
     async fn downloads_verify_the_checksum_and_write_nothing_on_mismatch() {
         let served = tempfile::tempdir().unwrap();
@@ -277,8 +237,8 @@ mod tests {
             .unwrap()
             .set_modified(mtime)
             .unwrap();
-        let server = Server::start(served.path()).expect("python3 -m http.server");
-        let url = format!("http://127.0.0.1:{}/payload.bin", server.port);
+        let server = kiln_testkit::http::StaticServer::start(served.path());
+        let url = format!("{}/payload.bin", server.url());
         let good = Digest::sha256_of(b"payload\n").to_string();
 
         let out = tempfile::tempdir().unwrap();
@@ -297,13 +257,9 @@ mod tests {
         assert!(err.contains(&good), "{err}");
         assert_eq!(std::fs::read_dir(out.path()).unwrap().count(), 0);
 
-        let err = download(
-            &format!("http://127.0.0.1:{}/missing", server.port),
-            None,
-            out.path(),
-        )
-        .await
-        .unwrap_err();
+        let err = download(&format!("{}/missing", server.url()), None, out.path())
+            .await
+            .unwrap_err();
         assert!(err.contains("404"), "{err}");
     }
 }

@@ -4,48 +4,10 @@
 //! wrong, and write nothing outside the build's rootfs.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
 use kiln_build::{BuildOptions, Builder};
 use kiln_sandbox::Mode;
-
-struct HttpServer {
-    child: Child,
-    port: u16,
-}
-
-impl HttpServer {
-    fn start(dir: &Path) -> HttpServer {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free loopback port")
-            .port();
-        let child = Command::new("python3")
-            .args(["-m", "http.server", "--bind", "127.0.0.1"])
-            .arg(port.to_string())
-            .current_dir(dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn python3 -m http.server");
-        let server = HttpServer { child, port };
-        for _ in 0..200 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return server;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("python3 -m http.server did not listen on port {port}");
-    }
-}
-
-impl Drop for HttpServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use kiln_testkit::http::StaticServer;
 
 fn options(context: &Path, kiln_dir: &Path, layout: &Path) -> BuildOptions {
     let mut options = BuildOptions::new(context.to_string_lossy());
@@ -61,8 +23,8 @@ async fn checksum_mismatch_fails_naming_url_and_digests_and_writes_no_image() {
     kiln_testkit::require_tools(&["python3"]);
     let served = tempfile::tempdir().unwrap();
     std::fs::write(served.path().join("payload.txt"), "payload\n").unwrap();
-    let server = HttpServer::start(served.path());
-    let url = format!("http://127.0.0.1:{}/payload.txt", server.port);
+    let server = StaticServer::start(served.path());
+    let url = format!("{}/payload.txt", server.url());
     let actual = kiln_oci::Digest::sha256_of(b"payload\n").to_string();
     let wrong = kiln_oci::Digest::sha256_of(b"not the payload").to_string();
 
