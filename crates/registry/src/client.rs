@@ -514,20 +514,15 @@ impl Client {
     /// Uploads a blob unless the repository already has it: checks existence, tries a
     /// cross-repository mount, then uploads in one `PUT` (digest and size known) or in chunks.
     /// A chunk that fails is re-sent; an upload that fails otherwise is restarted from the
-    /// beginning if the source can be reopened. Counts against the transfer limit.
+    /// beginning if the source can be reopened. A mount or upload counts against the transfer
+    /// limit; the existence check does not, so a push of blobs that are all there already
+    /// (a fully cached rebuild) asks about every one of them at once.
     pub async fn push_blob(
         &self,
         repo: &Repository,
         source: &dyn BlobSource,
         options: &PushBlobOptions,
     ) -> Result<PushedBlob, Error> {
-        let _permit = self
-            .inner
-            .transfers
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("the transfer semaphore is never closed");
         let ep = self.inner.endpoint(repo.registry(), Access::Push)?;
         let name = repo.name();
         let target = repo.to_string();
@@ -547,6 +542,13 @@ impl Client {
                 });
             }
         }
+        let _permit = self
+            .inner
+            .transfers
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the transfer semaphore is never closed");
         let mount = match (&options.digest, &options.mount_from) {
             (Some(digest), Some(from)) if from.registry() == repo.registry() => {
                 Some((digest, from.name()))

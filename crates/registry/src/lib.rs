@@ -46,6 +46,7 @@ mod error;
 mod options;
 mod repository;
 mod secret;
+mod tls;
 mod transport;
 
 pub use blob::{BlobSource, BlobStream, BoxAsyncRead, BytesSource, FileSource, ReaderSource};

@@ -9,7 +9,6 @@ use std::time::{Duration, Instant, SystemTime};
 use base64::Engine as _;
 use reqwest::header::{HeaderValue, AUTHORIZATION, RETRY_AFTER, WWW_AUTHENTICATE};
 use reqwest::{RequestBuilder, Response, StatusCode};
-use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 use tokio::sync::{OnceCell, Semaphore};
 use url::Url;
@@ -19,6 +18,7 @@ use crate::credentials::Credential;
 use crate::error::{error_chain, parse_error_body, retryable_status, Error, Operation};
 use crate::options::{api_host, Access, Profile, RegistryOptions};
 use crate::secret::Secret;
+use crate::tls::Identity;
 
 /// The most of an error body Kiln reads to report the registry's message.
 const ERROR_BODY_LIMIT: usize = 64 * 1024;
@@ -36,11 +36,12 @@ pub(crate) struct Inner {
 /// A token cache key: API host and the space-joined scopes.
 type TokenKey = (String, String);
 
-/// Certificates read once when the client is made, so a bad file fails early and by name.
+/// Certificates named by the user, read once when the client is made so a bad file fails
+/// early and by name. The system's CAs are not here: see [`crate::tls`].
 struct TlsMaterial {
-    global_roots: Vec<reqwest::Certificate>,
-    registry_roots: Vec<(String, reqwest::Certificate)>,
-    identities: Vec<(String, reqwest::Identity)>,
+    global_roots: Vec<CertificateDer<'static>>,
+    registry_roots: Vec<(String, CertificateDer<'static>)>,
+    identities: Vec<(String, Identity)>,
 }
 
 /// One registry host as reached with one transport profile.
@@ -79,28 +80,17 @@ impl Inner {
         };
         let parse_roots = |registry: &str, path: &std::path::Path| {
             let pem = read_pem(registry, path)?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| Error::Tls {
+            crate::tls::parse_roots(&pem).map_err(|message| Error::Tls {
                 registry: registry.to_owned(),
                 path: path.to_owned(),
-                message: error_chain(&e),
-            })?;
-            if certs.is_empty() {
-                return Err(Error::Tls {
-                    registry: registry.to_owned(),
-                    path: path.to_owned(),
-                    message: "no PEM certificate in file".to_owned(),
-                });
-            }
-            Ok(certs)
+                message,
+            })
         };
         let mut tls = TlsMaterial {
             global_roots: Vec::new(),
             registry_roots: Vec::new(),
             identities: Vec::new(),
         };
-        if options.system_ca_certificates {
-            tls.global_roots.extend(system_roots());
-        }
         for path in &options.ca_certificates {
             tls.global_roots.extend(parse_roots("*", path)?);
         }
@@ -110,16 +100,30 @@ impl Inner {
             }
         }
         for (registry, client_cert) in &options.registry_client_certificates {
-            let mut pem = read_pem(registry, &client_cert.certificate)?;
-            pem.push(b'\n');
-            pem.extend(read_pem(registry, &client_cert.key)?);
-            let identity = reqwest::Identity::from_pem(&pem).map_err(|e| Error::Tls {
+            let certificate = read_pem(registry, &client_cert.certificate)?;
+            let key = read_pem(registry, &client_cert.key)?;
+            let identity = Identity::from_pem(&certificate, &key).map_err(|e| Error::Tls {
                 registry: registry.clone(),
                 path: client_cert.certificate.clone(),
                 message: format!(
-                    "certificate and key {} are not a usable pair: {}",
+                    "certificate and key {} are not a usable pair: {e}",
                     client_cert.key.display(),
-                    error_chain(&e)
+                ),
+            })?;
+            // A key that does not fit the certificate fails here, by name, not at the first
+            // handshake.
+            crate::tls::client_config(crate::tls::Settings {
+                skip_verify: false,
+                system_roots: false,
+                extra_roots: Vec::new(),
+                identity: Some(&identity),
+            })
+            .map_err(|e| Error::Tls {
+                registry: registry.clone(),
+                path: client_cert.certificate.clone(),
+                message: format!(
+                    "certificate and key {} are not a usable pair: {e}",
+                    client_cert.key.display(),
                 ),
             })?;
             tls.identities.push((registry.clone(), identity));
@@ -160,20 +164,33 @@ impl Inner {
         let same = |r: &String| crate::options::same_registry(r, registry);
         let mut builder = reqwest::Client::builder()
             .user_agent(self.options.user_agent.clone())
-            .connect_timeout(self.options.connect_timeout)
-            .danger_accept_invalid_certs(profile.skip_verify);
+            .connect_timeout(self.options.connect_timeout);
         if let Some(timeout) = self.options.read_timeout {
             builder = builder.read_timeout(timeout);
         }
-        for cert in &self.tls.global_roots {
-            builder = builder.add_root_certificate(cert.clone());
-        }
-        for (_, cert) in self.tls.registry_roots.iter().filter(|(r, _)| same(r)) {
-            builder = builder.add_root_certificate(cert.clone());
-        }
-        if let Some((_, identity)) = self.tls.identities.iter().find(|(r, _)| same(r)) {
-            builder = builder.identity(identity.clone());
-        }
+        let tls = crate::tls::client_config(crate::tls::Settings {
+            skip_verify: profile.skip_verify,
+            system_roots: self.options.system_ca_certificates,
+            extra_roots: (self.tls.global_roots.iter())
+                .chain(
+                    self.tls
+                        .registry_roots
+                        .iter()
+                        .filter(|(r, _)| same(r))
+                        .map(|(_, c)| c),
+                )
+                .cloned()
+                .collect(),
+            identity: (self.tls.identities.iter())
+                .find(|(r, _)| same(r))
+                .map(|(_, identity)| identity),
+        })
+        .map_err(|message| Error::Tls {
+            registry: registry.to_owned(),
+            path: Default::default(),
+            message,
+        })?;
+        builder = builder.use_preconfigured_tls(tls);
         builder.build().map_err(|e| Error::Tls {
             registry: registry.to_owned(),
             path: Default::default(),
@@ -187,70 +204,118 @@ impl Inner {
     }
 
     async fn ping(&self, ep: &Endpoint) -> Result<Url, Error> {
-        let schemes: &[&str] = if ep.profile.allow_http {
-            &["https", "http"]
-        } else {
-            &["https"]
-        };
         let ctx = Ctx {
             target: &ep.registry,
             operation: Operation::Ping,
         };
-        let mut https_failure: Option<String> = None;
-        for (i, scheme) in schemes.iter().enumerate() {
+        let attempt = |scheme: &'static str, retries: u32| async move {
             let base = Url::parse(&format!("{scheme}://{}/", ep.host))
                 .map_err(|e| Error::InvalidArgument(format!("registry {}: {e}", ep.registry)))?;
             let ping_url = base.join("v2/").expect("static path joins");
-            let is_last = i + 1 == schemes.len();
-            // The HTTPS attempt before a fallback is not retried: a plain-HTTP registry answers
-            // every retry with the same handshake failure.
-            let retries = if is_last { self.options.retries } else { 0 };
-            let result = self
+            let resp = self
                 .retrying(ctx, retries, || Some(ep.http.get(ping_url.clone())))
-                .await;
-            match result {
-                Ok(resp) => {
-                    let status = resp.status();
-                    if status.is_success() || status == StatusCode::UNAUTHORIZED {
-                        let challenge = challenge_of(&resp);
-                        tracing::debug!(registry = %ep.registry, %base, ?challenge, "registry pinged");
-                        *ep.challenge.lock().unwrap_or_else(|p| p.into_inner()) = challenge;
-                        return Ok(base);
-                    }
-                    let err = status_error(resp, ctx).await;
-                    return Err(match https_failure {
-                        // A TLS port answers plain HTTP with 400: the HTTPS failure is the news.
-                        Some(https) => Error::Transport {
-                            target: ep.registry.clone(),
-                            operation: Operation::Ping,
-                            message: format!("over HTTPS: {https}; over plain HTTP: {err}"),
-                            connect: true,
-                        },
-                        None => err,
-                    });
-                }
-                Err(err @ Error::Transport { .. }) if !is_last => {
-                    tracing::info!(registry = %ep.registry, error = %err, "HTTPS failed, trying plain HTTP");
-                    https_failure = Some(err.to_string());
-                }
-                Err(Error::Transport {
-                    target,
-                    operation,
-                    message,
-                    connect,
-                }) if https_failure.is_some() => {
-                    let https = https_failure.take().unwrap_or_default();
-                    return Err(Error::Transport {
-                        target,
-                        operation,
-                        message: format!("{message} (and over HTTPS: {https})"),
-                        connect,
-                    });
-                }
-                Err(err) => return Err(err),
-            }
+                .await?;
+            Ok::<_, Error>((base, resp))
+        };
+        if !ep.profile.allow_http {
+            let (base, resp) = attempt("https", self.options.retries).await?;
+            return self.pinged(ep, ctx, base, resp, None).await;
         }
-        unreachable!("the scheme list is never empty")
+        // Both schemes at once, as go-containerregistry does for insecure registries: a
+        // plain-HTTP registry fails the HTTPS handshake at once, and waiting for that before
+        // asking over HTTP would add a round trip to every build. HTTPS wins when both answer.
+        // The HTTPS attempt is not retried: a plain-HTTP registry answers every retry with the
+        // same handshake failure.
+        let https = std::pin::pin!(attempt("https", 0));
+        let http = std::pin::pin!(attempt("http", self.options.retries));
+        let (https_result, http) = match futures::future::select(https, http).await {
+            futures::future::Either::Left((https_result, http)) => (https_result, Some(http)),
+            futures::future::Either::Right((http_result, https)) => {
+                let https_result = https.await;
+                if !matches!(https_result, Err(Error::Transport { .. })) {
+                    return self.https_pinged(ep, ctx, https_result).await;
+                }
+                return self
+                    .http_pinged(ep, ctx, http_result, https_result.err())
+                    .await;
+            }
+        };
+        match (https_result, http) {
+            (Err(https_failure @ Error::Transport { .. }), Some(http)) => {
+                self.http_pinged(ep, ctx, http.await, Some(https_failure))
+                    .await
+            }
+            (https_result, _) => self.https_pinged(ep, ctx, https_result).await,
+        }
+    }
+
+    async fn https_pinged(
+        &self,
+        ep: &Endpoint,
+        ctx: Ctx<'_>,
+        result: Result<(Url, Response), Error>,
+    ) -> Result<Url, Error> {
+        let (base, resp) = result?;
+        self.pinged(ep, ctx, base, resp, None).await
+    }
+
+    /// The plain-HTTP ping's outcome, with the HTTPS failure that led to it in any error.
+    async fn http_pinged(
+        &self,
+        ep: &Endpoint,
+        ctx: Ctx<'_>,
+        result: Result<(Url, Response), Error>,
+        https_failure: Option<Error>,
+    ) -> Result<Url, Error> {
+        let https = https_failure.map(|e| e.to_string()).unwrap_or_default();
+        match result {
+            Ok((base, resp)) => {
+                tracing::info!(registry = %ep.registry, error = %https, "HTTPS failed, using plain HTTP");
+                self.pinged(ep, ctx, base, resp, Some(https)).await
+            }
+            Err(Error::Transport {
+                target,
+                operation,
+                message,
+                connect,
+            }) => Err(Error::Transport {
+                target,
+                operation,
+                message: format!("{message} (and over HTTPS: {https})"),
+                connect,
+            }),
+            Err(err) => Err(err),
+        }
+    }
+
+    /// Takes a ping's answer: 200 or 401 make `base` the registry's base URL and record its
+    /// challenge; any other status is the registry's error.
+    async fn pinged(
+        &self,
+        ep: &Endpoint,
+        ctx: Ctx<'_>,
+        base: Url,
+        resp: Response,
+        https_failure: Option<String>,
+    ) -> Result<Url, Error> {
+        let status = resp.status();
+        if status.is_success() || status == StatusCode::UNAUTHORIZED {
+            let challenge = challenge_of(&resp);
+            tracing::debug!(registry = %ep.registry, %base, ?challenge, "registry pinged");
+            *ep.challenge.lock().unwrap_or_else(|p| p.into_inner()) = challenge;
+            return Ok(base);
+        }
+        let err = status_error(resp, ctx).await;
+        Err(match https_failure {
+            // A TLS port answers plain HTTP with 400: the HTTPS failure is the news.
+            Some(https) => Error::Transport {
+                target: ep.registry.clone(),
+                operation: Operation::Ping,
+                message: format!("over HTTPS: {https}; over plain HTTP: {err}"),
+                connect: true,
+            },
+            None => err,
+        })
     }
 
     /// Sends a request with authentication and retries. `make` builds the request each try;
@@ -569,78 +634,6 @@ impl Inner {
     }
 }
 
-/// Where Go's crypto/x509 looks for the system bundle on Linux, in its order.
-const SYSTEM_BUNDLES: [&str; 6] = [
-    "/etc/ssl/certs/ca-certificates.crt",
-    "/etc/pki/tls/certs/ca-bundle.crt",
-    "/etc/ssl/ca-bundle.pem",
-    "/etc/pki/tls/cacert.pem",
-    "/etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem",
-    "/etc/ssl/cert.pem",
-];
-
-/// The system's CA certificates: `SSL_CERT_FILE` or the first bundle found, plus every PEM
-/// file in the `SSL_CERT_DIR` directories, each certificate once. Unreadable or malformed
-/// files are skipped: they were not named by the user, and the built-in roots remain. Read
-/// once per process: every client of a build shares them.
-fn system_roots() -> Vec<reqwest::Certificate> {
-    static ROOTS: std::sync::OnceLock<Vec<reqwest::Certificate>> = std::sync::OnceLock::new();
-    ROOTS
-        .get_or_init(|| system_roots_from(|name| std::env::var_os(name), &SYSTEM_BUNDLES))
-        .clone()
-}
-
-fn system_roots_from(
-    env: impl Fn(&str) -> Option<std::ffi::OsString>,
-    bundles: &[&str],
-) -> Vec<reqwest::Certificate> {
-    let env_path = |name: &str| env(name).filter(|v| !v.is_empty());
-    let mut files: Vec<std::path::PathBuf> = Vec::new();
-    match env_path("SSL_CERT_FILE") {
-        Some(file) => files.push(file.into()),
-        None => files.extend(
-            bundles
-                .iter()
-                .map(std::path::PathBuf::from)
-                .find(|p| p.is_file()),
-        ),
-    }
-    if let Some(dirs) = env_path("SSL_CERT_DIR") {
-        for dir in std::env::split_paths(&dirs) {
-            let Ok(entries) = std::fs::read_dir(&dir) else {
-                continue;
-            };
-            let mut found: Vec<_> = entries
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.is_file())
-                .collect();
-            found.sort();
-            files.extend(found);
-        }
-    }
-    // A distribution's SSL_CERT_DIR usually holds each certificate of the bundle again, under
-    // its own name and a hash link: without deduplication every client would parse it three
-    // times (15 ms per build on Debian).
-    let mut seen = std::collections::HashSet::new();
-    let mut roots = Vec::new();
-    for file in files {
-        let Ok(pem) = std::fs::read(&file) else {
-            tracing::debug!(path = %file.display(), "skipping unreadable system CA file");
-            continue;
-        };
-        for der in CertificateDer::pem_slice_iter(&pem).map_while(Result::ok) {
-            if !seen.insert(der.as_ref().to_vec()) {
-                continue;
-            }
-            match reqwest::Certificate::from_der(der.as_ref()) {
-                Ok(cert) => roots.push(cert),
-                Err(_) => tracing::debug!(path = %file.display(), "skipping a bad system CA"),
-            }
-        }
-    }
-    roots
-}
-
 impl Endpoint {
     /// The target as written in errors for a repository on this endpoint.
     pub fn target(&self, repository: &str) -> String {
@@ -849,55 +842,6 @@ mod tests {
         assert_eq!(inner.backoff(1), Duration::from_millis(200));
         assert_eq!(inner.backoff(2), Duration::from_millis(350));
         assert_eq!(inner.backoff(40), Duration::from_millis(350));
-    }
-
-    #[test]
-    fn system_roots_follow_go_environment_variables() {
-        let dir = tempfile::tempdir().unwrap();
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = rcgen::CertificateParams::new(vec!["ca.example".to_owned()])
-            .unwrap()
-            .self_signed(&key)
-            .unwrap();
-        let other = rcgen::CertificateParams::new(vec!["other-ca.example".to_owned()])
-            .unwrap()
-            .self_signed(&key)
-            .unwrap();
-        let bundle = dir.path().join("bundle.pem");
-        std::fs::write(&bundle, format!("{}{}", cert.pem(), cert.pem())).unwrap();
-        let cert_dir = dir.path().join("certs");
-        std::fs::create_dir(&cert_dir).unwrap();
-        std::fs::write(cert_dir.join("one.pem"), cert.pem()).unwrap();
-        std::fs::write(cert_dir.join("README"), "not a certificate").unwrap();
-        let bundle_str = bundle.to_str().unwrap().to_owned();
-
-        fn env(
-            file: Option<&std::path::Path>,
-            dir: Option<&std::path::Path>,
-        ) -> impl Fn(&str) -> Option<std::ffi::OsString> {
-            let (file, dir) = (
-                file.map(|f| f.as_os_str().to_owned()),
-                dir.map(|d| d.as_os_str().to_owned()),
-            );
-            move |name: &str| match name {
-                "SSL_CERT_FILE" => file.clone(),
-                "SSL_CERT_DIR" => dir.clone(),
-                _ => None,
-            }
-        }
-        // Each certificate counts once, however often the bundle and the directory repeat it.
-        assert_eq!(system_roots_from(env(Some(&bundle), None), &[]).len(), 1);
-        assert_eq!(system_roots_from(env(None, Some(&cert_dir)), &[]).len(), 1);
-        assert_eq!(
-            system_roots_from(env(None, Some(&cert_dir)), &["/nonexistent", &bundle_str]).len(),
-            1
-        );
-        std::fs::write(cert_dir.join("two.pem"), other.pem()).unwrap();
-        assert_eq!(
-            system_roots_from(env(None, Some(&cert_dir)), &["/nonexistent", &bundle_str]).len(),
-            2
-        );
-        assert!(system_roots_from(env(None, None), &["/nonexistent"]).is_empty());
     }
 
     #[test]
