@@ -38,6 +38,9 @@ use kiln_registry::{
 };
 
 use crate::error::CacheError;
+
+/// The largest entry config carried inside its manifest (see [`EntryDocuments::build`]).
+const MAX_INLINE_CONFIG: usize = 16 * 1024;
 use crate::key::CacheKey;
 
 /// Manifest annotation holding the entry's key (`sha256:...`).
@@ -432,8 +435,15 @@ impl EntryDocuments {
                 what: format!("cache entry {} config", entry.key),
                 source,
             })?;
+        // The config travels inside the manifest too, so a lookup is one request. A config
+        // too big to inline (long ENV or LABEL lists) is only stored as a blob.
+        let config_descriptor = if config.bytes.len() <= MAX_INLINE_CONFIG {
+            config.descriptor_with_data()
+        } else {
+            config.descriptor()
+        };
         let manifest = ManifestBuilder::new(ImageFormat::Oci)
-            .config(&config)
+            .config_descriptor(config_descriptor)
             .layers(layer.iter().map(|l| l.descriptor.clone()))
             .annotation(ANNOTATION_KEY, &entry.key.to_string())
             .annotation(ANNOTATION_CREATED_UNIX, &seconds.to_string())
@@ -558,8 +568,11 @@ async fn registry_lookup(
     let Some((manifest, created)) = fresh_manifest(&fetched.bytes, &location, ttl)? else {
         return Ok(None);
     };
-    let config = match read_small_blob(client, repo, &manifest.config.digest, MAX_CONFIG_SIZE).await
-    {
+    let fetched_config = match manifest.config.embedded_data() {
+        Some(config) => Ok(config),
+        None => read_small_blob(client, repo, &manifest.config.digest, MAX_CONFIG_SIZE).await,
+    };
+    let config = match fetched_config {
         Ok(config) => config,
         // A manifest whose config is gone (partial garbage collection) is a miss.
         Err(CacheError::Registry(err)) if err.status().is_some_and(|s| s.as_u16() == 404) => {

@@ -204,6 +204,39 @@ async fn expired_registry_entry_is_a_miss() {
     assert_eq!(fresh.config.env_var("STEP"), Some("new"));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lookup_reads_the_entry_config_from_its_manifest() {
+    let registry = Registry::start();
+    let repo = format!("{}/inline/cache", registry.addr());
+    let client = client();
+    let store = CacheStore::open(&repo, &client, DEFAULT_TTL).unwrap();
+    let written = store
+        .store(&new_entry(key(0), None, "inline"))
+        .await
+        .unwrap();
+    // The config blob is still stored, for tools that ignore the manifest's copy...
+    let manifest = client
+        .get_manifest(
+            &Repository::new(registry.addr(), "inline/cache").unwrap(),
+            &key(0).tag(),
+        )
+        .await
+        .unwrap();
+    let manifest: serde_json::Value = serde_json::from_slice(&manifest.bytes).unwrap();
+    let config_digest = Digest::parse(manifest["config"]["digest"].as_str().unwrap()).unwrap();
+    assert!(manifest["config"]["data"].is_string(), "{manifest}");
+    // ...but a lookup does not fetch it: unlinked from the repository, the entry still hits.
+    let link = registry
+        .dir()
+        .join("storage/docker/registry/v2/repositories/inline/cache/_layers/sha256")
+        .join(config_digest.hex())
+        .join("link");
+    std::fs::remove_file(&link).unwrap_or_else(|e| panic!("{}: {e}", link.display()));
+    let hit = store.lookup(&key(0)).await.unwrap().expect("hit");
+    assert_eq!(hit, written.entry);
+    assert_eq!(hit.config.env_var("STEP"), Some("inline"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn all_keys_of_a_stage_are_probed_concurrently() {
     let registry = Registry::start();

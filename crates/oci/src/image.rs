@@ -8,6 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -106,6 +107,18 @@ pub struct Descriptor {
 }
 
 impl Descriptor {
+    /// The content embedded in the `data` field, when it is there and matches the descriptor's
+    /// size and digest; anything else is `None`, and the reader fetches the blob instead, as
+    /// the image spec asks of content that fails verification.
+    pub fn embedded_data(&self) -> Option<Vec<u8>> {
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(self.data.as_deref()?)
+            .ok()?;
+        let mut hasher = self.digest.hasher();
+        hasher.update(&bytes);
+        (bytes.len() as u64 == self.size && hasher.finish() == self.digest).then_some(bytes)
+    }
+
     /// A descriptor with no platform, URLs or annotations.
     pub fn new(media_type: MediaType, digest: Digest, size: u64) -> Descriptor {
         Descriptor {
@@ -160,6 +173,15 @@ impl JsonBlob {
             self.digest.clone(),
             self.bytes.len() as u64,
         )
+    }
+
+    /// A descriptor pointing at this blob that also carries it (the OCI descriptor's `data`
+    /// field), so a reader of the manifest needs no second request for it. The blob must still
+    /// be stored: readers that ignore `data` fetch it.
+    pub fn descriptor_with_data(&self) -> Descriptor {
+        let mut descriptor = self.descriptor();
+        descriptor.data = Some(base64::engine::general_purpose::STANDARD.encode(&self.bytes));
+        descriptor
     }
 }
 
@@ -887,6 +909,26 @@ mod tests {
             again.to_blob(ImageFormat::Docker).unwrap().bytes,
             blob.bytes
         );
+    }
+
+    #[test]
+    fn embedded_data_is_used_only_when_it_matches_the_descriptor() {
+        let blob = sample_config(false).to_blob(ImageFormat::Oci).unwrap();
+        let carrying = blob.descriptor_with_data();
+        assert_eq!(carrying.embedded_data().as_deref(), Some(&blob.bytes[..]));
+        let json = serde_json::to_value(&carrying).unwrap();
+        assert!(json["data"].as_str().is_some_and(|d| !d.is_empty()));
+        assert_eq!(blob.descriptor().embedded_data(), None);
+
+        let mut other_content = carrying.clone();
+        other_content.data = Some(base64::engine::general_purpose::STANDARD.encode(b"{}"));
+        assert_eq!(other_content.embedded_data(), None);
+        let mut wrong_size = carrying.clone();
+        wrong_size.size += 1;
+        assert_eq!(wrong_size.embedded_data(), None);
+        let mut not_base64 = carrying;
+        not_base64.data = Some("%%%".to_owned());
+        assert_eq!(not_base64.embedded_data(), None);
     }
 
     #[test]
