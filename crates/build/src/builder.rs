@@ -315,14 +315,16 @@ impl Builder {
         let mut pushed = Vec::new();
         if !out.no_push && !destinations.is_empty() {
             let push_started = Instant::now();
-            if let Some(pusher) = &shared.push_ahead {
-                pusher.finish().await?;
-            }
+            let placed = match &shared.push_ahead {
+                Some(pusher) => pusher.finish().await?,
+                None => output::PlacedBlobs::default(),
+            };
             output::push(
                 &shared.client,
                 &shared.blobs,
                 &image,
                 &destinations,
+                &placed,
                 &*events,
             )
             .await?;

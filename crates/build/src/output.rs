@@ -3,6 +3,7 @@
 //! under a temporary name and renamed, and digest files only after every push succeeded, so a
 //! failed build leaves nothing half-written behind.
 
+use std::collections::HashSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -132,14 +133,15 @@ pub fn parse_destinations(destinations: &[String]) -> Result<Vec<Reference>, Bui
         .collect()
 }
 
-/// Pushes the image to every destination: layers concurrently (skipping blobs the repository
-/// has, mounting base layers from their repository on the same registry), then the config,
-/// then the manifest under the destination's tag.
+/// Pushes the image to every destination: layers and config concurrently (skipping blobs the
+/// repository has, mounting base layers from their repository on the same registry, and not
+/// asking again about the blobs in `placed`), then the manifest under the destination's tag.
 pub async fn push(
     client: &Client,
     blobs: &BlobStore,
     image: &Image,
     destinations: &[Reference],
+    placed: &PlacedBlobs,
     emit: &(dyn Fn(BuildEvent) + Send + Sync),
 ) -> Result<Digest, BuildError> {
     for destination in destinations {
@@ -147,19 +149,20 @@ pub async fn push(
         let uploads = image
             .layers
             .iter()
+            .filter(|layer| !placed.contains(destination, &layer.descriptor.digest))
             .map(|layer| push_layer(client, blobs, &repo, destination, layer, emit));
-        try_join_all(uploads).await?;
         let config_options = PushBlobOptions {
             digest: Some(image.config.digest.clone()),
             mount_from: None,
         };
-        client
-            .push_blob(
-                &repo,
-                &BytesSource(Bytes::from(image.config.bytes.clone())),
-                &config_options,
-            )
-            .await?;
+        let config_source = BytesSource(Bytes::from(image.config.bytes.clone()));
+        let config_upload = async {
+            client
+                .push_blob(&repo, &config_source, &config_options)
+                .await
+                .map_err(BuildError::from)
+        };
+        futures::future::try_join(try_join_all(uploads), config_upload).await?;
         let reference = destination.tag().unwrap_or("latest").to_owned();
         let pushed = client
             .put_manifest(
@@ -175,6 +178,27 @@ pub async fn push(
         });
     }
     Ok(image.manifest.digest.clone())
+}
+
+/// Blobs already in a destination repository, put there by [`PushAhead`] during the build:
+/// the final [`push`] does not ask the registry about them again.
+#[derive(Debug, Default)]
+pub struct PlacedBlobs(HashSet<(String, Digest)>);
+
+impl PlacedBlobs {
+    /// Whether `digest` is known to be in `destination`'s repository.
+    pub fn contains(&self, destination: &Reference, digest: &Digest) -> bool {
+        self.0
+            .contains(&(repository_of(destination), digest.clone()))
+    }
+
+    fn insert(&mut self, destination: &Reference, digest: Digest) {
+        self.0.insert((repository_of(destination), digest));
+    }
+}
+
+fn repository_of(destination: &Reference) -> String {
+    format!("{}/{}", destination.registry(), destination.repository())
 }
 
 /// Uploads one layer blob to `repo` unless it is there already, mounting it from the
@@ -285,8 +309,15 @@ pub struct PushAhead {
     destinations: Vec<(Reference, Repository)>,
     events: EventSink,
     runtime: tokio::runtime::Handle,
-    tasks: Mutex<Vec<tokio::task::JoinHandle<Result<(), BuildError>>>>,
+    tasks: Mutex<PushAheadTasks>,
 }
+
+/// The uploads [`PushAhead`] has started: which blob to which destination, and the task.
+type PushAheadTasks = Vec<(
+    Reference,
+    Digest,
+    tokio::task::JoinHandle<Result<(), BuildError>>,
+)>;
 
 impl PushAhead {
     /// A pipelined pusher to `destinations`, spawning uploads on `runtime`.
@@ -311,40 +342,51 @@ impl PushAhead {
         })
     }
 
-    /// Starts uploading `layer` (already in the blob store) to every destination.
+    /// Starts uploading `layer` to every destination, unless it is already on its way there.
     pub fn start(&self, layer: &ImageLayer) {
         let mut tasks = self.tasks.lock().expect("push-ahead tasks");
         for (destination, repo) in &self.destinations {
+            let digest = &layer.descriptor.digest;
+            if (tasks.iter()).any(|(d, started, _)| d == destination && started == digest) {
+                continue;
+            }
             let (client, blobs, events) =
                 (self.client.clone(), self.blobs.clone(), self.events.clone());
-            let (destination, repo, layer) = (destination.clone(), repo.clone(), layer.clone());
-            tasks.push(self.runtime.spawn(async move {
-                push_layer(&client, &blobs, &repo, &destination, &layer, &*events).await
-            }));
+            let (task_destination, repo, layer) =
+                (destination.clone(), repo.clone(), layer.clone());
+            let task = self.runtime.spawn(async move {
+                push_layer(&client, &blobs, &repo, &task_destination, &layer, &*events).await
+            });
+            tasks.push((destination.clone(), digest.clone(), task));
         }
     }
 
-    /// Waits for every upload started so far; the first failure is the result.
-    pub async fn finish(&self) -> Result<(), BuildError> {
+    /// Waits for every upload started so far; the first failure is the result, and otherwise
+    /// the blobs now in place.
+    pub async fn finish(&self) -> Result<PlacedBlobs, BuildError> {
         let tasks = std::mem::take(&mut *self.tasks.lock().expect("push-ahead tasks"));
         let mut first_error = None;
-        for task in tasks {
+        let mut placed = PlacedBlobs::default();
+        for (destination, digest, task) in tasks {
             let outcome = task
                 .await
                 .map_err(|e| BuildError::Image(format!("a layer upload panicked: {e}")))
                 .and_then(|result| result);
-            if let Err(e) = outcome {
-                first_error.get_or_insert(e);
+            match outcome {
+                Ok(()) => placed.insert(&destination, digest),
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
             }
         }
-        first_error.map_or(Ok(()), Err)
+        first_error.map_or(Ok(placed), Err)
     }
 }
 
 impl Drop for PushAhead {
     fn drop(&mut self) {
         // A build that ends without `finish` failed: its uploads are of no use to anyone.
-        for task in self.tasks.get_mut().expect("push-ahead tasks").drain(..) {
+        for (_, _, task) in self.tasks.get_mut().expect("push-ahead tasks").drain(..) {
             task.abort();
         }
     }
