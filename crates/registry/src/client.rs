@@ -365,13 +365,7 @@ impl Client {
     /// with an error if the content does not match. Counts against the transfer limit until
     /// the stream is dropped.
     pub async fn get_blob(&self, repo: &Repository, digest: &Digest) -> Result<BlobStream, Error> {
-        let permit = self
-            .inner
-            .transfers
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("the transfer semaphore is never closed");
+        let permit = self.inner.transfer_permit().await;
         let sources = self.pull_sources(repo)?;
         let mut last = None;
         for (i, (ep, name)) in sources.iter().enumerate() {
@@ -542,13 +536,7 @@ impl Client {
                 });
             }
         }
-        let _permit = self
-            .inner
-            .transfers
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("the transfer semaphore is never closed");
+        let _permit = self.inner.transfer_permit().await;
         let mount = match (&options.digest, &options.mount_from) {
             (Some(digest), Some(from)) if from.registry() == repo.registry() => {
                 Some((digest, from.name()))

@@ -66,18 +66,19 @@ pub(crate) struct Settings<'a> {
 /// HTTP/1.1 offered by ALPN, and a verifier whose trust store is built at first use.
 pub(crate) fn client_config(settings: Settings<'_>) -> Result<rustls::ClientConfig, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier: Arc<dyn ServerCertVerifier> = if settings.skip_verify {
-        Arc::new(AcceptAnyCertificate {
-            provider: provider.clone(),
-        })
+    let trust = if settings.skip_verify {
+        Trust::AnyCertificate
     } else {
-        Arc::new(LazyRootsVerifier {
-            provider: provider.clone(),
+        Trust::Roots {
             system_roots: settings.system_roots,
             extra_roots: settings.extra_roots,
             verifier: OnceLock::new(),
-        })
+        }
     };
+    let verifier = Arc::new(RegistryVerifier {
+        provider: provider.clone(),
+        trust,
+    });
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
@@ -93,38 +94,54 @@ pub(crate) fn client_config(settings: Settings<'_>) -> Result<rustls::ClientConf
     Ok(config)
 }
 
-/// WebPKI verification against the built-in roots, the system's CAs and the user's CAs, with
-/// the store made when the first server certificate arrives.
+/// Checks a registry's certificate as `trust` says. The handshake signatures are checked in
+/// every case, so the peer must hold the key of the certificate it shows.
 #[derive(Debug)]
-struct LazyRootsVerifier {
+struct RegistryVerifier {
     provider: Arc<CryptoProvider>,
-    system_roots: bool,
-    extra_roots: Vec<CertificateDer<'static>>,
-    verifier: OnceLock<Result<Arc<WebPkiServerVerifier>, rustls::Error>>,
+    trust: Trust,
 }
 
-impl LazyRootsVerifier {
-    fn verifier(&self) -> Result<&Arc<WebPkiServerVerifier>, rustls::Error> {
-        self.verifier
+/// Which server certificates a client accepts.
+#[derive(Debug)]
+enum Trust {
+    /// Any (`--skip-tls-verify`), as the user asked.
+    AnyCertificate,
+    /// WebPKI verification against the built-in roots, the system's CAs (when enabled) and
+    /// the user's CAs, with the store made when the first server certificate arrives.
+    Roots {
+        system_roots: bool,
+        extra_roots: Vec<CertificateDer<'static>>,
+        verifier: OnceLock<Result<Arc<WebPkiServerVerifier>, rustls::Error>>,
+    },
+}
+
+impl RegistryVerifier {
+    fn webpki(
+        &self,
+        system: bool,
+        extra: &[CertificateDer<'static>],
+        verifier: &OnceLock<Result<Arc<WebPkiServerVerifier>, rustls::Error>>,
+    ) -> Result<Arc<WebPkiServerVerifier>, rustls::Error> {
+        verifier
             .get_or_init(|| {
                 let mut roots = RootCertStore {
                     roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
                 };
-                if self.system_roots {
+                if system {
                     roots.add_parsable_certificates(system_roots().iter().cloned());
                 }
                 // Checked when the client was made, so none is refused here.
-                roots.add_parsable_certificates(self.extra_roots.iter().cloned());
+                roots.add_parsable_certificates(extra.iter().cloned());
                 WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
                     .build()
                     .map_err(|e| rustls::Error::General(e.to_string()))
             })
-            .as_ref()
-            .map_err(Clone::clone)
+            .clone()
     }
 }
 
-impl ServerCertVerifier for LazyRootsVerifier {
+impl ServerCertVerifier for RegistryVerifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -133,67 +150,16 @@ impl ServerCertVerifier for LazyRootsVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        self.verifier()?.verify_server_cert(
-            end_entity,
-            intermediates,
-            server_name,
-            ocsp_response,
-            now,
-        )
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
-/// `--skip-tls-verify`: any certificate is accepted, as the user asked. The handshake
-/// signatures are still checked, so the peer must hold the key of the certificate it shows.
-#[derive(Debug)]
-struct AcceptAnyCertificate {
-    provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for AcceptAnyCertificate {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
+        match &self.trust {
+            Trust::AnyCertificate => Ok(ServerCertVerified::assertion()),
+            Trust::Roots {
+                system_roots,
+                extra_roots,
+                verifier,
+            } => self
+                .webpki(*system_roots, extra_roots, verifier)?
+                .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now),
+        }
     }
 
     fn verify_tls12_signature(

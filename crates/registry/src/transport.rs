@@ -30,7 +30,7 @@ pub(crate) struct Inner {
     endpoints: Mutex<HashMap<(String, Profile), Arc<Endpoint>>>,
     tokens: Mutex<HashMap<TokenKey, CachedToken>>,
     token_fetches: Mutex<HashMap<TokenKey, Arc<tokio::sync::Mutex<()>>>>,
-    pub transfers: Arc<Semaphore>,
+    transfers: Arc<Semaphore>,
 }
 
 /// A token cache key: API host and the space-joined scopes.
@@ -100,16 +100,17 @@ impl Inner {
             }
         }
         for (registry, client_cert) in &options.registry_client_certificates {
-            let certificate = read_pem(registry, &client_cert.certificate)?;
-            let key = read_pem(registry, &client_cert.key)?;
-            let identity = Identity::from_pem(&certificate, &key).map_err(|e| Error::Tls {
+            let unusable = |e: String| Error::Tls {
                 registry: registry.clone(),
                 path: client_cert.certificate.clone(),
                 message: format!(
                     "certificate and key {} are not a usable pair: {e}",
                     client_cert.key.display(),
                 ),
-            })?;
+            };
+            let certificate = read_pem(registry, &client_cert.certificate)?;
+            let key = read_pem(registry, &client_cert.key)?;
+            let identity = Identity::from_pem(&certificate, &key).map_err(unusable)?;
             // A key that does not fit the certificate fails here, by name, not at the first
             // handshake.
             crate::tls::client_config(crate::tls::Settings {
@@ -118,14 +119,7 @@ impl Inner {
                 extra_roots: Vec::new(),
                 identity: Some(&identity),
             })
-            .map_err(|e| Error::Tls {
-                registry: registry.clone(),
-                path: client_cert.certificate.clone(),
-                message: format!(
-                    "certificate and key {} are not a usable pair: {e}",
-                    client_cert.key.display(),
-                ),
-            })?;
+            .map_err(unusable)?;
             tls.identities.push((registry.clone(), identity));
         }
         let transfers = Arc::new(Semaphore::new(options.max_concurrent_transfers.max(1)));
@@ -137,6 +131,15 @@ impl Inner {
             token_fetches: Mutex::new(HashMap::new()),
             transfers,
         })
+    }
+
+    /// A place among the blob transfers allowed to run at once, held until dropped.
+    pub async fn transfer_permit(&self) -> tokio::sync::OwnedSemaphorePermit {
+        self.transfers
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the transfer semaphore is never closed")
     }
 
     /// The endpoint for `registry` in direction `access`, made on first use.
