@@ -10,7 +10,7 @@ use kiln_fs::blobstore::{BlobFile, BlobStore};
 use kiln_fs::resolve::Root;
 use kiln_fs::snapshot::Index;
 use kiln_fs::unpack::{unpack_layer_except, UnpackEvent, UnpackOptions};
-use kiln_oci::image::{AnyManifest, Descriptor, ImageConfig};
+use kiln_oci::image::{AnyManifest, Descriptor, ImageConfig, Manifest};
 use kiln_oci::{Digest, Platform, Reference};
 use kiln_registry::{Client, Repository};
 use tokio::io::AsyncReadExt;
@@ -42,6 +42,8 @@ pub struct PulledImage {
     pub manifest_digest: Digest,
     /// The image config.
     pub config: ImageConfig,
+    /// The config document as fetched (what its digest covers).
+    pub config_bytes: Vec<u8>,
     /// Layers, bottom first.
     pub layers: Vec<ImageLayer>,
 }
@@ -81,6 +83,7 @@ struct Resolved {
     manifest_digest: Digest,
     layers: Vec<Descriptor>,
     config: ImageConfig,
+    config_bytes: Vec<u8>,
 }
 
 impl Resolved {
@@ -99,16 +102,80 @@ impl Resolved {
             reference: self.reference,
             manifest_digest: self.manifest_digest,
             config: self.config,
+            config_bytes: self.config_bytes,
             layers,
         }
     }
 }
 
-async fn resolve(
+/// An image reference resolved to its manifest for the build platform; the config is not
+/// fetched yet, so a caller that may already hold it (a stage record of the layer cache) can
+/// ask for it at the same time as the manifest.
+pub struct ResolvedManifest {
+    reference: Reference,
+    repo: Repository,
+    manifest_digest: Digest,
+    manifest: Manifest,
+}
+
+impl ResolvedManifest {
+    /// The digest of the platform manifest.
+    pub fn digest(&self) -> &Digest {
+        &self.manifest_digest
+    }
+
+    /// The digest of the config the manifest names.
+    pub fn config_digest(&self) -> &Digest {
+        &self.manifest.config.digest
+    }
+
+    /// Completes the resolution with the image config: `known` when its digest is the one the
+    /// manifest names, otherwise fetched from the registry.
+    pub async fn with_config(
+        self,
+        client: &Client,
+        known: Option<&[u8]>,
+    ) -> Result<PulledImage, BuildError> {
+        Ok(self.finish(client, known).await?.into_pulled())
+    }
+
+    async fn finish(self, client: &Client, known: Option<&[u8]>) -> Result<Resolved, BuildError> {
+        let reference = self.reference;
+        let config_digest = &self.manifest.config.digest;
+        let config_bytes = match known.filter(|bytes| {
+            let mut hasher = config_digest.hasher();
+            hasher.update(bytes);
+            hasher.finish() == *config_digest
+        }) {
+            Some(bytes) => bytes.to_vec(),
+            None => read_small_blob(client, &self.repo, config_digest).await?,
+        };
+        let config = ImageConfig::from_json(&config_bytes)
+            .map_err(|e| BuildError::Image(format!("{reference}: {e}")))?;
+        if config.rootfs.diff_ids.len() != self.manifest.layers.len() {
+            return Err(BuildError::Image(format!(
+                "{reference}: the config lists {} layers but the manifest {}",
+                config.rootfs.diff_ids.len(),
+                self.manifest.layers.len()
+            )));
+        }
+        Ok(Resolved {
+            reference,
+            repo: self.repo,
+            manifest_digest: self.manifest_digest,
+            layers: self.manifest.layers,
+            config,
+            config_bytes,
+        })
+    }
+}
+
+/// Resolves `image` to its manifest for `platform` (following an index), without its config.
+pub async fn resolve_manifest(
     client: &Client,
     image: &str,
     platform: &Platform,
-) -> Result<Resolved, BuildError> {
+) -> Result<ResolvedManifest, BuildError> {
     let reference = Reference::parse(image)
         .map_err(|e| BuildError::Options(format!("invalid image reference {image:?}: {e}")))?;
     let repo = Repository::new(reference.registry(), reference.repository())?;
@@ -131,34 +198,23 @@ async fn resolve(
             }
         }
     };
-    let manifest_digest = fetched.digest.clone();
-    let config_bytes = read_small_blob(client, &repo, &manifest.config.digest).await?;
-    let config = ImageConfig::from_json(&config_bytes)
-        .map_err(|e| BuildError::Image(format!("{reference}: {e}")))?;
-    if config.rootfs.diff_ids.len() != manifest.layers.len() {
-        return Err(BuildError::Image(format!(
-            "{reference}: the config lists {} layers but the manifest {}",
-            config.rootfs.diff_ids.len(),
-            manifest.layers.len()
-        )));
-    }
-    Ok(Resolved {
+    Ok(ResolvedManifest {
         reference,
         repo,
-        manifest_digest,
-        layers: manifest.layers,
-        config,
+        manifest_digest: fetched.digest,
+        manifest,
     })
 }
 
-/// Resolves `image` to its manifest for `platform` and its config, fetching no layer: what a
-/// stage needs to know about its base when the cache may spare it the layers.
-pub async fn pull_metadata(
+async fn resolve(
     client: &Client,
     image: &str,
     platform: &Platform,
-) -> Result<PulledImage, BuildError> {
-    Ok(resolve(client, image, platform).await?.into_pulled())
+) -> Result<Resolved, BuildError> {
+    resolve_manifest(client, image, platform)
+        .await?
+        .finish(client, None)
+        .await
 }
 
 /// Fetches `image`'s manifest for `platform`, its config, and every layer blob missing from

@@ -122,6 +122,27 @@ impl Builder {
             ));
         }
         let destinations = output::parse_destinations(&options.output.destinations)?;
+        let client = Client::new(options.registry.clone())?;
+        // Every registry the build will talk to is pinged now, while the context and the
+        // Dockerfile are read: the first real request then finds the scheme and challenge
+        // settled. A failed ping is reported by the request that needed it.
+        let mut warm = HashSet::new();
+        let pushes = !options.output.no_push;
+        for destination in destinations.iter().filter(|_| pushes) {
+            warm_up(&client, &mut warm, destination.registry());
+        }
+        if options.cache.enabled {
+            let cache_registry = match &options.cache.repo {
+                Some(repo) if !repo.starts_with("oci:") => kiln_oci::Reference::parse(repo)
+                    .ok()
+                    .map(|r| r.registry().to_owned()),
+                Some(_) => None,
+                None => destinations.first().map(|d| d.registry().to_owned()),
+            };
+            if let Some(registry) = cache_registry {
+                warm_up(&client, &mut warm, &registry);
+            }
+        }
 
         let work_root = options.kiln_dir.join("work");
         std::fs::create_dir_all(&work_root).map_err(|source| BuildError::Io {
@@ -184,6 +205,13 @@ impl Builder {
             })
             .map_err(|e| dockerfile_error(&dockerfile_name, e))?;
         timed_since(Phase::Plan, plan_started);
+        for stage in plan.stages() {
+            if let Base::Image(image) = &stage.base {
+                if let Ok(reference) = kiln_oci::Reference::parse(image) {
+                    warm_up(&client, &mut warm, reference.registry());
+                }
+            }
+        }
         for arg in plan.unused_build_args() {
             events(BuildEvent::Warning {
                 message: format!("build arg {arg} was given but no stage uses it"),
@@ -196,7 +224,6 @@ impl Builder {
                 .map(|s| s.name.clone().unwrap_or_else(|| s.index.to_string()))
                 .collect(),
         });
-        let client = Client::new(options.registry.clone())?;
         let levels = plan.levels().to_vec();
         let target = plan.target();
         let mut image_stages = HashSet::from([target]);
@@ -319,6 +346,10 @@ impl Builder {
                 Some(pusher) => pusher.finish().await?,
                 None => output::PlacedBlobs::default(),
             };
+            let manifest_first = shared.cache.is_some() && {
+                let stages = shared.stages.lock().expect("stage map");
+                (shared.image_stages.iter()).all(|i| stages.get(i).is_some_and(|s| s.fully_cached))
+            };
             output::push(
                 &shared.client,
                 &shared.blobs,
@@ -326,6 +357,7 @@ impl Builder {
                 &destinations,
                 &placed,
                 &*events,
+                manifest_first,
             )
             .await?;
             timed_since(Phase::Push, push_started);
@@ -352,6 +384,17 @@ impl Builder {
             config,
             pushed,
         })
+    }
+}
+
+/// Pings `registry` in the background, once per build.
+fn warm_up(client: &Client, warmed: &mut HashSet<String>, registry: &str) {
+    if warmed.insert(registry.to_owned()) {
+        let client = client.clone();
+        let registry = registry.to_owned();
+        tokio::spawn(async move {
+            let _ = client.ping_pull_source(&registry).await;
+        });
     }
 }
 

@@ -1,6 +1,8 @@
 //! The layer cache as the engine uses it (`--cache`): every step's key is computed before the
 //! stage runs, all keys are probed at once, hits are taken without executing anything, and
-//! the layers of steps that did run are written to the cache in the background.
+//! the layers of steps that did run are written to the cache in the background. A stage record
+//! (kiln-cache's `stage` module) is fetched with the base manifest and answers every probe it
+//! can, so an unchanged stage costs one round; it is rewritten when it answered less than all.
 //!
 //! The keys themselves and the storage formats live in kiln-cache; this module decides what
 //! each step can observe (its [`StepInput`]) from the engine's view of the stage.
@@ -11,7 +13,8 @@ use std::sync::Mutex;
 
 use kiln_cache::{
     AddInput, CacheEntry, CacheKey, CacheStore, CachedLayer, CopyInput, KeyChain, LayerFile,
-    NewEntry, Parent, RemoteSource, RemoteValidator, RunInput, SourceContent, StepInput,
+    NewEntry, Parent, RecordedBase, RemoteSource, RemoteValidator, RunInput, SourceContent,
+    StageLocator, StageRecord, StepInput,
 };
 use kiln_context::{BuildContext, ContextHasher as ContentHasher, HashOptions};
 use kiln_dockerfile::{FileSource, Instruction, MountType, Source, Step};
@@ -49,6 +52,35 @@ pub struct StagePlan {
     /// The key after the last step: what a stage built FROM this one, or a `COPY --from` of
     /// it, is keyed by.
     pub final_key: Option<CacheKey>,
+    /// Where the stage's record is kept, when the stage has one.
+    pub locator: Option<StageLocator>,
+    /// Whether a stage record answered every probe, so it needs no rewriting.
+    pub answered_by_record: bool,
+}
+
+impl StagePlan {
+    /// Whether every layer step of `steps` is a hit and at least one step is: the stage runs
+    /// nothing, needs no tree, and its image is made of blobs that an identical earlier build
+    /// already pushed.
+    pub fn fully_cached(&self, steps: &[Step]) -> bool {
+        let mut any_hit = false;
+        for (i, step) in steps.iter().enumerate() {
+            let hit = self.hits.get(i).is_some_and(Option::is_some);
+            if is_layer_step(&step.instruction) && !hit {
+                return false;
+            }
+            any_hit |= hit;
+        }
+        any_hit
+    }
+}
+
+/// A cached step's entry as a stage record will hold it: known (a hit) or still being written.
+pub enum RecordSlot {
+    /// The entry the step was a hit on.
+    Known(Box<CacheEntry>),
+    /// The entry being written in the background; the sender is dropped if the write fails.
+    Pending(tokio::sync::oneshot::Receiver<CacheEntry>),
 }
 
 /// Whether `instruction` is a step that may produce a layer and so has a cache entry.
@@ -81,6 +113,7 @@ impl EngineCache {
 
     /// Computes every step's key and probes the store for all layer steps at once. A store
     /// that cannot be reached makes every step a miss, with a warning.
+    #[allow(clippy::too_many_arguments)]
     pub fn plan_stage(
         &self,
         runtime: &tokio::runtime::Handle,
@@ -89,16 +122,21 @@ impl EngineCache {
         steps: &[Step],
         start: &ContainerConfig,
         keys: &KeyContext<'_>,
+        record: Option<&StageRecord>,
     ) -> StagePlan {
         let step_keys = self.step_keys(parent, steps, start, keys);
-        let probe: Vec<(usize, CacheKey)> = steps
-            .iter()
-            .zip(&step_keys)
-            .enumerate()
-            .filter(|(_, (step, key))| key.is_some() && self.caches(&step.instruction))
-            .map(|(i, (_, key))| (i, key.clone().expect("filtered")))
-            .collect();
         let mut hits = vec![None; steps.len()];
+        let mut probe: Vec<(usize, CacheKey)> = Vec::new();
+        for (i, (step, key)) in steps.iter().zip(&step_keys).enumerate() {
+            let Some(key) = key.as_ref().filter(|_| self.caches(&step.instruction)) else {
+                continue;
+            };
+            match record.and_then(|r| r.entry(key, self.store.ttl())) {
+                Some(entry) => hits[i] = Some(entry.clone()),
+                None => probe.push((i, key.clone())),
+            }
+        }
+        let answered_by_record = record.is_some() && probe.is_empty();
         if !probe.is_empty() {
             let only_keys: Vec<CacheKey> = probe.iter().map(|(_, k)| k.clone()).collect();
             let found = runtime.block_on(self.store.lookup_all(&only_keys));
@@ -124,7 +162,82 @@ impl EngineCache {
             keys: step_keys,
             hits,
             final_key,
+            locator: None,
+            answered_by_record,
         }
+    }
+
+    /// Where the record of a stage is kept: over the platform, the Dockerfile's text, the
+    /// stage's index, what it is built on as written (or the final key of the stage it is
+    /// built FROM) and the build args. Known before any registry is asked.
+    pub fn stage_locator(
+        &self,
+        dockerfile: &str,
+        stage: usize,
+        base: &str,
+        build_args: &BTreeMap<String, String>,
+    ) -> StageLocator {
+        let platform = self.platform.to_string();
+        let stage = stage.to_string();
+        let mut parts: Vec<&[u8]> = vec![
+            platform.as_bytes(),
+            dockerfile.as_bytes(),
+            stage.as_bytes(),
+            base.as_bytes(),
+        ];
+        for (name, value) in build_args {
+            parts.push(name.as_bytes());
+            parts.push(value.as_bytes());
+        }
+        StageLocator::new(parts)
+    }
+
+    /// Fetches the stage record at `locator`; an unreadable one is simply absent (the probes
+    /// it would have answered report an unreachable cache themselves).
+    pub async fn lookup_record(&self, locator: &StageLocator) -> Option<StageRecord> {
+        self.store.lookup_stage(locator).await.ok().flatten()
+    }
+
+    /// Writes a stage's record in the background once every entry in `slots` is written; a
+    /// failed entry write leaves the record unwritten, a failed record write is a warning.
+    pub fn record_in_background(
+        &self,
+        runtime: &tokio::runtime::Handle,
+        events: &EventSink,
+        locator: StageLocator,
+        base: Option<RecordedBase>,
+        slots: Vec<RecordSlot>,
+    ) {
+        if !self.write {
+            return;
+        }
+        let store = self.store.clone();
+        let events = events.clone();
+        let task = runtime.spawn(async move {
+            let mut entries = Vec::with_capacity(slots.len());
+            for slot in slots {
+                match slot {
+                    RecordSlot::Known(entry) => entries.push(*entry),
+                    RecordSlot::Pending(receiver) => match receiver.await {
+                        Ok(entry) => entries.push(entry),
+                        // The entry's own write failed and warned: a record without it would
+                        // answer less than the per-step lookups do.
+                        Err(_) => return,
+                    },
+                }
+            }
+            let record = StageRecord { base, entries };
+            if let Err(e) = store.store_stage(&locator, &record).await {
+                events(BuildEvent::Warning {
+                    message: format!(
+                        "could not write stage record {} to {}: {e}",
+                        locator.tag(),
+                        store.location()
+                    ),
+                });
+            }
+        });
+        self.writes.lock().expect("cache writes").push(task);
     }
 
     /// Whether steps like `instruction` are looked up and stored.
@@ -186,7 +299,9 @@ impl EngineCache {
         out
     }
 
-    /// Writes the entry of a step that ran, in the background; a failure is a warning.
+    /// Writes the entry of a step that ran, in the background; a failure is a warning. The slot
+    /// returned delivers the entry once written, for the stage record (`None` when nothing is
+    /// written: no cache writes, or a step kind that is not cached).
     #[allow(clippy::too_many_arguments)]
     pub fn store_in_background(
         &self,
@@ -197,10 +312,11 @@ impl EngineCache {
         layer: Option<(&ImageLayer, &Path)>,
         config: &ContainerConfig,
         history: &History,
-    ) {
+    ) -> Option<RecordSlot> {
         if !self.write || !self.caches(instruction) {
-            return;
+            return None;
         }
+        let (written, slot) = tokio::sync::oneshot::channel();
         let entry = NewEntry {
             key,
             platform: self.platform.clone(),
@@ -216,17 +332,21 @@ impl EngineCache {
         let store = self.store.clone();
         let events = events.clone();
         let task = runtime.spawn(async move {
-            if let Err(e) = store.store(&entry).await {
-                events(BuildEvent::Warning {
+            match store.store(&entry).await {
+                Ok(stored) => {
+                    let _ = written.send(stored.entry);
+                }
+                Err(e) => events(BuildEvent::Warning {
                     message: format!(
                         "could not write cache entry {} to {}: {e}",
                         entry.key,
                         store.location()
                     ),
-                });
+                }),
             }
         });
         self.writes.lock().expect("cache writes").push(task);
+        Some(RecordSlot::Pending(slot))
     }
 
     /// Waits for the background writes (a build's cache is complete when the build ends).

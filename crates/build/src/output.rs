@@ -136,6 +136,8 @@ pub fn parse_destinations(destinations: &[String]) -> Result<Vec<Reference>, Bui
 /// Pushes the image to every destination: layers and config concurrently (skipping blobs the
 /// repository has, mounting base layers from their repository on the same registry, and not
 /// asking again about the blobs in `placed`), then the manifest under the destination's tag.
+/// With `manifest_first` (an image made wholly of cache hits, whose blobs an identical earlier
+/// build most likely pushed) the manifest is sent first, and the blobs only if it is refused.
 pub async fn push(
     client: &Client,
     blobs: &BlobStore,
@@ -143,9 +145,35 @@ pub async fn push(
     destinations: &[Reference],
     placed: &PlacedBlobs,
     emit: &(dyn Fn(BuildEvent) + Send + Sync),
+    manifest_first: bool,
 ) -> Result<Digest, BuildError> {
     for destination in destinations {
         let repo = Repository::new(destination.registry(), destination.repository())?;
+        let reference = destination.tag().unwrap_or("latest").to_owned();
+        if manifest_first {
+            // The registry checks that every blob the manifest names is in the repository
+            // and refuses the manifest otherwise, so trying it first is safe: when it is
+            // refused the blobs are put in place below and it is sent again.
+            let sent = client
+                .put_manifest(
+                    &repo,
+                    &reference,
+                    &image.manifest.media_type,
+                    Bytes::from(image.manifest.bytes.clone()),
+                )
+                .await;
+            match sent {
+                Ok(pushed) => {
+                    emit(BuildEvent::Pushed {
+                        destination: destination.to_string(),
+                        digest: pushed,
+                    });
+                    continue;
+                }
+                Err(err) if err.status().is_none() => return Err(err.into()),
+                Err(_) => {}
+            }
+        }
         let uploads = image
             .layers
             .iter()
@@ -163,7 +191,6 @@ pub async fn push(
                 .map_err(BuildError::from)
         };
         futures::future::try_join(try_join_all(uploads), config_upload).await?;
-        let reference = destination.tag().unwrap_or("latest").to_owned();
         let pushed = client
             .put_manifest(
                 &repo,

@@ -46,6 +46,8 @@ pub struct StageOutput {
     /// The cache key after the stage's last step, when the layer cache is on and every step
     /// could be keyed.
     pub cache_key: Option<kiln_cache::CacheKey>,
+    /// Whether every layer step was a cache hit (nothing ran, nothing was pushed ahead).
+    pub fully_cached: bool,
 }
 
 /// Everything stages share during one build.
@@ -290,6 +292,10 @@ pub fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, BuildEr
     let mut rescan = false;
     let mut pending_base: Option<String> = None;
     let mut pending_stage: Option<usize> = None;
+    // The stage record's locator and the record found there, and the base it records.
+    let mut stage_record: Option<(kiln_cache::StageLocator, Option<kiln_cache::StageRecord>)> =
+        None;
+    let mut recorded_base: Option<kiln_cache::RecordedBase> = None;
     let mut cache_parent: Option<kiln_cache::Parent> = match &planned.base {
         Base::Scratch => Some(kiln_cache::Parent::Scratch),
         Base::Stage(i) => shared
@@ -309,18 +315,34 @@ pub fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, BuildEr
             (config, Vec::new(), Vec::new(), None)
         }
         Base::Image(image) if shared.cache.is_some() => {
-            // With the cache, layers are fetched only if a step has to run (see `materialize`).
-            let pulled = shared
+            // With the cache, layers are fetched only if a step has to run (see `materialize`),
+            // and the stage record is asked for together with the base manifest: it may hold
+            // the base config, and the answer to every probe.
+            let cache = shared.cache.as_ref().expect("guarded");
+            let locator = stage_locator(shared, cache, index, image);
+            let (pulled, record) = shared
                 .timed(Some(index), None, Phase::Pull, || {
-                    shared.runtime.block_on(base::pull_metadata(
-                        &shared.client,
-                        image,
-                        &shared.platform,
-                    ))
+                    shared.runtime.block_on(async {
+                        let (manifest, record) = futures::future::join(
+                            base::resolve_manifest(&shared.client, image, &shared.platform),
+                            cache.lookup_record(&locator),
+                        )
+                        .await;
+                        let manifest = manifest?;
+                        let known = record.as_ref().and_then(|r: &kiln_cache::StageRecord| {
+                            r.base_config(manifest.digest(), manifest.config_digest())
+                        });
+                        let pulled = manifest.with_config(&shared.client, known).await?;
+                        Ok::<_, BuildError>((pulled, record))
+                    })
                 })
                 .map_err(|e| shared.step_error(from_line, format!("FROM {image}: {e}")))?;
             pending_base = Some(image.clone());
-            shared.push_ahead(index, &pulled.layers);
+            stage_record = Some((locator, record));
+            recorded_base = Some(kiln_cache::RecordedBase {
+                manifest_digest: pulled.manifest_digest.clone(),
+                config: pulled.config_bytes.clone(),
+            });
             let env = metadata::env_pairs(&pulled.config.config);
             let base = Some((pulled.reference.to_string(), pulled.manifest_digest.clone()));
             cache_parent = Some(crate::cache::image_parent(&pulled.manifest_digest));
@@ -405,20 +427,46 @@ pub fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, BuildEr
                 context: &shared.context,
                 stage_key: &stage_key,
             };
-            cache.plan_stage(
+            // A stage on scratch or on another stage asks for its record here; one on an image
+            // already did, with the base manifest.
+            let parent_text = match &cache_parent {
+                Some(kiln_cache::Parent::Scratch) => Some("scratch".to_owned()),
+                Some(kiln_cache::Parent::Key(key)) => Some(key.to_string()),
+                _ => None,
+            };
+            if let (None, Some(parent)) = (&stage_record, parent_text) {
+                let locator = stage_locator(shared, cache, index, &parent);
+                let record = shared.runtime.block_on(cache.lookup_record(&locator));
+                stage_record = Some((locator, record));
+            }
+            let (locator, record) = match stage_record.take() {
+                Some((locator, record)) => (Some(locator), record),
+                None => (None, None),
+            };
+            let mut plan = cache.plan_stage(
                 &shared.runtime,
                 &shared.events,
                 cache_parent.take(),
                 &steps.steps,
                 &config.config,
                 &keys,
-            )
+                record.as_ref(),
+            );
+            plan.locator = locator;
+            plan
         }
         None => {
             prepared = Some(materializer.materialize()?);
             crate::cache::StagePlan::default()
         }
     };
+    // A stage made wholly of cache hits pushes nothing ahead: an identical earlier build put
+    // its blobs in place, and the final push tries the manifest alone first (`output::push`).
+    let fully_cached = shared.cache.is_some() && plan.fully_cached(&steps.steps);
+    if shared.cache.is_some() && !fully_cached && matches!(planned.base, Base::Image(_)) {
+        shared.push_ahead(index, &layers);
+    }
+    let mut record_slots: Vec<crate::cache::RecordSlot> = Vec::new();
 
     for (step_no, step) in steps.steps.iter().enumerate() {
         let started = Instant::now();
@@ -455,7 +503,9 @@ pub fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, BuildEr
                             .pending_cached
                             .push((cached.clone(), layer.clone())),
                     }
-                    shared.push_ahead(index, std::slice::from_ref(&layer));
+                    if !fully_cached {
+                        shared.push_ahead(index, std::slice::from_ref(&layer));
+                    }
                     let history = History {
                         created: entry.history.created.clone(),
                         ..history
@@ -465,6 +515,7 @@ pub fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, BuildEr
                 }
                 None => config.push_empty_layer_history(history),
             }
+            record_slots.push(crate::cache::RecordSlot::Known(Box::new(entry)));
             shared.emit(BuildEvent::StepFinished {
                 stage: index,
                 step: step_no,
@@ -607,7 +658,7 @@ pub fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, BuildEr
                 shared.push_ahead(index, std::slice::from_ref(&layer));
                 if let (Some(cache), Some(Some(key))) = (&shared.cache, plan.keys.get(step_no)) {
                     let path = shared.blobs.blob_path(&layer.descriptor.digest);
-                    cache.store_in_background(
+                    record_slots.extend(cache.store_in_background(
                         &shared.runtime,
                         &shared.events,
                         key.clone(),
@@ -615,7 +666,7 @@ pub fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, BuildEr
                         Some((&layer, &path)),
                         &config.config,
                         &history,
-                    );
+                    ));
                 }
                 config.push_layer(layer.diff_id.clone(), history);
                 layers.push(layer);
@@ -623,7 +674,7 @@ pub fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, BuildEr
             _ if matches!(step.instruction, Instruction::Arg(_)) => {}
             _ => {
                 if let (Some(cache), Some(Some(key))) = (&shared.cache, plan.keys.get(step_no)) {
-                    cache.store_in_background(
+                    record_slots.extend(cache.store_in_background(
                         &shared.runtime,
                         &shared.events,
                         key.clone(),
@@ -631,7 +682,7 @@ pub fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, BuildEr
                         None,
                         &config.config,
                         &history,
-                    );
+                    ));
                 }
                 config.push_empty_layer_history(history)
             }
@@ -652,6 +703,18 @@ pub fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, BuildEr
         (rootfs, prepared.is_some())
     };
     drop(prepared);
+    if let (Some(cache), Some(locator)) = (&shared.cache, plan.locator.take()) {
+        // Every step keyed and the record short of something: record what this build knows.
+        if plan.final_key.is_some() && !plan.answered_by_record {
+            cache.record_in_background(
+                &shared.runtime,
+                &shared.events,
+                locator,
+                recorded_base,
+                record_slots,
+            );
+        }
+    }
     Ok(StageOutput {
         rootfs,
         ready: Mutex::new(ready),
@@ -660,7 +723,24 @@ pub fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, BuildEr
         env: steps.env,
         base_image,
         cache_key: plan.final_key,
+        fully_cached,
     })
+}
+
+/// The locator of stage `index`'s record; `base` is what it is built on (the image as written,
+/// `scratch`, or the final key of its base stage).
+fn stage_locator(
+    shared: &Shared,
+    cache: &crate::cache::EngineCache,
+    index: usize,
+    base: &str,
+) -> kiln_cache::StageLocator {
+    cache.stage_locator(
+        &shared.dockerfile_lines.join("\n"),
+        index,
+        base,
+        &shared.options.build_args,
+    )
 }
 
 /// The StageRun of a step that needs the rootfs, which the loop has materialized.

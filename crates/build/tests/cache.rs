@@ -147,12 +147,36 @@ fn an_unchanged_rebuild_in_another_pod_is_a_full_hit_with_the_same_digest() {
     // A second Pod, a second later (so a build-time timestamp would show): a new work
     // directory, only the registry cache is shared.
     std::thread::sleep(std::time::Duration::from_millis(1100));
+    let before = registry.requests().len();
     let warm = build(
         &registry,
         &context,
         &work.path().join("pod-2"),
         cache_flags("2"),
     );
+    // One round for the cache: the stage record, asked for with the base manifest, answers
+    // every step and carries the base config; the manifest goes out first and alone, as an
+    // identical build already pushed every blob to this repository.
+    let requests: Vec<_> = registry.requests().split_off(before);
+    let count = |method: &str, matches: &dyn Fn(&str) -> bool| {
+        (requests.iter())
+            .filter(|(m, uri)| m == method && matches(uri))
+            .count()
+    };
+    let step_entry = |uri: &str| {
+        uri.strip_prefix("/v2/team/app/cache/manifests/")
+            .is_some_and(|tag| tag.len() == 64)
+    };
+    assert_eq!(count("GET", &step_entry), 0, "{requests:?}");
+    let record = |uri: &str| uri.starts_with("/v2/team/app/cache/manifests/stage-");
+    assert_eq!(count("GET", &record), 1, "{requests:?}");
+    assert_eq!(
+        count("GET", &|uri| uri.contains("/blobs/")),
+        0,
+        "{requests:?}"
+    );
+    assert_eq!(count("HEAD", &|_| true), 0, "{requests:?}");
+    assert_eq!(count("PUT", &|_| true), 1, "{requests:?}");
     assert!(
         warm.ran().is_empty(),
         "a full hit runs nothing: {:?}",
@@ -188,6 +212,47 @@ fn an_unchanged_rebuild_in_another_pod_is_a_full_hit_with_the_same_digest() {
         "ran-first\n",
         "the cached first RUN's layer is in the image"
     );
+}
+
+#[test]
+fn a_full_hit_pushed_to_a_new_repository_puts_its_blobs_there() {
+    kiln_testkit::require_tools(&["docker-registry", "skopeo", "umoci", "runc"]);
+    let registry = Registry::start();
+    image::push_rootfs(&registry, bases::busybox_rootfs(), "base/busybox:latest");
+    let work = tempfile::tempdir().unwrap();
+    let context = work.path().join("context");
+    write_context(&context, &registry, "to a new repository\n");
+    let flags = |destination: &'static str| {
+        let addr = registry.addr();
+        move |o: &mut BuildOptions| {
+            o.cache.enabled = true;
+            o.cache.repo = Some(format!("{addr}/shared/cache"));
+            o.output.destinations.push(format!("{addr}/{destination}"));
+        }
+    };
+    let cold = build(
+        &registry,
+        &context,
+        &work.path().join("a"),
+        flags("one/app:1"),
+    );
+    // The destination has none of the blobs: the manifest sent first is refused, then the
+    // layers are mounted from the cache and base repositories and the config uploaded.
+    let before = registry.requests().len();
+    let warm = build(
+        &registry,
+        &context,
+        &work.path().join("b"),
+        flags("two/app:1"),
+    );
+    let manifest_puts = (registry.requests().split_off(before).iter())
+        .filter(|(method, uri)| method == "PUT" && uri == "/v2/two/app/manifests/1")
+        .count();
+    assert_eq!(manifest_puts, 2, "refused once, then accepted");
+    assert!(warm.ran().is_empty(), "{:?}", warm.ran());
+    assert_eq!(warm.digest, cold.digest);
+    let flat = image::flatten(&registry, "two/app:1");
+    assert_eq!(image::run_with_runc(&flat), "to a new repository\n");
 }
 
 #[test]

@@ -55,6 +55,11 @@ impl CacheKey {
         self.0.hex().to_owned()
     }
 
+    /// The key whose digest is `digest` (as stored in a stage record).
+    pub fn from_digest(digest: Digest) -> CacheKey {
+        CacheKey(digest)
+    }
+
     /// The key a [`CacheKey::tag`] names, or `None` if `tag` is not one.
     pub fn from_tag(tag: &str) -> Option<CacheKey> {
         Digest::parse(&format!("sha256:{tag}")).ok().map(CacheKey)

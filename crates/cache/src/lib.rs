@@ -7,6 +7,9 @@
 //! - [`store`]: the step cache, [`CacheStore`], in a registry repository (`--cache-repo
 //!   REGISTRY/REPO`) or an OCI layout (`--cache-repo oci:/path`), with a TTL and concurrent
 //!   lookup of all of a stage's keys ([`CacheStore::lookup_all`]).
+//! - [`stage`]: stage records ([`StageRecord`], found by a [`StageLocator`]), which answer all
+//!   of a stage's lookups and carry its base config, so a fully cached stage costs one request
+//!   made at the same time as the base manifest's.
 //! - [`base`]: `--cache-dir`, base images by digest ([`BaseImageDir`]) and the warmer.
 //!
 //! ```no_run
@@ -30,6 +33,7 @@
 pub mod base;
 mod error;
 pub mod key;
+pub mod stage;
 pub mod store;
 
 pub use base::{BaseImage, BaseImageDir, WarmReport};
@@ -38,6 +42,7 @@ pub use key::{
     run_environment, step_key, step_run_environment, AddInput, CacheKey, CopyInput, FileEntry,
     FileKind, KeyChain, Parent, RemoteSource, RemoteValidator, RunInput, SourceContent, StepInput,
 };
+pub use stage::{RecordedBase, StageLocator, StageRecord, STAGE_RECORD_MEDIA_TYPE};
 pub use store::{
     CacheEntry, CacheStore, CachedLayer, LayerFile, NewEntry, StoredEntry, ANNOTATION_CREATED_UNIX,
     ANNOTATION_KEY, DEFAULT_TTL,

@@ -120,12 +120,12 @@ pub struct StoredEntry {
 /// registry client.
 #[derive(Clone, Debug)]
 pub struct CacheStore {
-    backend: Backend,
+    pub(crate) backend: Backend,
     ttl: Duration,
 }
 
 #[derive(Clone, Debug)]
-enum Backend {
+pub(crate) enum Backend {
     Registry { client: Client, repo: Repository },
     Layout(Arc<OciLayout>),
 }
@@ -463,7 +463,7 @@ impl EntryDocuments {
     }
 }
 
-fn unix_seconds(time: SystemTime) -> u64 {
+pub(crate) fn unix_seconds(time: SystemTime) -> u64 {
     time.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
@@ -483,7 +483,7 @@ fn entry_created(manifest: &Manifest, location: &str) -> Result<SystemTime, Cach
 }
 
 /// Parses an entry's manifest; `None` when the entry is older than `ttl` (a miss).
-fn fresh_manifest(
+pub(crate) fn fresh_manifest(
     bytes: &[u8],
     location: &str,
     ttl: Duration,
@@ -496,7 +496,7 @@ fn fresh_manifest(
     Ok((!expired(created, ttl)).then_some((manifest, created)))
 }
 
-fn expired(created: SystemTime, ttl: Duration) -> bool {
+pub(crate) fn expired(created: SystemTime, ttl: Duration) -> bool {
     // Creation times are stored in whole seconds, so the age is measured in whole seconds too:
     // comparing a truncated creation time with a precise "now" would age an entry by up to a
     // second at birth. A clock that went backwards makes the age zero: the entry counts as fresh.
@@ -590,12 +590,7 @@ fn layout_lookup(
 ) -> Result<Option<CacheEntry>, CacheError> {
     let tag = key.tag();
     let location = format!("oci:{}:{tag}", layout.path().display());
-    let index = layout.index()?;
-    let Some(descriptor) = index
-        .manifests
-        .iter()
-        .find(|d| d.annotation(kiln_oci::image::ANNOTATION_REF_NAME) == Some(tag.as_str()))
-    else {
+    let Some(descriptor) = layout_tagged(layout, &tag)? else {
         return Ok(None);
     };
     let bytes = layout.read_blob_bytes(&descriptor.digest, MAX_MANIFEST_SIZE)?;
@@ -619,11 +614,27 @@ fn layout_lookup(
     .map(Some)
 }
 
+/// The manifest descriptor tagged `tag` in the layout's `index.json`.
+pub(crate) fn layout_tagged(
+    layout: &OciLayout,
+    tag: &str,
+) -> Result<Option<Descriptor>, CacheError> {
+    Ok(layout
+        .index()?
+        .manifests
+        .into_iter()
+        .find(|d| d.annotation(kiln_oci::image::ANNOTATION_REF_NAME) == Some(tag)))
+}
+
 /// Tags `descriptor` in the layout's `index.json` while holding an exclusive lock on
 /// `index.json.lock`, so two builds writing to one cache layout never lose each other's tags
 /// (the read-modify-write of `index.json` is the only step that needs serialising: blobs are
 /// content-addressed and written through temporary files).
-fn tag_locked(layout: &OciLayout, tag: &str, descriptor: Descriptor) -> Result<(), CacheError> {
+pub(crate) fn tag_locked(
+    layout: &OciLayout,
+    tag: &str,
+    descriptor: Descriptor,
+) -> Result<(), CacheError> {
     let _lock = lock_index(layout.path())?;
     layout.tag(tag, descriptor)?;
     Ok(())

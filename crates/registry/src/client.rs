@@ -168,6 +168,21 @@ impl Client {
         self.inner.base_url(&ep).await.map(|_| ())
     }
 
+    /// Pings where pulls from `registry` go first (its first mirror, or the host it is mapped
+    /// to), so that a build can settle the scheme and challenge while it is still reading its
+    /// Dockerfile: the ping is shared by every later request to that endpoint.
+    pub async fn ping_pull_source(&self, registry: &str) -> Result<(), Error> {
+        let source = self
+            .inner
+            .options
+            .pull_sources(registry)
+            .into_iter()
+            .next()
+            .map(|source| source.registry)
+            .unwrap_or_else(|| registry.to_owned());
+        self.ping(&source).await
+    }
+
     /// Fetches a manifest or index by tag or digest, trying mirrors first when configured.
     /// A manifest fetched by digest is verified against it.
     pub async fn get_manifest(

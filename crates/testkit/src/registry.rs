@@ -130,6 +130,31 @@ impl Registry {
         std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
     }
 
+    /// Every request the registry has answered so far, as `(method, path)` in order, read
+    /// from its log (distribution logs each response at the `info` level). Tests count the
+    /// requests a build made by slicing this list before and after it.
+    pub fn requests(&self) -> Vec<(String, String)> {
+        let field = |line: &str, name: &str| {
+            let start = line.find(name)? + name.len();
+            let rest = &line[start..];
+            let end = rest.find(' ').unwrap_or(rest.len());
+            Some(rest[..end].trim_matches('"').to_owned())
+        };
+        // A response with several errors is logged once per error, under one request id.
+        let mut seen = std::collections::HashSet::new();
+        self.log()
+            .lines()
+            .filter(|line| line.contains("msg=\"response completed"))
+            .filter(|line| field(line, "http.request.id=").is_some_and(|id| seen.insert(id)))
+            .filter_map(|line| {
+                Some((
+                    field(line, "http.request.method=")?,
+                    field(line, "http.request.uri=")?,
+                ))
+            })
+            .collect()
+    }
+
     /// The directory that holds the registry's config, log and storage.
     pub fn dir(&self) -> &Path {
         self.dir.path()
