@@ -153,7 +153,11 @@ fn build(renderer: &Renderer, invocation: Invocation) -> i32 {
         Err(code) => return code,
     };
     let builder = Builder::new(invocation.options).events(renderer.sink());
-    match runtime.block_on(builder.build()) {
+    let result = runtime.block_on(builder.build());
+    // The build is over and its files are closed; waiting for idle worker threads to wind
+    // down would only delay the exit.
+    runtime.shutdown_background();
+    match result {
         Ok(_report) => {
             renderer.finish(None);
             exit::SUCCESS

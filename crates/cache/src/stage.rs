@@ -19,10 +19,12 @@
 //!
 //! # Format
 //!
-//! An OCI image manifest tagged `stage-<locator hex>` with no layers, whose config is the record
-//! JSON ([`STAGE_RECORD_MEDIA_TYPE`]), stored as a blob and also carried in the config
-//! descriptor's `data` field, so a lookup is one request. Annotations: [`ANNOTATION_KEY`] (the
-//! locator) and [`ANNOTATION_CREATED_UNIX`], as step entries have.
+//! An OCI manifest tagged `stage-<locator hex>` whose config is the record JSON
+//! ([`STAGE_RECORD_MEDIA_TYPE`]), stored as a blob and also carried in the config descriptor's
+//! `data` field, so a lookup is one request. Its layers are those of the entries it holds (each
+//! already in the cache, put there by its own entry), so garbage collection in the registry
+//! keeps them as long as the record. Annotations: [`ANNOTATION_KEY`] (the locator) and
+//! [`ANNOTATION_CREATED_UNIX`], as step entries have.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -303,8 +305,17 @@ impl CacheStore {
         } else {
             blob.descriptor()
         };
+        // The entries' layers are listed too (they are in the cache already: every entry put
+        // its own there), so a registry's garbage collection keeps them while the record lives.
+        let mut layers: Vec<Descriptor> = Vec::new();
+        for layer in record.entries.iter().filter_map(|e| e.layer.as_ref()) {
+            if !layers.iter().any(|l| l.digest == layer.descriptor.digest) {
+                layers.push(layer.descriptor.clone());
+            }
+        }
         let manifest = ManifestBuilder::new(ImageFormat::Oci)
             .config_descriptor(config_descriptor)
+            .layers(layers)
             .annotation(ANNOTATION_KEY, &locator.to_string())
             .annotation(ANNOTATION_CREATED_UNIX, &seconds.to_string())
             .annotation(ANNOTATION_CREATED, &rfc3339_utc(seconds as i64))

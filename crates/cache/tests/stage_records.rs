@@ -2,14 +2,16 @@
 //! and an OCI layout, refused when stale or when they belong to another locator, and trusted
 //! for a base config only when its digest is the one the base manifest names.
 
+use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
 use kiln_cache::{
-    CacheEntry, CacheKey, CacheStore, KeyChain, NewEntry, Parent, RecordedBase, StageLocator,
-    StageRecord, StepInput, DEFAULT_TTL,
+    CacheEntry, CacheKey, CacheStore, KeyChain, LayerFile, NewEntry, Parent, RecordedBase,
+    StageLocator, StageRecord, StepInput, DEFAULT_TTL,
 };
 use kiln_dockerfile::Instruction;
-use kiln_oci::{ContainerConfig, Digest, History, Platform};
+use kiln_oci::{ContainerConfig, Descriptor, Digest, History, MediaType, Platform};
 use kiln_registry::{Client, RegistryOptions, Repository};
 use kiln_testkit::Registry;
 
@@ -29,8 +31,53 @@ fn keys(count: usize) -> Vec<CacheKey> {
         .collect()
 }
 
+/// A gzip-compressed layer tar holding one file, made with the system's tar and gzip.
+fn layer_file(dir: &Path) -> LayerFile {
+    let root = dir.join("layer-root");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(root.join("built"), "by a cached step\n").unwrap();
+    let tar = dir.join("layer.tar");
+    let status = Command::new("tar")
+        .args(["--sort=name", "-cf"])
+        .arg(&tar)
+        .arg("-C")
+        .arg(&root)
+        .arg("built")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let diff_id = Digest::sha256_of(&std::fs::read(&tar).unwrap());
+    assert!(Command::new("gzip")
+        .arg("-nf")
+        .arg(&tar)
+        .status()
+        .unwrap()
+        .success());
+    let path = dir.join("layer.tar.gz");
+    let bytes = std::fs::read(&path).unwrap();
+    LayerFile {
+        descriptor: Descriptor::new(
+            MediaType::OciLayerGzip,
+            Digest::sha256_of(&bytes),
+            bytes.len() as u64,
+        ),
+        diff_id,
+        path,
+        mount_from: None,
+    }
+}
+
 /// Writes one step entry per key, as the steps of a build would, and returns them.
 async fn entries(store: &CacheStore, keys: &[CacheKey]) -> Vec<CacheEntry> {
+    entries_with(store, keys, None).await
+}
+
+/// As [`entries`], the first entry with `layer`.
+async fn entries_with(
+    store: &CacheStore,
+    keys: &[CacheKey],
+    mut layer: Option<LayerFile>,
+) -> Vec<CacheEntry> {
     let mut out = Vec::new();
     for (i, key) in keys.iter().enumerate() {
         let mut config = ContainerConfig::default();
@@ -38,7 +85,7 @@ async fn entries(store: &CacheStore, keys: &[CacheKey]) -> Vec<CacheEntry> {
         let entry = NewEntry {
             key: key.clone(),
             platform: Platform::parse("linux/amd64").unwrap(),
-            layer: None,
+            layer: layer.take(),
             config,
             history: History {
                 created_by: Some(format!("WORKDIR /s{i}")),
@@ -65,7 +112,10 @@ async fn a_record_written_by_one_pod_answers_another_in_one_request() {
     let repo = format!("{}/team/app/cache", registry.addr());
     let first_pod = CacheStore::open(&repo, &client(), DEFAULT_TTL).unwrap();
     let keys = keys(3);
-    let written = entries(&first_pod, &keys).await;
+    let work = tempfile::tempdir().unwrap();
+    let layer = layer_file(work.path());
+    let layer_digest = layer.descriptor.digest.clone();
+    let written = entries_with(&first_pod, &keys, Some(layer)).await;
     let locator = StageLocator::new([b"Dockerfile text".as_slice(), b"0"]);
     let record = StageRecord {
         base: Some(base()),
@@ -97,6 +147,16 @@ async fn a_record_written_by_one_pod_answers_another_in_one_request() {
     let manifest: serde_json::Value = serde_json::from_slice(&manifest.bytes).unwrap();
     assert!(manifest["config"]["data"].is_string(), "{manifest}");
     assert!(locator.tag().starts_with("stage-"));
+    // It names the entries' layers, so garbage collection keeps them while it lives.
+    assert_eq!(
+        manifest["layers"][0]["digest"].as_str(),
+        Some(layer_digest.to_string().as_str()),
+        "{manifest}"
+    );
+    assert_eq!(
+        found.entries[0].layer.as_ref().unwrap().descriptor.digest,
+        layer_digest
+    );
 
     // Another locator finds nothing.
     let other = StageLocator::new([b"Dockerfile text".as_slice(), b"1"]);

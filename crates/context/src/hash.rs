@@ -26,6 +26,9 @@ use sha2::{Digest as _, Sha256};
 
 use crate::error::{ContextError, Result};
 
+/// Content below this size is hashed on the calling thread, above it across rayon's pool.
+const PARALLEL_HASH_BYTES: u64 = 1 << 20;
+
 /// The domain tag that starts every tree hash; bump it when the framing changes.
 const FORMAT_TAG: &[u8] = b"kiln-context-tree-v1";
 
@@ -156,13 +159,18 @@ impl ContentHasher {
             .flat_map(|t| t.entries.iter())
             .filter(|e| e.metadata.file_type().is_file())
             .collect();
-        let digests: Vec<[u8; 32]> = files
-            .par_iter()
-            .map(|entry| {
-                self.file_digest(&entry.path, &entry.metadata)
-                    .map_err(|e| ContextError::io("content hash", "read", &entry.path, e))
-            })
-            .collect::<Result<_>>()?;
+        let digest_of = |entry: &&TreeEntry| {
+            self.file_digest(&entry.path, &entry.metadata)
+                .map_err(|e| ContextError::io("content hash", "read", &entry.path, e))
+        };
+        // A few small files hash faster here than rayon's pool starts its threads (which
+        // shows on a fully cached rebuild, where hashing is most of the local work).
+        let total: u64 = files.iter().map(|e| e.metadata.len()).sum();
+        let digests: Vec<[u8; 32]> = if total < PARALLEL_HASH_BYTES {
+            files.iter().map(digest_of).collect::<Result<_>>()?
+        } else {
+            files.par_iter().map(digest_of).collect::<Result<_>>()?
+        };
         let mut digests = digests.into_iter();
 
         let mut hasher = Sha256::new();
