@@ -150,55 +150,48 @@ pub async fn push(
     for destination in destinations {
         let repo = Repository::new(destination.registry(), destination.repository())?;
         let reference = destination.tag().unwrap_or("latest").to_owned();
-        if manifest_first {
-            // The registry checks that every blob the manifest names is in the repository
-            // and refuses the manifest otherwise, so trying it first is safe: when it is
-            // refused the blobs are put in place below and it is sent again.
-            let sent = client
-                .put_manifest(
-                    &repo,
-                    &reference,
-                    &image.manifest.media_type,
-                    Bytes::from(image.manifest.bytes.clone()),
-                )
-                .await;
-            match sent {
-                Ok(pushed) => {
-                    emit(BuildEvent::Pushed {
-                        destination: destination.to_string(),
-                        digest: pushed,
-                    });
-                    continue;
-                }
-                Err(err) if err.status().is_none() => return Err(err.into()),
-                Err(_) => {}
-            }
-        }
-        let uploads = image
-            .layers
-            .iter()
-            .filter(|layer| !placed.contains(destination, &layer.descriptor.digest))
-            .map(|layer| push_layer(client, blobs, &repo, destination, layer, emit));
-        let config_options = PushBlobOptions {
-            digest: Some(image.config.digest.clone()),
-            mount_from: None,
-        };
-        let config_source = BytesSource(Bytes::from(image.config.bytes.clone()));
-        let config_upload = async {
-            client
-                .push_blob(&repo, &config_source, &config_options)
-                .await
-                .map_err(BuildError::from)
-        };
-        futures::future::try_join(try_join_all(uploads), config_upload).await?;
-        let pushed = client
-            .put_manifest(
+        let put_manifest = || {
+            client.put_manifest(
                 &repo,
                 &reference,
                 &image.manifest.media_type,
                 Bytes::from(image.manifest.bytes.clone()),
             )
-            .await?;
+        };
+        // The registry checks that every blob the manifest names is in the repository and
+        // refuses the manifest otherwise, so trying it first is safe: when it is refused the
+        // blobs are put in place below and it is sent again.
+        let accepted = match manifest_first.then(put_manifest) {
+            Some(sent) => match sent.await {
+                Ok(pushed) => Some(pushed),
+                Err(err) if err.status().is_none() => return Err(err.into()),
+                Err(_) => None,
+            },
+            None => None,
+        };
+        let pushed = match accepted {
+            Some(pushed) => pushed,
+            None => {
+                let uploads = image
+                    .layers
+                    .iter()
+                    .filter(|layer| !placed.contains(destination, &layer.descriptor.digest))
+                    .map(|layer| push_layer(client, blobs, &repo, destination, layer, emit));
+                let config_options = PushBlobOptions {
+                    digest: Some(image.config.digest.clone()),
+                    mount_from: None,
+                };
+                let config_source = BytesSource(Bytes::from(image.config.bytes.clone()));
+                let config_upload = async {
+                    client
+                        .push_blob(&repo, &config_source, &config_options)
+                        .await
+                        .map_err(BuildError::from)
+                };
+                futures::future::try_join(try_join_all(uploads), config_upload).await?;
+                put_manifest().await?
+            }
+        };
         emit(BuildEvent::Pushed {
             destination: destination.to_string(),
             digest: pushed,

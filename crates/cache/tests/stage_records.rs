@@ -2,8 +2,6 @@
 //! and an OCI layout, refused when stale or when they belong to another locator, and trusted
 //! for a base config only when its digest is the one the base manifest names.
 
-use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use kiln_cache::{
@@ -11,9 +9,12 @@ use kiln_cache::{
     StageLocator, StageRecord, StepInput, DEFAULT_TTL,
 };
 use kiln_dockerfile::Instruction;
-use kiln_oci::{ContainerConfig, Descriptor, Digest, History, MediaType, Platform};
+use kiln_oci::{ContainerConfig, Digest, History, Platform};
 use kiln_registry::{Client, RegistryOptions, Repository};
 use kiln_testkit::Registry;
+
+mod support;
+use support::make_layer;
 
 fn client() -> Client {
     Client::new(RegistryOptions {
@@ -29,42 +30,6 @@ fn keys(count: usize) -> Vec<CacheKey> {
     (0..count)
         .map(|i| chain.next_key(&StepInput::Metadata(Instruction::Workdir(format!("/s{i}")))))
         .collect()
-}
-
-/// A gzip-compressed layer tar holding one file, made with the system's tar and gzip.
-fn layer_file(dir: &Path) -> LayerFile {
-    let root = dir.join("layer-root");
-    std::fs::create_dir_all(&root).unwrap();
-    std::fs::write(root.join("built"), "by a cached step\n").unwrap();
-    let tar = dir.join("layer.tar");
-    let status = Command::new("tar")
-        .args(["--sort=name", "-cf"])
-        .arg(&tar)
-        .arg("-C")
-        .arg(&root)
-        .arg("built")
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let diff_id = Digest::sha256_of(&std::fs::read(&tar).unwrap());
-    assert!(Command::new("gzip")
-        .arg("-nf")
-        .arg(&tar)
-        .status()
-        .unwrap()
-        .success());
-    let path = dir.join("layer.tar.gz");
-    let bytes = std::fs::read(&path).unwrap();
-    LayerFile {
-        descriptor: Descriptor::new(
-            MediaType::OciLayerGzip,
-            Digest::sha256_of(&bytes),
-            bytes.len() as u64,
-        ),
-        diff_id,
-        path,
-        mount_from: None,
-    }
 }
 
 /// Writes one step entry per key, as the steps of a build would, and returns them.
@@ -113,7 +78,7 @@ async fn a_record_written_by_one_pod_answers_another_in_one_request() {
     let first_pod = CacheStore::open(&repo, &client(), DEFAULT_TTL).unwrap();
     let keys = keys(3);
     let work = tempfile::tempdir().unwrap();
-    let layer = layer_file(work.path());
+    let layer = make_layer(work.path(), "built", "by a cached step\n");
     let layer_digest = layer.descriptor.digest.clone();
     let written = entries_with(&first_pod, &keys, Some(layer)).await;
     let locator = StageLocator::new([b"Dockerfile text".as_slice(), b"0"]);

@@ -1,7 +1,6 @@
 //! The cache backends against real parts: a `docker-registry` on a loopback port, OCI layouts
 //! checked with skopeo, two stores ("two Pods") sharing one cache.
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -10,11 +9,14 @@ use kiln_cache::{
     StepInput, DEFAULT_TTL,
 };
 use kiln_dockerfile::Instruction;
-use kiln_oci::{ContainerConfig, Descriptor, Digest, History, MediaType, Platform, Reference};
+use kiln_oci::{ContainerConfig, Digest, History, Platform, Reference};
 use kiln_registry::{
     Client, FileSource, PushBlobOptions, PushOutcome, RegistryOptions, Repository,
 };
 use kiln_testkit::Registry;
+
+mod support;
+use support::make_layer;
 use tokio::io::AsyncReadExt as _;
 
 fn platform() -> Platform {
@@ -37,39 +39,6 @@ fn key(n: usize) -> CacheKey {
         key = Some(chain.next_key(&StepInput::Metadata(Instruction::Workdir(format!("/s{i}")))));
     }
     key.unwrap()
-}
-
-/// A real gzip-compressed layer tar holding one file with `content`.
-fn make_layer(dir: &Path, name: &str, content: &str) -> LayerFile {
-    let root = dir.join(format!("{name}-root"));
-    std::fs::create_dir_all(&root).unwrap();
-    std::fs::write(root.join(name), content).unwrap();
-    let tar = dir.join(format!("{name}.tar"));
-    let status = Command::new("tar")
-        .arg("--sort=name")
-        .arg("-cf")
-        .arg(&tar)
-        .arg("-C")
-        .arg(&root)
-        .arg(name)
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let diff_id = Digest::sha256_of(&std::fs::read(&tar).unwrap());
-    let status = Command::new("gzip").arg("-nf").arg(&tar).status().unwrap();
-    assert!(status.success());
-    let path = PathBuf::from(format!("{}.gz", tar.display()));
-    let bytes = std::fs::read(&path).unwrap();
-    LayerFile {
-        descriptor: Descriptor::new(
-            MediaType::OciLayerGzip,
-            Digest::sha256_of(&bytes),
-            bytes.len() as u64,
-        ),
-        diff_id,
-        path,
-        mount_from: None,
-    }
 }
 
 fn new_entry(key: CacheKey, layer: Option<LayerFile>, env: &str) -> NewEntry {

@@ -1,0 +1,40 @@
+//! Helpers shared by kiln-cache's integration tests.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use kiln_cache::LayerFile;
+use kiln_oci::{Descriptor, Digest, MediaType};
+
+/// A real gzip-compressed layer tar holding one file with `content`.
+pub fn make_layer(dir: &Path, name: &str, content: &str) -> LayerFile {
+    let root = dir.join(format!("{name}-root"));
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(root.join(name), content).unwrap();
+    let tar = dir.join(format!("{name}.tar"));
+    let status = Command::new("tar")
+        .arg("--sort=name")
+        .arg("-cf")
+        .arg(&tar)
+        .arg("-C")
+        .arg(&root)
+        .arg(name)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let diff_id = Digest::sha256_of(&std::fs::read(&tar).unwrap());
+    let status = Command::new("gzip").arg("-nf").arg(&tar).status().unwrap();
+    assert!(status.success());
+    let path = PathBuf::from(format!("{}.gz", tar.display()));
+    let bytes = std::fs::read(&path).unwrap();
+    LayerFile {
+        descriptor: Descriptor::new(
+            MediaType::OciLayerGzip,
+            Digest::sha256_of(&bytes),
+            bytes.len() as u64,
+        ),
+        diff_id,
+        path,
+        mount_from: None,
+    }
+}
