@@ -15,7 +15,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use kiln_benches::workloads::{self, WORKLOADS};
-use kiln_benches::{measure, median, Measured};
+use kiln_benches::{measure, median, try_measure, Measured};
 use kiln_testkit::{bases, image, Registry};
 
 struct Options {
@@ -235,9 +235,16 @@ impl Tool for Buildah<'_> {
 
     fn cold(&self, workload: &str, context: &Path, run: usize) -> (Measured, Option<PathBuf>) {
         let store = self.work.join("buildah-cold");
+        let tag = format!("cold{run}");
         self.clear(&store);
-        let measured =
-            measure(&mut self.command(&store, workload, context, &format!("cold{run}"), false));
+        // buildah 1.28 now and then fails a RUN with "Close_Fd sealing memfd copy: Device or
+        // resource busy"; one failure of the reference tool should not end the whole run.
+        let measured = try_measure(&mut self.command(&store, workload, context, &tag, false))
+            .unwrap_or_else(|error| {
+                eprintln!("   buildah failed, retrying once: {error}");
+                self.clear(&store);
+                measure(&mut self.command(&store, workload, context, &tag, false))
+            });
         self.clear(&store);
         (measured, None)
     }

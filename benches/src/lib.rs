@@ -22,6 +22,11 @@ pub struct Measured {
 /// expose. Panics when the command cannot start or exits non-zero: a benchmark whose subject
 /// failed has no figure worth printing.
 pub fn measure(cmd: &mut Command) -> Measured {
+    try_measure(cmd).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`measure`], with a failed command as an error naming it, for a caller that retries.
+pub fn try_measure(cmd: &mut Command) -> Result<Measured, String> {
     let start = Instant::now();
     let child = cmd
         .spawn()
@@ -34,21 +39,20 @@ pub fn measure(cmd: &mut Command) -> Measured {
     let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
     let wall = start.elapsed();
     assert_eq!(rc, pid, "wait4: {}", io::Error::last_os_error());
-    assert!(
-        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-        "{cmd:?} failed with status {status:#x}"
-    );
     // The child has been reaped by wait4; dropping `Child` would not wait again, but forgetting
     // it makes that independent of std's implementation.
     std::mem::forget(child);
+    if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
+        return Err(format!("{cmd:?} failed with status {status:#x}"));
+    }
     let seconds = |t: libc::timeval| {
         Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
     };
-    Measured {
+    Ok(Measured {
         wall,
         cpu: seconds(usage.ru_utime) + seconds(usage.ru_stime),
         max_rss_kib: usage.ru_maxrss,
-    }
+    })
 }
 
 /// The run with the median wall time: medians resist the odd run disturbed by other load.
