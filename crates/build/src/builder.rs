@@ -123,25 +123,13 @@ impl Builder {
         }
         let destinations = output::parse_destinations(&options.output.destinations)?;
         let client = Client::new(options.registry.clone())?;
-        // Every registry the build will talk to is pinged now, while the context and the
-        // Dockerfile are read: the first real request then finds the scheme and challenge
-        // settled. A failed ping is reported by the request that needed it.
+        // Every registry the build will talk to is pinged as soon as it is known, while the
+        // context and the Dockerfile are read: the first real request then finds the scheme
+        // and challenge settled. A failed ping is reported by the request that needed it.
         let mut warm = HashSet::new();
         let pushes = !options.output.no_push;
         for destination in destinations.iter().filter(|_| pushes) {
             warm_up(&client, &mut warm, destination.registry());
-        }
-        if options.cache.enabled {
-            let cache_registry = match &options.cache.repo {
-                Some(repo) if !repo.starts_with("oci:") => kiln_oci::Reference::parse(repo)
-                    .ok()
-                    .map(|r| r.registry().to_owned()),
-                Some(_) => None,
-                None => destinations.first().map(|d| d.registry().to_owned()),
-            };
-            if let Some(registry) = cache_registry {
-                warm_up(&client, &mut warm, &registry);
-            }
         }
 
         let work_root = options.kiln_dir.join("work");
@@ -233,6 +221,9 @@ impl Builder {
             chain = *parent;
         }
         let cache = engine_cache(&options, &client, &destinations, &platform, &events)?;
+        if let Some(repo) = cache.as_ref().and_then(|c| c.store.repository()) {
+            warm_up(&client, &mut warm, repo.registry());
+        }
         let push_ahead = if options.output.no_push || destinations.is_empty() {
             None
         } else {
@@ -346,7 +337,7 @@ impl Builder {
                 Some(pusher) => pusher.finish().await?,
                 None => output::PlacedBlobs::default(),
             };
-            let manifest_first = shared.cache.is_some() && {
+            let manifest_first = {
                 let stages = shared.stages.lock().expect("stage map");
                 (shared.image_stages.iter()).all(|i| stages.get(i).is_some_and(|s| s.fully_cached))
             };

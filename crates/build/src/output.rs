@@ -161,13 +161,14 @@ pub async fn push(
         // The registry checks that every blob the manifest names is in the repository and
         // refuses the manifest otherwise, so trying it first is safe: when it is refused the
         // blobs are put in place below and it is sent again.
-        let accepted = match manifest_first.then(put_manifest) {
-            Some(sent) => match sent.await {
+        let accepted = if manifest_first {
+            match put_manifest().await {
                 Ok(pushed) => Some(pushed),
                 Err(err) if err.status().is_none() => return Err(err.into()),
                 Err(_) => None,
-            },
-            None => None,
+            }
+        } else {
+            None
         };
         let pushed = match accepted {
             Some(pushed) => pushed,

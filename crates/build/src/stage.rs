@@ -462,7 +462,7 @@ pub fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, BuildEr
     };
     // A stage made wholly of cache hits pushes nothing ahead: an identical earlier build put
     // its blobs in place, and the final push tries the manifest alone first (`output::push`).
-    let fully_cached = shared.cache.is_some() && plan.fully_cached(&steps.steps);
+    let fully_cached = plan.fully_cached(&steps.steps);
     if shared.cache.is_some() && !fully_cached && matches!(planned.base, Base::Image(_)) {
         shared.push_ahead(index, &layers);
     }
