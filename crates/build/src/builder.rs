@@ -249,6 +249,7 @@ impl Builder {
             runtime: tokio::runtime::Handle::current(),
             stages: Mutex::new(HashMap::new()),
             images: Mutex::new(HashMap::new()),
+            remote: crate::remote::RemotePins::new(work_dir.path().join("pinned")),
             push_ahead,
             image_stages,
             cache,

@@ -27,6 +27,7 @@ use crate::base::ImageLayer;
 use crate::error::BuildError;
 use crate::events::{BuildEvent, EventSink};
 use crate::metadata;
+use crate::remote::UrlPin;
 
 /// The engine's cache settings and the store behind them, shared by every stage of a build.
 pub struct EngineCache {
@@ -97,6 +98,8 @@ pub struct KeyContext<'a> {
     pub context: &'a BuildContext,
     /// Final keys of the stages built so far.
     pub stage_key: &'a dyn Fn(usize) -> Option<CacheKey>,
+    /// Image digests and URL validators or contents, pinned before the stage is keyed.
+    pub remote: &'a crate::remote::RemotePins,
 }
 
 impl EngineCache {
@@ -421,9 +424,10 @@ impl EngineCache {
     }
 }
 
-/// What `step` can observe, or `None` when some input cannot be pinned (a remote ADD without
-/// `--checksum`, a `COPY --from` an image, a source that does not resolve): the chain stops
-/// there and the rest of the stage runs uncached.
+/// What `step` can observe, or `None` when some input cannot be pinned (an image or URL that
+/// [`crate::remote::RemotePins`] could not pin, a git source, a `RUN --mount` from an image,
+/// a source that does not resolve): the chain stops there and the rest of the stage runs
+/// uncached.
 fn step_input(
     step: &Step,
     config: &ContainerConfig,
@@ -458,7 +462,7 @@ fn step_input(
             let content = match &files.from {
                 None => context_content(keys.context, hasher, &paths(&files.sources))?,
                 Some(Source::Stage(i)) => SourceContent::Stage((keys.stage_key)(*i)?),
-                Some(Source::Image(_)) => return None,
+                Some(Source::Image(image)) => SourceContent::Image(keys.remote.image(image)?),
             };
             StepInput::Copy(CopyInput {
                 files: files.clone(),
@@ -473,10 +477,21 @@ fn step_input(
                     return None;
                 }
                 if crate::fetch::is_http_url(&path) {
-                    let checksum = files.checksum.clone()?;
+                    let validator = match &files.checksum {
+                        Some(checksum) => RemoteValidator::Checksum(checksum.to_string()),
+                        None => match keys.remote.url(&path)? {
+                            UrlPin::Validators(validators) => RemoteValidator::Http {
+                                etag: validators.etag,
+                                last_modified: validators.last_modified,
+                            },
+                            UrlPin::Downloaded(downloaded) => {
+                                RemoteValidator::Content(downloaded.digest)
+                            }
+                        },
+                    };
                     remote.push(RemoteSource {
                         url: path,
-                        validator: RemoteValidator::Checksum(checksum.to_string()),
+                        validator,
                     });
                 } else {
                     local.push(path);

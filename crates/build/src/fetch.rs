@@ -4,6 +4,10 @@
 //! segment of the URL path (`__unnamed__` when there is none), has mode 0600, and takes its
 //! modification time from `Last-Modified` when the server sends one. Downloads are never
 //! extracted.
+//!
+//! For the layer cache, [`probe`] asks the server (`HEAD`) for the validators that identify
+//! the content it would send now, and [`download`] reports the validators its `GET` came
+//! with, so the engine can tell whether what it downloaded is what it keyed.
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -63,19 +67,94 @@ fn percent_decode(text: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Downloads `source` into the directory `dir`; returns the file's path. With `checksum`
-/// (`sha256:HEX`), the body must hash to it, else the file is removed and the error names the
-/// URL and both digests.
-pub async fn download(source: &str, checksum: Option<&str>, dir: &Path) -> Result<PathBuf, String> {
+/// What a server says identifies the content of a URL: a strong `ETag` and `Last-Modified`.
+/// Two responses with the same non-empty validators carry the same content (RFC 9110,
+/// section 8.8); a weak `ETag` (`W/"..."`) promises only equivalence, so it is not kept.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Validators {
+    /// The strong `ETag`, quotes included.
+    pub etag: Option<String>,
+    /// `Last-Modified`, as sent.
+    pub last_modified: Option<String>,
+}
+
+impl Validators {
+    fn of(headers: &reqwest::header::HeaderMap) -> Validators {
+        let text = |name| {
+            headers
+                .get(name)
+                .and_then(|v: &reqwest::header::HeaderValue| v.to_str().ok())
+                .map(str::trim)
+                .filter(|v| !v.is_empty())
+                .map(str::to_owned)
+        };
+        Validators {
+            etag: text(reqwest::header::ETAG).filter(|tag| !tag.starts_with("W/")),
+            last_modified: text(reqwest::header::LAST_MODIFIED),
+        }
+    }
+
+    /// Whether the server sent nothing that pins the content.
+    pub fn is_empty(&self) -> bool {
+        self.etag.is_none() && self.last_modified.is_none()
+    }
+}
+
+/// A finished download.
+#[derive(Debug, Clone)]
+pub struct Downloaded {
+    /// The file, named as ADD names it.
+    pub path: PathBuf,
+    /// The SHA-256 (or the `--checksum` algorithm's digest) of the body.
+    pub digest: Digest,
+    /// The validators the response came with.
+    pub validators: Validators,
+}
+
+/// One HTTP client for every fetch of the process: building one reads the TLS roots.
+fn client() -> Result<&'static reqwest::Client, String> {
+    static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+    if let Some(client) = CLIENT.get() {
+        return Ok(client);
+    }
+    let built = reqwest::Client::builder()
+        .use_rustls_tls()
+        .build()
+        .map_err(|e| format!("cannot create an HTTP client: {e}"))?;
+    Ok(CLIENT.get_or_init(|| built))
+}
+
+/// Asks the server for `source`'s validators without downloading it (`HEAD`). A server that
+/// refuses `HEAD` (presigned URLs are often signed for `GET` only) is an error; the caller
+/// then downloads instead.
+pub async fn probe(source: &str) -> Result<Validators, String> {
+    let url = url::Url::parse(source).map_err(|e| format!("{source}: not a valid URL: {e}"))?;
+    let response = client()
+        .map_err(|e| format!("{source}: {e}"))?
+        .head(url)
+        .send()
+        .await
+        .map_err(|e| format!("{source}: {}", error_chain(&e)))?;
+    let status = response.status();
+    if !status.is_success() {
+        return Err(format!("{source}: the server answered HTTP {status}"));
+    }
+    Ok(Validators::of(response.headers()))
+}
+
+/// Downloads `source` into the directory `dir`. With `checksum` (`sha256:HEX`), the body must
+/// hash to it, else the file is removed and the error names the URL and both digests.
+pub async fn download(
+    source: &str,
+    checksum: Option<&str>,
+    dir: &Path,
+) -> Result<Downloaded, String> {
     let url = url::Url::parse(source).map_err(|e| format!("{source}: not a valid URL: {e}"))?;
     let expected = checksum
         .map(|c| Digest::parse(c).map_err(|e| format!("--checksum={c}: not a valid digest: {e}")))
         .transpose()?;
-    let client = reqwest::Client::builder()
-        .use_rustls_tls()
-        .build()
-        .map_err(|e| format!("{source}: cannot create an HTTP client: {e}"))?;
-    let mut response = client
+    let mut response = client()
+        .map_err(|e| format!("{source}: {e}"))?
         .get(url.clone())
         .send()
         .await
@@ -84,10 +163,10 @@ pub async fn download(source: &str, checksum: Option<&str>, dir: &Path) -> Resul
     if !status.is_success() {
         return Err(format!("{source}: the server answered HTTP {status}"));
     }
-    let modified = response
-        .headers()
-        .get(reqwest::header::LAST_MODIFIED)
-        .and_then(|v| v.to_str().ok())
+    let validators = Validators::of(response.headers());
+    let modified = validators
+        .last_modified
+        .as_deref()
         .and_then(parse_http_date);
 
     let path = dir.join(file_name_for(&url));
@@ -130,11 +209,15 @@ pub async fn download(source: &str, checksum: Option<&str>, dir: &Path) -> Resul
             file.set_modified(time)
                 .map_err(|e| format!("{}: {e}", path.display()))?;
         }
-        Ok(())
+        Ok(actual)
     });
     drop(file);
     match result {
-        Ok(()) => Ok(path),
+        Ok(digest) => Ok(Downloaded {
+            path,
+            digest,
+            validators,
+        }),
         Err(e) => {
             let _ = std::fs::remove_file(&path);
             Err(e)
@@ -242,8 +325,13 @@ mod tests {
         let good = Digest::sha256_of(b"payload\n").to_string();
 
         let out = tempfile::tempdir().unwrap();
-        let path = download(&url, Some(&good), out.path()).await.unwrap();
+        let downloaded = download(&url, Some(&good), out.path()).await.unwrap();
+        let path = downloaded.path;
         assert_eq!(path, out.path().join("payload.bin"));
+        assert_eq!(downloaded.digest.to_string(), good);
+        let modified = downloaded.validators.last_modified.expect("Last-Modified");
+        assert_eq!(parse_http_date(&modified), Some(mtime));
+        assert_eq!(probe(&url).await.unwrap().last_modified, Some(modified));
         assert_eq!(std::fs::read(&path).unwrap(), b"payload\n");
         let meta = std::fs::metadata(&path).unwrap();
         assert_eq!(meta.permissions().mode() & 0o7777, 0o600);

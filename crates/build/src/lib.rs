@@ -23,6 +23,7 @@ pub mod inplace;
 pub mod metadata;
 pub mod options;
 pub mod output;
+pub mod remote;
 pub mod run;
 pub mod stage;
 pub mod timing;

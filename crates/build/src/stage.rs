@@ -24,6 +24,7 @@ use crate::events::{BuildEvent, EventSink, Phase};
 use crate::inplace;
 use crate::metadata;
 use crate::options::BuildOptions;
+use crate::remote::UrlPin;
 use crate::run::{self, RunContext};
 
 /// A finished stage: what later stages (`FROM stage`, `COPY --from`) and the image need.
@@ -87,6 +88,8 @@ pub struct Shared {
     pub image_stages: std::collections::HashSet<usize>,
     /// The layer cache, when `--cache` is on.
     pub cache: Option<crate::cache::EngineCache>,
+    /// Remote inputs pinned for the cache keys (only filled when the cache is on).
+    pub remote: crate::remote::RemotePins,
 }
 
 impl Shared {
@@ -426,7 +429,11 @@ pub fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, BuildEr
             let keys = crate::cache::KeyContext {
                 context: &shared.context,
                 stage_key: &stage_key,
+                remote: &shared.remote,
             };
+            let pin = shared
+                .remote
+                .pin(&steps.steps, &shared.client, &shared.platform);
             // A stage on scratch or on another stage asks for its record here; one on an image
             // already did, with the base manifest.
             let parent_text = match &cache_parent {
@@ -436,8 +443,12 @@ pub fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, BuildEr
             };
             if let (None, Some(parent)) = (&stage_record, parent_text) {
                 let locator = stage_locator(shared, cache, index, &parent);
-                let record = shared.runtime.block_on(cache.lookup_record(&locator));
+                let (record, ()) = shared
+                    .runtime
+                    .block_on(async { futures::join!(cache.lookup_record(&locator), pin) });
                 stage_record = Some((locator, record));
+            } else {
+                shared.runtime.block_on(pin);
             }
             let (locator, record) = match stage_record.take() {
                 Some((locator, record)) => (Some(locator), record),
@@ -604,9 +615,25 @@ pub fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, BuildEr
                 )
             }
             Instruction::Add(files) => {
-                let written = shared.timed(Some(index), Some(step_no), Phase::Execute, || {
-                    materialized(&mut stage).add(files, &config, line, step_no)
-                })?;
+                let (written, as_keyed) =
+                    shared.timed(Some(index), Some(step_no), Phase::Execute, || {
+                        materialized(&mut stage).add(files, &config, line, step_no)
+                    })?;
+                if !as_keyed && plan.keys.get(step_no).is_some_and(Option::is_some) {
+                    // The key names content this download is not: neither this step nor any
+                    // later one (their keys chain from it) may be stored or taken as a hit.
+                    for later in step_no..steps.steps.len() {
+                        plan.keys[later] = None;
+                        plan.hits[later] = None;
+                    }
+                    plan.final_key = None;
+                    shared.emit(BuildEvent::Warning {
+                        message: format!(
+                            "{}:{line}: ADD: the server's validators changed between keying and downloading; this step and the rest of the stage are not cached",
+                            shared.dockerfile_name
+                        ),
+                    });
+                }
                 Some(
                     shared.timed(Some(index), Some(step_no), Phase::Snapshot, || {
                         materialized(&mut stage).snapshot_paths(&written, line)
@@ -1082,14 +1109,16 @@ impl StageRun<'_> {
     }
 
     /// ADD: local sources as COPY does, with archives extracted; HTTP(S) URLs downloaded (and
-    /// checked against `--checksum`) before anything is written, then copied as files.
+    /// checked against `--checksum`) before anything is written, then copied as files. A URL
+    /// the cache pinned by content is not fetched again. Returns the written paths and whether
+    /// every download came with the validators its URL was keyed by.
     fn add(
         &mut self,
         files: &kiln_dockerfile::AddFiles,
         config: &ImageConfig,
         line: usize,
         step: usize,
-    ) -> Result<Vec<PathBuf>, BuildError> {
+    ) -> Result<(Vec<PathBuf>, bool), BuildError> {
         let shared = self.shared;
         let mut local = Vec::new();
         let mut urls = Vec::new();
@@ -1123,8 +1152,20 @@ impl StageRun<'_> {
             ));
         }
         // Every download completes (and passes its checksum) before the rootfs is touched.
-        let mut downloads = Vec::new();
+        // Each is (its directory, the file, whether the directory is this step's to remove).
+        let mut downloads: Vec<(PathBuf, PathBuf, bool)> = Vec::new();
+        let mut as_keyed = true;
         for (i, url) in urls.iter().enumerate() {
+            let pin = files
+                .checksum
+                .is_none()
+                .then(|| shared.remote.url(url))
+                .flatten();
+            if let Some(UrlPin::Downloaded(pinned)) = &pin {
+                let dir = pinned.path.parent().unwrap_or(Path::new("/")).to_path_buf();
+                downloads.push((dir, pinned.path.clone(), false));
+                continue;
+            }
             let dir = shared
                 .work_dir
                 .join(format!("add-{}-{step}-{i}", self.index));
@@ -1138,11 +1179,18 @@ impl StageRun<'_> {
                 &dir,
             ));
             match fetched {
-                Ok(path) => downloads.push((dir, path)),
+                Ok(downloaded) => {
+                    if let Some(UrlPin::Validators(keyed)) = &pin {
+                        as_keyed &= downloaded.validators == *keyed;
+                    }
+                    downloads.push((dir, downloaded.path, true));
+                }
                 Err(e) => {
                     let _ = std::fs::remove_dir_all(&dir);
-                    for (dir, _) in &downloads {
-                        let _ = std::fs::remove_dir_all(dir);
+                    for (dir, _, owned) in &downloads {
+                        if *owned {
+                            let _ = std::fs::remove_dir_all(dir);
+                        }
                     }
                     return Err(shared.step_error(line, format!("ADD failed: {e}")));
                 }
@@ -1166,7 +1214,7 @@ impl StageRun<'_> {
             }
             let owner = self.chown_ids(files.chown.as_deref(), line)?;
             let workdir = workdir_of(config);
-            for (dir, path) in &downloads {
+            for (dir, path, _) in &downloads {
                 let name = path.file_name().unwrap_or_default().to_string_lossy();
                 let sources = [FileSource::Path(name.into_owned())];
                 let include = |_: &Path| true;
@@ -1192,10 +1240,12 @@ impl StageRun<'_> {
             }
             Ok(())
         })();
-        for (dir, _) in &downloads {
-            let _ = std::fs::remove_dir_all(dir);
+        for (dir, _, owned) in &downloads {
+            if *owned {
+                let _ = std::fs::remove_dir_all(dir);
+            }
         }
-        result.map(|()| written)
+        result.map(|()| (written, as_keyed))
     }
 
     /// Pulls and unpacks an image named by `COPY --from`, once per build.
@@ -1210,7 +1260,7 @@ impl StageRun<'_> {
             .block_on(base::pull(
                 &shared.client,
                 &shared.blobs,
-                image,
+                &shared.remote.image_to_pull(image),
                 &shared.platform,
                 &*shared.events,
                 shared.options.cache.dir.as_deref(),

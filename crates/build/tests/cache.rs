@@ -367,3 +367,239 @@ fn a_cached_multi_stage_build_unpacks_no_stage() {
     let flat = image::flatten(&registry, "multi/app:2");
     assert_eq!(image::run_with_runc(&flat), "built-in-builder\n");
 }
+
+/// A context whose Dockerfile ADDs `url` (no `--checksum`) and prints it in a RUN.
+fn write_add_context(dir: &Path, registry: &Registry, url: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(
+        dir.join("Dockerfile"),
+        format!(
+            "FROM {}/base/busybox:latest\nADD {url} /payload.txt\nRUN cat /payload.txt\n",
+            registry.addr()
+        ),
+    )
+    .unwrap();
+}
+
+/// Replaces the served file, with an mtime whole seconds away from the last one so that
+/// `Last-Modified` (one-second resolution) changes too.
+fn serve(dir: &Path, content: &str, mtime: u64) {
+    let path = dir.join("payload.txt");
+    std::fs::write(&path, content).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(mtime))
+        .unwrap();
+}
+
+fn gets(requests: &[String]) -> usize {
+    requests.iter().filter(|r| r.starts_with("GET ")).count()
+}
+
+fn cache_flags(registry: &Registry) -> impl Fn(&mut BuildOptions) + '_ {
+    move |o: &mut BuildOptions| {
+        o.cache.enabled = true;
+        o.output.destinations = vec![format!("{}/app/pinned:latest", registry.addr())];
+    }
+}
+
+#[test]
+fn an_add_of_a_url_is_keyed_by_the_servers_validators_and_a_hit_downloads_nothing() {
+    use kiln_testkit::http::{StaticServer, Validators};
+    kiln_testkit::require_tools(&["docker-registry", "skopeo", "python3"]);
+    let registry = Registry::start();
+    image::push_rootfs(&registry, bases::busybox_rootfs(), "base/busybox:latest");
+    for validators in [Validators::LastModified, Validators::ContentEtag] {
+        let work = tempfile::tempdir().unwrap();
+        let served = work.path().join("served");
+        std::fs::create_dir_all(&served).unwrap();
+        serve(&served, "payload-one\n", 1_600_000_000);
+        let server = StaticServer::start_with(&served, validators);
+        let context = work.path().join("context");
+        write_add_context(
+            &context,
+            &registry,
+            &format!("{}/payload.txt", server.url()),
+        );
+
+        let cold = build(
+            &registry,
+            &context,
+            &work.path().join("a"),
+            cache_flags(&registry),
+        );
+        assert_eq!(cold.ran(), vec!["payload-one".to_owned()], "{validators:?}");
+        let before = server.requests().len();
+        let warm = build(
+            &registry,
+            &context,
+            &work.path().join("b"),
+            cache_flags(&registry),
+        );
+        assert!(warm.ran().is_empty(), "{validators:?}: {:?}", warm.ran());
+        assert_eq!(warm.cached_steps(), vec![0, 1], "{validators:?}");
+        assert_eq!(cold.digest, warm.digest, "{validators:?}");
+        let asked = server.requests()[before..].to_vec();
+        assert_eq!(
+            asked,
+            vec!["HEAD /payload.txt".to_owned()],
+            "{validators:?}"
+        );
+
+        serve(&served, "payload-two\n", 1_600_000_100);
+        let changed = build(
+            &registry,
+            &context,
+            &work.path().join("c"),
+            cache_flags(&registry),
+        );
+        assert_eq!(
+            changed.ran(),
+            vec!["payload-two".to_owned()],
+            "{validators:?}"
+        );
+        assert!(changed.cached_steps().is_empty(), "{validators:?}");
+    }
+}
+
+#[test]
+fn an_add_of_a_url_without_validators_is_keyed_by_its_content_fetched_once() {
+    use kiln_testkit::http::{StaticServer, Validators};
+    kiln_testkit::require_tools(&["docker-registry", "skopeo", "python3"]);
+    let registry = Registry::start();
+    image::push_rootfs(&registry, bases::busybox_rootfs(), "base/busybox:latest");
+    let work = tempfile::tempdir().unwrap();
+    let served = work.path().join("served");
+    std::fs::create_dir_all(&served).unwrap();
+    serve(&served, "payload-one\n", 1_600_000_000);
+    let server = StaticServer::start_with(&served, Validators::None);
+    let context = work.path().join("context");
+    write_add_context(
+        &context,
+        &registry,
+        &format!("{}/payload.txt", server.url()),
+    );
+
+    let cold = build(
+        &registry,
+        &context,
+        &work.path().join("a"),
+        cache_flags(&registry),
+    );
+    assert_eq!(cold.ran(), vec!["payload-one".to_owned()]);
+    assert_eq!(
+        gets(&server.requests()),
+        1,
+        "the step reuses the download made to key it"
+    );
+    let warm = build(
+        &registry,
+        &context,
+        &work.path().join("b"),
+        cache_flags(&registry),
+    );
+    assert!(warm.ran().is_empty(), "{:?}", warm.ran());
+    assert_eq!(cold.digest, warm.digest);
+
+    serve(&served, "payload-two\n", 1_600_000_000);
+    let changed = build(
+        &registry,
+        &context,
+        &work.path().join("c"),
+        cache_flags(&registry),
+    );
+    assert_eq!(changed.ran(), vec!["payload-two".to_owned()]);
+}
+
+#[test]
+fn validators_that_change_before_the_download_leave_the_step_uncached() {
+    use kiln_testkit::http::{StaticServer, Validators};
+    kiln_testkit::require_tools(&["docker-registry", "skopeo", "python3"]);
+    let registry = Registry::start();
+    image::push_rootfs(&registry, bases::busybox_rootfs(), "base/busybox:latest");
+    let work = tempfile::tempdir().unwrap();
+    let served = work.path().join("served");
+    std::fs::create_dir_all(&served).unwrap();
+    serve(&served, "payload-one\n", 1_600_000_000);
+    let server = StaticServer::start_with(&served, Validators::ChangingEtag);
+    let context = work.path().join("context");
+    write_add_context(
+        &context,
+        &registry,
+        &format!("{}/payload.txt", server.url()),
+    );
+
+    let first = build(
+        &registry,
+        &context,
+        &work.path().join("a"),
+        cache_flags(&registry),
+    );
+    assert_eq!(first.ran(), vec!["payload-one".to_owned()]);
+    let warned = first.events.iter().any(|e| {
+        matches!(e, BuildEvent::Warning { message } if message.contains("Dockerfile:2") && message.contains("validators changed"))
+    });
+    assert!(warned, "{:?}", first.events);
+    // Nothing was stored under keys that named other content, so the next build runs again
+    // (a stage record written anyway would make it a hit).
+    let second = build(
+        &registry,
+        &context,
+        &work.path().join("b"),
+        cache_flags(&registry),
+    );
+    assert_eq!(second.ran(), vec!["payload-one".to_owned()]);
+    assert!(second.cached_steps().is_empty());
+}
+
+#[test]
+fn a_copy_from_an_image_is_keyed_by_the_digest_its_tag_points_to() {
+    kiln_testkit::require_tools(&["docker-registry", "skopeo"]);
+    let registry = Registry::start();
+    image::push_rootfs(&registry, bases::busybox_rootfs(), "base/busybox:latest");
+    let work = tempfile::tempdir().unwrap();
+    let files = work.path().join("files");
+    std::fs::create_dir_all(&files).unwrap();
+    std::fs::write(files.join("note.txt"), "first image\n").unwrap();
+    image::push_rootfs(&registry, &files, "other/files:1");
+    let context = work.path().join("context");
+    std::fs::create_dir_all(&context).unwrap();
+    std::fs::write(
+        context.join("Dockerfile"),
+        format!(
+            "FROM {addr}/base/busybox:latest\nCOPY --from={addr}/other/files:1 /note.txt /note.txt\nRUN cat /note.txt\n",
+            addr = registry.addr()
+        ),
+    )
+    .unwrap();
+
+    let cold = build(
+        &registry,
+        &context,
+        &work.path().join("a"),
+        cache_flags(&registry),
+    );
+    assert_eq!(cold.ran(), vec!["first image".to_owned()]);
+    let warm = build(
+        &registry,
+        &context,
+        &work.path().join("b"),
+        cache_flags(&registry),
+    );
+    assert!(warm.ran().is_empty(), "{:?}", warm.ran());
+    assert_eq!(warm.cached_steps(), vec![0, 1]);
+    assert_eq!(cold.digest, warm.digest);
+
+    std::fs::write(files.join("note.txt"), "second image\n").unwrap();
+    image::push_rootfs(&registry, &files, "other/files:1");
+    let moved = build(
+        &registry,
+        &context,
+        &work.path().join("c"),
+        cache_flags(&registry),
+    );
+    assert_eq!(moved.ran(), vec!["second image".to_owned()]);
+    assert!(moved.cached_steps().is_empty());
+}
