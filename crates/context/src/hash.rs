@@ -9,8 +9,9 @@
 //! target, or renaming a file, changes the hash. Modification times are not covered: a touched
 //! but unchanged file must not bust the cache.
 //!
-//! File contents are hashed in parallel and memoised per build by (path, device, inode, size,
-//! mtime, ctime), so a file used by several COPY steps is read once.
+//! File contents are hashed in parallel, on more threads than cores (see `HASH_THREADS`), and
+//! memoised per build by (path, device, inode, size, mtime, ctime), so a file used by several
+//! COPY steps is read once.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -19,15 +20,23 @@ use std::io::{self, Read};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 use rayon::prelude::*;
 use sha2::{Digest as _, Sha256};
 
 use crate::error::{ContextError, Result};
 
-/// Content below this size is hashed on the calling thread, above it across rayon's pool.
+/// Content below this size is hashed on the calling thread, above it across `hash_pool`.
 const PARALLEL_HASH_BYTES: u64 = 1 << 20;
+
+/// How many threads read and hash file contents, regardless of the core count. Reading files
+/// the page cache no longer holds waits on the disk, not the CPU, and a disk (virtio, network
+/// block storage) serves many reads at once only when that many are queued. Measured on the
+/// 300 MB copy-tree bench context, 2 cores, pages evicted with `POSIX_FADV_DONTNEED`: a fully
+/// cached rebuild took 1.7 s with 2 threads, 0.67 s with 8, 0.48 s with 32 and 0.47-0.57 s
+/// with 64; with the pages cached it took 0.25 s whatever the count.
+const HASH_THREADS: usize = 32;
 
 /// The domain tag that starts every tree hash; bump it when the framing changes.
 const FORMAT_TAG: &[u8] = b"kiln-context-tree-v1";
@@ -169,7 +178,11 @@ impl ContentHasher {
         let digests: Vec<[u8; 32]> = if total < PARALLEL_HASH_BYTES {
             files.iter().map(digest_of).collect::<Result<_>>()?
         } else {
-            files.par_iter().map(digest_of).collect::<Result<_>>()?
+            let parallel = || files.par_iter().map(digest_of).collect::<Result<_>>();
+            match hash_pool() {
+                Some(pool) => pool.install(parallel)?,
+                None => parallel()?,
+            }
         };
         let mut digests = digests.into_iter();
 
@@ -245,6 +258,20 @@ impl ContentHasher {
         };
         self.hash_trees(&[tree], options)
     }
+}
+
+/// The threads that hash file contents, started on first use; `None` if they could not be
+/// started (rayon's global pool is used instead).
+fn hash_pool() -> Option<&'static rayon::ThreadPool> {
+    static POOL: OnceLock<Option<rayon::ThreadPool>> = OnceLock::new();
+    POOL.get_or_init(|| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(HASH_THREADS)
+            .thread_name(|i| format!("kiln-hash-{i}"))
+            .build()
+            .ok()
+    })
+    .as_ref()
 }
 
 /// Writes a length-framed field.
