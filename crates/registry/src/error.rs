@@ -161,6 +161,46 @@ fn body_suffix(body: &Option<RegistryErrorBody>) -> String {
 }
 
 impl Error {
+    /// The same error again, for another caller that waited on the request that failed; `None`
+    /// for the kinds that carry an I/O error or come from local files.
+    pub(crate) fn duplicate(&self) -> Option<Error> {
+        Some(match self {
+            Error::Status {
+                target,
+                operation,
+                status,
+                body,
+            } => Error::Status {
+                target: target.clone(),
+                operation: *operation,
+                status: *status,
+                body: body.clone(),
+            },
+            Error::Transport {
+                target,
+                operation,
+                message,
+                connect,
+            } => Error::Transport {
+                target: target.clone(),
+                operation: *operation,
+                message: message.clone(),
+                connect: *connect,
+            },
+            Error::InvalidResponse {
+                target,
+                operation,
+                message,
+            } => Error::InvalidResponse {
+                target: target.clone(),
+                operation: *operation,
+                message: message.clone(),
+            },
+            Error::InvalidArgument(message) => Error::InvalidArgument(message.clone()),
+            _ => return None,
+        })
+    }
+
     /// The HTTP status, when the registry answered with an error.
     pub fn status(&self) -> Option<StatusCode> {
         match self {

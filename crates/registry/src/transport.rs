@@ -53,6 +53,11 @@ pub(crate) struct Endpoint {
     profile: Profile,
     pub http: reqwest::Client,
     base: OnceCell<Url>,
+    /// Held while a ping runs, so there is one at a time.
+    ping_turn: tokio::sync::Mutex<()>,
+    /// How many pings have failed, and the last failure: a caller that waited for a ping
+    /// which then failed gets that failure instead of starting the whole retry budget again.
+    ping_failures: Mutex<(u64, Option<Error>)>,
     challenge: Mutex<Option<Challenge>>,
     credential: OnceCell<Option<Credential>>,
 }
@@ -156,6 +161,8 @@ impl Inner {
             profile,
             http: self.http_client(registry, profile)?,
             base: OnceCell::new(),
+            ping_turn: tokio::sync::Mutex::new(()),
+            ping_failures: Mutex::new((0, None)),
             challenge: Mutex::new(None),
             credential: OnceCell::new(),
         });
@@ -201,9 +208,40 @@ impl Inner {
         })
     }
 
-    /// The base URL (`https://host/` or `http://host/`), found by pinging `/v2/` once.
+    /// The base URL (`https://host/` or `http://host/`), found by pinging `/v2/` once. Callers
+    /// that arrive while a ping runs share its outcome, a failure included: a registry that
+    /// does not answer costs one retry budget per wave of callers, not one per caller (the
+    /// layer cache's lookups and writes behind a warm-up ping, say). A caller that comes
+    /// after a failure pings again.
     pub async fn base_url(&self, ep: &Endpoint) -> Result<Url, Error> {
-        ep.base.get_or_try_init(|| self.ping(ep)).await.cloned()
+        if let Some(base) = ep.base.get() {
+            return Ok(base.clone());
+        }
+        let failures_before = ep.ping_failures.lock().unwrap_or_else(|p| p.into_inner()).0;
+        let _turn = ep.ping_turn.lock().await;
+        if let Some(base) = ep.base.get() {
+            return Ok(base.clone());
+        }
+        {
+            let (failures, last) = &*ep.ping_failures.lock().unwrap_or_else(|p| p.into_inner());
+            if *failures != failures_before {
+                if let Some(shared) = last.as_ref().and_then(Error::duplicate) {
+                    return Err(shared);
+                }
+            }
+        }
+        match self.ping(ep).await {
+            Ok(base) => {
+                let _ = ep.base.set(base.clone());
+                Ok(base)
+            }
+            Err(e) => {
+                let mut failures = ep.ping_failures.lock().unwrap_or_else(|p| p.into_inner());
+                failures.0 += 1;
+                failures.1 = e.duplicate();
+                Err(e)
+            }
+        }
     }
 
     async fn ping(&self, ep: &Endpoint) -> Result<Url, Error> {

@@ -643,3 +643,33 @@ fn client_certificates_and_cas_are_checked_when_the_client_is_made() {
     let err = Client::new(mismatched).unwrap_err().to_string();
     assert!(err.contains("reg.example:5000"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_waiting_on_a_failing_ping_share_its_failure() {
+    // Accepts every connection and hangs up at once: no request gets an answer.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let registry = listener.local_addr().unwrap().to_string();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((connection, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            drop(connection);
+        }
+    });
+    let client = anonymous_client();
+
+    let waves = futures::future::join_all((0..4).map(|_| client.ping(&registry))).await;
+    for result in &waves {
+        assert!(matches!(result, Err(Error::Transport { .. })), "{result:?}");
+    }
+    let shared = accepted.load(Ordering::SeqCst);
+    assert!(shared > 0);
+    // A caller that comes after the failure tries again, with the same budget.
+    assert!(client.ping(&registry).await.is_err());
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        2 * shared,
+        "four waiting callers made as many connections as one"
+    );
+}
