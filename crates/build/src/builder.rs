@@ -424,6 +424,7 @@ fn engine_cache(
         !settings.no_push,
         settings.run_layers,
         platform.clone(),
+        events.clone(),
     )))
 }
 

@@ -9,12 +9,13 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use kiln_cache::{
-    AddInput, CacheEntry, CacheKey, CacheStore, CachedLayer, CopyInput, KeyChain, LayerFile,
-    NewEntry, Parent, RecordedBase, RemoteSource, RemoteValidator, RunInput, SourceContent,
-    StageLocator, StageRecord, StepInput,
+    AddInput, CacheEntry, CacheError, CacheKey, CacheStore, CachedLayer, CopyInput, KeyChain,
+    LayerFile, NewEntry, Parent, RecordedBase, RemoteSource, RemoteValidator, RunInput,
+    SourceContent, StageLocator, StageRecord, StepInput,
 };
 use kiln_context::{BuildContext, ContextHasher as ContentHasher, HashOptions};
 use kiln_dockerfile::{FileSource, Instruction, MountType, Source, Step};
@@ -39,7 +40,40 @@ pub struct EngineCache {
     pub run_layers: bool,
     /// The platform being built (part of every key).
     pub platform: Platform,
+    events: EventSink,
+    health: Arc<Health>,
     writes: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+/// Whether the cache can still be asked. A request that gets no answer has already waited out
+/// the registry client's retries; asking again for every probe and every write would make a
+/// build whose cache is down wait that long each time, so the first such failure ends the
+/// cache's use for the build, with one warning.
+#[derive(Default)]
+struct Health {
+    unreachable: AtomicBool,
+}
+
+impl Health {
+    fn reachable(&self) -> bool {
+        !self.unreachable.load(Ordering::SeqCst)
+    }
+
+    /// Reports `message` (a failed cache request, `error` its cause): always for a cache that
+    /// answered, once for one that could not be reached.
+    fn failed(&self, events: &EventSink, message: String, error: &CacheError) {
+        if !error.is_unreachable() {
+            events(BuildEvent::Warning { message });
+            return;
+        }
+        if !self.unreachable.swap(true, Ordering::SeqCst) {
+            events(BuildEvent::Warning {
+                message: format!(
+                    "{message}; the layer cache is not used for the rest of this build"
+                ),
+            });
+        }
+    }
 }
 
 /// What the cache knows about one stage before it runs: each step's key (`None` from the
@@ -103,24 +137,30 @@ pub struct KeyContext<'a> {
 }
 
 impl EngineCache {
-    /// An engine cache over `store`.
-    pub fn new(store: CacheStore, write: bool, run_layers: bool, platform: Platform) -> Self {
+    /// An engine cache over `store`, reporting failed cache requests to `events`.
+    pub fn new(
+        store: CacheStore,
+        write: bool,
+        run_layers: bool,
+        platform: Platform,
+        events: EventSink,
+    ) -> Self {
         EngineCache {
             store,
             write,
             run_layers,
             platform,
+            events,
+            health: Arc::new(Health::default()),
             writes: Mutex::new(Vec::new()),
         }
     }
 
     /// Computes every step's key and probes the store for all layer steps at once. A store
     /// that cannot be reached makes every step a miss, with a warning.
-    #[allow(clippy::too_many_arguments)]
     pub fn plan_stage(
         &self,
         runtime: &tokio::runtime::Handle,
-        events: &EventSink,
         parent: Option<Parent>,
         steps: &[Step],
         start: &ContainerConfig,
@@ -140,7 +180,7 @@ impl EngineCache {
             }
         }
         let answered_by_record = record.is_some() && probe.is_empty();
-        if !probe.is_empty() {
+        if !probe.is_empty() && self.health.reachable() {
             let only_keys: Vec<CacheKey> = probe.iter().map(|(_, k)| k.clone()).collect();
             let found = runtime.block_on(self.store.lookup_all(&only_keys));
             let mut warned = false;
@@ -149,12 +189,7 @@ impl EngineCache {
                     Ok(entry) => hits[*i] = entry,
                     Err(e) if !warned => {
                         warned = true;
-                        events(BuildEvent::Warning {
-                            message: format!(
-                                "layer cache {} unavailable, building without it: {e}",
-                                self.store.location()
-                            ),
-                        });
+                        self.health.failed(&self.events, self.unavailable(&e), &e);
                     }
                     Err(_) => {}
                 }
@@ -196,9 +231,28 @@ impl EngineCache {
     }
 
     /// Fetches the stage record at `locator`; an unreadable one is simply absent (the probes
-    /// it would have answered report an unreachable cache themselves).
+    /// it would have answered report a cache that answers with errors), and an unreachable
+    /// cache is reported here, since nothing will ask it again.
     pub async fn lookup_record(&self, locator: &StageLocator) -> Option<StageRecord> {
-        self.store.lookup_stage(locator).await.ok().flatten()
+        if !self.health.reachable() {
+            return None;
+        }
+        match self.store.lookup_stage(locator).await {
+            Ok(record) => record,
+            Err(e) => {
+                if e.is_unreachable() {
+                    self.health.failed(&self.events, self.unavailable(&e), &e);
+                }
+                None
+            }
+        }
+    }
+
+    fn unavailable(&self, error: &CacheError) -> String {
+        format!(
+            "layer cache {} unavailable, building without it: {error}",
+            self.store.location()
+        )
     }
 
     /// Writes a stage's record in the background once every entry in `slots` is written; a
@@ -206,7 +260,6 @@ impl EngineCache {
     pub fn record_in_background(
         &self,
         runtime: &tokio::runtime::Handle,
-        events: &EventSink,
         locator: StageLocator,
         base: Option<RecordedBase>,
         slots: Vec<RecordSlot>,
@@ -215,7 +268,8 @@ impl EngineCache {
             return;
         }
         let store = self.store.clone();
-        let events = events.clone();
+        let events = self.events.clone();
+        let health = self.health.clone();
         let task = runtime.spawn(async move {
             let mut entries = Vec::with_capacity(slots.len());
             for slot in slots {
@@ -229,15 +283,17 @@ impl EngineCache {
                     },
                 }
             }
+            if !health.reachable() {
+                return;
+            }
             let record = StageRecord { base, entries };
             if let Err(e) = store.store_stage(&locator, &record).await {
-                events(BuildEvent::Warning {
-                    message: format!(
-                        "could not write stage record {} to {}: {e}",
-                        locator.tag(),
-                        store.location()
-                    ),
-                });
+                let message = format!(
+                    "could not write stage record {} to {}: {e}",
+                    locator.tag(),
+                    store.location()
+                );
+                health.failed(&events, message, &e);
             }
         });
         self.writes.lock().expect("cache writes").push(task);
@@ -305,11 +361,9 @@ impl EngineCache {
     /// Writes the entry of a step that ran, in the background; a failure is a warning. The slot
     /// returned delivers the entry once written, for the stage record (`None` when nothing is
     /// written: no cache writes, or a step kind that is not cached).
-    #[allow(clippy::too_many_arguments)]
     pub fn store_in_background(
         &self,
         runtime: &tokio::runtime::Handle,
-        events: &EventSink,
         key: CacheKey,
         instruction: &Instruction,
         layer: Option<(&ImageLayer, &Path)>,
@@ -333,19 +387,24 @@ impl EngineCache {
             history: history.clone(),
         };
         let store = self.store.clone();
-        let events = events.clone();
+        let events = self.events.clone();
+        let health = self.health.clone();
         let task = runtime.spawn(async move {
+            if !health.reachable() {
+                return;
+            }
             match store.store(&entry).await {
                 Ok(stored) => {
                     let _ = written.send(stored.entry);
                 }
-                Err(e) => events(BuildEvent::Warning {
-                    message: format!(
+                Err(e) => {
+                    let message = format!(
                         "could not write cache entry {} to {}: {e}",
                         entry.key,
                         store.location()
-                    ),
-                }),
+                    );
+                    health.failed(&events, message, &e);
+                }
             }
         });
         self.writes.lock().expect("cache writes").push(task);

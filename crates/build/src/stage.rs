@@ -456,7 +456,6 @@ pub fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, BuildEr
             };
             let mut plan = cache.plan_stage(
                 &shared.runtime,
-                &shared.events,
                 cache_parent.take(),
                 &steps.steps,
                 &config.config,
@@ -687,7 +686,6 @@ pub fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, BuildEr
                     let path = shared.blobs.blob_path(&layer.descriptor.digest);
                     record_slots.extend(cache.store_in_background(
                         &shared.runtime,
-                        &shared.events,
                         key.clone(),
                         &step.instruction,
                         Some((&layer, &path)),
@@ -703,7 +701,6 @@ pub fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, BuildEr
                 if let (Some(cache), Some(Some(key))) = (&shared.cache, plan.keys.get(step_no)) {
                     record_slots.extend(cache.store_in_background(
                         &shared.runtime,
-                        &shared.events,
                         key.clone(),
                         &step.instruction,
                         None,
@@ -733,13 +730,7 @@ pub fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, BuildEr
     if let (Some(cache), Some(locator)) = (&shared.cache, plan.locator.take()) {
         // Every step keyed and the record short of something: record what this build knows.
         if plan.final_key.is_some() && !plan.answered_by_record {
-            cache.record_in_background(
-                &shared.runtime,
-                &shared.events,
-                locator,
-                recorded_base,
-                record_slots,
-            );
+            cache.record_in_background(&shared.runtime, locator, recorded_base, record_slots);
         }
     }
     Ok(StageOutput {

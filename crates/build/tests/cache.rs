@@ -603,3 +603,93 @@ fn a_copy_from_an_image_is_keyed_by_the_digest_its_tag_points_to() {
     assert_eq!(moved.ran(), vec!["second image".to_owned()]);
     assert!(moved.cached_steps().is_empty());
 }
+
+fn warnings(built: &Built) -> Vec<String> {
+    built
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            BuildEvent::Warning { message } => Some(message.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_cache_that_refuses_writes_or_cannot_be_reached_only_warns() {
+    use kiln_testkit::RegistryConfig;
+    kiln_testkit::require_tools(&["docker-registry", "skopeo"]);
+    let registry = Registry::start();
+    image::push_rootfs(&registry, bases::busybox_rootfs(), "base/busybox:latest");
+    let read_only = Registry::start_with(RegistryConfig {
+        read_only: true,
+        ..RegistryConfig::default()
+    });
+    let work = tempfile::tempdir().unwrap();
+    let context = work.path().join("context");
+    write_context(&context, &registry, "cache refuses\n");
+    let with_cache = |repo: String, insecure: String| {
+        let destination = format!("{}/app/refused:latest", registry.addr());
+        move |o: &mut BuildOptions| {
+            o.cache.enabled = true;
+            o.cache.repo = Some(repo);
+            o.registry.insecure_registries.push(insecure);
+            o.output.destinations = vec![destination];
+        }
+    };
+
+    let refused_repo = format!("{}/cache/app", read_only.addr());
+    let first = build(
+        &registry,
+        &context,
+        &work.path().join("a"),
+        with_cache(refused_repo.clone(), read_only.addr()),
+    );
+    assert_eq!(first.ran(), vec!["ran-last".to_owned()]);
+    assert!(
+        warnings(&first)
+            .iter()
+            .any(|w| w.contains("could not write") && w.contains(&read_only.addr())),
+        "{:?}",
+        warnings(&first)
+    );
+    let second = build(
+        &registry,
+        &context,
+        &work.path().join("b"),
+        with_cache(refused_repo, read_only.addr()),
+    );
+    assert_eq!(
+        second.ran(),
+        vec!["ran-last".to_owned()],
+        "nothing was cached"
+    );
+    assert_eq!(first.digest, second.digest);
+
+    // Nothing listens on this port any more.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let unreachable = build(
+        &registry,
+        &context,
+        &work.path().join("c"),
+        with_cache(format!("{closed}/cache/app"), closed.clone()),
+    );
+    assert_eq!(unreachable.ran(), vec!["ran-last".to_owned()]);
+    assert_eq!(unreachable.digest, first.digest);
+    // One warning: after the first request that got no answer the cache is not asked again
+    // (no stage record, no entry writes), which would each wait out the retries again.
+    let about_cache: Vec<String> = warnings(&unreachable)
+        .into_iter()
+        .filter(|w| w.contains(&closed))
+        .collect();
+    assert_eq!(about_cache.len(), 1, "{about_cache:?}");
+    assert!(
+        about_cache[0].contains("unavailable")
+            && about_cache[0].contains("not used for the rest of this build"),
+        "{about_cache:?}"
+    );
+}

@@ -54,6 +54,15 @@ pub enum CacheError {
 }
 
 impl CacheError {
+    /// Whether the cache's registry gave no answer at all (connection refused, reset, timed
+    /// out, TLS failure), after the client's retries: asking it again would only wait again.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(
+            self,
+            CacheError::Registry(kiln_registry::Error::Transport { .. })
+        )
+    }
+
     pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> CacheError {
         let path = path.into();
         move |source| CacheError::Io { path, source }
