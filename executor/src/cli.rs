@@ -132,6 +132,7 @@ impl CacheFlags {
             ttl: self.ttl,
             run_layers: self.run_layers,
             no_push: self.no_push_cache,
+            ..kiln_build::CacheOptions::default()
         }
     }
 }

@@ -425,6 +425,7 @@ fn engine_cache(
         settings.run_layers,
         platform.clone(),
         events.clone(),
+        settings.lookup_deadline,
     )))
 }
 

@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use kiln_cache::{
     AddInput, CacheEntry, CacheError, CacheKey, CacheStore, CachedLayer, CopyInput, KeyChain,
@@ -42,6 +43,7 @@ pub struct EngineCache {
     pub platform: Platform,
     events: EventSink,
     health: Arc<Health>,
+    lookup_deadline: Duration,
     writes: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
@@ -59,10 +61,10 @@ impl Health {
         !self.unreachable.load(Ordering::SeqCst)
     }
 
-    /// Reports `message` (a failed cache request, `error` its cause): always for a cache that
-    /// answered, once for one that could not be reached.
-    fn failed(&self, events: &EventSink, message: String, error: &CacheError) {
-        if !error.is_unreachable() {
+    /// Reports `message`, a failed cache request: always for a cache that answered, once for
+    /// one that could not be reached (`unreachable`).
+    fn failed(&self, events: &EventSink, message: String, unreachable: bool) {
+        if !unreachable {
             events(BuildEvent::Warning { message });
             return;
         }
@@ -137,13 +139,15 @@ pub struct KeyContext<'a> {
 }
 
 impl EngineCache {
-    /// An engine cache over `store`, reporting failed cache requests to `events`.
+    /// An engine cache over `store`, reporting failed cache requests to `events` and giving
+    /// up on a cache whose lookups take longer than `lookup_deadline`.
     pub fn new(
         store: CacheStore,
         write: bool,
         run_layers: bool,
         platform: Platform,
         events: EventSink,
+        lookup_deadline: Duration,
     ) -> Self {
         EngineCache {
             store,
@@ -152,6 +156,7 @@ impl EngineCache {
             platform,
             events,
             health: Arc::new(Health::default()),
+            lookup_deadline,
             writes: Mutex::new(Vec::new()),
         }
     }
@@ -182,16 +187,25 @@ impl EngineCache {
         let answered_by_record = record.is_some() && probe.is_empty();
         if !probe.is_empty() && self.health.reachable() {
             let only_keys: Vec<CacheKey> = probe.iter().map(|(_, k)| k.clone()).collect();
-            let found = runtime.block_on(self.store.lookup_all(&only_keys));
-            let mut warned = false;
-            for ((i, _), result) in probe.iter().zip(found) {
-                match result {
-                    Ok(entry) => hits[*i] = entry,
-                    Err(e) if !warned => {
-                        warned = true;
-                        self.health.failed(&self.events, self.unavailable(&e), &e);
+            let found = runtime.block_on(async {
+                tokio::time::timeout(self.lookup_deadline, self.store.lookup_all(&only_keys)).await
+            });
+            match found {
+                Err(_) => self.gave_up_waiting(),
+                Ok(found) => {
+                    let mut warned = false;
+                    for ((i, _), result) in probe.iter().zip(found) {
+                        match result {
+                            Ok(entry) => hits[*i] = entry,
+                            Err(e) if !warned => {
+                                warned = true;
+                                let unreachable = e.is_unreachable();
+                                self.health
+                                    .failed(&self.events, self.unavailable(&e), unreachable);
+                            }
+                            Err(_) => {}
+                        }
                     }
-                    Err(_) => {}
                 }
             }
         }
@@ -237,15 +251,31 @@ impl EngineCache {
         if !self.health.reachable() {
             return None;
         }
-        match self.store.lookup_stage(locator).await {
+        let Ok(looked_up) =
+            tokio::time::timeout(self.lookup_deadline, self.store.lookup_stage(locator)).await
+        else {
+            self.gave_up_waiting();
+            return None;
+        };
+        match looked_up {
             Ok(record) => record,
             Err(e) => {
                 if e.is_unreachable() {
-                    self.health.failed(&self.events, self.unavailable(&e), &e);
+                    self.health
+                        .failed(&self.events, self.unavailable(&e), e.is_unreachable());
                 }
                 None
             }
         }
+    }
+
+    fn gave_up_waiting(&self) {
+        let message = format!(
+            "layer cache {} did not answer within {} s, building without it",
+            self.store.location(),
+            self.lookup_deadline.as_secs_f64()
+        );
+        self.health.failed(&self.events, message, true);
     }
 
     fn unavailable(&self, error: &CacheError) -> String {
@@ -293,7 +323,7 @@ impl EngineCache {
                     locator.tag(),
                     store.location()
                 );
-                health.failed(&events, message, &e);
+                health.failed(&events, message, e.is_unreachable());
             }
         });
         self.writes.lock().expect("cache writes").push(task);
@@ -403,7 +433,7 @@ impl EngineCache {
                         entry.key,
                         store.location()
                     );
-                    health.failed(&events, message, &e);
+                    health.failed(&events, message, e.is_unreachable());
                 }
             }
         });

@@ -124,6 +124,10 @@ pub struct CacheOptions {
     pub run_layers: bool,
     /// `--no-push-cache`: read the cache, never write it.
     pub no_push: bool,
+    /// How long a stage's cache lookups may take (the registry's retries included) before the
+    /// cache is given up for the rest of the build: a registry that accepts connections and
+    /// never answers must not hold a build for the client's read timeouts.
+    pub lookup_deadline: std::time::Duration,
 }
 
 impl Default for CacheOptions {
@@ -135,6 +139,7 @@ impl Default for CacheOptions {
             ttl: kiln_cache::DEFAULT_TTL,
             run_layers: true,
             no_push: false,
+            lookup_deadline: std::time::Duration::from_secs(30),
         }
     }
 }

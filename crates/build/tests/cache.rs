@@ -693,3 +693,40 @@ fn a_cache_that_refuses_writes_or_cannot_be_reached_only_warns() {
         "{about_cache:?}"
     );
 }
+
+#[test]
+fn a_cache_that_never_answers_is_given_up_after_the_lookup_deadline() {
+    kiln_testkit::require_tools(&["docker-registry", "skopeo"]);
+    let registry = Registry::start();
+    image::push_rootfs(&registry, bases::busybox_rootfs(), "base/busybox:latest");
+    // Accepts connections and never says a word, like a black-holed load balancer.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_addr = silent.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        while let Ok((connection, _)) = silent.accept() {
+            held.push(connection);
+        }
+    });
+    let work = tempfile::tempdir().unwrap();
+    let context = work.path().join("context");
+    write_context(&context, &registry, "silent cache\n");
+    let destination = format!("{}/app/silent:latest", registry.addr());
+    let built = build(&registry, &context, &work.path().join("a"), |o| {
+        o.cache.enabled = true;
+        o.cache.repo = Some(format!("{silent_addr}/cache/app"));
+        o.cache.lookup_deadline = std::time::Duration::from_secs(1);
+        o.registry.insecure_registries.push(silent_addr.clone());
+        o.output.destinations = vec![destination];
+    });
+    assert_eq!(built.ran(), vec!["ran-last".to_owned()]);
+    let about_cache: Vec<String> = warnings(&built)
+        .into_iter()
+        .filter(|w| w.contains(&silent_addr))
+        .collect();
+    assert_eq!(about_cache.len(), 1, "{about_cache:?}");
+    assert!(
+        about_cache[0].contains("did not answer within 1 s"),
+        "{about_cache:?}"
+    );
+}
