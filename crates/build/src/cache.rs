@@ -47,13 +47,16 @@ pub struct EngineCache {
     writes: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
-/// Whether the cache can still be asked. A request that gets no answer has already waited out
-/// the registry client's retries; asking again for every probe and every write would make a
-/// build whose cache is down wait that long each time, so the first such failure ends the
-/// cache's use for the build, with one warning.
+/// Whether the cache can still be asked, and written. A request that gets no answer has
+/// already waited out the registry client's retries; asking again for every probe and every
+/// write would make a build whose cache is down wait that long each time, so the first such
+/// failure ends the cache's use for the build. A write the cache refuses (after the client's
+/// retries) ends the writes: a cache that refuses one entry (read-only, no push permission)
+/// refuses the next, and one warning says so instead of one per step.
 #[derive(Default)]
 struct Health {
     unreachable: AtomicBool,
+    writes_stopped: AtomicBool,
 }
 
 impl Health {
@@ -61,8 +64,12 @@ impl Health {
         !self.unreachable.load(Ordering::SeqCst)
     }
 
-    /// Reports `message`, a failed cache request: always for a cache that answered, once for
-    /// one that could not be reached (`unreachable`).
+    fn writable(&self) -> bool {
+        self.reachable() && !self.writes_stopped.load(Ordering::SeqCst)
+    }
+
+    /// Reports `message`, a failed lookup: always for a cache that answered, once for one
+    /// that could not be reached (`unreachable`).
     fn failed(&self, events: &EventSink, message: String, unreachable: bool) {
         if !unreachable {
             events(BuildEvent::Warning { message });
@@ -72,6 +79,20 @@ impl Health {
             events(BuildEvent::Warning {
                 message: format!(
                     "{message}; the layer cache is not used for the rest of this build"
+                ),
+            });
+        }
+    }
+
+    /// Reports `message`, a failed write, once: the first one stops the writes.
+    fn write_failed(&self, events: &EventSink, message: String, unreachable: bool) {
+        if unreachable {
+            return self.failed(events, message, true);
+        }
+        if !self.writes_stopped.swap(true, Ordering::SeqCst) && self.reachable() {
+            events(BuildEvent::Warning {
+                message: format!(
+                    "{message}; nothing more is written to the layer cache in this build"
                 ),
             });
         }
@@ -313,7 +334,7 @@ impl EngineCache {
                     },
                 }
             }
-            if !health.reachable() {
+            if !health.writable() {
                 return;
             }
             let record = StageRecord { base, entries };
@@ -323,7 +344,7 @@ impl EngineCache {
                     locator.tag(),
                     store.location()
                 );
-                health.failed(&events, message, e.is_unreachable());
+                health.write_failed(&events, message, e.is_unreachable());
             }
         });
         self.writes.lock().expect("cache writes").push(task);
@@ -420,7 +441,7 @@ impl EngineCache {
         let events = self.events.clone();
         let health = self.health.clone();
         let task = runtime.spawn(async move {
-            if !health.reachable() {
+            if !health.writable() {
                 return;
             }
             match store.store(&entry).await {
@@ -433,7 +454,7 @@ impl EngineCache {
                         entry.key,
                         store.location()
                     );
-                    health.failed(&events, message, e.is_unreachable());
+                    health.write_failed(&events, message, e.is_unreachable());
                 }
             }
         });
