@@ -646,7 +646,7 @@ fn a_cache_that_refuses_writes_or_cannot_be_reached_only_warns() {
         with_cache(refused_repo.clone(), read_only.addr()),
     );
     assert_eq!(first.ran(), vec!["ran-last".to_owned()]);
-    // Four steps would be written; the first refusal stops the rest, with one warning.
+    // Five entries would be written (five warnings before); the first refusal stops the rest.
     let refusals: Vec<String> = warnings(&first)
         .into_iter()
         .filter(|w| w.contains("could not write") && w.contains(&read_only.addr()))
