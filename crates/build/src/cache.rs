@@ -411,21 +411,31 @@ impl EngineCache {
 
     /// Writes the entry of a step that ran, in the background; a failure is a warning. The slot
     /// returned delivers the entry once written, for the stage record (`None` when nothing is
-    /// written: no cache writes, or a step kind that is not cached).
+    /// written: no cache writes, or a step kind that is not cached). A layer that `uploads`
+    /// is sending to a destination on the cache's registry is mounted from there once it
+    /// arrives, not uploaded twice.
+    #[allow(clippy::too_many_arguments)]
     pub fn store_in_background(
         &self,
         runtime: &tokio::runtime::Handle,
         key: CacheKey,
         instruction: &Instruction,
         layer: Option<(&ImageLayer, &Path)>,
+        uploads: Option<&crate::output::PushAhead>,
         config: &ContainerConfig,
         history: &History,
     ) -> Option<RecordSlot> {
         if !self.write || !self.caches(instruction) {
             return None;
         }
+        let shared_upload = match (uploads, layer, self.store.repository()) {
+            (Some(uploads), Some((layer, _)), Some(cache_repo)) => {
+                uploads.upload_on(cache_repo.registry(), &layer.descriptor.digest)
+            }
+            _ => None,
+        };
         let (written, slot) = tokio::sync::oneshot::channel();
-        let entry = NewEntry {
+        let mut entry = NewEntry {
             key,
             platform: self.platform.clone(),
             layer: layer.map(|(layer, path)| LayerFile {
@@ -441,6 +451,12 @@ impl EngineCache {
         let events = self.events.clone();
         let health = self.health.clone();
         let task = runtime.spawn(async move {
+            if let (Some((repo, mut done)), Some(layer)) = (shared_upload, entry.layer.as_mut()) {
+                let arrived = done.wait_for(Option::is_some).await;
+                if arrived.is_ok_and(|finished| *finished == Some(true)) {
+                    layer.mount_from = Some(repo);
+                }
+            }
             if !health.writable() {
                 return;
             }

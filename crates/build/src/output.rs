@@ -333,12 +333,18 @@ pub struct PushAhead {
     tasks: Mutex<PushAheadTasks>,
 }
 
-/// The uploads [`PushAhead`] has started: which blob to which destination, and the task.
-type PushAheadTasks = Vec<(
-    Reference,
-    Digest,
-    tokio::task::JoinHandle<Result<(), BuildError>>,
-)>;
+/// The uploads [`PushAhead`] has started.
+type PushAheadTasks = Vec<Upload>;
+
+/// One blob on its way to one destination.
+struct Upload {
+    destination: Reference,
+    repo: Repository,
+    digest: Digest,
+    /// `Some(true)` once the blob is in `repo`, `Some(false)` if the upload failed.
+    done: tokio::sync::watch::Receiver<Option<bool>>,
+    task: tokio::task::JoinHandle<Result<(), BuildError>>,
+}
 
 impl PushAhead {
     /// A pipelined pusher to `destinations`, spawning uploads on `runtime`.
@@ -368,18 +374,51 @@ impl PushAhead {
         let mut tasks = self.tasks.lock().expect("push-ahead tasks");
         for (destination, repo) in &self.destinations {
             let digest = &layer.descriptor.digest;
-            if (tasks.iter()).any(|(d, started, _)| d == destination && started == digest) {
+            if (tasks.iter()).any(|u| u.destination == *destination && u.digest == *digest) {
                 continue;
             }
             let (client, blobs, events) =
                 (self.client.clone(), self.blobs.clone(), self.events.clone());
-            let (task_destination, repo, layer) =
+            let (task_destination, task_repo, layer) =
                 (destination.clone(), repo.clone(), layer.clone());
+            let (finished, done) = tokio::sync::watch::channel(None);
             let task = self.runtime.spawn(async move {
-                push_layer(&client, &blobs, &repo, &task_destination, &layer, &*events).await
+                let pushed = push_layer(
+                    &client,
+                    &blobs,
+                    &task_repo,
+                    &task_destination,
+                    &layer,
+                    &*events,
+                )
+                .await;
+                let _ = finished.send(Some(pushed.is_ok()));
+                pushed
             });
-            tasks.push((destination.clone(), digest.clone(), task));
+            tasks.push(Upload {
+                destination: destination.clone(),
+                repo: repo.clone(),
+                digest: digest.clone(),
+                done,
+                task,
+            });
         }
+    }
+
+    /// An upload of `digest` started to a destination on `registry`: the repository it goes
+    /// to, and a signal that turns `Some(true)` once the blob is there (`Some(false)` if the
+    /// upload failed). The layer cache mounts the blob from there instead of uploading it
+    /// a second time.
+    pub fn upload_on(
+        &self,
+        registry: &str,
+        digest: &Digest,
+    ) -> Option<(Repository, tokio::sync::watch::Receiver<Option<bool>>)> {
+        let tasks = self.tasks.lock().expect("push-ahead tasks");
+        tasks
+            .iter()
+            .find(|u| u.digest == *digest && u.repo.registry() == registry)
+            .map(|u| (u.repo.clone(), u.done.clone()))
     }
 
     /// Waits for every upload started so far; the first failure is the result, and otherwise
@@ -388,7 +427,13 @@ impl PushAhead {
         let tasks = std::mem::take(&mut *self.tasks.lock().expect("push-ahead tasks"));
         let mut first_error = None;
         let mut placed = PlacedBlobs::default();
-        for (destination, digest, task) in tasks {
+        for Upload {
+            destination,
+            digest,
+            task,
+            ..
+        } in tasks
+        {
             let outcome = task
                 .await
                 .map_err(|e| BuildError::Image(format!("a layer upload panicked: {e}")))
@@ -407,8 +452,8 @@ impl PushAhead {
 impl Drop for PushAhead {
     fn drop(&mut self) {
         // A build that ends without `finish` failed: its uploads are of no use to anyone.
-        for (_, _, task) in self.tasks.get_mut().expect("push-ahead tasks").drain(..) {
-            task.abort();
+        for upload in self.tasks.get_mut().expect("push-ahead tasks").drain(..) {
+            upload.task.abort();
         }
     }
 }

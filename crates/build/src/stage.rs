@@ -689,6 +689,7 @@ pub fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, BuildEr
                         key.clone(),
                         &step.instruction,
                         Some((&layer, &path)),
+                        shared.push_ahead.as_ref(),
                         &config.config,
                         &history,
                     ));
@@ -703,6 +704,7 @@ pub fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, BuildEr
                         &shared.runtime,
                         key.clone(),
                         &step.instruction,
+                        None,
                         None,
                         &config.config,
                         &history,

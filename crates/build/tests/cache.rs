@@ -733,3 +733,61 @@ fn a_cache_that_never_answers_is_given_up_after_the_lookup_deadline() {
         "{about_cache:?}"
     );
 }
+
+#[test]
+fn a_layer_pushed_to_the_destination_is_mounted_into_the_cache_not_uploaded_again() {
+    kiln_testkit::require_tools(&["docker-registry", "skopeo"]);
+    let registry = Registry::start();
+    image::push_rootfs(&registry, bases::busybox_rootfs(), "base/busybox:latest");
+    let work = tempfile::tempdir().unwrap();
+    let context = work.path().join("context");
+    write_context(&context, &registry, "uploaded once\n");
+    let addr = registry.addr();
+    let before = registry.requests().len();
+    let cold = build(&registry, &context, &work.path().join("a"), |o| {
+        o.cache.enabled = true;
+        o.cache.repo = Some(format!("{addr}/team/app/cache"));
+        o.output.destinations = vec![format!("{addr}/team/app:1")];
+    });
+    assert_eq!(cold.ran(), vec!["ran-last".to_owned()]);
+    let requests = registry.requests().split_off(before);
+    // The digest a blob upload's final PUT names, for uploads into `repo`.
+    let uploaded_to = |repo: &str| -> Vec<String> {
+        let prefix = format!("/v2/{repo}/blobs/uploads/");
+        requests
+            .iter()
+            .filter(|(method, uri)| method == "PUT" && uri.starts_with(&prefix))
+            .filter_map(|(_, uri)| {
+                let query = uri.split_once('?')?.1.replace("%3A", ":");
+                let digest = query.split('&').find_map(|p| p.strip_prefix("digest="))?;
+                Some(digest.to_owned())
+            })
+            .collect()
+    };
+    let to_destination = uploaded_to("team/app");
+    let to_cache = uploaded_to("team/app/cache");
+    assert!(to_destination.len() >= 4, "{requests:?}");
+    let twice: Vec<&String> = to_cache
+        .iter()
+        .filter(|d| to_destination.contains(d))
+        .collect();
+    assert!(twice.is_empty(), "uploaded to both repositories: {twice:?}");
+    let mounts = requests
+        .iter()
+        .filter(|(method, uri)| {
+            method == "POST"
+                && uri.starts_with("/v2/team/app/cache/blobs/uploads/")
+                && uri.contains("mount=")
+        })
+        .count();
+    assert!(mounts >= 4, "{requests:?}");
+
+    // The cache made that way is complete: another Pod's build is a full hit.
+    let warm = build(&registry, &context, &work.path().join("b"), |o| {
+        o.cache.enabled = true;
+        o.cache.repo = Some(format!("{addr}/team/app/cache"));
+        o.output.destinations = vec![format!("{addr}/team/app:2")];
+    });
+    assert!(warm.ran().is_empty());
+    assert_eq!(warm.digest, cold.digest);
+}
