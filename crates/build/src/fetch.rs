@@ -128,10 +128,17 @@ fn client() -> Result<&'static reqwest::Client, String> {
 /// refuses `HEAD` (presigned URLs are often signed for `GET` only) is an error; the caller
 /// then downloads instead.
 pub async fn probe(source: &str) -> Result<Validators, String> {
+    let response = request(source, reqwest::Method::HEAD).await?;
+    Ok(Validators::of(response.headers()))
+}
+
+/// Sends one `method` request for `source`; an answer that is not a success is an error
+/// naming the URL and the status.
+async fn request(source: &str, method: reqwest::Method) -> Result<reqwest::Response, String> {
     let url = url::Url::parse(source).map_err(|e| format!("{source}: not a valid URL: {e}"))?;
     let response = client()
         .map_err(|e| format!("{source}: {e}"))?
-        .head(url)
+        .request(method, url)
         .send()
         .await
         .map_err(|e| format!("{source}: {}", error_chain(&e)))?;
@@ -139,7 +146,7 @@ pub async fn probe(source: &str) -> Result<Validators, String> {
     if !status.is_success() {
         return Err(format!("{source}: the server answered HTTP {status}"));
     }
-    Ok(Validators::of(response.headers()))
+    Ok(response)
 }
 
 /// Downloads `source` into the directory `dir`. With `checksum` (`sha256:HEX`), the body must
@@ -153,16 +160,7 @@ pub async fn download(
     let expected = checksum
         .map(|c| Digest::parse(c).map_err(|e| format!("--checksum={c}: not a valid digest: {e}")))
         .transpose()?;
-    let mut response = client()
-        .map_err(|e| format!("{source}: {e}"))?
-        .get(url.clone())
-        .send()
-        .await
-        .map_err(|e| format!("{source}: {}", error_chain(&e)))?;
-    let status = response.status();
-    if !status.is_success() {
-        return Err(format!("{source}: the server answered HTTP {status}"));
-    }
+    let mut response = request(source, reqwest::Method::GET).await?;
     let validators = Validators::of(response.headers());
     let modified = validators
         .last_modified

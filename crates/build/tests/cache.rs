@@ -368,36 +368,7 @@ fn a_cached_multi_stage_build_unpacks_no_stage() {
     assert_eq!(image::run_with_runc(&flat), "built-in-builder\n");
 }
 
-/// A context whose Dockerfile ADDs `url` (no `--checksum`) and prints it in a RUN.
-fn write_add_context(dir: &Path, registry: &Registry, url: &str) {
-    std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(
-        dir.join("Dockerfile"),
-        format!(
-            "FROM {}/base/busybox:latest\nADD {url} /payload.txt\nRUN cat /payload.txt\n",
-            registry.addr()
-        ),
-    )
-    .unwrap();
-}
-
-/// Replaces the served file, with an mtime whole seconds away from the last one so that
-/// `Last-Modified` (one-second resolution) changes too.
-fn serve(dir: &Path, content: &str, mtime: u64) {
-    let path = dir.join("payload.txt");
-    std::fs::write(&path, content).unwrap();
-    std::fs::File::options()
-        .write(true)
-        .open(&path)
-        .unwrap()
-        .set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(mtime))
-        .unwrap();
-}
-
-fn gets(requests: &[String]) -> usize {
-    requests.iter().filter(|r| r.starts_with("GET ")).count()
-}
-
+/// The cache on, pushing to one destination of `registry` (the cache is its `/cache`).
 fn cache_flags(registry: &Registry) -> impl Fn(&mut BuildOptions) + '_ {
     move |o: &mut BuildOptions| {
         o.cache.enabled = true;
@@ -405,56 +376,93 @@ fn cache_flags(registry: &Registry) -> impl Fn(&mut BuildOptions) + '_ {
     }
 }
 
+/// A registry with the busybox base, an HTTP server and a context whose Dockerfile ADDs the
+/// served `payload.txt` (no `--checksum`) and prints it in a RUN; every build is a new Pod.
+struct AddFixture {
+    registry: Registry,
+    work: tempfile::TempDir,
+    server: kiln_testkit::http::StaticServer,
+}
+
+impl AddFixture {
+    fn new(validators: kiln_testkit::http::Validators) -> AddFixture {
+        kiln_testkit::require_tools(&["docker-registry", "skopeo", "python3"]);
+        let registry = Registry::start();
+        image::push_rootfs(&registry, bases::busybox_rootfs(), "base/busybox:latest");
+        let work = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(work.path().join("served")).unwrap();
+        let server =
+            kiln_testkit::http::StaticServer::start_with(&work.path().join("served"), validators);
+        let context = work.path().join("context");
+        std::fs::create_dir_all(&context).unwrap();
+        std::fs::write(
+            context.join("Dockerfile"),
+            format!(
+                "FROM {}/base/busybox:latest\nADD {}/payload.txt /payload.txt\nRUN cat /payload.txt\n",
+                registry.addr(),
+                server.url()
+            ),
+        )
+        .unwrap();
+        let fixture = AddFixture {
+            registry,
+            work,
+            server,
+        };
+        fixture.serve("payload-one\n", 1_600_000_000);
+        fixture
+    }
+
+    /// Replaces the served file, with an mtime whole seconds away from the last one so that
+    /// `Last-Modified` (one-second resolution) changes too.
+    fn serve(&self, content: &str, mtime: u64) {
+        let path = self.work.path().join("served/payload.txt");
+        std::fs::write(&path, content).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(mtime))
+            .unwrap();
+    }
+
+    fn build(&self, pod: &str) -> Built {
+        build(
+            &self.registry,
+            &self.work.path().join("context"),
+            &self.work.path().join(pod),
+            cache_flags(&self.registry),
+        )
+    }
+
+    fn gets(&self) -> usize {
+        (self.server.requests().iter())
+            .filter(|r| r.starts_with("GET "))
+            .count()
+    }
+}
+
 #[test]
 fn an_add_of_a_url_is_keyed_by_the_servers_validators_and_a_hit_downloads_nothing() {
-    use kiln_testkit::http::{StaticServer, Validators};
-    kiln_testkit::require_tools(&["docker-registry", "skopeo", "python3"]);
-    let registry = Registry::start();
-    image::push_rootfs(&registry, bases::busybox_rootfs(), "base/busybox:latest");
+    use kiln_testkit::http::Validators;
     for validators in [Validators::LastModified, Validators::ContentEtag] {
-        let work = tempfile::tempdir().unwrap();
-        let served = work.path().join("served");
-        std::fs::create_dir_all(&served).unwrap();
-        serve(&served, "payload-one\n", 1_600_000_000);
-        let server = StaticServer::start_with(&served, validators);
-        let context = work.path().join("context");
-        write_add_context(
-            &context,
-            &registry,
-            &format!("{}/payload.txt", server.url()),
-        );
-
-        let cold = build(
-            &registry,
-            &context,
-            &work.path().join("a"),
-            cache_flags(&registry),
-        );
+        let fixture = AddFixture::new(validators);
+        let cold = fixture.build("a");
         assert_eq!(cold.ran(), vec!["payload-one".to_owned()], "{validators:?}");
-        let before = server.requests().len();
-        let warm = build(
-            &registry,
-            &context,
-            &work.path().join("b"),
-            cache_flags(&registry),
-        );
+        let before = fixture.server.requests().len();
+        let warm = fixture.build("b");
         assert!(warm.ran().is_empty(), "{validators:?}: {:?}", warm.ran());
         assert_eq!(warm.cached_steps(), vec![0, 1], "{validators:?}");
         assert_eq!(cold.digest, warm.digest, "{validators:?}");
-        let asked = server.requests()[before..].to_vec();
+        let asked = fixture.server.requests().split_off(before);
         assert_eq!(
             asked,
             vec!["HEAD /payload.txt".to_owned()],
             "{validators:?}"
         );
 
-        serve(&served, "payload-two\n", 1_600_000_100);
-        let changed = build(
-            &registry,
-            &context,
-            &work.path().join("c"),
-            cache_flags(&registry),
-        );
+        fixture.serve("payload-two\n", 1_600_000_100);
+        let changed = fixture.build("c");
         assert_eq!(
             changed.ran(),
             vec!["payload-two".to_owned()],
@@ -466,90 +474,35 @@ fn an_add_of_a_url_is_keyed_by_the_servers_validators_and_a_hit_downloads_nothin
 
 #[test]
 fn an_add_of_a_url_without_validators_is_keyed_by_its_content_fetched_once() {
-    use kiln_testkit::http::{StaticServer, Validators};
-    kiln_testkit::require_tools(&["docker-registry", "skopeo", "python3"]);
-    let registry = Registry::start();
-    image::push_rootfs(&registry, bases::busybox_rootfs(), "base/busybox:latest");
-    let work = tempfile::tempdir().unwrap();
-    let served = work.path().join("served");
-    std::fs::create_dir_all(&served).unwrap();
-    serve(&served, "payload-one\n", 1_600_000_000);
-    let server = StaticServer::start_with(&served, Validators::None);
-    let context = work.path().join("context");
-    write_add_context(
-        &context,
-        &registry,
-        &format!("{}/payload.txt", server.url()),
-    );
-
-    let cold = build(
-        &registry,
-        &context,
-        &work.path().join("a"),
-        cache_flags(&registry),
-    );
+    let fixture = AddFixture::new(kiln_testkit::http::Validators::None);
+    let cold = fixture.build("a");
     assert_eq!(cold.ran(), vec!["payload-one".to_owned()]);
     assert_eq!(
-        gets(&server.requests()),
+        fixture.gets(),
         1,
         "the step reuses the download made to key it"
     );
-    let warm = build(
-        &registry,
-        &context,
-        &work.path().join("b"),
-        cache_flags(&registry),
-    );
+    let warm = fixture.build("b");
     assert!(warm.ran().is_empty(), "{:?}", warm.ran());
     assert_eq!(cold.digest, warm.digest);
 
-    serve(&served, "payload-two\n", 1_600_000_000);
-    let changed = build(
-        &registry,
-        &context,
-        &work.path().join("c"),
-        cache_flags(&registry),
-    );
+    fixture.serve("payload-two\n", 1_600_000_000);
+    let changed = fixture.build("c");
     assert_eq!(changed.ran(), vec!["payload-two".to_owned()]);
 }
 
 #[test]
 fn validators_that_change_before_the_download_leave_the_step_uncached() {
-    use kiln_testkit::http::{StaticServer, Validators};
-    kiln_testkit::require_tools(&["docker-registry", "skopeo", "python3"]);
-    let registry = Registry::start();
-    image::push_rootfs(&registry, bases::busybox_rootfs(), "base/busybox:latest");
-    let work = tempfile::tempdir().unwrap();
-    let served = work.path().join("served");
-    std::fs::create_dir_all(&served).unwrap();
-    serve(&served, "payload-one\n", 1_600_000_000);
-    let server = StaticServer::start_with(&served, Validators::ChangingEtag);
-    let context = work.path().join("context");
-    write_add_context(
-        &context,
-        &registry,
-        &format!("{}/payload.txt", server.url()),
-    );
-
-    let first = build(
-        &registry,
-        &context,
-        &work.path().join("a"),
-        cache_flags(&registry),
-    );
+    let fixture = AddFixture::new(kiln_testkit::http::Validators::ChangingEtag);
+    let first = fixture.build("a");
     assert_eq!(first.ran(), vec!["payload-one".to_owned()]);
-    let warned = first.events.iter().any(|e| {
-        matches!(e, BuildEvent::Warning { message } if message.contains("Dockerfile:2") && message.contains("validators changed"))
-    });
-    assert!(warned, "{:?}", first.events);
+    let warned = warnings(&first)
+        .iter()
+        .any(|w| w.contains("Dockerfile:2") && w.contains("validators changed"));
+    assert!(warned, "{:?}", warnings(&first));
     // Nothing was stored under keys that named other content, so the next build runs again
     // (a stage record written anyway would make it a hit).
-    let second = build(
-        &registry,
-        &context,
-        &work.path().join("b"),
-        cache_flags(&registry),
-    );
+    let second = fixture.build("b");
     assert_eq!(second.ran(), vec!["payload-one".to_owned()]);
     assert!(second.cached_steps().is_empty());
 }
