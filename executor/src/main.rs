@@ -54,8 +54,8 @@ fn main() -> ExitCode {
     ExitCode::from(u8::try_from(code).unwrap_or(1))
 }
 
-/// `executor warm`: stores every named base image (and every base image of `--dockerfile`) in
-/// the cache directory, downloading only what is missing.
+/// `executor warm`: stores every named image (and every image `--dockerfile` builds from or
+/// copies from) in the cache directory, downloading only what is missing.
 fn warm_cache_dir(renderer: &Renderer, warm: &WarmInvocation) -> i32 {
     let runtime = match runtime(renderer) {
         Ok(runtime) => runtime,
@@ -100,7 +100,8 @@ fn warm_cache_dir(renderer: &Renderer, warm: &WarmInvocation) -> i32 {
     }
 }
 
-/// The base images (`FROM image`) of the stages a Dockerfile's last stage needs.
+/// The images the stages a Dockerfile's last stage needs are built from or copy from
+/// (`FROM image`, `COPY --from=image`), each once.
 fn dockerfile_bases(
     path: &std::path::Path,
     warm: &WarmInvocation,
@@ -119,14 +120,13 @@ fn dockerfile_bases(
             build_platform: to_df(&Platform::host())?,
         })
         .map_err(|e| format!("{name}:{e}"))?;
-    Ok(plan
-        .stages()
-        .iter()
-        .filter_map(|stage| match &stage.base {
-            kiln_dockerfile::Base::Image(image) => Some(image.clone()),
-            _ => None,
-        })
-        .collect())
+    let mut images: Vec<String> = Vec::new();
+    for image in plan.stages().iter().flat_map(|stage| &stage.images) {
+        if !images.contains(image) {
+            images.push(image.clone());
+        }
+    }
+    Ok(images)
 }
 
 /// The async runtime, multi-threaded because the engine runs stages on blocking threads; on

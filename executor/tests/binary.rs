@@ -294,7 +294,8 @@ fn a_refused_push_names_registry_repository_and_status() {
 }
 
 /// `executor warm` stores a base image in the cache directory (by digest, every blob), a
-/// second run downloads nothing, and a Dockerfile's bases are found from its FROM lines.
+/// second run downloads nothing, and a Dockerfile's images are found from its FROM and
+/// `COPY --from` lines.
 #[test]
 fn warm_fills_the_cache_dir_once() {
     use kiln_testkit::{bases, image, Registry};
@@ -335,4 +336,28 @@ fn warm_fills_the_cache_dir_once() {
     let out = String::from_utf8_lossy(&again.stdout).into_owned();
     assert_eq!(again.status.code(), Some(0), "{}", stderr(&again));
     assert!(out.contains("(0 blobs, 0 bytes downloaded)"), "{out}");
+
+    // An image a stage copies from is one the build reads too.
+    let files = work.path().join("files");
+    std::fs::create_dir_all(&files).unwrap();
+    std::fs::write(files.join("note.txt"), "copied\n").unwrap();
+    image::push_rootfs(&registry, &files, "other/files:1");
+    std::fs::write(
+        &dockerfile,
+        format!("FROM {addr}/base/busybox:latest\nCOPY --from={addr}/other/files:1 /note.txt /n\n"),
+    )
+    .unwrap();
+    let copied = warm(&[&format!("--dockerfile={}", dockerfile.display())]);
+    let out = String::from_utf8_lossy(&copied.stdout).into_owned();
+    assert_eq!(copied.status.code(), Some(0), "{}", stderr(&copied));
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert!(
+        lines[0].contains("busybox") && lines[0].contains("(0 blobs"),
+        "{out}"
+    );
+    assert!(
+        lines[1].contains("other/files:1") && !lines[1].contains("(0 blobs"),
+        "{out}"
+    );
 }
