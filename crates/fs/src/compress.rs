@@ -331,7 +331,12 @@ fn deflate_worker(level: u32, jobs: Receiver<Job>, done: Sender<Done>) {
     for job in jobs {
         let mut crc = crc32fast::Hasher::new();
         crc.update(&job.data);
-        let deflated = deflate_block(&mut deflate, &job.data, &job.dictionary);
+        // A panic in the deflater (a library bug) must fail the layer: otherwise the writer
+        // waits forever for this block while the other workers run out of tokens.
+        let deflated = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            deflate_block(&mut deflate, &job.data, &job.dictionary)
+        }))
+        .unwrap_or_else(|_| Err(io::Error::other("deflate: the compressor panicked")));
         if done
             .send(Done {
                 seq: job.seq,
@@ -463,6 +468,30 @@ mod tests {
             .read_to_end(&mut decoded)
             .unwrap();
         assert_eq!(decoded, data);
+    }
+
+    #[test]
+    fn noise_of_any_length_round_trips() {
+        for (seed, len) in [
+            (0x1234_5678_9abc_def1_u64, 3 * GZIP_BLOCK_SIZE + 1),
+            (0x0bad_cafe_f00d_1234, 5 * GZIP_BLOCK_SIZE + 70_000),
+        ] {
+            let mut x = seed;
+            let data: Vec<u8> = (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    (x >> 24) as u8
+                })
+                .collect();
+            let (out, _) = compress(&data, Compression::Gzip { level: 6 }, 2);
+            let mut decoded = Vec::new();
+            flate2::read::GzDecoder::new(&out[..])
+                .read_to_end(&mut decoded)
+                .unwrap();
+            assert_eq!(decoded, data);
+        }
     }
 
     #[test]
