@@ -65,7 +65,7 @@ fn warm_cache_dir(renderer: &Renderer, warm: &WarmInvocation) -> i32 {
         let platform = warm.platform.clone().unwrap_or_else(Platform::host);
         let mut images = warm.images.clone();
         if let Some(path) = &warm.dockerfile {
-            images.extend(dockerfile_bases(path, warm, &platform)?);
+            images.extend(dockerfile_images(path, warm, &platform)?);
         }
         if images.is_empty() {
             return Err("executor warm: name an --image or a --dockerfile".to_owned());
@@ -102,7 +102,7 @@ fn warm_cache_dir(renderer: &Renderer, warm: &WarmInvocation) -> i32 {
 
 /// The images the stages a Dockerfile's last stage needs are built from or copy from
 /// (`FROM image`, `COPY --from=image`), each once.
-fn dockerfile_bases(
+fn dockerfile_images(
     path: &std::path::Path,
     warm: &WarmInvocation,
     platform: &Platform,

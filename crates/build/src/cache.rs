@@ -117,6 +117,18 @@ pub struct StagePlan {
 }
 
 impl StagePlan {
+    /// Forgets the keys and hits of `step` and every step after it (their keys chain from
+    /// it): nothing of them is stored or taken from the cache, and the stage has no final key.
+    pub fn unkey_from(&mut self, step: usize) {
+        for later in step..self.keys.len() {
+            self.keys[later] = None;
+        }
+        for later in step..self.hits.len() {
+            self.hits[later] = None;
+        }
+        self.final_key = None;
+    }
+
     /// Whether every layer step of `steps` is a hit and at least one step is: the stage runs
     /// nothing, needs no tree, and its image is made of blobs that an identical earlier build
     /// already pushed.
@@ -208,25 +220,18 @@ impl EngineCache {
         let answered_by_record = record.is_some() && probe.is_empty();
         if !probe.is_empty() && self.health.reachable() {
             let only_keys: Vec<CacheKey> = probe.iter().map(|(_, k)| k.clone()).collect();
-            let found = runtime.block_on(async {
-                tokio::time::timeout(self.lookup_deadline, self.store.lookup_all(&only_keys)).await
-            });
-            match found {
-                Err(_) => self.gave_up_waiting(),
-                Ok(found) => {
-                    let mut warned = false;
-                    for ((i, _), result) in probe.iter().zip(found) {
-                        match result {
-                            Ok(entry) => hits[*i] = entry,
-                            Err(e) if !warned => {
-                                warned = true;
-                                let unreachable = e.is_unreachable();
-                                self.health
-                                    .failed(&self.events, self.unavailable(&e), unreachable);
-                            }
-                            Err(_) => {}
-                        }
+            let found = runtime.block_on(self.within_deadline(self.store.lookup_all(&only_keys)));
+            let mut warned = false;
+            for ((i, _), result) in probe.iter().zip(found.unwrap_or_default()) {
+                match result {
+                    Ok(entry) => hits[*i] = entry,
+                    Err(e) if !warned => {
+                        warned = true;
+                        let unreachable = e.is_unreachable();
+                        self.health
+                            .failed(&self.events, self.unavailable(&e), unreachable);
                     }
+                    Err(_) => {}
                 }
             }
         }
@@ -272,31 +277,35 @@ impl EngineCache {
         if !self.health.reachable() {
             return None;
         }
-        let Ok(looked_up) =
-            tokio::time::timeout(self.lookup_deadline, self.store.lookup_stage(locator)).await
-        else {
-            self.gave_up_waiting();
-            return None;
-        };
-        match looked_up {
+        match self
+            .within_deadline(self.store.lookup_stage(locator))
+            .await?
+        {
             Ok(record) => record,
             Err(e) => {
                 if e.is_unreachable() {
-                    self.health
-                        .failed(&self.events, self.unavailable(&e), e.is_unreachable());
+                    self.health.failed(&self.events, self.unavailable(&e), true);
                 }
                 None
             }
         }
     }
 
-    fn gave_up_waiting(&self) {
-        let message = format!(
-            "layer cache {} did not answer within {} s, building without it",
-            self.store.location(),
-            self.lookup_deadline.as_secs_f64()
-        );
-        self.health.failed(&self.events, message, true);
+    /// `lookup`'s outcome, or `None` (with the one warning, and the cache given up) when it
+    /// takes longer than the lookup deadline.
+    async fn within_deadline<T>(&self, lookup: impl std::future::Future<Output = T>) -> Option<T> {
+        let outcome = tokio::time::timeout(self.lookup_deadline, lookup)
+            .await
+            .ok();
+        if outcome.is_none() {
+            let message = format!(
+                "layer cache {} did not answer within {} s, building without it",
+                self.store.location(),
+                self.lookup_deadline.as_secs_f64()
+            );
+            self.health.failed(&self.events, message, true);
+        }
+        outcome
     }
 
     fn unavailable(&self, error: &CacheError) -> String {

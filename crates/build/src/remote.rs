@@ -93,19 +93,13 @@ impl RemotePins {
                 .map(|url| async move { (url.clone(), self.pin_url(&url).await) }),
         );
         let (images, urls) = futures::join!(images, urls);
-        let mut pinned = self.images.lock().expect("image pins");
-        for (image, digest) in images {
-            if let Ok(digest) = digest {
-                pinned.insert(image, digest);
-            }
-        }
-        drop(pinned);
-        let mut pinned = self.urls.lock().expect("url pins");
-        for (url, pin) in urls {
-            if let Some(pin) = pin {
-                pinned.insert(url, pin);
-            }
-        }
+        (self.images.lock().expect("image pins")).extend(
+            images
+                .into_iter()
+                .filter_map(|(image, d)| Some((image, d.ok()?))),
+        );
+        (self.urls.lock().expect("url pins"))
+            .extend(urls.into_iter().filter_map(|(url, pin)| Some((url, pin?))));
     }
 
     fn wanted(&self, steps: &[Step]) -> Wanted {

@@ -619,13 +619,8 @@ pub fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, BuildEr
                         materialized(&mut stage).add(files, &config, line, step_no)
                     })?;
                 if !as_keyed && plan.keys.get(step_no).is_some_and(Option::is_some) {
-                    // The key names content this download is not: neither this step nor any
-                    // later one (their keys chain from it) may be stored or taken as a hit.
-                    for later in step_no..steps.steps.len() {
-                        plan.keys[later] = None;
-                        plan.hits[later] = None;
-                    }
-                    plan.final_key = None;
+                    // The key names content this download is not.
+                    plan.unkey_from(step_no);
                     shared.emit(BuildEvent::Warning {
                         message: format!(
                             "{}:{line}: ADD: the server's validators changed between keying and downloading; this step and the rest of the stage are not cached",
@@ -1145,8 +1140,7 @@ impl StageRun<'_> {
             ));
         }
         // Every download completes (and passes its checksum) before the rootfs is touched.
-        // Each is (its directory, the file, whether the directory is this step's to remove).
-        let mut downloads: Vec<(PathBuf, PathBuf, bool)> = Vec::new();
+        let mut downloads: Vec<Fetched> = Vec::new();
         let mut as_keyed = true;
         for (i, url) in urls.iter().enumerate() {
             let pin = files
@@ -1155,8 +1149,7 @@ impl StageRun<'_> {
                 .then(|| shared.remote.url(url))
                 .flatten();
             if let Some(UrlPin::Downloaded(pinned)) = &pin {
-                let dir = pinned.path.parent().unwrap_or(Path::new("/")).to_path_buf();
-                downloads.push((dir, pinned.path.clone(), false));
+                downloads.push(Fetched::kept(&pinned.path));
                 continue;
             }
             let dir = shared
@@ -1176,15 +1169,14 @@ impl StageRun<'_> {
                     if let Some(UrlPin::Validators(keyed)) = &pin {
                         as_keyed &= downloaded.validators == *keyed;
                     }
-                    downloads.push((dir, downloaded.path, true));
+                    downloads.push(Fetched {
+                        remove_after: true,
+                        ..Fetched::kept(&downloaded.path)
+                    });
                 }
                 Err(e) => {
                     let _ = std::fs::remove_dir_all(&dir);
-                    for (dir, _, owned) in &downloads {
-                        if *owned {
-                            let _ = std::fs::remove_dir_all(dir);
-                        }
-                    }
+                    downloads.iter().for_each(Fetched::remove);
                     return Err(shared.step_error(line, format!("ADD failed: {e}")));
                 }
             }
@@ -1207,9 +1199,8 @@ impl StageRun<'_> {
             }
             let owner = self.chown_ids(files.chown.as_deref(), line)?;
             let workdir = workdir_of(config);
-            for (dir, path, _) in &downloads {
-                let name = path.file_name().unwrap_or_default().to_string_lossy();
-                let sources = [FileSource::Path(name.into_owned())];
+            for Fetched { dir, name, .. } in &downloads {
+                let sources = [FileSource::Path(name.clone())];
                 let include = |_: &Path| true;
                 let tree = SourceTree {
                     root: dir,
@@ -1233,11 +1224,7 @@ impl StageRun<'_> {
             }
             Ok(())
         })();
-        for (dir, _, owned) in &downloads {
-            if *owned {
-                let _ = std::fs::remove_dir_all(dir);
-            }
-        }
+        downloads.iter().for_each(Fetched::remove);
         result.map(|()| (written, as_keyed))
     }
 
@@ -1268,5 +1255,35 @@ impl StageRun<'_> {
             .map_err(|e| shared.step_error(line, format!("COPY --from={image}: {e}")))?;
         images.insert(image.to_owned(), root.clone());
         Ok(root)
+    }
+}
+
+/// A file an ADD downloaded, ready to copy from: the directory it is in and its name.
+struct Fetched {
+    dir: PathBuf,
+    name: String,
+    /// Whether the directory was made for this step and goes when the step is done; a
+    /// download the cache made while keying stays, for any later step with the same URL.
+    remove_after: bool,
+}
+
+impl Fetched {
+    /// A download at `file` that this step leaves in place.
+    fn kept(file: &Path) -> Fetched {
+        Fetched {
+            dir: file.parent().unwrap_or(Path::new("/")).to_path_buf(),
+            name: file
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned(),
+            remove_after: false,
+        }
+    }
+
+    fn remove(&self) {
+        if self.remove_after {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }

@@ -568,6 +568,13 @@ fn warnings(built: &Built) -> Vec<String> {
         .collect()
 }
 
+/// The warnings that name `what` (a registry address).
+fn warnings_about(built: &Built, what: &str) -> Vec<String> {
+    let mut about = warnings(built);
+    about.retain(|w| w.contains(what));
+    about
+}
+
 #[test]
 fn a_cache_that_refuses_writes_or_cannot_be_reached_only_warns() {
     use kiln_testkit::RegistryConfig;
@@ -600,10 +607,8 @@ fn a_cache_that_refuses_writes_or_cannot_be_reached_only_warns() {
     );
     assert_eq!(first.ran(), vec!["ran-last".to_owned()]);
     // Five entries would be written (five warnings before); the first refusal stops the rest.
-    let refusals: Vec<String> = warnings(&first)
-        .into_iter()
-        .filter(|w| w.contains("could not write") && w.contains(&read_only.addr()))
-        .collect();
+    let mut refusals = warnings_about(&first, &read_only.addr());
+    refusals.retain(|w| w.contains("could not write"));
     assert_eq!(refusals.len(), 1, "{refusals:?}");
     assert!(
         refusals[0].contains("nothing more is written"),
@@ -638,10 +643,7 @@ fn a_cache_that_refuses_writes_or_cannot_be_reached_only_warns() {
     assert_eq!(unreachable.digest, first.digest);
     // One warning: after the first request that got no answer the cache is not asked again
     // (no stage record, no entry writes), which would each wait out the retries again.
-    let about_cache: Vec<String> = warnings(&unreachable)
-        .into_iter()
-        .filter(|w| w.contains(&closed))
-        .collect();
+    let about_cache = warnings_about(&unreachable, &closed);
     assert_eq!(about_cache.len(), 1, "{about_cache:?}");
     assert!(
         about_cache[0].contains("unavailable")
@@ -676,10 +678,7 @@ fn a_cache_that_never_answers_is_given_up_after_the_lookup_deadline() {
         o.output.destinations = vec![destination];
     });
     assert_eq!(built.ran(), vec!["ran-last".to_owned()]);
-    let about_cache: Vec<String> = warnings(&built)
-        .into_iter()
-        .filter(|w| w.contains(&silent_addr))
-        .collect();
+    let about_cache = warnings_about(&built, &silent_addr);
     assert_eq!(about_cache.len(), 1, "{about_cache:?}");
     assert!(
         about_cache[0].contains("did not answer within 1 s"),
