@@ -111,6 +111,7 @@ impl Resolved {
 /// An image reference resolved to its manifest for the build platform; the config is not
 /// fetched yet, so a caller that may already hold it (a stage record of the layer cache) can
 /// ask for it at the same time as the manifest.
+#[derive(Debug, Clone)]
 pub struct ResolvedManifest {
     reference: Reference,
     repo: Repository,
@@ -227,7 +228,21 @@ pub async fn pull(
     emit: &(dyn Fn(BuildEvent) + Send + Sync),
     cache_dir: Option<&Path>,
 ) -> Result<PulledImage, BuildError> {
-    let resolved = resolve(client, image, platform).await?;
+    let manifest = resolve_manifest(client, image, platform).await?;
+    pull_resolved(client, blobs, manifest, image, emit, cache_dir).await
+}
+
+/// Like [`pull`] for an image whose manifest is already resolved (pinned while keying);
+/// `image` is the name that events and errors give it.
+pub async fn pull_resolved(
+    client: &Client,
+    blobs: &BlobStore,
+    manifest: ResolvedManifest,
+    image: &str,
+    emit: &(dyn Fn(BuildEvent) + Send + Sync),
+    cache_dir: Option<&Path>,
+) -> Result<PulledImage, BuildError> {
+    let resolved = manifest.finish(client, None).await?;
     link_from_cache_dir(cache_dir, blobs, &resolved.layers);
     let downloads = resolved.layers.iter().map(|layer| async {
         if blobs.contains(&layer.digest) {

@@ -3,22 +3,29 @@
 //! `ADD URL` without `--checksum` the server's validators (`HEAD`) or, when it gives none or
 //! refuses `HEAD`, the content itself, downloaded once and reused by the step.
 //!
+//! Pinning starts with the stage's first round of requests (its base manifest and cache
+//! record) as far as it can before the base config is known: [`RemotePins::prefetch`] pins the
+//! images and asks for the URLs' validators of the steps as written; [`RemotePins::pin`] then
+//! completes what the base's ENV or ONBUILD triggers changed and downloads the URLs that gave no
+//! validators. A cached rebuild of a stage with `COPY --from=IMAGE` thus needs no extra round.
+//!
 //! A pin is taken once per build and kept: two stages reading the same image or URL key and
 //! copy the same content. A step that runs after being keyed reads its input through the
 //! pin too (the image by digest, the download as fetched), or, for validators, checks that
 //! its own download came with the same ones; otherwise the step's key would describe
 //! content it did not copy.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use futures::future::join_all;
 use kiln_dockerfile::{FileSource, Instruction, Source, Step};
-use kiln_oci::{Digest, Platform, Reference};
+use kiln_oci::{Digest, Platform};
 use kiln_registry::Client;
 
+use crate::base::ResolvedManifest;
 use crate::fetch::{Downloaded, Validators};
 
 /// How the content of a URL is pinned for the cache.
@@ -37,8 +44,13 @@ pub struct RemotePins {
     /// Where downloads made while keying are kept until the build ends.
     dir: PathBuf,
     downloads: AtomicUsize,
-    images: Mutex<HashMap<String, Digest>>,
+    /// Each image's platform manifest, kept so that a step that has to copy from it pulls by
+    /// what was keyed without asking for the manifest again.
+    images: Mutex<HashMap<String, ResolvedManifest>>,
     urls: Mutex<HashMap<String, UrlPin>>,
+    /// URLs already asked for validators that gave none: [`RemotePins::pin`] downloads them
+    /// without asking again.
+    probed: Mutex<HashSet<String>>,
 }
 
 /// What a stage needs pinned, before any of it is.
@@ -55,21 +67,20 @@ impl RemotePins {
             downloads: AtomicUsize::new(0),
             images: Mutex::new(HashMap::new()),
             urls: Mutex::new(HashMap::new()),
+            probed: Mutex::new(HashSet::new()),
         }
     }
 
     /// The manifest digest `image` (as written in `COPY --from`) was pinned to.
     pub fn image(&self, image: &str) -> Option<Digest> {
-        self.images.lock().expect("image pins").get(image).cloned()
+        let images = self.images.lock().expect("image pins");
+        images.get(image).map(|manifest| manifest.digest().clone())
     }
 
-    /// The reference to pull for `image`: pinned to its digest when it was keyed by one, so
-    /// the copy reads what the key describes even if the tag moved since.
-    pub fn image_to_pull(&self, image: &str) -> String {
-        match (self.image(image), Reference::parse(image)) {
-            (Some(digest), Ok(reference)) => reference.with_digest(digest).to_string(),
-            _ => image.to_owned(),
-        }
+    /// The manifest `image` was pinned to, for a copy that must read what the key describes
+    /// even if the tag moved since.
+    pub fn image_manifest(&self, image: &str) -> Option<ResolvedManifest> {
+        self.images.lock().expect("image pins").get(image).cloned()
     }
 
     /// How `url` was pinned, if it was.
@@ -77,26 +88,42 @@ impl RemotePins {
         self.urls.lock().expect("url pins").get(url).cloned()
     }
 
+    /// What can be pinned of `steps` before the base config is known, all at once: the images
+    /// of `COPY --from`, and the validators of each `ADD` URL. Nothing is downloaded, so a
+    /// step whose expansion the base's ENV changes later costs at most one wasted request.
+    pub async fn prefetch(&self, steps: &[Step], client: &Client, platform: &Platform) {
+        self.pin_wanted(self.wanted(steps), client, platform, false)
+            .await
+    }
+
     /// Pins every remote input of `steps` that is not pinned yet, all at once. An input that
     /// cannot be pinned (unreachable, refused) stays unpinned: its step is not keyed, and
     /// when it runs it reports the real error.
     pub async fn pin(&self, steps: &[Step], client: &Client, platform: &Platform) {
-        let wanted = self.wanted(steps);
+        self.pin_wanted(self.wanted(steps), client, platform, true)
+            .await
+    }
+
+    async fn pin_wanted(
+        &self,
+        wanted: Wanted,
+        client: &Client,
+        platform: &Platform,
+        download: bool,
+    ) {
         let images = join_all(wanted.images.into_iter().map(|image| async move {
             let resolved = crate::base::resolve_manifest(client, &image, platform).await;
-            (image, resolved.map(|r| r.digest().clone()))
+            (image, resolved)
         }));
-        let urls = join_all(
-            wanted
-                .urls
-                .into_iter()
-                .map(|url| async move { (url.clone(), self.pin_url(&url).await) }),
-        );
+        let urls = join_all(wanted.urls.into_iter().map(|url| async move {
+            let pin = self.pin_url(&url, download).await;
+            (url, pin)
+        }));
         let (images, urls) = futures::join!(images, urls);
         (self.images.lock().expect("image pins")).extend(
             images
                 .into_iter()
-                .filter_map(|(image, d)| Some((image, d.ok()?))),
+                .filter_map(|(image, m)| Some((image, m.ok()?))),
         );
         (self.urls.lock().expect("url pins"))
             .extend(urls.into_iter().filter_map(|(url, pin)| Some((url, pin?))));
@@ -138,12 +165,22 @@ impl RemotePins {
         wanted
     }
 
-    /// The validators of `url`, or its content when it has none.
-    async fn pin_url(&self, url: &str) -> Option<UrlPin> {
-        if let Ok(validators) = crate::fetch::probe(url).await {
-            if !validators.is_empty() {
-                return Some(UrlPin::Validators(validators));
+    /// The validators of `url`, or its content when it has none and `download` allows.
+    async fn pin_url(&self, url: &str, download: bool) -> Option<UrlPin> {
+        let asked = self.probed.lock().expect("probed urls").contains(url);
+        if !asked {
+            if let Ok(validators) = crate::fetch::probe(url).await {
+                if !validators.is_empty() {
+                    return Some(UrlPin::Validators(validators));
+                }
             }
+            self.probed
+                .lock()
+                .expect("probed urls")
+                .insert(url.to_owned());
+        }
+        if !download {
+            return None;
         }
         let n = self.downloads.fetch_add(1, Ordering::Relaxed);
         let dir = self.dir.join(n.to_string());
@@ -155,5 +192,67 @@ impl RemotePins {
                 None
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_dockerfile::{Dockerfile, PlanOptions};
+    use kiln_testkit::http::{StaticServer, Validators};
+
+    fn steps(dockerfile: &str) -> Vec<Step> {
+        let plan = Dockerfile::parse(dockerfile)
+            .unwrap()
+            .plan(&PlanOptions::default())
+            .unwrap();
+        plan.stages()[0].steps(&[]).unwrap().steps
+    }
+
+    /// The first round only asks; the second downloads what gave no validators without asking
+    /// the server again, and the step later copies that download.
+    #[test]
+    fn prefetching_asks_for_validators_and_pinning_downloads_the_rest_once() {
+        let served = tempfile::tempdir().unwrap();
+        std::fs::write(served.path().join("a.txt"), "no validators\n").unwrap();
+        let server = StaticServer::start_with(served.path(), Validators::None);
+        let url = format!("{}/a.txt", server.url());
+        let steps = steps(&format!("FROM scratch\nADD {url} /a.txt\n"));
+        let dir = tempfile::tempdir().unwrap();
+        let pins = RemotePins::new(dir.path().to_path_buf());
+        let client = Client::new(kiln_registry::RegistryOptions::default()).unwrap();
+        let platform = Platform::host();
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+
+        runtime.block_on(pins.prefetch(&steps, &client, &platform));
+        assert!(pins.url(&url).is_none());
+        assert_eq!(server.requests(), vec!["HEAD /a.txt".to_owned()]);
+
+        runtime.block_on(pins.pin(&steps, &client, &platform));
+        assert!(matches!(pins.url(&url), Some(UrlPin::Downloaded(_))));
+        runtime.block_on(pins.pin(&steps, &client, &platform));
+        assert_eq!(
+            server.requests(),
+            vec!["HEAD /a.txt".to_owned(), "GET /a.txt".to_owned()]
+        );
+    }
+
+    #[test]
+    fn validators_found_while_prefetching_are_the_pin() {
+        let served = tempfile::tempdir().unwrap();
+        std::fs::write(served.path().join("a.txt"), "with an etag\n").unwrap();
+        let server = StaticServer::start_with(served.path(), Validators::ContentEtag);
+        let url = format!("{}/a.txt", server.url());
+        let steps = steps(&format!("FROM scratch\nADD {url} /a.txt\n"));
+        let dir = tempfile::tempdir().unwrap();
+        let pins = RemotePins::new(dir.path().to_path_buf());
+        let client = Client::new(kiln_registry::RegistryOptions::default()).unwrap();
+        let platform = Platform::host();
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+
+        runtime.block_on(pins.prefetch(&steps, &client, &platform));
+        runtime.block_on(pins.pin(&steps, &client, &platform));
+        assert!(matches!(pins.url(&url), Some(UrlPin::Validators(_))));
+        assert_eq!(server.requests(), vec!["HEAD /a.txt".to_owned()]);
     }
 }

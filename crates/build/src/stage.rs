@@ -323,14 +323,24 @@ pub fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, BuildEr
             // the base config, and the answer to every probe.
             let cache = shared.cache.as_ref().expect("guarded");
             let locator = stage_locator(shared, cache, index, image);
+            // The stage's remote inputs are pinned in the same round, as far as the steps can
+            // be read before the base's ENV and triggers are known (see `RemotePins`).
+            let written_steps = planned.steps(&[]).ok();
+            let prefetch = async {
+                if let Some(steps) = &written_steps {
+                    (shared.remote)
+                        .prefetch(&steps.steps, &shared.client, &shared.platform)
+                        .await
+                }
+            };
             let (pulled, record) = shared
                 .timed(Some(index), None, Phase::Pull, || {
                     shared.runtime.block_on(async {
-                        let (manifest, record) = futures::future::join(
+                        let (manifest, record, ()) = futures::join!(
                             base::resolve_manifest(&shared.client, image, &shared.platform),
                             cache.lookup_record(&locator),
-                        )
-                        .await;
+                            prefetch,
+                        );
                         let manifest = manifest?;
                         let known = record.as_ref().and_then(|r: &kiln_cache::StageRecord| {
                             r.base_config(manifest.digest(), manifest.config_digest())
@@ -1235,16 +1245,36 @@ impl StageRun<'_> {
         if let Some(path) = images.get(image) {
             return Ok(path.clone());
         }
+        let cache_dir = shared.options.cache.dir.as_deref();
         let pulled = shared
             .runtime
-            .block_on(base::pull(
-                &shared.client,
-                &shared.blobs,
-                &shared.remote.image_to_pull(image),
-                &shared.platform,
-                &*shared.events,
-                shared.options.cache.dir.as_deref(),
-            ))
+            .block_on(async {
+                match shared.remote.image_manifest(image) {
+                    Some(pinned) => {
+                        base::pull_resolved(
+                            &shared.client,
+                            &shared.blobs,
+                            pinned,
+                            image,
+                            &*shared.events,
+                            cache_dir,
+                        )
+                        .await
+                    }
+                    None => {
+                        let (client, blobs) = (&shared.client, &shared.blobs);
+                        base::pull(
+                            client,
+                            blobs,
+                            image,
+                            &shared.platform,
+                            &*shared.events,
+                            cache_dir,
+                        )
+                        .await
+                    }
+                }
+            })
             .map_err(|e| shared.step_error(line, format!("COPY --from={image}: {e}")))?;
         let root = shared.work_dir.join(format!("image-{}", images.len()));
         std::fs::create_dir_all(&root).map_err(|source| BuildError::Io {
