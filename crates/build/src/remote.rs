@@ -201,58 +201,80 @@ mod tests {
     use kiln_dockerfile::{Dockerfile, PlanOptions};
     use kiln_testkit::http::{StaticServer, Validators};
 
-    fn steps(dockerfile: &str) -> Vec<Step> {
-        let plan = Dockerfile::parse(dockerfile)
-            .unwrap()
-            .plan(&PlanOptions::default())
-            .unwrap();
-        plan.stages()[0].steps(&[]).unwrap().steps
+    /// Pins for a one-step Dockerfile that ADDs `a.txt` from a server sending `validators`.
+    struct Fixture {
+        server: StaticServer,
+        url: String,
+        steps: Vec<Step>,
+        pins: RemotePins,
+        client: Client,
+        platform: Platform,
+        runtime: tokio::runtime::Runtime,
+        _dirs: [tempfile::TempDir; 2],
+    }
+
+    impl Fixture {
+        fn new(validators: Validators) -> Fixture {
+            let served = tempfile::tempdir().unwrap();
+            std::fs::write(served.path().join("a.txt"), "served\n").unwrap();
+            let server = StaticServer::start_with(served.path(), validators);
+            let url = format!("{}/a.txt", server.url());
+            let plan = Dockerfile::parse(&format!("FROM scratch\nADD {url} /a.txt\n"))
+                .unwrap()
+                .plan(&PlanOptions::default())
+                .unwrap();
+            let steps = plan.stages()[0].steps(&[]).unwrap().steps;
+            let downloads = tempfile::tempdir().unwrap();
+            Fixture {
+                pins: RemotePins::new(downloads.path().to_path_buf()),
+                client: Client::new(kiln_registry::RegistryOptions::default()).unwrap(),
+                platform: Platform::host(),
+                runtime: tokio::runtime::Runtime::new().unwrap(),
+                server,
+                url,
+                steps,
+                _dirs: [served, downloads],
+            }
+        }
+
+        fn prefetch(&self) {
+            (self.runtime).block_on(
+                self.pins
+                    .prefetch(&self.steps, &self.client, &self.platform),
+            );
+        }
+
+        fn pin(&self) {
+            (self.runtime).block_on(self.pins.pin(&self.steps, &self.client, &self.platform));
+        }
     }
 
     /// The first round only asks; the second downloads what gave no validators without asking
     /// the server again, and the step later copies that download.
     #[test]
     fn prefetching_asks_for_validators_and_pinning_downloads_the_rest_once() {
-        let served = tempfile::tempdir().unwrap();
-        std::fs::write(served.path().join("a.txt"), "no validators\n").unwrap();
-        let server = StaticServer::start_with(served.path(), Validators::None);
-        let url = format!("{}/a.txt", server.url());
-        let steps = steps(&format!("FROM scratch\nADD {url} /a.txt\n"));
-        let dir = tempfile::tempdir().unwrap();
-        let pins = RemotePins::new(dir.path().to_path_buf());
-        let client = Client::new(kiln_registry::RegistryOptions::default()).unwrap();
-        let platform = Platform::host();
-        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let fixture = Fixture::new(Validators::None);
+        fixture.prefetch();
+        assert!(fixture.pins.url(&fixture.url).is_none());
+        assert_eq!(fixture.server.requests(), vec!["HEAD /a.txt".to_owned()]);
 
-        runtime.block_on(pins.prefetch(&steps, &client, &platform));
-        assert!(pins.url(&url).is_none());
-        assert_eq!(server.requests(), vec!["HEAD /a.txt".to_owned()]);
-
-        runtime.block_on(pins.pin(&steps, &client, &platform));
-        assert!(matches!(pins.url(&url), Some(UrlPin::Downloaded(_))));
-        runtime.block_on(pins.pin(&steps, &client, &platform));
+        fixture.pin();
+        let pin = fixture.pins.url(&fixture.url);
+        assert!(matches!(pin, Some(UrlPin::Downloaded(_))));
+        fixture.pin();
         assert_eq!(
-            server.requests(),
+            fixture.server.requests(),
             vec!["HEAD /a.txt".to_owned(), "GET /a.txt".to_owned()]
         );
     }
 
     #[test]
     fn validators_found_while_prefetching_are_the_pin() {
-        let served = tempfile::tempdir().unwrap();
-        std::fs::write(served.path().join("a.txt"), "with an etag\n").unwrap();
-        let server = StaticServer::start_with(served.path(), Validators::ContentEtag);
-        let url = format!("{}/a.txt", server.url());
-        let steps = steps(&format!("FROM scratch\nADD {url} /a.txt\n"));
-        let dir = tempfile::tempdir().unwrap();
-        let pins = RemotePins::new(dir.path().to_path_buf());
-        let client = Client::new(kiln_registry::RegistryOptions::default()).unwrap();
-        let platform = Platform::host();
-        let runtime = tokio::runtime::Runtime::new().unwrap();
-
-        runtime.block_on(pins.prefetch(&steps, &client, &platform));
-        runtime.block_on(pins.pin(&steps, &client, &platform));
-        assert!(matches!(pins.url(&url), Some(UrlPin::Validators(_))));
-        assert_eq!(server.requests(), vec!["HEAD /a.txt".to_owned()]);
+        let fixture = Fixture::new(Validators::ContentEtag);
+        fixture.prefetch();
+        fixture.pin();
+        let pin = fixture.pins.url(&fixture.url);
+        assert!(matches!(pin, Some(UrlPin::Validators(_))));
+        assert_eq!(fixture.server.requests(), vec!["HEAD /a.txt".to_owned()]);
     }
 }

@@ -1249,31 +1249,12 @@ impl StageRun<'_> {
         let pulled = shared
             .runtime
             .block_on(async {
-                match shared.remote.image_manifest(image) {
-                    Some(pinned) => {
-                        base::pull_resolved(
-                            &shared.client,
-                            &shared.blobs,
-                            pinned,
-                            image,
-                            &*shared.events,
-                            cache_dir,
-                        )
-                        .await
-                    }
-                    None => {
-                        let (client, blobs) = (&shared.client, &shared.blobs);
-                        base::pull(
-                            client,
-                            blobs,
-                            image,
-                            &shared.platform,
-                            &*shared.events,
-                            cache_dir,
-                        )
-                        .await
-                    }
-                }
+                let manifest = match shared.remote.image_manifest(image) {
+                    Some(pinned) => pinned,
+                    None => base::resolve_manifest(&shared.client, image, &shared.platform).await?,
+                };
+                let (client, blobs, events) = (&shared.client, &shared.blobs, &*shared.events);
+                base::pull_resolved(client, blobs, manifest, image, events, cache_dir).await
             })
             .map_err(|e| shared.step_error(line, format!("COPY --from={image}: {e}")))?;
         let root = shared.work_dir.join(format!("image-{}", images.len()));
