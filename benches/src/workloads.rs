@@ -55,7 +55,7 @@ pub fn write_text_file(path: &Path, size: u64, rng: &mut Rng) -> io::Result<()> 
     let mut written = 0u64;
     while written < size {
         let word = WORDS[(rng.next_u64() % WORDS.len() as u64) as usize];
-        let token = if rng.next_u64() % 7 == 0 {
+        let token = if rng.next_u64().is_multiple_of(7) {
             format!("{word}{} ", rng.next_u64() % 100_000)
         } else {
             format!("{word} ")

@@ -433,7 +433,7 @@ mod tests {
         while out.len() < len {
             x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
             out.extend_from_slice(words[(x >> 16) as usize % words.len()]);
-            if x % 7 == 0 {
+            if x.is_multiple_of(7) {
                 out.push((x >> 8) as u8);
             }
         }
