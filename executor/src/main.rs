@@ -54,8 +54,8 @@ fn main() -> ExitCode {
     ExitCode::from(u8::try_from(code).unwrap_or(1))
 }
 
-/// `executor warm`: stores every named image (and every image `--dockerfile` builds from or
-/// copies from) in the cache directory, downloading only what is missing.
+/// `executor warm`: stores every named image (and every image `--dockerfile` builds from,
+/// copies from or mounts) in the cache directory, downloading only what is missing.
 fn warm_cache_dir(renderer: &Renderer, warm: &WarmInvocation) -> i32 {
     let runtime = match runtime(renderer) {
         Ok(runtime) => runtime,
@@ -101,7 +101,7 @@ fn warm_cache_dir(renderer: &Renderer, warm: &WarmInvocation) -> i32 {
 }
 
 /// The images the stages a Dockerfile's last stage needs are built from or copy from
-/// (`FROM image`, `COPY --from=image`), each once.
+/// (`FROM image`, `COPY --from=image`, `RUN --mount=from=image`), each once.
 fn dockerfile_images(
     path: &std::path::Path,
     warm: &WarmInvocation,

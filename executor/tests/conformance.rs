@@ -78,6 +78,8 @@ const DEVIATIONS: &[(&str, &str, &str)] = &[
     ("run-mount-bind-stage", "tmp/gen", "buildah leaves RUN --mount target stubs in the layer; BuildKit removes mount points it created"),
     ("run-mount-cache", "tmp/cache", "buildah leaves RUN --mount target stubs in the layer; BuildKit removes mount points it created"),
     ("run-mount-tmpfs", "tmp/scratch", "buildah leaves RUN --mount target stubs in the layer; BuildKit removes mount points it created"),
+    ("run-mount-bind-image", "tmp/bb", "buildah leaves RUN --mount target stubs in the layer; BuildKit removes mount points it created"),
+    ("run-mount-cache-from", "tmp/c", "buildah leaves RUN --mount target stubs in the layer; BuildKit removes mount points it created"),
     ("add-archives", "x/owned", "buildah ignores ADD --chown for extracted archive entries (as Docker's legacy builder did); BuildKit owns every extracted entry by --chown since v0.23 (moby/buildkit#5987)"),
 ];
 

@@ -19,7 +19,7 @@ use kiln_cache::{
     SourceContent, StageLocator, StageRecord, StepInput,
 };
 use kiln_context::{BuildContext, ContextHasher as ContentHasher, HashOptions};
-use kiln_dockerfile::{FileSource, Instruction, MountType, Source, Step};
+use kiln_dockerfile::{FileSource, Instruction, Source, Step};
 use kiln_fs::blobstore::BlobStore;
 use kiln_oci::image::{ContainerConfig, History};
 use kiln_oci::{Digest, Platform};
@@ -560,9 +560,8 @@ impl EngineCache {
 }
 
 /// What `step` can observe, or `None` when some input cannot be pinned (an image or URL that
-/// [`crate::remote::RemotePins`] could not pin, a git source, a `RUN --mount` from an image,
-/// a source that does not resolve): the chain stops there and the rest of the stage runs
-/// uncached.
+/// [`crate::remote::RemotePins`] could not pin, a git source, a source that does not resolve):
+/// the chain stops there and the rest of the stage runs uncached.
 fn step_input(
     step: &Step,
     config: &ContainerConfig,
@@ -572,7 +571,11 @@ fn step_input(
     Some(match &step.instruction {
         Instruction::Run(command) => {
             let mut bind_contents = BTreeMap::new();
-            for mount in command.mounts.iter().filter(|m| m.kind == MountType::Bind) {
+            for mount in command
+                .mounts
+                .iter()
+                .filter(|m| kiln_cache::key::reads_source(m))
+            {
                 let content = match &mount.from {
                     None => context_content(
                         keys.context,
@@ -580,7 +583,7 @@ fn step_input(
                         &[mount.source.clone().unwrap_or_else(|| ".".into())],
                     )?,
                     Some(Source::Stage(i)) => SourceContent::Stage((keys.stage_key)(*i)?),
-                    Some(Source::Image(_)) => return None,
+                    Some(Source::Image(image)) => SourceContent::Image(keys.remote.image(image)?),
                 };
                 bind_contents.insert(mount.target.clone(), content);
             }

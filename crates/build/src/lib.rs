@@ -15,6 +15,7 @@ pub mod archive;
 pub mod base;
 pub mod builder;
 pub mod cache;
+pub mod cache_mount;
 pub mod copy;
 pub mod error;
 pub mod events;

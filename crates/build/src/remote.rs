@@ -1,7 +1,8 @@
 //! Remote inputs pinned before a stage's cache keys are computed, so that a key says what the
-//! step will read: the platform manifest digest of each `COPY --from=IMAGE`, and for each
-//! `ADD URL` without `--checksum` the server's validators (`HEAD`) or, when it gives none or
-//! refuses `HEAD`, the content itself, downloaded once and reused by the step.
+//! step will read: the platform manifest digest of each `COPY --from=IMAGE` and
+//! `RUN --mount=from=IMAGE`, and for each `ADD URL` without `--checksum` the server's
+//! validators (`HEAD`) or, when it gives none or refuses `HEAD`, the content itself,
+//! downloaded once and reused by the step.
 //!
 //! Pinning starts with the stage's first round of requests (its base manifest and cache
 //! record) as far as it can before the base config is known: [`RemotePins::prefetch`] pins the
@@ -89,7 +90,7 @@ impl RemotePins {
     }
 
     /// What can be pinned of `steps` before the base config is known, all at once: the images
-    /// of `COPY --from`, and the validators of each `ADD` URL. Nothing is downloaded, so a
+    /// of `COPY --from` and `RUN --mount=from=`, and the validators of each `ADD` URL. Nothing is downloaded, so a
     /// step whose expansion the base's ENV changes later costs at most one wasted request.
     pub async fn prefetch(&self, steps: &[Step], client: &Client, platform: &Platform) {
         self.pin_wanted(self.wanted(steps), client, platform, false)
@@ -137,14 +138,19 @@ impl RemotePins {
             urls: Vec::new(),
         };
         for step in steps {
-            match &step.instruction {
-                Instruction::Copy(files) => {
-                    if let Some(Source::Image(image)) = &files.from {
-                        if !images.contains_key(image) && !wanted.images.contains(image) {
-                            wanted.images.push(image.clone());
-                        }
+            let read_from: Vec<&Option<Source>> = match &step.instruction {
+                Instruction::Copy(files) => vec![&files.from],
+                Instruction::Run(command) => command.mounts.iter().map(|m| &m.from).collect(),
+                _ => Vec::new(),
+            };
+            for from in read_from {
+                if let Some(Source::Image(image)) = from {
+                    if !images.contains_key(image) && !wanted.images.contains(image) {
+                        wanted.images.push(image.clone());
                     }
                 }
+            }
+            match &step.instruction {
                 Instruction::Add(files) if files.checksum.is_none() => {
                     for source in &files.sources {
                         let FileSource::Path(path) = source else {

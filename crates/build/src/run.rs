@@ -13,6 +13,9 @@ use kiln_sandbox::{
     Step,
 };
 
+use kiln_fs::resolve::Root;
+
+use crate::cache_mount::{CacheMountStore, CacheRequest, ClaimedCaches, Seed};
 use crate::events::{BuildEvent, OutputStream};
 use crate::options::{SecretSource, SecretSpec};
 
@@ -24,16 +27,25 @@ pub struct RunContext<'a> {
     pub step: usize,
     /// The build context directory (default source of bind mounts).
     pub context_root: &'a Path,
-    /// Rootfs directories of finished stages (sources of `--mount=from=STAGE`).
-    pub stage_root: &'a dyn Fn(usize) -> Option<PathBuf>,
+    /// The tree a `--mount=from=` names (a finished stage, or an image pulled on first use).
+    pub mount_source: &'a dyn Fn(&Source) -> Result<MountSource, String>,
     /// Where per-step files (secrets, heredoc scripts, rw bind copies) are made; removed after.
     pub scratch: &'a Path,
-    /// Persistent directory holding cache mounts.
-    pub cache_mounts: &'a Path,
+    /// Where cache mounts persist.
+    pub cache_mounts: CacheMountStore<'a>,
     /// The `--secret` flags.
     pub secrets: &'a [SecretSpec],
     /// Event sink.
     pub emit: &'a (dyn Fn(BuildEvent) + Send + Sync),
+}
+
+/// A stage's or image's file system that a bind or cache mount reads from.
+pub struct MountSource {
+    /// Its root directory.
+    pub root: PathBuf,
+    /// Names its content (the image's manifest digest, a digest of the stage's layers), so
+    /// that a cache seeded from it is kept apart from caches seeded from other content.
+    pub identity: String,
 }
 
 /// Runs `run` in `sandbox` with the stage's `config` (USER, WORKDIR, SHELL) and environment
@@ -85,8 +97,9 @@ pub fn run(
                 .into(),
         });
     }
-    for mount in &run.mounts {
-        prepare_mount(ctx, mount, &mut step)?;
+    let caches = claim_caches(ctx, &run.mounts)?;
+    for (index, mount) in run.mounts.iter().enumerate() {
+        prepare_mount(ctx, mount, caches.dir(index), &mut step)?;
     }
 
     let mut sink = |stream: SandboxStream, line: &[u8]| {
@@ -105,7 +118,47 @@ pub fn run(
         .map_err(|e| e.to_string())
 }
 
-fn sanitize(name: &str) -> String {
+/// Claims the directories of the step's cache mounts, seeding new ones that have `from=`; the
+/// claims (and their locks) last as long as the value returned.
+fn claim_caches(ctx: &RunContext<'_>, mounts: &[Mount]) -> Result<ClaimedCaches, String> {
+    let mut requests = Vec::new();
+    for (index, mount) in mounts.iter().enumerate() {
+        if mount.kind != MountType::Cache {
+            continue;
+        }
+        let seed = match &mount.from {
+            None => None,
+            Some(from) => {
+                let tree = (ctx.mount_source)(from)?;
+                let rel =
+                    crate::copy::clean_relative(Path::new(mount.source.as_deref().unwrap_or("/")));
+                Some(Seed {
+                    path: contained(&tree.root, &rel, "--mount=type=cache")?,
+                    identity: format!("{}\n{}", tree.identity, rel.display()),
+                })
+            }
+        };
+        requests.push(CacheRequest { index, mount, seed });
+    }
+    ctx.cache_mounts.claim(requests)
+}
+
+/// The host path of `rel` inside `root`, symlinks followed as if `root` were `/`, so that a
+/// link in a context, stage or image can never bind a file of the host.
+fn contained(root: &Path, rel: &Path, what: &str) -> Result<PathBuf, String> {
+    let fd = Root::open(root)
+        .and_then(|root| root.open_path(rel, true))
+        .map_err(|e| {
+            if e.is_not_found() {
+                format!("{what}: source /{} does not exist", rel.display())
+            } else {
+                format!("{what}: {e}")
+            }
+        })?;
+    crate::cache_mount::fd_path(&fd)
+}
+
+pub(crate) fn sanitize(name: &str) -> String {
     name.chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || "._-".contains(c) {
@@ -117,37 +170,29 @@ fn sanitize(name: &str) -> String {
         .collect()
 }
 
-fn absolute_target(target: &str) -> PathBuf {
-    if target.starts_with('/') {
-        PathBuf::from(target)
-    } else {
-        Path::new("/").join(target)
-    }
+/// Where a mount appears in the step: a relative target is inside the working directory, as
+/// in BuildKit.
+fn absolute_target(target: &str, workdir: &Path) -> PathBuf {
+    Path::new("/").join(workdir).join(target)
 }
 
-fn prepare_mount(ctx: &RunContext<'_>, mount: &Mount, step: &mut Step) -> Result<(), String> {
+/// Adds `mount` to the step; a cache mount binds `cache_dir`, claimed with the step's others.
+fn prepare_mount(
+    ctx: &RunContext<'_>,
+    mount: &Mount,
+    cache_dir: Option<&Path>,
+    step: &mut Step,
+) -> Result<(), String> {
+    let target = absolute_target(&mount.target, &step.workdir);
     match mount.kind {
         MountType::Bind => {
             let base = match &mount.from {
                 None => ctx.context_root.to_path_buf(),
-                Some(Source::Stage(index)) => (ctx.stage_root)(*index).ok_or_else(|| {
-                    format!("--mount from stage {index}: the stage has not been built")
-                })?,
-                Some(Source::Image(image)) => {
-                    return Err(format!(
-                    "--mount=type=bind,from={image}: binding from an image is not supported yet"
-                ))
-                }
+                Some(from) => (ctx.mount_source)(from)?.root,
             };
             let rel =
                 crate::copy::clean_relative(Path::new(mount.source.as_deref().unwrap_or("/")));
-            let mut source = base.join(rel);
-            if !source.exists() {
-                return Err(format!(
-                    "--mount=type=bind: source {} does not exist",
-                    source.display()
-                ));
-            }
+            let mut source = contained(&base, &rel, "--mount=type=bind")?;
             if !mount.read_only {
                 // Writes to a read-write bind mount are discarded after the step (BuildKit), so the
                 // step gets a private copy instead of the real context or stage files.
@@ -156,7 +201,7 @@ fn prepare_mount(ctx: &RunContext<'_>, mount: &Mount, step: &mut Step) -> Result
                 source = copy;
             }
             step.mounts.push(MountSpec {
-                target: absolute_target(&mount.target),
+                target,
                 kind: MountKind::Bind {
                     source,
                     readonly: mount.read_only,
@@ -164,32 +209,18 @@ fn prepare_mount(ctx: &RunContext<'_>, mount: &Mount, step: &mut Step) -> Result
             });
         }
         MountType::Cache => {
-            let id = mount.id.clone().unwrap_or_else(|| mount.target.clone());
-            let dir = ctx.cache_mounts.join(sanitize(&id));
-            if !dir.exists() {
-                std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-                std::fs::set_permissions(
-                    &dir,
-                    std::fs::Permissions::from_mode(mount.mode.unwrap_or(0o755)),
-                )
-                .map_err(|e| format!("{}: {e}", dir.display()))?;
-                std::os::unix::fs::chown(
-                    &dir,
-                    Some(mount.uid.unwrap_or(0)),
-                    Some(mount.gid.unwrap_or(0)),
-                )
-                .map_err(|e| format!("{}: {e}", dir.display()))?;
-            }
+            let source = cache_dir
+                .ok_or_else(|| format!("cache mount {}: no directory was claimed", mount.target))?;
             step.mounts.push(MountSpec {
-                target: absolute_target(&mount.target),
+                target,
                 kind: MountKind::Bind {
-                    source: dir,
+                    source: source.to_path_buf(),
                     readonly: mount.read_only,
                 },
             });
         }
         MountType::Tmpfs => step.mounts.push(MountSpec {
-            target: absolute_target(&mount.target),
+            target,
             kind: MountKind::Tmpfs { size: mount.size },
         }),
         MountType::Secret => {
@@ -248,7 +279,7 @@ fn prepare_mount(ctx: &RunContext<'_>, mount: &Mount, step: &mut Step) -> Result
                 let target = if mount.target.is_empty() {
                     PathBuf::from("/run/secrets").join(&id)
                 } else {
-                    absolute_target(&mount.target)
+                    target
                 };
                 step.mounts.push(MountSpec {
                     target,
@@ -264,7 +295,7 @@ fn prepare_mount(ctx: &RunContext<'_>, mount: &Mount, step: &mut Step) -> Result
     Ok(())
 }
 
-fn copy_tree(from: &Path, to: &Path) -> Result<(), String> {
+pub(crate) fn copy_tree(from: &Path, to: &Path) -> Result<(), String> {
     let status = std::process::Command::new("cp")
         .args(["-a", "--reflink=auto"])
         .arg(from)

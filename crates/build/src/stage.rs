@@ -18,6 +18,7 @@ use kiln_registry::Client;
 use kiln_sandbox::{Mode, Sandbox};
 
 use crate::base::{self, ImageLayer};
+use crate::cache_mount::CacheMountStore;
 use crate::copy::{self, CopyRequest, SourceTree};
 use crate::error::BuildError;
 use crate::events::{BuildEvent, EventSink, Phase};
@@ -25,7 +26,7 @@ use crate::inplace;
 use crate::metadata;
 use crate::options::BuildOptions;
 use crate::remote::UrlPin;
-use crate::run::{self, RunContext};
+use crate::run::{self, MountSource, RunContext};
 
 /// A finished stage: what later stages (`FROM stage`, `COPY --from`) and the image need.
 #[derive(Debug)]
@@ -49,6 +50,15 @@ pub struct StageOutput {
     pub cache_key: Option<kiln_cache::CacheKey>,
     /// Whether every layer step was a cache hit (nothing ran, nothing was pushed ahead).
     pub fully_cached: bool,
+}
+
+/// An image unpacked for `COPY --from=IMAGE` or `RUN --mount=from=IMAGE`.
+#[derive(Debug, Clone)]
+pub struct ImageTree {
+    /// Where its file system is unpacked.
+    pub root: PathBuf,
+    /// The platform manifest it was pulled by.
+    pub manifest_digest: kiln_oci::Digest,
 }
 
 /// Everything stages share during one build.
@@ -79,8 +89,8 @@ pub struct Shared {
     pub runtime: tokio::runtime::Handle,
     /// Finished stages.
     pub stages: Mutex<HashMap<usize, Arc<StageOutput>>>,
-    /// Images used by `COPY --from=IMAGE`, unpacked once each.
-    pub images: Mutex<HashMap<String, PathBuf>>,
+    /// Images used by `COPY --from=IMAGE` and `RUN --mount=from=IMAGE`, unpacked once each.
+    pub images: Mutex<HashMap<String, ImageTree>>,
     /// Uploads layers of the final image while the build goes on, when it is pushed.
     pub push_ahead: Option<crate::output::PushAhead>,
     /// The stages whose layers end up in the final image: the target and the stages it is
@@ -192,6 +202,68 @@ impl Shared {
             *ready = true;
         }
         Ok(stage.rootfs.clone())
+    }
+
+    /// The tree of `image` (as written in `COPY --from` or `RUN --mount=from=`), pulled and
+    /// unpacked the first time it is needed. With the layer cache on it is the manifest the
+    /// step's key was computed from, even if the tag has moved since.
+    pub fn image_tree(&self, image: &str) -> Result<ImageTree, BuildError> {
+        // Held while pulling, so that two stages needing the same image pull it once.
+        let mut images = self.images.lock().expect("image map");
+        if let Some(tree) = images.get(image) {
+            return Ok(tree.clone());
+        }
+        let cache_dir = self.options.cache.dir.as_deref();
+        let pulled = self.runtime.block_on(async {
+            let manifest = match self.remote.image_manifest(image) {
+                Some(pinned) => pinned,
+                None => base::resolve_manifest(&self.client, image, &self.platform).await?,
+            };
+            let (client, blobs, events) = (&self.client, &self.blobs, &*self.events);
+            base::pull_resolved(client, blobs, manifest, image, events, cache_dir).await
+        })?;
+        let root = self.work_dir.join(format!("image-{}", images.len()));
+        std::fs::create_dir_all(&root).map_err(|source| BuildError::Io {
+            path: root.clone(),
+            source,
+        })?;
+        base::unpack_into(&root, &pulled.layers, &self.blobs, &mut Index::new())?;
+        let tree = ImageTree {
+            root,
+            manifest_digest: pulled.manifest_digest,
+        };
+        images.insert(image.to_owned(), tree.clone());
+        Ok(tree)
+    }
+
+    /// The tree a `RUN --mount=from=` reads, and what names its content.
+    fn mount_source(&self, from: &Source) -> Result<MountSource, String> {
+        match from {
+            Source::Stage(index) => {
+                let root = self
+                    .stage_rootfs(*index)
+                    .map_err(|e| format!("--mount from stage {index}: {e}"))?;
+                let stage = self.finished(*index).ok_or_else(|| {
+                    format!("--mount from stage {index}: the stage has not been built")
+                })?;
+                let diff_ids: Vec<String> =
+                    stage.layers.iter().map(|l| l.diff_id.to_string()).collect();
+                let identity = kiln_oci::Digest::sha256_of(diff_ids.join("\n").as_bytes());
+                Ok(MountSource {
+                    root,
+                    identity: identity.to_string(),
+                })
+            }
+            Source::Image(image) => {
+                let tree = self
+                    .image_tree(image)
+                    .map_err(|e| format!("--mount from={image}: {e}"))?;
+                Ok(MountSource {
+                    root: tree.root,
+                    identity: tree.manifest_digest.to_string(),
+                })
+            }
+        }
     }
 
     fn finished(&self, index: usize) -> Option<Arc<StageOutput>> {
@@ -561,14 +633,21 @@ pub fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, BuildEr
         let diff = match &step.instruction {
             Instruction::Run(run_command) => {
                 let scratch = shared.work_dir.join(format!("scratch-{index}-{step_no}"));
-                let stage_root = |i: usize| shared.stage_rootfs(i).ok();
+                let mount_source = |from: &Source| shared.mount_source(from);
+                let (cache_dirs, cache_locks) = (
+                    shared.options.kiln_dir.join("mount-cache"),
+                    shared.options.kiln_dir.join("mount-cache-locks"),
+                );
                 let ctx = RunContext {
                     stage: index,
                     step: step_no,
                     context_root: shared.context.root(),
-                    stage_root: &stage_root,
+                    mount_source: &mount_source,
                     scratch: &scratch,
-                    cache_mounts: &shared.options.kiln_dir.join("mount-cache"),
+                    cache_mounts: CacheMountStore {
+                        dirs: &cache_dirs,
+                        locks: &cache_locks,
+                    },
                     secrets: &shared.options.secrets,
                     emit: &*shared.events,
                 };
@@ -1079,10 +1158,12 @@ impl StageRun<'_> {
                 copy::copy(self.rootfs, &tree, &request)
             }
             Some(Source::Image(image)) => {
-                let root = self.image_rootfs(image, line)?;
+                let image_tree = shared
+                    .image_tree(image)
+                    .map_err(|e| shared.step_error(line, format!("COPY --from={image}: {e}")))?;
                 let include = |_: &Path| true;
                 let tree = SourceTree {
-                    root: &root,
+                    root: &image_tree.root,
                     include: &include,
                     keep_owner: true,
                 };
@@ -1236,36 +1317,6 @@ impl StageRun<'_> {
         })();
         downloads.iter().for_each(Fetched::remove);
         result.map(|()| (written, as_keyed))
-    }
-
-    /// Pulls and unpacks an image named by `COPY --from`, once per build.
-    fn image_rootfs(&self, image: &str, line: usize) -> Result<PathBuf, BuildError> {
-        let shared = self.shared;
-        let mut images = shared.images.lock().expect("image map");
-        if let Some(path) = images.get(image) {
-            return Ok(path.clone());
-        }
-        let cache_dir = shared.options.cache.dir.as_deref();
-        let pulled = shared
-            .runtime
-            .block_on(async {
-                let manifest = match shared.remote.image_manifest(image) {
-                    Some(pinned) => pinned,
-                    None => base::resolve_manifest(&shared.client, image, &shared.platform).await?,
-                };
-                let (client, blobs, events) = (&shared.client, &shared.blobs, &*shared.events);
-                base::pull_resolved(client, blobs, manifest, image, events, cache_dir).await
-            })
-            .map_err(|e| shared.step_error(line, format!("COPY --from={image}: {e}")))?;
-        let root = shared.work_dir.join(format!("image-{}", images.len()));
-        std::fs::create_dir_all(&root).map_err(|source| BuildError::Io {
-            path: root.clone(),
-            source,
-        })?;
-        base::unpack_into(&root, &pulled.layers, &shared.blobs, &mut Index::new())
-            .map_err(|e| shared.step_error(line, format!("COPY --from={image}: {e}")))?;
-        images.insert(image.to_owned(), root.clone());
-        Ok(root)
     }
 }
 

@@ -221,9 +221,21 @@ pub struct RunInput {
     pub workdir: String,
     /// The shell for shell-form commands (SHELL, default `["/bin/sh", "-c"]`).
     pub shell: Vec<String>,
-    /// The content behind each bind mount, by mount target. A bind mount without an entry
-    /// here is keyed by its spec alone, so supply one for every bind mount.
+    /// The content behind each mount that [`reads_source`] (bind mounts, and cache mounts
+    /// seeded `from=` a stage or image), by mount target. Such a mount without an entry here is
+    /// keyed by its spec alone, so supply one for each.
     pub bind_contents: BTreeMap<String, SourceContent>,
+}
+
+/// Whether a RUN observes what `mount` is made from, so that its key needs that content: a
+/// bind mount shows its source, and a cache mount with `from=` starts as a copy of it when the
+/// cache is new. A plain cache mount's contents are never part of a key.
+pub fn reads_source(mount: &Mount) -> bool {
+    match mount.kind {
+        MountType::Bind => true,
+        MountType::Cache => mount.from.is_some(),
+        _ => false,
+    }
 }
 
 /// A COPY step's inputs.
@@ -401,7 +413,7 @@ fn write_run(w: &mut KeyWriter, run: &RunInput) {
     w.len(command.mounts.len());
     for mount in &command.mounts {
         write_mount(w, mount);
-        if mount.kind == MountType::Bind {
+        if reads_source(mount) {
             match run.bind_contents.get(&mount.target) {
                 Some(content) => {
                     w.tag(1);

@@ -448,3 +448,66 @@ fn parent_and_platform_are_part_of_the_key() {
     assert!(kiln_registry::valid_tag(&tag));
     assert_eq!(CacheKey::from_tag(&tag), Some(a));
 }
+
+/// The key of a single RUN with `mount` (a `--mount` value) and `contents` behind its target.
+fn run_with_mount_key(mount: &str, contents: Option<SourceContent>) -> CacheKey {
+    let dockerfile = Dockerfile::parse(&format!(
+        "FROM busybox AS seed\nFROM busybox\nRUN --mount={mount} ls /m\n"
+    ))
+    .unwrap();
+    let plan = dockerfile.plan(&PlanOptions::default()).unwrap();
+    let steps = plan.stage(plan.target()).unwrap().steps(&[]).unwrap().steps;
+    let Instruction::Run(command) = &steps[0].instruction else {
+        panic!("expected RUN");
+    };
+    let mut bind_contents = BTreeMap::new();
+    if let Some(content) = contents {
+        bind_contents.insert("/m".to_string(), content);
+    }
+    KeyChain::new(base(), platform()).next_key(&StepInput::Run(RunInput {
+        command: command.clone(),
+        env: vec![("PATH".into(), "/bin".into())],
+        user: String::new(),
+        workdir: "/".into(),
+        shell: vec!["/bin/sh".into(), "-c".into()],
+        bind_contents,
+    }))
+}
+
+#[test]
+fn mounted_sources_are_keyed_but_a_plain_cache_mounts_contents_are_not() {
+    let stage = |s: &[u8]| {
+        Some(SourceContent::Stage(CacheKey::from_digest(
+            Digest::sha256_of(s),
+        )))
+    };
+    let image = |s: &[u8]| Some(SourceContent::Image(Digest::sha256_of(s)));
+    // A bind mount from an image: keyed by the manifest the image was pinned to.
+    let bind_image = "type=bind,from=registry.example/tools:1,target=/m";
+    assert_ne!(
+        run_with_mount_key(bind_image, image(b"tools v1")),
+        run_with_mount_key(bind_image, image(b"tools v2"))
+    );
+    // A cache mount seeded from a stage: keyed by what seeds it, as BuildKit keys the base of
+    // such a mount.
+    let seeded = "type=cache,from=seed,target=/m";
+    assert_ne!(
+        run_with_mount_key(seeded, stage(b"seed one")),
+        run_with_mount_key(seeded, stage(b"seed two"))
+    );
+    // A plain cache mount: its contents are not an input, whatever a caller passes.
+    let plain = "type=cache,target=/m";
+    assert_eq!(
+        run_with_mount_key(plain, None),
+        run_with_mount_key(plain, stage(b"anything"))
+    );
+    // Its spec is: another id or sharing mode is another key.
+    assert_ne!(
+        run_with_mount_key(plain, None),
+        run_with_mount_key("type=cache,target=/m,id=other", None)
+    );
+    assert_ne!(
+        run_with_mount_key(plain, None),
+        run_with_mount_key("type=cache,target=/m,sharing=locked", None)
+    );
+}
