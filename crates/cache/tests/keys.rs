@@ -242,17 +242,16 @@ fn variable_in_a_copy_path_busts_that_copy() {
     assert_eq!(first_change(&before, &after), Some(4));
 }
 
-fn run_with_secret(id: &str, env: &[(&str, &str)]) -> StepInput {
-    let dockerfile = Dockerfile::parse(&format!(
-        "FROM busybox\nRUN --mount=type=secret,id={id},env=TOKEN curl -H \"$TOKEN\" example.invalid\n"
-    ))
-    .unwrap();
+/// The inputs of the target stage's first step, a RUN, as the engine would pass them with the
+/// environment `env` and nothing behind its mounts.
+fn first_run_input(dockerfile: &str, env: &[(&str, &str)]) -> RunInput {
+    let dockerfile = Dockerfile::parse(dockerfile).unwrap();
     let plan = dockerfile.plan(&PlanOptions::default()).unwrap();
     let steps = plan.stage(plan.target()).unwrap().steps(&[]).unwrap().steps;
     let Instruction::Run(command) = &steps[0].instruction else {
         panic!("expected RUN");
     };
-    StepInput::Run(RunInput {
+    RunInput {
         command: command.clone(),
         env: env
             .iter()
@@ -262,7 +261,16 @@ fn run_with_secret(id: &str, env: &[(&str, &str)]) -> StepInput {
         workdir: "/".into(),
         shell: vec!["/bin/sh".into(), "-c".into()],
         bind_contents: BTreeMap::new(),
-    })
+    }
+}
+
+fn run_with_secret(id: &str, env: &[(&str, &str)]) -> StepInput {
+    StepInput::Run(first_run_input(
+        &format!(
+            "FROM busybox\nRUN --mount=type=secret,id={id},env=TOKEN curl -H \"$TOKEN\" example.invalid\n"
+        ),
+        env,
+    ))
 }
 
 #[test]
@@ -451,27 +459,14 @@ fn parent_and_platform_are_part_of_the_key() {
 
 /// The key of a single RUN with `mount` (a `--mount` value) and `contents` behind its target.
 fn run_with_mount_key(mount: &str, contents: Option<SourceContent>) -> CacheKey {
-    let dockerfile = Dockerfile::parse(&format!(
-        "FROM busybox AS seed\nFROM busybox\nRUN --mount={mount} ls /m\n"
-    ))
-    .unwrap();
-    let plan = dockerfile.plan(&PlanOptions::default()).unwrap();
-    let steps = plan.stage(plan.target()).unwrap().steps(&[]).unwrap().steps;
-    let Instruction::Run(command) = &steps[0].instruction else {
-        panic!("expected RUN");
-    };
-    let mut bind_contents = BTreeMap::new();
+    let mut input = first_run_input(
+        &format!("FROM busybox AS seed\nFROM busybox\nRUN --mount={mount} ls /m\n"),
+        &[("PATH", "/bin")],
+    );
     if let Some(content) = contents {
-        bind_contents.insert("/m".to_string(), content);
+        input.bind_contents.insert("/m".to_string(), content);
     }
-    KeyChain::new(base(), platform()).next_key(&StepInput::Run(RunInput {
-        command: command.clone(),
-        env: vec![("PATH".into(), "/bin".into())],
-        user: String::new(),
-        workdir: "/".into(),
-        shell: vec!["/bin/sh".into(), "-c".into()],
-        bind_contents,
-    }))
+    KeyChain::new(base(), platform()).next_key(&StepInput::Run(input))
 }
 
 #[test]
