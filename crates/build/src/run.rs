@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use kiln_dockerfile::{Mount, MountType, NetworkMode, RunCommand, RunProgram, Source};
 use kiln_oci::image::ContainerConfig;
 use kiln_sandbox::{
-    CancelToken, Command, MountKind, MountSpec, OutputStream as SandboxStream, RunOutcome, Sandbox,
-    Step,
+    CancelToken, Command, MountKind, MountSpec, Network, OutputStream as SandboxStream, RunOutcome,
+    Sandbox, Step,
 };
 
 use kiln_fs::resolve::Root;
@@ -92,10 +92,17 @@ pub fn run(
         }
     };
     if run.network == NetworkMode::None {
-        (ctx.emit)(BuildEvent::Warning {
-            message: "RUN --network=none is not isolated yet: the step uses the host network"
-                .into(),
-        });
+        if sandbox.isolates_network() {
+            step.network = Network::None;
+        } else {
+            // kaniko ignores --network, so a Dockerfile that builds there must build here:
+            // the step runs, and the user learns it was not cut off.
+            (ctx.emit)(BuildEvent::Warning {
+                message: "RUN --network=none needs CAP_SYS_ADMIN in in-place mode, which this \
+                          container lacks: the step uses the container's network"
+                    .into(),
+            });
+        }
     }
     let caches = claim_caches(ctx, &run.mounts)?;
     for (index, mount) in run.mounts.iter().enumerate() {

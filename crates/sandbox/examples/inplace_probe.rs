@@ -2,16 +2,17 @@
 //! tests start it inside a runc container, as Kiln would run in a Pod.
 //!
 //! Usage: `inplace_probe [--user U] [--workdir DIR] [--env K=V]... [--cancel-after-ms N]
-//! [--expect-gone "ARG ARG"]... [--tmpfs DIR]... SCRIPT`
+//! [--expect-gone "ARG ARG"]... [--tmpfs DIR]... [--no-network] SCRIPT`
 //!
-//! Prints `out:LINE` / `err:LINE` per output line, then `status:CODE`, `cancelled` or
+//! With `--no-network`, first prints `isolates:BOOL` (whether the sandbox can give the step a
+//! network of its own). Prints `out:LINE` / `err:LINE` per output line, then `status:CODE`, `cancelled` or
 //! `error:MESSAGE`, then `leftover:PID CMDLINE` for every process still alive whose command
 //! line is one of the `--expect-gone` ones.
 
 use std::time::Duration;
 
 use kiln_sandbox::{
-    CancelToken, Command, InPlaceSandbox, MountKind, MountSpec, OutputStream, Sandbox,
+    CancelToken, Command, InPlaceSandbox, MountKind, MountSpec, Network, OutputStream, Sandbox,
     SandboxError, Step,
 };
 
@@ -39,6 +40,10 @@ fn main() {
                 target: value().into(),
                 kind: MountKind::Tmpfs { size: None },
             }),
+            "--no-network" => {
+                println!("isolates:{}", InPlaceSandbox::new().isolates_network());
+                step.network = Network::None;
+            }
             _ => script = Some(arg),
         }
     }

@@ -8,7 +8,7 @@ use crate::error::SandboxError;
 use crate::output::OutputSink;
 use crate::process::{self, Plan, Reaping, Setup, SetupOp};
 use crate::rootpath::Stubs;
-use crate::step::{extra_mounts, path_cstring, prepare_exec, Step};
+use crate::step::{extra_mounts, path_cstring, prepare_exec, Network, Step};
 use crate::{Mode, RunOutcome, Sandbox};
 
 /// Hostname of the step's UTS namespace unless set otherwise (BuildKit uses a fixed name too,
@@ -36,7 +36,8 @@ pub const DOCKER_DEFAULT_CAPABILITIES: u64 = 0xa804_25fb;
 const DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
 
 /// Runs steps in a rootfs directory through new mount, pid, uts and ipc namespaces and
-/// pivot_root, with the host's network. Needs root (CAP_SYS_ADMIN).
+/// pivot_root, with the host's network unless the step asks for none. Needs root
+/// (CAP_SYS_ADMIN).
 #[derive(Debug, Clone)]
 pub struct ChrootSandbox {
     rootfs: PathBuf,
@@ -286,16 +287,22 @@ impl ChrootSandbox {
             ),
             description: format!("set hostname {:?}", self.hostname),
         });
+        let mut namespaces =
+            libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
+        if step.network == Network::None {
+            namespaces |= libc::CLONE_NEWNET;
+            setup.push(Setup {
+                op: SetupOp::LoopbackUp { required: true },
+                description: "bring up loopback in the step's network namespace".into(),
+            });
+        }
         setup.push(Setup {
             op: SetupOp::PivotRoot(root),
             description: format!("pivot_root into {}", self.rootfs.display()),
         });
 
         Ok(Plan {
-            namespaces: libc::CLONE_NEWNS
-                | libc::CLONE_NEWPID
-                | libc::CLONE_NEWUTS
-                | libc::CLONE_NEWIPC,
+            namespaces,
             setup,
             reaping: Reaping::PidNamespace,
             exec,
@@ -310,6 +317,10 @@ impl Sandbox for ChrootSandbox {
 
     fn rootfs(&self) -> &Path {
         &self.rootfs
+    }
+
+    fn isolates_network(&self) -> bool {
+        true
     }
 
     fn run(

@@ -4,12 +4,15 @@
 //!   pid, uts and ipc namespaces, enters the stage rootfs with `pivot_root`, and sees a fresh
 //!   `/proc`, a minimal `/dev` (null, zero, full, random, urandom, tty bound from the host, a
 //!   private devpts instance, a tmpfs `/dev/shm`), a read-only `/sys`, and generated
-//!   `/etc/resolv.conf`, `/etc/hosts`, `/etc/hostname`. The network is the host's. The step
+//!   `/etc/resolv.conf`, `/etc/hosts`, `/etc/hostname`. The network is the host's, or with
+//!   [`Network::None`] a new network namespace holding only loopback. The step
 //!   keeps Docker's default capability set. This is isolation for builds, not a security
 //!   boundary against hostile Dockerfiles (the step is real root on the host's kernel, as with
 //!   buildah's chroot isolation).
 //! - [`InPlaceSandbox`] (inside a container, as in a Pod): the rootfs is `/`; the step runs
-//!   directly, in a new session, and its process tree is killed when it ends.
+//!   directly, in a new session, and its process tree is killed when it ends. Its mounts and
+//!   [`Network::None`] need a namespace of their own, so `CAP_SYS_ADMIN`, which a default Pod
+//!   lacks.
 //!
 //! Both resolve USER from the rootfs's own `/etc/passwd` and `/etc/group`, add `PATH` and
 //! `HOME` to the caller's environment when missing, create a missing WORKDIR, stream output
@@ -60,7 +63,7 @@ pub use error::SandboxError;
 pub use inplace::InPlaceSandbox;
 pub use output::{OutputLine, OutputSink, OutputStream, MAX_LINE};
 pub use rootpath::resolve_in_root;
-pub use step::{Command, MountKind, MountSpec, Step, DEFAULT_PATH, DEFAULT_SHELL};
+pub use step::{Command, MountKind, MountSpec, Network, Step, DEFAULT_PATH, DEFAULT_SHELL};
 pub use user::{resolve_user, ResolvedUser};
 
 /// How RUN steps are isolated.
@@ -204,6 +207,11 @@ pub trait Sandbox: Send + Sync {
 
     /// The host path of the rootfs the steps run in (`/` in in-place mode).
     fn rootfs(&self) -> &Path;
+
+    /// Whether a step asking for [`Network::None`] can get a network namespace of its own.
+    /// When this is false such a step fails to start, so callers that would rather run it
+    /// with the host's network (and say so) check first.
+    fn isolates_network(&self) -> bool;
 
     /// Runs one step to its end, streaming its output to `sink`; returns once every process it
     /// started is gone. A non-zero exit is an `Ok` with that status; `Err` means the step could

@@ -64,6 +64,9 @@ pub(crate) enum SetupOp {
     Symlink { target: CString, link: CString },
     /// `sethostname(2)` in the new UTS namespace.
     SetHostname(CString),
+    /// Brings the loopback interface of a new network namespace up (it starts down). Unless
+    /// `required`, a refusal (no CAP_NET_ADMIN) leaves it down and the step still runs.
+    LoopbackUp { required: bool },
     /// Makes this directory (a mount point) the root: pivot_root(".", ".") and a lazy unmount of
     /// the old root stacked on it, so no directory for the old root is needed in the rootfs.
     PivotRoot(CString),
@@ -723,7 +726,35 @@ unsafe fn run_setup(op: &SetupOp) -> bool {
                 libc::sethostname(name.as_ptr(), name.as_bytes().len()) == 0
             }
             SetupOp::PivotRoot(new_root) => pivot_root(new_root),
+            SetupOp::LoopbackUp { required } => loopback_up() || !required,
         }
+    }
+}
+
+/// `ip link set lo up` through the interface-flags ioctls.
+///
+/// # Safety
+/// Only in the init child.
+unsafe fn loopback_up() -> bool {
+    // SAFETY: a socket and two ioctls on a zeroed, NUL-terminated `ifreq`.
+    unsafe {
+        let sock = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if sock < 0 {
+            return false;
+        }
+        let mut request: libc::ifreq = std::mem::zeroed();
+        for (slot, byte) in request.ifr_name.iter_mut().zip(b"lo\0") {
+            *slot = *byte as c_char;
+        }
+        let up = libc::ioctl(sock, libc::SIOCGIFFLAGS, &mut request) == 0 && {
+            request.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+            libc::ioctl(sock, libc::SIOCSIFFLAGS, &request) == 0
+        };
+        // The ioctl's errno, not close's, is the failure to report.
+        let saved = errno();
+        libc::close(sock);
+        *libc::__errno_location() = saved;
+        up
     }
 }
 

@@ -87,6 +87,17 @@ pub enum MountKind {
     },
 }
 
+/// The network a step sees (`RUN --network`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Network {
+    /// The network of the process running the build (kaniko's and Kiln's default).
+    #[default]
+    Host,
+    /// A network namespace of the step's own holding only a loopback interface, which is up
+    /// (`RUN --network=none`): nothing outside the step can be reached or reach it.
+    None,
+}
+
 /// One RUN step.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Step {
@@ -101,6 +112,8 @@ pub struct Step {
     pub workdir: PathBuf,
     /// Extra mounts for this step only.
     pub mounts: Vec<MountSpec>,
+    /// The network it sees; see [`Sandbox::isolates_network`](crate::Sandbox::isolates_network).
+    pub network: Network,
 }
 
 impl Step {
@@ -113,6 +126,7 @@ impl Step {
             user: None,
             workdir: PathBuf::from("/"),
             mounts: Vec::new(),
+            network: Network::Host,
         }
     }
 
@@ -137,6 +151,12 @@ impl Step {
     /// Adds an extra mount.
     pub fn mount(mut self, mount: MountSpec) -> Self {
         self.mounts.push(mount);
+        self
+    }
+
+    /// Sets the network.
+    pub fn network(mut self, network: Network) -> Self {
+        self.network = network;
         self
     }
 }

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use kiln_sandbox::{
-    CancelToken, ChrootSandbox, Command, ExitStatus, MountKind, MountSpec, OutputStream, Sandbox,
-    SandboxError, Step, DEFAULT_PATH,
+    CancelToken, ChrootSandbox, Command, ExitStatus, MountKind, MountSpec, Network, OutputStream,
+    Sandbox, SandboxError, Step, DEFAULT_PATH,
 };
 
 fn sandbox(root: &RootCopy) -> ChrootSandbox {
@@ -373,6 +373,53 @@ fn run_mounts_are_mounted_and_their_targets_removed() {
     );
     assert_eq!(before, listing(&root.path));
     assert!(host_mounts_under(&root.path).is_empty());
+}
+
+#[test]
+fn a_step_without_network_has_only_loopback_and_reaches_nothing_of_the_hosts() {
+    let root = busybox();
+    let sb = sandbox(&root);
+    assert!(sb.isolates_network());
+    // A server on the host's loopback that greets whoever connects, which a step on the
+    // host's network reaches.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut connection in listener.incoming().flatten() {
+            use std::io::Write;
+            let _ = connection.write_all(b"reached\n");
+        }
+    });
+    let script = format!(
+        "cut -d: -f1 /proc/net/dev | tail -n +3 | tr -d ' ' | sort | tr '\\n' ' '; echo; \
+         ip link show lo | grep -q '[<,]UP[,>]' && echo up || echo down; \
+         nc -w 2 127.0.0.1 {port} </dev/null || echo unreachable"
+    );
+    let host = run(&sb, &Step::new(Command::shell(script.clone())));
+    let host_lines = host.ok_stdout();
+    assert_eq!(host_lines[2], "reached", "{host_lines:?}");
+    assert_ne!(
+        host_lines[0], "lo ",
+        "the host has interfaces besides loopback"
+    );
+
+    let isolated = run(
+        &sb,
+        &Step::new(Command::shell(script)).network(Network::None),
+    );
+    let lines = isolated.ok_stdout();
+    assert_eq!(lines[0], "lo ", "{lines:?}");
+    // Loopback is up, so a step can still serve itself on 127.0.0.1.
+    assert_eq!(lines[1], "up", "{lines:?}");
+    assert_eq!(lines[2], "unreachable", "{lines:?}");
+    let own_loopback = run(
+        &sb,
+        &Step::new(Command::shell(
+            "nc -l -p 7777 -e echo served & sleep 0.2; nc 127.0.0.1 7777",
+        ))
+        .network(Network::None),
+    );
+    assert_eq!(own_loopback.ok_stdout(), vec!["served"]);
 }
 
 #[test]

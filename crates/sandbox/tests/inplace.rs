@@ -214,3 +214,28 @@ fn run_mounts_need_cap_sys_admin_and_leave_nothing() {
     assert_eq!(last(&lines), "status:0");
     assert!(!root.path.join("cache").exists());
 }
+
+#[test]
+fn no_network_needs_cap_sys_admin_and_leaves_only_loopback() {
+    // /proc/net and `ip` show the step's own network namespace (the container's /sys does not).
+    let script = "cut -d: -f1 /proc/net/dev | tail -n +3 | tr -d ' '; \
+                  ip link show lo | grep -q '[<,]UP[,>]' && echo up || echo down";
+    let (lines, _root) = in_container(&["--no-network", script]);
+    assert_eq!(lines[0], "isolates:false", "{lines:?}");
+    let err = last(&lines);
+    assert!(
+        err.starts_with("error:") && err.contains("CAP_SYS_ADMIN"),
+        "{lines:?}"
+    );
+
+    // Loopback comes up only with CAP_NET_ADMIN as well.
+    for (caps, flags) in [
+        (&["CAP_SYS_ADMIN"][..], "down"),
+        (&["CAP_SYS_ADMIN", "CAP_NET_ADMIN"][..], "up"),
+    ] {
+        let (lines, _root) = in_container_with_caps(&["--no-network", script], caps);
+        assert_eq!(lines[0], "isolates:true", "{lines:?}");
+        assert_eq!(stdout_of(&lines), vec!["lo", flags], "{lines:?}");
+        assert_eq!(last(&lines), "status:0");
+    }
+}
