@@ -102,6 +102,17 @@ fn install_executor(rootfs: &Path) -> Vec<String> {
 /// A runc bundle for the container: host network, Docker's capabilities, the quickstart
 /// context and a "volume" bind-mounted, `args` as the process.
 fn write_config(bundle: &Path, args: &[String], context: &Path, volume: &Path) {
+    write_config_with_caps(bundle, args, context, volume, &[]);
+}
+
+/// [`write_config`] with `extra_caps` added to Docker's (a Pod whose securityContext adds them).
+fn write_config_with_caps(
+    bundle: &Path,
+    args: &[String],
+    context: &Path,
+    volume: &Path,
+    extra_caps: &[&str],
+) {
     run(Command::new("runc").arg("spec").current_dir(bundle));
     let path = bundle.join("config.json");
     let mut config: serde_json::Value =
@@ -109,7 +120,9 @@ fn write_config(bundle: &Path, args: &[String], context: &Path, volume: &Path) {
     config["process"]["terminal"] = false.into();
     config["process"]["args"] = args.into();
     config["process"]["cwd"] = "/kaniko".into();
-    let caps: Vec<serde_json::Value> = DOCKER_CAPS.iter().map(|c| (*c).into()).collect();
+    let caps: Vec<serde_json::Value> = (DOCKER_CAPS.iter().chain(extra_caps))
+        .map(|c| (*c).into())
+        .collect();
     for set in ["bounding", "effective", "permitted"] {
         config["process"]["capabilities"][set] = caps.clone().into();
     }
@@ -296,6 +309,87 @@ fn executor_builds_in_place_inside_a_runc_container() {
         .collect();
     files.sort();
     assert_eq!(files, ["note"], "{log}");
+}
+
+/// RUN --mount and RUN --network=none in a Pod: with CAP_SYS_ADMIN a read-write bind mount
+/// gets a private copy in a stage that has no `cp` (in-place, `PATH` is the stage's), and the
+/// step without network sees only loopback; without CAP_SYS_ADMIN that step runs on the Pod's
+/// network with a warning, as kaniko would run it.
+#[test]
+fn run_mounts_and_network_none_in_place() {
+    require_tools(&["runc", "docker-registry", "skopeo", "umoci", "ldd"]);
+    let registry = Registry::start();
+    let addr = registry.addr();
+    image::push_rootfs(&registry, bases::busybox_rootfs(), "library/busybox:latest");
+    let work = tempfile::tempdir().unwrap();
+    let context = work.path().join("context");
+    std::fs::create_dir(&context).unwrap();
+    std::fs::write(context.join("note"), "from the context\n").unwrap();
+    let volume = work.path().join("volume");
+    std::fs::create_dir(&volume).unwrap();
+
+    for (case, caps, dockerfile) in [
+        (
+            "sys-admin",
+            &["CAP_SYS_ADMIN"][..],
+            "FROM busybox\n\
+             RUN rm /bin/cp\n\
+             RUN --mount=type=bind,target=/ctx,rw echo scribbled >> /ctx/note && cat /ctx/note > /seen\n\
+             RUN --network=none cut -d: -f1 /proc/net/dev | tail -n +3 | tr -d ' ' > /interfaces\n",
+        ),
+        (
+            "default-pod",
+            &[][..],
+            "FROM busybox\n\
+             RUN --network=none cut -d: -f1 /proc/net/dev | tail -n +3 | tr -d ' ' > /interfaces\n",
+        ),
+    ] {
+        std::fs::write(context.join("Dockerfile"), dockerfile).unwrap();
+        let bundle = work.path().join(format!("bundle-{case}"));
+        let rootfs = bundle.join("rootfs");
+        std::fs::create_dir_all(&bundle).unwrap();
+        run(Command::new("cp")
+            .arg("-a")
+            .arg(bases::busybox_rootfs())
+            .arg(&rootfs));
+        std::fs::create_dir_all(rootfs.join("workspace/context")).unwrap();
+        std::fs::create_dir_all(rootfs.join("cache-volume")).unwrap();
+        let mut args = install_executor(&rootfs);
+        args.extend([
+            "--context=dir:///workspace/context".to_owned(),
+            "--no-push".to_owned(),
+            format!("--oci-layout-path=/cache-volume/{case}"),
+            format!("--registry-map=index.docker.io={addr}"),
+            "--mode=in-place".to_owned(),
+            "--progress=plain".to_owned(),
+        ]);
+        write_config_with_caps(&bundle, &args, &context, &volume, caps);
+        let out = runc_run(&bundle, &format!("kiln-inplace-{case}-{}", std::process::id()));
+        let log = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{case}: build failed:\n{log}");
+        let unpacked = work.path().join(format!("unpacked-{case}"));
+        run(Command::new("umoci")
+            .args(["unpack", "--image"])
+            .arg(format!("{}:latest", volume.join(case).display()))
+            .arg(&unpacked));
+        let interfaces = std::fs::read_to_string(unpacked.join("rootfs/interfaces")).unwrap();
+        if caps.is_empty() {
+            assert_ne!(interfaces, "lo\n", "{log}");
+            assert!(log.contains("RUN --network=none needs CAP_SYS_ADMIN"), "{log}");
+        } else {
+            assert_eq!(interfaces, "lo\n", "{log}");
+            assert_eq!(
+                std::fs::read_to_string(unpacked.join("rootfs/seen")).unwrap(),
+                "from the context\nscribbled\n"
+            );
+            assert!(!log.contains("CAP_SYS_ADMIN"), "{log}");
+        }
+    }
+    // The writes went to the step's copy, never to the context.
+    assert_eq!(
+        std::fs::read_to_string(context.join("note")).unwrap(),
+        "from the context\n"
+    );
 }
 
 /// The leading part of `args` that starts the executor (the loader and its options, if any).

@@ -302,19 +302,7 @@ fn prepare_mount(
     Ok(())
 }
 
+/// A private copy of `from` at `to` (a read-write bind mount's source, a cache's seed).
 pub(crate) fn copy_tree(from: &Path, to: &Path) -> Result<(), String> {
-    let status = std::process::Command::new("cp")
-        .args(["-a", "--reflink=auto"])
-        .arg(from)
-        .arg(to)
-        .status()
-        .map_err(|e| format!("cp: {e}"))?;
-    if status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "copying {} for a read-write bind mount failed",
-            from.display()
-        ))
-    }
+    kiln_fs::clone::clone_tree(from, to).map_err(|e| e.to_string())
 }

@@ -999,24 +999,10 @@ fn resolve_ids(rootfs: &Path, spec: &str, chown_rule: bool) -> Result<(u32, u32)
 }
 
 fn copy_tree_contents(from: &Path, to: &Path) -> Result<(), BuildError> {
-    let status = std::process::Command::new("cp")
-        .args(["-a", "--reflink=auto"])
-        .arg(format!("{}/.", from.display()))
-        .arg(to)
-        .status()
-        .map_err(|source| BuildError::Io {
-            path: to.to_path_buf(),
-            source,
-        })?;
-    if status.success() {
-        Ok(())
-    } else {
-        Err(BuildError::Image(format!(
-            "copying stage rootfs {} to {} failed",
-            from.display(),
-            to.display()
-        )))
-    }
+    kiln_fs::clone::clone_tree(from, to).map_err(|e| BuildError::Io {
+        path: e.path,
+        source: e.source,
+    })
 }
 
 fn workdir_of(config: &ImageConfig) -> String {

@@ -4,6 +4,7 @@
 //!
 //! Modules are added by the unpack and the snapshot/layer-writer work; each owns one concern.
 pub mod blobstore;
+pub mod clone;
 pub mod compress;
 pub mod layer;
 pub mod resolve;

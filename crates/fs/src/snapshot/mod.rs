@@ -23,6 +23,7 @@ pub use ignore::{IgnoreOptions, IgnoreSet};
 pub use index::{Entry, FileKind, Index, Proof, Timestamp};
 
 use index::{as_path, is_under, key_of, Key};
+pub(crate) use walk::xattrs_of;
 use walk::{Item, Status, WalkContext};
 
 /// How changes are detected.

@@ -86,13 +86,18 @@ pub(crate) fn stat_beneath(root: &Root, rel: &Path) -> io::Result<Entry> {
 
 /// Extended attributes of `rel` (not following a symlink), sorted by name.
 pub(crate) fn read_xattrs(root: &Root, rel: &Path) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
-    let path = root.path.join(rel);
+    xattrs_of(&root.path.join(rel))
+}
+
+/// Extended attributes of `path` (not following a symlink), sorted by name; none where the
+/// filesystem has none.
+pub(crate) fn xattrs_of(path: &Path) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
     let mut names = vec![0u8; 1024];
     let len = loop {
-        match rustix::fs::llistxattr(&path, &mut names[..]) {
+        match rustix::fs::llistxattr(path, &mut names[..]) {
             Ok(n) => break n,
             Err(rustix::io::Errno::RANGE) => {
-                let need: usize = rustix::fs::llistxattr(&path, &mut [0u8; 0][..])?;
+                let need: usize = rustix::fs::llistxattr(path, &mut [0u8; 0][..])?;
                 names.resize(need.max(names.len() * 2), 0);
             }
             Err(rustix::io::Errno::NOTSUP) => return Ok(Vec::new()),
@@ -104,10 +109,10 @@ pub(crate) fn read_xattrs(root: &Root, rel: &Path) -> io::Result<Vec<(Vec<u8>, V
         let cname = OsStr::from_bytes(name);
         let mut value = vec![0u8; 256];
         let vlen = loop {
-            match rustix::fs::lgetxattr(&path, cname, &mut value[..]) {
+            match rustix::fs::lgetxattr(path, cname, &mut value[..]) {
                 Ok(n) => break Some(n),
                 Err(rustix::io::Errno::RANGE) => {
-                    let need: usize = rustix::fs::lgetxattr(&path, cname, &mut [0u8; 0][..])?;
+                    let need: usize = rustix::fs::lgetxattr(path, cname, &mut [0u8; 0][..])?;
                     value.resize(need.max(value.len() * 2), 0);
                 }
                 // Removed between list and get: it is gone, which is what a later read sees too.
