@@ -99,6 +99,20 @@ fn install_executor(rootfs: &Path) -> Vec<String> {
     }
 }
 
+/// The rootfs of a container in `bundle`: a copy of the busybox base with the mount points of
+/// the context and the volume [`write_config`] mounts.
+fn container_rootfs(bundle: &Path) -> PathBuf {
+    let rootfs = bundle.join("rootfs");
+    std::fs::create_dir_all(bundle).unwrap();
+    run(Command::new("cp")
+        .arg("-a")
+        .arg(bases::busybox_rootfs())
+        .arg(&rootfs));
+    std::fs::create_dir_all(rootfs.join("workspace/context")).unwrap();
+    std::fs::create_dir_all(rootfs.join("cache-volume")).unwrap();
+    rootfs
+}
+
 /// A runc bundle for the container: host network, Docker's capabilities, the quickstart
 /// context and a "volume" bind-mounted, `args` as the process.
 fn write_config(bundle: &Path, args: &[String], context: &Path, volume: &Path) {
@@ -167,14 +181,7 @@ fn executor_builds_in_place_inside_a_runc_container() {
 
     let work = tempfile::tempdir().unwrap();
     let bundle = work.path().join("bundle");
-    let rootfs = bundle.join("rootfs");
-    std::fs::create_dir_all(&bundle).unwrap();
-    run(Command::new("cp")
-        .arg("-a")
-        .arg(bases::busybox_rootfs())
-        .arg(&rootfs));
-    std::fs::create_dir_all(rootfs.join("workspace/context")).unwrap();
-    std::fs::create_dir_all(rootfs.join("cache-volume")).unwrap();
+    let rootfs = container_rootfs(&bundle);
     // Left by "the container image": an in-place build must delete it.
     std::fs::write(rootfs.join("etc/left-over"), "not part of any image").unwrap();
     let volume = work.path().join("volume");
@@ -346,14 +353,7 @@ fn run_mounts_and_network_none_in_place() {
     ] {
         std::fs::write(context.join("Dockerfile"), dockerfile).unwrap();
         let bundle = work.path().join(format!("bundle-{case}"));
-        let rootfs = bundle.join("rootfs");
-        std::fs::create_dir_all(&bundle).unwrap();
-        run(Command::new("cp")
-            .arg("-a")
-            .arg(bases::busybox_rootfs())
-            .arg(&rootfs));
-        std::fs::create_dir_all(rootfs.join("workspace/context")).unwrap();
-        std::fs::create_dir_all(rootfs.join("cache-volume")).unwrap();
+        let rootfs = container_rootfs(&bundle);
         let mut args = install_executor(&rootfs);
         args.extend([
             "--context=dir:///workspace/context".to_owned(),
