@@ -252,8 +252,9 @@ flag_struct! {
             #[arg(hide = true)] compressed_caching = "compressed-caching";
         @bool /// kaniko only; accepted and ignored (Kiln does no up-front push check).
             #[arg(hide = true)] skip_push_permission_check = "skip-push-permission-check";
-        @bool /// kaniko only; accepted with a warning, not implemented.
-            #[arg(hide = true)] push_ignore_immutable_tag_errors = "push-ignore-immutable-tag-errors";
+        @bool /// Skip (with a warning) a destination whose immutable tag exists already (ECR,
+        /// Artifact Registry) instead of failing the build.
+            push_ignore_immutable_tag_errors = "push-ignore-immutable-tag-errors";
         @bool /// kaniko only; accepted with a warning, not implemented.
             #[arg(hide = true)] force_build_metadata = "force-build-metadata";
         @bool /// kaniko only; accepted with a warning (Kiln never deletes the context).
@@ -717,6 +718,7 @@ fn build_invocation(
         labels: parse_labels(&flags.label)?,
         reproducible: flags.reproducible.unwrap_or(false),
         source_date_epoch,
+        ignore_immutable_tags: flags.push_ignore_immutable_tag_errors.unwrap_or(false),
     };
 
     options.kiln_dir = flags
@@ -811,12 +813,6 @@ fn kaniko_only_warnings(flags: &BuildFlags, warnings: &mut Vec<String>) {
     }
     if flags.use_new_run == Some(false) {
         warnings.push("--use-new-run=false is ignored: Kiln has one RUN implementation".into());
-    }
-    if flags.push_ignore_immutable_tag_errors == Some(true) {
-        warnings.push(
-            "--push-ignore-immutable-tag-errors is not implemented: a refused tag still fails the build"
-                .into(),
-        );
     }
     if flags.force_build_metadata == Some(true) {
         warnings.push("--force-build-metadata is not implemented and has no effect".into());

@@ -293,6 +293,84 @@ fn a_refused_push_names_registry_repository_and_status() {
     assert!(!digest_file.exists());
 }
 
+/// The manifest digest `repo_tag` names on the registry at `addr` (plain HTTP).
+fn tag_digest(addr: &str, repo_tag: &str) -> String {
+    let out = kiln_testkit::run(Command::new("skopeo").args([
+        "inspect",
+        "--tls-verify=false",
+        "--format",
+        "{{.Digest}}",
+        &format!("docker://{addr}/{repo_tag}"),
+    ]));
+    out.trim().to_owned()
+}
+
+/// A rebuild pushed to an existing tag of an immutable repository (ECR's answer) fails the
+/// build with the registry's message; with `--push-ignore-immutable-tag-errors` the build
+/// succeeds, that tag keeps its first image, and the other destination gets the new one.
+#[test]
+fn an_immutable_tag_fails_the_push_unless_told_to_ignore_it() {
+    use kiln_testkit::{bases, http::ImmutableTags, image, Registry};
+    kiln_testkit::require_tools(&["docker-registry", "skopeo", "python3"]);
+    let registry = Registry::start();
+    image::push_rootfs(&registry, bases::busybox_rootfs(), "base/busybox:latest");
+    let immutable = ImmutableTags::start(&registry.addr());
+    let addr = immutable.addr();
+    let work = tempfile::tempdir().unwrap();
+    let context = work.path().join("context");
+    write_small_context(&context, &registry.addr());
+    let build = |n: usize, extra: &[&str]| {
+        let digest_file = work.path().join(format!("digest-{n}"));
+        let mut args = vec![
+            format!("--context={}", context.display()),
+            format!("--destination={addr}/team/app:1"),
+            format!(
+                "--kiln-dir={}",
+                work.path().join(format!("kiln-{n}")).display()
+            ),
+            format!("--digest-file={}", digest_file.display()),
+            "--mode=chroot".to_owned(),
+            "--progress=plain".to_owned(),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = executor(&args);
+        (out, std::fs::read_to_string(&digest_file).ok())
+    };
+
+    let (out, first) = build(0, &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let first = first.unwrap();
+    assert_eq!(tag_digest(&addr, "team/app:1"), first);
+
+    std::fs::write(context.join("files/a.txt"), "a, rebuilt\n").unwrap();
+    let (out, digest) = build(1, &[]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("cannot be overwritten because the repository is immutable"),
+        "{err}"
+    );
+    assert!(err.contains(&format!("{addr}/team/app")), "{err}");
+    assert_eq!(digest, None);
+
+    let second_destination = format!("--destination={addr}/team/app:2");
+    let (out, second) = build(
+        2,
+        &["--push-ignore-immutable-tag-errors", &second_destination],
+    );
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains(&format!("{addr}/team/app:1 not pushed")),
+        "{err}"
+    );
+    let second = second.unwrap();
+    assert_ne!(second, first);
+    assert_eq!(tag_digest(&addr, "team/app:1"), first);
+    assert_eq!(tag_digest(&addr, "team/app:2"), second);
+}
+
 /// `executor warm` stores a base image in the cache directory (by digest, every blob), a
 /// second run downloads nothing, and a Dockerfile's images are found from its FROM and
 /// `COPY --from` lines.

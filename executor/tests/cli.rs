@@ -463,11 +463,14 @@ fn kaniko_only_flags_are_decided() {
         "--use-new-run",
     ]);
     assert!(inv.warnings.is_empty(), "{:?}", inv.warnings);
+    assert!(!inv.options.output.ignore_immutable_tags);
+    let inv = build(&[DEST, "--push-ignore-immutable-tag-errors"]);
+    assert!(inv.warnings.is_empty(), "{:?}", inv.warnings);
+    assert!(inv.options.output.ignore_immutable_tags);
     // Accepted with a warning: Kiln cannot honour them.
     for flag in [
         "--skip-unused-stages=false",
         "--use-new-run=false",
-        "--push-ignore-immutable-tag-errors",
         "--force-build-metadata",
         "--preserve-context",
         "--materialize",

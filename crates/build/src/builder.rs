@@ -349,7 +349,10 @@ impl Builder {
                 &destinations,
                 &placed,
                 &*events,
-                manifest_first,
+                output::PushPolicy {
+                    manifest_first,
+                    ignore_immutable_tags: out.ignore_immutable_tags,
+                },
             )
             .await?;
             timed_since(Phase::Push, push_started);

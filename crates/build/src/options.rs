@@ -105,6 +105,10 @@ pub struct OutputOptions {
     pub reproducible: bool,
     /// `SOURCE_DATE_EPOCH`: clamp layer and config times to this Unix time.
     pub source_date_epoch: Option<i64>,
+    /// `--push-ignore-immutable-tag-errors`: a destination whose registry refuses to move an
+    /// existing immutable tag ([`kiln_registry::Error::is_immutable_tag`]) is skipped with a
+    /// warning, its tag left where it was, instead of failing the build.
+    pub ignore_immutable_tags: bool,
 }
 
 /// The layer cache (`--cache*` flags).

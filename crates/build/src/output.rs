@@ -133,11 +133,20 @@ pub fn parse_destinations(destinations: &[String]) -> Result<Vec<Reference>, Bui
         .collect()
 }
 
+/// How [`push`] goes about each destination.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PushPolicy {
+    /// Send the manifest first, and the blobs only if it is refused: for an image made wholly
+    /// of cache hits, whose blobs an identical earlier build most likely pushed.
+    pub manifest_first: bool,
+    /// Skip, with a warning, a destination whose immutable tag already exists
+    /// ([`OutputOptions::ignore_immutable_tags`](crate::OutputOptions::ignore_immutable_tags)).
+    pub ignore_immutable_tags: bool,
+}
+
 /// Pushes the image to every destination: layers and config concurrently (skipping blobs the
 /// repository has, mounting base layers from their repository on the same registry, and not
 /// asking again about the blobs in `placed`), then the manifest under the destination's tag.
-/// With `manifest_first` (an image made wholly of cache hits, whose blobs an identical earlier
-/// build most likely pushed) the manifest is sent first, and the blobs only if it is refused.
 pub async fn push(
     client: &Client,
     blobs: &BlobStore,
@@ -145,9 +154,11 @@ pub async fn push(
     destinations: &[Reference],
     placed: &PlacedBlobs,
     emit: &(dyn Fn(BuildEvent) + Send + Sync),
-    manifest_first: bool,
+    policy: PushPolicy,
 ) -> Result<Digest, BuildError> {
-    for destination in destinations {
+    let immutable =
+        |err: &kiln_registry::Error| policy.ignore_immutable_tags && err.is_immutable_tag();
+    'destinations: for destination in destinations {
         let repo = Repository::new(destination.registry(), destination.repository())?;
         let reference = destination.tag().unwrap_or("latest").to_owned();
         let put_manifest = || {
@@ -161,10 +172,16 @@ pub async fn push(
         // The registry checks that every blob the manifest names is in the repository and
         // refuses the manifest otherwise, so trying it first is safe: when it is refused the
         // blobs are put in place below and it is sent again.
-        let accepted = if manifest_first {
+        let accepted = if policy.manifest_first {
             match put_manifest().await {
                 Ok(pushed) => Some(pushed),
-                Err(err) if err.status().is_none() => return Err(err.into()),
+                Err(err) if immutable(&err) => {
+                    skip_immutable(destination, &err, emit);
+                    continue 'destinations;
+                }
+                Err(err) if err.status().is_none() || err.is_immutable_tag() => {
+                    return Err(err.into())
+                }
                 Err(_) => None,
             }
         } else {
@@ -190,7 +207,14 @@ pub async fn push(
                         .map_err(BuildError::from)
                 };
                 futures::future::try_join(try_join_all(uploads), config_upload).await?;
-                put_manifest().await?
+                match put_manifest().await {
+                    Ok(pushed) => pushed,
+                    Err(err) if immutable(&err) => {
+                        skip_immutable(destination, &err, emit);
+                        continue 'destinations;
+                    }
+                    Err(err) => return Err(err.into()),
+                }
             }
         };
         emit(BuildEvent::Pushed {
@@ -199,6 +223,21 @@ pub async fn push(
         });
     }
     Ok(image.manifest.digest.clone())
+}
+
+/// Says that `destination` kept its tag: the registry would not move it, and the build was
+/// told to accept that.
+fn skip_immutable(
+    destination: &Reference,
+    err: &kiln_registry::Error,
+    emit: &(dyn Fn(BuildEvent) + Send + Sync),
+) {
+    emit(BuildEvent::Warning {
+        message: format!(
+            "{destination} not pushed: the tag is immutable and exists already, so it still \
+             names the image it named before (--push-ignore-immutable-tag-errors): {err}"
+        ),
+    });
 }
 
 /// Blobs already in a destination repository, put there by [`PushAhead`] during the build:

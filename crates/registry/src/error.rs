@@ -209,6 +209,27 @@ impl Error {
         }
     }
 
+    /// Whether this is a registry refusing to move a tag that already exists in a repository
+    /// with immutable tags, recognised by the messages of the registries known to send one
+    /// (the list kaniko's `--push-ignore-immutable-tag-errors` matches): Amazon ECR and Google
+    /// Artifact Registry.
+    pub fn is_immutable_tag(&self) -> bool {
+        const MESSAGES: [&str; 2] = [
+            // Amazon ECR (image tag mutability set to IMMUTABLE).
+            "cannot be overwritten because the repository is immutable",
+            // Google Artifact Registry (tag immutability enabled).
+            "The repository has enabled tag immutability",
+        ];
+        match self {
+            Error::Status {
+                operation: Operation::PushManifest,
+                body: Some(body),
+                ..
+            } => MESSAGES.iter().any(|m| body.message.contains(m)),
+            _ => false,
+        }
+    }
+
     /// Whether retrying the same request later may succeed: connection failures, 429 and
     /// 5xx (except 501, which a retry will not change).
     pub fn is_retryable(&self) -> bool {
