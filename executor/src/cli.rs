@@ -259,8 +259,8 @@ flag_struct! {
             #[arg(hide = true)] force_build_metadata = "force-build-metadata";
         @bool /// kaniko only; accepted with a warning (Kiln never deletes the context).
             #[arg(hide = true)] preserve_context = "preserve-context";
-        @bool /// kaniko only; accepted with a warning, not implemented.
-            #[arg(hide = true)] materialize = "materialize";
+        @bool /// In-place mode: leave the built filesystem in / even when every step was cached.
+            materialize = "materialize";
         @bool /// Deprecated kaniko spelling of --ignore-var-run.
             #[arg(hide = true)] whitelist_var_run = "whitelist-var-run";
 
@@ -736,6 +736,7 @@ fn build_invocation(
         })
         .unwrap_or_else(|| PathBuf::from("/kiln"));
     options.cleanup = flags.cleanup.unwrap_or(false);
+    options.materialize = flags.materialize.unwrap_or(false);
     options.force = flags.force.unwrap_or(false);
     options.benchmark_file = flags.benchmark_file.clone().or_else(|| {
         // kaniko's BENCHMARK_FILE; "false" is its spelling for "off".
@@ -822,9 +823,6 @@ fn kaniko_only_warnings(flags: &BuildFlags, warnings: &mut Vec<String>) {
             "--preserve-context has no effect: Kiln never deletes or changes the build context"
                 .into(),
         );
-    }
-    if flags.materialize == Some(true) {
-        warnings.push("--materialize is not implemented and has no effect".into());
     }
     if flags.image_fs_extract_retry.is_some_and(|n| n > 0) {
         warnings.push(

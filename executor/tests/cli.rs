@@ -467,13 +467,16 @@ fn kaniko_only_flags_are_decided() {
     let inv = build(&[DEST, "--push-ignore-immutable-tag-errors"]);
     assert!(inv.warnings.is_empty(), "{:?}", inv.warnings);
     assert!(inv.options.output.ignore_immutable_tags);
+    assert!(!build(&[DEST]).options.materialize);
+    let inv = build(&[DEST, "--materialize"]);
+    assert!(inv.warnings.is_empty(), "{:?}", inv.warnings);
+    assert!(inv.options.materialize);
     // Accepted with a warning: Kiln cannot honour them.
     for flag in [
         "--skip-unused-stages=false",
         "--use-new-run=false",
         "--force-build-metadata",
         "--preserve-context",
-        "--materialize",
         "--image-fs-extract-retry=3",
         "--credential-helpers=ecr-login",
         "--git=insecure-skip-tls=true",

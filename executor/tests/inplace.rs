@@ -392,6 +392,69 @@ fn run_mounts_and_network_none_in_place() {
     );
 }
 
+/// A fully cached in-place build pulls and unpacks nothing, so `/` is left wiped; with
+/// `--materialize` it holds the image's filesystem, as kaniko promises.
+#[test]
+fn materialize_leaves_a_fully_cached_build_in_place() {
+    require_tools(&["runc", "docker-registry", "skopeo", "umoci", "ldd"]);
+    let registry = Registry::start();
+    let addr = registry.addr();
+    image::push_rootfs(&registry, bases::busybox_rootfs(), "library/busybox:latest");
+    let work = tempfile::tempdir().unwrap();
+    let context = work.path().join("context");
+    std::fs::create_dir(&context).unwrap();
+    std::fs::write(context.join("note"), "copied\n").unwrap();
+    std::fs::write(
+        context.join("Dockerfile"),
+        "FROM busybox\nCOPY note /app/note\nRUN echo built > /app/built\n",
+    )
+    .unwrap();
+    let volume = work.path().join("volume");
+    std::fs::create_dir(&volume).unwrap();
+    let build = |run: &str, extra: &[&str]| {
+        let bundle = work.path().join(format!("bundle-{run}"));
+        let rootfs = container_rootfs(&bundle);
+        let mut args = install_executor(&rootfs);
+        args.extend([
+            "--context=dir:///workspace/context".to_owned(),
+            format!("--destination={addr}/app:{run}"),
+            format!("--registry-map=index.docker.io={addr}"),
+            "--cache=true".to_owned(),
+            format!("--cache-repo={addr}/app-cache"),
+            "--mode=in-place".to_owned(),
+            "--progress=plain".to_owned(),
+        ]);
+        args.extend(extra.iter().map(|a| a.to_string()));
+        write_config(&bundle, &args, &context, &volume);
+        let out = runc_run(
+            &bundle,
+            &format!("kiln-materialize-{run}-{}", std::process::id()),
+        );
+        let log = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{run}: build failed:\n{log}");
+        (rootfs, log)
+    };
+    let (rootfs, log) = build("cold", &[]);
+    assert!(rootfs.join("app/built").is_file(), "{log}");
+    let (rootfs, log) = build("cached", &[]);
+    assert!(log.contains("CACHED"), "{log}");
+    assert!(!rootfs.join("app").exists(), "{log}");
+    assert!(!rootfs.join("bin/sh").exists(), "{log}");
+    let (rootfs, log) = build("materialized", &["--materialize"]);
+    assert!(log.contains("CACHED"), "{log}");
+    assert!(!log.contains("built\n#"), "nothing ran: {log}");
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("app/built")).unwrap(),
+        "built\n",
+        "{log}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("app/note")).unwrap(),
+        "copied\n"
+    );
+    assert!(rootfs.join("bin/sh").exists(), "{log}");
+}
+
 /// The leading part of `args` that starts the executor (the loader and its options, if any).
 fn install_executor_args(args: &[String]) -> Vec<String> {
     let end = args

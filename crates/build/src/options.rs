@@ -181,6 +181,10 @@ pub struct BuildOptions {
     pub cleanup: bool,
     /// `--force`: build even when not running in a container in in-place mode.
     pub force: bool,
+    /// `--materialize`: in in-place mode, leave the target stage's filesystem in `/` even when
+    /// every step was a cache hit (which otherwise unpacks nothing). Other modes build in a
+    /// private work directory, so there it changes nothing.
+    pub materialize: bool,
     /// `--benchmark-file`: write per-phase timings as JSON here.
     pub benchmark_file: Option<PathBuf>,
     /// The layer cache.
@@ -212,6 +216,7 @@ impl BuildOptions {
             kiln_dir: PathBuf::from("/kiln"),
             cleanup: false,
             force: false,
+            materialize: false,
             benchmark_file: None,
             cache: CacheOptions::default(),
         }

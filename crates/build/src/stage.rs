@@ -804,6 +804,12 @@ pub fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, BuildEr
             cached: false,
         });
     }
+    // --materialize (kaniko's flag): in place, `/` ends as the target's filesystem even when
+    // every step was a hit.
+    if in_place && index == shared.plan.target() && shared.options.materialize && prepared.is_none()
+    {
+        prepared = Some(materializer.materialize()?);
+    }
     // A stage that never needed its tree leaves it to be unpacked from its layers when a later
     // stage reads it (`FROM`, `COPY --from`, `RUN --mount=from=`), if one does. In place, the
     // next stage wipes `/`: a non-target stage's tree is rebuilt from its layers the same way.
