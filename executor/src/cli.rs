@@ -20,7 +20,8 @@ use std::time::Duration;
 use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use kiln_build::{
-    BuildOptions, ContextSpec, GitOptions, OutputOptions, SecretSource, SecretSpec, SnapshotOptions,
+    BuildOptions, ContextSpec, GitOptions, OutputOptions, SecretSource, SecretSpec,
+    SnapshotOptions, SshSpec,
 };
 use kiln_fs::snapshot::{KanikoSnapshotMode, SnapshotMode};
 use kiln_oci::{Compression, ImageFormat, Platform};
@@ -292,6 +293,10 @@ flag_struct! {
         /// Secret for RUN --mount=type=secret: id=ID,src=PATH or id=ID,env=VAR; repeatable.
         #[arg(long = "secret", value_name = "SPEC")]
         secret: Vec<String>,
+        /// ssh-agent for RUN --mount=type=ssh: ID=SOCKET, or `default` for $SSH_AUTH_SOCK;
+        /// repeatable.
+        #[arg(long = "ssh", value_name = "ID[=SOCKET]")]
+        ssh: Vec<String>,
         /// full, redo or time (kaniko's names; default: Kiln's exact mode, see FLAGS.md).
         #[arg(long = "snapshot-mode", value_name = "MODE")]
         snapshot_mode: Option<String>,
@@ -619,6 +624,11 @@ fn build_invocation(
         .secret
         .iter()
         .map(|s| parse_secret(s))
+        .collect::<Result<_, _>>()?;
+    options.ssh = flags
+        .ssh
+        .iter()
+        .map(|s| parse_ssh(s, env))
         .collect::<Result<_, _>>()?;
     options.registry = registry_options(&registry_flags, env)?;
     options.mode = match flags.mode {
@@ -1024,6 +1034,43 @@ fn parse_secret(value: &str) -> Result<SecretSpec, UsageError> {
         }
     };
     Ok(SecretSpec { id, source })
+}
+
+/// BuildKit's `--ssh ID[=SOCKET]`: an agent's socket under an id; `ID` alone means the agent
+/// of `SSH_AUTH_SOCK`. BuildKit also takes key files (`ID=KEY[,KEY]`), which it loads into an
+/// agent of its own; Kiln forwards an agent only, and says so.
+fn parse_ssh(value: &str, env: &Env) -> Result<SshSpec, UsageError> {
+    let bad = |why: String| UsageError::new(format!("--ssh {value:?}: {why}"));
+    let (id, socket) = match value.split_once('=') {
+        Some((id, paths)) => {
+            if paths.contains(',') || paths.is_empty() {
+                return Err(bad(
+                    "give one agent socket; key files are not read: ssh-add them to an \
+                     ssh-agent and give its socket"
+                        .into(),
+                ));
+            }
+            (id, PathBuf::from(paths))
+        }
+        None => {
+            let socket = env
+                .get("SSH_AUTH_SOCK")
+                .filter(|s| !s.is_empty())
+                .ok_or_else(|| {
+                    bad(format!(
+                        "SSH_AUTH_SOCK is not set; start an ssh-agent or give --ssh {value}=SOCKET"
+                    ))
+                })?;
+            (value, PathBuf::from(socket))
+        }
+    };
+    if id.is_empty() || id.contains(',') {
+        return Err(bad("the id is empty or holds a comma".into()));
+    }
+    Ok(SshSpec {
+        id: id.to_owned(),
+        socket,
+    })
 }
 
 /// kaniko's `--git branch=NAME,single-branch=BOOL,recurse-submodules=BOOL,insecure-skip-tls=BOOL`.

@@ -439,3 +439,131 @@ fn warm_fills_the_cache_dir_once() {
         "{out}"
     );
 }
+
+/// A real ssh-agent holding one key, on a socket in a temporary directory; killed on drop.
+struct Agent {
+    child: std::process::Child,
+    socket: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Agent {
+    fn start(comment: &str) -> Agent {
+        kiln_testkit::require_tools(&["ssh-agent", "ssh-add", "ssh-keygen"]);
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("key");
+        kiln_testkit::run(
+            Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-C", comment, "-f"])
+                .arg(&key),
+        );
+        let socket = dir.path().join("agent.sock");
+        let child = Command::new("ssh-agent")
+            .arg("-D")
+            .arg("-a")
+            .arg(&socket)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        for _ in 0..100 {
+            if socket.exists() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        kiln_testkit::run(
+            Command::new("ssh-add")
+                .arg(&key)
+                .env("SSH_AUTH_SOCK", &socket),
+        );
+        Agent {
+            child,
+            socket,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `RUN --mount=type=ssh` reaches the `--ssh` agent through a socket of its own: the default
+/// one is `SSH_AUTH_SOCK` at /run/buildkit/ssh_agent.0 and lists the agent's key; a named one
+/// sits at its target with the mount's mode and owner; nothing of either reaches the image; an
+/// agent that a `required` mount names and that was not given fails the build at its line.
+#[test]
+fn run_mount_ssh_forwards_the_agent() {
+    use kiln_testkit::{bases, image, Registry};
+    kiln_testkit::require_tools(&["docker-registry", "skopeo", "umoci"]);
+    let registry = Registry::start();
+    let addr = registry.addr();
+    image::push_rootfs(&registry, bases::debian_rootfs(), "base/debian:bookworm");
+    let agent = Agent::start("kiln-test-key");
+    let work = tempfile::tempdir().unwrap();
+    let context = work.path().join("context");
+    std::fs::create_dir(&context).unwrap();
+    // The agent protocol by hand (SSH_AGENTC_REQUEST_IDENTITIES), with the perl of Debian's
+    // minimal base: count of keys and the first key's comment.
+    let list_keys = r#"perl -MIO::Socket::UNIX -e 'my $s = IO::Socket::UNIX->new(Peer => $ENV{SSH_AUTH_SOCK}) or die "connect: $!"; print $s pack("NC", 1, 11); read($s, my $len, 4) == 4 or die "no answer"; read($s, my $body, unpack("N", $len)); my ($type, $n, $blob, $comment) = unpack("C N N/a N/a", $body); print "agent at $ENV{SSH_AUTH_SOCK}: type $type, $n key, $comment\n"'"#;
+    let dockerfile = |last: &str| {
+        format!(
+            "FROM {addr}/base/debian:bookworm\n\
+             RUN --mount=type=ssh {list_keys}\n\
+             RUN --mount=type=ssh,id=deploy,target=/tmp/deploy.sock,mode=0640,uid=1000,gid=1000 \
+             stat -c 'deploy socket %F %a %u:%g' /tmp/deploy.sock && echo \"SSH_AUTH_SOCK=$SSH_AUTH_SOCK\"\n\
+             {last}\n"
+        )
+    };
+    let build = |name: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_executor"))
+            .arg(format!("--context={}", context.display()))
+            .arg(format!("--kiln-dir={}", work.path().join(name).display()))
+            .arg("--no-push")
+            .arg(format!(
+                "--oci-layout-path={}",
+                work.path().join(format!("{name}-layout")).display()
+            ))
+            .args(["--ssh", "default"])
+            .arg(format!("--ssh=deploy={}", agent.socket.display()))
+            .args(["--mode=chroot", "--progress=plain"])
+            .env("DOCKER_CONFIG", "/nonexistent-kiln-test")
+            .env("SSH_AUTH_SOCK", &agent.socket)
+            .output()
+            .unwrap();
+        (out.status.code(), stderr(&out))
+    };
+
+    std::fs::write(context.join("Dockerfile"), dockerfile("RUN true")).unwrap();
+    let (code, err) = build("ok");
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        err.contains("agent at /run/buildkit/ssh_agent.0: type 12, 1 key, kiln-test-key"),
+        "{err}"
+    );
+    assert!(err.contains("deploy socket socket 640 1000:1000"), "{err}");
+    assert!(err.contains("SSH_AUTH_SOCK=/tmp/deploy.sock"), "{err}");
+    let unpacked = work.path().join("unpacked");
+    kiln_testkit::run(
+        Command::new("umoci")
+            .args(["unpack", "--image"])
+            .arg(format!("{}:latest", work.path().join("ok-layout").display()))
+            .arg(&unpacked),
+    );
+    assert!(!unpacked.join("rootfs/run/buildkit").exists());
+    assert!(!unpacked.join("rootfs/tmp/deploy.sock").exists());
+
+    std::fs::write(
+        context.join("Dockerfile"),
+        dockerfile("RUN --mount=type=ssh,id=missing,required true"),
+    )
+    .unwrap();
+    let (code, err) = build("missing");
+    assert_eq!(code, Some(1), "{err}");
+    let last = err.lines().last().unwrap_or_default();
+    assert!(last.contains("Dockerfile:4"), "{last}");
+    assert!(last.contains("--ssh missing="), "{last}");
+}

@@ -722,3 +722,35 @@ fn dockerfile_is_looked_up_like_kaniko() {
     inv.resolve_dockerfile(tmp.path());
     assert_eq!(inv.options.dockerfile, PathBuf::from("other/Dockerfile"));
 }
+
+#[test]
+fn ssh_agents_come_from_their_socket_or_ssh_auth_sock() {
+    let mut env = Env::new();
+    env.insert("SSH_AUTH_SOCK".into(), "/tmp/agent.sock".into());
+    let inv = try_build(
+        &[DEST, "--ssh", "default", "--ssh=deploy=/run/deploy-agent.sock"],
+        &env,
+    )
+    .unwrap();
+    let ssh: Vec<(&str, &Path)> = (inv.options.ssh.iter())
+        .map(|s| (s.id.as_str(), s.socket.as_path()))
+        .collect();
+    assert_eq!(
+        ssh,
+        [
+            ("default", Path::new("/tmp/agent.sock")),
+            ("deploy", Path::new("/run/deploy-agent.sock"))
+        ]
+    );
+    // No agent to default to, key files, an empty id: usage errors naming the flag.
+    for args in [
+        &[DEST, "--ssh=default"][..],
+        &[DEST, "--ssh=default=/home/me/.ssh/id_ed25519,/home/me/.ssh/id_rsa"],
+        &[DEST, "--ssh==/tmp/agent.sock"],
+        &[DEST, "--ssh=default="],
+    ] {
+        let message = usage_error(args);
+        assert!(message.starts_with("--ssh"), "{args:?}: {message}");
+    }
+    assert!(usage_error(&[DEST, "--ssh=default"]).contains("SSH_AUTH_SOCK"));
+}

@@ -26,6 +26,7 @@ pub mod options;
 pub mod output;
 pub mod remote;
 pub mod run;
+pub mod ssh_agent;
 pub mod stage;
 pub mod timing;
 
@@ -34,6 +35,6 @@ pub use error::BuildError;
 pub use events::{BuildEvent, EventSink, OutputStream, Phase};
 pub use options::{
     BuildOptions, CacheOptions, ContextSpec, GitOptions, OutputOptions, SecretSource, SecretSpec,
-    SnapshotOptions,
+    SnapshotOptions, SshSpec,
 };
 pub use timing::TimingReport;

@@ -52,6 +52,17 @@ pub struct SecretSpec {
     pub source: SecretSource,
 }
 
+/// One `--ssh ID=SOCKET` flag: the ssh-agent a `RUN --mount=type=ssh,id=ID` step may use. The
+/// step reaches it through a socket of its own that forwards to this one, so the agent's keys
+/// are used but never copied, and nothing of it reaches a layer or a cache key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SshSpec {
+    /// The id a `RUN --mount=type=ssh,id=ID` refers to (`default` when the mount names none).
+    pub id: String,
+    /// The agent's socket on the build host (`$SSH_AUTH_SOCK` for `--ssh default`).
+    pub socket: PathBuf,
+}
+
 /// How filesystem changes are detected and what is never looked at.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SnapshotOptions {
@@ -164,6 +175,8 @@ pub struct BuildOptions {
     pub platform: Option<Platform>,
     /// `--secret` flags.
     pub secrets: Vec<SecretSpec>,
+    /// `--ssh` flags.
+    pub ssh: Vec<SshSpec>,
     /// Registry transport and credentials (`--insecure*`, `--skip-tls-verify*`,
     /// `--registry-*`, `--push-retry`, `--image-download-retry`).
     pub registry: RegistryOptions,
@@ -206,6 +219,7 @@ impl BuildOptions {
             target: None,
             platform: None,
             secrets: Vec::new(),
+            ssh: Vec::new(),
             registry: RegistryOptions::default(),
             mode: None,
             snapshot: SnapshotOptions::default(),

@@ -17,7 +17,8 @@ use kiln_fs::resolve::Root;
 
 use crate::cache_mount::{CacheMountStore, CacheRequest, ClaimedCaches, Seed};
 use crate::events::{BuildEvent, OutputStream};
-use crate::options::{SecretSource, SecretSpec};
+use crate::options::{SecretSource, SecretSpec, SshSpec};
+use crate::ssh_agent::AgentForward;
 
 /// What a RUN needs from the rest of the build besides the instruction.
 pub struct RunContext<'a> {
@@ -35,6 +36,8 @@ pub struct RunContext<'a> {
     pub cache_mounts: CacheMountStore<'a>,
     /// The `--secret` flags.
     pub secrets: &'a [SecretSpec],
+    /// The `--ssh` flags.
+    pub ssh: &'a [SshSpec],
     /// Event sink.
     pub emit: &'a (dyn Fn(BuildEvent) + Send + Sync),
 }
@@ -105,8 +108,10 @@ pub fn run(
         }
     }
     let caches = claim_caches(ctx, &run.mounts)?;
+    // Forwarding sockets of the step's ssh mounts; they close when the step is over.
+    let mut agents: Vec<AgentForward> = Vec::new();
     for (index, mount) in run.mounts.iter().enumerate() {
-        prepare_mount(ctx, mount, caches.dir(index), &mut step)?;
+        prepare_mount(ctx, mount, caches.dir(index), &mut agents, &mut step)?;
     }
 
     let mut sink = |stream: SandboxStream, line: &[u8]| {
@@ -183,11 +188,13 @@ fn absolute_target(target: &str, workdir: &Path) -> PathBuf {
     Path::new("/").join(workdir).join(target)
 }
 
-/// Adds `mount` to the step; a cache mount binds `cache_dir`, claimed with the step's others.
+/// Adds `mount` to the step; a cache mount binds `cache_dir`, claimed with the step's others,
+/// and an ssh mount adds its forwarding socket to `agents`, which must outlive the step.
 fn prepare_mount(
     ctx: &RunContext<'_>,
     mount: &Mount,
     cache_dir: Option<&Path>,
+    agents: &mut Vec<AgentForward>,
     step: &mut Step,
 ) -> Result<(), String> {
     let target = absolute_target(&mount.target, &step.workdir);
@@ -297,9 +304,59 @@ fn prepare_mount(
                 });
             }
         }
-        MountType::Ssh => return Err("RUN --mount=type=ssh is not supported".into()),
+        MountType::Ssh => agents.extend(mount_ssh_agent(ctx, mount, agents.len(), step)?),
     }
     Ok(())
+}
+
+/// Gives the step the `--ssh` agent `mount` names (the `number`th ssh mount of the step made
+/// so far) through a forwarding socket at its target, `/run/buildkit/ssh_agent.N` by default,
+/// as BuildKit does; the first one is also `SSH_AUTH_SOCK`. An agent that was not given is an
+/// error when the mount is `required`, and otherwise the step runs without it.
+fn mount_ssh_agent(
+    ctx: &RunContext<'_>,
+    mount: &Mount,
+    number: usize,
+    step: &mut Step,
+) -> Result<Option<AgentForward>, String> {
+    let id = mount.id.as_deref().unwrap_or("default");
+    let Some(spec) = ctx.ssh.iter().find(|s| s.id == id) else {
+        if mount.required {
+            return Err(format!(
+                "ssh agent {id:?} is required but was not given with --ssh {id}=SOCKET"
+            ));
+        }
+        return Ok(None);
+    };
+    let socket = ctx.scratch.join(format!("ssh-agent-{number}"));
+    let forward = AgentForward::start(
+        &spec.socket,
+        &socket,
+        mount.mode.unwrap_or(0o600),
+        mount.uid.unwrap_or(0),
+        mount.gid.unwrap_or(0),
+    )
+    .map_err(|e| format!("--ssh {id}: {e}"))?;
+    let target = if mount.target.is_empty() {
+        PathBuf::from(format!("/run/buildkit/ssh_agent.{number}"))
+    } else {
+        absolute_target(&mount.target, &step.workdir)
+    };
+    if number == 0 {
+        step.env.retain(|(key, _)| key != "SSH_AUTH_SOCK");
+        step.env.push((
+            "SSH_AUTH_SOCK".into(),
+            target.to_string_lossy().into_owned(),
+        ));
+    }
+    step.mounts.push(MountSpec {
+        target,
+        kind: MountKind::Bind {
+            source: socket,
+            readonly: false,
+        },
+    });
+    Ok(Some(forward))
 }
 
 /// A private copy of `from` at `to` (a read-write bind mount's source, a cache's seed).

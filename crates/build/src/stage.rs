@@ -649,6 +649,7 @@ pub fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, BuildEr
                         locks: &cache_locks,
                     },
                     secrets: &shared.options.secrets,
+                    ssh: &shared.options.ssh,
                     emit: &*shared.events,
                 };
                 let outcome = shared.timed(Some(index), Some(step_no), Phase::Execute, || {
