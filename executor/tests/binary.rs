@@ -550,7 +550,10 @@ fn run_mount_ssh_forwards_the_agent() {
     kiln_testkit::run(
         Command::new("umoci")
             .args(["unpack", "--image"])
-            .arg(format!("{}:latest", work.path().join("ok-layout").display()))
+            .arg(format!(
+                "{}:latest",
+                work.path().join("ok-layout").display()
+            ))
             .arg(&unpacked),
     );
     assert!(!unpacked.join("rootfs/run/buildkit").exists());

@@ -728,7 +728,12 @@ fn ssh_agents_come_from_their_socket_or_ssh_auth_sock() {
     let mut env = Env::new();
     env.insert("SSH_AUTH_SOCK".into(), "/tmp/agent.sock".into());
     let inv = try_build(
-        &[DEST, "--ssh", "default", "--ssh=deploy=/run/deploy-agent.sock"],
+        &[
+            DEST,
+            "--ssh",
+            "default",
+            "--ssh=deploy=/run/deploy-agent.sock",
+        ],
         &env,
     )
     .unwrap();
@@ -745,7 +750,10 @@ fn ssh_agents_come_from_their_socket_or_ssh_auth_sock() {
     // No agent to default to, key files, an empty id: usage errors naming the flag.
     for args in [
         &[DEST, "--ssh=default"][..],
-        &[DEST, "--ssh=default=/home/me/.ssh/id_ed25519,/home/me/.ssh/id_rsa"],
+        &[
+            DEST,
+            "--ssh=default=/home/me/.ssh/id_ed25519,/home/me/.ssh/id_rsa",
+        ],
         &[DEST, "--ssh==/tmp/agent.sock"],
         &[DEST, "--ssh=default="],
     ] {
