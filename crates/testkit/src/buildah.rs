@@ -72,7 +72,13 @@ impl Buildah {
             cmd.args(["--target", t]);
         }
         cmd.args(["-t", &local]).arg(context);
-        run_captured(&mut cmd)?;
+        match run_captured(&mut cmd) {
+            // buildah 1.28 now and then fails a RUN with "Close_Fd sealing memfd copy: Device or
+            // resource busy", a race of its own that the same build does not hit again; it is
+            // the oracle failing, not the case, so it gets one more try.
+            Err(error) if error.contains("sealing memfd copy") => run_captured(&mut cmd)?,
+            other => other?,
+        }
         let mut push = self.command();
         push.args(["push", "--tls-verify=false", &local])
             .arg(format!("docker://{}/{repo_tag}", self.registry));
