@@ -9,31 +9,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use kiln_context::{open_context, ContextError, ContextOptions};
+use kiln_testkit::git::git;
 
 /// "kiln:s3cret-pass" in Basic form.
 const EXPECTED_AUTH: &str = "Basic a2lsbjpzM2NyZXQtcGFzcw==";
-
-fn git(dir: &Path, args: &[&str]) -> String {
-    let output = Command::new("git")
-        .arg("-C")
-        .arg(dir)
-        .args([
-            "-c",
-            "user.name=Kiln Test",
-            "-c",
-            "user.email=test@kiln.invalid",
-        ])
-        .args(["-c", "init.defaultBranch=main"])
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).trim().to_owned()
-}
 
 /// Handles one HTTP/1.1 request by running `git http-backend` as a CGI program.
 fn handle(stream: TcpStream, project_root: &Path) -> std::io::Result<()> {

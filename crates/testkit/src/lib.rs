@@ -7,6 +7,7 @@
 
 pub mod bases;
 pub mod buildah;
+pub mod git;
 pub mod http;
 pub mod image;
 mod registry;
