@@ -560,7 +560,7 @@ impl EngineCache {
 }
 
 /// What `step` can observe, or `None` when some input cannot be pinned (an image or URL that
-/// [`crate::remote::RemotePins`] could not pin, a git source, a source that does not resolve):
+/// [`crate::remote::RemotePins`] could not pin, a source that does not resolve):
 /// the chain stops there and the rest of the stage runs uncached.
 fn step_input(
     step: &Step,
@@ -612,7 +612,12 @@ fn step_input(
             let mut remote = Vec::new();
             for path in paths(&files.sources) {
                 if crate::fetch::is_git_source(&path) {
-                    return None;
+                    let commit = keys.remote.git(&path)?;
+                    remote.push(RemoteSource {
+                        url: path,
+                        validator: RemoteValidator::GitCommit(commit.id),
+                    });
+                    continue;
                 }
                 if crate::fetch::is_http_url(&path) {
                     let validator = match &files.checksum {

@@ -22,7 +22,9 @@ pub fn is_http_url(source: &str) -> bool {
     lower.starts_with("http://") || lower.starts_with("https://")
 }
 
-/// Whether an ADD source names a git repository (which Kiln's ADD does not fetch).
+/// Whether an ADD source names a git repository (fetched with
+/// [`kiln_context::GitRepository`] rather than downloaded). An `http(s)` URL does when its
+/// path, before any query or fragment, ends in `.git`.
 pub fn is_git_source(source: &str) -> bool {
     let lower = source.to_ascii_lowercase();
     if lower.starts_with("git://") || lower.starts_with("git@") || lower.starts_with("ssh://") {
@@ -31,8 +33,8 @@ pub fn is_git_source(source: &str) -> bool {
     if !is_http_url(source) {
         return false;
     }
-    let without_fragment = lower.split('#').next().unwrap_or_default();
-    without_fragment.trim_end_matches('/').ends_with(".git")
+    let path = lower.split(['#', '?']).next().unwrap_or_default();
+    path.trim_end_matches('/').ends_with(".git")
 }
 
 /// The file name ADD gives a download: the last segment of the URL's path, or `__unnamed__`.
@@ -303,6 +305,7 @@ mod tests {
         assert_eq!(name("http://h/a%20b"), "a b");
         assert!(is_git_source("https://example.com/repo.git#main"));
         assert!(is_git_source("git@example.com:repo"));
+        assert!(is_git_source("https://example.com/repo.git?ref=main"));
         assert!(!is_git_source("https://example.com/file.tgz"));
         assert!(is_http_url("HTTPS://example.com/x"));
     }

@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use futures::future::join_all;
+use kiln_context::{GitCommit, GitRepository};
 use kiln_dockerfile::{FileSource, Instruction, Source, Step};
 use kiln_oci::{Digest, Platform};
 use kiln_registry::Client;
@@ -49,6 +50,8 @@ pub struct RemotePins {
     /// what was keyed without asking for the manifest again.
     images: Mutex<HashMap<String, ResolvedManifest>>,
     urls: Mutex<HashMap<String, UrlPin>>,
+    /// The commit each git source's ref named when it was asked (`git ls-remote`).
+    commits: Mutex<HashMap<String, GitCommit>>,
     /// URLs already asked for validators that gave none: [`RemotePins::pin`] downloads them
     /// without asking again.
     probed: Mutex<HashSet<String>>,
@@ -58,6 +61,7 @@ pub struct RemotePins {
 struct Wanted {
     images: Vec<String>,
     urls: Vec<String>,
+    git: Vec<String>,
 }
 
 impl RemotePins {
@@ -68,6 +72,7 @@ impl RemotePins {
             downloads: AtomicUsize::new(0),
             images: Mutex::new(HashMap::new()),
             urls: Mutex::new(HashMap::new()),
+            commits: Mutex::new(HashMap::new()),
             probed: Mutex::new(HashSet::new()),
         }
     }
@@ -82,6 +87,11 @@ impl RemotePins {
     /// even if the tag moved since.
     pub fn image_manifest(&self, image: &str) -> Option<ResolvedManifest> {
         self.images.lock().expect("image pins").get(image).cloned()
+    }
+
+    /// The commit the git source `source` (as written in `ADD`) was pinned to.
+    pub fn git(&self, source: &str) -> Option<GitCommit> {
+        self.commits.lock().expect("git pins").get(source).cloned()
     }
 
     /// How `url` was pinned, if it was.
@@ -120,7 +130,21 @@ impl RemotePins {
             let pin = self.pin_url(&url, download).await;
             (url, pin)
         }));
-        let (images, urls) = futures::join!(images, urls);
+        // `git ls-remote` is a process: each runs on a blocking thread, all at once.
+        let commits = join_all(wanted.git.into_iter().map(|source| async move {
+            let resolved = tokio::task::spawn_blocking({
+                let source = source.clone();
+                move || GitRepository::parse(&source).and_then(|repo| repo.resolve())
+            })
+            .await;
+            (source, resolved)
+        }));
+        let (images, urls, commits) = futures::join!(images, urls, commits);
+        (self.commits.lock().expect("git pins")).extend(
+            commits
+                .into_iter()
+                .filter_map(|(source, resolved)| Some((source, resolved.ok()?.ok()?))),
+        );
         (self.images.lock().expect("image pins")).extend(
             images
                 .into_iter()
@@ -133,9 +157,11 @@ impl RemotePins {
     fn wanted(&self, steps: &[Step]) -> Wanted {
         let images = self.images.lock().expect("image pins");
         let urls = self.urls.lock().expect("url pins");
+        let commits = self.commits.lock().expect("git pins");
         let mut wanted = Wanted {
             images: Vec::new(),
             urls: Vec::new(),
+            git: Vec::new(),
         };
         for step in steps {
             let read_from: Vec<&Option<Source>> = match &step.instruction {
@@ -156,8 +182,11 @@ impl RemotePins {
                         let FileSource::Path(path) = source else {
                             continue;
                         };
-                        if crate::fetch::is_http_url(path)
-                            && !crate::fetch::is_git_source(path)
+                        if crate::fetch::is_git_source(path) {
+                            if !commits.contains_key(path) && !wanted.git.contains(path) {
+                                wanted.git.push(path.clone());
+                            }
+                        } else if crate::fetch::is_http_url(path)
                             && !urls.contains_key(path)
                             && !wanted.urls.contains(path)
                         {

@@ -1194,13 +1194,11 @@ impl StageRun<'_> {
         let shared = self.shared;
         let mut local = Vec::new();
         let mut urls = Vec::new();
+        let mut repositories = Vec::new();
         for source in &files.sources {
             match source {
                 FileSource::Path(p) if crate::fetch::is_git_source(p) => {
-                    return Err(shared.step_error(
-                        line,
-                        format!("ADD {p}: git repositories are not supported as ADD sources"),
-                    ))
+                    repositories.push(p.as_str())
                 }
                 FileSource::Path(p) if crate::fetch::is_http_url(p) => urls.push(p.as_str()),
                 FileSource::Path(p) if p.contains("://") => {
@@ -1212,12 +1210,17 @@ impl StageRun<'_> {
                 other => local.push(other.clone()),
             }
         }
-        if files.checksum.is_some() && (urls.is_empty() || !local.is_empty()) {
+        if files.checksum.is_some()
+            && (urls.is_empty() || !local.is_empty() || !repositories.is_empty())
+        {
             return Err(
                 shared.step_error(line, "ADD --checksum is only supported for HTTP(S) sources")
             );
         }
-        if files.sources.len() > 1 && !urls.is_empty() && !files.dest.ends_with('/') {
+        if files.sources.len() > 1
+            && !(urls.is_empty() && repositories.is_empty())
+            && !files.dest.ends_with('/')
+        {
             return Err(shared.step_error(
                 line,
                 format!("when using ADD with more than one source file, the destination must be a directory and end with a /: {}", files.dest),
@@ -1265,6 +1268,32 @@ impl StageRun<'_> {
                 }
             }
         }
+        // Repositories are checked out, at the commit the step was keyed by, before the rootfs
+        // is touched too.
+        let mut checkouts: Vec<(PathBuf, PathBuf)> = Vec::new();
+        for (i, source) in repositories.iter().enumerate() {
+            let dir = shared
+                .work_dir
+                .join(format!("add-git-{}-{step}-{i}", self.index));
+            let checked_out = kiln_context::GitRepository::parse(source).and_then(|repo| {
+                let commit = match shared.remote.git(source) {
+                    Some(pinned) => pinned,
+                    None => repo.resolve()?,
+                };
+                Ok((repo.checkout(&commit, &dir)?, repo.subdir().to_path_buf()))
+            });
+            match checked_out {
+                Ok(checkout) => checkouts.push(checkout),
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(&dir);
+                    checkouts
+                        .iter()
+                        .for_each(|(d, _)| drop(std::fs::remove_dir_all(d)));
+                    downloads.iter().for_each(Fetched::remove);
+                    return Err(shared.step_error(line, format!("ADD failed: {e}")));
+                }
+            }
+        }
         let mut written = Vec::new();
         let result = (|| {
             if !local.is_empty() {
@@ -1283,32 +1312,46 @@ impl StageRun<'_> {
             }
             let owner = self.chown_ids(files.chown.as_deref(), line)?;
             let workdir = workdir_of(config);
+            // Downloads and checkouts are copied as context files are: owned by root or
+            // --chown, with --chmod.
+            let mut copy_fetched =
+                |root: &Path, source: String, include: &dyn Fn(&Path) -> bool| {
+                    let sources = [FileSource::Path(source)];
+                    let tree = SourceTree {
+                        root,
+                        include,
+                        keep_owner: false,
+                    };
+                    let request = CopyRequest {
+                        sources: &sources,
+                        dest: &files.dest,
+                        workdir: &workdir,
+                        owner,
+                        chmod: files.chmod.as_ref(),
+                        exclude: &copy::exclude_nothing,
+                        parents: false,
+                        unpack: false,
+                    };
+                    written.extend(
+                        copy::copy(self.rootfs, &tree, &request)
+                            .map_err(|e| shared.step_error(line, format!("ADD failed: {e}")))?,
+                    );
+                    Ok::<(), BuildError>(())
+                };
             for Fetched { dir, name, .. } in &downloads {
-                let sources = [FileSource::Path(name.clone())];
-                let include = |_: &Path| true;
-                let tree = SourceTree {
-                    root: dir,
-                    include: &include,
-                    keep_owner: false,
-                };
-                let request = CopyRequest {
-                    sources: &sources,
-                    dest: &files.dest,
-                    workdir: &workdir,
-                    owner,
-                    chmod: files.chmod.as_ref(),
-                    exclude: &copy::exclude_nothing,
-                    parents: false,
-                    unpack: false,
-                };
-                written.extend(
-                    copy::copy(self.rootfs, &tree, &request)
-                        .map_err(|e| shared.step_error(line, format!("ADD failed: {e}")))?,
-                );
+                copy_fetched(dir, name.clone(), &|_| true)?;
+            }
+            for (root, subdir) in &checkouts {
+                // The repository's `.git` stays out unless --keep-git-dir (BuildKit).
+                let include = |path: &Path| files.keep_git_dir || !path.starts_with(".git");
+                copy_fetched(root, subdir.display().to_string(), &include)?;
             }
             Ok(())
         })();
         downloads.iter().for_each(Fetched::remove);
+        checkouts
+            .iter()
+            .for_each(|(dir, _)| drop(std::fs::remove_dir_all(dir)));
         result.map(|()| (written, as_keyed))
     }
 }

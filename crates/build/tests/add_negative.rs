@@ -1,6 +1,6 @@
-//! ADD failures through the whole engine: a `--checksum` that does not match what a real HTTP
-//! server (`python3 -m http.server` on loopback) serves, and archives that try to leave the
-//! destination. Each build must fail with an error naming the Dockerfile line and what was
+//! ADD failures through the whole engine: git sources that cannot be fetched, a `--checksum`
+//! that does not match what a real HTTP server (`python3 -m http.server` on loopback) serves,
+//! and archives that try to leave the destination. Each build must fail with an error naming the Dockerfile line and what was
 //! wrong, and write nothing outside the build's rootfs.
 
 use std::path::Path;
@@ -100,4 +100,59 @@ async fn archives_climbing_out_of_the_destination_fail_the_build() {
     assert!(err.contains("evil.tar"), "{err}");
     assert!(!escape.exists(), "the archive wrote outside the rootfs");
     assert!(!layout.exists());
+}
+
+/// A git source that cannot be fetched (no repository there, or a ref it lacks), or that is
+/// given a `--checksum`, fails the build at its line and writes no image.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_git_source_that_cannot_be_fetched_fails_at_its_line() {
+    use kiln_testkit::git::{git, Daemon};
+    kiln_testkit::require_tools(&["git"]);
+    let work = tempfile::tempdir().unwrap();
+    let served = work.path().join("served");
+    let repo = work.path().join("repo");
+    std::fs::create_dir_all(&served).unwrap();
+    std::fs::create_dir_all(&repo).unwrap();
+    git(&repo, &["init", "-q"]);
+    std::fs::write(repo.join("a.txt"), "a\n").unwrap();
+    git(&repo, &["add", "."]);
+    git(&repo, &["commit", "-q", "-m", "one"]);
+    git(
+        work.path(),
+        &["clone", "-q", "--bare", "repo", "served/app.git"],
+    );
+    let daemon = Daemon::start(&served);
+    let checksum = kiln_oci::Digest::sha256_of(b"x").to_string();
+    for (add, needles) in [
+        (
+            format!("ADD {} /src", daemon.url("missing.git")),
+            vec!["Dockerfile:2", "missing.git", "ls-remote"],
+        ),
+        (
+            format!("ADD {}#no-such-tag /src", daemon.url("app.git")),
+            vec!["Dockerfile:2", "no ref \"no-such-tag\""],
+        ),
+        (
+            format!("ADD --checksum={checksum} {} /src", daemon.url("app.git")),
+            vec!["Dockerfile:2", "--checksum"],
+        ),
+    ] {
+        let context = tempfile::tempdir().unwrap();
+        std::fs::write(
+            context.path().join("Dockerfile"),
+            format!("FROM scratch\n{add}\n"),
+        )
+        .unwrap();
+        let kiln_dir = tempfile::tempdir().unwrap();
+        let layout = kiln_dir.path().join("layout");
+        let err = Builder::new(options(context.path(), kiln_dir.path(), &layout))
+            .build()
+            .await
+            .expect_err("the ADD must fail")
+            .to_string();
+        for needle in needles {
+            assert!(err.contains(needle), "{add}: {needle} missing from: {err}");
+        }
+        assert!(!layout.exists(), "a failed build wrote an image");
+    }
 }

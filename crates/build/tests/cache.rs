@@ -764,3 +764,91 @@ fn a_layer_pushed_to_the_destination_is_mounted_into_the_cache_not_uploaded_agai
     assert!(warm.ran().is_empty());
     assert_eq!(warm.digest, cold.digest);
 }
+
+/// ADD of git repositories (served by a real git daemon): a branch's subdirectory without
+/// `.git`, a tag with `--keep-git-dir`; keyed by the commits their refs name, so a rebuild in
+/// another Pod is a full hit, and a commit on the branch re-runs only that ADD and what follows.
+#[test]
+fn an_add_of_a_git_repository_is_keyed_by_the_commit_its_ref_names() {
+    use kiln_testkit::git::{git, Daemon};
+    kiln_testkit::require_tools(&["docker-registry", "skopeo", "umoci", "git"]);
+    let registry = Registry::start();
+    image::push_rootfs(&registry, bases::busybox_rootfs(), "base/busybox:latest");
+    let work = tempfile::tempdir().unwrap();
+    let served = work.path().join("served");
+    std::fs::create_dir(&served).unwrap();
+    let daemon = Daemon::start(&served);
+    let repo = work.path().join("repo");
+    std::fs::create_dir_all(repo.join("docs")).unwrap();
+    git(&repo, &["init", "-q"]);
+    std::fs::write(repo.join("docs/readme.txt"), "docs one\n").unwrap();
+    std::fs::write(repo.join("top.txt"), "top\n").unwrap();
+    git(&repo, &["add", "."]);
+    git(&repo, &["commit", "-q", "-m", "one"]);
+    git(&repo, &["tag", "-a", "v1", "-m", "release one"]);
+    let publish = || {
+        let _ = std::fs::remove_dir_all(served.join("app.git"));
+        git(
+            work.path(),
+            &["clone", "-q", "--bare", "repo", "served/app.git"],
+        );
+    };
+    publish();
+    let app = daemon.url("app.git");
+    let context = work.path().join("context");
+    std::fs::create_dir(&context).unwrap();
+    std::fs::write(
+        context.join("Dockerfile"),
+        format!(
+            "FROM {}/base/busybox:latest\n\
+             ADD --keep-git-dir=true {app}#v1 /src\n\
+             ADD {app}#main:docs /docs/\n\
+             RUN cat /docs/readme.txt\n",
+            registry.addr()
+        ),
+    )
+    .unwrap();
+
+    let cold = build(
+        &registry,
+        &context,
+        &work.path().join("a"),
+        cache_flags(&registry),
+    );
+    assert_eq!(cold.ran(), vec!["docs one".to_owned()]);
+    let flat = image::flatten(&registry, "app/pinned:latest");
+    assert_eq!(
+        std::fs::read_to_string(flat.rootfs.join("src/top.txt")).unwrap(),
+        "top\n"
+    );
+    assert!(flat.rootfs.join("src/.git").is_dir(), "--keep-git-dir");
+    assert!(flat.rootfs.join("docs/readme.txt").is_file());
+    assert!(!flat.rootfs.join("docs/.git").exists());
+    assert!(
+        !flat.rootfs.join("docs/docs").exists(),
+        "the subdirectory's contents"
+    );
+    assert!(!flat.rootfs.join("top.txt").exists());
+
+    let warm = build(
+        &registry,
+        &context,
+        &work.path().join("b"),
+        cache_flags(&registry),
+    );
+    assert!(warm.ran().is_empty(), "{:?}", warm.ran());
+    assert_eq!(warm.cached_steps(), vec![0, 1, 2]);
+    assert_eq!(warm.digest, cold.digest);
+
+    std::fs::write(repo.join("docs/readme.txt"), "docs two\n").unwrap();
+    git(&repo, &["commit", "-q", "-am", "two"]);
+    publish();
+    let moved = build(
+        &registry,
+        &context,
+        &work.path().join("c"),
+        cache_flags(&registry),
+    );
+    assert_eq!(moved.ran(), vec!["docs two".to_owned()]);
+    assert_eq!(moved.cached_steps(), vec![0], "the tag did not move");
+}

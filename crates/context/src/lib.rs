@@ -38,8 +38,8 @@ pub use dockerignore::DockerIgnore;
 pub use error::{ContextError, Result};
 pub use hash::{ContentDigest, ContentHasher as ContextHasher, HashOptions, HashedTree, TreeEntry};
 pub use source::{
-    open_source, select_sub_path, ContextSource, DirSource, GitOptions, GitSource,
-    HttpTarballSource, Materialized, SourceOptions, TarballSource,
+    open_source, select_sub_path, ContextSource, DirSource, GitCommit, GitOptions, GitRepository,
+    GitSource, HttpTarballSource, Materialized, SourceOptions, TarballSource,
 };
 pub use view::{BuildContext, ContextEntry, SourceMatch};
 

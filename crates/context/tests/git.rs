@@ -224,3 +224,56 @@ async fn git_failures_name_the_source_and_hide_credentials() {
     let leftovers = fs::read_dir(&fx.work).map(|d| d.count()).unwrap_or(0);
     assert_eq!(leftovers, 0);
 }
+
+/// ADD's git sources: refs resolved with ls-remote before anything is fetched, then exactly
+/// that commit checked out with its submodules.
+#[test]
+fn git_repositories_for_add_resolve_then_check_out_one_commit() {
+    use kiln_context::GitRepository;
+    let fx = fixture();
+    let app = fx.daemon.url("app.git");
+    fs::create_dir_all(&fx.work).unwrap();
+    let main = git(
+        &fx.work.parent().unwrap().join("app"),
+        &["rev-parse", "main"],
+    );
+
+    for (source, commit) in [
+        (app.clone(), main.as_str()),
+        (format!("{app}#main"), main.as_str()),
+        (format!("{app}#v1"), fx.first_commit.as_str()),
+        (format!("{app}#refs/tags/v1"), fx.first_commit.as_str()),
+        (
+            format!("{app}#{}", fx.first_commit),
+            fx.first_commit.as_str(),
+        ),
+    ] {
+        let repo = GitRepository::parse(&source).unwrap();
+        assert_eq!(repo.resolve().unwrap().id, commit, "{source}");
+    }
+
+    // The default branch with its submodule, checked out at the resolved commit.
+    let repo = GitRepository::parse(&app).unwrap();
+    let pinned = repo.resolve().unwrap();
+    let dir = fx.work.join("main");
+    let root = repo.checkout(&pinned, &dir).unwrap();
+    assert_eq!(read(&root, "a.txt").as_deref(), Some("two\n"));
+    assert_eq!(read(&root, "vendor/lib/lib.txt").as_deref(), Some("lib\n"));
+    assert_eq!(git(&root, &["rev-parse", "HEAD"]), main);
+
+    // A commit id, which git daemon does not hand out by id: the whole history is fetched.
+    let repo = GitRepository::parse(&format!("{app}#{}:", fx.first_commit)).unwrap();
+    let root = repo
+        .checkout(&repo.resolve().unwrap(), &fx.work.join("by-id"))
+        .unwrap();
+    assert_eq!(read(&root, "a.txt").as_deref(), Some("one\n"));
+    assert_eq!(repo.subdir(), Path::new("."));
+
+    // A ref the remote does not have, and a repository that does not exist.
+    let missing = GitRepository::parse(&format!("{app}#no-such-branch")).unwrap();
+    let error = missing.resolve().unwrap_err().to_string();
+    assert!(error.contains("no ref \"no-such-branch\""), "{error}");
+    let gone = GitRepository::parse(&fx.daemon.url("gone.git")).unwrap();
+    let error = gone.resolve().unwrap_err().to_string();
+    assert!(error.contains("ls-remote"), "{error}");
+}

@@ -256,34 +256,44 @@ impl GitSource {
 
     /// Runs one git command; on failure the error carries the (redacted) command and stderr.
     fn git(&self, dir: Option<&Path>, config: &[String], args: &[String]) -> Result<()> {
-        let mut command = Command::new("git");
-        if let Some(dir) = dir {
-            command.arg("-C").arg(dir);
-        }
-        command
-            .args(config)
-            .args(args)
-            .env("GIT_TERMINAL_PROMPT", "0")
-            .env("LC_ALL", "C")
-            .stdin(std::process::Stdio::null());
-        let output = command
-            .output()
-            .map_err(|error| ContextError::GitNotRunnable {
-                source_name: self.describe(),
-                error,
-            })?;
-        if output.status.success() {
-            return Ok(());
-        }
-        Err(ContextError::Git {
-            source_name: self.describe(),
-            command: self.redactor.redact(&args.join(" ")),
-            status: output.status.to_string(),
-            stderr: self
-                .redactor
-                .redact(String::from_utf8_lossy(&output.stderr).trim()),
-        })
+        run_git(&self.describe(), &self.redactor, dir, config, args).map(drop)
     }
+}
+
+/// Runs `git [-C dir] CONFIG ARGS` without a terminal prompt; returns its stdout. On failure
+/// the error names `source_name` and carries the command and stderr, both through `redactor`.
+pub(crate) fn run_git(
+    source_name: &str,
+    redactor: &Redactor,
+    dir: Option<&Path>,
+    config: &[String],
+    args: &[String],
+) -> Result<String> {
+    let mut command = Command::new("git");
+    if let Some(dir) = dir {
+        command.arg("-C").arg(dir);
+    }
+    command
+        .args(config)
+        .args(args)
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .env("LC_ALL", "C")
+        .stdin(std::process::Stdio::null());
+    let output = command
+        .output()
+        .map_err(|error| ContextError::GitNotRunnable {
+            source_name: source_name.to_owned(),
+            error,
+        })?;
+    if output.status.success() {
+        return Ok(String::from_utf8_lossy(&output.stdout).into_owned());
+    }
+    Err(ContextError::Git {
+        source_name: source_name.to_owned(),
+        command: redactor.redact(&args.join(" ")),
+        status: output.status.to_string(),
+        stderr: redactor.redact(String::from_utf8_lossy(&output.stderr).trim()),
+    })
 }
 
 impl ContextSource for GitSource {

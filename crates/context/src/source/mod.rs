@@ -7,6 +7,7 @@
 
 mod dir;
 mod git;
+mod git_repository;
 mod http;
 mod tarball;
 
@@ -17,6 +18,7 @@ use tempfile::TempDir;
 
 pub use dir::DirSource;
 pub use git::{GitOptions, GitSource};
+pub use git_repository::{GitCommit, GitRepository};
 pub use http::HttpTarballSource;
 pub use tarball::TarballSource;
 
