@@ -318,6 +318,35 @@ fn executor_builds_in_place_inside_a_runc_container() {
     assert_eq!(files, ["note"], "{log}");
 }
 
+/// One in-place build in a fresh container (busybox rootfs, Kiln installed) whose context is
+/// `context`, with `extra_caps` beyond Docker's; `args` follow the common ones. Panics if the
+/// build fails; returns the container's rootfs and the build log.
+fn build_in_pod(
+    work: &Path,
+    name: &str,
+    context: &Path,
+    volume: &Path,
+    registry: &str,
+    args: &[String],
+    extra_caps: &[&str],
+) -> (PathBuf, String) {
+    let bundle = work.join(format!("bundle-{name}"));
+    let rootfs = container_rootfs(&bundle);
+    let mut argv = install_executor(&rootfs);
+    argv.extend([
+        "--context=dir:///workspace/context".to_owned(),
+        format!("--registry-map=index.docker.io={registry}"),
+        "--mode=in-place".to_owned(),
+        "--progress=plain".to_owned(),
+    ]);
+    argv.extend_from_slice(args);
+    write_config_with_caps(&bundle, &argv, context, volume, extra_caps);
+    let out = runc_run(&bundle, &format!("kiln-{name}-{}", std::process::id()));
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{name}: build failed:\n{log}");
+    (rootfs, log)
+}
+
 /// RUN --mount and RUN --network=none in a Pod: with CAP_SYS_ADMIN a read-write bind mount
 /// gets a private copy in a stage that has no `cp` (in-place, `PATH` is the stage's), and the
 /// step without network sees only loopback; without CAP_SYS_ADMIN that step runs on the Pod's
@@ -352,21 +381,11 @@ fn run_mounts_and_network_none_in_place() {
         ),
     ] {
         std::fs::write(context.join("Dockerfile"), dockerfile).unwrap();
-        let bundle = work.path().join(format!("bundle-{case}"));
-        let rootfs = container_rootfs(&bundle);
-        let mut args = install_executor(&rootfs);
-        args.extend([
-            "--context=dir:///workspace/context".to_owned(),
+        let args = [
             "--no-push".to_owned(),
             format!("--oci-layout-path=/cache-volume/{case}"),
-            format!("--registry-map=index.docker.io={addr}"),
-            "--mode=in-place".to_owned(),
-            "--progress=plain".to_owned(),
-        ]);
-        write_config_with_caps(&bundle, &args, &context, &volume, caps);
-        let out = runc_run(&bundle, &format!("kiln-inplace-{case}-{}", std::process::id()));
-        let log = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert!(out.status.success(), "{case}: build failed:\n{log}");
+        ];
+        let (_, log) = build_in_pod(work.path(), case, &context, &volume, &addr, &args, caps);
         let unpacked = work.path().join(format!("unpacked-{case}"));
         run(Command::new("umoci")
             .args(["unpack", "--image"])
@@ -412,27 +431,14 @@ fn materialize_leaves_a_fully_cached_build_in_place() {
     let volume = work.path().join("volume");
     std::fs::create_dir(&volume).unwrap();
     let build = |run: &str, extra: &[&str]| {
-        let bundle = work.path().join(format!("bundle-{run}"));
-        let rootfs = container_rootfs(&bundle);
-        let mut args = install_executor(&rootfs);
-        args.extend([
-            "--context=dir:///workspace/context".to_owned(),
+        let mut args = vec![
             format!("--destination={addr}/app:{run}"),
-            format!("--registry-map=index.docker.io={addr}"),
             "--cache=true".to_owned(),
             format!("--cache-repo={addr}/app-cache"),
-            "--mode=in-place".to_owned(),
-            "--progress=plain".to_owned(),
-        ]);
+        ];
         args.extend(extra.iter().map(|a| a.to_string()));
-        write_config(&bundle, &args, &context, &volume);
-        let out = runc_run(
-            &bundle,
-            &format!("kiln-materialize-{run}-{}", std::process::id()),
-        );
-        let log = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert!(out.status.success(), "{run}: build failed:\n{log}");
-        (rootfs, log)
+        let name = format!("materialize-{run}");
+        build_in_pod(work.path(), &name, &context, &volume, &addr, &args, &[])
     };
     let (rootfs, log) = build("cold", &[]);
     assert!(rootfs.join("app/built").is_file(), "{log}");

@@ -135,16 +135,20 @@ impl CacheMountStore<'_> {
                 Ok((self.dirs.join(name), lock))
             }
             CacheSharing::Private => {
+                // `NAME`, then `NAME+1`, `NAME+2`, ...: the first copy nobody holds.
                 let mut candidate = name.to_owned();
-                for n in 1usize.. {
+                let mut copies = 0usize;
+                loop {
                     let lock = open(&candidate)?;
                     match lock.try_lock() {
                         Ok(()) => return Ok((self.dirs.join(candidate), lock)),
-                        Err(std::fs::TryLockError::WouldBlock) => candidate = format!("{name}+{n}"),
+                        Err(std::fs::TryLockError::WouldBlock) => {
+                            copies += 1;
+                            candidate = format!("{name}+{copies}");
+                        }
                         Err(std::fs::TryLockError::Error(e)) => return Err(failed(e)),
                     }
                 }
-                Err(format!("cache mount {name}: every private copy is in use"))
             }
         }
     }

@@ -2,7 +2,8 @@
 //! step will read: the platform manifest digest of each `COPY --from=IMAGE` and
 //! `RUN --mount=from=IMAGE`, and for each `ADD URL` without `--checksum` the server's
 //! validators (`HEAD`) or, when it gives none or refuses `HEAD`, the content itself,
-//! downloaded once and reused by the step.
+//! downloaded once and reused by the step; for each `ADD` of a git repository, the commit its
+//! ref names (`git ls-remote`), which the step then checks out.
 //!
 //! Pinning starts with the stage's first round of requests (its base manifest and cache
 //! record) as far as it can before the base config is known: [`RemotePins::prefetch`] pins the
@@ -100,8 +101,9 @@ impl RemotePins {
     }
 
     /// What can be pinned of `steps` before the base config is known, all at once: the images
-    /// of `COPY --from` and `RUN --mount=from=`, and the validators of each `ADD` URL. Nothing is downloaded, so a
-    /// step whose expansion the base's ENV changes later costs at most one wasted request.
+    /// of `COPY --from` and `RUN --mount=from=`, the validators of each `ADD` URL and the
+    /// commit of each `ADD` git ref. Nothing is downloaded, so a step whose expansion the
+    /// base's ENV changes later costs at most one wasted request.
     pub async fn prefetch(&self, steps: &[Step], client: &Client, platform: &Platform) {
         self.pin_wanted(self.wanted(steps), client, platform, false)
             .await

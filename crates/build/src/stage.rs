@@ -1269,26 +1269,21 @@ impl StageRun<'_> {
             }
         }
         // Repositories are checked out, at the commit the step was keyed by, before the rootfs
-        // is touched too.
-        let mut checkouts: Vec<(PathBuf, PathBuf)> = Vec::new();
-        for (i, source) in repositories.iter().enumerate() {
-            let dir = shared
-                .work_dir
-                .join(format!("add-git-{}-{step}-{i}", self.index));
-            let checked_out = kiln_context::GitRepository::parse(source).and_then(|repo| {
-                let commit = match shared.remote.git(source) {
-                    Some(pinned) => pinned,
-                    None => repo.resolve()?,
-                };
-                Ok((repo.checkout(&commit, &dir)?, repo.subdir().to_path_buf()))
-            });
+        // is touched too; each checkout goes when the step is done.
+        let mut checkouts: Vec<(tempfile::TempDir, PathBuf)> = Vec::new();
+        for source in &repositories {
+            let checked_out = tempfile::Builder::new()
+                .prefix("add-git-")
+                .tempdir_in(&shared.work_dir)
+                .map_err(|e| e.to_string())
+                .and_then(|dir| {
+                    let subdir =
+                        check_out(shared, source, dir.path()).map_err(|e| e.to_string())?;
+                    Ok((dir, subdir))
+                });
             match checked_out {
                 Ok(checkout) => checkouts.push(checkout),
                 Err(e) => {
-                    let _ = std::fs::remove_dir_all(&dir);
-                    checkouts
-                        .iter()
-                        .for_each(|(d, _)| drop(std::fs::remove_dir_all(d)));
                     downloads.iter().for_each(Fetched::remove);
                     return Err(shared.step_error(line, format!("ADD failed: {e}")));
                 }
@@ -1344,16 +1339,29 @@ impl StageRun<'_> {
             for (root, subdir) in &checkouts {
                 // The repository's `.git` stays out unless --keep-git-dir (BuildKit).
                 let include = |path: &Path| files.keep_git_dir || !path.starts_with(".git");
-                copy_fetched(root, subdir.display().to_string(), &include)?;
+                copy_fetched(root.path(), subdir.display().to_string(), &include)?;
             }
             Ok(())
         })();
         downloads.iter().for_each(Fetched::remove);
-        checkouts
-            .iter()
-            .for_each(|(dir, _)| drop(std::fs::remove_dir_all(dir)));
         result.map(|()| (written, as_keyed))
     }
+}
+
+/// Checks out the git repository `source` names, at the commit the step was keyed by (or the
+/// one its ref names now, without the cache), into `dir`; returns the directory of it to copy.
+fn check_out(
+    shared: &Shared,
+    source: &str,
+    dir: &Path,
+) -> Result<PathBuf, kiln_context::ContextError> {
+    let repo = kiln_context::GitRepository::parse(source)?;
+    let commit = match shared.remote.git(source) {
+        Some(pinned) => pinned,
+        None => repo.resolve()?,
+    };
+    repo.checkout(&commit, dir)?;
+    Ok(repo.subdir().to_path_buf())
 }
 
 /// A file an ADD downloaded, ready to copy from: the directory it is in and its name.

@@ -1,7 +1,7 @@
 //! ADD failures through the whole engine: git sources that cannot be fetched, a `--checksum`
 //! that does not match what a real HTTP server (`python3 -m http.server` on loopback) serves,
-//! and archives that try to leave the destination. Each build must fail with an error naming the Dockerfile line and what was
-//! wrong, and write nothing outside the build's rootfs.
+//! and archives that try to leave the destination. Each build must fail with an error naming
+//! the Dockerfile line and what was wrong, and write nothing outside the build's rootfs.
 
 use std::path::Path;
 
@@ -89,17 +89,23 @@ async fn archives_climbing_out_of_the_destination_fail_the_build() {
         "FROM scratch\nADD evil.tar /dest/\n",
     )
     .unwrap();
-    let kiln_dir = tempfile::tempdir().unwrap();
-    let layout = kiln_dir.path().join("layout");
-    let err = Builder::new(options(context.path(), kiln_dir.path(), &layout))
-        .build()
-        .await
-        .expect_err("an entry climbing out of the destination must fail the build")
-        .to_string();
+    let err = failed_build(context.path()).await;
     assert!(err.contains("Dockerfile:2"), "{err}");
     assert!(err.contains("evil.tar"), "{err}");
     assert!(!escape.exists(), "the archive wrote outside the rootfs");
-    assert!(!layout.exists());
+}
+
+/// Builds `context`, which must fail without writing an image; returns the error.
+async fn failed_build(context: &Path) -> String {
+    let kiln_dir = tempfile::tempdir().unwrap();
+    let layout = kiln_dir.path().join("layout");
+    let err = Builder::new(options(context, kiln_dir.path(), &layout))
+        .build()
+        .await
+        .expect_err("the build must fail")
+        .to_string();
+    assert!(!layout.exists(), "a failed build wrote an image");
+    err
 }
 
 /// A git source that cannot be fetched (no repository there, or a ref it lacks), or that is
@@ -143,16 +149,9 @@ async fn a_git_source_that_cannot_be_fetched_fails_at_its_line() {
             format!("FROM scratch\n{add}\n"),
         )
         .unwrap();
-        let kiln_dir = tempfile::tempdir().unwrap();
-        let layout = kiln_dir.path().join("layout");
-        let err = Builder::new(options(context.path(), kiln_dir.path(), &layout))
-            .build()
-            .await
-            .expect_err("the ADD must fail")
-            .to_string();
+        let err = failed_build(context.path()).await;
         for needle in needles {
             assert!(err.contains(needle), "{add}: {needle} missing from: {err}");
         }
-        assert!(!layout.exists(), "a failed build wrote an image");
     }
 }

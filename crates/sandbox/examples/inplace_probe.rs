@@ -5,9 +5,9 @@
 //! [--expect-gone "ARG ARG"]... [--tmpfs DIR]... [--no-network] SCRIPT`
 //!
 //! With `--no-network`, first prints `isolates:BOOL` (whether the sandbox can give the step a
-//! network of its own). Prints `out:LINE` / `err:LINE` per output line, then `status:CODE`, `cancelled` or
-//! `error:MESSAGE`, then `leftover:PID CMDLINE` for every process still alive whose command
-//! line is one of the `--expect-gone` ones.
+//! network of its own). Prints `out:LINE` / `err:LINE` per output line, then `status:CODE`,
+//! `cancelled` or `error:MESSAGE`, then `leftover:PID CMDLINE` for every process still alive
+//! whose command line is one of the `--expect-gone` ones.
 
 use std::time::Duration;
 

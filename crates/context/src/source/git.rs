@@ -239,17 +239,7 @@ impl GitSource {
             )?;
         }
         if self.options.recurse_submodules {
-            self.git(
-                Some(&dest),
-                &config,
-                &[
-                    "submodule".into(),
-                    "update".into(),
-                    "--quiet".into(),
-                    "--init".into(),
-                    "--recursive".into(),
-                ],
-            )?;
+            self.git(Some(&dest), &config, &submodule_update())?;
         }
         Ok(dest)
     }
@@ -258,6 +248,11 @@ impl GitSource {
     fn git(&self, dir: Option<&Path>, config: &[String], args: &[String]) -> Result<()> {
         run_git(&self.describe(), &self.redactor, dir, config, args).map(drop)
     }
+}
+
+/// The git arguments that check out every submodule of a checkout, recursively.
+pub(crate) fn submodule_update() -> [String; 5] {
+    ["submodule", "update", "--quiet", "--init", "--recursive"].map(String::from)
 }
 
 /// Runs `git [-C dir] CONFIG ARGS` without a terminal prompt; returns its stdout. On failure

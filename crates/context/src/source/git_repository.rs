@@ -8,7 +8,7 @@
 //! (`git ls-remote`), [`GitRepository::checkout`] fetches exactly that commit (shallow where
 //! the server allows) with its submodules. Uses the system `git`, as git contexts do.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use super::git::run_git;
 use super::redactor;
@@ -151,10 +151,10 @@ impl GitRepository {
         })
     }
 
-    /// Fetches `commit` into the new directory `dir` and checks it out with its submodules;
-    /// returns `dir`. The checkout keeps its `.git` directory: the caller leaves it out of
-    /// what it copies unless asked to keep it.
-    pub fn checkout(&self, commit: &GitCommit, dir: &Path) -> Result<PathBuf> {
+    /// Fetches `commit` into `dir` (new, or an empty directory) and checks it out with its
+    /// submodules. The checkout keeps its `.git` directory: the caller leaves it out of what
+    /// it copies unless asked to keep it.
+    pub fn checkout(&self, commit: &GitCommit, dir: &Path) -> Result<()> {
         let dir_string = dir.display().to_string();
         self.git(None, &["init".into(), "--quiet".into(), dir_string])?;
         let here = Some(dir);
@@ -213,18 +213,9 @@ impl GitRepository {
             ],
         )?;
         if dir.join(".gitmodules").is_file() {
-            self.git(
-                here,
-                &[
-                    "submodule".into(),
-                    "update".into(),
-                    "--quiet".into(),
-                    "--init".into(),
-                    "--recursive".into(),
-                ],
-            )?;
+            self.git(here, &super::git::submodule_update())?;
         }
-        Ok(dir.to_path_buf())
+        Ok(())
     }
 
     fn git(&self, dir: Option<&Path>, args: &[String]) -> Result<String> {
