@@ -5,27 +5,33 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Command;
 
 use kiln_testkit::{bases, image, require_tools, run, Registry};
 
-/// Docker's default capability set: what an ordinary (non-privileged) Pod's root has.
-const DOCKER_CAPS: [&str; 14] = [
-    "CAP_CHOWN",
-    "CAP_DAC_OVERRIDE",
-    "CAP_FSETID",
-    "CAP_FOWNER",
-    "CAP_MKNOD",
-    "CAP_NET_RAW",
-    "CAP_SETGID",
-    "CAP_SETUID",
-    "CAP_SETFCAP",
-    "CAP_SETPCAP",
-    "CAP_NET_BIND_SERVICE",
-    "CAP_SYS_CHROOT",
-    "CAP_KILL",
-    "CAP_AUDIT_WRITE",
-];
+mod support;
+use support::pod::{container_rootfs, install_executor, runc_run, write_bundle_config, Bind};
+
+/// A runc bundle for the container: the context at `/workspace/context` and a "volume" at
+/// `/cache-volume`, `args` as the process.
+fn write_config(bundle: &Path, args: &[String], context: &Path, volume: &Path) {
+    write_config_with_caps(bundle, args, context, volume, &[]);
+}
+
+/// [`write_config`] with `extra_caps` added to Docker's (a Pod whose securityContext adds them).
+fn write_config_with_caps(
+    bundle: &Path,
+    args: &[String],
+    context: &Path,
+    volume: &Path,
+    extra_caps: &[&str],
+) {
+    let binds = [
+        Bind(context, "/workspace/context", "ro"),
+        Bind(volume, "/cache-volume", "rw"),
+    ];
+    write_bundle_config(bundle, args, &binds, extra_caps);
+}
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -63,113 +69,6 @@ fn host_mount_points(work: &Path) -> BTreeSet<String> {
             watched(point).then(|| format!("{point} {root}"))
         })
         .collect()
-}
-
-/// Lays out Kiln's image (executor/Containerfile): the executor in `/kiln` and `/kaniko` a
-/// symlink to it, with the shared libraries it needs (and their loader) under `/kiln/lib` when
-/// it is not static; returns the argv prefix that starts it as `/kaniko/executor`. The
-/// libraries live under the Kiln dir so the build's wipe of `/` spares them.
-fn install_executor(rootfs: &Path) -> Vec<String> {
-    let binary = env!("CARGO_BIN_EXE_executor");
-    let kaniko = rootfs.join("kiln");
-    std::os::unix::fs::symlink("kiln", rootfs.join("kaniko")).unwrap();
-    std::fs::create_dir_all(kaniko.join("lib")).unwrap();
-    std::fs::copy(binary, kaniko.join("executor")).unwrap();
-    let ldd = Command::new("ldd").arg(binary).output().unwrap();
-    let listing = String::from_utf8_lossy(&ldd.stdout).into_owned();
-    let mut loader = None;
-    for line in listing.lines() {
-        let Some(path) = line.split_whitespace().find(|w| w.starts_with('/')) else {
-            continue;
-        };
-        let name = Path::new(path).file_name().unwrap();
-        std::fs::copy(path, kaniko.join("lib").join(name)).unwrap();
-        if name.to_string_lossy().starts_with("ld-linux") {
-            loader = Some(format!("/kaniko/lib/{}", name.to_string_lossy()));
-        }
-    }
-    match loader {
-        Some(loader) => vec![
-            loader,
-            "--library-path".into(),
-            "/kaniko/lib".into(),
-            "/kaniko/executor".into(),
-        ],
-        None => vec!["/kaniko/executor".into()],
-    }
-}
-
-/// The rootfs of a container in `bundle`: a copy of the busybox base with the mount points of
-/// the context and the volume [`write_config`] mounts.
-fn container_rootfs(bundle: &Path) -> PathBuf {
-    let rootfs = bundle.join("rootfs");
-    std::fs::create_dir_all(bundle).unwrap();
-    run(Command::new("cp")
-        .arg("-a")
-        .arg(bases::busybox_rootfs())
-        .arg(&rootfs));
-    std::fs::create_dir_all(rootfs.join("workspace/context")).unwrap();
-    std::fs::create_dir_all(rootfs.join("cache-volume")).unwrap();
-    rootfs
-}
-
-/// A runc bundle for the container: host network, Docker's capabilities, the quickstart
-/// context and a "volume" bind-mounted, `args` as the process.
-fn write_config(bundle: &Path, args: &[String], context: &Path, volume: &Path) {
-    write_config_with_caps(bundle, args, context, volume, &[]);
-}
-
-/// [`write_config`] with `extra_caps` added to Docker's (a Pod whose securityContext adds them).
-fn write_config_with_caps(
-    bundle: &Path,
-    args: &[String],
-    context: &Path,
-    volume: &Path,
-    extra_caps: &[&str],
-) {
-    run(Command::new("runc").arg("spec").current_dir(bundle));
-    let path = bundle.join("config.json");
-    let mut config: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-    config["process"]["terminal"] = false.into();
-    config["process"]["args"] = args.into();
-    config["process"]["cwd"] = "/kaniko".into();
-    let caps: Vec<serde_json::Value> = (DOCKER_CAPS.iter().chain(extra_caps))
-        .map(|c| (*c).into())
-        .collect();
-    for set in ["bounding", "effective", "permitted"] {
-        config["process"]["capabilities"][set] = caps.clone().into();
-    }
-    config["root"]["readonly"] = false.into();
-    let namespaces = config["linux"]["namespaces"].as_array_mut().unwrap();
-    namespaces.retain(|ns| ns["type"] != "network");
-    let mounts = config["mounts"].as_array_mut().unwrap();
-    for (source, target, mode) in [
-        (context, "/workspace/context", "ro"),
-        (volume, "/cache-volume", "rw"),
-    ] {
-        mounts.push(serde_json::json!({
-            "destination": target,
-            "type": "bind",
-            "source": source,
-            "options": ["rbind", mode],
-        }));
-    }
-    std::fs::write(&path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
-}
-
-fn runc_run(bundle: &Path, name: &str) -> Output {
-    let out = Command::new("runc")
-        .args(["run", "--bundle"])
-        .arg(bundle)
-        .arg(name)
-        .stdin(Stdio::null())
-        .output()
-        .expect("spawn runc");
-    let _ = Command::new("runc")
-        .args(["delete", "--force", name])
-        .output();
-    out
 }
 
 #[test]

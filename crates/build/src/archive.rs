@@ -10,11 +10,8 @@
 //! for every entry, as Docker's chrooted untar does. Entries keep the archive's owners, modes
 //! and times unless `--chown` is given, which then owns every extracted entry.
 
-use std::ffi::CString;
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
-use std::os::fd::AsRawFd;
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -108,13 +105,19 @@ fn is_tar_header(block: &[u8; 512]) -> bool {
 /// Recognises an archive ADD extracts: the file's decompressed content must start with a
 /// valid tar header. A file that does not decompress, or decompresses to something else, is
 /// not an archive (Docker then copies it as it is).
-pub fn detect(path: &Path) -> io::Result<Option<ArchiveFormat>> {
-    let mut file = File::open(path)?;
+pub fn detect(source: &Root, rel: &Path) -> Result<Option<ArchiveFormat>, String> {
+    let mut file = source
+        .open_file(rel)
+        .map_err(|e| format!("{}: {e}", rel.display()))?;
+    sniff(&mut file).map_err(|e| format!("{}: {e}", rel.display()))
+}
+
+fn sniff(file: &mut File) -> io::Result<Option<ArchiveFormat>> {
     let mut magic = Vec::with_capacity(6);
-    (&mut file).take(6).read_to_end(&mut magic)?;
+    (&mut *file).take(6).read_to_end(&mut magic)?;
     file.seek(SeekFrom::Start(0))?;
     let format = ArchiveFormat::from_magic(&magic);
-    let Ok(mut decoded) = format.decoder(file) else {
+    let Ok(mut decoded) = format.decoder(&mut *file) else {
         return Ok(None);
     };
     let mut block = [0u8; 512];
@@ -134,17 +137,22 @@ pub struct Extracted {
     pub removed: bool,
 }
 
-/// Extracts the archive at `archive` (of `format`, see [`detect`]) into `dest`, a directory
-/// that acts as `/` for every entry. With `owner`, every extracted entry is owned by it instead
-/// of the ids in the archive. Returns the paths written or removed.
+/// Extracts the archive `archive` of the tree `source` (of `format`, see [`detect`]) into
+/// `dest`, a directory that acts as `/` for every entry. With `owner`, every extracted entry is
+/// owned by it instead of the ids in the archive. Returns the paths written or removed.
 pub fn extract(
     dest: &Root,
+    source: &Root,
     archive: &Path,
     format: ArchiveFormat,
     owner: Option<(u32, u32)>,
 ) -> Result<Vec<Extracted>, String> {
     let shown = archive.display();
-    let open = || File::open(archive).map_err(|e| format!("{shown}: {e}"));
+    let open = || {
+        source
+            .open_file(archive)
+            .map_err(|e| format!("{shown}: {e}"))
+    };
     // kiln-fs verifies what it reads against a digest given up front: the file itself for the
     // formats it decompresses, else the decompressed tar, hashed in a first pass.
     let digest_of = |reader: &mut dyn Read| -> Result<Digest, String> {
@@ -218,28 +226,14 @@ pub fn extract(
 /// Sets the owner of `rel` (not following a final symlink), then puts back `mode`, whose
 /// setuid/setgid bits the kernel clears on chown.
 fn chown(root: &Root, rel: &Path, uid: u32, gid: u32, mode: Option<u32>) -> Result<(), String> {
-    let shown = rel.display();
-    let parent = match root.resolve_parent(rel) {
-        Ok(parent) => parent,
+    match root.set_owner(rel, uid, gid) {
+        Ok(()) => {}
         // Replaced later in the same archive.
         Err(e) if e.is_not_found() => return Ok(()),
-        Err(e) => return Err(format!("{shown}: {e}")),
-    };
-    let name = CString::new(parent.name().as_bytes()).map_err(|e| format!("{shown}: {e}"))?;
-    let dirfd = parent.dir().as_raw_fd();
-    // SAFETY: dirfd is a live descriptor owned by `parent`; name is NUL-terminated.
-    if unsafe { libc::fchownat(dirfd, name.as_ptr(), uid, gid, libc::AT_SYMLINK_NOFOLLOW) } != 0 {
-        let error = io::Error::last_os_error();
-        if error.kind() == io::ErrorKind::NotFound {
-            return Ok(());
-        }
-        return Err(format!("{shown}: chown: {error}"));
+        Err(e) => return Err(e.to_string()),
     }
     if let Some(mode) = mode.filter(|m| m & 0o6000 != 0) {
-        // SAFETY: as above.
-        if unsafe { libc::fchmodat(dirfd, name.as_ptr(), mode, 0) } != 0 {
-            return Err(format!("{shown}: chmod: {}", io::Error::last_os_error()));
-        }
+        root.set_mode(rel, mode).map_err(|e| e.to_string())?;
     }
     Ok(())
 }
@@ -314,12 +308,14 @@ mod tests {
             // A misleading name: detection looks at the bytes only.
             let path = dir.path().join("archive.txt");
             std::fs::write(&path, compress(format, &sample_tar())).unwrap();
-            assert_eq!(detect(&path).unwrap(), Some(format), "{format:?}");
+            let source = Root::open(dir.path()).unwrap();
+            let name = Path::new("archive.txt");
+            assert_eq!(detect(&source, name).unwrap(), Some(format), "{format:?}");
 
             let dest = tempfile::tempdir().unwrap();
             std::fs::write(dest.path().join("kept"), "k").unwrap();
             let root = Root::open(dest.path()).unwrap();
-            let changed = extract(&root, &path, format, None).unwrap();
+            let changed = extract(&root, &source, name, format, None).unwrap();
             assert!(changed.iter().any(|c| c.path == Path::new("pkg/tool")));
             let tool = dest.path().join("pkg/tool");
             assert_eq!(std::fs::read_to_string(&tool).unwrap(), "tool\n");
@@ -341,7 +337,15 @@ mod tests {
         std::fs::write(&path, compress(ArchiveFormat::Gzip, &sample_tar())).unwrap();
         let dest = tempfile::tempdir().unwrap();
         let root = Root::open(dest.path()).unwrap();
-        extract(&root, &path, ArchiveFormat::Gzip, Some((7, 8))).unwrap();
+        let source = Root::open(dir.path()).unwrap();
+        extract(
+            &root,
+            &source,
+            Path::new("a.tgz"),
+            ArchiveFormat::Gzip,
+            Some((7, 8)),
+        )
+        .unwrap();
         for rel in ["pkg", "pkg/tool", "pkg/latest"] {
             let meta = std::fs::symlink_metadata(dest.path().join(rel)).unwrap();
             assert_eq!((meta.uid(), meta.gid()), (7, 8), "{rel}");
@@ -351,33 +355,27 @@ mod tests {
     #[test]
     fn non_archives_are_not_detected() {
         let dir = tempfile::tempdir().unwrap();
-        let plain = dir.path().join("notes.tar.gz");
-        std::fs::write(&plain, "just text, named like an archive\n").unwrap();
-        assert_eq!(detect(&plain).unwrap(), None);
-        let gz_text = dir.path().join("text.gz");
-        std::fs::write(&gz_text, compress(ArchiveFormat::Gzip, &[b'x'; 2000])).unwrap();
-        assert_eq!(detect(&gz_text).unwrap(), None, "gzip of a non-tar");
-        let empty = dir.path().join("empty");
-        std::fs::write(&empty, "").unwrap();
-        assert_eq!(detect(&empty).unwrap(), None);
-    }
-
-    /// Writes a raw tar header with a name the `tar` crate's safe setters refuse.
-    fn raw_entry(out: &mut Vec<u8>, name: &[u8], kind: tar::EntryType, link: &[u8], data: &[u8]) {
-        let mut header = tar::Header::new_old();
-        header.as_old_mut().name[..name.len()].copy_from_slice(name);
-        header.as_old_mut().linkname[..link.len()].copy_from_slice(link);
-        header.set_entry_type(kind);
-        header.set_mode(0o644);
-        header.set_size(data.len() as u64);
-        header.set_cksum();
-        out.extend_from_slice(header.as_bytes());
-        out.extend_from_slice(data);
-        out.resize(out.len().div_ceil(512) * 512, 0);
+        let root = Root::open(dir.path()).unwrap();
+        let detected = |name: &str| detect(&root, Path::new(name)).unwrap();
+        std::fs::write(
+            dir.path().join("notes.tar.gz"),
+            "just text, named like an archive\n",
+        )
+        .unwrap();
+        assert_eq!(detected("notes.tar.gz"), None);
+        std::fs::write(
+            dir.path().join("text.gz"),
+            compress(ArchiveFormat::Gzip, &[b'x'; 2000]),
+        )
+        .unwrap();
+        assert_eq!(detected("text.gz"), None, "gzip of a non-tar");
+        std::fs::write(dir.path().join("empty"), "").unwrap();
+        assert_eq!(detected("empty"), None);
     }
 
     #[test]
     fn hostile_archives_cannot_write_outside_the_destination() {
+        use kiln_testkit::hostile::raw_tar_entry;
         let outside = tempfile::tempdir().unwrap();
         let rootfs = tempfile::tempdir().unwrap();
         let dest_path = rootfs.path().join("dest");
@@ -387,42 +385,42 @@ mod tests {
 
         // Absolute symlinks, then writes through them: they land inside the destination.
         let mut through_links = Vec::new();
-        raw_entry(
+        raw_tar_entry(
             &mut through_links,
             b"sys",
             tar::EntryType::Symlink,
             b"/etc",
             b"",
         );
-        raw_entry(
+        raw_tar_entry(
             &mut through_links,
             b"sys/evil",
             tar::EntryType::Regular,
             b"",
             b"x",
         );
-        raw_entry(
+        raw_tar_entry(
             &mut through_links,
             b"out",
             tar::EntryType::Symlink,
             &outside_str,
             b"",
         );
-        raw_entry(
+        raw_tar_entry(
             &mut through_links,
             b"out/evil",
             tar::EntryType::Regular,
             b"",
             b"x",
         );
-        raw_entry(
+        raw_tar_entry(
             &mut through_links,
             b"up",
             tar::EntryType::Symlink,
             b"../../..",
             b"",
         );
-        raw_entry(
+        raw_tar_entry(
             &mut through_links,
             b"up/evil",
             tar::EntryType::Regular,
@@ -433,9 +431,11 @@ mod tests {
         let archive_dir = tempfile::tempdir().unwrap();
         let archive = archive_dir.path().join("links.tar");
         std::fs::write(&archive, &through_links).unwrap();
-        assert_eq!(detect(&archive).unwrap(), Some(ArchiveFormat::Tar));
+        let source = Root::open(archive_dir.path()).unwrap();
+        let name = Path::new("links.tar");
+        assert_eq!(detect(&source, name).unwrap(), Some(ArchiveFormat::Tar));
         let dest = Root::open(&dest_path).unwrap();
-        extract(&dest, &archive, ArchiveFormat::Tar, None).unwrap();
+        extract(&dest, &source, name, ArchiveFormat::Tar, None).unwrap();
         assert!(dest_path.join("etc/evil").is_file(), "contained in dest");
         assert!(!rootfs.path().join("etc/evil").exists());
         assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0);
@@ -452,10 +452,17 @@ mod tests {
             (b"hl", tar::EntryType::Link, b"../../etc/passwd"),
         ] {
             let mut bytes = Vec::new();
-            raw_entry(&mut bytes, name, kind, link, b"x");
+            raw_tar_entry(&mut bytes, name, kind, link, b"x");
             bytes.extend_from_slice(&[0u8; 1024]);
             std::fs::write(&archive, &bytes).unwrap();
-            let err = extract(&dest, &archive, ArchiveFormat::Tar, None).unwrap_err();
+            let err = extract(
+                &dest,
+                &source,
+                Path::new("links.tar"),
+                ArchiveFormat::Tar,
+                None,
+            )
+            .unwrap_err();
             assert!(err.contains("links.tar"), "{err}");
             assert!(!rootfs.path().join("escape").exists());
             assert!(!archive_dir.path().join("escape").exists());

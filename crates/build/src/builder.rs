@@ -168,16 +168,8 @@ impl Builder {
             .map_err(|e| BuildError::Context(e.to_string()))?;
         timed_since(Phase::Context, context_started);
         let plan_started = Instant::now();
-        let dockerfile_path = if dockerfile_path.is_absolute() {
-            dockerfile_path
-        } else {
-            context.root().join(dockerfile_path)
-        };
         let dockerfile_name = options.dockerfile.display().to_string();
-        let text = std::fs::read_to_string(&dockerfile_path).map_err(|source| BuildError::Io {
-            path: dockerfile_path.clone(),
-            source,
-        })?;
+        let text = read_dockerfile(&context, &dockerfile_path)?;
         let dockerfile =
             Dockerfile::parse(&text).map_err(|e| dockerfile_error(&dockerfile_name, e))?;
         let platform = options.platform.clone().unwrap_or_else(Platform::host);
@@ -212,6 +204,7 @@ impl Builder {
                 .map(|s| s.name.clone().unwrap_or_else(|| s.index.to_string()))
                 .collect(),
         });
+        let hidden = hidden_credentials(&options, mode, &plan, &events);
         let levels = plan.levels().to_vec();
         let target = plan.target();
         let mut image_stages = HashSet::from([target]);
@@ -254,6 +247,7 @@ impl Builder {
             image_stages,
             cache,
             options,
+            hidden,
         });
 
         // In-place mode has one `/`: its stages run one after another.
@@ -430,6 +424,91 @@ fn engine_cache(
         events.clone(),
         settings.lookup_deadline,
     )))
+}
+
+/// In-place, RUN shares `/` with Kiln and so with the registry credentials it read (the
+/// mounted docker-registry Secret): the paths that hold them, for RUN to hide from every step.
+/// Kiln holds the credentials in memory from before the first step. Hiding needs a mount
+/// namespace, so CAP_SYS_ADMIN; without it the user is told once, as the build starts, that
+/// RUN steps can read them (as under kaniko).
+fn hidden_credentials(
+    options: &BuildOptions,
+    mode: Mode,
+    plan: &kiln_dockerfile::Plan,
+    events: &EventSink,
+) -> Vec<PathBuf> {
+    let Some(config) = options.registry.keychain.config().and_then(|c| c.path()) else {
+        return Vec::new();
+    };
+    if mode != Mode::InPlace {
+        return Vec::new();
+    }
+    // A config found in a directory (a mounted Secret) hides the directory; one named directly
+    // (`DOCKER_CONFIG=/path/config.json`) hides the file.
+    let hidden = match config.parent() {
+        Some(dir) if config.file_name().is_some_and(|n| n == "config.json") => dir.to_path_buf(),
+        _ => config.to_path_buf(),
+    };
+    let runs = plan.stages().iter().any(|stage| {
+        stage.steps(&[]).is_ok_and(|steps| {
+            steps
+                .steps
+                .iter()
+                .any(|step| matches!(step.instruction, kiln_dockerfile::Instruction::Run(_)))
+        })
+    });
+    if runs && !kiln_sandbox::has_sys_admin() {
+        events(BuildEvent::Warning {
+            message: format!(
+                "RUN steps can read the registry credentials in {}: hiding them needs \
+                 CAP_SYS_ADMIN, which this container lacks (kaniko never hides them)",
+                config.display()
+            ),
+        });
+    }
+    vec![hidden]
+}
+
+/// The Dockerfile's text. One inside the context (the usual case, also when named by an
+/// absolute path into it, as `-f "$(pwd)/Dockerfile" -c "$(pwd)"` does) is read through the
+/// context's root, so a context whose Dockerfile is a symlink cannot make the build parse (and
+/// print in its errors) a file of the host; one the user named elsewhere is read where it is.
+fn read_dockerfile(
+    context: &kiln_context::BuildContext,
+    path: &Path,
+) -> Result<String, BuildError> {
+    let inside = if path.is_absolute() {
+        let parent = path.parent().and_then(|p| std::fs::canonicalize(p).ok());
+        parent.and_then(|parent| {
+            let full = parent.join(path.file_name()?);
+            full.strip_prefix(context.root())
+                .ok()
+                .map(Path::to_path_buf)
+        })
+    } else {
+        Some(path.to_path_buf())
+    };
+    let read = |file: std::io::Result<std::fs::File>| {
+        let mut text = String::new();
+        file.and_then(|mut f| std::io::Read::read_to_string(&mut f, &mut text))
+            .map(|_| text)
+    };
+    match inside {
+        Some(rel) => context
+            .tree()
+            .open_file(&rel)
+            .map_err(|e| BuildError::Context(e.to_string()))
+            .and_then(|file| {
+                read(Ok(file)).map_err(|source| BuildError::Io {
+                    path: context.root().join(&rel),
+                    source,
+                })
+            }),
+        None => read(std::fs::File::open(path)).map_err(|source| BuildError::Io {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
 }
 
 /// kaniko resolves a relative `--dockerfile` against the working directory when it exists

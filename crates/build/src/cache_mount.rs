@@ -101,8 +101,8 @@ impl CacheMountStore<'_> {
                         .is_empty() =>
                 {
                     let root = Root::open(&dir).map_err(|e| e.to_string())?;
-                    let fd = root.mkdir_all(source, 0o755).map_err(|e| e.to_string())?;
-                    fd_path(&fd)?
+                    root.mkdir_all(source, 0o755).map_err(|e| e.to_string())?;
+                    root.host_path(source, true).map_err(|e| e.to_string())?
                 }
                 _ => dir,
             };
@@ -239,13 +239,6 @@ fn set_owner(dir: &Path, mount: &Mount) -> Result<(), String> {
         Some(mount.gid.unwrap_or(0)),
     )
     .map_err(|e| format!("{}: {e}", dir.display()))
-}
-
-/// The host path of what `fd` was opened on. The descriptor was resolved inside a root, so
-/// its path is inside that root even when the name given went through symlinks.
-pub fn fd_path(fd: &impl std::os::fd::AsRawFd) -> Result<PathBuf, String> {
-    let link = format!("/proc/self/fd/{}", fd.as_raw_fd());
-    std::fs::read_link(&link).map_err(|e| format!("{link}: {e}"))
 }
 
 #[cfg(test)]

@@ -1,14 +1,20 @@
 //! COPY (and the local-file half of ADD): Docker's source and destination rules, applied
-//! through [`kiln_fs::resolve::Root`] so nothing a source names can write outside the rootfs.
+//! through kiln-fs's [`Root`] on both sides, so nothing a source names is read from outside its
+//! tree and nothing is written outside the rootfs.
 //!
 //! Rules (Docker/BuildKit): a source directory copies its *contents*; a source file goes to
 //! `dest/NAME` when `dest` ends with `/` or is an existing directory, else to `dest` itself;
 //! several sources need a directory destination; relative destinations are under WORKDIR;
-//! missing parents are created 0755, owned by the `--chown` owner or root; files from the build context are owned by
-//! 0:0 unless `--chown` says otherwise, files from a stage or image keep their owners;
-//! `--chmod` replaces the mode of everything copied; modes and mtimes are otherwise kept;
-//! symlinks inside a copied tree are copied as symlinks, a source path that is itself a symlink
-//! is followed.
+//! missing parents are created 0755, owned by the `--chown` owner or root; files from the build
+//! context are owned by 0:0 unless `--chown` says otherwise, files from a stage or image keep
+//! their owners; `--chmod` replaces the mode of everything copied; modes and mtimes are
+//! otherwise kept.
+//!
+//! Symlinks (BuildKit's rules): a source path is resolved by [`TreeView`], which follows its
+//! symlinks, the last one included, inside the source tree only; symlinks met while walking a
+//! copied directory are copied as symlinks; the destination is resolved inside the stage root
+//! (a symlinked directory on the way leads to its target there), and the paths reported to the
+//! snapshotter are the ones really written.
 //!
 //! `--exclude` patterns (`.dockerignore` syntax) are matched, as BuildKit's copier does, against
 //! paths relative to each copied source directory, and against wildcard matches relative to the
@@ -16,23 +22,22 @@
 //! (or below a `/./` pivot in the source) under the destination. ADD's archive extraction is in
 //! [`crate::archive`].
 
-use std::ffi::CString;
+use std::collections::HashMap;
 use std::fs::Metadata;
 use std::io;
-use std::os::fd::AsRawFd;
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
+use kiln_context::{ContextError, TreeView};
 use kiln_dockerfile::{Chmod, FileSource};
-use kiln_fs::resolve::Root;
+use kiln_fs::resolve::{Root, RootError};
+use rustix::fs::Timespec;
 
-/// Where COPY reads from.
+/// Where COPY reads from: a tree (the build context with its ignore rules, a stage rootfs, an
+/// image), seen through its root.
 pub struct SourceTree<'a> {
-    /// Host directory that source paths are relative to (context root or a stage rootfs).
-    pub root: &'a Path,
-    /// Whether a path (relative to `root`) may be copied; the build context's `.dockerignore`.
-    pub include: &'a dyn Fn(&Path) -> bool,
+    /// The tree and, for the build context, its `.dockerignore`.
+    pub view: TreeView<'a>,
     /// Keep source owners (stage and image sources) instead of 0:0 (context sources).
     pub keep_owner: bool,
 }
@@ -64,7 +69,8 @@ pub fn exclude_nothing(_: &Path) -> bool {
 }
 
 /// Copies according to `request` into the rootfs `dest_root`; returns every path written or
-/// created (relative to the rootfs), for the snapshotter.
+/// created (relative to the rootfs, as resolved there: no symlink among its directories), for
+/// the snapshotter.
 pub fn copy(
     dest_root: &Path,
     from: &SourceTree<'_>,
@@ -76,7 +82,7 @@ pub fn copy(
     } else {
         Path::new(request.workdir).join(request.dest)
     };
-    let dest_rel = clean_relative(&dest_abs);
+    let dest_rel = resolve_destination(&root, &clean_relative(&dest_abs))?;
     let dest_names_dir = request.parents
         || request.dest.ends_with('/')
         || request.dest.ends_with("/.")
@@ -94,21 +100,29 @@ pub fn copy(
                 content: content.clone(),
             }),
             FileSource::Path(path) => {
-                let matches = resolve_source(from, path)?;
                 let base = has_wildcard(path).then(|| wildcard_base(path));
                 let pivot = request.parents.then(|| parents_pivot(path));
-                for rel in matches {
+                for found in resolve_source(from, path)? {
+                    let matched = PathBuf::from(found.matched());
                     if let Some(base) = &base {
-                        if let Ok(below) = rel.strip_prefix(base) {
+                        if let Ok(below) = matched.strip_prefix(base) {
                             if (request.exclude)(below) {
                                 continue;
                             }
                         }
                     }
-                    let keep = pivot
-                        .as_ref()
-                        .map(|pivot| rel.strip_prefix(pivot).unwrap_or(&rel).to_path_buf());
-                    items.push(Item::Path { rel, keep });
+                    let keep = pivot.as_ref().map(|pivot| {
+                        matched
+                            .strip_prefix(pivot)
+                            .unwrap_or(&matched)
+                            .to_path_buf()
+                    });
+                    items.push(Item::Path {
+                        matched,
+                        real: found.entry().rel_path().to_path_buf(),
+                        meta: found.entry().metadata().clone(),
+                        keep,
+                    });
                 }
             }
         }
@@ -126,9 +140,8 @@ pub fn copy(
         owner: request.owner,
         chmod: request.chmod,
         written: Vec::new(),
-        linked: std::collections::HashMap::new(),
+        linked: HashMap::new(),
         exclude: request.exclude,
-        exclude_base: PathBuf::new(),
         pending_files: Vec::new(),
         pending_dir_times: Vec::new(),
     };
@@ -144,43 +157,42 @@ pub fn copy(
                 writer.ensure_dir_parents(&target)?;
                 writer.write_bytes(&target, content.as_bytes(), 0o644)?;
             }
-            Item::Path { rel, keep } => {
-                let host = from.root.join(&rel);
-                let meta =
-                    std::fs::metadata(&host).map_err(|e| format!("{}: {e}", rel.display()))?;
-                writer.exclude_base.clone_from(&rel);
+            Item::Path {
+                matched,
+                real,
+                meta,
+                keep,
+            } => {
                 if let Some(keep) = keep {
                     // --parents: the kept path's directories take the metadata of their source
                     // directories when they are created.
                     let target = dest_rel.join(&keep);
-                    let pivot = without_tail(&rel, &keep);
+                    let pivot = without_tail(&matched, &keep);
                     writer.make_source_dirs(&pivot, &keep, &dest_rel)?;
                     if meta.is_dir() {
                         writer.make_dir(&target, Some(&meta))?;
-                        writer.copy_dir_contents(&rel, &target)?;
+                        writer.copy_dir_contents(&real, &target)?;
                     } else {
-                        writer.copy_entry(&host, &meta, &target, true)?;
+                        writer.copy_entry(&real, &meta, &target, true)?;
                     }
                 } else if meta.is_dir() {
                     writer.make_dir(&dest_rel, Some(&meta))?;
-                    writer.copy_dir_contents(&rel, &dest_rel)?;
-                } else if let Some(format) = request
-                    .unpack
-                    .then(|| crate::archive::detect(&host))
-                    .transpose()
-                    .map_err(|e| format!("{}: {e}", rel.display()))?
-                    .flatten()
-                {
-                    writer.extract(&host, format, &dest_rel)?;
+                    writer.copy_dir_contents(&real, &dest_rel)?;
+                } else if let Some(format) = if request.unpack {
+                    crate::archive::detect(from.view.root(), &real)?
                 } else {
-                    let name = rel.file_name().map(PathBuf::from).unwrap_or_default();
+                    None
+                } {
+                    writer.extract(&real, format, &dest_rel)?;
+                } else {
+                    let name = matched.file_name().map(PathBuf::from).unwrap_or_default();
                     let target = if dest_names_dir {
                         dest_rel.join(name)
                     } else {
                         dest_rel.clone()
                     };
                     writer.ensure_dir_parents(&target)?;
-                    writer.copy_entry(&host, &meta, &target, true)?;
+                    writer.copy_entry(&real, &meta, &target, true)?;
                 }
             }
         }
@@ -192,27 +204,11 @@ pub fn copy(
 }
 
 /// Creates the directory `rel` and its missing parents inside `dest_root`, owned by `uid:gid`
-/// with mode 0755 (WORKDIR); returns the directories created.
+/// with mode 0755 (WORKDIR); symlinks on the way are followed inside the root. Returns the
+/// directories created, as resolved in the root.
 pub fn make_dirs(dest_root: &Path, rel: &Path, uid: u32, gid: u32) -> Result<Vec<PathBuf>, String> {
     let root = Root::open(dest_root).map_err(|e| e.to_string())?;
-    let include = |_: &Path| true;
-    let from = SourceTree {
-        root: dest_root,
-        include: &include,
-        keep_owner: false,
-    };
-    let mut writer = Writer {
-        root: &root,
-        from: &from,
-        owner: Some((uid, gid)),
-        chmod: None,
-        written: Vec::new(),
-        linked: std::collections::HashMap::new(),
-        exclude: &exclude_nothing,
-        exclude_base: PathBuf::new(),
-        pending_files: Vec::new(),
-        pending_dir_times: Vec::new(),
-    };
+    let rel = resolve_destination(&root, rel)?;
     let mut missing = Vec::new();
     for ancestor in rel.ancestors() {
         if ancestor.as_os_str().is_empty() || root.symlink_metadata(ancestor).is_ok() {
@@ -220,20 +216,31 @@ pub fn make_dirs(dest_root: &Path, rel: &Path, uid: u32, gid: u32) -> Result<Vec
         }
         missing.push(ancestor.to_path_buf());
     }
+    let mut created = Vec::new();
     for dir in missing.into_iter().rev() {
-        root.mkdir_all(&dir, 0o755)
-            .map_err(|e| writer.err(&dir, e))?;
-        writer.set_meta(&dir, uid, gid, Some(0o755), None)?;
-        writer.written.push(dir);
+        root.mkdir_all(&dir, 0o755).map_err(|e| e.to_string())?;
+        set_meta_at(&root, &dir, Some((uid, gid)), Some(0o755), None)?;
+        created.push(dir);
     }
-    Ok(writer.written)
+    Ok(created)
+}
+
+/// Where the destination `rel` leads inside `root`: every existing symlink on the way (the last
+/// one included, as BuildKit's copier resolves a destination) followed inside the root, and
+/// the components that do not exist yet taken as written.
+fn resolve_destination(root: &Root, rel: &Path) -> Result<PathBuf, String> {
+    root.resolve(rel, true)
+        .map_err(|e| format!("/{}: {e}", rel.display()))
 }
 
 enum Item {
-    /// A source path relative to the source root; with `--parents`, the part of it kept under
-    /// the destination.
+    /// A source: the path as matched (its name is the copy's name), where it really is in the
+    /// source tree after following symlinks there, what it is, and with `--parents` the part
+    /// of it kept under the destination.
     Path {
-        rel: PathBuf,
+        matched: PathBuf,
+        real: PathBuf,
+        meta: Metadata,
         keep: Option<PathBuf>,
     },
     Inline {
@@ -289,100 +296,21 @@ fn has_wildcard(s: &str) -> bool {
     s.contains(['*', '?', '['])
 }
 
-/// Expands one source path (possibly with wildcards) to existing paths relative to the root.
-fn resolve_source(from: &SourceTree<'_>, path: &str) -> Result<Vec<PathBuf>, String> {
-    let rel = clean_relative(Path::new(path));
-    if !has_wildcard(path) {
-        let host = from.root.join(&rel);
-        if std::fs::symlink_metadata(&host).is_err()
-            || (!rel.as_os_str().is_empty() && !(from.include)(&rel))
-        {
-            return Err(format!(
-                "{path}: not found in the build context or excluded by .dockerignore"
-            ));
-        }
-        return Ok(vec![rel]);
-    }
-    let mut found = vec![PathBuf::new()];
-    for component in rel.components() {
-        let pattern = component.as_os_str().to_string_lossy().into_owned();
-        let mut next = Vec::new();
-        for dir in &found {
-            if !has_wildcard(&pattern) {
-                let candidate = dir.join(&pattern);
-                if std::fs::symlink_metadata(from.root.join(&candidate)).is_ok() {
-                    next.push(candidate);
-                }
-                continue;
-            }
-            let Ok(entries) = std::fs::read_dir(from.root.join(dir)) else {
-                continue;
-            };
-            let mut names: Vec<_> = entries.flatten().map(|e| e.file_name()).collect();
-            names.sort();
-            for name in names {
-                if glob_match(&pattern, &name.to_string_lossy()) {
-                    next.push(dir.join(name));
-                }
-            }
-        }
-        found = next;
-    }
-    found.retain(|p| (from.include)(p));
-    if found.is_empty() {
-        return Err(format!(
+/// Expands one source path (possibly with wildcards) to what it names in the source tree.
+fn resolve_source(
+    from: &SourceTree<'_>,
+    path: &str,
+) -> Result<Vec<kiln_context::SourceMatch>, String> {
+    match from.view.resolve_sources(path) {
+        Ok(found) if found.is_empty() => Err(format!(
             "{path}: no source files were specified (nothing matches)"
-        ));
+        )),
+        Ok(found) => Ok(found),
+        Err(ContextError::NotFound { .. }) => Err(format!(
+            "{path}: not found in the build context or excluded by .dockerignore"
+        )),
+        Err(e) => Err(format!("{path}: {e}")),
     }
-    Ok(found)
-}
-
-/// Go's `filepath.Match` for one path component: `*`, `?`, `[...]` classes with ranges and
-/// `^`/`!` negation, and `\` escapes.
-pub fn glob_match(pattern: &str, name: &str) -> bool {
-    fn go(p: &[char], n: &[char]) -> bool {
-        match p.first() {
-            None => n.is_empty(),
-            Some('*') => (0..=n.len()).any(|i| go(&p[1..], &n[i..])),
-            Some('?') => !n.is_empty() && go(&p[1..], &n[1..]),
-            Some('[') => {
-                let Some(&c) = n.first() else { return false };
-                let mut i = 1;
-                let negate = matches!(p.get(1), Some('^') | Some('!'));
-                if negate {
-                    i += 1;
-                }
-                let mut matched = false;
-                let mut first = true;
-                while i < p.len() && (p[i] != ']' || first) {
-                    first = false;
-                    let mut lo = p[i];
-                    if lo == '\\' && i + 1 < p.len() {
-                        i += 1;
-                        lo = p[i];
-                    }
-                    let mut hi = lo;
-                    if i + 2 < p.len() && p[i + 1] == '-' && p[i + 2] != ']' {
-                        hi = p[i + 2];
-                        i += 2;
-                    }
-                    if lo <= c && c <= hi {
-                        matched = true;
-                    }
-                    i += 1;
-                }
-                if i >= p.len() {
-                    return false;
-                }
-                matched != negate && go(&p[i + 1..], &n[1..])
-            }
-            Some('\\') if p.len() > 1 => n.first() == Some(&p[1]) && go(&p[2..], &n[1..]),
-            Some(&c) => n.first() == Some(&c) && go(&p[1..], &n[1..]),
-        }
-    }
-    let p: Vec<char> = pattern.chars().collect();
-    let n: Vec<char> = name.chars().collect();
-    go(&p, &n)
 }
 
 struct Writer<'a> {
@@ -393,11 +321,9 @@ struct Writer<'a> {
     written: Vec<PathBuf>,
     /// Source (device, inode) of multiply-linked files already copied, to their destination, so
     /// hard links inside one copy stay hard links (BuildKit keeps them).
-    linked: std::collections::HashMap<(u64, u64), PathBuf>,
-    /// `--exclude`, matched against paths relative to `exclude_base`.
+    linked: HashMap<(u64, u64), PathBuf>,
+    /// `--exclude`, matched against paths relative to the copied source directory.
     exclude: &'a dyn Fn(&Path) -> bool,
-    /// The source directory being copied.
-    exclude_base: PathBuf,
     /// Regular files found while walking a source directory, copied together at the end by
     /// several threads: creating files and filling their pages is kernel work that scales
     /// with cores.
@@ -407,9 +333,10 @@ struct Writer<'a> {
     pending_dir_times: Vec<(PathBuf, Metadata)>,
 }
 
-/// One regular file to copy: source, its metadata, destination, owner and mode.
+/// One regular file to copy: where it is in the source tree, its metadata, destination, owner
+/// and mode.
 struct FileJob {
-    host: PathBuf,
+    source: PathBuf,
     meta: Metadata,
     target: PathBuf,
     uid: u32,
@@ -422,11 +349,15 @@ impl Writer<'_> {
         format!("/{}: {e}", rel.display())
     }
 
+    fn source_err(&self, e: RootError) -> String {
+        e.to_string()
+    }
+
     /// Copies the deferred regular files on as many threads as there are cores, then sets the
     /// deferred directory times.
     fn flush(&mut self) -> Result<(), String> {
         let jobs = std::mem::take(&mut self.pending_files);
-        let root = self.root;
+        let (root, source) = (self.root, self.from.view.root());
         let next = std::sync::atomic::AtomicUsize::new(0);
         let threads = std::thread::available_parallelism()
             .map_or(1, |n| n.get())
@@ -437,7 +368,7 @@ impl Writer<'_> {
                 scope.spawn(|| loop {
                     let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let Some(job) = jobs.get(i) else { break };
-                    if let Err(e) = copy_regular(root, job) {
+                    if let Err(e) = copy_regular(root, source, job) {
                         first_error.lock().expect("copy errors").get_or_insert(e);
                         next.store(jobs.len(), std::sync::atomic::Ordering::Relaxed);
                         break;
@@ -450,7 +381,7 @@ impl Writer<'_> {
         }
         self.written.extend(jobs.into_iter().map(|job| job.target));
         for (dir, meta) in std::mem::take(&mut self.pending_dir_times) {
-            self.set_meta(&dir, u32::MAX, u32::MAX, None, Some(&meta))?;
+            set_meta_at(self.root, &dir, None, None, Some(&meta))?;
         }
         Ok(())
     }
@@ -472,8 +403,8 @@ impl Writer<'_> {
             self.root
                 .mkdir_all(&dir, 0o755)
                 .map_err(|e| self.err(&dir, e))?;
-            let (uid, gid) = self.owner.unwrap_or((0, 0));
-            self.set_meta(&dir, uid, gid, Some(0o755), None)?;
+            let owner = self.owner.unwrap_or((0, 0));
+            set_meta_at(self.root, &dir, Some(owner), Some(0o755), None)?;
             self.written.push(dir);
         }
         Ok(())
@@ -493,11 +424,11 @@ impl Writer<'_> {
                 .map_err(|e| self.err(target, e))?;
         }
         if let Some(meta) = source {
-            let (uid, gid) = self.owner_of(meta);
+            let owner = self.owner_of(meta);
             let mode = self.mode_of(meta.mode() & 0o7777, true);
-            self.set_meta(target, uid, gid, Some(mode), None)?;
-        } else if let Some((uid, gid)) = self.owner {
-            self.set_meta(target, uid, gid, None, None)?;
+            set_meta_at(self.root, target, Some(owner), Some(mode), None)?;
+        } else if let Some(owner) = self.owner {
+            set_meta_at(self.root, target, Some(owner), None, None)?;
         }
         self.written.push(target.to_path_buf());
         Ok(())
@@ -516,30 +447,37 @@ impl Writer<'_> {
             if matches!(self.root.symlink_metadata(&target), Ok(m) if m.is_dir()) {
                 continue;
             }
-            let source = self.from.root.join(pivot).join(&partial);
-            let meta =
-                std::fs::metadata(&source).map_err(|e| format!("{}: {e}", source.display()))?;
+            let meta = self
+                .from
+                .view
+                .root()
+                .metadata(pivot.join(&partial))
+                .map_err(|e| self.source_err(e))?;
             self.make_dir(&target, Some(&meta))?;
         }
         Ok(())
     }
 
-    /// ADD: extracts the archive at `host` into the directory `dest`, which is created (with the
-    /// usual owner rule) if missing and is `/` for every entry.
+    /// ADD: extracts the archive `archive` of the source tree into the directory `dest`, which
+    /// is created (with the usual owner rule) if missing and is `/` for every entry.
     fn extract(
         &mut self,
-        host: &Path,
+        archive: &Path,
         format: crate::archive::ArchiveFormat,
         dest: &Path,
     ) -> Result<(), String> {
         self.ensure_dir_parents(&dest.join("_"))?;
-        let fd = self
-            .root
+        self.root
             .mkdir_all(dest, 0o755)
             .map_err(|e| self.err(dest, e))?;
-        let dest_root = Root::open(format!("/proc/self/fd/{}", fd.as_raw_fd()))
-            .map_err(|e| self.err(dest, e))?;
-        let changed = crate::archive::extract(&dest_root, host, format, self.owner)?;
+        let dest_root = self.root.subroot(dest).map_err(|e| self.err(dest, e))?;
+        let changed = crate::archive::extract(
+            &dest_root,
+            self.from.view.root(),
+            archive,
+            format,
+            self.owner,
+        )?;
         self.written
             .extend(changed.into_iter().map(|c| dest.join(c.path)));
         Ok(())
@@ -561,38 +499,49 @@ impl Writer<'_> {
         }
     }
 
-    fn copy_dir_contents(&mut self, src_rel: &Path, dest_rel: &Path) -> Result<(), String> {
-        let host_dir = self.from.root.join(src_rel);
-        let mut entries: Vec<_> = std::fs::read_dir(&host_dir)
-            .map_err(|e| format!("{}: {e}", src_rel.display()))?
-            .flatten()
-            .map(|e| e.file_name())
-            .collect();
-        entries.sort();
-        for name in entries {
-            let child_src = src_rel.join(&name);
-            if !(self.from.include)(&child_src) {
+    /// Copies what the source directory `source` (a resolved path of the source tree) holds
+    /// into `dest`, as the tree's view lists it: ignored entries left out, symlinks as
+    /// symlinks.
+    fn copy_dir_contents(&mut self, source: &Path, dest: &Path) -> Result<(), String> {
+        let top = self
+            .from
+            .view
+            .root()
+            .symlink_metadata(source)
+            .map_err(|e| self.source_err(e))?;
+        let listing = self
+            .from
+            .view
+            .walk_at(source, top)
+            .map_err(|e| format!("{}: {e}", source.display()))?;
+        // A directory left out by --exclude takes its whole subtree with it.
+        let mut excluded_dir: Option<PathBuf> = None;
+        let mut dirs: Vec<(PathBuf, Metadata)> = Vec::new();
+        for entry in listing {
+            let below = entry
+                .rel_path()
+                .strip_prefix(source)
+                .unwrap_or(entry.rel_path())
+                .to_path_buf();
+            if excluded_dir.as_ref().is_some_and(|d| below.starts_with(d)) {
                 continue;
             }
-            if child_src
-                .strip_prefix(&self.exclude_base)
-                .is_ok_and(|below| (self.exclude)(below))
-            {
+            if (self.exclude)(&below) {
+                if entry.is_dir() {
+                    excluded_dir = Some(below);
+                }
                 continue;
             }
-            let host = self.from.root.join(&child_src);
-            let meta = std::fs::symlink_metadata(&host)
-                .map_err(|e| format!("{}: {e}", child_src.display()))?;
-            let target = dest_rel.join(&name);
+            let target = dest.join(&below);
+            let meta = entry.metadata().clone();
             if meta.is_dir() {
                 self.make_dir(&target, Some(&meta))?;
-                self.copy_dir_contents(&child_src, &target)?;
-                self.pending_dir_times.push((target, meta));
+                dirs.push((target, meta));
             } else if meta.is_file() && meta.nlink() == 1 {
                 let (uid, gid) = self.owner_of(&meta);
                 let mode = self.mode_of(meta.permissions().mode() & 0o7777, false);
                 self.pending_files.push(FileJob {
-                    host,
+                    source: entry.rel_path().to_path_buf(),
                     meta,
                     target,
                     uid,
@@ -600,22 +549,24 @@ impl Writer<'_> {
                     mode,
                 });
             } else {
-                self.copy_entry(&host, &meta, &target, false)?;
+                self.copy_entry(entry.rel_path(), &meta, &target, false)?;
             }
         }
+        // Deepest first: setting a directory's times must come after its subdirectories'.
+        self.pending_dir_times.extend(dirs.into_iter().rev());
         Ok(())
     }
 
-    /// Copies one non-directory entry. `follow` is set for a top-level source path.
+    /// Copies one non-directory entry, `source` in the source tree, whose metadata is `meta`
+    /// (its target's for a top-level source path, whose symlinks were followed; its own for
+    /// an entry of a copied directory, so a symlink is copied as a symlink).
     fn copy_entry(
         &mut self,
-        host: &Path,
+        source: &Path,
         meta: &Metadata,
         target: &Path,
-        follow: bool,
+        top_level: bool,
     ) -> Result<(), String> {
-        let link_meta =
-            std::fs::symlink_metadata(host).map_err(|e| format!("{}: {e}", host.display()))?;
         if let Ok(existing) = self.root.symlink_metadata(target) {
             if existing.is_dir() && !meta.is_dir() {
                 return Err(self.err(target, "cannot overwrite a directory with a non-directory"));
@@ -625,12 +576,13 @@ impl Writer<'_> {
                 .map_err(|e| self.err(target, e))?;
         }
         let (uid, gid) = self.owner_of(meta);
-        if link_meta.file_type().is_symlink() && !follow {
-            let link = std::fs::read_link(host).map_err(|e| format!("{}: {e}", host.display()))?;
+        let tree = self.from.view.root();
+        if meta.file_type().is_symlink() && !top_level {
+            let link = tree.read_link(source).map_err(|e| self.source_err(e))?;
             self.root
                 .symlink(&link, target)
                 .map_err(|e| self.err(target, e))?;
-            self.set_meta(target, uid, gid, None, Some(&link_meta))?;
+            set_meta_at(self.root, target, Some((uid, gid)), None, Some(meta))?;
         } else if meta.is_file()
             && meta.nlink() > 1
             && self.linked.contains_key(&(meta.dev(), meta.ino()))
@@ -644,20 +596,23 @@ impl Writer<'_> {
                 self.linked
                     .insert((meta.dev(), meta.ino()), target.to_path_buf());
             }
-            let mut input =
-                std::fs::File::open(host).map_err(|e| format!("{}: {e}", host.display()))?;
             let mode = self.mode_of(meta.permissions().mode() & 0o7777, false);
-            let mut output = self
-                .root
-                .create(target, 0o600)
-                .map_err(|e| self.err(target, e))?;
-            io::copy(&mut input, &mut output).map_err(|e| self.err(target, e))?;
-            drop(output);
-            self.set_meta(target, uid, gid, Some(mode), Some(meta))?;
+            copy_regular(
+                self.root,
+                tree,
+                &FileJob {
+                    source: source.to_path_buf(),
+                    meta: meta.clone(),
+                    target: target.to_path_buf(),
+                    uid,
+                    gid,
+                    mode,
+                },
+            )?;
         } else {
             return Err(format!(
                 "{}: only regular files, directories and symlinks can be copied",
-                host.display()
+                source.display()
             ));
         }
         self.written.push(target.to_path_buf());
@@ -679,30 +634,17 @@ impl Writer<'_> {
             .map_err(|e| self.err(target, e))?;
         io::Write::write_all(&mut output, content).map_err(|e| self.err(target, e))?;
         drop(output);
-        let (uid, gid) = self.owner.unwrap_or((0, 0));
+        let owner = self.owner.unwrap_or((0, 0));
         let mode = self.mode_of(mode, false);
-        self.set_meta(target, uid, gid, Some(mode), None)?;
+        set_meta_at(self.root, target, Some(owner), Some(mode), None)?;
         self.written.push(target.to_path_buf());
         Ok(())
     }
-
-    /// Sets owner (skipped when `uid == u32::MAX`), mode (after chown, which clears setuid
-    /// bits) and mtime (from `times_of`) of `rel` without following a final symlink.
-    fn set_meta(
-        &self,
-        rel: &Path,
-        uid: u32,
-        gid: u32,
-        mode: Option<u32>,
-        times_of: Option<&Metadata>,
-    ) -> Result<(), String> {
-        set_meta_at(self.root, rel, uid, gid, mode, times_of)
-    }
 }
 
-/// Copies one deferred regular file (a new or replaced destination) with its owner, mode
-/// and times.
-fn copy_regular(root: &Root, job: &FileJob) -> Result<(), String> {
+/// Copies one regular file of the source tree `source` into `root`, with its owner, mode and
+/// times, replacing what was at the destination.
+fn copy_regular(root: &Root, source: &Root, job: &FileJob) -> Result<(), String> {
     let err = |e: &dyn std::fmt::Display| format!("/{}: {e}", job.target.display());
     if let Ok(existing) = root.symlink_metadata(&job.target) {
         if existing.is_dir() {
@@ -710,77 +652,48 @@ fn copy_regular(root: &Root, job: &FileJob) -> Result<(), String> {
         }
         root.remove_all(&job.target).map_err(|e| err(&e))?;
     }
-    let mut input =
-        std::fs::File::open(&job.host).map_err(|e| format!("{}: {e}", job.host.display()))?;
+    let mut input = source.open_file(&job.source).map_err(|e| e.to_string())?;
     let mut output = root.create(&job.target, 0o600).map_err(|e| err(&e))?;
     io::copy(&mut input, &mut output).map_err(|e| err(&e))?;
     drop(output);
     set_meta_at(
         root,
         &job.target,
-        job.uid,
-        job.gid,
+        Some((job.uid, job.gid)),
         Some(job.mode),
         Some(&job.meta),
     )
 }
 
-/// Sets owner (skipped when `uid == u32::MAX`), mode (after chown, which clears setuid bits)
-/// and mtime (from `times_of`) of `rel` under `root` without following a final symlink.
+/// Sets owner, mode (after the owner, since chown clears setuid bits) and access and
+/// modification times (from `times_of`) of `rel` under `root`, without following a final
+/// symlink.
 fn set_meta_at(
     root: &Root,
     rel: &Path,
-    uid: u32,
-    gid: u32,
+    owner: Option<(u32, u32)>,
     mode: Option<u32>,
     times_of: Option<&Metadata>,
 ) -> Result<(), String> {
-    {
-        let err = |e: &dyn std::fmt::Display| format!("/{}: {e}", rel.display());
-        let parent = root.resolve_parent(rel).map_err(|e| err(&e))?;
-        let dirfd = parent.dir().as_raw_fd();
-        let name = CString::new(parent.name().as_bytes()).map_err(|e| err(&e))?;
-        let os_err = |what: &str| err(&format!("{what}: {}", io::Error::last_os_error()));
-        if uid != u32::MAX {
-            // SAFETY: dirfd is a live descriptor owned by `parent`; name is NUL-terminated.
-            if unsafe { libc::fchownat(dirfd, name.as_ptr(), uid, gid, libc::AT_SYMLINK_NOFOLLOW) }
-                != 0
-            {
-                return Err(os_err("chown"));
-            }
-        }
-        if let Some(mode) = mode {
-            // SAFETY: as above; fchmodat never follows into another directory than dirfd.
-            if unsafe { libc::fchmodat(dirfd, name.as_ptr(), mode, 0) } != 0 {
-                return Err(os_err("chmod"));
-            }
-        }
-        if let Some(meta) = times_of {
-            let times = [
-                libc::timespec {
-                    tv_sec: meta.atime(),
-                    tv_nsec: meta.atime_nsec(),
-                },
-                libc::timespec {
-                    tv_sec: meta.mtime(),
-                    tv_nsec: meta.mtime_nsec(),
-                },
-            ];
-            // SAFETY: as above; `times` is a valid two-element array.
-            if unsafe {
-                libc::utimensat(
-                    dirfd,
-                    name.as_ptr(),
-                    times.as_ptr(),
-                    libc::AT_SYMLINK_NOFOLLOW,
-                )
-            } != 0
-            {
-                return Err(os_err("utimensat"));
-            }
-        }
-        Ok(())
+    let err = |e: RootError| format!("/{}: {e}", rel.display());
+    if let Some((uid, gid)) = owner {
+        root.set_owner(rel, uid, gid).map_err(err)?;
     }
+    if let Some(mode) = mode {
+        root.set_mode(rel, mode).map_err(err)?;
+    }
+    if let Some(meta) = times_of {
+        let accessed = Timespec {
+            tv_sec: meta.atime(),
+            tv_nsec: meta.atime_nsec(),
+        };
+        let modified = Timespec {
+            tv_sec: meta.mtime(),
+            tv_nsec: meta.mtime_nsec(),
+        };
+        root.set_times(rel, accessed, modified).map_err(err)?;
+    }
+    Ok(())
 }
 
 /// Applies a symbolic chmod expression (`u+x`, `go=r`, `a-w,u+s`, `+X`) to `mode`, as chmod(1)
@@ -847,17 +760,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn go_filepath_match_semantics() {
-        assert!(glob_match("*.txt", "a.txt"));
-        assert!(!glob_match("*.txt", "a.txt.bak"));
-        assert!(glob_match("file?.md", "file1.md"));
-        assert!(glob_match("[a-c]x", "bx"));
-        assert!(!glob_match("[^a-c]x", "bx"));
-        assert!(glob_match("\\*", "*"));
-        assert!(!glob_match("[", "["));
-    }
-
-    #[test]
     fn symbolic_modes_apply_like_chmod() {
         assert_eq!(apply_symbolic("u+x", 0o644, false), 0o744);
         assert_eq!(apply_symbolic("go=r", 0o777, false), 0o744);
@@ -877,10 +779,11 @@ mod tests {
         std::fs::write(context.path().join("dir/b"), "b").unwrap();
         std::fs::write(context.path().join("one.txt"), "1").unwrap();
         std::os::unix::fs::symlink("b", context.path().join("dir/link")).unwrap();
-        let include = |p: &Path| !p.ends_with("b");
+        let ignore =
+            kiln_context::DockerIgnore::parse("dir/b", Path::new(".dockerignore")).unwrap();
+        let tree = Root::open(context.path()).unwrap();
         let from = SourceTree {
-            root: context.path(),
-            include: &include,
+            view: TreeView::new(&tree, Some(&ignore), "context"),
             keep_owner: false,
         };
         let sources = [
@@ -958,10 +861,9 @@ mod tests {
         std::fs::write(context.path().join("src/a/y.md"), "y").unwrap();
         std::fs::write(context.path().join("src/a/deep/z.txt"), "z").unwrap();
         std::fs::write(context.path().join("top.txt"), "t").unwrap();
-        let include = |_: &Path| true;
+        let tree = Root::open(context.path()).unwrap();
         let from = SourceTree {
-            root: context.path(),
-            include: &include,
+            view: TreeView::new(&tree, None, "context"),
             keep_owner: false,
         };
         let md = |p: &Path| p.extension().is_some_and(|e| e == "md");

@@ -11,10 +11,11 @@
 //! A stage that a later one needs (`COPY --from`, `RUN --mount=from=`) is materialised from
 //! its layers into the work directory before the next stage wipes `/`.
 
-use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 
 use kiln_fs::snapshot::{IgnoreOptions, IgnoreSet, Index};
+
+use kiln_fs::resolve::Root;
 
 use crate::base::{self, ImageLayer};
 use crate::error::BuildError;
@@ -103,44 +104,37 @@ pub fn ignore_set(options: &IgnoreOptions) -> Result<IgnoreSet, BuildError> {
 /// so mounts (all of which are ignored in in-place mode) are not crossed.
 pub fn wipe(root: &Path, ignore: &IgnoreSet) -> Result<(), BuildError> {
     let kept: Vec<PathBuf> = ignore.paths().map(Path::to_path_buf).collect();
-    wipe_dir(root, Path::new(""), ignore, &kept)
+    let tree = Root::open(root).map_err(|e| BuildError::Image(e.to_string()))?;
+    wipe_dir(&tree, Path::new(""), ignore, &kept)
 }
 
 fn wipe_dir(
-    root: &Path,
+    root: &Root,
     rel: &Path,
     ignore: &IgnoreSet,
     kept: &[PathBuf],
 ) -> Result<(), BuildError> {
-    let dir = root.join(rel);
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| BuildError::Io { path, source }
-    };
-    for entry in std::fs::read_dir(&dir).map_err(io(&dir))? {
-        let entry = entry.map_err(io(&dir))?;
-        let child_rel = rel.join(entry.file_name());
+    let failed = |e: kiln_fs::resolve::RootError| BuildError::Image(format!("wiping /: {e}"));
+    for name in root.read_dir(rel).map_err(failed)? {
+        let child_rel = rel.join(name);
         if ignore.is_ignored(&child_rel) {
             continue;
         }
-        let path = entry.path();
-        let file_type = entry.file_type().map_err(io(&path))?;
-        let holds_kept = kept.iter().any(|k| k.starts_with(&child_rel));
-        let result = if file_type.is_dir() && holds_kept {
-            wipe_dir(root, &child_rel, ignore, kept)?;
-            // Empty now: the ignored paths it led to do not exist, so it goes too.
-            match std::fs::remove_dir(&path) {
-                Err(e) if e.kind() == ErrorKind::DirectoryNotEmpty => Ok(()),
-                other => other,
-            }
-        } else if file_type.is_dir() {
-            std::fs::remove_dir_all(&path)
-        } else {
-            std::fs::remove_file(&path)
+        let is_dir = match root.symlink_metadata(&child_rel) {
+            Ok(meta) => meta.is_dir(),
+            Err(e) if e.is_not_found() => continue,
+            Err(e) => return Err(failed(e)),
         };
-        match result {
-            Err(e) if e.kind() == ErrorKind::NotFound => {}
-            other => other.map_err(io(&path))?,
+        let holds_kept = kept.iter().any(|k| k.starts_with(&child_rel));
+        if is_dir && holds_kept {
+            wipe_dir(root, &child_rel, ignore, kept)?;
+            // Empty now, unless the ignored paths it leads to exist: then it stays.
+            match root.remove(&child_rel) {
+                Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) || e.is_not_found() => {}
+                other => other.map_err(failed)?,
+            }
+        } else {
+            root.remove_all(&child_rel).map_err(failed)?;
         }
     }
     Ok(())

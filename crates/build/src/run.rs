@@ -38,6 +38,10 @@ pub struct RunContext<'a> {
     pub secrets: &'a [SecretSpec],
     /// The `--ssh` flags.
     pub ssh: &'a [SshSpec],
+    /// Paths no step may read (the registry credentials, in-place): each is covered by an
+    /// empty read-only directory or file in the step's own mount namespace, where the sandbox
+    /// can make one.
+    pub hidden: &'a [PathBuf],
     /// Event sink.
     pub emit: &'a (dyn Fn(BuildEvent) + Send + Sync),
 }
@@ -107,6 +111,9 @@ pub fn run(
             });
         }
     }
+    if sandbox.mounts_available() {
+        hide(ctx, &mut step)?;
+    }
     let caches = claim_caches(ctx, &run.mounts)?;
     // Forwarding sockets of the step's ssh mounts; they close when the step is over.
     let mut agents: Vec<AgentForward> = Vec::new();
@@ -128,6 +135,38 @@ pub fn run(
     sandbox
         .run(&step, &mut sink, &CancelToken::new())
         .map_err(|e| e.to_string())
+}
+
+/// Covers each of `ctx.hidden` with an empty read-only directory (or an empty file, for a
+/// file) for the step, so that what Kiln itself reads there (the push credentials) is out of
+/// the step's reach.
+fn hide(ctx: &RunContext<'_>, step: &mut Step) -> Result<(), String> {
+    for path in ctx.hidden {
+        let Ok(meta) = std::fs::metadata(path) else {
+            continue;
+        };
+        let cover = if meta.is_dir() {
+            ctx.scratch.join("hidden-dir")
+        } else {
+            ctx.scratch.join("hidden-file")
+        };
+        if std::fs::symlink_metadata(&cover).is_err() {
+            let made = if meta.is_dir() {
+                std::fs::create_dir(&cover)
+            } else {
+                std::fs::write(&cover, b"")
+            };
+            made.map_err(|e| format!("{}: {e}", cover.display()))?;
+        }
+        step.mounts.push(MountSpec {
+            target: path.clone(),
+            kind: MountKind::Bind {
+                source: cover,
+                readonly: true,
+            },
+        });
+    }
+    Ok(())
 }
 
 /// Claims the directories of the step's cache mounts, seeding new ones that have `from=`; the
@@ -158,16 +197,15 @@ fn claim_caches(ctx: &RunContext<'_>, mounts: &[Mount]) -> Result<ClaimedCaches,
 /// The host path of `rel` inside `root`, symlinks followed as if `root` were `/`, so that a
 /// link in a context, stage or image can never bind a file of the host.
 fn contained(root: &Path, rel: &Path, what: &str) -> Result<PathBuf, String> {
-    let fd = Root::open(root)
-        .and_then(|root| root.open_path(rel, true))
+    Root::open(root)
+        .and_then(|root| root.host_path(rel, true))
         .map_err(|e| {
             if e.is_not_found() {
                 format!("{what}: source /{} does not exist", rel.display())
             } else {
                 format!("{what}: {e}")
             }
-        })?;
-    crate::cache_mount::fd_path(&fd)
+        })
 }
 
 pub(crate) fn sanitize(name: &str) -> String {

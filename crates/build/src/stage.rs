@@ -7,10 +7,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use kiln_context::BuildContext;
+use kiln_context::{BuildContext, TreeView};
 use kiln_dockerfile::{Base, FileSource, Instruction, Plan, Source, Step};
 use kiln_fs::blobstore::BlobStore;
 use kiln_fs::layer::{write_layer, LayerOptions};
+use kiln_fs::resolve::Root;
 use kiln_fs::snapshot::{ChangeKind, Diff, IgnoreOptions, Index, SnapshotOptions, Snapshotter};
 use kiln_oci::image::{Descriptor, History, ImageConfig};
 use kiln_oci::{MediaType, Platform};
@@ -100,6 +101,8 @@ pub struct Shared {
     pub cache: Option<crate::cache::EngineCache>,
     /// Remote inputs pinned for the cache keys (only filled when the cache is on).
     pub remote: crate::remote::RemotePins,
+    /// Paths RUN steps must not read (in-place: where the push credentials are).
+    pub hidden: Vec<PathBuf>,
 }
 
 impl Shared {
@@ -650,6 +653,7 @@ pub fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, BuildEr
                     },
                     secrets: &shared.options.secrets,
                     ssh: &shared.options.ssh,
+                    hidden: &shared.hidden,
                     emit: &*shared.events,
                 };
                 let outcome = shared.timed(Some(index), Some(step_no), Phase::Execute, || {
@@ -733,7 +737,10 @@ pub fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, BuildEr
                 let absolute = Path::new("/").join(&current).join(dir);
                 let rel = copy::clean_relative(&absolute);
                 config.config.working_dir = Some(format!("/{}", rel.display()));
-                if rel.as_os_str().is_empty() || rootfs.join(&rel).is_dir() {
+                let exists = Root::open(&rootfs)
+                    .and_then(|root| root.metadata(&rel))
+                    .is_ok_and(|meta| meta.is_dir());
+                if rel.as_os_str().is_empty() || exists {
                     None
                 } else {
                     let user = config.config.user.clone().unwrap_or_default();
@@ -1124,16 +1131,8 @@ impl StageRun<'_> {
         };
         let result = match from {
             None => {
-                let ignore = shared.context.ignore();
-                let context_root = shared.context.root().to_path_buf();
-                let include = |rel: &Path| {
-                    let text = rel.to_string_lossy();
-                    !ignore.is_excluded(&text)
-                        || (context_root.join(rel).is_dir() && ignore.has_exception_under(&text))
-                };
                 let tree = SourceTree {
-                    root: &context_root,
-                    include: &include,
+                    view: shared.context.view(),
                     keep_owner: false,
                 };
                 copy::copy(self.rootfs, &tree, &request)
@@ -1142,10 +1141,11 @@ impl StageRun<'_> {
                 let stage_root = shared
                     .stage_rootfs(*i)
                     .map_err(|e| shared.step_error(line, format!("COPY --from: {e}")))?;
-                let include = |_: &Path| true;
+                let root = Root::open(&stage_root)
+                    .map_err(|e| shared.step_error(line, format!("COPY --from: {e}")))?;
+                let description = format!("stage {i}");
                 let tree = SourceTree {
-                    root: &stage_root,
-                    include: &include,
+                    view: TreeView::new(&root, None, &description),
                     keep_owner: true,
                 };
                 copy::copy(self.rootfs, &tree, &request)
@@ -1154,10 +1154,10 @@ impl StageRun<'_> {
                 let image_tree = shared
                     .image_tree(image)
                     .map_err(|e| shared.step_error(line, format!("COPY --from={image}: {e}")))?;
-                let include = |_: &Path| true;
+                let root = Root::open(&image_tree.root)
+                    .map_err(|e| shared.step_error(line, format!("COPY --from={image}: {e}")))?;
                 let tree = SourceTree {
-                    root: &image_tree.root,
-                    include: &include,
+                    view: TreeView::new(&root, None, image),
                     keep_owner: true,
                 };
                 copy::copy(self.rootfs, &tree, &request)
@@ -1310,11 +1310,13 @@ impl StageRun<'_> {
             // Downloads and checkouts are copied as context files are: owned by root or
             // --chown, with --chmod.
             let mut copy_fetched =
-                |root: &Path, source: String, include: &dyn Fn(&Path) -> bool| {
+                |dir: &Path, source: String, ignore: Option<&kiln_context::DockerIgnore>| {
                     let sources = [FileSource::Path(source)];
+                    let root = Root::open(dir)
+                        .map_err(|e| shared.step_error(line, format!("ADD failed: {e}")))?;
+                    let description = dir.display().to_string();
                     let tree = SourceTree {
-                        root,
-                        include,
+                        view: TreeView::new(&root, ignore, &description),
                         keep_owner: false,
                     };
                     let request = CopyRequest {
@@ -1334,12 +1336,14 @@ impl StageRun<'_> {
                     Ok::<(), BuildError>(())
                 };
             for Fetched { dir, name, .. } in &downloads {
-                copy_fetched(dir, name.clone(), &|_| true)?;
+                copy_fetched(dir, name.clone(), None)?;
             }
+            // The repository's `.git` stays out unless --keep-git-dir (BuildKit).
+            let git_dir = kiln_context::DockerIgnore::parse(".git", Path::new("--keep-git-dir"))
+                .map_err(|e| shared.step_error(line, e.to_string()))?;
+            let git_dir = (!files.keep_git_dir).then_some(&git_dir);
             for (root, subdir) in &checkouts {
-                // The repository's `.git` stays out unless --keep-git-dir (BuildKit).
-                let include = |path: &Path| files.keep_git_dir || !path.starts_with(".git");
-                copy_fetched(root.path(), subdir.display().to_string(), &include)?;
+                copy_fetched(root.path(), subdir.display().to_string(), git_dir)?;
             }
             Ok(())
         })();

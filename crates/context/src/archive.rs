@@ -8,14 +8,13 @@
 //! they are stored, not followed.
 
 use std::ffi::OsStr;
-use std::fs::{self, FileTimes, OpenOptions};
 use std::io::{self, Read};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
-use std::time::{Duration, SystemTime};
 
 use flate2::read::MultiGzDecoder;
+use kiln_fs::resolve::{Root, RootError};
+use rustix::fs::{FileType, Timespec};
 use tar::EntryType;
 
 use crate::error::{ContextError, Result};
@@ -44,27 +43,29 @@ pub fn decompress_auto<R: Read + Send + 'static>(
 }
 
 /// Extracts the tar stream `reader` into the existing directory `dest`. `source_name` names
-/// the archive in errors.
+/// the archive in errors. Every entry is created through a [`Root`] at `dest`.
 pub fn extract_tar(reader: impl Read, dest: &Path, source_name: &str) -> Result<()> {
     let archive_error = |error: io::Error| ContextError::Archive {
         source_name: source_name.to_owned(),
         error,
     };
-    let io_error = |action: &'static str, path: &Path, error: io::Error| {
-        ContextError::io(source_name, action, path, error)
+    let contained = |error: RootError| ContextError::Contained {
+        source_name: source_name.to_owned(),
+        error,
     };
     let unsafe_entry = |entry: &str, reason: &str| ContextError::UnsafeArchiveEntry {
         source_name: source_name.to_owned(),
         entry: entry.to_owned(),
         reason: reason.to_owned(),
     };
+    let root = Root::open(dest).map_err(contained)?;
     // SAFETY: geteuid has no preconditions and cannot fail.
     let running_as_root = unsafe { libc::geteuid() } == 0;
 
     let mut archive = tar::Archive::new(reader);
     // Directory modes and times are applied last: a read-only directory must still receive
     // its children, and writing children changes the directory's mtime.
-    let mut directories: Vec<(PathBuf, u32, Option<SystemTime>)> = Vec::new();
+    let mut directories: Vec<(PathBuf, u32, Option<Timespec>)> = Vec::new();
 
     for entry in archive.entries().map_err(archive_error)? {
         let mut entry = entry.map_err(archive_error)?;
@@ -76,11 +77,10 @@ pub fn extract_tar(reader: impl Read, dest: &Path, source_name: &str) -> Result<
         let relative = contained_relative(&entry.path_bytes())
             .map_err(|reason| unsafe_entry(&raw_name, reason))?;
         let mode = entry.header().mode().map_err(archive_error)? & 0o7777;
-        let mtime = entry
-            .header()
-            .mtime()
-            .ok()
-            .map(|secs| SystemTime::UNIX_EPOCH + Duration::from_secs(secs));
+        let mtime = entry.header().mtime().ok().map(|secs| Timespec {
+            tv_sec: i64::try_from(secs).unwrap_or(i64::MAX),
+            tv_nsec: 0,
+        });
         let owner = (
             entry.header().uid().unwrap_or(0) as u32,
             entry.header().gid().unwrap_or(0) as u32,
@@ -93,24 +93,21 @@ pub fn extract_tar(reader: impl Read, dest: &Path, source_name: &str) -> Result<
             }
             continue;
         }
-        let target = dest.join(&relative);
-        prepare_parents(dest, &relative).map_err(|reason| match reason {
+        prepare_parents(&root, &relative).map_err(|reason| match reason {
             ParentProblem::Symlink => {
                 unsafe_entry(&raw_name, "its parent path passes through a symlink")
             }
             ParentProblem::NotADirectory => {
                 unsafe_entry(&raw_name, "a parent path is not a directory")
             }
-            ParentProblem::Io(path, e) => io_error("create directory", &path, e),
+            ParentProblem::Root(e) => contained(e),
         })?;
 
-        let existing = fs::symlink_metadata(&target).ok();
+        let existing = root.symlink_metadata(&relative).ok();
         let replace = |want_dir: bool| -> Result<()> {
             match &existing {
                 Some(meta) if meta.is_dir() && want_dir => Ok(()),
-                Some(meta) if meta.is_dir() => fs::remove_dir_all(&target)
-                    .map_err(|e| io_error("replace directory", &target, e)),
-                Some(_) => fs::remove_file(&target).map_err(|e| io_error("replace", &target, e)),
+                Some(_) => root.remove_all(&relative).map(|_| ()).map_err(contained),
                 None => Ok(()),
             }
         };
@@ -118,27 +115,17 @@ pub fn extract_tar(reader: impl Read, dest: &Path, source_name: &str) -> Result<
         match kind {
             EntryType::Directory => {
                 replace(true)?;
-                if !target.is_dir() {
-                    fs::create_dir(&target)
-                        .map_err(|e| io_error("create directory", &target, e))?;
-                }
+                root.mkdir_all(&relative, 0o755).map_err(contained)?;
                 directories.push((relative.clone(), mode, mtime));
             }
             EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
                 replace(false)?;
-                let mut file = OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .custom_flags(libc::O_NOFOLLOW)
-                    .open(&target)
-                    .map_err(|e| io_error("create", &target, e))?;
+                let mut file = root.create_new(&relative, 0o600).map_err(contained)?;
                 io::copy(&mut entry, &mut file).map_err(archive_error)?;
-                file.set_permissions(fs::Permissions::from_mode(mode))
-                    .map_err(|e| io_error("set mode of", &target, e))?;
+                drop(file);
+                root.set_mode(&relative, mode).map_err(contained)?;
                 if let Some(mtime) = mtime {
-                    file.set_times(FileTimes::new().set_modified(mtime))
-                        .map_err(|e| io_error("set times of", &target, e))?;
+                    root.set_times(&relative, mtime, mtime).map_err(contained)?;
                 }
             }
             EntryType::Symlink => {
@@ -146,8 +133,8 @@ pub fn extract_tar(reader: impl Read, dest: &Path, source_name: &str) -> Result<
                 let link = entry
                     .link_name_bytes()
                     .ok_or_else(|| unsafe_entry(&raw_name, "symlink without a target"))?;
-                std::os::unix::fs::symlink(OsStr::from_bytes(&link), &target)
-                    .map_err(|e| io_error("create symlink", &target, e))?;
+                root.symlink(OsStr::from_bytes(&link), &relative)
+                    .map_err(contained)?;
             }
             EntryType::Link => {
                 let link = entry
@@ -159,23 +146,37 @@ pub fn extract_tar(reader: impl Read, dest: &Path, source_name: &str) -> Result<
                 if link_relative.as_os_str().is_empty() {
                     return Err(unsafe_entry(&raw_name, "hard link to the archive root"));
                 }
-                if passes_through_symlink(dest, &link_relative) {
+                if passes_through_symlink(&root, &link_relative) {
                     return Err(unsafe_entry(
                         &raw_name,
                         "hard link target passes through a symlink",
                     ));
                 }
-                let source = dest.join(&link_relative);
-                if source == target {
+                if link_relative == relative {
                     continue;
                 }
                 replace(false)?;
-                fs::hard_link(&source, &target).map_err(|e| io_error("hard link", &target, e))?;
+                root.hard_link(&link_relative, &relative)
+                    .map_err(contained)?;
             }
             EntryType::Fifo | EntryType::Char | EntryType::Block => {
                 replace(false)?;
-                make_node(&entry, kind, mode, &target)
-                    .map_err(|e| io_error("create device node", &target, e))?;
+                let header = entry.header();
+                let (file_type, device) = match kind {
+                    EntryType::Fifo => (FileType::Fifo, 0),
+                    _ => {
+                        let major = header.device_major().map_err(archive_error)?.unwrap_or(0);
+                        let minor = header.device_minor().map_err(archive_error)?.unwrap_or(0);
+                        let file_type = if kind == EntryType::Char {
+                            FileType::CharacterDevice
+                        } else {
+                            FileType::BlockDevice
+                        };
+                        (file_type, rustix::fs::makedev(major, minor))
+                    }
+                };
+                root.make_node(&relative, file_type, mode, device)
+                    .map_err(contained)?;
             }
             other => {
                 return Err(unsafe_entry(
@@ -186,36 +187,31 @@ pub fn extract_tar(reader: impl Read, dest: &Path, source_name: &str) -> Result<
         }
 
         if running_as_root {
-            std::os::unix::fs::lchown(&target, Some(owner.0), Some(owner.1))
-                .map_err(|e| io_error("set owner of", &target, e))?;
+            root.set_owner(&relative, owner.0, owner.1)
+                .map_err(contained)?;
+            // chown clears setuid and setgid bits; the archive's mode is the one wanted.
+            if mode & 0o6000 != 0 && kind != EntryType::Symlink {
+                root.set_mode(&relative, mode).map_err(contained)?;
+            }
         }
     }
 
     for (relative, mode, mtime) in directories.iter().rev() {
         // A later entry may have replaced the directory, or one of its parents, with a
-        // symlink; applying the mode through it would change something outside `dest`.
-        if passes_through_symlink(dest, relative) {
+        // symlink or a file: then there is nothing of the archive's to apply the mode to.
+        if passes_through_symlink(&root, relative) {
             continue;
         }
-        let path = dest.join(relative);
-        let dir = match OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_DIRECTORY)
-            .open(&path)
-        {
-            Ok(dir) => dir,
-            // Replaced by a file or removed by a later entry: nothing to apply.
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTDIR) | Some(libc::ELOOP)) => {
-                continue
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(io_error("open", &path, e)),
-        };
-        dir.set_permissions(fs::Permissions::from_mode(*mode))
-            .map_err(|e| io_error("set mode of", &path, e))?;
+        match root.symlink_metadata(relative) {
+            Ok(meta) if meta.is_dir() => {}
+            Ok(_) => continue,
+            Err(e) if e.is_not_found() => continue,
+            Err(e) => return Err(contained(e)),
+        }
+        root.set_mode(relative, *mode).map_err(contained)?;
         if let Some(mtime) = mtime {
-            dir.set_times(FileTimes::new().set_modified(*mtime))
-                .map_err(|e| io_error("set times of", &path, e))?;
+            root.set_times(relative, *mtime, *mtime)
+                .map_err(contained)?;
         }
     }
     Ok(())
@@ -239,76 +235,42 @@ fn contained_relative(raw: &[u8]) -> std::result::Result<PathBuf, &'static str> 
 enum ParentProblem {
     Symlink,
     NotADirectory,
-    Io(PathBuf, io::Error),
+    Root(RootError),
 }
 
-/// Makes sure every parent of `relative` under `dest` is a real directory (creating missing
-/// ones), never a symlink.
-fn prepare_parents(dest: &Path, relative: &Path) -> std::result::Result<(), ParentProblem> {
-    let mut current = dest.to_path_buf();
+/// Makes sure every parent of `relative` is a real directory (creating missing ones), never a
+/// symlink: a context archive has no business writing through its own links, so such an
+/// entry is refused rather than followed (inside the root) as a layer's would be.
+fn prepare_parents(root: &Root, relative: &Path) -> std::result::Result<(), ParentProblem> {
+    let mut current = PathBuf::new();
     let components: Vec<_> = relative.components().collect();
     for component in &components[..components.len().saturating_sub(1)] {
         current.push(component);
-        match fs::symlink_metadata(&current) {
+        match root.symlink_metadata(&current) {
             Ok(meta) if meta.file_type().is_symlink() => return Err(ParentProblem::Symlink),
             Ok(meta) if meta.is_dir() => {}
             Ok(_) => return Err(ParentProblem::NotADirectory),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                fs::create_dir(&current).map_err(|e| ParentProblem::Io(current.clone(), e))?;
+            Err(e) if e.is_not_found() => {
+                root.mkdir_all(&current, 0o755)
+                    .map_err(ParentProblem::Root)?;
             }
-            Err(e) => return Err(ParentProblem::Io(current.clone(), e)),
+            Err(e) => return Err(ParentProblem::Root(e)),
         }
     }
     Ok(())
 }
 
-/// Whether any existing component of `relative` under `dest` (the last one included) is a
-/// symlink.
-fn passes_through_symlink(dest: &Path, relative: &Path) -> bool {
-    let mut current = dest.to_path_buf();
+/// Whether any existing component of `relative` (the last one included) is a symlink.
+fn passes_through_symlink(root: &Root, relative: &Path) -> bool {
+    let mut current = PathBuf::new();
     for component in relative.components() {
         current.push(component);
-        if fs::symlink_metadata(&current).is_ok_and(|m| m.file_type().is_symlink()) {
+        if root
+            .symlink_metadata(&current)
+            .is_ok_and(|m| m.file_type().is_symlink())
+        {
             return true;
         }
     }
     false
-}
-
-fn make_node<R: Read>(
-    entry: &tar::Entry<'_, R>,
-    kind: EntryType,
-    mode: u32,
-    target: &Path,
-) -> io::Result<()> {
-    use std::ffi::CString;
-    let path = CString::new(target.as_os_str().as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
-    let header = entry.header();
-    let (file_type, device) = match kind {
-        EntryType::Fifo => (libc::S_IFIFO, 0),
-        EntryType::Char | EntryType::Block => {
-            let major = header.device_major()?.unwrap_or(0);
-            let minor = header.device_minor()?.unwrap_or(0);
-            let file_type = if kind == EntryType::Char {
-                libc::S_IFCHR
-            } else {
-                libc::S_IFBLK
-            };
-            (file_type, libc::makedev(major, minor))
-        }
-        _ => {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "not a device node",
-            ))
-        }
-    };
-    // SAFETY: `path` is a valid NUL-terminated string that outlives the call.
-    let rc = unsafe { libc::mknod(path.as_ptr(), file_type | (mode & 0o7777), device) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // mknod honours the umask; the archive's mode is the one wanted.
-    fs::set_permissions(target, fs::Permissions::from_mode(mode))
 }

@@ -16,6 +16,8 @@ use std::path::{Path, PathBuf};
 
 use regex::Regex;
 
+use kiln_fs::resolve::{Root, RootError};
+
 use crate::error::{ContextError, Result};
 use crate::pattern::{clean, go_match};
 
@@ -243,7 +245,11 @@ impl DockerIgnore {
     /// Loads the ignore file that applies to a build: `<dockerfile>.dockerignore` beside the
     /// Dockerfile when it exists (Docker's per-Dockerfile ignore file), otherwise
     /// `.dockerignore` at the context root, otherwise nothing is ignored.
-    pub fn load(context_root: &Path, dockerfile: Option<&Path>) -> Result<Self> {
+    ///
+    /// Files inside the context are read through `context` (a symlinked `.dockerignore` is
+    /// followed inside the context, never to the host); a Dockerfile the user named outside the
+    /// context has its ignore file read from beside it, where the user put it.
+    pub fn load(context: &Root, dockerfile: Option<&Path>) -> Result<Self> {
         let mut candidates = Vec::new();
         if let Some(dockerfile) = dockerfile {
             if let Some(name) = dockerfile.file_name() {
@@ -252,15 +258,39 @@ impl DockerIgnore {
                 candidates.push(dockerfile.with_file_name(specific));
             }
         }
-        candidates.push(context_root.join(".dockerignore"));
+        candidates.push(context.path().join(".dockerignore"));
         for candidate in candidates {
-            match std::fs::read(&candidate) {
+            let read = match candidate.strip_prefix(context.path()) {
+                Ok(inside) => context.open_file(inside).and_then(|mut file| {
+                    let mut bytes = Vec::new();
+                    std::io::Read::read_to_end(&mut file, &mut bytes)
+                        .map(|_| bytes)
+                        .map_err(|e| RootError::Io {
+                            op: "read",
+                            root: context.path().to_path_buf(),
+                            path: inside.to_path_buf(),
+                            source: e,
+                        })
+                }),
+                Err(_) => std::fs::read(&candidate).map_err(|e| RootError::Io {
+                    op: "read",
+                    root: PathBuf::from("/"),
+                    path: candidate.clone(),
+                    source: e,
+                }),
+            };
+            match read {
                 Ok(bytes) => {
                     let text = String::from_utf8_lossy(&bytes);
                     return DockerIgnore::parse(&text, &candidate);
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(ContextError::io("dockerignore", "read", candidate, e)),
+                Err(e) if e.is_not_found() => continue,
+                Err(error) => {
+                    return Err(ContextError::Contained {
+                        source_name: "dockerignore".to_owned(),
+                        error,
+                    })
+                }
             }
         }
         Ok(DockerIgnore::empty())

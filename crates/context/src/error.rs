@@ -160,11 +160,15 @@ pub enum ContextError {
         reason: String,
     },
 
-    /// A path inside the context resolves (through symlinks) to somewhere outside it.
-    #[error("{path:?} resolves outside the build context")]
-    EscapesContext {
-        /// The context-relative path.
-        path: String,
+    /// An operation on a path inside a tree (the context, a stage, an image) failed; the
+    /// error names the path and the tree's root.
+    #[error("{source_name}: {error}")]
+    Contained {
+        /// The tree being read (redacted).
+        source_name: String,
+        /// What failed, with the path inside the root.
+        #[source]
+        error: kiln_fs::resolve::RootError,
     },
 
     /// A walk or hash was asked for a context-relative path that does not exist (or is

@@ -15,13 +15,14 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::fs::{File, Metadata};
+use std::fs::Metadata;
 use std::io::{self, Read};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
+use kiln_fs::resolve::{Root, RootError};
 use rayon::prelude::*;
 use sha2::{Digest as _, Sha256};
 
@@ -66,7 +67,8 @@ pub struct HashOptions {
 pub struct TreeEntry {
     /// The entry's path relative to its source root, as bytes (`.` for the root itself).
     pub rel: Vec<u8>,
-    /// Where the entry is on disk.
+    /// The entry's path relative to the [`Root`] being hashed, with no symlink among its
+    /// directories (as a [`crate::TreeView`] walk gives it).
     pub path: PathBuf,
     /// The entry's `lstat` metadata.
     pub metadata: Metadata,
@@ -125,13 +127,25 @@ impl ContentHasher {
         self.reads.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// The SHA-256 of the regular file at `path` whose `lstat` is `metadata`, memoised.
-    pub fn file_digest(&self, path: &Path, metadata: &Metadata) -> io::Result<[u8; 32]> {
-        let key = FileKey::new(path, metadata);
+    /// The SHA-256 of the regular file `rel` inside `root` whose `lstat` is `metadata`,
+    /// memoised.
+    pub fn file_digest(
+        &self,
+        root: &Root,
+        rel: &Path,
+        metadata: &Metadata,
+    ) -> std::result::Result<[u8; 32], RootError> {
+        let key = FileKey::new(&root.path().join(rel), metadata);
         if let Some(digest) = self.lock_memo().get(&key) {
             return Ok(*digest);
         }
-        let mut file = File::open(path)?;
+        let mut file = root.open_file(rel)?;
+        let read_error = |e: io::Error| RootError::Io {
+            op: "read",
+            root: root.path().to_path_buf(),
+            path: rel.to_path_buf(),
+            source: e,
+        };
         let mut hasher = Sha256::new();
         // Large reads keep the syscall count low on big files; small files get a small buffer.
         let capacity = usize::try_from(metadata.size())
@@ -143,7 +157,7 @@ impl ContentHasher {
                 Ok(0) => break,
                 Ok(n) => hasher.update(&buffer[..n]),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
+                Err(e) => return Err(read_error(e)),
             }
         }
         let digest: [u8; 32] = hasher.finalize().into();
@@ -160,8 +174,18 @@ impl ContentHasher {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Hashes a list of sources (in the given order) into one digest.
-    pub fn hash_trees(&self, trees: &[HashedTree], options: HashOptions) -> Result<ContentDigest> {
+    /// Hashes a list of sources (in the given order), whose entries are paths inside `root`,
+    /// into one digest.
+    pub fn hash_trees(
+        &self,
+        root: &Root,
+        trees: &[HashedTree],
+        options: HashOptions,
+    ) -> Result<ContentDigest> {
+        let contained = |error: RootError| ContextError::Contained {
+            source_name: "content hash".to_owned(),
+            error,
+        };
         // Read every regular file's content in parallel first; framing is sequential.
         let files: Vec<&TreeEntry> = trees
             .iter()
@@ -169,8 +193,8 @@ impl ContentHasher {
             .filter(|e| e.metadata.file_type().is_file())
             .collect();
         let digest_of = |entry: &&TreeEntry| {
-            self.file_digest(&entry.path, &entry.metadata)
-                .map_err(|e| ContextError::io("content hash", "read", &entry.path, e))
+            self.file_digest(root, &entry.path, &entry.metadata)
+                .map_err(contained)
         };
         // A few small files hash faster here than rayon's pool starts its threads (which
         // shows on a fully cached rebuild, where hashing is most of the local work).
@@ -226,9 +250,7 @@ impl ContentHasher {
                         hasher.update(digest);
                     }
                     b'l' => {
-                        let target = std::fs::read_link(&entry.path).map_err(|e| {
-                            ContextError::io("content hash", "read link", &entry.path, e)
-                        })?;
+                        let target = root.read_link(&entry.path).map_err(contained)?;
                         frame(&mut hasher, target.as_os_str().as_bytes());
                     }
                     b'c' | b'b' => hasher.update(metadata.rdev().to_le_bytes()),
@@ -239,24 +261,32 @@ impl ContentHasher {
         Ok(ContentDigest(hasher.finalize().into()))
     }
 
-    /// Hashes a whole directory tree (no ignore rules), e.g. a `COPY --from` source in another
-    /// stage's rootfs. Paths are relative to `dir`.
-    pub fn hash_directory(&self, dir: &Path, options: HashOptions) -> Result<ContentDigest> {
-        let metadata = std::fs::symlink_metadata(dir)
-            .map_err(|e| ContextError::io("content hash", "stat", dir, e))?;
+    /// Hashes a whole tree (no ignore rules), e.g. a `COPY --from` source in another stage's
+    /// rootfs: the directory `rel` inside `root`, with paths relative to it.
+    pub fn hash_directory(
+        &self,
+        root: &Root,
+        rel: &Path,
+        options: HashOptions,
+    ) -> Result<ContentDigest> {
+        let contained = |error: RootError| ContextError::Contained {
+            source_name: "content hash".to_owned(),
+            error,
+        };
+        let metadata = root.symlink_metadata(rel).map_err(contained)?;
         let mut entries = vec![TreeEntry {
             rel: b".".to_vec(),
-            path: dir.to_owned(),
+            path: rel.to_owned(),
             metadata: metadata.clone(),
         }];
         if metadata.is_dir() {
-            collect_all(dir, Path::new(""), &mut entries)?;
+            collect_all(root, rel, Path::new(""), &mut entries).map_err(contained)?;
         }
         let tree = HashedTree {
             label: b".".to_vec(),
             entries,
         };
-        self.hash_trees(&[tree], options)
+        self.hash_trees(root, &[tree], options)
     }
 }
 
@@ -280,19 +310,18 @@ fn frame(hasher: &mut Sha256, bytes: &[u8]) {
     hasher.update(bytes);
 }
 
-/// Every entry below `dir`, depth first with names sorted bytewise, symlinks not followed.
-fn collect_all(dir: &Path, rel: &Path, out: &mut Vec<TreeEntry>) -> Result<()> {
-    let mut names: Vec<_> = std::fs::read_dir(dir)
-        .map_err(|e| ContextError::io("content hash", "list", dir, e))?
-        .map(|entry| entry.map(|e| e.file_name()))
-        .collect::<io::Result<_>>()
-        .map_err(|e| ContextError::io("content hash", "list", dir, e))?;
-    names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
-    for name in names {
+/// Every entry below the directory `dir` of `root`, depth first with names sorted bytewise,
+/// symlinks not followed; `rel` is `dir`'s path relative to the hashed tree.
+fn collect_all(
+    root: &Root,
+    dir: &Path,
+    rel: &Path,
+    out: &mut Vec<TreeEntry>,
+) -> std::result::Result<(), RootError> {
+    for name in root.read_dir(dir)? {
         let path = dir.join(&name);
         let child_rel = rel.join(&name);
-        let metadata = std::fs::symlink_metadata(&path)
-            .map_err(|e| ContextError::io("content hash", "stat", &path, e))?;
+        let metadata = root.symlink_metadata(&path)?;
         let is_dir = metadata.is_dir();
         out.push(TreeEntry {
             rel: child_rel.as_os_str().as_bytes().to_vec(),
@@ -300,7 +329,7 @@ fn collect_all(dir: &Path, rel: &Path, out: &mut Vec<TreeEntry>) -> Result<()> {
             metadata,
         });
         if is_dir {
-            collect_all(&path, &child_rel, out)?;
+            collect_all(root, &path, &child_rel, out)?;
         }
     }
     Ok(())

@@ -41,7 +41,7 @@ pub use source::{
     open_source, select_sub_path, ContextSource, DirSource, GitCommit, GitOptions, GitRepository,
     GitSource, HttpTarballSource, Materialized, SourceOptions, TarballSource,
 };
-pub use view::{BuildContext, ContextEntry, SourceMatch};
+pub use view::{BuildContext, ContextEntry, SourceMatch, TreeView};
 
 /// Everything [`open_context`] needs besides the `--context` value.
 #[derive(Debug, Clone)]
@@ -80,20 +80,23 @@ pub async fn open_context(spec: &str, options: &ContextOptions) -> Result<BuildC
         Some(sub_path) => select_sub_path(&root, sub_path, &description)?,
         None => root,
     };
+    let context =
+        BuildContext::with_workspace(&root, DockerIgnore::empty(), description, workspace)?;
     let dockerfile = options.dockerfile.as_deref().map(|path| {
         if path.is_absolute() {
             path.to_owned()
         } else {
-            root.join(path)
+            context.root().join(path)
         }
     });
-    let ignore = DockerIgnore::load(&root, dockerfile.as_deref())?;
-    BuildContext::with_workspace(&root, ignore, description, workspace)
+    let ignore = DockerIgnore::load(context.tree(), dockerfile.as_deref())?;
+    Ok(context.with_ignore(ignore))
 }
 
 /// Opens a local directory as a context with the ignore rules for `dockerfile` (see
 /// [`DockerIgnore::load`]); a shorthand for library users that already have a directory.
 pub fn open_dir(root: &Path, dockerfile: Option<&Path>) -> Result<BuildContext> {
-    let ignore = DockerIgnore::load(root, dockerfile)?;
-    BuildContext::new(root, ignore)
+    let context = BuildContext::new(root, DockerIgnore::empty())?;
+    let ignore = DockerIgnore::load(context.tree(), dockerfile)?;
+    Ok(context.with_ignore(ignore))
 }

@@ -222,16 +222,16 @@ fn whole_directory_hash_for_other_stages() {
     fs::write(a.join(".dockerignore"), "other.txt\n").unwrap();
     fs::write(b.join(".dockerignore"), "other.txt\n").unwrap();
     let hasher = ContextHasher::new();
-    let da = hasher.hash_directory(&a, HashOptions::default()).unwrap();
-    assert_eq!(
-        hasher.hash_directory(&b, HashOptions::default()).unwrap(),
-        da
-    );
+    let hash = |dir: &Path| {
+        let root = kiln_fs::resolve::Root::open(dir).unwrap();
+        hasher
+            .hash_directory(&root, Path::new(""), HashOptions::default())
+            .unwrap()
+    };
+    let da = hash(&a);
+    assert_eq!(hash(&b), da);
     // No ignore rules apply to a stage's filesystem.
     fs::write(b.join("other.txt"), "x").unwrap();
-    assert_ne!(
-        hasher.hash_directory(&b, HashOptions::default()).unwrap(),
-        da
-    );
+    assert_ne!(hash(&b), da);
     let _ = DockerIgnore::empty();
 }

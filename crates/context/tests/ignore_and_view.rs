@@ -256,9 +256,8 @@ fn copy_sources_resolve_with_wildcards_ignores_and_containment() {
     assert!(matches!(err, ContextError::NotFound { .. }), "{err}");
     let err = context.resolve_sources("docs/rel-link").unwrap_err();
     assert!(matches!(err, ContextError::NotFound { .. }), "{err}");
-    let (rel, path) = context.resolve_in_root("docs/rel-link").unwrap();
-    assert_eq!(rel, "host-secret");
-    assert!(path.starts_with(context.root()));
+    let rel = context.resolve_in_root("docs/rel-link").unwrap();
+    assert_eq!(rel.as_deref(), Some(Path::new("host-secret")));
 
     // Ignored files cannot be copied by name.
     assert!(matches!(

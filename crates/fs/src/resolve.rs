@@ -22,6 +22,7 @@ use std::collections::VecDeque;
 use std::ffi::{OsStr, OsString};
 use std::fs::{File, Metadata};
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Component, Path, PathBuf};
 use std::sync::OnceLock;
@@ -344,6 +345,175 @@ impl Root {
         remove_entry(parent.dir(), parent.name()).map_err(|e| self.io_err_std("remove", rel, e))
     }
 
+    /// Where `rel` leads inside the root: the relative path with every symlink on the way
+    /// followed inside the root (the final component too when `follow_last`), and no `.`,
+    /// `..` or symlink among its directories. From the first component that does not exist
+    /// on, the rest of `rel` is appended as written (nothing below a missing directory can be
+    /// a symlink), so the result also names where a missing entry would be created. Callers
+    /// that read or write a tree by the names a user wrote (COPY sources and destinations,
+    /// mount targets) use it to know which entry they really touch.
+    pub fn resolve(&self, rel: impl AsRef<Path>, follow_last: bool) -> Result<PathBuf, RootError> {
+        let mut trail = Vec::new();
+        let (_dir, leaf) = self.walk_inner(rel.as_ref(), follow_last, Walk::Lenient, &mut trail)?;
+        let mut resolved: PathBuf = trail.iter().collect();
+        if let Some(leaf) = leaf {
+            resolved.push(leaf);
+        }
+        Ok(resolved)
+    }
+
+    /// Removes the file, symlink or *empty* directory `rel` (a final symlink is removed, not
+    /// followed). Unlike [`remove_all`](Self::remove_all) it never takes anything else with
+    /// it, for callers that must not delete what someone else put in a directory.
+    pub fn remove(&self, rel: impl AsRef<Path>) -> Result<(), RootError> {
+        let rel = rel.as_ref();
+        let parent = self.resolve_parent(rel)?;
+        let st = rustix::fs::statat(&parent.dir, &parent.name, AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(|e| self.io_err("stat", rel, e))?;
+        let flags = if FileType::from_raw_mode(st.st_mode) == FileType::Directory {
+            AtFlags::REMOVEDIR
+        } else {
+            AtFlags::empty()
+        };
+        rustix::fs::unlinkat(&parent.dir, &parent.name, flags)
+            .map_err(|e| self.io_err("remove", rel, e))
+    }
+
+    /// The names in the directory `rel` (symlinks on the way followed inside the root),
+    /// without `.` and `..`, sorted bytewise so that every walk of a tree is deterministic.
+    pub fn read_dir(&self, rel: impl AsRef<Path>) -> Result<Vec<OsString>, RootError> {
+        let rel = rel.as_ref();
+        let dir = self.open_raw(
+            rel,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            true,
+            "list",
+        )?;
+        let mut names = list_dir(dir.as_fd()).map_err(|e| self.io_err_std("list", rel, e))?;
+        names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+        Ok(names)
+    }
+
+    /// The directory `rel` (symlinks followed inside this root) as a root of its own, for
+    /// work that must treat it as `/` (an archive extracted into a destination directory).
+    pub fn subroot(&self, rel: impl AsRef<Path>) -> Result<Root, RootError> {
+        let rel = rel.as_ref();
+        let fd = self.open_raw(
+            rel,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            true,
+            "open directory",
+        )?;
+        Ok(Root {
+            fd,
+            path: self.path.join(rel),
+            strategy: self.strategy,
+        })
+    }
+
+    /// The host path of what `rel` resolves to, for the few kernel interfaces that take a
+    /// path and no descriptor (a mount source or target). Resolution happens here, inside the
+    /// root; the caller must use the path before anything can change the tree.
+    pub fn host_path(
+        &self,
+        rel: impl AsRef<Path>,
+        follow_last: bool,
+    ) -> Result<PathBuf, RootError> {
+        let rel = rel.as_ref();
+        let fd = self.open_path(rel, follow_last)?;
+        let link = format!("/proc/self/fd/{}", fd.as_fd().as_raw_fd());
+        std::fs::read_link(&link).map_err(|e| self.io_err_std("locate", rel, e))
+    }
+
+    /// Creates the special file `rel` (a FIFO, character or block device) with `mode`'s
+    /// permission bits exactly (the umask is put right afterwards); the parent is resolved
+    /// inside the root and nothing existing at `rel` is followed.
+    pub fn make_node(
+        &self,
+        rel: impl AsRef<Path>,
+        kind: FileType,
+        mode: u32,
+        device: u64,
+    ) -> Result<(), RootError> {
+        let rel = rel.as_ref();
+        let parent = self.resolve_parent(rel)?;
+        rustix::fs::mknodat(
+            &parent.dir,
+            &parent.name,
+            kind,
+            Mode::from_raw_mode(mode & 0o7777),
+            device,
+        )
+        .map_err(|e| self.io_err("create special file", rel, e))?;
+        self.set_mode(rel, mode & 0o7777)
+    }
+
+    /// Sets the owner of `rel` itself (a final symlink is not followed: its own owner changes).
+    pub fn set_owner(&self, rel: impl AsRef<Path>, uid: u32, gid: u32) -> Result<(), RootError> {
+        let rel = rel.as_ref();
+        let (dir, name) = self.final_entry(rel)?;
+        rustix::fs::chownat(
+            &dir,
+            &name,
+            Some(rustix::fs::Uid::from_raw(uid)),
+            Some(rustix::fs::Gid::from_raw(gid)),
+            AtFlags::SYMLINK_NOFOLLOW,
+        )
+        .map_err(|e| self.io_err("chown", rel, e))
+    }
+
+    /// Sets the permission bits (with setuid, setgid and sticky) of `rel` itself. A symlink's
+    /// mode cannot be set on Linux and `chmod` would follow it, possibly out of the root, so a
+    /// final symlink is refused.
+    pub fn set_mode(&self, rel: impl AsRef<Path>, mode: u32) -> Result<(), RootError> {
+        let rel = rel.as_ref();
+        let (dir, name) = self.final_entry(rel)?;
+        let st = rustix::fs::statat(&dir, &name, AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(|e| self.io_err("stat", rel, e))?;
+        if FileType::from_raw_mode(st.st_mode) == FileType::Symlink {
+            return Err(RootError::InvalidPath {
+                root: self.path.clone(),
+                path: rel.to_path_buf(),
+                reason: "a symlink has no mode of its own to set",
+            });
+        }
+        rustix::fs::chmodat(&dir, &name, Mode::from_raw_mode(mode), AtFlags::empty())
+            .map_err(|e| self.io_err("chmod", rel, e))
+    }
+
+    /// Sets the access and modification times of `rel` itself (a final symlink is not
+    /// followed).
+    pub fn set_times(
+        &self,
+        rel: impl AsRef<Path>,
+        accessed: rustix::fs::Timespec,
+        modified: rustix::fs::Timespec,
+    ) -> Result<(), RootError> {
+        let rel = rel.as_ref();
+        let (dir, name) = self.final_entry(rel)?;
+        let times = rustix::fs::Timestamps {
+            last_access: accessed,
+            last_modification: modified,
+        };
+        rustix::fs::utimensat(&dir, &name, &times, AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(|e| self.io_err("set times of", rel, e))
+    }
+
+    /// The directory holding `rel`'s final entry and the entry's name; for the root itself,
+    /// the root and `.`.
+    fn final_entry(&self, rel: &Path) -> Result<(OwnedFd, OsString), RootError> {
+        if rel
+            .components()
+            .all(|c| matches!(c, Component::RootDir | Component::CurDir))
+        {
+            let root = rustix::io::fcntl_dupfd_cloexec(&self.fd, 0)
+                .map_err(|e| self.io_err("open root of", rel, e))?;
+            return Ok((root, OsString::from(".")));
+        }
+        let parent = self.resolve_parent(rel)?;
+        Ok((parent.dir, parent.name))
+    }
+
     /// Resolves every component of `rel` but the last inside the root (following symlinks) and
     /// returns the directory and the final name. `rel` must end in a normal name.
     pub fn resolve_parent(&self, rel: impl AsRef<Path>) -> Result<ParentDir, RootError> {
@@ -426,6 +596,28 @@ impl Root {
         follow_last: bool,
         create: Option<Mode>,
     ) -> Result<(OwnedFd, Option<OsString>), RootError> {
+        let mode = match create {
+            Some(mode) => Walk::Create(mode),
+            None => Walk::Existing,
+        };
+        self.walk_inner(rel, follow_last, mode, &mut Vec::new())
+    }
+
+    /// [`walk`](Self::walk), also leaving in `trail` the names of the directories that lead
+    /// from the root to the returned directory: the path as resolved, with no symlink in it.
+    /// With [`Walk::Lenient`], a missing directory ends the walk: `trail` then holds the whole
+    /// path, the rest of it appended as written, and no leaf is returned.
+    fn walk_inner(
+        &self,
+        rel: &Path,
+        follow_last: bool,
+        mode: Walk,
+        trail: &mut Vec<OsString>,
+    ) -> Result<(OwnedFd, Option<OsString>), RootError> {
+        let create = match mode {
+            Walk::Create(mode) => Some(mode),
+            _ => None,
+        };
         let mut queue: VecDeque<OsString> = VecDeque::new();
         push_components(&mut queue, rel.as_os_str().as_bytes(), false);
         let root = rustix::io::fcntl_dupfd_cloexec(&self.fd, 0)
@@ -475,7 +667,25 @@ impl Root {
                     // about to create it.
                     if e == Errno::NOENT && queue.is_empty() && create.is_none() {
                         let parent = stack.pop().expect("the root is never popped");
+                        *trail = names;
                         return Ok((parent, Some(name)));
+                    }
+                    if e == Errno::NOENT && matches!(mode, Walk::Lenient) {
+                        // Nothing below a missing directory exists, so no symlink can change
+                        // where the rest of the path leads.
+                        names.push(name);
+                        for rest in queue {
+                            match rest.as_bytes() {
+                                b".." => {
+                                    names.pop();
+                                }
+                                b"/" => names.clear(),
+                                _ => names.push(rest),
+                            }
+                        }
+                        *trail = names;
+                        let dir = stack.pop().expect("the root is never popped");
+                        return Ok((dir, None));
                     }
                     return Err(self.io_err("resolve", rel, e));
                 }
@@ -509,6 +719,7 @@ impl Root {
             None => Ok((stack.pop().expect("the root is never popped"), None)),
             Some(name) => {
                 stack.pop();
+                *trail = names;
                 Ok((stack.pop().expect("the root is never popped"), Some(name)))
             }
         }
@@ -526,6 +737,17 @@ impl Root {
             source,
         }
     }
+}
+
+/// What a walk does about components that do not exist.
+#[derive(Clone, Copy)]
+enum Walk {
+    /// Only the final component may be missing; anything else is an error.
+    Existing,
+    /// Missing directories are created with this mode.
+    Create(Mode),
+    /// A missing directory ends the walk, the rest of the path taken as written.
+    Lenient,
 }
 
 /// Queues the components of `path` for the walk: in front (a symlink's target, to be resolved
@@ -607,7 +829,7 @@ pub(crate) fn list_dir(dir: BorrowedFd<'_>) -> io::Result<Vec<OsString>> {
 mod tests {
     use super::*;
     use std::io::{Read, Write};
-    use std::os::unix::fs::symlink;
+    use std::os::unix::fs::{symlink, MetadataExt};
 
     fn both(f: impl Fn(Strategy)) {
         f(Strategy::Walk);
@@ -732,6 +954,83 @@ mod tests {
             assert_eq!(std::fs::read(dir.join("h")).unwrap(), b"inside");
             assert!(root.metadata("").unwrap().is_dir());
             assert!(root.resolve_parent("etc/..").is_err());
+        });
+    }
+
+    #[test]
+    fn resolve_names_the_entry_reached_inside_the_root() {
+        both(|strategy| {
+            let (tmp, dir) = setup();
+            symlink("/etc", dir.join("abs")).unwrap();
+            symlink("../../../etc/inside", dir.join("climb")).unwrap();
+            symlink(tmp.path().join("outside"), dir.join("host")).unwrap();
+            let root = Root::open_with(&dir, strategy).unwrap();
+            assert_eq!(
+                root.resolve("abs/inside", true).unwrap(),
+                Path::new("etc/inside")
+            );
+            assert_eq!(
+                root.resolve("climb", true).unwrap(),
+                Path::new("etc/inside")
+            );
+            assert_eq!(root.resolve("climb", false).unwrap(), Path::new("climb"));
+            assert_eq!(root.resolve("abs/new", true).unwrap(), Path::new("etc/new"));
+            assert_eq!(root.resolve("/", true).unwrap(), Path::new(""));
+            // The host file the link names is looked for inside the root, where it is not.
+            let host = root.resolve("host", true).unwrap();
+            assert_eq!(Path::new("/").join(&host), tmp.path().join("outside"));
+            assert!(root.symlink_metadata(&host).unwrap_err().is_not_found());
+            assert_eq!(
+                root.resolve("abs/missing/../x/y", true).unwrap(),
+                Path::new("etc/x/y")
+            );
+            assert!(
+                root.resolve("etc/inside/x", true).is_err(),
+                "a file is no directory"
+            );
+            root.symlink("etc", "dir").unwrap();
+            root.remove("dir").unwrap();
+            assert!(
+                root.metadata("etc/inside").is_ok(),
+                "the link went, not its target"
+            );
+            assert!(
+                root.remove("etc").is_err(),
+                "a directory with entries stays"
+            );
+        });
+    }
+
+    #[test]
+    fn listing_owner_mode_and_times_stay_inside_the_root() {
+        both(|strategy| {
+            let (tmp, dir) = setup();
+            std::fs::write(dir.join("etc/b"), b"b").unwrap();
+            symlink(tmp.path().join("outside"), dir.join("etc/evil")).unwrap();
+            symlink("/", dir.join("top")).unwrap();
+            let root = Root::open_with(&dir, strategy).unwrap();
+            let names = root.read_dir("top/etc").unwrap();
+            assert_eq!(names, ["b", "evil", "inside"].map(OsString::from));
+            assert!(root.set_mode("etc/evil", 0o600).is_err());
+            root.set_owner("etc/evil", 7, 8).unwrap();
+            let outside = std::fs::metadata(tmp.path().join("outside")).unwrap();
+            assert_eq!(outside.uid(), 0, "chown followed a link out of the root");
+            root.set_mode("etc/b", 0o4711).unwrap();
+            let zero = rustix::fs::Timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            root.set_times("etc/evil", zero, zero).unwrap();
+            root.set_times("", zero, zero).unwrap();
+            assert_eq!(
+                std::fs::metadata(dir.join("etc/b")).unwrap().mode() & 0o7777,
+                0o4711
+            );
+            assert_ne!(outside.mtime(), 0);
+            assert_eq!(std::fs::metadata(&dir).unwrap().mtime(), 0);
+            let sub = root.subroot("top/etc").unwrap();
+            assert_eq!(sub.read_dir("/../").unwrap().len(), 3);
+            assert_eq!(sub.host_path("b", true).unwrap(), dir.join("etc/b"));
         });
     }
 }

@@ -319,6 +319,10 @@ impl Sandbox for ChrootSandbox {
         &self.rootfs
     }
 
+    fn mounts_available(&self) -> bool {
+        true
+    }
+
     fn isolates_network(&self) -> bool {
         true
     }
@@ -337,7 +341,7 @@ impl Sandbox for ChrootSandbox {
             .tempdir()
             .map_err(|e| SandboxError::io(std::env::temp_dir(), e))?;
         let etc_files = self.generate_etc_files(scratch.path())?;
-        let mut stubs = Stubs::new(&self.rootfs);
+        let mut stubs = Stubs::new(&self.rootfs)?;
         let result = self
             .plan(step, &mut stubs, &etc_files)
             .and_then(|plan| process::run(&plan, sink, cancel));

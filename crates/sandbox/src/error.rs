@@ -54,6 +54,10 @@ pub enum SandboxError {
         /// What is wrong with it.
         reason: String,
     },
+    /// A path inside the rootfs could not be resolved, read or created inside it; the error
+    /// names the path and the rootfs.
+    #[error(transparent)]
+    Contained(#[from] kiln_fs::resolve::RootError),
     /// The sandbox could not be set up (a mount, pivot_root, a user switch, the working
     /// directory); `operation` says which step and on which path.
     #[error("sandbox setup failed: {operation}: {source}")]

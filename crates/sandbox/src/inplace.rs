@@ -39,7 +39,11 @@ impl Sandbox for InPlaceSandbox {
     }
 
     fn isolates_network(&self) -> bool {
-        std::fs::read_to_string("/proc/self/status").is_ok_and(|status| has_sys_admin(&status))
+        crate::has_sys_admin()
+    }
+
+    fn mounts_available(&self) -> bool {
+        crate::has_sys_admin()
     }
 
     fn run(
@@ -52,7 +56,7 @@ impl Sandbox for InPlaceSandbox {
             return Err(SandboxError::Cancelled);
         }
         let root = Path::new("/");
-        let mut stubs = Stubs::new(root);
+        let mut stubs = Stubs::new(root)?;
         let result =
             plan(root, step, &mut stubs).and_then(|plan| process::run(&plan, sink, cancel));
         let restored_dirs = stubs.remove();
@@ -107,7 +111,7 @@ fn plan(root: &Path, step: &Step, stubs: &mut Stubs) -> Result<Plan, SandboxErro
 
 /// Whether a `/proc/PID/status` text shows CAP_SYS_ADMIN (bit 21) among the effective
 /// capabilities, which creating a namespace needs.
-fn has_sys_admin(status: &str) -> bool {
+pub(crate) fn has_sys_admin_in(status: &str) -> bool {
     const CAP_SYS_ADMIN: u32 = 21;
     status
         .lines()
@@ -118,7 +122,7 @@ fn has_sys_admin(status: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::has_sys_admin;
+    use super::has_sys_admin_in as has_sys_admin;
 
     #[test]
     fn sys_admin_is_read_from_the_effective_set() {

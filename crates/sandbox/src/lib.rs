@@ -62,7 +62,6 @@ pub use chroot::{
 pub use error::SandboxError;
 pub use inplace::InPlaceSandbox;
 pub use output::{OutputLine, OutputSink, OutputStream, MAX_LINE};
-pub use rootpath::resolve_in_root;
 pub use step::{Command, MountKind, MountSpec, Network, Step, DEFAULT_PATH, DEFAULT_SHELL};
 pub use user::{resolve_user, ResolvedUser};
 
@@ -85,6 +84,13 @@ impl Mode {
             Mode::Chroot
         }
     }
+}
+
+/// Whether this process has CAP_SYS_ADMIN in its effective set: in-place, what a step's own
+/// mount or network namespace needs.
+pub fn has_sys_admin() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .is_ok_and(|status| inplace::has_sys_admin_in(&status))
 }
 
 /// Whether this process looks like it runs in a container. Signs: a `KUBERNETES_SERVICE_HOST`
@@ -212,6 +218,10 @@ pub trait Sandbox: Send + Sync {
     /// When this is false such a step fails to start, so callers that would rather run it
     /// with the host's network (and say so) check first.
     fn isolates_network(&self) -> bool;
+
+    /// Whether a step can get mounts of its own ([`Step::mounts`]): always in chroot mode;
+    /// in-place only with CAP_SYS_ADMIN, which a default Pod does not grant.
+    fn mounts_available(&self) -> bool;
 
     /// Runs one step to its end, streaming its output to `sink`; returns once every process it
     /// started is gone. A non-zero exit is an `Ok` with that status; `Err` means the step could

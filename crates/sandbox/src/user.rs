@@ -12,7 +12,7 @@
 use std::path::Path;
 
 use crate::error::SandboxError;
-use crate::rootpath::resolve_in_root;
+use kiln_fs::resolve::Root;
 
 /// Largest id Docker accepts in a USER spec.
 const MAX_ID: u64 = i32::MAX as u64;
@@ -56,8 +56,9 @@ pub fn resolve_user(rootfs: &Path, spec: &str) -> Result<ResolvedUser, SandboxEr
         None => None,
     };
 
-    let passwd_path = resolve_in_root(rootfs, Path::new("/etc/passwd"))?;
-    let passwd = read_optional(&passwd_path)?;
+    let root = Root::open(rootfs)?;
+    let passwd_path = rootfs.join("etc/passwd");
+    let passwd = read_optional(&root, "etc/passwd")?;
     let entries = parse_passwd(&passwd);
     let matched = entries.into_iter().find(|e| {
         if user_arg.is_empty() {
@@ -98,8 +99,8 @@ pub fn resolve_user(rootfs: &Path, spec: &str) -> Result<ResolvedUser, SandboxEr
     if group_arg.is_none() && matched_name.is_none() {
         return Ok(user);
     }
-    let group_path = resolve_in_root(rootfs, Path::new("/etc/group"))?;
-    let groups = parse_group(&read_optional(&group_path)?);
+    let group_path = rootfs.join("etc/group");
+    let groups = parse_group(&read_optional(&root, "etc/group")?);
     match group_arg {
         Some(group) => {
             let found = groups.iter().find(|g| match gid_arg {
@@ -147,12 +148,17 @@ fn parse_id(s: &str, what: &'static str, spec: &str) -> Result<Option<u32>, Sand
 
 /// The file's text, or empty if it does not exist (an image without passwd can still run as a
 /// numeric uid, as with Docker).
-fn read_optional(path: &Path) -> Result<String, SandboxError> {
-    match std::fs::read(path) {
-        Ok(bytes) => Ok(String::from_utf8_lossy(&bytes).into_owned()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
-        Err(e) => Err(SandboxError::io(path, e)),
-    }
+/// The file `rel` of the rootfs (symlinks followed inside it), or nothing if it is missing.
+fn read_optional(root: &Root, rel: &str) -> Result<String, SandboxError> {
+    let mut file = match root.open_file(rel) {
+        Ok(file) => file,
+        Err(e) if e.is_not_found() => return Ok(String::new()),
+        Err(e) => return Err(e.into()),
+    };
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut file, &mut bytes)
+        .map_err(|e| SandboxError::io(root.path().join(rel), e))?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 
 /// Lines that are blank, comments or malformed (too few fields, non-numeric ids, NIS `+`

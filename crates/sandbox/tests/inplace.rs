@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command as Process;
 
 use common::*;
+use kiln_testkit::hostile::DOCKER_DEFAULT_CAPS;
 
 /// The probe binary, next to this test binary's directory.
 fn probe() -> PathBuf {
@@ -34,23 +35,6 @@ fn shared_libraries(binary: &Path) -> Vec<PathBuf> {
         })
         .collect()
 }
-
-const DOCKER_DEFAULT_CAPS: [&str; 14] = [
-    "CAP_CHOWN",
-    "CAP_DAC_OVERRIDE",
-    "CAP_FSETID",
-    "CAP_FOWNER",
-    "CAP_MKNOD",
-    "CAP_NET_RAW",
-    "CAP_SETGID",
-    "CAP_SETUID",
-    "CAP_SETFCAP",
-    "CAP_SETPCAP",
-    "CAP_NET_BIND_SERVICE",
-    "CAP_SYS_CHROOT",
-    "CAP_KILL",
-    "CAP_AUDIT_WRITE",
-];
 
 /// Runs the probe with `args` as pid 1 of a runc container whose rootfs is a copy of the
 /// busybox base; returns the probe's stdout lines and the rootfs copy.

@@ -226,3 +226,26 @@ pub fn run_with_runc(flat: &Flattened) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// The blobs of `repo_tag` (every layer, raw and gunzipped, and the config) that contain
+/// `needle`, by file name (the digest's hex), for checks that a secret never reached an image.
+pub fn blobs_containing(registry: &Registry, repo_tag: &str, needle: &[u8]) -> Vec<String> {
+    require_tools(&["skopeo", "gzip"]);
+    let dir = tempfile::tempdir().unwrap();
+    run(Command::new("skopeo")
+        .args(["copy", "--quiet", "--src-tls-verify=false"])
+        .arg(format!("docker://{}/{repo_tag}", registry.addr()))
+        .arg(format!("dir:{}", dir.path().display())));
+    let found = |bytes: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
+    let mut hits = Vec::new();
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let blob = entry.unwrap().path();
+        let raw = std::fs::read(&blob).unwrap();
+        let unzipped = Command::new("gzip").arg("-dc").arg(&blob).output().unwrap();
+        if found(&raw) || (unzipped.status.success() && found(&unzipped.stdout)) {
+            hits.push(blob.file_name().unwrap().to_string_lossy().into_owned());
+        }
+    }
+    hits.sort();
+    hits
+}

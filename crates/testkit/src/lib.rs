@@ -8,6 +8,7 @@
 pub mod bases;
 pub mod buildah;
 pub mod git;
+pub mod hostile;
 pub mod http;
 pub mod image;
 mod registry;

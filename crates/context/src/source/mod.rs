@@ -139,7 +139,7 @@ pub fn open_source(spec: &str, options: &SourceOptions) -> Result<Box<dyn Contex
 }
 
 /// Selects `sub_path` (kaniko's `--context-sub-path`) inside `root`. The sub-path must name a
-/// directory inside the context, also after following symlinks.
+/// directory inside the context; symlinks on the way are followed inside the context.
 pub fn select_sub_path(root: &Path, sub_path: &str, source_name: &str) -> Result<PathBuf> {
     let reject = |reason: &str| ContextError::SubPath {
         source_name: source_name.to_owned(),
@@ -153,23 +153,30 @@ pub fn select_sub_path(root: &Path, sub_path: &str, source_name: &str) -> Result
     }
     let canonical_root = std::fs::canonicalize(root)
         .map_err(|e| ContextError::io(source_name, "resolve", root, e))?;
-    let candidate = canonical_root.join(relative);
-    let resolved = match std::fs::canonicalize(&candidate) {
+    let tree =
+        kiln_fs::resolve::Root::open(&canonical_root).map_err(|error| ContextError::Contained {
+            source_name: source_name.to_owned(),
+            error,
+        })?;
+    let resolved = match tree.resolve(relative, true) {
         Ok(resolved) => resolved,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(reject("no such directory in the build context"))
+        Err(e) if e.is_not_found() => return Err(reject("no such directory in the build context")),
+        Err(error) => {
+            return Err(ContextError::Contained {
+                source_name: source_name.to_owned(),
+                error,
+            })
         }
-        Err(e) => return Err(ContextError::io(source_name, "resolve", candidate, e)),
     };
-    if !resolved.starts_with(&canonical_root) {
-        return Err(reject(
-            "it resolves (through a symlink) outside the build context",
-        ));
+    match tree.symlink_metadata(&resolved) {
+        Ok(meta) if meta.is_dir() => Ok(canonical_root.join(resolved)),
+        Ok(_) => Err(reject("not a directory")),
+        Err(e) if e.is_not_found() => Err(reject("no such directory in the build context")),
+        Err(error) => Err(ContextError::Contained {
+            source_name: source_name.to_owned(),
+            error,
+        }),
     }
-    if !resolved.is_dir() {
-        return Err(reject("not a directory"));
-    }
-    Ok(resolved)
 }
 
 /// Creates a fresh directory for one remote source under `work_dir`.
