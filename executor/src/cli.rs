@@ -395,6 +395,10 @@ flag_struct! {
         /// Client certificate for mutual TLS: REGISTRY=CERT,KEY; repeatable.
         #[arg(long = "registry-client-cert", value_name = "REGISTRY=CERT,KEY")]
         registry_client_cert: Vec<String>,
+        /// Certificate directory: a certs.d directory holding HOST[:PORT]/ directories, or
+        /// REGISTRY=DIR with one registry's *.crt, *.cert and *.key; repeatable.
+        #[arg(long = "registry-certs-dir", value_name = "DIR|REGISTRY=DIR")]
+        registry_certs_dir: Vec<String>,
         /// Pull-through mirror for Docker Hub; repeatable (also KANIKO_REGISTRY_MIRROR).
         #[arg(long = "registry-mirror", value_name = "MIRROR")]
         registry_mirror: Vec<String>,
@@ -877,6 +881,11 @@ fn registry_options(flags: &RegistryFlags, env: &Env) -> Result<RegistryOptions,
         options
             .add_registry_client_certificate(value)
             .map_err(|e| UsageError::new(format!("--registry-client-cert: {e}")))?;
+    }
+    for value in &flags.registry_certs_dir {
+        options
+            .add_registry_certs_dir(value)
+            .map_err(|e| UsageError::new(format!("--registry-certs-dir: {e}")))?;
     }
     options.registry_mirrors = flags.registry_mirror.clone();
     if let Some(mirrors) = env.get("KANIKO_REGISTRY_MIRROR") {

@@ -136,6 +136,9 @@ fn every_build_flag_lands_in_its_field() {
             "--skip-tls-verify-registry=self.example",
             "--registry-certificate=reg.example=/certs/ca.pem",
             "--registry-client-cert=reg.example=/certs/c.pem,/certs/k.pem",
+            "--registry-certs-dir=/kiln/certs.d",
+            "--registry-certs-dir",
+            "reg.example:5000=/mnt/reg-tls",
             "--registry-mirror=mirror.example/hub",
             "--registry-map=quay.io=m1.example;gcr.io=m2.example",
             "--skip-default-registry-fallback",
@@ -230,6 +233,15 @@ fn every_build_flag_lands_in_its_field() {
         r.registry_client_certificates[0].1.key,
         PathBuf::from("/certs/k.pem")
     );
+    assert_eq!(r.certs_dirs, [PathBuf::from("/kiln/certs.d")]);
+    assert_eq!(
+        r.registry_certs_dirs,
+        [(
+            "reg.example:5000".to_string(),
+            PathBuf::from("/mnt/reg-tls")
+        )]
+    );
+    assert!(r.system_certs_dirs);
     assert_eq!(r.registry_mirrors, ["mirror.example/hub"]);
     assert_eq!(
         r.registry_maps,
@@ -411,6 +423,9 @@ fn registry_map_forms() {
     );
     assert!(
         usage_error(&[DEST, "--registry-client-cert=r=/only"]).contains("--registry-client-cert")
+    );
+    assert!(
+        usage_error(&[DEST, "--registry-certs-dir=reg.example="]).contains("--registry-certs-dir")
     );
 }
 

@@ -55,11 +55,14 @@ pub enum CacheError {
 
 impl CacheError {
     /// Whether the cache's registry gave no answer at all (connection refused, reset, timed
-    /// out, TLS failure), after the client's retries: asking it again would only wait again.
+    /// out, TLS failure, a refused certificate), after the client's retries: asking it again
+    /// would only wait again.
     pub fn is_unreachable(&self) -> bool {
         matches!(
             self,
-            CacheError::Registry(kiln_registry::Error::Transport { .. })
+            CacheError::Registry(
+                kiln_registry::Error::Transport { .. } | kiln_registry::Error::Certificate { .. }
+            )
         )
     }
 

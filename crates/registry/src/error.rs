@@ -84,6 +84,21 @@ pub enum Error {
         /// Whether the failure happened before any byte was sent (connect, TLS handshake).
         connect: bool,
     },
+    /// The registry's TLS certificate was refused, or the registry demands a client
+    /// certificate and none is configured for it. The reason names the certificate (its
+    /// names, subject, issuer, SHA-256 fingerprint and validity) and says what would make it
+    /// acceptable: which flag or certs.d file would trust it, when it expired, which names it
+    /// has, where a client certificate goes. Not retried, and never a reason to fall back to
+    /// plain HTTP: the server speaks TLS.
+    #[error("{target}: {operation} failed: {reason}")]
+    Certificate {
+        /// `registry/repository` (or the registry alone).
+        target: String,
+        /// What was being done.
+        operation: Operation,
+        /// What is wrong with the certificate and what to do about it.
+        reason: String,
+    },
     /// Content did not hash to the digest it was asked for or announced with.
     #[error("{target}: {operation}: content does not match digest {expected}: got {actual}")]
     DigestMismatch {
@@ -187,6 +202,15 @@ impl Error {
                 message: message.clone(),
                 connect: *connect,
             },
+            Error::Certificate {
+                target,
+                operation,
+                reason,
+            } => Error::Certificate {
+                target: target.clone(),
+                operation: *operation,
+                reason: reason.clone(),
+            },
             Error::InvalidResponse {
                 target,
                 operation,
@@ -240,7 +264,16 @@ impl Error {
         }
     }
 
+    /// The error of a request that got no answer; a refused certificate becomes
+    /// [`Error::Certificate`] with the verifier's explanation.
     pub(crate) fn transport(target: &str, operation: Operation, err: &reqwest::Error) -> Self {
+        if let Some(rejection) = crate::certificate::find_rejection(err) {
+            return Error::Certificate {
+                target: target.to_owned(),
+                operation,
+                reason: rejection.message().to_owned(),
+            };
+        }
         Error::Transport {
             target: target.to_owned(),
             operation,

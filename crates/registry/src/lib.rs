@@ -6,12 +6,15 @@
 //! ([`Keychain`]), including `credsStore`/`credHelpers` helpers. Both Basic and Bearer-token
 //! challenges are answered, and tokens are cached per scope. Transport follows kaniko's flags
 //! ([`RegistryOptions`]): plain HTTP, skipped TLS verification, extra CAs and client
-//! certificates per registry, mirrors and registry maps, retries with back-off, and a limit
-//! on concurrent transfers.
+//! certificates per registry (by flag, or in certs.d directories laid out as Docker's),
+//! mirrors and registry maps, retries with back-off, and a limit on concurrent transfers.
+//! Certificates are verified by webpki, except that a server certificate the user trusts as
+//! itself is checked as Go's crypto/x509 checks it, whatever its basic constraints.
 //!
 //! Errors name the registry, the repository and the HTTP status, for example
 //! `127.0.0.1:5000/app: push refused: 401 Unauthorized (UNAUTHORIZED: authentication required)`,
-//! and never contain a credential.
+//! and never contain a credential or a private key. A refused certificate is described (names,
+//! subject, issuer, SHA-256 fingerprint, validity) with what would make it acceptable.
 //!
 //! ```no_run
 //! use kiln_oci::Reference;
@@ -39,6 +42,8 @@
 //! ```
 
 mod blob;
+mod certificate;
+mod certs_d;
 mod challenge;
 mod client;
 mod credentials;

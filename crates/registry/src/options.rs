@@ -58,8 +58,22 @@ pub struct RegistryOptions {
     pub system_ca_certificates: bool,
     /// `--registry-certificate REGISTRY=PATH`: extra CA certificates for one registry.
     pub registry_certificates: Vec<(String, PathBuf)>,
-    /// `--registry-client-cert REGISTRY=CERT,KEY`: client certificates per registry.
+    /// `--registry-client-cert REGISTRY=CERT,KEY`: client certificates per registry. One
+    /// given here wins over one found in a certificate directory.
     pub registry_client_certificates: Vec<(String, ClientCertificate)>,
+    /// `--registry-certs-dir DIR`: certs.d directories laid out as Docker's
+    /// `/etc/docker/certs.d`, one `HOST[:PORT]` directory per registry holding `*.crt` (CA
+    /// certificates, or the server's own), `NAME.cert` and `NAME.key` (a client
+    /// certificate). Searched in order, before the system ones; the first directory named
+    /// after the registry is the one used. Each must exist.
+    pub certs_dirs: Vec<PathBuf>,
+    /// `--registry-certs-dir REGISTRY=DIR`: one registry's certificate files directly in
+    /// `DIR` (a Secret mounted for that registry, as skopeo's `--cert-dir`); for that
+    /// registry no certs.d directory is searched.
+    pub registry_certs_dirs: Vec<(String, PathBuf)>,
+    /// Also search the certs.d directories Docker and podman read: `/etc/containers/certs.d`,
+    /// then `/etc/docker/certs.d`.
+    pub system_certs_dirs: bool,
     /// `--registry-mirror`: pull-through mirrors tried, in order, before Docker Hub. Each is
     /// a host with an optional path prefix (`mirror.example/dockerhub`).
     pub registry_mirrors: Vec<String>,
@@ -105,6 +119,9 @@ impl Default for RegistryOptions {
             system_ca_certificates: true,
             registry_certificates: Vec::new(),
             registry_client_certificates: Vec::new(),
+            certs_dirs: Vec::new(),
+            registry_certs_dirs: Vec::new(),
+            system_certs_dirs: true,
             registry_mirrors: Vec::new(),
             registry_maps: Vec::new(),
             skip_default_registry_fallback: false,
@@ -196,6 +213,34 @@ impl RegistryOptions {
                 key: PathBuf::from(key),
             },
         ));
+        Ok(())
+    }
+
+    /// Adds one `--registry-certs-dir` value: `DIR`, a certs.d directory with a directory per
+    /// registry, or `REGISTRY=DIR`, one registry's files. A value is `REGISTRY=DIR` when it
+    /// has a `=` with no `/` before it (a registry name has none; a path to a certs.d
+    /// directory whose name holds a `=` can be written `./NAME`).
+    pub fn add_registry_certs_dir(&mut self, flag: &str) -> Result<(), Error> {
+        match flag.split_once('=') {
+            Some((registry, _)) if registry.contains('/') => {
+                self.certs_dirs.push(PathBuf::from(flag));
+            }
+            Some((registry, dir)) => {
+                if registry.is_empty() || dir.is_empty() {
+                    return Err(Error::InvalidArgument(format!(
+                        "registry certs dir {flag:?}: expected DIR or REGISTRY=DIR"
+                    )));
+                }
+                self.registry_certs_dirs
+                    .push((registry.to_owned(), PathBuf::from(dir)));
+            }
+            None if flag.is_empty() => {
+                return Err(Error::InvalidArgument(
+                    "registry certs dir: expected DIR or REGISTRY=DIR, got nothing".to_owned(),
+                ));
+            }
+            None => self.certs_dirs.push(PathBuf::from(flag)),
+        }
         Ok(())
     }
 
@@ -398,5 +443,33 @@ mod tests {
             .add_registry_client_certificate("reg=/only-cert")
             .is_err());
         assert!(options.add_registry_certificate("=x").is_err());
+    }
+
+    #[test]
+    fn parses_certs_dir_flags() {
+        let mut options = RegistryOptions::default();
+        for flag in [
+            "/etc/kiln/certs.d",
+            "reg.example:5000=/mnt/reg-tls",
+            "./odd=name",
+            "relative-certs.d",
+        ] {
+            options.add_registry_certs_dir(flag).unwrap();
+        }
+        assert_eq!(
+            options.certs_dirs,
+            [
+                PathBuf::from("/etc/kiln/certs.d"),
+                PathBuf::from("./odd=name"),
+                PathBuf::from("relative-certs.d")
+            ]
+        );
+        assert_eq!(
+            options.registry_certs_dirs,
+            [("reg.example:5000".to_owned(), PathBuf::from("/mnt/reg-tls"))]
+        );
+        for bad in ["", "=/x", "reg.example="] {
+            assert!(options.add_registry_certs_dir(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -5,15 +5,24 @@
 //! verifies a certificate. So the trust store is assembled on the first certificate
 //! verification, once per process, not when a client is made. Certificates named by the user
 //! are still read and checked when the client is made, so a bad file fails early and by name.
+//!
+//! Verification is webpki's, with one addition from Go's crypto/x509 (see
+//! [`crate::certificate::verify_trusted_as_itself`]): a server whose certificate is itself one
+//! the user trusts is accepted whatever its basic constraints say. A refusal carries a message
+//! that names the certificate and says how to trust it.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::client::WebPkiServerVerifier;
+use rustls::client::{ResolvesClientCert, WebPkiServerVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::sign::CertifiedKey;
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 use rustls_pki_types::pem::PemObject;
+
+use crate::certificate::{CertificateRejection, Described, Problem, TrustAdvice};
 
 /// A client certificate chain and its private key, presented to one registry.
 pub(crate) struct Identity {
@@ -23,6 +32,8 @@ pub(crate) struct Identity {
 
 impl Identity {
     /// Reads a PEM certificate chain and a PEM private key; the error says what is missing.
+    /// Errors about the key are fixed phrases: the PEM parser's own messages can quote a line
+    /// of the file, and no line of a key file may reach a message.
     pub fn from_pem(certificate: &[u8], key: &[u8]) -> Result<Identity, String> {
         let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(certificate)
             .collect::<Result<_, _>>()
@@ -30,8 +41,40 @@ impl Identity {
         if chain.is_empty() {
             return Err("no PEM certificate in the certificate file".to_owned());
         }
-        let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| format!("private key: {e}"))?;
+        let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| match e {
+            rustls_pki_types::pem::Error::NoItemsFound => {
+                "private key: no PEM private key (PKCS#8, PKCS#1 or SEC1) in the key file"
+                    .to_owned()
+            }
+            rustls_pki_types::pem::Error::Io(e) => format!("private key: {e}"),
+            _ => "private key: the key file is not well-formed PEM".to_owned(),
+        })?;
         Ok(Identity { chain, key })
+    }
+
+    /// The client certificate, described for messages (never the key).
+    pub fn describe(&self) -> String {
+        self.chain
+            .first()
+            .map(|cert| Described::of(cert).summary())
+            .unwrap_or_default()
+    }
+
+    /// Checks that the key fits the certificate, so a wrong pair fails when it is configured,
+    /// by name, not at the first handshake.
+    pub fn check(&self) -> Result<(), String> {
+        client_config(Settings {
+            advice: TrustAdvice {
+                registry: String::new(),
+                certs_dir: None,
+            },
+            skip_verify: false,
+            system_roots: false,
+            extra_roots: Vec::new(),
+            identity: Some(self),
+            client_auth_requested: Default::default(),
+        })
+        .map(drop)
     }
 }
 
@@ -52,14 +95,19 @@ pub(crate) fn parse_roots(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, St
 
 /// What a client for one registry trusts and presents.
 pub(crate) struct Settings<'a> {
+    /// The registry and where its certificates would go, for the advice in refusals.
+    pub advice: TrustAdvice,
     /// Accept any server certificate (`--skip-tls-verify`).
     pub skip_verify: bool,
     /// Trust the system's CA certificates as well as the built-in ones.
     pub system_roots: bool,
-    /// Further trusted CAs, named by the user.
+    /// Further trusted certificates, named by the user: CAs, or a server's own certificate.
     pub extra_roots: Vec<CertificateDer<'static>>,
     /// The client certificate for mutual TLS.
     pub identity: Option<&'a Identity>,
+    /// Set when a server asks for a client certificate, so a handshake the server then
+    /// breaks off can be explained.
+    pub client_auth_requested: Arc<AtomicBool>,
 }
 
 /// The rustls configuration for one registry client: TLS 1.2 and 1.3 with ring, HTTP/2 and
@@ -78,20 +126,52 @@ pub(crate) fn client_config(settings: Settings<'_>) -> Result<rustls::ClientConf
     let verifier = Arc::new(RegistryVerifier {
         provider: provider.clone(),
         trust,
+        advice: settings.advice,
     });
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
+    // Made here rather than by `with_client_auth_cert` so that a key which does not fit its
+    // certificate is refused the same way, and the resolver can note the server's request.
+    let key = match settings.identity {
+        Some(identity) => Some(Arc::new(
+            CertifiedKey::from_der(identity.chain.clone(), identity.key.clone_key(), &provider)
+                .map_err(|e| e.to_string())?,
+        )),
+        None => None,
+    };
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
         .dangerous()
-        .with_custom_certificate_verifier(verifier);
-    let mut config = match settings.identity {
-        Some(identity) => builder
-            .with_client_auth_cert(identity.chain.clone(), identity.key.clone_key())
-            .map_err(|e| e.to_string())?,
-        None => builder.with_no_client_auth(),
-    };
+        .with_custom_certificate_verifier(verifier)
+        .with_client_cert_resolver(Arc::new(ClientCertificate {
+            key,
+            requested: settings.client_auth_requested,
+        }));
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(config)
+}
+
+/// The client certificate presented when a server asks for one (none if none is configured),
+/// noting that it was asked: a registry that demands one ends the handshake without saying
+/// why, and this note is what lets the error say it.
+#[derive(Debug)]
+struct ClientCertificate {
+    key: Option<Arc<CertifiedKey>>,
+    requested: Arc<AtomicBool>,
+}
+
+impl ResolvesClientCert for ClientCertificate {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        self.requested.store(true, Ordering::Relaxed);
+        self.key.clone()
+    }
+
+    fn has_certs(&self) -> bool {
+        self.key.is_some()
+    }
 }
 
 /// Checks a registry's certificate as `trust` says. The handshake signatures are checked in
@@ -100,6 +180,7 @@ pub(crate) fn client_config(settings: Settings<'_>) -> Result<rustls::ClientConf
 struct RegistryVerifier {
     provider: Arc<CryptoProvider>,
     trust: Trust,
+    advice: TrustAdvice,
 }
 
 /// Which server certificates a client accepts.
@@ -108,7 +189,9 @@ enum Trust {
     /// Any (`--skip-tls-verify`), as the user asked.
     AnyCertificate,
     /// WebPKI verification against the built-in roots, the system's CAs (when enabled) and
-    /// the user's CAs, with the store made when the first server certificate arrives.
+    /// the user's CAs, with the store made when the first server certificate arrives; and a
+    /// server certificate that is one of the user's or the system's own is checked as Go
+    /// checks a certificate found in its roots.
     Roots {
         system_roots: bool,
         extra_roots: Vec<CertificateDer<'static>>,
@@ -150,15 +233,38 @@ impl ServerCertVerifier for RegistryVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        match &self.trust {
-            Trust::AnyCertificate => Ok(ServerCertVerified::assertion()),
-            Trust::Roots {
-                system_roots,
-                extra_roots,
-                verifier,
-            } => self
-                .webpki(*system_roots, extra_roots, verifier)?
-                .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now),
+        let Trust::Roots {
+            system_roots: use_system_roots,
+            extra_roots,
+            verifier,
+        } = &self.trust
+        else {
+            return Ok(ServerCertVerified::assertion());
+        };
+        let reject = |problem: Problem, described: &Described| {
+            CertificateRejection::new(&problem, described, server_name, now, &self.advice)
+                .into_rustls()
+        };
+        let is_it = |c: &CertificateDer<'_>| c.as_ref() == end_entity.as_ref();
+        let trusted_as_itself = extra_roots.iter().any(is_it)
+            || (*use_system_roots && system_roots().iter().any(is_it));
+        if trusted_as_itself {
+            return crate::certificate::verify_trusted_as_itself(end_entity, server_name, now)
+                .map(|()| ServerCertVerified::assertion())
+                .map_err(|problem| reject(problem, &Described::of(end_entity)));
+        }
+        match self
+            .webpki(*use_system_roots, extra_roots, verifier)?
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+        {
+            Err(rustls::Error::InvalidCertificate(error)) => {
+                let described = Described::of(end_entity);
+                Err(reject(
+                    Problem::from_rustls(&error, described.is_ca()),
+                    &described,
+                ))
+            }
+            other => other,
         }
     }
 
@@ -325,10 +431,15 @@ mod tests {
             .self_signed(&key)
             .unwrap();
         let settings = |identity| Settings {
+            advice: TrustAdvice {
+                registry: "client.example".into(),
+                certs_dir: None,
+            },
             skip_verify: false,
             system_roots: false,
             extra_roots: Vec::new(),
             identity,
+            client_auth_requested: Default::default(),
         };
         let fitting =
             Identity::from_pem(cert.pem().as_bytes(), key.serialize_pem().as_bytes()).unwrap();

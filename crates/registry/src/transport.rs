@@ -3,6 +3,8 @@
 //! challenge and token cache, and the retry loop.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -13,6 +15,7 @@ use rustls_pki_types::CertificateDer;
 use tokio::sync::{OnceCell, Semaphore};
 use url::Url;
 
+use crate::certs_d::{DirError, HostDir, HostFiles};
 use crate::challenge::Challenge;
 use crate::credentials::Credential;
 use crate::error::{error_chain, parse_error_body, retryable_status, Error, Operation};
@@ -42,6 +45,45 @@ struct TlsMaterial {
     global_roots: Vec<CertificateDer<'static>>,
     registry_roots: Vec<(String, CertificateDer<'static>)>,
     identities: Vec<(String, Identity)>,
+    /// `REGISTRY=DIR` certificate directories, each for one registry.
+    registry_dirs: Vec<(String, HostFiles)>,
+    /// The registry directories found in the certs.d directories, in search order; an
+    /// unreadable one fails only the registry it is for.
+    certs_d: Vec<HostDir>,
+    /// Where the advice in a refusal says to put a registry's certificate: the first
+    /// certs.d directory the user named, else Docker's if it is searched.
+    advice_root: Option<PathBuf>,
+}
+
+impl TlsMaterial {
+    /// The certificate directory files that apply to `registry`: those given for it by name
+    /// (`REGISTRY=DIR`, as skopeo's `--cert-dir` replaces the search), else the first
+    /// `HOST[:PORT]` directory found, as containers/image searches. Errors name the file.
+    fn dir_files(&self, registry: &str) -> Result<Vec<&HostFiles>, Error> {
+        let same = |r: &String| crate::options::same_registry(r, registry);
+        let named: Vec<&HostFiles> = (self.registry_dirs.iter())
+            .filter(|(r, _)| same(r))
+            .map(|(_, files)| files)
+            .collect();
+        if !named.is_empty() {
+            return Ok(named);
+        }
+        match self.certs_d.iter().find(|(host, _)| same(host)) {
+            None => Ok(Vec::new()),
+            Some((_, Ok(files))) => Ok(vec![files]),
+            Some((_, Err(e))) => Err(Error::Tls {
+                registry: registry.to_owned(),
+                path: e.path.clone(),
+                message: e.message.clone(),
+            }),
+        }
+    }
+}
+
+/// What an endpoint's TLS setup says about it, for messages.
+struct TlsNotes {
+    client_certificate: Option<String>,
+    certs_dir: Option<PathBuf>,
 }
 
 /// One registry host as reached with one transport profile.
@@ -60,6 +102,11 @@ pub(crate) struct Endpoint {
     ping_failures: Mutex<(u64, Option<Error>)>,
     challenge: Mutex<Option<Challenge>>,
     credential: OnceCell<Option<Credential>>,
+    /// Whether a server asked this endpoint's TLS client for a client certificate.
+    client_auth_requested: Arc<AtomicBool>,
+    /// What the endpoint presents when asked (described), and where the user would put one.
+    client_certificate: Option<String>,
+    certs_dir: Option<PathBuf>,
 }
 
 struct CachedToken {
@@ -91,11 +138,39 @@ impl Inner {
                 message,
             })
         };
+        let dir_error = |registry: &str, e: DirError| Error::Tls {
+            registry: registry.to_owned(),
+            path: e.path,
+            message: e.message,
+        };
         let mut tls = TlsMaterial {
             global_roots: Vec::new(),
             registry_roots: Vec::new(),
             identities: Vec::new(),
+            registry_dirs: Vec::new(),
+            certs_d: Vec::new(),
+            advice_root: (options.certs_dirs.first().cloned()).or_else(|| {
+                (options.system_certs_dirs)
+                    .then(|| PathBuf::from(crate::certs_d::SYSTEM_CERTS_DIRS[1]))
+            }),
         };
+        for (registry, dir) in &options.registry_certs_dirs {
+            let files = crate::certs_d::read_host_dir(dir).map_err(|e| dir_error(registry, e))?;
+            tls.registry_dirs.push((registry.clone(), files));
+        }
+        for root in &options.certs_dirs {
+            tls.certs_d
+                .extend(crate::certs_d::read_root(root).map_err(|e| dir_error("*", e))?);
+        }
+        if options.system_certs_dirs {
+            for root in crate::certs_d::SYSTEM_CERTS_DIRS {
+                match crate::certs_d::read_root(std::path::Path::new(root)) {
+                    Ok(hosts) => tls.certs_d.extend(hosts),
+                    // Not named by the user: most machines and images have neither.
+                    Err(e) => tracing::debug!(path = root, error = %e.message, "no certs.d"),
+                }
+            }
+        }
         for path in &options.ca_certificates {
             tls.global_roots.extend(parse_roots("*", path)?);
         }
@@ -116,15 +191,7 @@ impl Inner {
             let certificate = read_pem(registry, &client_cert.certificate)?;
             let key = read_pem(registry, &client_cert.key)?;
             let identity = Identity::from_pem(&certificate, &key).map_err(unusable)?;
-            // A key that does not fit the certificate fails here, by name, not at the first
-            // handshake.
-            crate::tls::client_config(crate::tls::Settings {
-                skip_verify: false,
-                system_roots: false,
-                extra_roots: Vec::new(),
-                identity: Some(&identity),
-            })
-            .map_err(unusable)?;
+            identity.check().map_err(unusable)?;
             tls.identities.push((registry.clone(), identity));
         }
         let transfers = Arc::new(Semaphore::new(options.max_concurrent_transfers.max(1)));
@@ -155,11 +222,16 @@ impl Inner {
         if let Some(found) = endpoints.get(&key) {
             return Ok(found.clone());
         }
+        let client_auth_requested = Arc::new(AtomicBool::new(false));
+        let (http, notes) = self.http_client(registry, profile, &client_auth_requested)?;
         let endpoint = Arc::new(Endpoint {
             registry: registry.to_owned(),
             host: api_host(registry),
             profile,
-            http: self.http_client(registry, profile)?,
+            http,
+            client_auth_requested,
+            client_certificate: notes.client_certificate,
+            certs_dir: notes.certs_dir,
             base: OnceCell::new(),
             ping_turn: tokio::sync::Mutex::new(()),
             ping_failures: Mutex::new((0, None)),
@@ -170,7 +242,12 @@ impl Inner {
         Ok(endpoint)
     }
 
-    fn http_client(&self, registry: &str, profile: Profile) -> Result<reqwest::Client, Error> {
+    fn http_client(
+        &self,
+        registry: &str,
+        profile: Profile,
+        client_auth_requested: &Arc<AtomicBool>,
+    ) -> Result<(reqwest::Client, TlsNotes), Error> {
         let same = |r: &String| crate::options::same_registry(r, registry);
         let mut builder = reqwest::Client::builder()
             .user_agent(self.options.user_agent.clone())
@@ -178,7 +255,28 @@ impl Inner {
         if let Some(timeout) = self.options.read_timeout {
             builder = builder.read_timeout(timeout);
         }
+        let dir_files = self.tls.dir_files(registry)?;
+        let certs_dir = match dir_files.first() {
+            Some(files) => Some(files.dir.clone()),
+            None => self
+                .tls
+                .advice_root
+                .as_ref()
+                .map(|root| root.join(registry)),
+        };
+        let identity = (self.tls.identities.iter())
+            .find(|(r, _)| same(r))
+            .map(|(_, identity)| identity)
+            .or_else(|| dir_files.iter().find_map(|files| files.identity.as_ref()));
+        let notes = TlsNotes {
+            client_certificate: identity.map(Identity::describe),
+            certs_dir: certs_dir.clone(),
+        };
         let tls = crate::tls::client_config(crate::tls::Settings {
+            advice: crate::certificate::TrustAdvice {
+                registry: registry.to_owned(),
+                certs_dir,
+            },
             skip_verify: profile.skip_verify,
             system_roots: self.options.system_ca_certificates,
             extra_roots: (self.tls.global_roots.iter())
@@ -189,11 +287,12 @@ impl Inner {
                         .filter(|(r, _)| same(r))
                         .map(|(_, c)| c),
                 )
+                .chain(dir_files.iter().flat_map(|files| &files.cas))
                 .cloned()
                 .collect(),
-            identity: (self.tls.identities.iter())
-                .find(|(r, _)| same(r))
-                .map(|(_, identity)| identity),
+            // A client certificate given by flag wins over one found in a directory.
+            identity,
+            client_auth_requested: client_auth_requested.clone(),
         })
         .map_err(|message| Error::Tls {
             registry: registry.to_owned(),
@@ -201,11 +300,12 @@ impl Inner {
             message,
         })?;
         builder = builder.use_preconfigured_tls(tls);
-        builder.build().map_err(|e| Error::Tls {
+        let http = builder.build().map_err(|e| Error::Tls {
             registry: registry.to_owned(),
             path: Default::default(),
             message: error_chain(&e),
-        })
+        })?;
+        Ok((http, notes))
     }
 
     /// The base URL (`https://host/` or `http://host/`), found by pinging `/v2/` once. Callers
@@ -236,6 +336,7 @@ impl Inner {
                 Ok(base)
             }
             Err(e) => {
+                let e = ep.explain_client_auth(e);
                 let mut failures = ep.ping_failures.lock().unwrap_or_else(|p| p.into_inner());
                 failures.0 += 1;
                 failures.1 = e.duplicate();
@@ -390,7 +491,8 @@ impl Inner {
             match request.send().await {
                 Err(e) => {
                     let err = Error::transport(ctx.target, ctx.operation, &e);
-                    if attempt >= self.options.retries {
+                    // A refused certificate is refused again on every try.
+                    if attempt >= self.options.retries || matches!(err, Error::Certificate { .. }) {
                         return Err(err);
                     }
                     tracing::warn!(error = %err, attempt, "retrying");
@@ -442,7 +544,7 @@ impl Inner {
                 ));
             };
             match request.send().await {
-                Err(e) if attempt < retries => {
+                Err(e) if attempt < retries && crate::certificate::find_rejection(&e).is_none() => {
                     tracing::warn!(target = ctx.target, error = %error_chain(&e), attempt, "retrying");
                     tokio::time::sleep(self.backoff(attempt)).await;
                 }
@@ -676,6 +778,54 @@ impl Inner {
 }
 
 impl Endpoint {
+    /// A failed ping explained, when the registry asked for a client certificate: a server
+    /// that demands one and does not like what it got just closes the connection, which
+    /// alone says nothing to the user.
+    fn explain_client_auth(&self, error: Error) -> Error {
+        if !self.client_auth_requested.load(Ordering::Relaxed) {
+            return error;
+        }
+        let registry = &self.registry;
+        match (error, &self.client_certificate) {
+            (
+                Error::Transport {
+                    target,
+                    operation,
+                    message,
+                    ..
+                },
+                None,
+            ) => Error::Certificate {
+                target,
+                operation,
+                reason: format!(
+                    "the registry asks for a TLS client certificate and none is configured for {registry}: give one with --registry-client-cert {registry}=CERT,KEY{} (the connection failed: {message})",
+                    match &self.certs_dir {
+                        Some(dir) => format!(", or as NAME.cert and NAME.key in {}/", dir.display()),
+                        None => String::new(),
+                    }
+                ),
+            },
+            (
+                Error::Transport {
+                    target,
+                    operation,
+                    message,
+                    connect,
+                },
+                Some(presented),
+            ) => Error::Transport {
+                target,
+                operation,
+                message: format!(
+                    "{message} (the registry asked for a TLS client certificate and was given {presented}; check that the registry trusts its issuer)"
+                ),
+                connect,
+            },
+            (other, _) => other,
+        }
+    }
+
     /// The target as written in errors for a repository on this endpoint.
     pub fn target(&self, repository: &str) -> String {
         format!("{}/{}", self.registry, repository)

@@ -1,12 +1,14 @@
-//! Real parts for Kiln's tests: a `docker-registry` process on a loopback port, base root
-//! filesystems (busybox-static, debootstrap'd Debian) built once per machine and shared by every
-//! test process, and one-layer images of those trees pushed with skopeo.
+//! Real parts for Kiln's tests: a `docker-registry` process on a loopback port (plain HTTP or
+//! TLS, with client certificates if asked), certificates made by the `openssl` command, base
+//! root filesystems (busybox-static, debootstrap'd Debian) built once per machine and shared
+//! by every test process, and one-layer images of those trees pushed with skopeo.
 //!
 //! Nothing here mocks a registry or a tool: a test that needs one gets the real thing, or a
 //! clear panic saying which Debian package is missing.
 
 pub mod bases;
 pub mod buildah;
+pub mod certs;
 pub mod git;
 pub mod hostile;
 pub mod http;

@@ -14,6 +14,9 @@ pub struct RegistryConfig {
     pub auth: Option<String>,
     /// PEM certificate and key files; when set the registry serves HTTPS only.
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// CA certificates (PEM files) for `http.tls.clientcas`: with TLS on, the registry then
+    /// demands a client certificate signed by one of them.
+    pub client_cas: Vec<PathBuf>,
     /// Serve pulls but refuse every write (distribution's maintenance read-only mode), for
     /// tests of a registry that refuses a push.
     pub read_only: bool,
@@ -72,6 +75,12 @@ impl Registry {
                 cert.display(),
                 key.display()
             ));
+            if !config.client_cas.is_empty() {
+                yaml.push_str("    clientcas:\n");
+                for ca in &config.client_cas {
+                    yaml.push_str(&format!("      - {}\n", ca.display()));
+                }
+            }
         }
         if let Some(auth) = &config.auth {
             yaml.push_str("auth:\n");

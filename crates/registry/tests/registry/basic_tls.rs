@@ -323,9 +323,11 @@ async fn client_certificate_for_mutual_tls() {
     .await;
     assert_eq!(pulled, image.manifest_digest);
 
-    // Without the client certificate the handshake is refused (and plain HTTP is no way in).
+    // Without the client certificate the handshake is refused (and plain HTTP is no way in);
+    // the error says a client certificate was asked for.
     let without = Client::new(tls_options(Keychain::anonymous(), &proxy, &tls)).unwrap();
     let err = without.get_manifest(&repo, "v1").await.unwrap_err();
-    assert!(matches!(err, Error::Transport { .. }), "{err}");
+    assert!(matches!(err, Error::Certificate { .. }), "{err}");
+    assert!(err.to_string().contains("client certificate"), "{err}");
     assert!(err.to_string().starts_with(&proxy), "{err}");
 }

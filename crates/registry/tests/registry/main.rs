@@ -7,3 +7,4 @@ mod basic_tls;
 mod memory;
 mod support;
 mod token;
+mod user_tls;
