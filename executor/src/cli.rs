@@ -1,4 +1,4 @@
-//! kaniko's command line, parsed into [`kiln_build::BuildOptions`].
+//! kaniko's command line, parsed into [`kiln_engine::BuildOptions`].
 //!
 //! Flag names and meanings are kaniko's (its README's "Additional Flags" and `executor --help`),
 //! so a pipeline can swap `/kaniko/executor` for `executor`. Boolean flags take `--flag`,
@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use kiln_build::{
+use kiln_engine::{
     BuildOptions, ContextSpec, GitOptions, OutputOptions, SecretSource, SecretSpec,
     SnapshotOptions, SshSpec,
 };
@@ -125,15 +125,15 @@ impl Default for CacheFlags {
 impl CacheFlags {
     /// The engine's cache options for these flags. The cache directory is used when it exists
     /// (kaniko's `/cache` default is only there when a volume is mounted).
-    pub fn engine_options(&self) -> kiln_build::CacheOptions {
-        kiln_build::CacheOptions {
+    pub fn engine_options(&self) -> kiln_engine::CacheOptions {
+        kiln_engine::CacheOptions {
             enabled: self.enabled,
             repo: self.repo.clone(),
             dir: self.dir.is_dir().then(|| self.dir.clone()),
             ttl: self.ttl,
             run_layers: self.run_layers,
             no_push: self.no_push_cache,
-            ..kiln_build::CacheOptions::default()
+            ..kiln_engine::CacheOptions::default()
         }
     }
 }

@@ -5,7 +5,7 @@
 //! - `1`: any other build error (registry, context, Dockerfile, I/O);
 //! - `2`: usage error (unknown flag, bad value).
 
-use kiln_build::BuildError;
+use kiln_engine::BuildError;
 
 use crate::cli::UsageError;
 use crate::render::redact_credentials;
@@ -41,8 +41,8 @@ mod tests {
     #[test]
     fn run_status_passes_through() {
         let failed = |code| BuildError::RunFailed {
-            file: "Dockerfile".into(),
-            line: 3,
+            at: "Dockerfile:3".into(),
+            what: "RUN".into(),
             code,
         };
         assert_eq!(build_failure_code(&failed(7)), 7);

@@ -3,7 +3,7 @@
 use std::io::Write;
 use std::process::ExitCode;
 
-use kiln_build::Builder;
+use kiln_engine::Builder;
 use kiln_executor::cli::{self, Command, Invocation, WarmInvocation};
 use kiln_executor::exit;
 use kiln_executor::render::Renderer;

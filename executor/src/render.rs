@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use kiln_build::{BuildEvent, EventSink, OutputStream};
+use kiln_engine::{BuildEvent, EventSink, OutputStream};
 use serde_json::{json, Value};
 
 /// kaniko's log levels, least verbose first; an event is shown when its level is at most the
@@ -299,7 +299,7 @@ impl Renderer {
         self.lock().style
     }
 
-    /// An [`EventSink`] feeding this renderer, for [`kiln_build::BuildOptions`] users.
+    /// An [`EventSink`] feeding this renderer, for [`kiln_engine::BuildOptions`] users.
     pub fn sink(&self) -> EventSink {
         let renderer = self.clone();
         Arc::new(move |event| renderer.handle(&event))

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use kiln_build::SecretSource;
+use kiln_engine::SecretSource;
 use kiln_executor::cli::{self, parse, Command, Env, Invocation, UsageError, WarmInvocation};
 use kiln_executor::{Level, LogFormat, Progress};
 use kiln_fs::snapshot::SnapshotMode;

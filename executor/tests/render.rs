@@ -5,7 +5,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use kiln_build::{BuildEvent, OutputStream};
+use kiln_engine::{BuildEvent, OutputStream};
 use kiln_executor::render::{Clock, Renderer, Style};
 use kiln_executor::{Level, OutputSettings, Progress};
 use kiln_oci::Digest;

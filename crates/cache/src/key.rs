@@ -6,14 +6,17 @@
 //! - the parent: the base image's manifest digest (or scratch, or the final key of the stage
 //!   this stage is `FROM`) for the first step, the previous step's key after that;
 //! - the platform;
-//! - the instruction after expansion, with all its flags;
+//! - the operation (kiln-plan's [`kiln_plan::Operation`]) with all its options;
 //! - for RUN, the environment the command will really see (image `ENV` plus the ARGs declared
 //!   in scope, see [`run_environment`]), user, working directory, shell, the `--mount` specs and
 //!   the content behind bind mounts. A cache mount's content is not covered (it is a cache, not
 //!   an input); a secret's id is, its value never is;
-//! - for COPY/ADD, the content of the sources ([`SourceContent`]): names relative to their
-//!   root, types, modes, owners when kept, link targets, file contents; for ADD of a URL, the
-//!   checksum or the server's validators ([`RemoteValidator`]).
+//! - for a copy, the content of the sources ([`SourceContent`]): names relative to their
+//!   root, types, modes, owners when kept, link targets, file contents and which names are hard
+//!   links of one file; for a URL or git source, the checksum, the server's validators or the
+//!   commit ([`RemoteValidator`]). A copy made on its own (`--link`) is keyed without the steps
+//!   below it, so its entry is found again when only they change; the steps after it still
+//!   chain from everything below.
 //!
 //! Every variable-length field is written with its length in front, and every optional or
 //! enumerated field with a tag byte, so two different inputs never produce the same byte
@@ -28,16 +31,12 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::PathBuf;
 
-use kiln_context::ContentDigest;
-use kiln_dockerfile::{
-    AddFiles, Chmod, CopyFiles, FileSource, Instruction, Mount, MountType, RunCommand, RunProgram,
-    Source, PROXY_ARGS,
-};
 use kiln_oci::{Digest, Hasher, Platform};
+use kiln_plan::{Chmod, ConfigEdit, Copy, CopySource, Mount, MountType, Run, RunProgram, Source};
 
 /// Starts every key's byte stream; bump it whenever the encoding below changes, so keys
 /// written by an older Kiln are simply never matched.
-const FORMAT_TAG: &[u8] = b"kiln-cache-key-v1";
+const FORMAT_TAG: &[u8] = b"kiln-cache-key-v2";
 
 /// A step's cache key: a SHA-256 digest over the step's framed inputs.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -103,8 +102,8 @@ pub enum FileKind {
     Socket,
 }
 
-/// One entry of a COPY/ADD source, for callers that list sources themselves rather than
-/// through [`kiln_context::BuildContext::hash_sources`] (which hashes the same fields).
+/// One entry of a copy's source, for callers that list sources themselves rather than hash
+/// their trees into a [`SourceContent::Tree`] (which covers the same fields).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FileEntry {
     /// The path relative to the source's root (`.` for the root), as the copy will name it.
@@ -162,11 +161,10 @@ impl FileEntry {
 /// The files a COPY/ADD (or a RUN bind mount) reads.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SourceContent {
-    /// Build context sources hashed by [`kiln_context::BuildContext::hash_sources`] (or a
-    /// directory by [`kiln_context::ContextHasher::hash_directory`]) with `include_owner` set
-    /// as the copy keeps owners. That hash already covers names, types, modes, owners, link
-    /// targets and contents.
-    Tree(ContentDigest),
+    /// A digest of the sources' trees, made by the caller (the engine hashes build context
+    /// sources with kiln-context), covering names, types, modes, owners where the copy keeps
+    /// them, link targets, hard-link structure and contents.
+    Tree([u8; 32]),
     /// An explicit listing: each source's label (the matched path) and its entries in order.
     Files(Vec<(String, Vec<FileEntry>)>),
     /// `--from=stage`: the key of that stage's last step, which determines its file system.
@@ -205,21 +203,21 @@ pub struct RemoteSource {
     pub validator: RemoteValidator,
 }
 
-/// A RUN step's inputs.
+/// A run step's inputs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RunInput {
-    /// The expanded instruction (program, mounts, network, security).
-    pub command: RunCommand,
-    /// The environment the command sees, from [`run_environment`] (or
-    /// `kiln_dockerfile::Step::env` followed by `Step::args` not shadowed by an ENV). Never
-    /// put proxy args or secret values here; variables a secret mount exposes through `env=`
-    /// are dropped from the key in any case.
+    /// The operation (program, mounts, network, security; its build variables are keyed
+    /// through `env`).
+    pub run: Run,
+    /// The environment the command sees, from [`run_environment`]. Never put unkeyed (proxy)
+    /// variables or secret values here; variables a secret mount exposes through `env=` are
+    /// dropped from the key in any case.
     pub env: Vec<(String, String)>,
     /// The user the command runs as (config `User`, empty for root by default).
     pub user: String,
     /// The working directory (config `WorkingDir`).
     pub workdir: String,
-    /// The shell for shell-form commands (SHELL, default `["/bin/sh", "-c"]`).
+    /// The shell for shell-form commands (config `Shell`, default `["/bin/sh", "-c"]`).
     pub shell: Vec<String>,
     /// The content behind each mount that [`reads_source`] (bind mounts, and cache mounts
     /// seeded `from=` a stage or image), by mount target. Such a mount without an entry here is
@@ -238,83 +236,106 @@ pub fn reads_source(mount: &Mount) -> bool {
     }
 }
 
-/// A COPY step's inputs.
+/// A copy step's inputs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CopyInput {
-    /// The expanded instruction (sources as written after expansion, dest and every flag).
-    pub files: CopyFiles,
-    /// The content of the sources.
+    /// The operation (sources as written, destination and every option).
+    pub copy: Copy,
+    /// The content of the sources read from a tree (the context, a stage, an image).
     pub content: SourceContent,
+    /// The remote sources (URLs, git repositories), in operation order.
+    pub remote: Vec<RemoteSource>,
 }
 
-/// An ADD step's inputs.
+/// A mkdir step's inputs: the directory as written; the working directory and user it
+/// depends on are keyed by the steps before it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct AddInput {
-    /// The expanded instruction.
-    pub files: AddFiles,
-    /// The content of the local (context) sources.
-    pub local: SourceContent,
-    /// The remote sources, in instruction order.
-    pub remote: Vec<RemoteSource>,
+pub struct MkdirInput {
+    /// The directory as written.
+    pub path: String,
+    /// Whether it becomes the working directory.
+    pub set_working_dir: bool,
+    /// The working directory it is relative to.
+    pub workdir: String,
+    /// The user who owns what is created.
+    pub user: String,
 }
 
 /// What one build step contributes to its key besides the parent and platform.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum StepInput {
-    /// RUN.
+    /// A run.
     Run(RunInput),
-    /// COPY.
+    /// A copy.
     Copy(CopyInput),
-    /// ADD.
-    Add(AddInput),
-    /// An instruction that only changes the image config (ENV, LABEL, USER, WORKDIR, ARG, CMD,
-    /// ENTRYPOINT, EXPOSE, VOLUME, SHELL, ...), expanded. The ARG instruction is keyed by its
-    /// text (name and default), not by the build arg's value: the value reaches the keys of
-    /// the RUN steps that see it.
-    Metadata(Instruction),
+    /// A mkdir.
+    Mkdir(MkdirInput),
+    /// An edit of the image config only.
+    Config(ConfigEdit),
+}
+
+impl StepInput {
+    /// Whether the step is keyed without the steps below it (a copy with `link`).
+    pub fn is_linked(&self) -> bool {
+        matches!(self, StepInput::Copy(copy) if copy.copy.link)
+    }
 }
 
 /// The key of one step on top of `parent` for `platform`.
 pub fn step_key(parent: &Parent, platform: &Platform, input: &StepInput) -> CacheKey {
     let mut w = KeyWriter::new();
-    match parent {
-        Parent::Scratch => w.tag(b's'),
-        Parent::Image(digest) => {
-            w.tag(b'i');
-            w.str(&digest.to_string());
-        }
-        Parent::Key(key) => {
-            w.tag(b'k');
-            w.str(&key.to_string());
-        }
-    }
+    write_parent(&mut w, parent);
     w.str(&platform.normalized().to_string());
+    write_input(&mut w, input);
+    w.finish()
+}
+
+fn write_input(w: &mut KeyWriter, input: &StepInput) {
     match input {
         StepInput::Run(run) => {
             w.tag(b'R');
-            write_run(&mut w, run);
+            write_run(w, run);
         }
         StepInput::Copy(copy) => {
             w.tag(b'C');
-            write_copy(&mut w, &copy.files);
-            write_content(&mut w, &copy.content);
-        }
-        StepInput::Add(add) => {
-            w.tag(b'A');
-            write_add(&mut w, &add.files);
-            write_content(&mut w, &add.local);
-            w.len(add.remote.len());
-            for remote in &add.remote {
-                write_remote(&mut w, remote);
+            write_copy(w, &copy.copy);
+            write_content(w, &copy.content);
+            w.len(copy.remote.len());
+            for remote in &copy.remote {
+                write_remote(w, remote);
             }
         }
-        StepInput::Metadata(instruction) => {
+        StepInput::Mkdir(mkdir) => {
+            w.tag(b'D');
+            w.str(&mkdir.path);
+            w.tag(u8::from(mkdir.set_working_dir));
+            w.str(&mkdir.workdir);
+            w.str(&mkdir.user);
+        }
+        StepInput::Config(edit) => {
             w.tag(b'M');
             // The derived Debug form names every variant and field and quotes every string,
-            // so it is an unambiguous encoding of the typed instruction.
-            w.str(&format!("{instruction:?}"));
+            // so it is an unambiguous encoding of the typed edit.
+            w.str(&format!("{edit:?}"));
         }
     }
+}
+
+/// The key of a step made on its own (a copy with `link`): the same for any parent.
+fn linked_key(platform: &Platform, input: &StepInput) -> CacheKey {
+    let mut w = KeyWriter::new();
+    w.tag(b'l');
+    w.str(&platform.normalized().to_string());
+    write_input(&mut w, input);
+    w.finish()
+}
+
+/// What the steps after a linked step chain from: what was below it and the linked step.
+fn after_linked(parent: &Parent, linked: &CacheKey) -> CacheKey {
+    let mut w = KeyWriter::new();
+    w.tag(b'L');
+    write_parent(&mut w, parent);
+    w.str(&linked.to_string());
     w.finish()
 }
 
@@ -334,8 +355,15 @@ impl KeyChain {
         }
     }
 
-    /// The key of the next step; it becomes the parent of the step after.
+    /// The key of the next step, under which its cache entry is found. It becomes the parent
+    /// of the step after, except for a linked step, whose key leaves out what is below it: the
+    /// step after chains from both.
     pub fn next_key(&mut self, input: &StepInput) -> CacheKey {
+        if input.is_linked() {
+            let key = linked_key(&self.platform, input);
+            self.parent = Parent::Key(after_linked(&self.parent, &key));
+            return key;
+        }
         let key = step_key(&self.parent, &self.platform, input);
         self.parent = Parent::Key(key.clone());
         key
@@ -352,8 +380,8 @@ impl KeyChain {
 /// (`image_env`, inherited `ENV` plus the stage's `ENV`s so far), then each ARG declared in scope
 /// (`declared_args`: name and default, in declaration order) that has a value, taken from
 /// `build_args` when given there and from its default otherwise, unless an ENV of the same name
-/// shadows it. Build args that are not declared are ignored, and so are the predefined proxy
-/// args (`HTTP_PROXY`, ...), which BuildKit passes to RUN but keeps out of the cache.
+/// shadows it. Build args that are not declared are ignored; unkeyed variables (proxy settings,
+/// which BuildKit passes to RUN but keeps out of the cache) are never passed here.
 pub fn run_environment(
     image_env: &[(String, String)],
     declared_args: &[(String, Option<String>)],
@@ -361,9 +389,6 @@ pub fn run_environment(
 ) -> Vec<(String, String)> {
     let mut env: Vec<(String, String)> = image_env.to_vec();
     for (name, default) in declared_args {
-        if PROXY_ARGS.contains(&name.as_str()) {
-            continue;
-        }
         let Some(value) = build_args.get(name).or(default.as_ref()) else {
             continue;
         };
@@ -379,20 +404,22 @@ pub fn run_environment(
     env
 }
 
-/// [`run_environment`] for a step planned by kiln-dockerfile, whose `env` is the image
-/// environment at that step and whose `args` are the declared ARGs in scope with their values
-/// already resolved from the build args (proxy args are kept apart there and stay out).
-pub fn step_run_environment(step: &kiln_dockerfile::Step) -> Vec<(String, String)> {
-    let declared: Vec<(String, Option<String>)> = step
-        .args
-        .iter()
-        .map(|(name, value)| (name.clone(), Some(value.clone())))
-        .collect();
-    run_environment(&step.env, &declared, &BTreeMap::new())
+fn write_parent(w: &mut KeyWriter, parent: &Parent) {
+    match parent {
+        Parent::Scratch => w.tag(b's'),
+        Parent::Image(digest) => {
+            w.tag(b'i');
+            w.str(&digest.to_string());
+        }
+        Parent::Key(key) => {
+            w.tag(b'k');
+            w.str(&key.to_string());
+        }
+    }
 }
 
 fn write_run(w: &mut KeyWriter, run: &RunInput) {
-    let command = &run.command;
+    let command = &run.run;
     match &command.program {
         RunProgram::Shell(script) => {
             w.tag(b's');
@@ -476,18 +503,26 @@ fn write_from(w: &mut KeyWriter, from: Option<&Source>) {
     }
 }
 
-fn write_sources(w: &mut KeyWriter, sources: &[FileSource]) {
+fn write_sources(w: &mut KeyWriter, sources: &[CopySource]) {
     w.len(sources.len());
     for source in sources {
         match source {
-            FileSource::Path(path) => {
+            CopySource::Path(path) => {
                 w.tag(b'p');
                 w.str(path);
             }
-            FileSource::Heredoc { name, content } => {
+            CopySource::Inline { name, content } => {
                 w.tag(b'h');
                 w.str(name);
                 w.str(content);
+            }
+            CopySource::Url(url) => {
+                w.tag(b'u');
+                w.str(url);
+            }
+            CopySource::Git(url) => {
+                w.tag(b'g');
+                w.str(url);
             }
         }
     }
@@ -507,33 +542,25 @@ fn write_chmod(w: &mut KeyWriter, chmod: Option<&Chmod>) {
     }
 }
 
-fn write_copy(w: &mut KeyWriter, files: &CopyFiles) {
-    write_sources(w, &files.sources);
-    w.str(&files.dest);
-    write_from(w, files.from.as_ref());
-    w.opt_str(files.chown.as_deref());
-    write_chmod(w, files.chmod.as_ref());
-    w.tag(u8::from(files.link));
-    w.tag(u8::from(files.parents));
-    w.strs(&files.exclude);
-}
-
-fn write_add(w: &mut KeyWriter, files: &AddFiles) {
-    write_sources(w, &files.sources);
-    w.str(&files.dest);
-    w.opt_str(files.chown.as_deref());
-    write_chmod(w, files.chmod.as_ref());
-    w.tag(u8::from(files.link));
-    w.tag(u8::from(files.keep_git_dir));
-    w.opt_str(files.checksum.as_deref());
-    w.strs(&files.exclude);
+fn write_copy(w: &mut KeyWriter, copy: &Copy) {
+    write_sources(w, &copy.sources);
+    w.str(&copy.dest);
+    write_from(w, copy.from.as_ref());
+    w.opt_str(copy.chown.as_deref());
+    write_chmod(w, copy.chmod.as_ref());
+    w.tag(u8::from(copy.link));
+    w.tag(u8::from(copy.parents));
+    w.strs(&copy.exclude);
+    w.tag(u8::from(copy.unpack));
+    w.opt_str(copy.checksum.as_deref());
+    w.tag(u8::from(copy.keep_git_dir));
 }
 
 fn write_content(w: &mut KeyWriter, content: &SourceContent) {
     match content {
         SourceContent::Tree(digest) => {
             w.tag(b't');
-            w.bytes(&digest.0);
+            w.bytes(digest);
         }
         SourceContent::Files(sources) => {
             w.tag(b'f');

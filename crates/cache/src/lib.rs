@@ -1,6 +1,6 @@
 //! Kiln's layer cache.
 //!
-//! Three parts, used by the engine (`kiln-build`) and the `executor warm` command:
+//! Three parts, used by the engine (`kiln-engine`) and the `executor warm` command:
 //!
 //! - [`key`]: a step's [`CacheKey`], chained from the base image through every step, covering
 //!   exactly what the step can observe ([`StepInput`], [`run_environment`], [`KeyChain`]).
@@ -39,8 +39,8 @@ pub mod store;
 pub use base::{BaseImage, BaseImageDir, WarmReport};
 pub use error::CacheError;
 pub use key::{
-    run_environment, step_key, step_run_environment, AddInput, CacheKey, CopyInput, FileEntry,
-    FileKind, KeyChain, Parent, RemoteSource, RemoteValidator, RunInput, SourceContent, StepInput,
+    run_environment, step_key, CacheKey, CopyInput, FileEntry, FileKind, KeyChain, MkdirInput,
+    Parent, RemoteSource, RemoteValidator, RunInput, SourceContent, StepInput,
 };
 pub use stage::{RecordedBase, StageLocator, StageRecord, STAGE_RECORD_MEDIA_TYPE};
 pub use store::{

@@ -8,8 +8,8 @@ use kiln_cache::{
     CacheEntry, CacheKey, CacheStore, KeyChain, LayerFile, NewEntry, Parent, RecordedBase,
     StageLocator, StageRecord, StepInput, DEFAULT_TTL,
 };
-use kiln_dockerfile::Instruction;
 use kiln_oci::{ContainerConfig, Digest, History, Platform};
+use kiln_plan::ConfigEdit;
 use kiln_registry::{Client, RegistryOptions, Repository};
 use kiln_testkit::Registry;
 
@@ -28,7 +28,7 @@ fn keys(count: usize) -> Vec<CacheKey> {
     let platform = Platform::parse("linux/amd64").unwrap();
     let mut chain = KeyChain::new(Parent::Image(Digest::sha256_of(b"base")), platform);
     (0..count)
-        .map(|i| chain.next_key(&StepInput::Metadata(Instruction::Workdir(format!("/s{i}")))))
+        .map(|i| chain.next_key(&StepInput::Config(ConfigEdit::WorkingDir(format!("/s{i}")))))
         .collect()
 }
 

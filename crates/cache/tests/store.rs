@@ -8,8 +8,8 @@ use kiln_cache::{
     BaseImageDir, CacheEntry, CacheKey, CacheStore, KeyChain, LayerFile, NewEntry, Parent,
     StepInput, DEFAULT_TTL,
 };
-use kiln_dockerfile::Instruction;
 use kiln_oci::{ContainerConfig, Digest, History, Platform, Reference};
+use kiln_plan::ConfigEdit;
 use kiln_registry::{
     Client, FileSource, PushBlobOptions, PushOutcome, RegistryOptions, Repository,
 };
@@ -36,7 +36,7 @@ fn key(n: usize) -> CacheKey {
     let mut chain = KeyChain::new(Parent::Image(Digest::sha256_of(b"base")), platform());
     let mut key = None;
     for i in 0..=n {
-        key = Some(chain.next_key(&StepInput::Metadata(Instruction::Workdir(format!("/s{i}")))));
+        key = Some(chain.next_key(&StepInput::Config(ConfigEdit::WorkingDir(format!("/s{i}")))));
     }
     key.unwrap()
 }

@@ -12,18 +12,11 @@ use crate::ast::{parse_heredoc_marker, Node};
 use crate::error::ErrorKind;
 use crate::expand::{Lexer, Variables};
 use crate::values::{
-    parse_duration, suggest, validate_checksum, validate_signal, Chmod, Mount, NetworkMode, Port,
-    SecurityMode, Source,
+    parse_duration, parse_mount, parse_network_mode, parse_security_mode, suggest,
+    validate_checksum, validate_signal, Chmod, Mount, NetworkMode, Port, SecurityMode, Source,
 };
 
-/// A command in shell form (run by the stage's SHELL) or exec form.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CommandLine {
-    /// `CMD echo hi`: one string for the shell.
-    Shell(String),
-    /// `CMD ["echo", "hi"]`: the argument vector.
-    Exec(Vec<String>),
-}
+pub use kiln_plan::{CommandLine, HealthCheck, RunProgram};
 
 /// A `key=value` pair of ENV or LABEL.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,24 +93,6 @@ pub struct AddFiles {
     pub exclude: Vec<String>,
 }
 
-/// What a RUN executes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RunProgram {
-    /// A script for the stage's SHELL (shell form, a plain `RUN <<EOF` body, or a command line
-    /// with heredocs rebuilt as shell heredocs).
-    Shell(String),
-    /// An argument vector (exec form).
-    Exec(Vec<String>),
-    /// `RUN <<EOF` whose body starts with `#!`: write `content` to a file called `name`
-    /// (mode 0755) and execute it.
-    Script {
-        /// The file name (the heredoc delimiter).
-        name: String,
-        /// The script, shebang line included.
-        content: String,
-    },
-}
-
 /// RUN.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunCommand {
@@ -129,28 +104,6 @@ pub struct RunCommand {
     pub network: NetworkMode,
     /// `--security`.
     pub security: SecurityMode,
-}
-
-/// HEALTHCHECK.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum HealthCheck {
-    /// `HEALTHCHECK NONE`: disable any inherited check.
-    Disable,
-    /// `HEALTHCHECK [flags] CMD ...`.
-    Check {
-        /// The test command.
-        test: CommandLine,
-        /// `--interval` (0 or absent: inherit).
-        interval: Option<Duration>,
-        /// `--timeout`.
-        timeout: Option<Duration>,
-        /// `--start-period`.
-        start_period: Option<Duration>,
-        /// `--start-interval`.
-        start_interval: Option<Duration>,
-        /// `--retries`.
-        retries: Option<u32>,
-    },
 }
 
 /// A Dockerfile instruction with validated (and, in a plan, expanded) fields. FROM is not one:
@@ -752,11 +705,11 @@ impl<'a> Builder<'a> {
 
     fn run(&self, node: &Node, flags: &Flags) -> Result<RunCommand, ErrorKind> {
         let network = match flags.string("network") {
-            Some(v) => NetworkMode::parse(v).map_err(|e| bad_flag("network", e))?,
+            Some(v) => parse_network_mode(v).map_err(|e| bad_flag("network", e))?,
             None => NetworkMode::Default,
         };
         let security = match flags.string("security") {
-            Some(v) => SecurityMode::parse(v).map_err(|e| bad_flag("security", e))?,
+            Some(v) => parse_security_mode(v).map_err(|e| bad_flag("security", e))?,
             None => SecurityMode::Sandbox,
         };
         let mut mounts = Vec::new();
@@ -770,7 +723,7 @@ impl<'a> Builder<'a> {
                         (self.resolve)(&value)
                     };
                     Some(
-                        Mount::parse(raw, &mut expand, &mut resolve)
+                        parse_mount(raw, &mut expand, &mut resolve)
                             .map_err(|e| bad_flag("mount", e))?,
                     )
                 }
@@ -782,7 +735,7 @@ impl<'a> Builder<'a> {
                     let mut expand = |v: &str| lexer.expand(v, &none).map_err(|e| e.to_string());
                     let mut resolve = |v: &str| Ok(Source::Image(v.to_string()));
                     Some(
-                        Mount::parse(raw, &mut expand, &mut resolve)
+                        parse_mount(raw, &mut expand, &mut resolve)
                             .map_err(|e| bad_flag("mount", e))?,
                     )
                 }

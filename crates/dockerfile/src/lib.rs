@@ -71,6 +71,7 @@ mod error;
 mod expand;
 mod instruction;
 mod json;
+mod lower;
 mod pattern;
 mod quote;
 mod stage;

@@ -1,64 +1,9 @@
 //! Typed values of flags and arguments, each with its validation: `--chmod`, durations,
 //! `--mount`, `--network`, `--security`, `--checksum`, EXPOSE ports, STOPSIGNAL.
 
-use std::fmt;
 use std::time::Duration;
 
-/// A `--chmod` value.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Chmod {
-    /// An octal mode such as `755` or `0644` (at most `7777`).
-    Octal(u32),
-    /// A symbolic mode such as `u=rwx,go=rx` or `+x`, validated, applied by the engine.
-    Symbolic(String),
-}
-
-impl Chmod {
-    /// Parses and validates a `--chmod` value.
-    pub fn parse(value: &str) -> Result<Self, String> {
-        if !value.is_empty() && value.bytes().all(|b| (b'0'..=b'7').contains(&b)) {
-            let mode = u32::from_str_radix(value, 8).map_err(|_| {
-                format!("invalid chmod parameter {value}: mode must be in range 0 - 7777")
-            })?;
-            if mode > 0o7777 {
-                return Err(format!(
-                    "invalid chmod parameter {value}: mode must be in range 0 - 7777"
-                ));
-            }
-            return Ok(Chmod::Octal(mode));
-        }
-        if is_symbolic_mode(value) {
-            return Ok(Chmod::Symbolic(value.to_string()));
-        }
-        Err(format!(
-            "invalid chmod parameter {value:?}: expected an octal mode (0-7777) or a symbolic mode like u+x"
-        ))
-    }
-}
-
-/// `[ugoa]*([-+=]([rwxXst]*|[ugo]))+` clauses separated by commas, as chmod(1) takes them.
-fn is_symbolic_mode(value: &str) -> bool {
-    !value.is_empty()
-        && value.split(',').all(|clause| {
-            let rest = clause.trim_start_matches(['u', 'g', 'o', 'a']);
-            let mut chars = rest.chars().peekable();
-            let mut actions = 0;
-            while let Some(op) = chars.next() {
-                if !matches!(op, '+' | '-' | '=') {
-                    return false;
-                }
-                actions += 1;
-                if matches!(chars.peek(), Some('u' | 'g' | 'o')) {
-                    chars.next();
-                    continue;
-                }
-                while matches!(chars.peek(), Some('r' | 'w' | 'x' | 'X' | 's' | 't')) {
-                    chars.next();
-                }
-            }
-            actions > 0
-        })
-}
+pub use kiln_plan::{CacheSharing, Chmod, Mount, MountType, NetworkMode, SecurityMode, Source};
 
 /// Parses a Go duration (`1m30s`, `1.5h`, `300ms`, `0`) as HEALTHCHECK's flags take it, and
 /// applies Docker's rule that a non-zero interval is at least 1ms.
@@ -130,149 +75,41 @@ pub(crate) fn parse_duration(value: &str) -> Result<Duration, String> {
     Ok(Duration::from_nanos(total as u64))
 }
 
-/// `RUN --network`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum NetworkMode {
-    /// The default network of the build.
-    #[default]
-    Default,
-    /// No network at all.
-    None,
-    /// The host's network.
-    Host,
-}
-
-impl NetworkMode {
-    pub(crate) fn parse(value: &str) -> Result<Self, String> {
-        match value {
-            "default" => Ok(NetworkMode::Default),
-            "none" => Ok(NetworkMode::None),
-            "host" => Ok(NetworkMode::Host),
-            other => Err(format!(
-                "unsupported network mode {other:?} (expected default, none or host)"
-            )),
-        }
+/// Parses a `RUN --network` value.
+pub(crate) fn parse_network_mode(value: &str) -> Result<NetworkMode, String> {
+    match value {
+        "default" => Ok(NetworkMode::Default),
+        "none" => Ok(NetworkMode::None),
+        "host" => Ok(NetworkMode::Host),
+        other => Err(format!(
+            "unsupported network mode {other:?} (expected default, none or host)"
+        )),
     }
 }
 
-/// `RUN --security`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum SecurityMode {
-    /// The normal, confined sandbox.
-    #[default]
-    Sandbox,
-    /// All capabilities, like `docker run --privileged`.
-    Insecure,
-}
-
-impl SecurityMode {
-    pub(crate) fn parse(value: &str) -> Result<Self, String> {
-        match value {
-            "sandbox" => Ok(SecurityMode::Sandbox),
-            "insecure" => Ok(SecurityMode::Insecure),
-            other => Err(format!(
-                "unsupported security mode {other:?} (expected sandbox or insecure)"
-            )),
-        }
+/// Parses a `RUN --security` value.
+pub(crate) fn parse_security_mode(value: &str) -> Result<SecurityMode, String> {
+    match value {
+        "sandbox" => Ok(SecurityMode::Sandbox),
+        "insecure" => Ok(SecurityMode::Insecure),
+        other => Err(format!(
+            "unsupported security mode {other:?} (expected sandbox or insecure)"
+        )),
     }
 }
 
-/// The kind of a `RUN --mount`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MountType {
-    /// A directory of the context, another stage or an image (read-only by default).
-    Bind,
-    /// A persistent cache directory.
-    Cache,
-    /// An empty tmpfs.
-    Tmpfs,
-    /// A build secret as a file.
-    Secret,
-    /// The SSH agent socket.
-    Ssh,
-}
-
-impl MountType {
-    fn parse(value: &str) -> Result<Self, String> {
-        match value.to_ascii_lowercase().as_str() {
-            "bind" => Ok(MountType::Bind),
-            "cache" => Ok(MountType::Cache),
-            "tmpfs" => Ok(MountType::Tmpfs),
-            "secret" => Ok(MountType::Secret),
-            "ssh" => Ok(MountType::Ssh),
-            _ => Err(format!(
-                "unsupported mount type {value:?} (expected bind, cache, tmpfs, secret or ssh)"
-            )),
-        }
+/// Parses a `--mount` `type=` value.
+fn parse_mount_type(value: &str) -> Result<MountType, String> {
+    match value.to_ascii_lowercase().as_str() {
+        "bind" => Ok(MountType::Bind),
+        "cache" => Ok(MountType::Cache),
+        "tmpfs" => Ok(MountType::Tmpfs),
+        "secret" => Ok(MountType::Secret),
+        "ssh" => Ok(MountType::Ssh),
+        _ => Err(format!(
+            "unsupported mount type {value:?} (expected bind, cache, tmpfs, secret or ssh)"
+        )),
     }
-
-    fn name(self) -> &'static str {
-        match self {
-            MountType::Bind => "bind",
-            MountType::Cache => "cache",
-            MountType::Tmpfs => "tmpfs",
-            MountType::Secret => "secret",
-            MountType::Ssh => "ssh",
-        }
-    }
-}
-
-impl fmt::Display for MountType {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-/// How concurrent builds share a cache mount.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum CacheSharing {
-    /// Writers share the directory.
-    #[default]
-    Shared,
-    /// Each concurrent writer gets its own copy.
-    Private,
-    /// Writers wait for each other.
-    Locked,
-}
-
-/// Where a bind or cache mount (or COPY --from) takes its files from.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum Source {
-    /// A stage of this Dockerfile, by index.
-    Stage(usize),
-    /// An image reference, pulled by the engine.
-    Image(String),
-}
-
-/// A parsed `RUN --mount` value.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Mount {
-    /// The mount kind.
-    pub kind: MountType,
-    /// Where it appears in the RUN container (defaulted for secret and ssh).
-    pub target: String,
-    /// Path inside the source (bind, cache), or secret source.
-    pub source: Option<String>,
-    /// The stage or image files come from (bind, cache); the build context when absent.
-    pub from: Option<Source>,
-    /// Read-only (bind, secret, ssh default) or writable (cache, tmpfs default).
-    pub read_only: bool,
-    /// Cache id (defaults to the target), secret id, or ssh id (defaults to `default`).
-    pub id: Option<String>,
-    /// Cache sharing mode.
-    pub sharing: CacheSharing,
-    /// File mode (cache, secret, ssh).
-    pub mode: Option<u32>,
-    /// Owner uid (cache, secret, ssh).
-    pub uid: Option<u32>,
-    /// Owner gid (cache, secret, ssh).
-    pub gid: Option<u32>,
-    /// Size limit in bytes (tmpfs).
-    pub size: Option<u64>,
-    /// Fail when the secret or ssh socket is not provided.
-    pub required: bool,
-    /// Expose the secret as this environment variable instead of (or besides) a file.
-    pub env: Option<String>,
 }
 
 /// Splits a CSV record (the `--mount` syntax): comma-separated, `"` quotes a field, `""` is a
@@ -372,181 +209,177 @@ fn parse_size(value: &str) -> Option<u64> {
     (bytes.is_finite() && bytes < u64::MAX as f64).then_some(bytes as u64)
 }
 
-impl Mount {
-    /// Parses one `--mount` value whose field values are already expanded; `resolve` maps a
-    /// `from=` value to a stage or image.
-    pub(crate) fn parse(
-        value: &str,
-        expand: &mut dyn FnMut(&str) -> Result<String, String>,
-        resolve: &mut dyn FnMut(&str) -> Result<Source, String>,
-    ) -> Result<Self, String> {
-        let fields = csv_fields(value)?;
-        // Field values are expanded one by one, after the CSV split, like BuildKit does.
-        let fields = fields
-            .into_iter()
-            .map(|field| match field.split_once('=') {
-                Some((k, v)) => Ok(format!("{k}={}", expand(v)?)),
-                None => Ok(field),
-            })
-            .collect::<Result<Vec<_>, String>>()?;
-        let mut kind = MountType::Bind;
-        for field in &fields {
-            if let Some((key, v)) = field.split_once('=') {
-                if key.eq_ignore_ascii_case("type") {
-                    kind = MountType::parse(v)?;
-                }
+/// Parses one `--mount` value whose field values are already expanded; `resolve` maps a
+/// `from=` value to a stage or image.
+pub(crate) fn parse_mount(
+    value: &str,
+    expand: &mut dyn FnMut(&str) -> Result<String, String>,
+    resolve: &mut dyn FnMut(&str) -> Result<Source, String>,
+) -> Result<Mount, String> {
+    let fields = csv_fields(value)?;
+    // Field values are expanded one by one, after the CSV split, like BuildKit does.
+    let fields = fields
+        .into_iter()
+        .map(|field| match field.split_once('=') {
+            Some((k, v)) => Ok(format!("{k}={}", expand(v)?)),
+            None => Ok(field),
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    let mut kind = MountType::Bind;
+    for field in &fields {
+        if let Some((key, v)) = field.split_once('=') {
+            if key.eq_ignore_ascii_case("type") {
+                kind = parse_mount_type(v)?;
             }
         }
-        let mut m = Mount {
-            kind,
-            target: String::new(),
-            source: None,
-            from: None,
-            read_only: false,
-            id: None,
-            sharing: CacheSharing::Shared,
-            mode: None,
-            uid: None,
-            gid: None,
-            size: None,
-            required: false,
-            env: None,
-        };
-        let mut read_only: Option<bool> = None;
-        let mut sharing_set = false;
-        let wrong_type = |key: &str| format!("unexpected key '{key}' for mount type '{kind}'");
-        for field in &fields {
-            let (key, value) = match field.split_once('=') {
-                Some((k, v)) => (k.to_ascii_lowercase(), Some(v)),
-                None => (field.to_ascii_lowercase(), None),
-            };
-            let Some(value) = value else {
-                match key.as_str() {
-                    "readonly" | "ro" => read_only = Some(true),
-                    "readwrite" | "rw" => read_only = Some(false),
-                    "required" if matches!(kind, MountType::Secret | MountType::Ssh) => {
-                        m.required = true
-                    }
-                    "required" => return Err(wrong_type(&key)),
-                    _ => return Err(format!("invalid field '{field}' must be a key=value pair")),
-                }
-                continue;
-            };
-            let bool_value =
-                |v: &str| parse_bool(v).ok_or_else(|| format!("invalid value for {key}: {v}"));
-            match key.as_str() {
-                "type" => {}
-                "from" => {
-                    if !matches!(kind, MountType::Bind | MountType::Cache) {
-                        return Err(format!("from is not allowed for {kind} mounts"));
-                    }
-                    m.from = Some(resolve(value)?);
-                }
-                "source" | "src" => m.source = Some(value.to_string()),
-                "target" | "dst" | "destination" => m.target = value.to_string(),
-                "readonly" | "ro" => read_only = Some(bool_value(value)?),
-                "readwrite" | "rw" => read_only = Some(!bool_value(value)?),
-                "required" => {
-                    if !matches!(kind, MountType::Secret | MountType::Ssh) {
-                        return Err(wrong_type(&key));
-                    }
-                    m.required = bool_value(value)?;
-                }
-                "size" => {
-                    if kind != MountType::Tmpfs {
-                        return Err(wrong_type(&key));
-                    }
-                    m.size =
-                        Some(parse_size(value).ok_or_else(|| format!("invalid size {value:?}"))?);
-                }
-                "id" => m.id = Some(value.to_string()),
-                "sharing" => {
-                    m.sharing = match value.to_ascii_lowercase().as_str() {
-                        "shared" => CacheSharing::Shared,
-                        "private" => CacheSharing::Private,
-                        "locked" => CacheSharing::Locked,
-                        _ => return Err(format!("unsupported sharing value {value:?}")),
-                    };
-                    sharing_set = true;
-                }
-                "mode" => {
-                    let mode = u32::from_str_radix(value, 8)
-                        .map_err(|_| format!("invalid value {value} for mode"))?;
-                    m.mode = Some(mode);
-                }
-                "uid" => {
-                    m.uid = Some(
-                        value
-                            .parse()
-                            .map_err(|_| format!("invalid value {value} for uid"))?,
-                    )
-                }
-                "gid" => {
-                    m.gid = Some(
-                        value
-                            .parse()
-                            .map_err(|_| format!("invalid value {value} for gid"))?,
-                    )
-                }
-                "env" => {
-                    if kind != MountType::Secret {
-                        return Err(wrong_type(&key));
-                    }
-                    m.env = Some(value.to_string());
-                }
-                _ => return Err(format!("unexpected key '{key}' in '{field}'")),
-            }
-        }
-        let file_info_allowed =
-            matches!(kind, MountType::Secret | MountType::Ssh | MountType::Cache);
-        if !file_info_allowed {
-            for (name, set) in [
-                ("mode", m.mode.is_some()),
-                ("uid", m.uid.is_some()),
-                ("gid", m.gid.is_some()),
-            ] {
-                if set {
-                    return Err(format!("{name} not allowed for \"{kind}\" type mounts"));
-                }
-            }
-        }
-        if sharing_set && kind != MountType::Cache {
-            return Err(format!("invalid cache sharing set for {kind} mount"));
-        }
-        m.read_only = read_only.unwrap_or(!matches!(kind, MountType::Cache | MountType::Tmpfs));
-        match kind {
-            MountType::Bind | MountType::Cache | MountType::Tmpfs => {
-                if m.target.is_empty() {
-                    return Err(format!("{kind} mount requires a target"));
-                }
-                if kind == MountType::Cache && m.id.is_none() {
-                    m.id = Some(m.target.clone());
-                }
-            }
-            MountType::Secret => {
-                if m.source.is_none() && m.target.is_empty() && m.id.is_none() && m.env.is_none() {
-                    return Err("invalid secret mount. one of source, target required".to_string());
-                }
-                if m.source.is_some() && m.id.is_some() {
-                    return Err("both source and id can't be set".to_string());
-                }
-                if m.id.is_none() {
-                    let from_path = m.source.clone().unwrap_or_else(|| m.target.clone());
-                    let base = from_path.rsplit('/').next().unwrap_or_default().to_string();
-                    m.id = Some(if base.is_empty() { from_path } else { base });
-                }
-                if m.target.is_empty() && m.env.is_none() {
-                    m.target = format!("/run/secrets/{}", m.id.as_deref().unwrap_or_default());
-                }
-            }
-            MountType::Ssh => {
-                if m.id.is_none() {
-                    m.id = Some("default".to_string());
-                }
-            }
-        }
-        Ok(m)
     }
+    let mut m = Mount {
+        kind,
+        target: String::new(),
+        source: None,
+        from: None,
+        read_only: false,
+        id: None,
+        sharing: CacheSharing::Shared,
+        mode: None,
+        uid: None,
+        gid: None,
+        size: None,
+        required: false,
+        env: None,
+    };
+    let mut read_only: Option<bool> = None;
+    let mut sharing_set = false;
+    let wrong_type = |key: &str| format!("unexpected key '{key}' for mount type '{kind}'");
+    for field in &fields {
+        let (key, value) = match field.split_once('=') {
+            Some((k, v)) => (k.to_ascii_lowercase(), Some(v)),
+            None => (field.to_ascii_lowercase(), None),
+        };
+        let Some(value) = value else {
+            match key.as_str() {
+                "readonly" | "ro" => read_only = Some(true),
+                "readwrite" | "rw" => read_only = Some(false),
+                "required" if matches!(kind, MountType::Secret | MountType::Ssh) => {
+                    m.required = true
+                }
+                "required" => return Err(wrong_type(&key)),
+                _ => return Err(format!("invalid field '{field}' must be a key=value pair")),
+            }
+            continue;
+        };
+        let bool_value =
+            |v: &str| parse_bool(v).ok_or_else(|| format!("invalid value for {key}: {v}"));
+        match key.as_str() {
+            "type" => {}
+            "from" => {
+                if !matches!(kind, MountType::Bind | MountType::Cache) {
+                    return Err(format!("from is not allowed for {kind} mounts"));
+                }
+                m.from = Some(resolve(value)?);
+            }
+            "source" | "src" => m.source = Some(value.to_string()),
+            "target" | "dst" | "destination" => m.target = value.to_string(),
+            "readonly" | "ro" => read_only = Some(bool_value(value)?),
+            "readwrite" | "rw" => read_only = Some(!bool_value(value)?),
+            "required" => {
+                if !matches!(kind, MountType::Secret | MountType::Ssh) {
+                    return Err(wrong_type(&key));
+                }
+                m.required = bool_value(value)?;
+            }
+            "size" => {
+                if kind != MountType::Tmpfs {
+                    return Err(wrong_type(&key));
+                }
+                m.size = Some(parse_size(value).ok_or_else(|| format!("invalid size {value:?}"))?);
+            }
+            "id" => m.id = Some(value.to_string()),
+            "sharing" => {
+                m.sharing = match value.to_ascii_lowercase().as_str() {
+                    "shared" => CacheSharing::Shared,
+                    "private" => CacheSharing::Private,
+                    "locked" => CacheSharing::Locked,
+                    _ => return Err(format!("unsupported sharing value {value:?}")),
+                };
+                sharing_set = true;
+            }
+            "mode" => {
+                let mode = u32::from_str_radix(value, 8)
+                    .map_err(|_| format!("invalid value {value} for mode"))?;
+                m.mode = Some(mode);
+            }
+            "uid" => {
+                m.uid = Some(
+                    value
+                        .parse()
+                        .map_err(|_| format!("invalid value {value} for uid"))?,
+                )
+            }
+            "gid" => {
+                m.gid = Some(
+                    value
+                        .parse()
+                        .map_err(|_| format!("invalid value {value} for gid"))?,
+                )
+            }
+            "env" => {
+                if kind != MountType::Secret {
+                    return Err(wrong_type(&key));
+                }
+                m.env = Some(value.to_string());
+            }
+            _ => return Err(format!("unexpected key '{key}' in '{field}'")),
+        }
+    }
+    let file_info_allowed = matches!(kind, MountType::Secret | MountType::Ssh | MountType::Cache);
+    if !file_info_allowed {
+        for (name, set) in [
+            ("mode", m.mode.is_some()),
+            ("uid", m.uid.is_some()),
+            ("gid", m.gid.is_some()),
+        ] {
+            if set {
+                return Err(format!("{name} not allowed for \"{kind}\" type mounts"));
+            }
+        }
+    }
+    if sharing_set && kind != MountType::Cache {
+        return Err(format!("invalid cache sharing set for {kind} mount"));
+    }
+    m.read_only = read_only.unwrap_or(!matches!(kind, MountType::Cache | MountType::Tmpfs));
+    match kind {
+        MountType::Bind | MountType::Cache | MountType::Tmpfs => {
+            if m.target.is_empty() {
+                return Err(format!("{kind} mount requires a target"));
+            }
+            if kind == MountType::Cache && m.id.is_none() {
+                m.id = Some(m.target.clone());
+            }
+        }
+        MountType::Secret => {
+            if m.source.is_none() && m.target.is_empty() && m.id.is_none() && m.env.is_none() {
+                return Err("invalid secret mount. one of source, target required".to_string());
+            }
+            if m.source.is_some() && m.id.is_some() {
+                return Err("both source and id can't be set".to_string());
+            }
+            if m.id.is_none() {
+                let from_path = m.source.clone().unwrap_or_else(|| m.target.clone());
+                let base = from_path.rsplit('/').next().unwrap_or_default().to_string();
+                m.id = Some(if base.is_empty() { from_path } else { base });
+            }
+            if m.target.is_empty() && m.env.is_none() {
+                m.target = format!("/run/secrets/{}", m.id.as_deref().unwrap_or_default());
+            }
+        }
+        MountType::Ssh => {
+            if m.id.is_none() {
+                m.id = Some("default".to_string());
+            }
+        }
+    }
+    Ok(m)
 }
 
 /// `ADD --checksum`: a digest (`sha256:<64 hex>`, `sha384:`, `sha512:`).

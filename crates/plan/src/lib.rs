@@ -253,6 +253,7 @@ pub struct Plan {
     stages: Vec<Stage>,
     target: usize,
     levels: Vec<Vec<usize>>,
+    notes: Vec<String>,
 }
 
 impl Plan {
@@ -330,7 +331,20 @@ impl Plan {
             stages,
             target,
             levels,
+            notes: Vec::new(),
         })
+    }
+
+    /// The same plan with warnings the front end wants the user to see (e.g. a build arg no
+    /// stage uses).
+    pub fn with_notes(mut self, notes: Vec<String>) -> Plan {
+        self.notes = notes;
+        self
+    }
+
+    /// The front end's warnings about the plan.
+    pub fn notes(&self) -> &[String] {
+        &self.notes
     }
 
     /// The front end that made the plan.

@@ -17,7 +17,7 @@ impl Buildah {
     pub fn new(registry: &Registry) -> Buildah {
         require_tools(&["buildah"]);
         let dir = tempfile::Builder::new()
-            .prefix("kiln-buildah-")
+            .prefix("kiln-engineah-")
             .tempdir()
             .expect("tempdir");
         let conf = format!(

@@ -1,0 +1,403 @@
+//! Running one step that was not a cache hit: its operation's execution, the snapshot of what
+//! it changed, and the layer made of that.
+
+use std::path::{Path, PathBuf};
+
+use kiln_fs::layer::write_layer;
+use kiln_fs::snapshot::{ChangeKind, Diff, IgnoreOptions, Index, SnapshotOptions, Snapshotter};
+use kiln_oci::image::{Descriptor, History};
+use kiln_oci::MediaType;
+use kiln_plan::{Copy, Mkdir, Operation, Run, Step};
+
+use super::{resolve_ids, StageRun, StepContext};
+use crate::base::ImageLayer;
+use crate::error::BuildError;
+use crate::events::{BuildEvent, Phase};
+use crate::ops::cache_mount::CacheMountStore;
+use crate::ops::copy::tree::clean_relative;
+use crate::ops::run::RunContext;
+use crate::ops::{self, copy, mkdir};
+
+impl StageRun<'_> {
+    /// Runs `step`: applies its config edit, and for an operation that writes files, executes it
+    /// in the rootfs (made now if it does not exist yet) and makes the layer of its changes.
+    pub(super) fn run(
+        &mut self,
+        step_no: usize,
+        step: &Step,
+        history: History,
+    ) -> Result<(), BuildError> {
+        let mkdir_target = match &step.operation {
+            Operation::Mkdir(op) => Some(mkdir::target(op, &self.image.config)),
+            _ => None,
+        };
+        ops::edit_config(&step.operation, &mut self.image, &mut self.edits);
+        if self.single_snapshot {
+            return self.run_unsnapshotted(step_no, step, history, mkdir_target);
+        }
+        if !step.operation.writes_files() {
+            self.add_layer(step, step_no, None, history);
+            return Ok(());
+        }
+        if self.prepared.is_none() {
+            self.prepared = Some(self.materializer.materialize()?);
+        }
+        let layer = match &step.operation {
+            Operation::Run(op) => self.run_program(step_no, step, op)?,
+            Operation::Copy(op) if op.link => self.copy_linked(step_no, step, op)?,
+            Operation::Copy(op) => self.copy(step_no, step, op)?,
+            Operation::Mkdir(op) => {
+                let target = mkdir_target.unwrap_or_default();
+                self.make_directory(step_no, step, op, &target)?
+            }
+            Operation::Config(_) => None,
+        };
+        self.add_layer(step, step_no, layer, history);
+        Ok(())
+    }
+
+    /// `--single-snapshot`: the step runs with no snapshot of its own; after the stage's last
+    /// step, one snapshot of everything since the base is the stage's one layer, attributed to
+    /// that step in the history (as kaniko does).
+    fn run_unsnapshotted(
+        &mut self,
+        step_no: usize,
+        step: &Step,
+        history: History,
+        mkdir_target: Option<PathBuf>,
+    ) -> Result<(), BuildError> {
+        if self.prepared.is_none() {
+            self.prepared = Some(self.materializer.materialize()?);
+        }
+        match &step.operation {
+            Operation::Run(op) => self.execute_program(step_no, step, op).map(drop)?,
+            Operation::Copy(op) => {
+                let ctx = self.context(step_no, step);
+                self.shared
+                    .timed(Some(self.index), Some(step_no), Phase::Execute, || {
+                        copy::execute(&ctx, op, self.rootfs)
+                    })?;
+            }
+            Operation::Mkdir(_) => {
+                let target = mkdir_target.unwrap_or_default();
+                if !mkdir::exists(self.rootfs, &target) {
+                    self.create_directory(step, &target)?;
+                }
+            }
+            Operation::Config(_) => {}
+        }
+        if step_no + 1 < self.step_count {
+            self.add_layer(step, step_no, None, history);
+            return Ok(());
+        }
+        let (snapshotter, _) = self.prepared.as_mut().expect("materialized above");
+        let diff = snapshotter
+            .snapshot()
+            .map_err(|e| BuildError::step(step.provenance.location(), format!("snapshot: {e}")))?;
+        let layer = self.layer_of(step_no, step, diff, None)?;
+        self.add_layer(step, step_no, layer, history);
+        Ok(())
+    }
+
+    fn context<'s>(&'s self, step_no: usize, step: &'s Step) -> StepContext<'s> {
+        StepContext {
+            shared: self.shared,
+            stage: self.index,
+            step: step_no,
+            rootfs: self.rootfs,
+            image: &self.image,
+            at: &step.provenance,
+        }
+    }
+
+    fn run_program(
+        &mut self,
+        step_no: usize,
+        step: &Step,
+        op: &Run,
+    ) -> Result<Option<ImageLayer>, BuildError> {
+        let restored = self.execute_program(step_no, step, op)?;
+        let diff = self
+            .shared
+            .timed(Some(self.index), Some(step_no), Phase::Snapshot, || {
+                self.snapshot_after_run(&restored, step)
+            })?;
+        self.layer_of(step_no, step, diff, None)
+    }
+
+    /// Runs the program of a run step; returns the directories whose times the sandbox put
+    /// back.
+    fn execute_program(
+        &mut self,
+        step_no: usize,
+        step: &Step,
+        op: &Run,
+    ) -> Result<Vec<PathBuf>, BuildError> {
+        let shared = self.shared;
+        let index = self.index;
+        let scratch = shared.work_dir.join(format!("scratch-{index}-{step_no}"));
+        let mount_source = |from: &kiln_plan::Source| shared.mount_source(from);
+        let (cache_dirs, cache_locks) = (
+            shared.options.kiln_dir.join("mount-cache"),
+            shared.options.kiln_dir.join("mount-cache-locks"),
+        );
+        let ctx = RunContext {
+            stage: index,
+            step: step_no,
+            context_root: shared.context.root(),
+            mount_source: &mount_source,
+            scratch: &scratch,
+            cache_mounts: CacheMountStore {
+                dirs: &cache_dirs,
+                locks: &cache_locks,
+            },
+            secrets: &shared.options.secrets,
+            ssh: &shared.options.ssh,
+            hidden: &shared.hidden,
+            emit: &*shared.events,
+        };
+        let sandbox = &*self.prepared.as_ref().expect("materialized for run").1;
+        let outcome = shared.timed(Some(index), Some(step_no), Phase::Execute, || {
+            ops::run::run(sandbox, &ctx, op, &self.image.config)
+        });
+        let _ = std::fs::remove_dir_all(&scratch);
+        let at = step.provenance.location();
+        let outcome = outcome.map_err(|e| BuildError::step(&at, format!("RUN: {e}")))?;
+        if !outcome.status.success() {
+            return Err(BuildError::RunFailed {
+                what: step
+                    .provenance
+                    .text
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or("RUN")
+                    .to_owned(),
+                at,
+                code: outcome.status.code(),
+            });
+        }
+        Ok(outcome
+            .restored_dirs
+            .iter()
+            .map(|d| clean_relative(d))
+            .collect())
+    }
+
+    fn copy(
+        &mut self,
+        step_no: usize,
+        step: &Step,
+        op: &Copy,
+    ) -> Result<Option<ImageLayer>, BuildError> {
+        let shared = self.shared;
+        let copied = shared.timed(Some(self.index), Some(step_no), Phase::Execute, || {
+            copy::execute(&self.context(step_no, step), op, self.rootfs)
+        })?;
+        if !copied.as_keyed && self.plan.keys.get(step_no).is_some_and(Option::is_some) {
+            // The key names content this download is not.
+            self.plan.unkey_from(step_no);
+            shared.emit(BuildEvent::Warning {
+                message: format!(
+                    "{}: ADD: the server's validators changed between keying and downloading; this step and the rest of the stage are not cached",
+                    step.provenance.location()
+                ),
+            });
+        }
+        let diff = shared.timed(Some(self.index), Some(step_no), Phase::Snapshot, || {
+            self.snapshot_paths(&copied.written, step)
+        })?;
+        self.layer_of(step_no, step, diff, Some(&copied.written))
+    }
+
+    /// A copy made on its own: in an empty tree, whose whole content is the layer, which is
+    /// then applied to the rootfs as a cached layer would be.
+    fn copy_linked(
+        &mut self,
+        step_no: usize,
+        step: &Step,
+        op: &Copy,
+    ) -> Result<Option<ImageLayer>, BuildError> {
+        let shared = self.shared;
+        let tree = shared
+            .work_dir
+            .join(format!("link-{}-{step_no}", self.index));
+        std::fs::create_dir_all(&tree).map_err(BuildError::io(&tree))?;
+        let made: Result<Option<ImageLayer>, BuildError> = (|| {
+            let copied = shared.timed(Some(self.index), Some(step_no), Phase::Execute, || {
+                copy::execute(&self.context(step_no, step), op, &tree)
+            })?;
+            let options = SnapshotOptions {
+                mode: shared.options.snapshot.mode,
+                ignore: IgnoreOptions {
+                    system_paths: false,
+                    var_run: false,
+                    mount_points: false,
+                    extra: Vec::new(),
+                },
+            };
+            let mut snapshotter = Snapshotter::new(&tree, Index::new(), &options)
+                .map_err(|e| BuildError::step(step.provenance.location(), e))?;
+            let diff = snapshotter
+                .snapshot()
+                .map_err(|e| BuildError::step(step.provenance.location(), e))?;
+            self.check_not_lost(&diff, &tree, Some(&copied.written), step)?;
+            if diff.is_empty() {
+                return Ok(None);
+            }
+            let layer = shared.timed(Some(self.index), Some(step_no), Phase::Layer, || {
+                self.write(&tree, &diff, step_no, step)
+            })?;
+            Ok(Some(layer))
+        })();
+        let _ = std::fs::remove_dir_all(&tree);
+        let layer = made?;
+        if let Some(layer) = &layer {
+            self.materializer
+                .apply_layers(std::slice::from_ref(layer))?;
+            if let Some((snapshotter, _)) = self.prepared.as_mut() {
+                snapshotter
+                    .rescan()
+                    .map_err(|e| BuildError::image(format!("stage {}", self.index), e))?;
+            }
+        }
+        Ok(layer)
+    }
+
+    fn make_directory(
+        &mut self,
+        step_no: usize,
+        step: &Step,
+        _op: &Mkdir,
+        target: &Path,
+    ) -> Result<Option<ImageLayer>, BuildError> {
+        if mkdir::exists(self.rootfs, target) {
+            return Ok(None);
+        }
+        let created = self.create_directory(step, target)?;
+        let diff = self.snapshot_paths(&created, step)?;
+        self.layer_of(step_no, step, diff, Some(&created))
+    }
+
+    /// Creates the directory of a mkdir step, owned by the config's user.
+    fn create_directory(&self, step: &Step, target: &Path) -> Result<Vec<PathBuf>, BuildError> {
+        let at = step.provenance.location();
+        let user = self.image.config.user.clone().unwrap_or_default();
+        let (uid, gid) = resolve_ids(self.rootfs, &user, false)
+            .map_err(|e| BuildError::step(&at, format!("WORKDIR: {e}")))?;
+        mkdir::execute(self.rootfs, target, uid, gid)
+            .map_err(|e| BuildError::step(&at, format!("WORKDIR: {e}")))
+    }
+
+    /// The snapshot after a run. The sandbox created and removed mount targets in `restored`
+    /// and put their times back: only their ctime moved, which is no change an image shows.
+    fn snapshot_after_run(
+        &mut self,
+        restored: &[PathBuf],
+        step: &Step,
+    ) -> Result<Diff, BuildError> {
+        let (snapshotter, _) = self.prepared.as_mut().expect("materialized for run");
+        let before: Vec<_> = restored
+            .iter()
+            .filter_map(|p| snapshotter.index().get(p).cloned().map(|e| (p.clone(), e)))
+            .collect();
+        let mut diff = snapshotter
+            .snapshot()
+            .map_err(|e| BuildError::step(step.provenance.location(), format!("snapshot: {e}")))?;
+        diff.changes.retain(|change| {
+            change.kind != ChangeKind::Modified
+                || !before.iter().any(|(path, old)| {
+                    *path == change.path
+                        && change
+                            .entry
+                            .as_ref()
+                            .is_some_and(|new| new.same_visible_stat(old))
+                })
+        });
+        Ok(diff)
+    }
+
+    fn snapshot_paths(&mut self, written: &[PathBuf], step: &Step) -> Result<Diff, BuildError> {
+        let (snapshotter, _) = self.prepared.as_mut().expect("materialized for a write");
+        snapshotter
+            .snapshot_paths(written)
+            .map_err(|e| BuildError::step(step.provenance.location(), format!("snapshot: {e}")))
+    }
+
+    /// The layer of `diff` (none when it is empty), after checking that a step which wrote
+    /// files did not come out empty.
+    fn layer_of(
+        &mut self,
+        step_no: usize,
+        step: &Step,
+        diff: Diff,
+        written: Option<&[PathBuf]>,
+    ) -> Result<Option<ImageLayer>, BuildError> {
+        self.check_not_lost(&diff, self.rootfs, written, step)?;
+        if diff.is_empty() {
+            return Ok(None);
+        }
+        let rootfs = self.rootfs;
+        let layer = self
+            .shared
+            .timed(Some(self.index), Some(step_no), Phase::Layer, || {
+                self.write(rootfs, &diff, step_no, step)
+            })?;
+        Ok(Some(layer))
+    }
+
+    /// A step that reports files it wrote (not only directories) must have a non-empty diff: an
+    /// empty one means the snapshot looked somewhere else than the files went, which would
+    /// silently drop them from the image.
+    fn check_not_lost(
+        &self,
+        diff: &Diff,
+        root: &Path,
+        written: Option<&[PathBuf]>,
+        step: &Step,
+    ) -> Result<(), BuildError> {
+        let Some(written) = written.filter(|_| diff.is_empty()) else {
+            return Ok(());
+        };
+        let Ok(tree) = kiln_fs::resolve::Root::open(root) else {
+            return Ok(());
+        };
+        let lost = written
+            .iter()
+            .find(|path| tree.symlink_metadata(path).is_ok_and(|m| !m.is_dir()));
+        match lost {
+            Some(path) => Err(BuildError::step(
+                step.provenance.location(),
+                format!(
+                    "internal error: /{} was written but the step's layer is empty",
+                    path.display()
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    fn write(
+        &self,
+        root: &Path,
+        diff: &Diff,
+        step_no: usize,
+        step: &Step,
+    ) -> Result<ImageLayer, BuildError> {
+        let shared = self.shared;
+        let blob = write_layer(root, diff, &shared.blobs, &self.layer_options).map_err(|e| {
+            BuildError::step(step.provenance.location(), format!("writing layer: {e}"))
+        })?;
+        shared.emit(BuildEvent::LayerCreated {
+            stage: self.index,
+            step: step_no,
+            digest: blob.digest.clone(),
+            diff_id: blob.diff_id.clone(),
+            size: blob.size,
+        });
+        Ok(ImageLayer {
+            descriptor: Descriptor::new(MediaType::parse(blob.media_type), blob.digest, blob.size),
+            diff_id: blob.diff_id,
+            origin: None,
+        })
+    }
+}

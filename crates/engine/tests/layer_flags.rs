@@ -1,0 +1,172 @@
+//! `--single-snapshot` (one layer per stage, as kaniko makes) and `COPY --link` (a layer made on
+//! its own, reused from the cache when only what is below it changes, as BuildKit does),
+//! against a real registry.
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+
+use kiln_engine::{BuildEvent, BuildOptions, Builder};
+use kiln_sandbox::Mode;
+use kiln_testkit::{bases, image, run, Registry};
+
+fn options_for(registry: &Registry, context: &Path, kiln_dir: &Path) -> BuildOptions {
+    let mut options = BuildOptions::new(context.to_string_lossy());
+    options.mode = Some(Mode::Chroot);
+    options.kiln_dir = kiln_dir.to_path_buf();
+    options.registry.insecure_registries.push(registry.addr());
+    options
+}
+
+async fn build(options: BuildOptions) -> Vec<BuildEvent> {
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let sink = events.clone();
+    Builder::new(options)
+        .events(Arc::new(move |e: BuildEvent| sink.lock().unwrap().push(e)))
+        .build()
+        .await
+        .unwrap_or_else(|e| panic!("build failed: {e}"));
+    let events = events.lock().unwrap().clone();
+    events
+}
+
+fn layer_count(flat: &image::Flattened) -> usize {
+    flat.config["rootfs"]["diff_ids"].as_array().unwrap().len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_snapshot_makes_one_layer_per_stage() {
+    let registry = Registry::start();
+    let base = format!("{}/library/busybox:latest", registry.addr());
+    image::push_rootfs(&registry, bases::busybox_rootfs(), "library/busybox:latest");
+    let work = tempfile::tempdir().unwrap();
+    let context = work.path().join("context");
+    std::fs::create_dir(&context).unwrap();
+    for name in ["a", "b", "d"] {
+        std::fs::write(context.join(name), name).unwrap();
+    }
+    std::fs::write(
+        context.join("Dockerfile"),
+        format!(
+            "FROM {base}\nCOPY a /a\nCOPY b /b\nRUN echo c > /c && rm /b\nCOPY d /d\nENV X=1\n"
+        ),
+    )
+    .unwrap();
+    let mut options = options_for(&registry, &context, &work.path().join("kiln"));
+    options.snapshot.single_snapshot = true;
+    options
+        .output
+        .destinations
+        .push(format!("{}/single:1", registry.addr()));
+    let events = build(options).await;
+    let layers_made = events
+        .iter()
+        .filter(|e| matches!(e, BuildEvent::LayerCreated { .. }))
+        .count();
+    assert_eq!(layers_made, 1, "{events:#?}");
+
+    let flat = image::flatten(&registry, "single:1");
+    assert_eq!(
+        layer_count(&flat),
+        2,
+        "the base's layer and one of the stage"
+    );
+    for (file, content) in [("a", "a"), ("c", "c\n"), ("d", "d")] {
+        assert_eq!(
+            std::fs::read_to_string(flat.rootfs.join(file)).unwrap(),
+            content
+        );
+    }
+    assert!(!flat.rootfs.join("b").exists(), "deleted within the stage");
+    let history = flat.config["history"].as_array().unwrap();
+    let with_layers = history
+        .iter()
+        .filter(|h| h["empty_layer"].as_bool() != Some(true))
+        .count();
+    assert_eq!(with_layers, 2, "{history:#?}");
+    assert_eq!(flat.config["config"]["Env"][1], "X=1");
+}
+
+/// A base rootfs: busybox plus `extra` (another image under the same tag).
+fn base_with(dir: &Path, extra: &str) -> std::path::PathBuf {
+    let rootfs = dir.join(format!("base-{extra}"));
+    run(Command::new("cp")
+        .arg("-a")
+        .arg(bases::busybox_rootfs())
+        .arg(&rootfs));
+    std::fs::write(rootfs.join(extra), extra).unwrap();
+    rootfs
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_linked_copy_is_reused_when_only_the_base_changes() {
+    let registry = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let base = format!("{}/base/app:1", registry.addr());
+    image::push_rootfs(&registry, &base_with(work.path(), "one"), "base/app:1");
+    let context = work.path().join("context");
+    std::fs::create_dir(&context).unwrap();
+    std::fs::write(context.join("f"), "linked\n").unwrap();
+    std::fs::write(
+        context.join("Dockerfile"),
+        format!("FROM {base}\nCOPY --link f /app/f\nCOPY g* /app/\n"),
+    )
+    .unwrap();
+    std::fs::write(context.join("g"), "plain\n").unwrap();
+    let options = |tag: &str| {
+        let mut options = options_for(
+            &registry,
+            &context,
+            &work.path().join(format!("kiln-{tag}")),
+        );
+        options.cache.enabled = true;
+        options.cache.repo = Some(format!("{}/cache", registry.addr()));
+        options
+            .output
+            .destinations
+            .push(format!("{}/linked:{tag}", registry.addr()));
+        options
+    };
+    let first = build(options("first")).await;
+    // The base tag moves to another image.
+    image::push_rootfs(&registry, &base_with(work.path(), "two"), "base/app:1");
+    let second = build(options("second")).await;
+    let cached: Vec<bool> = second
+        .iter()
+        .filter_map(|e| match e {
+            BuildEvent::StepFinished { cached, .. } => Some(*cached),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        cached,
+        [true, false],
+        "the linked copy is a hit, the plain copy after it is not: {second:#?}"
+    );
+    let layer_of = |events: &[BuildEvent]| {
+        events.iter().find_map(|e| match e {
+            BuildEvent::LayerCreated {
+                step: 0, digest, ..
+            } => Some(digest.clone()),
+            _ => None,
+        })
+    };
+    let made = layer_of(&first).expect("the first build made the linked layer");
+    let one = image::flatten(&registry, "linked:first");
+    let two = image::flatten(&registry, "linked:second");
+    let digests = |flat: &image::Flattened| flat.config["rootfs"]["diff_ids"].clone();
+    assert_eq!(
+        digests(&one)[1],
+        digests(&two)[1],
+        "the same linked layer ({made}) on both bases"
+    );
+    assert!(two.rootfs.join("two").is_file() && !two.rootfs.join("one").exists());
+    assert_eq!(
+        std::fs::read_to_string(two.rootfs.join("app/f")).unwrap(),
+        "linked\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(two.rootfs.join("app/g")).unwrap(),
+        "plain\n"
+    );
+}
