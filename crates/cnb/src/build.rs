@@ -139,6 +139,10 @@ pub fn build(config: &BuildConfig, group: &Group, plan: &Plan) -> Result<BuildOu
             child_env.set("CNB_LAYERS_DIR", bp_layers.to_string_lossy());
         }
         let program = bp.dir.join("bin").join("build");
+        if config.output == OutputMode::Inherit {
+            // Inherit: the lifecycle's stdout is the log; mark where this buildpack starts.
+            println!("======== Building: {} ========", bp.key());
+        }
         let mut cmd = Command::new(&program);
         cmd.arg(&bp_layers)
             .arg(&config.platform_dir)

@@ -199,9 +199,6 @@ fn run_build(args: &Args) -> Result<(), Error> {
         default_process: args.get("process-type"),
         output: OutputMode::Inherit,
     };
-    for bp in &group.group {
-        println!("======== Building: {} ========", bp.key());
-    }
     let outcome = build(&config, &group, &plan)?;
     for w in &outcome.warnings {
         eprintln!("warning: {w}");
