@@ -151,10 +151,9 @@ pub fn detect(config: &DetectConfig, order: &Order) -> Result<Detected> {
     let mut reports = Vec::new();
     for group in groups {
         for c in &group {
-            let key = c.bp.key();
-            if !index.contains_key(&key) {
+            if let std::collections::hash_map::Entry::Vacant(slot) = index.entry(c.bp.key()) {
                 let run = run_detect(config, &c.bp)?;
-                index.insert(key, runs.len());
+                slot.insert(runs.len());
                 runs.push(run);
             }
         }
