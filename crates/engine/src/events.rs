@@ -60,6 +60,7 @@ impl Phase {
 /// Something that happened during a build. Stages and steps are numbered from 0 in Dockerfile
 /// order; `line` is the Dockerfile line an instruction starts on.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub enum BuildEvent {
     /// The Dockerfile was parsed; these stages will be built.
     BuildStarted {

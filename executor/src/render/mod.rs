@@ -14,15 +14,24 @@
 //! per-step timings of uncached steps and the start of each transfer `debug`, every transfer
 //! progress tick `trace`.
 
+mod json;
+mod live;
+mod plain;
+mod text;
+
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt::Write as _;
 use std::io::{IsTerminal, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
-use kiln_engine::{BuildEvent, EventSink, OutputStream};
+use kiln_engine::{BuildEvent, EventSink};
 use serde_json::{json, Value};
+
+use self::json::event_json;
+use self::live::REDRAW_INTERVAL;
+pub use self::text::{human_size, redact_credentials, rfc3339};
+use self::text::{seconds, short_digest};
 
 /// kaniko's log levels, least verbose first; an event is shown when its level is at most the
 /// configured one.
@@ -240,11 +249,6 @@ impl TransferKind {
         }
     }
 }
-
-/// How often the live status area is redrawn at most when only progress changed.
-const REDRAW_INTERVAL: Duration = Duration::from_millis(100);
-/// At most this many transfer bars are shown; the rest are summarised in one line.
-const MAX_BARS: usize = 6;
 
 impl Renderer {
     /// A renderer writing to `out` in `style`.
@@ -611,58 +615,10 @@ impl State {
     }
 
     fn format_line(&self, level: Level, text: &str, event: &BuildEvent, body: Value) -> String {
-        let is_output = matches!(event, BuildEvent::RunOutput { .. });
         match self.style {
-            Style::Json => {
-                let name = event_name(event);
-                let mut object = self.json_header(level, name);
-                if let Value::Object(fields) = body {
-                    for (key, value) in fields {
-                        let value = match value {
-                            Value::String(s) if !is_output => Value::String(redact_credentials(&s)),
-                            other => other,
-                        };
-                        object.insert(key, value);
-                    }
-                }
-                Value::Object(object).to_string()
-            }
+            Style::Json => self.json_line(level, event, body),
             Style::Plain { color } | Style::Live { color } => {
-                let text = if is_output {
-                    text.to_owned()
-                } else {
-                    redact_credentials(text)
-                };
-                let now = self.now();
-                let elapsed = now.duration_since(self.start).unwrap_or(Duration::ZERO);
-                let mut line = String::new();
-                if self.log_timestamp {
-                    line.push_str(&paint(color, DIM, &rfc3339(now)));
-                    line.push(' ');
-                }
-                if matches!(self.style, Style::Plain { .. }) {
-                    let stamp = format!("[{:>8.3}s]", elapsed.as_secs_f64());
-                    line.push_str(&paint(color, DIM, &stamp));
-                    line.push(' ');
-                }
-                let code = match (level, event) {
-                    (Level::Warn, _) => YELLOW,
-                    (Level::Error, _) => RED,
-                    (_, BuildEvent::StepStarted { .. } | BuildEvent::StageStarted { .. }) => {
-                        BOLD_CYAN
-                    }
-                    (
-                        _,
-                        BuildEvent::RunOutput {
-                            stream: OutputStream::Stderr,
-                            ..
-                        },
-                    ) => "",
-                    (_, BuildEvent::BuildFinished { .. } | BuildEvent::Pushed { .. }) => GREEN,
-                    _ => "",
-                };
-                line.push_str(&paint(color, code, &text));
-                line
+                self.plain_line(level, text, event, color)
             }
         }
     }
@@ -680,306 +636,13 @@ impl State {
         let _ = self.out.write_all(buffer.as_bytes());
         let _ = self.out.flush();
     }
-
-    /// Live style: clears the status area, prints `lines` where it was, and draws it again
-    /// below them.
-    fn redraw(&mut self, lines: &[String]) {
-        let Style::Live { color } = self.style else {
-            self.write_lines(lines);
-            return;
-        };
-        let now = self.now();
-        self.last_draw = Some(now);
-        let mut buffer = String::new();
-        if self.drawn > 0 {
-            let _ = write!(buffer, "\r\x1b[{}A\x1b[J", self.drawn);
-        }
-        for line in lines {
-            buffer.push_str(line);
-            buffer.push('\n');
-        }
-        let status = self.status_lines(now, color);
-        for line in &status {
-            buffer.push_str(line);
-            buffer.push('\n');
-        }
-        self.drawn = status.len();
-        let _ = self.out.write_all(buffer.as_bytes());
-        let _ = self.out.flush();
-    }
-
-    fn status_lines(&self, now: SystemTime, color: bool) -> Vec<String> {
-        const SPINNER: [char; 4] = ['|', '/', '-', '\\'];
-        let mut status = Vec::new();
-        for ((stage, step), (instruction, started)) in &self.running {
-            let elapsed = now.duration_since(*started).unwrap_or(Duration::ZERO);
-            let head = format!(
-                "{} #{stage}.{step} {}",
-                SPINNER[self.spinner % SPINNER.len()],
-                redact_credentials(instruction)
-            );
-            let tail = format!(" {:.1}s", elapsed.as_secs_f64());
-            status.push(fit(&head, &tail, self.width, color));
-        }
-        for (shown, ((kind, place, digest), (done, total))) in self.transfers.iter().enumerate() {
-            if shown == MAX_BARS {
-                status.push(format!(
-                    "  ... and {} more",
-                    self.transfers.len() - MAX_BARS
-                ));
-                break;
-            }
-            let head = format!("  {} {} {}", kind.verb(), short_digest(digest), place);
-            let tail = format!(
-                " {} {:>9} / {:<9}",
-                bar(*done, *total, 20),
-                human_size(*done),
-                human_size(*total)
-            );
-            status.push(fit(&head, &tail, self.width, color));
-        }
-        status
-    }
-}
-
-/// `head` cut so that `head + tail` fits in `width` columns (status lines must never wrap, or
-/// the cursor arithmetic of the redraw breaks).
-fn fit(head: &str, tail: &str, width: usize, color: bool) -> String {
-    let tail_len = tail.chars().count();
-    let room = width.saturating_sub(tail_len + 1);
-    let mut cut: String = head.chars().take(room).collect();
-    if head.chars().count() > room && room > 0 {
-        cut.pop();
-        cut.push('~');
-    }
-    format!("{cut}{}", paint(color, DIM, tail))
-}
-
-fn bar(done: u64, total: u64, width: usize) -> String {
-    let filled = if total == 0 {
-        0
-    } else {
-        ((done.min(total) as u128 * width as u128) / total as u128) as usize
-    };
-    format!("[{}{}]", "#".repeat(filled), ".".repeat(width - filled))
-}
-
-const DIM: &str = "\x1b[2m";
-const YELLOW: &str = "\x1b[33m";
-const RED: &str = "\x1b[31m";
-const GREEN: &str = "\x1b[32m";
-const BOLD_CYAN: &str = "\x1b[1;36m";
-
-fn paint(color: bool, code: &str, text: &str) -> String {
-    if color && !code.is_empty() {
-        format!("{code}{text}\x1b[0m")
-    } else {
-        text.to_owned()
-    }
-}
-
-fn event_name(event: &BuildEvent) -> &'static str {
-    match event {
-        BuildEvent::BuildStarted { .. } => "build_started",
-        BuildEvent::StageStarted { .. } => "stage_started",
-        BuildEvent::PullProgress { .. } => "pull_progress",
-        BuildEvent::StepStarted { .. } => "step_started",
-        BuildEvent::RunOutput { .. } => "run_output",
-        BuildEvent::LayerCreated { .. } => "layer_created",
-        BuildEvent::StepFinished { .. } => "step_finished",
-        BuildEvent::PushProgress { .. } => "push_progress",
-        BuildEvent::Pushed { .. } => "pushed",
-        BuildEvent::PhaseFinished { .. } => "phase_finished",
-        BuildEvent::Warning { .. } => "warning",
-        BuildEvent::BuildFinished { .. } => "build_finished",
-        #[allow(unreachable_patterns)]
-        _ => "other",
-    }
-}
-
-/// The event's fields as a JSON object (without time, level and event name).
-fn event_json(event: &BuildEvent) -> Value {
-    match event {
-        BuildEvent::BuildStarted { stages } => json!({ "stages": stages }),
-        BuildEvent::StageStarted { stage, base } => json!({ "stage": stage, "base": base }),
-        BuildEvent::PullProgress {
-            image,
-            digest,
-            done,
-            total,
-        } => json!({ "image": image, "digest": digest.to_string(), "done": done, "total": total }),
-        BuildEvent::StepStarted {
-            stage,
-            step,
-            line,
-            instruction,
-        } => json!({ "stage": stage, "step": step, "line": line, "instruction": instruction }),
-        BuildEvent::RunOutput {
-            stage,
-            step,
-            stream,
-            line,
-        } => json!({
-            "stage": stage,
-            "step": step,
-            "stream": match stream { OutputStream::Stdout => "stdout", OutputStream::Stderr => "stderr" },
-            "line": line,
-        }),
-        BuildEvent::LayerCreated {
-            stage,
-            step,
-            digest,
-            diff_id,
-            size,
-        } => json!({
-            "stage": stage,
-            "step": step,
-            "digest": digest.to_string(),
-            "diff_id": diff_id.to_string(),
-            "size": size,
-        }),
-        BuildEvent::StepFinished {
-            stage,
-            step,
-            duration,
-            cached,
-        } => json!({
-            "stage": stage,
-            "step": step,
-            "duration_ms": duration_ms(*duration),
-            "cached": cached,
-        }),
-        BuildEvent::PushProgress {
-            destination,
-            digest,
-            done,
-            total,
-        } => json!({
-            "destination": destination,
-            "digest": digest.to_string(),
-            "done": done,
-            "total": total,
-        }),
-        BuildEvent::Pushed {
-            destination,
-            digest,
-        } => json!({ "destination": destination, "digest": digest.to_string() }),
-        BuildEvent::PhaseFinished {
-            stage,
-            step,
-            phase,
-            duration,
-        } => json!({
-            "stage": stage,
-            "step": step,
-            "phase": phase.name(),
-            "duration_ms": duration_ms(*duration),
-        }),
-        BuildEvent::Warning { message } => json!({ "message": message }),
-        BuildEvent::BuildFinished { digest, duration } => json!({
-            "digest": digest.to_string(),
-            "duration_ms": duration_ms(*duration),
-        }),
-        #[allow(unreachable_patterns)]
-        other => json!({ "debug": format!("{other:?}") }),
-    }
-}
-
-fn duration_ms(duration: Duration) -> f64 {
-    (duration.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0
-}
-
-fn seconds(duration: Duration) -> String {
-    format!("{:.3}s", duration.as_secs_f64())
-}
-
-/// `sha256:0123456789ab` (12 hex digits, as Docker shows them).
-fn short_digest(digest: &str) -> String {
-    match digest.split_once(':') {
-        Some((algorithm, hex)) => format!("{algorithm}:{}", &hex[..hex.len().min(12)]),
-        None => digest.to_owned(),
-    }
-}
-
-/// Sizes in decimal units, as registries and Docker print them.
-pub fn human_size(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["kB", "MB", "GB", "TB", "PB"];
-    if bytes < 1000 {
-        return format!("{bytes} B");
-    }
-    let mut value = bytes as f64 / 1000.0;
-    let mut unit = 0;
-    while value >= 1000.0 && unit + 1 < UNITS.len() {
-        value /= 1000.0;
-        unit += 1;
-    }
-    format!("{value:.1} {}", UNITS[unit])
-}
-
-/// UTC time as RFC 3339 with milliseconds: `2026-11-22T04:50:56.123Z`.
-pub fn rfc3339(time: SystemTime) -> String {
-    let since = time.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
-    let secs = since.as_secs();
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    let (year, month, day) = civil_from_days(days);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        (rem % 3600) / 60,
-        rem % 60,
-        since.subsec_millis()
-    )
-}
-
-/// Proleptic Gregorian date of a day count since 1970-01-01 (days are grouped in 400-year
-/// eras of 146,097 days, each era starting on a 1 March so leap days fall at the end).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let shifted = days + 719_468;
-    let era = shifted.div_euclid(146_097);
-    let day_of_era = shifted.rem_euclid(146_097);
-    let year_of_era =
-        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let month_index = (5 * day_of_year + 2) / 153;
-    let day = (day_of_year - (153 * month_index + 2) / 5 + 1) as u32;
-    let month = if month_index < 10 {
-        month_index + 3
-    } else {
-        month_index - 9
-    } as u32;
-    let year = year_of_era + era * 400 + i64::from(month <= 2);
-    (year, month, day)
-}
-
-/// Replaces the user-info part of every URL in `text` (`https://user:token@host` →
-/// `https://***@host`), so a git context with a token never reaches a log.
-pub fn redact_credentials(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(index) = rest.find("://") {
-        let (before, after) = rest.split_at(index + 3);
-        out.push_str(before);
-        let authority_end = after
-            .find(|c: char| c == '/' || c == '#' || c == '?' || c.is_whitespace())
-            .unwrap_or(after.len());
-        let authority = &after[..authority_end];
-        match authority.rfind('@') {
-            Some(at) => {
-                out.push_str("***");
-                out.push_str(&authority[at..]);
-            }
-            None => out.push_str(authority),
-        }
-        rest = &after[authority_end..];
-    }
-    out.push_str(rest);
-    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use super::live::bar;
+    use std::time::UNIX_EPOCH;
 
     #[test]
     fn dates_are_gregorian() {

@@ -1,0 +1,332 @@
+//! clap's view of the command line. Everything is optional here so that defaults, environment
+//! fallbacks and kaniko's quirks are applied in one place (the `invocation` module).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::render::{Level, LogFormat, Progress};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "executor",
+    version,
+    about = "Kiln: build container images from a Dockerfile without a daemon (kaniko-compatible).",
+    disable_help_subcommand = true,
+    args_conflicts_with_subcommands = true,
+    args_override_self = true,
+    color = clap::ColorChoice::Never
+)]
+pub(super) struct Cli {
+    #[command(subcommand)]
+    pub(super) command: Option<Sub>,
+    #[command(flatten)]
+    pub(super) build: BuildFlags,
+    #[command(flatten)]
+    pub(super) registry: RegistryFlags,
+    #[command(flatten)]
+    pub(super) log: LogFlags,
+}
+
+#[derive(Subcommand, Debug)]
+pub(super) enum Sub {
+    /// Download base images into the cache directory (kaniko's warmer).
+    Warm(Box<WarmFlags>),
+    /// Print the version.
+    Version,
+}
+
+/// Generates a flag struct. Fields introduced with `@bool` are kaniko-style boolean flags:
+/// `--name`, `--name=true`, `--name=false` (never `--name false`, which would be ambiguous).
+macro_rules! flag_struct {
+    (
+        $(#[$smeta:meta])* struct $name:ident {
+            $( @bool $(#[$bmeta:meta])* $bfield:ident = $blong:literal; )*
+            $( $(#[$fmeta:meta])* $field:ident : $ty:ty, )*
+        }
+    ) => {
+        $(#[$smeta])*
+        pub(super) struct $name {
+            $(
+                $(#[$bmeta])*
+                #[arg(
+                    long = $blong,
+                    value_name = "BOOL",
+                    num_args = 0..=1,
+                    require_equals = true,
+                    default_missing_value = "true",
+                    value_parser = parse_bool
+                )]
+                pub(super) $bfield: Option<bool>,
+            )*
+            $( $(#[$fmeta])* pub(super) $field: $ty, )*
+        }
+    };
+}
+
+flag_struct! {
+    #[derive(Args, Debug)]
+    struct BuildFlags {
+        @bool /// Do not push the image (also `KANIKO_NO_PUSH`).
+            no_push = "no-push";
+        @bool /// Strip timestamps so the same inputs give the same image digest.
+            reproducible = "reproducible";
+        @bool /// Take one snapshot per stage instead of one per step.
+            single_snapshot = "single-snapshot";
+        @bool /// Leave /var/run out of snapshots (default true).
+            ignore_var_run = "ignore-var-run";
+        @bool /// Remove the work directory (in-place mode: the built changes) at the end.
+            cleanup = "cleanup";
+        @bool /// Build in place even when not running in a container.
+            force = "force";
+        @bool /// Accepted; Kiln always builds only the stages the target needs.
+            skip_unused_stages = "skip-unused-stages";
+        @bool /// Accepted; Kiln's RUN detects changes with its own snapshotter, always.
+            use_new_run = "use-new-run";
+        @bool /// Use the layer cache.
+            cache = "cache";
+        @bool /// Cache RUN layers (default true).
+            cache_run_layers = "cache-run-layers";
+        @bool /// Cache COPY/ADD layers (default false).
+            cache_copy_layers = "cache-copy-layers";
+        @bool /// Never write to the layer cache.
+            no_push_cache = "no-push-cache";
+        @bool /// kaniko only; accepted and ignored (Kiln always streams cache layers).
+            #[arg(hide = true)] compressed_caching = "compressed-caching";
+        @bool /// kaniko only; accepted and ignored (Kiln does no up-front push check).
+            #[arg(hide = true)] skip_push_permission_check = "skip-push-permission-check";
+        @bool /// Skip (with a warning) a destination whose immutable tag exists already (ECR,
+        /// Artifact Registry) instead of failing the build.
+            push_ignore_immutable_tag_errors = "push-ignore-immutable-tag-errors";
+        @bool /// kaniko only; accepted with a warning, not implemented.
+            #[arg(hide = true)] force_build_metadata = "force-build-metadata";
+        @bool /// kaniko only; accepted with a warning (Kiln never deletes the context).
+            #[arg(hide = true)] preserve_context = "preserve-context";
+        @bool /// In-place mode: leave the built filesystem in / even when every step was cached.
+            materialize = "materialize";
+        @bool /// Deprecated kaniko spelling of --ignore-var-run.
+            #[arg(hide = true)] whitelist_var_run = "whitelist-var-run";
+
+        /// Path to the Dockerfile (default Dockerfile); relative paths are tried against the
+        /// working directory first, then the context, as kaniko does.
+        #[arg(short = 'f', long = "dockerfile", value_name = "PATH")]
+        dockerfile: Option<String>,
+        /// Build context: a directory, dir://, tar://, git://, https:// (default /workspace/).
+        #[arg(short = 'c', long = "context", value_name = "CONTEXT")]
+        context: Option<String>,
+        /// Subdirectory of the context to use as its root.
+        #[arg(long = "context-sub-path", value_name = "PATH")]
+        context_sub_path: Option<String>,
+        /// Git context options: branch=NAME,single-branch=BOOL,recurse-submodules=BOOL.
+        #[arg(long = "git", value_name = "OPTIONS")]
+        git: Vec<String>,
+        /// Image reference to push to; repeat for several.
+        #[arg(short = 'd', long = "destination", value_name = "IMAGE")]
+        destination: Vec<String>,
+        /// ARG value: K=V, or K to take the value from the environment; repeatable.
+        #[arg(long = "build-arg", value_name = "K[=V]", allow_hyphen_values = true)]
+        build_arg: Vec<String>,
+        /// The stage to build (default: the last).
+        #[arg(long = "target", value_name = "STAGE")]
+        target: Option<String>,
+        /// Build for this platform: OS/ARCH[/VARIANT].
+        #[arg(long = "custom-platform", value_name = "PLATFORM")]
+        custom_platform: Option<String>,
+        /// Secret for RUN --mount=type=secret: id=ID,src=PATH or id=ID,env=VAR; repeatable.
+        #[arg(long = "secret", value_name = "SPEC")]
+        secret: Vec<String>,
+        /// ssh-agent for RUN --mount=type=ssh: ID=SOCKET, or `default` for $SSH_AUTH_SOCK;
+        /// repeatable.
+        #[arg(long = "ssh", value_name = "ID[=SOCKET]")]
+        ssh: Vec<String>,
+        /// full, redo or time (kaniko's names; default: Kiln's exact mode, see FLAGS.md).
+        #[arg(long = "snapshot-mode", value_name = "MODE")]
+        snapshot_mode: Option<String>,
+        /// Path never snapshotted or overwritten; repeatable.
+        #[arg(long = "ignore-path", value_name = "PATH")]
+        ignore_path: Vec<PathBuf>,
+        /// Kiln's own directory (default /kiln; also KANIKO_DIR / KILN_DIR).
+        #[arg(long = "kaniko-dir", visible_alias = "kiln-dir", value_name = "DIR")]
+        kaniko_dir: Option<PathBuf>,
+        /// How RUN is isolated (default auto: in-place inside a container, chroot outside).
+        #[arg(long = "mode", value_enum, value_name = "MODE")]
+        mode: Option<ModeArg>,
+        /// Compression of new layers.
+        #[arg(long = "compression", value_enum, value_name = "ALGORITHM")]
+        compression: Option<CompressionArg>,
+        /// Compression level (gzip 0-9, zstd 1-22; -1 is the compressor's default).
+        #[arg(long = "compression-level", value_name = "N", allow_negative_numbers = true)]
+        compression_level: Option<i32>,
+        /// Manifest and config media types (Kiln addition).
+        #[arg(long = "image-format", value_enum, value_name = "FORMAT")]
+        image_format: Option<ImageFormatArg>,
+        /// Write a docker-archive tarball of the image here.
+        #[arg(long = "tar-path", value_name = "PATH")]
+        tar_path: Option<PathBuf>,
+        /// Write an OCI image layout of the image here.
+        #[arg(long = "oci-layout-path", value_name = "DIR")]
+        oci_layout_path: Option<PathBuf>,
+        /// Write the image digest here after a successful push.
+        #[arg(long = "digest-file", value_name = "PATH")]
+        digest_file: Option<PathBuf>,
+        /// Write REPO@DIGEST per destination here.
+        #[arg(long = "image-name-with-digest-file", value_name = "PATH")]
+        image_name_with_digest_file: Option<PathBuf>,
+        /// Write REPO:TAG@DIGEST per destination here.
+        #[arg(long = "image-name-tag-with-digest-file", value_name = "PATH")]
+        image_name_tag_with_digest_file: Option<PathBuf>,
+        /// Label KEY=VALUE added to the image; repeatable.
+        #[arg(long = "label", value_name = "KEY=VALUE")]
+        label: Vec<String>,
+        /// Write per-phase timings as JSON here (also BENCHMARK_FILE).
+        #[arg(long = "benchmark-file", value_name = "PATH")]
+        benchmark_file: Option<PathBuf>,
+        /// Cache repository: REGISTRY/REPO or oci:/path (default <destination>/cache).
+        #[arg(long = "cache-repo", value_name = "REPO")]
+        cache_repo: Option<String>,
+        /// Base-image cache directory (default /cache).
+        #[arg(long = "cache-dir", value_name = "DIR")]
+        cache_dir: Option<PathBuf>,
+        /// Cache entry lifetime as a Go duration, e.g. 6h, 90m (default 336h).
+        #[arg(long = "cache-ttl", value_name = "DURATION")]
+        cache_ttl: Option<String>,
+        /// kaniko only; accepted with a warning (extraction is not retried).
+        #[arg(long = "image-fs-extract-retry", value_name = "N", hide = true)]
+        image_fs_extract_retry: Option<u32>,
+        /// kaniko only; accepted with a warning (Kiln uses the docker config's helpers).
+        #[arg(long = "credential-helpers", value_name = "LIST", hide = true)]
+        credential_helpers: Vec<String>,
+        /// kaniko's GCS bucket context; rejected.
+        #[arg(short = 'b', long = "bucket", value_name = "BUCKET", hide = true)]
+        bucket: Option<String>,
+        /// Deprecated kaniko spelling of --snapshot-mode.
+        #[arg(long = "snapshotMode", value_name = "MODE", hide = true)]
+        snapshot_mode_deprecated: Option<String>,
+        /// Deprecated kaniko spelling of --custom-platform.
+        #[arg(long = "customPlatform", value_name = "PLATFORM", hide = true)]
+        custom_platform_deprecated: Option<String>,
+        /// Deprecated kaniko spelling of --tar-path.
+        #[arg(long = "tarPath", value_name = "PATH", hide = true)]
+        tar_path_deprecated: Option<PathBuf>,
+    }
+}
+
+flag_struct! {
+    #[derive(Args, Debug)]
+    struct RegistryFlags {
+        @bool /// Push to registries over plain HTTP.
+            insecure = "insecure";
+        @bool /// Pull from registries over plain HTTP.
+            insecure_pull = "insecure-pull";
+        @bool /// Do not verify TLS certificates when pushing.
+            skip_tls_verify = "skip-tls-verify";
+        @bool /// Do not verify TLS certificates when pulling.
+            skip_tls_verify_pull = "skip-tls-verify-pull";
+        @bool /// With mirrors configured, never fall back to the original registry.
+            skip_default_registry_fallback = "skip-default-registry-fallback";
+
+        /// Registry reached over plain HTTP for pushes and pulls; repeatable.
+        #[arg(long = "insecure-registry", value_name = "REGISTRY")]
+        insecure_registry: Vec<String>,
+        /// Registry whose certificate is not verified; repeatable.
+        #[arg(long = "skip-tls-verify-registry", value_name = "REGISTRY")]
+        skip_tls_verify_registry: Vec<String>,
+        /// Extra CA certificate for a registry: REGISTRY=PATH; repeatable.
+        #[arg(long = "registry-certificate", value_name = "REGISTRY=PATH")]
+        registry_certificate: Vec<String>,
+        /// Client certificate for mutual TLS: REGISTRY=CERT,KEY; repeatable.
+        #[arg(long = "registry-client-cert", value_name = "REGISTRY=CERT,KEY")]
+        registry_client_cert: Vec<String>,
+        /// Certificate directory: a certs.d directory holding HOST[:PORT]/ directories, or
+        /// REGISTRY=DIR with one registry's *.crt, *.cert and *.key; repeatable.
+        #[arg(long = "registry-certs-dir", value_name = "DIR|REGISTRY=DIR")]
+        registry_certs_dir: Vec<String>,
+        /// Pull-through mirror for Docker Hub; repeatable (also KANIKO_REGISTRY_MIRROR).
+        #[arg(long = "registry-mirror", value_name = "MIRROR")]
+        registry_mirror: Vec<String>,
+        /// Mirror for any registry: ORIGINAL=MIRROR[;ORIGINAL=MIRROR...]; repeatable (also
+        /// KANIKO_REGISTRY_MAP).
+        #[arg(long = "registry-map", value_name = "MAP")]
+        registry_map: Vec<String>,
+        /// Retries for pushes (Kiln retries transient failures 3 times by default).
+        #[arg(long = "push-retry", value_name = "N")]
+        push_retry: Option<u32>,
+        /// Retries for pulls (Kiln retries transient failures 3 times by default).
+        #[arg(long = "image-download-retry", value_name = "N")]
+        image_download_retry: Option<u32>,
+    }
+}
+
+flag_struct! {
+    #[derive(Args, Debug)]
+    struct LogFlags {
+        @bool /// Prefix log lines with the wall-clock time.
+            log_timestamp = "log-timestamp";
+
+        /// Log level.
+        #[arg(short = 'v', long = "verbosity", value_enum, value_name = "LEVEL")]
+        verbosity: Option<Level>,
+        /// Log format (default: color on a terminal, text otherwise).
+        #[arg(long = "log-format", value_enum, value_name = "FORMAT")]
+        log_format: Option<LogFormat>,
+        /// Progress display (Kiln addition).
+        #[arg(long = "progress", value_enum, value_name = "MODE")]
+        progress: Option<Progress>,
+    }
+}
+
+flag_struct! {
+    #[derive(Args, Debug)]
+    struct WarmFlags {
+        @bool /// Download again even when the image is cached.
+            #[arg(short = 'f')] force = "force";
+
+        /// Image to cache; repeatable.
+        #[arg(short = 'i', long = "image", value_name = "IMAGE")]
+        image: Vec<String>,
+        /// Also cache the base images this Dockerfile names.
+        #[arg(short = 'd', long = "dockerfile", value_name = "PATH")]
+        dockerfile: Option<PathBuf>,
+        /// Cache directory (default /cache).
+        #[arg(short = 'c', long = "cache-dir", value_name = "DIR")]
+        cache_dir: Option<PathBuf>,
+        /// ARG value for expanding FROM lines; repeatable.
+        #[arg(long = "build-arg", value_name = "K[=V]", allow_hyphen_values = true)]
+        build_arg: Vec<String>,
+        /// Platform of the images to cache.
+        #[arg(long = "custom-platform", value_name = "PLATFORM")]
+        custom_platform: Option<String>,
+        #[command(flatten)]
+        registry: RegistryFlags,
+        #[command(flatten)]
+        log: LogFlags,
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(super) enum ModeArg {
+    Auto,
+    Chroot,
+    InPlace,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(super) enum CompressionArg {
+    Gzip,
+    Zstd,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(super) enum ImageFormatArg {
+    Oci,
+    Docker,
+}
+
+/// Go's `strconv.ParseBool`, which kaniko's flags use.
+pub(super) fn parse_bool(value: &str) -> Result<bool, String> {
+    match value {
+        "1" | "t" | "T" | "true" | "TRUE" | "True" => Ok(true),
+        "0" | "f" | "F" | "false" | "FALSE" | "False" => Ok(false),
+        other => Err(format!("{other:?} is not a boolean (use true or false)")),
+    }
+}
