@@ -500,6 +500,10 @@ fn write_from(w: &mut KeyWriter, from: Option<&Source>) {
             w.tag(2);
             w.str(image);
         }
+        Some(Source::Local(dir)) => {
+            w.tag(3);
+            w.str(dir);
+        }
     }
 }
 
@@ -523,6 +527,11 @@ fn write_sources(w: &mut KeyWriter, sources: &[CopySource]) {
             CopySource::Git(url) => {
                 w.tag(b'g');
                 w.str(url);
+            }
+            CopySource::Symlink { name, target } => {
+                w.tag(b'l');
+                w.str(name);
+                w.str(target);
             }
         }
     }

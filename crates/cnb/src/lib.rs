@@ -24,6 +24,7 @@ pub mod files;
 pub mod layer;
 pub mod metadata;
 pub mod order;
+pub mod platform;
 pub mod project;
 pub mod rebase;
 

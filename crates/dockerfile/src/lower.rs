@@ -52,6 +52,7 @@ impl Dockerfile {
                     stage: planned.clone(),
                     source: source.clone(),
                 })),
+                layer_epoch: None,
             })
             .collect();
         let mut identity = String::new();

@@ -440,6 +440,8 @@ impl Dockerfile {
                     images.push(r);
                 }
             }
+            // A Dockerfile never names one.
+            Source::Local(_) => {}
         };
         match base {
             Base::Stage(i) => add(Source::Stage(*i)),

@@ -388,6 +388,7 @@ async fn finish(
         shared.source_date_epoch(),
     )?;
     write_local_outputs(shared, destinations, &image).await?;
+    push_extra_images(shared).await;
     let out = &shared.options.output;
     let mut pushed = Vec::new();
     if !out.no_push && !destinations.is_empty() {
@@ -435,6 +436,47 @@ async fn finish(
         config,
         pushed,
     })
+}
+
+/// Pushes the images the plan writes besides its result (a buildpacks build's cache image).
+/// They help the next build and are not its result: a failure is a warning.
+async fn push_extra_images(shared: &Shared) {
+    if shared.options.output.no_push {
+        return;
+    }
+    for extra in shared.plan.extra_images() {
+        let pushed = async {
+            let stage = shared.finished(extra.stage).ok_or_else(|| {
+                BuildError::Options(format!("stage {} was not built", extra.stage))
+            })?;
+            let destination = output::parse_destinations(std::slice::from_ref(&extra.destination))?;
+            let image = output::assemble(
+                &stage.config,
+                &stage.layers,
+                &crate::options::OutputOptions::default(),
+                shared.source_date_epoch(),
+            )?;
+            output::push(
+                &shared.client,
+                &shared.blobs,
+                &image,
+                &destination,
+                &output::PlacedBlobs::default(),
+                &*shared.events,
+                output::PushPolicy {
+                    manifest_first: stage.fully_cached,
+                    ignore_immutable_tags: false,
+                },
+            )
+            .await
+        }
+        .await;
+        if let Err(e) = pushed {
+            shared.emit(BuildEvent::Warning {
+                message: format!("could not write {}: {e}", extra.destination),
+            });
+        }
+    }
 }
 
 /// `--oci-layout-path` and `--tar-path`.

@@ -97,6 +97,7 @@ async fn a_plan_written_in_rust_builds_and_runs() {
                 "copy from the context",
             ),
         ]),
+        layer_epoch: None,
     };
     let last = Stage {
         id: 1,
@@ -105,6 +106,7 @@ async fn a_plan_written_in_rust_builds_and_runs() {
         origin: Provenance::api("from the first stage"),
         dependencies: vec![0],
         steps: Steps::Lowered(Arc::new(Final)),
+        layer_epoch: None,
     };
     let plan = Plan::new(FrontEnd::Api, "api test", vec![first, last], 1).unwrap();
 

@@ -27,6 +27,7 @@
 //!     origin: Provenance::api("base"),
 //!     dependencies: Vec::new(),
 //!     steps: Steps::Fixed(vec![Step::new(Operation::Copy(copy), Provenance::api("copy app"))]),
+//!     layer_epoch: None,
 //! };
 //! let plan = Plan::new(kiln_plan::FrontEnd::Api, "example", vec![stage], 0).unwrap();
 //! assert_eq!(plan.levels(), &[vec![0]]);
@@ -162,10 +163,28 @@ pub trait StageFiles {
     fn list(&self, stage: usize, path: &str) -> Result<Option<Vec<String>>, String>;
 }
 
+/// The layers of a finished stage, for a [`Lower`] whose config names them (a buildpacks
+/// image's lifecycle label records the digests of its layers).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StageLayers {
+    /// The diff IDs of the base's layers, bottom first.
+    pub base: Vec<String>,
+    /// The base image by digest (`name@sha256:...`), when the stage is on an image.
+    pub base_image: Option<String>,
+    /// The diff ID of each step's layer (`None` for a step without one), in step order.
+    pub steps: Vec<Option<String>>,
+}
+
 /// Writes a stage's steps once its base and the stages it depends on are known.
 pub trait Lower: Send + Sync {
     /// The stage's steps on top of a base described by `base`.
     fn lower(&self, base: &BaseFacts, stages: &dyn StageFiles) -> Result<Vec<Step>, LowerError>;
+
+    /// Config edits that need the stage's layers, applied after its last step (no history
+    /// entry). None by default.
+    fn finish(&self, _layers: &StageLayers) -> Result<Vec<ConfigEdit>, LowerError> {
+        Ok(Vec::new())
+    }
 }
 
 /// Why a stage could not be lowered; the message says where (file and line).
@@ -204,6 +223,14 @@ impl Steps {
             Steps::Lowered(lower) => lower.lower(base, stages),
         }
     }
+
+    /// The config edits that need the stage's layers (see [`Lower::finish`]).
+    pub fn finish(&self, layers: &StageLayers) -> Result<Vec<ConfigEdit>, LowerError> {
+        match self {
+            Steps::Fixed(_) => Ok(Vec::new()),
+            Steps::Lowered(lower) => lower.finish(layers),
+        }
+    }
 }
 
 /// One stage of a plan.
@@ -221,6 +248,20 @@ pub struct Stage {
     pub dependencies: Vec<usize>,
     /// What it does.
     pub steps: Steps,
+    /// A time (seconds since 1970) every new layer's entry times are clamped to, so that the
+    /// same files always give the same layer (a buildpacks export dates its layers 1980-01-01,
+    /// as the lifecycle does); `None`: the build's own setting (`--reproducible`).
+    pub layer_epoch: Option<i64>,
+}
+
+/// An image the build writes besides its result: the image of `stage`, pushed to
+/// `destination` (a buildpacks build's cache image).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExtraImage {
+    /// The stage whose image it is.
+    pub stage: usize,
+    /// Where it is pushed (`registry/repository:tag`).
+    pub destination: String,
 }
 
 /// Why a plan is not well formed.
@@ -254,6 +295,7 @@ pub struct Plan {
     target: usize,
     levels: Vec<Vec<usize>>,
     notes: Vec<String>,
+    extra_images: Vec<ExtraImage>,
 }
 
 impl Plan {
@@ -332,6 +374,7 @@ impl Plan {
             target,
             levels,
             notes: Vec::new(),
+            extra_images: Vec::new(),
         })
     }
 
@@ -345,6 +388,18 @@ impl Plan {
     /// The front end's warnings about the plan.
     pub fn notes(&self) -> &[String] {
         &self.notes
+    }
+
+    /// The same plan, also writing `extra` (its stage must be in the plan; unknown stages are
+    /// ignored by the engine with a warning).
+    pub fn with_extra_image(mut self, extra: ExtraImage) -> Plan {
+        self.extra_images.push(extra);
+        self
+    }
+
+    /// Images the build writes besides its result.
+    pub fn extra_images(&self) -> &[ExtraImage] {
+        &self.extra_images
     }
 
     /// The front end that made the plan.
@@ -406,6 +461,7 @@ mod tests {
             origin: Provenance::api("from"),
             dependencies,
             steps: Steps::Fixed(Vec::new()),
+            layer_epoch: None,
         }
     }
 

@@ -78,6 +78,13 @@ pub enum CopySource {
     Url(String),
     /// A git repository (`URL#REF:SUBDIR`), checked out.
     Git(String),
+    /// A symbolic link called `name` pointing at `target` (stored as written).
+    Symlink {
+        /// The link's name.
+        name: String,
+        /// What it points at.
+        target: String,
+    },
 }
 
 impl CopySource {

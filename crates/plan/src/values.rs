@@ -135,6 +135,10 @@ pub enum Source {
     Stage(usize),
     /// An image reference, pulled by the engine.
     Image(String),
+    /// A directory of the machine running the build that the front end itself names: its own
+    /// files (the lifecycle, launcher and buildpacks a buildpacks build brings), never a path a
+    /// user's input chose. Read through a root like every other tree; copies only.
+    Local(String),
 }
 
 /// A mount of a RUN step.

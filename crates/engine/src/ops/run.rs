@@ -109,6 +109,8 @@ pub(crate) fn key_input(
             )?,
             Some(Source::Stage(i)) => SourceContent::Stage((inputs.stage_key)(*i)?),
             Some(Source::Image(image)) => SourceContent::Image(inputs.remote.image(image)?),
+            // Mounts cannot read a local directory (the step fails and says so).
+            Some(Source::Local(_)) => return None,
         };
         bind_contents.insert(mount.target.clone(), content);
     }

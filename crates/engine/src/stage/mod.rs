@@ -166,11 +166,12 @@ pub(crate) fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, 
         .steps
         .lower(&start.facts(), &trees::FinishedStages(shared))
         .map_err(|e| BuildError::Plan(e.to_string()))?;
-    let mut run = StageRun::new(shared, index, &rootfs, start, materializer);
+    let mut run = StageRun::new(shared, stage, &rootfs, start, materializer);
     run.plan_cache(stage, &steps)?;
     for (step_no, step) in steps.iter().enumerate() {
         run.step(step_no, step)?;
     }
+    run.finish_config(stage)?;
     run.finish(&steps)
 }
 
@@ -197,16 +198,26 @@ struct StageRun<'a> {
     single_snapshot: bool,
     /// How many steps the stage has.
     step_count: usize,
+    /// How many of `layers` are the base's.
+    base_layers: usize,
+    /// The diff ID of each step's layer so far.
+    step_layers: Vec<Option<String>>,
 }
 
 impl<'a> StageRun<'a> {
     fn new(
         shared: &'a Shared,
-        index: usize,
+        stage: &kiln_plan::Stage,
         rootfs: &'a Path,
         mut start: Start,
         materializer: Materializer<'a>,
     ) -> StageRun<'a> {
+        let index = stage.id;
+        let mut layer_options = shared.layer_options();
+        if let Some(epoch) = stage.layer_epoch {
+            layer_options.source_date_epoch = Some(epoch);
+        }
+        let base_layers = start.layers.len();
         // The base's triggers have been written into the steps; the stage's own config keeps
         // none of them, and gets its creation time when it is assembled.
         start.image.config.on_build = None;
@@ -228,10 +239,35 @@ impl<'a> StageRun<'a> {
             plan: StagePlan::default(),
             record_slots: Vec::new(),
             fully_cached: false,
-            layer_options: shared.layer_options(),
+            layer_options,
             single_snapshot: shared.options.snapshot.single_snapshot,
             step_count: 0,
+            base_layers,
+            step_layers: Vec::new(),
         }
+    }
+
+    /// The config edits the front end makes once the stage's layers are known.
+    fn finish_config(&mut self, stage: &kiln_plan::Stage) -> Result<(), BuildError> {
+        let layers = kiln_plan::StageLayers {
+            base: self.layers[..self.base_layers]
+                .iter()
+                .map(|l| l.diff_id.to_string())
+                .collect(),
+            base_image: self
+                .base_image
+                .as_ref()
+                .map(|(name, digest)| format!("{}@{digest}", name.split('@').next().unwrap_or(name))),
+            steps: std::mem::take(&mut self.step_layers),
+        };
+        let edits = stage
+            .steps
+            .finish(&layers)
+            .map_err(|e| BuildError::Plan(e.to_string()))?;
+        for edit in &edits {
+            ops::config::edit(&mut self.image, edit, &mut self.edits);
+        }
+        Ok(())
     }
 
     /// Keys the steps and probes the cache for them all at once (the stage record answers
@@ -343,10 +379,14 @@ impl<'a> StageRun<'a> {
                     created: entry.history.created.clone(),
                     ..history
                 };
+                self.step_layers.push(Some(layer.diff_id.to_string()));
                 self.image.push_layer(layer.diff_id.clone(), history);
                 self.layers.push(layer);
             }
-            None => self.image.push_empty_layer_history(history),
+            None => {
+                self.step_layers.push(None);
+                self.image.push_empty_layer_history(history)
+            }
         }
         self.record_slots.push(RecordSlot::Known(Box::new(entry)));
         Ok(())
@@ -384,10 +424,12 @@ impl<'a> StageRun<'a> {
                         &history,
                     ));
                 }
+                self.step_layers.push(Some(layer.diff_id.to_string()));
                 self.image.push_layer(layer.diff_id.clone(), history);
                 self.layers.push(layer);
             }
             None => {
+                self.step_layers.push(None);
                 if let (Some(cache), Some(key)) = (&shared.cache, key) {
                     self.record_slots.extend(cache.store_in_background(
                         &shared.runtime,

@@ -98,6 +98,9 @@ impl Shared {
                     identity: tree.manifest_digest.to_string(),
                 })
             }
+            Source::Local(dir) => Err(BuildError::Options(format!(
+                "a mount cannot read the local directory {dir}; only copies can"
+            ))),
         }
     }
 }

@@ -46,6 +46,7 @@ pub(crate) fn key_input(copy: &Copy, inputs: &KeyInputs<'_>) -> Option<StepInput
         None => context_content(inputs, &local)?,
         Some(Source::Stage(i)) => SourceContent::Stage((inputs.stage_key)(*i)?),
         Some(Source::Image(image)) => SourceContent::Image(inputs.remote.image(image)?),
+        Some(Source::Local(dir)) => local_content(inputs, dir, &local)?,
     };
     let mut remote = Vec::new();
     for source in &copy.sources {
@@ -61,7 +62,9 @@ pub(crate) fn key_input(copy: &Copy, inputs: &KeyInputs<'_>) -> Option<StepInput
                     UrlPin::Downloaded(downloaded) => RemoteValidator::Content(downloaded.digest),
                 },
             },
-            CopySource::Path(_) | CopySource::Inline { .. } => continue,
+            CopySource::Path(_) | CopySource::Inline { .. } | CopySource::Symlink { .. } => {
+                continue
+            }
         };
         let (CopySource::Git(url) | CopySource::Url(url)) = source else {
             continue;
@@ -94,6 +97,20 @@ pub(crate) fn context_content(inputs: &KeyInputs<'_>, sources: &[String]) -> Opt
                 include_owner: false,
             },
         )
+        .ok()?;
+    Some(SourceContent::Tree(digest.0))
+}
+
+/// The content hash of sources in a local directory the front end named (its own files).
+fn local_content(inputs: &KeyInputs<'_>, dir: &str, sources: &[String]) -> Option<SourceContent> {
+    let root = Root::open(dir).ok()?;
+    let view = TreeView::new(&root, None, dir);
+    let mut matches = Vec::new();
+    for source in sources {
+        matches.extend(view.resolve_sources(source).ok()?);
+    }
+    let digest = view
+        .hash_sources(inputs.hasher, &matches, HashOptions::default())
         .ok()?;
     Some(SourceContent::Tree(digest.0))
 }
@@ -232,6 +249,14 @@ fn copy_local(
             let tree = SourceTree {
                 view: TreeView::new(&root, None, image),
                 keep_owner: true,
+            };
+            tree::copy(dest_root, &tree, request)
+        }
+        Some(Source::Local(dir)) => {
+            let root = Root::open(dir).map_err(|e| step.fail(e))?;
+            let tree = SourceTree {
+                view: TreeView::new(&root, None, dir),
+                keep_owner: false,
             };
             tree::copy(dest_root, &tree, request)
         }

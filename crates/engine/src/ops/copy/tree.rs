@@ -162,6 +162,10 @@ pub(crate) fn copy(
             CopySource::Url(url) | CopySource::Git(url) => {
                 return Err(CopyError::NotFound(url.clone()))
             }
+            CopySource::Symlink { name, target } => items.push(Item::Link {
+                name: name.clone(),
+                target: target.clone(),
+            }),
             CopySource::Inline { name, content } => items.push(Item::Inline {
                 name: name.clone(),
                 content: content.clone(),
@@ -220,6 +224,15 @@ pub(crate) fn copy(
                 };
                 writer.ensure_dir_parents(&target)?;
                 writer.write_bytes(&target, content.as_bytes(), 0o644)?;
+            }
+            Item::Link { name, target: to } => {
+                let target = if dest_names_dir {
+                    dest_rel.join(&name)
+                } else {
+                    dest_rel.clone()
+                };
+                writer.ensure_dir_parents(&target)?;
+                writer.write_link(&target, &to)?;
             }
             Item::Path {
                 matched,
@@ -314,6 +327,10 @@ enum Item {
     Inline {
         name: String,
         content: String,
+    },
+    Link {
+        name: String,
+        target: String,
     },
 }
 
@@ -674,6 +691,20 @@ impl Writer<'_> {
         } else {
             return Err(CopyError::Unsupported(source.to_path_buf()));
         }
+        self.written.push(target.to_path_buf());
+        Ok(())
+    }
+
+    fn write_link(&mut self, target: &Path, to: &str) -> Result<(), CopyError> {
+        if let Ok(existing) = self.root.symlink_metadata(target) {
+            if existing.is_dir() {
+                return Err(CopyError::OverwriteDirectory(target.to_path_buf()));
+            }
+            self.root.remove_all(target).map_err(dest_error(target))?;
+        }
+        self.root.symlink(to, target).map_err(dest_error(target))?;
+        let owner = self.owner.unwrap_or((0, 0));
+        set_meta_at(self.root, target, Some(owner), None, None)?;
         self.written.push(target.to_path_buf());
         Ok(())
     }
