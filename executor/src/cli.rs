@@ -275,7 +275,7 @@ flag_struct! {
         /// Subdirectory of the context to use as its root.
         #[arg(long = "context-sub-path", value_name = "PATH")]
         context_sub_path: Option<String>,
-        /// Git context options: branch=NAME,single-branch=BOOL,recurse-submodules=BOOL.
+        /// Git context options: branch=NAME,single-branch=BOOL,recurse-submodules=BOOL,insecure-skip-tls=BOOL.
         #[arg(long = "git", value_name = "OPTIONS")]
         git: Vec<String>,
         /// Image reference to push to; repeat for several.
@@ -597,7 +597,7 @@ fn build_invocation(
     options.context = ContextSpec {
         source: options.context.source,
         sub_path: flags.context_sub_path.as_ref().map(PathBuf::from),
-        git: parse_git(&flags.git, &mut warnings)?,
+        git: parse_git(&flags.git)?,
     };
     if let Some(dockerfile) = &flags.dockerfile {
         if dockerfile.is_empty() {
@@ -1074,7 +1074,7 @@ fn parse_ssh(value: &str, env: &Env) -> Result<SshSpec, UsageError> {
 }
 
 /// kaniko's `--git branch=NAME,single-branch=BOOL,recurse-submodules=BOOL,insecure-skip-tls=BOOL`.
-fn parse_git(values: &[String], warnings: &mut Vec<String>) -> Result<GitOptions, UsageError> {
+fn parse_git(values: &[String]) -> Result<GitOptions, UsageError> {
     let mut git = GitOptions::default();
     for value in values {
         for field in value.split(',').map(str::trim).filter(|f| !f.is_empty()) {
@@ -1087,17 +1087,10 @@ fn parse_git(values: &[String], warnings: &mut Vec<String>) -> Result<GitOptions
                 "branch" => git.branch = Some(val.to_owned()).filter(|b| !b.is_empty()),
                 "single-branch" => git.single_branch = flag(val)?,
                 "recurse-submodules" => git.recurse_submodules = flag(val)?,
-                "insecure-skip-tls" => {
-                    if flag(val)? {
-                        warnings.push(
-                            "--git insecure-skip-tls=true is not supported; certificates of git servers are verified"
-                                .into(),
-                        );
-                    }
-                }
+                "insecure-skip-tls" => git.insecure_skip_tls = flag(val)?,
                 other => {
                     return Err(UsageError::new(format!(
-                        "--git: unknown option {other:?} (expected branch, single-branch, recurse-submodules)"
+                        "--git: unknown option {other:?} (expected branch, single-branch, recurse-submodules, insecure-skip-tls)"
                     )))
                 }
             }

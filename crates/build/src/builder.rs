@@ -161,6 +161,7 @@ impl Builder {
             .clone_from(&options.context.git.branch);
         context_options.source.git.single_branch = options.context.git.single_branch;
         context_options.source.git.recurse_submodules = options.context.git.recurse_submodules;
+        context_options.source.git.insecure_skip_tls = options.context.git.insecure_skip_tls;
         let dockerfile_path = locate_dockerfile(&options.dockerfile, &options.context.source);
         context_options.dockerfile = Some(dockerfile_path.clone());
         let context = open_context(&options.context.source, &context_options)

@@ -22,7 +22,7 @@ pub struct ContextSpec {
     pub git: GitOptions,
 }
 
-/// kaniko's `--git branch=...,single-branch=...,recurse-submodules=...`.
+/// kaniko's `--git branch=...,single-branch=...,recurse-submodules=...,insecure-skip-tls=...`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct GitOptions {
     /// Branch to check out, when the URL names none.
@@ -31,6 +31,8 @@ pub struct GitOptions {
     pub single_branch: bool,
     /// Check out submodules recursively.
     pub recurse_submodules: bool,
+    /// Accept any certificate from an HTTPS git server.
+    pub insecure_skip_tls: bool,
 }
 
 /// Where a `RUN --mount=type=secret` secret's value is read from (`--secret id=ID,src=PATH` or
