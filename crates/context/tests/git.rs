@@ -401,3 +401,43 @@ fn mktree(repo: &Path, entries: &str) -> String {
     assert!(out.status.success());
     String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
+
+/// Repositories in git's SHA-256 object format work as SHA-1 ones do: as a context, and as an
+/// ADD source by ref and by full commit id.
+#[tokio::test]
+async fn sha256_repositories() {
+    use kiln_context::GitRepository;
+    let tmp = tempfile::tempdir().unwrap();
+    let served = tmp.path().join("served");
+    fs::create_dir(&served).unwrap();
+    let daemon = Daemon::start(&served);
+    let app = tmp.path().join("app");
+    fs::create_dir(&app).unwrap();
+    git(&app, &["init", "-q", "--object-format=sha256"]);
+    fs::write(app.join("a.txt"), "one\n").unwrap();
+    git(&app, &["add", "."]);
+    git(&app, &["commit", "-q", "-m", "first"]);
+    let id = git(&app, &["rev-parse", "HEAD"]);
+    assert_eq!(id.len(), 64);
+    git(
+        tmp.path(),
+        &["clone", "-q", "--bare", "app", "served/app.git"],
+    );
+    let url = daemon.url("app.git");
+
+    let context = open_context(&url, &ContextOptions::new(tmp.path().join("work")))
+        .await
+        .unwrap();
+    assert_eq!(read(context.root(), "a.txt").as_deref(), Some("one\n"));
+    for (n, source) in [format!("{url}#main"), format!("{url}#{id}")]
+        .iter()
+        .enumerate()
+    {
+        let repo = GitRepository::parse(source).unwrap();
+        let commit = repo.resolve().unwrap();
+        assert_eq!(commit.id, id, "{source}");
+        let dir = tmp.path().join(format!("add-{n}"));
+        repo.checkout(&commit, &dir).unwrap();
+        assert_eq!(read(&dir, "a.txt").as_deref(), Some("one\n"), "{source}");
+    }
+}
