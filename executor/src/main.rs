@@ -4,7 +4,7 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use kiln_engine::Builder;
-use kiln_executor::cli::{self, Command, Invocation, WarmInvocation};
+use kiln_executor::cli::{self, Command, Invocation, RebaseInvocation, WarmInvocation};
 use kiln_executor::exit;
 use kiln_executor::render::Renderer;
 use kiln_oci::{Platform, Reference};
@@ -35,6 +35,13 @@ fn main() -> ExitCode {
                 fail(&renderer, &error, exit::BUILD_FAILED)
             } else {
                 warm_cache_dir(&renderer, &warm)
+            }
+        }
+        Ok(Command::Rebase(mut rebase)) => {
+            let renderer = Renderer::for_process(&rebase.output);
+            match rebase.load_credentials(&env) {
+                Err(error) => fail(&renderer, &error, exit::BUILD_FAILED),
+                Ok(()) => rebase_image(&renderer, *rebase),
             }
         }
         Ok(Command::Build(mut invocation)) => {
@@ -142,6 +149,33 @@ fn runtime(renderer: &Renderer) -> Result<tokio::runtime::Runtime, i32> {
                 exit::BUILD_FAILED,
             )
         })
+}
+
+/// `executor rebase`: the new manifest pushed, its digest printed (and written to
+/// `--digest-file`).
+fn rebase_image(renderer: &Renderer, rebase: RebaseInvocation) -> i32 {
+    let runtime = match runtime(renderer) {
+        Ok(runtime) => runtime,
+        Err(code) => return code,
+    };
+    let result = runtime.block_on(kiln_engine::rebase(rebase.options, renderer.sink()));
+    runtime.shutdown_background();
+    let report = match result {
+        Ok(report) => report,
+        Err(error) => return fail(renderer, &error, exit::BUILD_FAILED),
+    };
+    if let Some(path) = &rebase.digest_file {
+        if let Err(error) = std::fs::write(path, report.digest.to_string()) {
+            return fail(
+                renderer,
+                &format!("--digest-file {}: {error}", path.display()),
+                exit::BUILD_FAILED,
+            );
+        }
+    }
+    renderer.finish(None);
+    println!("{}@{}", report.destination, report.digest);
+    exit::SUCCESS
 }
 
 /// Runs the build and returns the process exit code.

@@ -570,3 +570,66 @@ fn run_mount_ssh_forwards_the_agent() {
     assert!(last.contains("Dockerfile:4"), "{last}");
     assert!(last.contains("--ssh missing="), "{last}");
 }
+
+/// Kiln's own image is `FROM scratch`, with no `git`: a git context whose Dockerfile ADDs
+/// another git repository (both from a git daemon on loopback) builds and pushes with `PATH`
+/// pointing nowhere.
+#[test]
+fn a_git_context_with_a_git_add_builds_with_no_git_on_path() {
+    use kiln_testkit::git::{git, Daemon};
+    use kiln_testkit::{image, Registry};
+    kiln_testkit::require_tools(&["docker-registry", "skopeo", "umoci", "git"]);
+    let registry = Registry::start();
+    let addr = registry.addr();
+    let work = tempfile::tempdir().unwrap();
+    let served = work.path().join("served");
+    std::fs::create_dir(&served).unwrap();
+    let daemon = Daemon::start(&served);
+    let lib_url = daemon.url("lib.git");
+    for (name, files) in [
+        ("lib", vec![("lib.txt".to_owned(), "lib\n".to_owned())]),
+        (
+            "app",
+            vec![
+                ("app.txt".to_owned(), "app\n".to_owned()),
+                (
+                    "Dockerfile".to_owned(),
+                    format!("FROM scratch\nCOPY app.txt /app/\nADD {lib_url}#v1 /lib\n"),
+                ),
+            ],
+        ),
+    ] {
+        let dir = work.path().join(name);
+        std::fs::create_dir(&dir).unwrap();
+        git(&dir, &["init", "-q"]);
+        for (file, content) in files {
+            std::fs::write(dir.join(file), content).unwrap();
+        }
+        git(&dir, &["add", "."]);
+        git(&dir, &["commit", "-q", "-m", name]);
+        git(&dir, &["tag", "-a", "v1", "-m", "one"]);
+        let bare = format!("served/{name}.git");
+        git(work.path(), &["clone", "-q", "--bare", name, &bare]);
+    }
+
+    let output = Command::new(env!("CARGO_BIN_EXE_executor"))
+        .args([
+            &format!("--context={}#main", daemon.url("app.git")),
+            &format!("--destination={addr}/out/from-git:1"),
+            &format!("--kiln-dir={}", work.path().join("kiln").display()),
+            "--mode=chroot",
+            "--progress=plain",
+        ])
+        .env("PATH", "/nonexistent")
+        .env("DOCKER_CONFIG", "/nonexistent-kiln-test")
+        .env_remove("KANIKO_NO_PUSH")
+        .output()
+        .expect("run executor");
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+
+    let flat = image::flatten(&registry, "out/from-git:1");
+    let read = |path: &str| std::fs::read_to_string(flat.rootfs.join(path)).unwrap_or_default();
+    assert_eq!(read("app/app.txt"), "app\n");
+    assert_eq!(read("lib/lib.txt"), "lib\n");
+    assert!(!flat.rootfs.join("lib/.git").exists());
+}

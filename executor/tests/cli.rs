@@ -92,6 +92,7 @@ fn every_build_flag_lands_in_its_field() {
             "--context-sub-path=svc",
             "--git",
             "branch=dev,single-branch=true,recurse-submodules=true",
+            "--git=insecure-skip-tls=true",
             "-d",
             "reg.example/app:1",
             "--destination",
@@ -171,6 +172,7 @@ fn every_build_flag_lands_in_its_field() {
     assert_eq!(o.context.sub_path, Some(PathBuf::from("svc")));
     assert_eq!(o.context.git.branch.as_deref(), Some("dev"));
     assert!(o.context.git.single_branch && o.context.git.recurse_submodules);
+    assert!(o.context.git.insecure_skip_tls);
     assert_eq!(
         o.output.destinations,
         ["reg.example/app:1", "reg.example/app:latest"]
@@ -494,7 +496,6 @@ fn kaniko_only_flags_are_decided() {
         "--preserve-context",
         "--image-fs-extract-retry=3",
         "--credential-helpers=ecr-login",
-        "--git=insecure-skip-tls=true",
     ] {
         let inv = build(&[DEST, flag]);
         assert_eq!(inv.warnings.len(), 1, "{flag}: {:?}", inv.warnings);

@@ -88,6 +88,7 @@ const RESERVED_TOMLS: &[&str] = &["launch", "build", "store"];
 pub fn build(config: &BuildConfig, group: &Group, plan: &Plan) -> Result<BuildOutcome> {
     let layers = &config.layers_dir;
     let sbom_root = layers.join("sbom");
+    restore_launch_sboms(layers)?;
     if sbom_root.exists() {
         std::fs::remove_dir_all(&sbom_root).map_err(io(&sbom_root))?;
     }
@@ -436,6 +437,40 @@ fn toml_to_json(value: &Option<toml::Value>) -> serde_json::Value {
         None => serde_json::Value::Null,
         Some(v) => serde_json::to_value(v).unwrap_or(serde_json::Value::Null),
     }
+}
+
+/// The SBOMs of the previous image's launch layers, which the platform restores to
+/// `<layers>/sbom/launch/<buildpack>/<layer>/sbom.<ext>`, put back beside each layer whose
+/// metadata was restored (`<layers>/<buildpack>/<layer>.sbom.<ext>`) as the restore phase
+/// leaves them: a buildpack that keeps such a layer keeps its SBOM, one that rewrites the layer
+/// writes a new one.
+fn restore_launch_sboms(layers: &Path) -> Result<()> {
+    let launch = layers.join("sbom").join("launch");
+    if !launch.is_dir() {
+        return Ok(());
+    }
+    for bp_dir in crate::env::subdirs(&launch)? {
+        let Some(bp) = bp_dir.file_name() else {
+            continue;
+        };
+        for layer_dir in crate::env::subdirs(&bp_dir)? {
+            let Some(layer) = layer_dir.file_name().and_then(|n| n.to_str()) else {
+                continue;
+            };
+            let bp_layers = layers.join(bp);
+            if !bp_layers.join(format!("{layer}.toml")).is_file() {
+                continue;
+            }
+            for (ext, _) in SBOM_FORMATS {
+                let from = layer_dir.join(format!("sbom.{ext}"));
+                let to = bp_layers.join(format!("{layer}.sbom.{ext}"));
+                if from.is_file() && !to.exists() {
+                    std::fs::copy(&from, &to).map_err(io(&to))?;
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Finds and copies a buildpack's SBOM files: the layer's (`<layer>.sbom.<ext>`) when `layer`

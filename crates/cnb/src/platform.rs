@@ -23,9 +23,9 @@
 use std::sync::{Arc, Mutex};
 
 use kiln_plan::{
-    Base, BaseFacts, CommandLine, ConfigEdit, Copy, CopySource, FrontEnd, Lower, LowerError,
-    Mkdir, Operation, Plan, Provenance, Run, RunProgram, Source, Stage, StageFiles, StageLayers,
-    Step, Steps,
+    Base, BaseFacts, CommandLine, ConfigEdit, Copy, CopySource, FrontEnd, Lower, LowerError, Mkdir,
+    Operation, Plan, Provenance, Run, RunProgram, Source, Stage, StageFiles, StageLayers, Step,
+    Steps,
 };
 
 use crate::buildpack::escape_id;
@@ -36,6 +36,9 @@ use crate::metadata::{
 
 /// 1980-01-01T00:00:01Z: the time the lifecycle gives every file of an exported layer.
 pub const LAYER_EPOCH: i64 = 315_532_801;
+
+/// The layers directory of build and app images.
+pub const LAYERS_DIR: &str = "/layers";
 
 /// Where the lifecycle binary and the launcher are in an image.
 pub const LIFECYCLE_DIR: &str = "/cnb/lifecycle";
@@ -81,6 +84,8 @@ pub struct PlatformInputs {
     pub lifecycle_dir: String,
     /// Buildpacks to copy into `/cnb/buildpacks` (none: the build image has its own).
     pub buildpacks: Vec<LocalBuildpack>,
+    /// Buildpack package images whose `/cnb/buildpacks` is copied into the build image's.
+    pub image_buildpacks: Vec<String>,
     /// The `order.toml` to use; `None`: the build image's own `/cnb/order.toml`.
     pub order_toml: Option<String>,
     /// Platform environment (`/platform/env`), in order.
@@ -215,6 +220,16 @@ impl Lower for BuildStage {
                 format!("copy buildpack {}@{}", bp.id, bp.version),
             ));
         }
+        for image in &inputs.image_buildpacks {
+            steps.push(step(
+                Operation::Copy(copy(
+                    Some(Source::Image(image.clone())),
+                    vec![path("/cnb/buildpacks/")],
+                    "/cnb/buildpacks/",
+                )),
+                format!("copy the buildpacks of {image}"),
+            ));
+        }
         if let Some(order) = &inputs.order_toml {
             let order_file = CopySource::Inline {
                 name: "order.toml".into(),
@@ -270,7 +285,7 @@ impl Lower for BuildStage {
             env.chown = Some(owner.clone());
             steps.push(step(Operation::Copy(env), "write the platform env"));
         }
-        steps.extend(restore_steps(inputs, &owner));
+        steps.extend(restore_steps(inputs, &owner)?);
         let lifecycle = format!("{LIFECYCLE_DIR}/{LIFECYCLE_BINARY}");
         steps.push(step(
             run(vec![lifecycle.clone(), "detect".into()]),
@@ -298,7 +313,7 @@ fn run(argv: Vec<String>) -> Operation {
 
 /// What the build phase starts from: the previous image's layer metadata (so buildpacks can
 /// keep launch layers without rewriting them) and the cache image's layers.
-fn restore_steps(inputs: &PlatformInputs, owner: &str) -> Vec<Step> {
+fn restore_steps(inputs: &PlatformInputs, owner: &str) -> Result<Vec<Step>, LowerError> {
     let mut steps = Vec::new();
     if let Some(previous) = &inputs.previous {
         let analyzed = Analyzed {
@@ -310,7 +325,7 @@ fn restore_steps(inputs: &PlatformInputs, owner: &str) -> Vec<Step> {
         };
         let mut files = vec![CopySource::Inline {
             name: "analyzed.toml".into(),
-            content: toml::to_string(&analyzed).unwrap_or_default(),
+            content: to_toml(&analyzed)?,
         }];
         for (bp, name, content) in layer_tomls(&previous.metadata) {
             files.push(CopySource::Inline {
@@ -325,16 +340,63 @@ fn restore_steps(inputs: &PlatformInputs, owner: &str) -> Vec<Step> {
             Operation::Copy(restore),
             "restore the previous image's layer metadata",
         ));
+        if previous
+            .metadata
+            .sbom
+            .as_ref()
+            .is_some_and(|s| !s.sha.is_empty())
+        {
+            let mut sboms = copy(
+                Some(Source::Image(previous.reference.clone())),
+                vec![path(&format!("{LAYERS_DIR}/sbom/launch/"))],
+                &format!("{LAYERS_DIR}/sbom/launch/"),
+            );
+            sboms.chown = Some(owner.to_owned());
+            steps.push(step(
+                Operation::Copy(sboms),
+                "restore the previous image's launch SBOMs",
+            ));
+        }
     }
     if let Some(cache) = &inputs.restore_cache_from {
-        let restore = copy(
+        let mut restore = copy(
             Some(Source::Image(cache.clone())),
             vec![path("/layers/")],
             "/layers/",
         );
-        steps.push(step(Operation::Copy(restore), format!("restore the cache from {cache}")));
+        // The cache was written by the CNB user of an earlier build image.
+        restore.chown = Some(owner.to_owned());
+        steps.push(step(
+            Operation::Copy(restore),
+            format!("restore the cache from {cache}"),
+        ));
     }
-    steps
+    Ok(steps)
+}
+
+/// `value` as a TOML document. Label metadata is JSON, which may hold nulls (a layer without
+/// metadata, or another platform's label); TOML has none, so they are left out, as absent keys
+/// read back as the same defaults.
+fn to_toml(value: &impl serde::Serialize) -> Result<String, LowerError> {
+    fn strip(value: serde_json::Value) -> Option<serde_json::Value> {
+        use serde_json::Value;
+        match value {
+            Value::Null => None,
+            Value::Array(items) => {
+                Some(Value::Array(items.into_iter().filter_map(strip).collect()))
+            }
+            Value::Object(map) => Some(Value::Object(
+                map.into_iter()
+                    .filter_map(|(k, v)| Some((k, strip(v)?)))
+                    .collect(),
+            )),
+            other => Some(other),
+        }
+    }
+    let json = serde_json::to_value(value)
+        .map_err(|e| LowerError(format!("buildpacks: analyzed.toml: {e}")))?;
+    let json = strip(json).unwrap_or(serde_json::Value::Object(Default::default()));
+    toml::to_string(&json).map_err(|e| LowerError(format!("buildpacks: analyzed.toml: {e}")))
 }
 
 /// The `<layer>.toml` of every launch layer of an earlier image: (buildpack id, layer name,
@@ -493,6 +555,19 @@ impl Lower for ExportStage {
         }
         *self.lowered.lock().expect("export stage") = Some((desc, roles));
         Ok(steps)
+    }
+
+    fn notes(&self) -> Vec<String> {
+        let lowered = self.lowered.lock().expect("export stage");
+        let Some((desc, _)) = lowered.as_ref() else {
+            return Vec::new();
+        };
+        let group: Vec<String> = desc.buildpacks.iter().map(|bp| bp.key()).collect();
+        let mut notes = vec![format!("buildpack group: {}", group.join(", "))];
+        if let Some(process) = &desc.default_process {
+            notes.push(format!("default process: {process}"));
+        }
+        notes
     }
 
     fn finish(&self, layers: &StageLayers) -> Result<Vec<ConfigEdit>, LowerError> {

@@ -73,27 +73,15 @@ pub enum ContextError {
         error: io::Error,
     },
 
-    /// A `git` command failed.
-    #[error("{source_name}: `git {command}` failed ({status}): {stderr}")]
+    /// Talking to a git remote or checking out what it sent failed.
+    #[error("{source_name}: {action} failed: {message}")]
     Git {
-        /// The context source (redacted).
+        /// The git source (redacted).
         source_name: String,
-        /// The git subcommand and its arguments (redacted).
-        command: String,
-        /// The exit status.
-        status: String,
-        /// What git printed on stderr (redacted, trimmed).
-        stderr: String,
-    },
-
-    /// The `git` program could not be started.
-    #[error("{source_name}: cannot run git: {error}")]
-    GitNotRunnable {
-        /// The context source (redacted).
-        source_name: String,
-        /// The underlying error.
-        #[source]
-        error: io::Error,
+        /// What was being done: `ls-remote`, `clone`, `checkout`, `submodule update`.
+        action: String,
+        /// What went wrong, with its causes (redacted).
+        message: String,
     },
 
     /// An HTTP server answered a context download with a non-success status.

@@ -30,6 +30,7 @@ pub mod hash;
 pub mod pattern;
 pub mod redact;
 pub mod source;
+mod tls;
 mod view;
 
 use std::path::{Path, PathBuf};

@@ -276,3 +276,168 @@ fn git_repositories_for_add_resolve_then_check_out_one_commit() {
     let error = gone.resolve().unwrap_err().to_string();
     assert!(error.contains("ls-remote"), "{error}");
 }
+
+/// What a checkout writes stays in its directory: symlinks are created as symlinks (never
+/// followed on the host), executable bits are kept, and a tree that puts a file below a
+/// symlink of its own (`link -> /outside`, `link/x`), which git's fsck would reject but a
+/// server still sends, fails the checkout without writing through the link.
+#[test]
+fn checkouts_keep_links_and_modes_and_write_nothing_outside() {
+    use kiln_context::GitRepository;
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let served = tmp.path().join("served");
+    let outside = tmp.path().join("outside");
+    fs::create_dir_all(&served).unwrap();
+    fs::create_dir(&outside).unwrap();
+    let daemon = Daemon::start(&served);
+
+    let app = tmp.path().join("app");
+    fs::create_dir(&app).unwrap();
+    git(&app, &["init", "-q"]);
+    fs::write(app.join("run.sh"), "#!/bin/sh\n").unwrap();
+    fs::set_permissions(app.join("run.sh"), fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", app.join("passwd")).unwrap();
+    std::os::unix::fs::symlink(&outside, app.join("out")).unwrap();
+    git(&app, &["add", "."]);
+    git(&app, &["commit", "-q", "-m", "links"]);
+    git(
+        tmp.path(),
+        &["clone", "-q", "--bare", "app", "served/app.git"],
+    );
+
+    let hostile = served.join("hostile.git");
+    git(
+        tmp.path(),
+        &["init", "-q", "--bare", hostile.to_str().unwrap()],
+    );
+    let object = |kind: &str, input: &str| {
+        let mut child = std::process::Command::new("git")
+            .arg("-C")
+            .arg(&hostile)
+            .args(["hash-object", "-w", "--stdin", "-t", kind])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    };
+    let target = object("blob", outside.to_str().unwrap());
+    let payload = object("blob", "written through the link\n");
+    let below = mktree(&hostile, &format!("100644 blob {payload}\tx\n"));
+    let root = mktree(
+        &hostile,
+        &format!("120000 blob {target}\tlink\n040000 tree {below}\tlink\n"),
+    );
+    let commit = git(&hostile, &["commit-tree", &root, "-m", "hostile"]);
+    git(&hostile, &["update-ref", "refs/heads/main", &commit]);
+    git(&hostile, &["symbolic-ref", "HEAD", "refs/heads/main"]);
+
+    let repo = GitRepository::parse(&daemon.url("app.git")).unwrap();
+    let dir = tmp.path().join("checkout");
+    repo.checkout(&repo.resolve().unwrap(), &dir).unwrap();
+    assert_eq!(
+        fs::read_link(dir.join("passwd")).unwrap(),
+        Path::new("/etc/passwd")
+    );
+    assert_eq!(fs::read_link(dir.join("out")).unwrap(), outside);
+    let mode = fs::metadata(dir.join("run.sh"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o111, 0o111, "{mode:o}");
+    assert_eq!(git(&dir, &["status", "--porcelain"]), "", "a usable .git");
+
+    let repo = GitRepository::parse(&daemon.url("hostile.git")).unwrap();
+    let dir = tmp.path().join("hostile");
+    let error = repo
+        .checkout(&repo.resolve().unwrap(), &dir)
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("checkout failed"), "{error}");
+    assert_eq!(fs::read_dir(&outside).unwrap().count(), 0);
+
+    let options = ContextOptions::new(tmp.path().join("work"));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let error = rt
+        .block_on(open_context(&daemon.url("hostile.git"), &options))
+        .err()
+        .map(|e| e.to_string());
+    assert!(
+        error
+            .as_ref()
+            .is_some_and(|e| e.contains("checkout failed")),
+        "{error:?}"
+    );
+    assert_eq!(fs::read_dir(&outside).unwrap().count(), 0);
+}
+
+/// `git mktree` of `entries` in `repo`, duplicates and all.
+fn mktree(repo: &Path, entries: &str) -> String {
+    use std::io::Write;
+    let mut child = std::process::Command::new("git")
+        .arg("-C")
+        .arg(repo)
+        .arg("mktree")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(entries.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+/// Repositories in git's SHA-256 object format work as SHA-1 ones do: as a context, and as an
+/// ADD source by ref and by full commit id.
+#[tokio::test]
+async fn sha256_repositories() {
+    use kiln_context::GitRepository;
+    let tmp = tempfile::tempdir().unwrap();
+    let served = tmp.path().join("served");
+    fs::create_dir(&served).unwrap();
+    let daemon = Daemon::start(&served);
+    let app = tmp.path().join("app");
+    fs::create_dir(&app).unwrap();
+    git(&app, &["init", "-q", "--object-format=sha256"]);
+    fs::write(app.join("a.txt"), "one\n").unwrap();
+    git(&app, &["add", "."]);
+    git(&app, &["commit", "-q", "-m", "first"]);
+    let id = git(&app, &["rev-parse", "HEAD"]);
+    assert_eq!(id.len(), 64);
+    git(
+        tmp.path(),
+        &["clone", "-q", "--bare", "app", "served/app.git"],
+    );
+    let url = daemon.url("app.git");
+
+    let context = open_context(&url, &ContextOptions::new(tmp.path().join("work")))
+        .await
+        .unwrap();
+    assert_eq!(read(context.root(), "a.txt").as_deref(), Some("one\n"));
+    for (n, source) in [format!("{url}#main"), format!("{url}#{id}")]
+        .iter()
+        .enumerate()
+    {
+        let repo = GitRepository::parse(source).unwrap();
+        let commit = repo.resolve().unwrap();
+        assert_eq!(commit.id, id, "{source}");
+        let dir = tmp.path().join(format!("add-{n}"));
+        repo.checkout(&commit, &dir).unwrap();
+        assert_eq!(read(&dir, "a.txt").as_deref(), Some("one\n"), "{source}");
+    }
+}

@@ -1,12 +1,14 @@
 //! Git contexts over smart HTTP: a real `git http-backend` (CGI) behind a tiny loopback HTTP
 //! server that demands Basic credentials, so credentials embedded in the context URL are
-//! exercised end to end and checked to stay out of error messages.
+//! exercised end to end and checked to stay out of error messages; and the same server behind
+//! TLS with a CA made for the test, for the certificate options.
 
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 
 use kiln_context::{open_context, ContextError, ContextOptions};
 use kiln_testkit::git::git;
@@ -15,8 +17,8 @@ use kiln_testkit::git::git;
 const EXPECTED_AUTH: &str = "Basic a2lsbjpzM2NyZXQtcGFzcw==";
 
 /// Handles one HTTP/1.1 request by running `git http-backend` as a CGI program.
-fn handle(stream: TcpStream, project_root: &Path) -> std::io::Result<()> {
-    let mut reader = BufReader::new(stream.try_clone()?);
+fn handle(stream: impl Read + Write, project_root: &Path) -> std::io::Result<()> {
+    let mut reader = BufReader::new(stream);
     let mut request_line = String::new();
     reader.read_line(&mut request_line)?;
     let mut parts = request_line.split_whitespace();
@@ -40,9 +42,8 @@ fn handle(stream: TcpStream, project_root: &Path) -> std::io::Result<()> {
             .find(|(n, _)| n == name)
             .map(|(_, v)| v.clone())
     };
-    let mut out = stream;
     if header("authorization").as_deref() != Some(EXPECTED_AUTH) {
-        out.write_all(
+        reader.get_mut().write_all(
             b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic realm=\"git\"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
         )?;
         return Ok(());
@@ -112,46 +113,95 @@ fn handle(stream: TcpStream, project_root: &Path) -> std::io::Result<()> {
             None => {}
         }
     }
+    let out = reader.get_mut();
     write!(
         out,
         "HTTP/1.1 {status}\r\n{head}Content-Length: {}\r\nConnection: close\r\n\r\n",
         cgi_body.len()
     )?;
     out.write_all(cgi_body)?;
-    Ok(())
+    out.flush()
 }
 
-fn serve(project_root: PathBuf) -> u16 {
+/// Serves the repositories below `project_root` on a loopback port, over TLS with `tls`.
+fn serve(project_root: PathBuf, tls: Option<Arc<rustls::ServerConfig>>) -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     std::thread::spawn(move || {
         for stream in listener.incoming().flatten() {
             let root = project_root.clone();
+            let tls = tls.clone();
             std::thread::spawn(move || {
-                let _ = handle(stream, &root);
+                let _ = match tls {
+                    None => handle(stream, &root),
+                    Some(config) => rustls::ServerConnection::new(config)
+                        .map_err(std::io::Error::other)
+                        .and_then(|connection| {
+                            let mut stream = rustls::StreamOwned::new(connection, stream);
+                            handle(&mut stream, &root)?;
+                            stream.conn.send_close_notify();
+                            stream.flush()
+                        }),
+                };
             });
         }
     });
     port
 }
 
-#[tokio::test]
-async fn git_over_smart_http_with_credentials_in_the_url() {
-    let tmp = tempfile::tempdir().unwrap();
-    let work_repo = tmp.path().join("repo");
+/// Writes a CA certificate to `dir/ca.pem` and returns a TLS server configuration for
+/// 127.0.0.1 signed by it.
+fn certificates(dir: &Path) -> (PathBuf, Arc<rustls::ServerConfig>) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, SanType};
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "kiln git test CA");
+    let ca_key = KeyPair::generate().unwrap();
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let mut leaf_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    leaf_params
+        .subject_alt_names
+        .push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf = leaf_params.signed_by(&leaf_key, &ca, &ca_key).unwrap();
+    let ca_path = dir.join("ca.pem");
+    fs::write(&ca_path, ca.pem()).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![CertificateDer::from(leaf.der().to_vec())],
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der())),
+    )
+    .unwrap();
+    (ca_path, Arc::new(config))
+}
+
+/// A bare `app.git` below `dir/served` with `hello.txt` at tag `v2`; returns `dir/served`.
+fn served_repository(dir: &Path) -> PathBuf {
+    let work_repo = dir.join("repo");
     fs::create_dir(&work_repo).unwrap();
     git(&work_repo, &["init", "-q"]);
     fs::write(work_repo.join("hello.txt"), "over http\n").unwrap();
     git(&work_repo, &["add", "."]);
     git(&work_repo, &["commit", "-q", "-m", "one"]);
     git(&work_repo, &["tag", "v2"]);
-    let served = tmp.path().join("served");
+    let served = dir.join("served");
     fs::create_dir(&served).unwrap();
-    git(
-        tmp.path(),
-        &["clone", "-q", "--bare", "repo", "served/app.git"],
-    );
-    let port = serve(served);
+    git(dir, &["clone", "-q", "--bare", "repo", "served/app.git"]);
+    served
+}
+
+#[tokio::test]
+async fn git_over_smart_http_with_credentials_in_the_url() {
+    let tmp = tempfile::tempdir().unwrap();
+    let port = serve(served_repository(tmp.path()), None);
     let options = ContextOptions::new(tmp.path().join("work"));
 
     let url = format!("http://kiln:s3cret-pass@127.0.0.1:{port}/app.git#v2");
@@ -162,7 +212,7 @@ async fn git_over_smart_http_with_credentials_in_the_url() {
     );
     assert!(!context.description().contains("s3cret"));
 
-    // Wrong password: git reports the failure, the message names the URL without secrets.
+    // Wrong password: the clone fails, the message names the URL without secrets.
     let url = format!("http://kiln:wrong-pass-123@127.0.0.1:{port}/app.git");
     let err = open_context(&url, &options).await.unwrap_err();
     assert!(matches!(err, ContextError::Git { .. }), "{err}");
@@ -172,4 +222,42 @@ async fn git_over_smart_http_with_credentials_in_the_url() {
         "{shown}"
     );
     assert!(!shown.contains("wrong-pass-123"), "{shown}");
+}
+
+/// HTTPS git trusts the system's CAs and the ones given (`ca_certificates`); a server whose
+/// certificate nothing vouches for is refused unless told to skip verification (kaniko's
+/// `--git insecure-skip-tls=true`). Credentials in the URL travel over TLS as over HTTP.
+#[tokio::test]
+async fn git_over_https_trusts_the_certificates_given() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (ca, tls) = certificates(tmp.path());
+    let port = serve(served_repository(tmp.path()), Some(tls));
+    let url = format!("https://kiln:s3cret-pass@127.0.0.1:{port}/app.git#v2");
+
+    let mut options = ContextOptions::new(tmp.path().join("work"));
+    let err = open_context(&url, &options).await.unwrap_err();
+    let shown = format!("{err} {err:?}");
+    assert!(matches!(err, ContextError::Git { .. }), "{err}");
+    assert!(shown.contains("certificate"), "{shown}");
+    assert!(!shown.contains("s3cret-pass"), "{shown}");
+
+    options.source.ca_certificates = vec![ca];
+    let context = open_context(&url, &options).await.unwrap();
+    assert_eq!(
+        fs::read_to_string(context.root().join("hello.txt")).unwrap(),
+        "over http\n"
+    );
+
+    let mut options = ContextOptions::new(tmp.path().join("work"));
+    options.source.git.apply("insecure-skip-tls=true").unwrap();
+    let context = open_context(&url, &options).await.unwrap();
+    assert!(context.root().join("hello.txt").is_file());
+
+    // A CA file that is not one is named before anything is fetched.
+    let mut options = ContextOptions::new(tmp.path().join("work"));
+    let bogus = tmp.path().join("bogus.pem");
+    fs::write(&bogus, "not a certificate").unwrap();
+    options.source.ca_certificates = vec![bogus];
+    let err = open_context(&url, &options).await.unwrap_err().to_string();
+    assert!(err.contains("bogus.pem"), "{err}");
 }

@@ -125,6 +125,14 @@ impl ResolvedManifest {
         &self.manifest_digest
     }
 
+    /// The manifest's media type (OCI or Docker), as the registry served it.
+    pub fn media_type(&self) -> String {
+        match &self.manifest.media_type {
+            Some(media_type) => media_type.as_str().to_owned(),
+            None => String::new(),
+        }
+    }
+
     /// The digest of the config the manifest names.
     pub fn config_digest(&self) -> &Digest {
         &self.manifest.config.digest

@@ -110,7 +110,7 @@ impl Builder {
 
     async fn run(self, started: Instant) -> Result<BuildReport, BuildError> {
         let Builder {
-            options,
+            mut options,
             events,
             plan,
         } = self;
@@ -125,7 +125,34 @@ impl Builder {
         let platform = options.platform.clone().unwrap_or_else(Platform::host);
         let plan = match plan {
             Some(plan) => plan,
-            None => crate::frontend::dockerfile_plan(&options, &context, &dockerfile, &platform)?,
+            None => {
+                let found = crate::frontend::dockerfile_exists(&context, &dockerfile);
+                if crate::buildpacks::uses_buildpacks(&options, found) {
+                    // Buildpacks layers and images are dated as the lifecycle dates them, so
+                    // an unchanged rebuild gives the same image.
+                    if !options.output.reproducible {
+                        (options.output.source_date_epoch)
+                            .get_or_insert(kiln_cnb::platform::LAYER_EPOCH);
+                    }
+                    crate::buildpacks::plan(crate::buildpacks::Gathered {
+                        options: &options,
+                        context: &context,
+                        client: &setup.client,
+                        platform: &platform,
+                        work_dir: setup.work_dir.path(),
+                        events: &events,
+                    })
+                    .await?
+                } else {
+                    events(BuildEvent::Note {
+                        message: format!(
+                            "front end: Dockerfile ({})",
+                            options.dockerfile.display()
+                        ),
+                    });
+                    crate::frontend::dockerfile_plan(&options, &context, &dockerfile, &platform)?
+                }
+            }
         };
         phase_finished(&events, Phase::Plan, plan_started);
         let shared = Arc::new(setup.shared(options, context, plan, platform, mode, &events)?);
@@ -318,6 +345,7 @@ async fn open(
     git.branch.clone_from(&options.context.git.branch);
     git.single_branch = options.context.git.single_branch;
     git.recurse_submodules = options.context.git.recurse_submodules;
+    git.insecure_skip_tls = options.context.git.insecure_skip_tls;
     context_options.dockerfile = Some(dockerfile.to_path_buf());
     open_context(&options.context.source, &context_options)
         .await
@@ -388,6 +416,7 @@ async fn finish(
         shared.source_date_epoch(),
     )?;
     write_local_outputs(shared, destinations, &image).await?;
+    crate::buildpacks::write_sbom(shared)?;
     push_extra_images(shared).await;
     let out = &shared.options.output;
     let mut pushed = Vec::new();

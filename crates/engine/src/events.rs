@@ -62,6 +62,12 @@ impl Phase {
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub enum BuildEvent {
+    /// Something the user should know that is not a problem (which front end runs, which
+    /// buildpack group passed detection).
+    Note {
+        /// The text.
+        message: String,
+    },
     /// The Dockerfile was parsed; these stages will be built.
     BuildStarted {
         /// Names (or indexes as text) of the stages the target needs, in Dockerfile order.

@@ -1,6 +1,7 @@
-//! Front-end selection: the plan a build runs. Today the Dockerfile front end — read the
-//! Dockerfile (through the context's root when it is inside the context), parse it, and lower
-//! it into a [`kiln_plan::Plan`] for the target and platforms asked for.
+//! The Dockerfile front end: read the Dockerfile (through the context's root when it is
+//! inside the context), parse it, and lower it into a [`kiln_plan::Plan`] for the target and
+//! platforms asked for; and whether there is a Dockerfile at all (the buildpacks front end,
+//! in `buildpacks`, runs when there is none).
 
 use std::path::{Path, PathBuf};
 
@@ -92,15 +93,18 @@ pub(crate) fn hidden_credentials(
     vec![hidden]
 }
 
-/// The Dockerfile's text. One inside the context (the usual case, also when named by an
-/// absolute path into it, as `-f "$(pwd)/Dockerfile" -c "$(pwd)"` does) is read through the
-/// context's root, so a context whose Dockerfile is a symlink cannot make the build parse (and
-/// print in its errors) a file of the host; one the user named elsewhere is read where it is.
-fn read_dockerfile(
-    context: &kiln_context::BuildContext,
-    path: &Path,
-) -> Result<String, BuildError> {
-    let inside = if path.is_absolute() {
+/// Whether the Dockerfile at `path` (as [`locate_dockerfile`] found it) exists: looked up
+/// inside the context when it is there.
+pub(crate) fn dockerfile_exists(context: &BuildContext, path: &Path) -> bool {
+    match context_relative(context, path) {
+        Some(rel) => context.tree().metadata(&rel).is_ok_and(|m| m.is_file()),
+        None => path.is_file(),
+    }
+}
+
+/// `path` relative to the context's root, when it is inside the context.
+fn context_relative(context: &BuildContext, path: &Path) -> Option<PathBuf> {
+    if path.is_absolute() {
         let parent = path.parent().and_then(|p| std::fs::canonicalize(p).ok());
         parent.and_then(|parent| {
             let full = parent.join(path.file_name()?);
@@ -110,7 +114,18 @@ fn read_dockerfile(
         })
     } else {
         Some(path.to_path_buf())
-    };
+    }
+}
+
+/// The Dockerfile's text. One inside the context (the usual case, also when named by an
+/// absolute path into it, as `-f "$(pwd)/Dockerfile" -c "$(pwd)"` does) is read through the
+/// context's root, so a context whose Dockerfile is a symlink cannot make the build parse (and
+/// print in its errors) a file of the host; one the user named elsewhere is read where it is.
+fn read_dockerfile(
+    context: &kiln_context::BuildContext,
+    path: &Path,
+) -> Result<String, BuildError> {
+    let inside = context_relative(context, path);
     let read = |file: std::io::Result<std::fs::File>| {
         let mut text = String::new();
         file.and_then(|mut f| std::io::Read::read_to_string(&mut f, &mut text))

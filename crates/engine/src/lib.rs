@@ -5,8 +5,10 @@
 //! [`EventSink`]; the binary only renders those events and maps [`BuildError`]s to exit codes.
 //!
 //! The engine runs a [`kiln_plan::Plan`]: stages of operations (run, copy, mkdir, config edit)
-//! that a front end made — the Dockerfile front end (kiln-dockerfile) by default, or any plan
-//! handed to [`Builder::plan`]. The context is materialised (kiln-context), the stages the
+//! that a front end made — the Dockerfile front end (kiln-dockerfile) when the context has a
+//! Dockerfile, the buildpacks front end (kiln-cnb) when it has none or buildpacks are asked for
+//! ([`BuildOptions::buildpacks`]), or any plan handed to [`Builder::plan`]. [`rebase`] puts an
+//! app image built by buildpacks on a new run image without building anything. The context is materialised (kiln-context), the stages the
 //! target needs run level by level (independent stages at the same time, each on a blocking
 //! thread), base images are pulled into a content-addressed blob store and unpacked
 //! (kiln-registry, kiln-fs), runs execute in the sandbox (kiln-sandbox), each step's changes
@@ -16,6 +18,7 @@
 
 mod base;
 mod builder;
+mod buildpacks;
 mod cache;
 mod error;
 mod events;
@@ -24,16 +27,20 @@ mod inplace;
 mod ops;
 mod options;
 mod output;
+mod rebase;
 mod remote;
 mod shared;
 mod stage;
 mod timing;
 
 pub use builder::{BuildReport, Builder};
+pub use buildpacks::BUILTIN_DIR_ENV;
+pub use buildpacks::LIFECYCLE_DIR_ENV;
 pub use error::{BuildError, Cause};
 pub use events::{BuildEvent, EventSink, OutputStream, Phase};
 pub use options::{
-    BuildOptions, CacheOptions, ContextSpec, GitOptions, OutputOptions, SecretSource, SecretSpec,
-    SnapshotOptions, SshSpec,
+    BuildOptions, BuildpacksOptions, CacheOptions, ContextSpec, FrontEndChoice, GitOptions,
+    OutputOptions, SecretSource, SecretSpec, SnapshotOptions, SshSpec,
 };
+pub use rebase::{rebase, RebaseOptions, RebaseReport};
 pub use timing::TimingReport;

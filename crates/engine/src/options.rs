@@ -22,7 +22,7 @@ pub struct ContextSpec {
     pub git: GitOptions,
 }
 
-/// kaniko's `--git branch=...,single-branch=...,recurse-submodules=...`.
+/// kaniko's `--git branch=...,single-branch=...,recurse-submodules=...,insecure-skip-tls=...`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct GitOptions {
     /// Branch to check out, when the URL names none.
@@ -31,6 +31,8 @@ pub struct GitOptions {
     pub single_branch: bool,
     /// Check out submodules recursively.
     pub recurse_submodules: bool,
+    /// Accept any certificate from an HTTPS git server.
+    pub insecure_skip_tls: bool,
 }
 
 /// Where a `RUN --mount=type=secret` secret's value is read from (`--secret id=ID,src=PATH` or
@@ -159,6 +161,56 @@ impl Default for CacheOptions {
     }
 }
 
+/// Which front end turns the context into a plan.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum FrontEndChoice {
+    /// The Dockerfile when the context has one (or [`BuildOptions::dockerfile`] names one
+    /// elsewhere), else buildpacks.
+    #[default]
+    Auto,
+    /// The Dockerfile; a missing one is an error (an explicit `-f`).
+    Dockerfile,
+    /// Cloud Native Buildpacks (any buildpack flag).
+    Buildpacks,
+}
+
+/// A buildpacks build (`pack build`'s flags, with its names and meanings).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BuildpacksOptions {
+    /// `--builder`: a CNB builder image (its buildpacks, order and run image).
+    pub builder: Option<String>,
+    /// `--buildpack` (repeatable): run these as one group, in order: a directory, a `.tgz`, a
+    /// package image `docker://REF`, or `ID[@VERSION]` of the builder or Kiln's own.
+    pub buildpacks: Vec<String>,
+    /// `--run-image`: the image the app runs on (default: the builder's, else the build
+    /// image).
+    pub run_image: Option<String>,
+    /// `--build-image`: the image buildpacks run in when there is no builder.
+    pub build_image: Option<String>,
+    /// `--env K=V` (in order, later wins): the platform environment, over the env files'.
+    pub env: Vec<(String, String)>,
+    /// `--env-file` (repeatable): files of `K=V` lines for the platform environment, read when
+    /// the build starts.
+    pub env_files: Vec<PathBuf>,
+    /// `--default-process`: the process type the image runs by default.
+    pub default_process: Option<String>,
+    /// `--descriptor`: the project descriptor (default: the context's `project.toml`).
+    pub descriptor: Option<PathBuf>,
+    /// `--previous-image`: the image whose layers are reused (default: the first
+    /// destination).
+    pub previous_image: Option<String>,
+    /// `--clear-cache`: restore no cache layers (this build's are still kept).
+    pub clear_cache: bool,
+    /// `--sbom-output-dir`: copy the build's SBOM files here.
+    pub sbom_output_dir: Option<PathBuf>,
+    /// The directory of Kiln's static `kiln-lifecycle` and `launcher` (default:
+    /// `$KILN_LIFECYCLE_DIR`, else `lifecycle/` beside the executor).
+    pub lifecycle_dir: Option<PathBuf>,
+    /// The directory of Kiln's own buildpacks and their `order.toml` (default:
+    /// `$KILN_BUILDPACKS_DIR`, else `buildpacks/` beside the executor).
+    pub builtin_dir: Option<PathBuf>,
+}
+
 /// One build's whole configuration.
 #[derive(Debug, Clone)]
 pub struct BuildOptions {
@@ -202,6 +254,10 @@ pub struct BuildOptions {
     pub benchmark_file: Option<PathBuf>,
     /// The layer cache.
     pub cache: CacheOptions,
+    /// Which front end makes the plan.
+    pub front_end: FrontEndChoice,
+    /// The buildpacks front end's settings.
+    pub buildpacks: BuildpacksOptions,
 }
 
 impl BuildOptions {
@@ -233,6 +289,8 @@ impl BuildOptions {
             materialize: false,
             benchmark_file: None,
             cache: CacheOptions::default(),
+            front_end: FrontEndChoice::Auto,
+            buildpacks: BuildpacksOptions::default(),
         }
     }
 }

@@ -3,7 +3,7 @@
 //! `RUN --mount=from=IMAGE`, and for each `ADD URL` without `--checksum` the server's
 //! validators (`HEAD`) or, when it gives none or refuses `HEAD`, the content itself,
 //! downloaded once and reused by the step; for each `ADD` of a git repository, the commit its
-//! ref names (`git ls-remote`), which the step then checks out.
+//! ref names (asked as `git ls-remote` does, through gix), which the step then checks out.
 //!
 //! Pinning starts with the stage's first round of requests (its base manifest and cache
 //! record) as far as it can before the base config is known: [`RemotePins::prefetch`] pins the
@@ -132,7 +132,8 @@ impl RemotePins {
             let pin = self.pin_url(&url, download).await;
             (url, pin)
         }));
-        // `git ls-remote` is a process: each runs on a blocking thread, all at once.
+        // A ref listing is blocking network I/O (gix's blocking client): each runs on a
+        // blocking thread, all at once.
         let commits = join_all(wanted.git.into_iter().map(|source| async move {
             let resolved = tokio::task::spawn_blocking({
                 let source = source.clone();

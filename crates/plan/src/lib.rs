@@ -185,6 +185,12 @@ pub trait Lower: Send + Sync {
     fn finish(&self, _layers: &StageLayers) -> Result<Vec<ConfigEdit>, LowerError> {
         Ok(Vec::new())
     }
+
+    /// What the user should be told about the last lowering (a buildpacks build: which group
+    /// passed detection), shown as notes in the progress output. None by default.
+    fn notes(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// Why a stage could not be lowered; the message says where (file and line).
@@ -221,6 +227,14 @@ impl Steps {
         match self {
             Steps::Fixed(steps) => Ok(steps.clone()),
             Steps::Lowered(lower) => lower.lower(base, stages),
+        }
+    }
+
+    /// The notes of the last lowering (see [`Lower::notes`]).
+    pub fn notes(&self) -> Vec<String> {
+        match self {
+            Steps::Fixed(_) => Vec::new(),
+            Steps::Lowered(lower) => lower.notes(),
         }
     }
 

@@ -9,6 +9,7 @@
 pub mod bases;
 pub mod buildah;
 pub mod certs;
+pub mod cnb;
 pub mod git;
 pub mod hostile;
 pub mod http;

@@ -32,6 +32,8 @@ pub(super) struct Cli {
 pub(super) enum Sub {
     /// Download base images into the cache directory (kaniko's warmer).
     Warm(Box<WarmFlags>),
+    /// Put an image built with buildpacks on a new run image, without building (`pack rebase`).
+    Rebase(Box<RebaseFlags>),
     /// Print the version.
     Version,
 }
@@ -117,7 +119,7 @@ flag_struct! {
         /// Subdirectory of the context to use as its root.
         #[arg(long = "context-sub-path", value_name = "PATH")]
         context_sub_path: Option<String>,
-        /// Git context options: branch=NAME,single-branch=BOOL,recurse-submodules=BOOL.
+        /// Git context options: branch=NAME,single-branch=BOOL,recurse-submodules=BOOL,insecure-skip-tls=BOOL.
         #[arg(long = "git", value_name = "OPTIONS")]
         git: Vec<String>,
         /// Image reference to push to; repeat for several.
@@ -208,6 +210,81 @@ flag_struct! {
         /// Deprecated kaniko spelling of --tar-path.
         #[arg(long = "tarPath", value_name = "PATH", hide = true)]
         tar_path_deprecated: Option<PathBuf>,
+        #[command(flatten)]
+        buildpacks: BuildpackFlags,
+    }
+}
+
+flag_struct! {
+    /// Cloud Native Buildpacks (`pack build`'s names); any of them selects the buildpacks
+    /// front end.
+    #[derive(Args, Debug)]
+    struct BuildpackFlags {
+        @bool /// Buildpacks: restore no cache layers (this build's are still kept).
+            clear_cache = "clear-cache";
+
+        /// Buildpacks: a CNB builder image (its buildpacks, order and run image).
+        #[arg(long = "builder", value_name = "IMAGE")]
+        builder: Option<String>,
+        /// Buildpacks: run this buildpack (a directory, .tgz, docker://IMAGE or ID[@VERSION]);
+        /// repeat for a group, in order.
+        #[arg(long = "buildpack", value_name = "URI")]
+        buildpack: Vec<String>,
+        /// Buildpacks: the image the app runs on (default: the builder's).
+        #[arg(long = "run-image", value_name = "IMAGE")]
+        run_image: Option<String>,
+        /// Buildpacks: the image buildpacks run in when there is no builder.
+        #[arg(long = "build-image", value_name = "IMAGE")]
+        build_image: Option<String>,
+        /// Buildpacks: build-time environment K=V (or K, from the environment); repeatable.
+        #[arg(long = "env", value_name = "K[=V]", allow_hyphen_values = true)]
+        env: Vec<String>,
+        /// Buildpacks: a file of K=V lines for the build-time environment; repeatable.
+        #[arg(long = "env-file", value_name = "PATH")]
+        env_file: Vec<PathBuf>,
+        /// Buildpacks: the process type the image runs by default.
+        #[arg(long = "default-process", value_name = "TYPE")]
+        default_process: Option<String>,
+        /// Buildpacks: the project descriptor (default: project.toml of the context).
+        #[arg(long = "descriptor", value_name = "PATH")]
+        descriptor: Option<PathBuf>,
+        /// Buildpacks: the image whose layers are reused (default: the destination).
+        #[arg(long = "previous-image", value_name = "IMAGE")]
+        previous_image: Option<String>,
+        /// Buildpacks: copy the build's SBOM files into this directory.
+        #[arg(long = "sbom-output-dir", value_name = "DIR")]
+        sbom_output_dir: Option<PathBuf>,
+    }
+}
+
+flag_struct! {
+    #[derive(Args, Debug)]
+    struct RebaseFlags {
+        @bool /// Rebase even onto a run image the app does not name, or of another stack.
+            force = "force";
+
+        /// The app image to rebase.
+        #[arg(long = "image", value_name = "IMAGE")]
+        image: Option<String>,
+        /// The run image to put under it.
+        #[arg(long = "run-image", value_name = "IMAGE")]
+        run_image: Option<String>,
+        /// Where to push the result (default: the app image's name).
+        #[arg(short = 'd', long = "destination", value_name = "IMAGE")]
+        destination: Option<String>,
+        /// Platform of the images, when they are indexes.
+        #[arg(long = "custom-platform", value_name = "PLATFORM")]
+        custom_platform: Option<String>,
+        /// Kiln's own directory (default /kiln).
+        #[arg(long = "kaniko-dir", visible_alias = "kiln-dir", value_name = "DIR")]
+        kaniko_dir: Option<PathBuf>,
+        /// Write the rebased image's digest here.
+        #[arg(long = "digest-file", value_name = "PATH")]
+        digest_file: Option<PathBuf>,
+        #[command(flatten)]
+        registry: RegistryFlags,
+        #[command(flatten)]
+        log: LogFlags,
     }
 }
 

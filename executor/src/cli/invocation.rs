@@ -44,7 +44,7 @@ pub(super) fn build_invocation(
     options.context = ContextSpec {
         source: options.context.source,
         sub_path: flags.context_sub_path.as_ref().map(PathBuf::from),
-        git: parse_git(&flags.git, &mut warnings)?,
+        git: parse_git(&flags.git)?,
     };
     if let Some(dockerfile) = &flags.dockerfile {
         if dockerfile.is_empty() {
@@ -52,6 +52,10 @@ pub(super) fn build_invocation(
         }
         options.dockerfile = PathBuf::from(dockerfile);
     }
+    let (buildpacks, buildpack_flags) =
+        super::buildpacks::buildpacks_options(&flags.buildpacks, env)?;
+    options.buildpacks = buildpacks;
+    options.front_end = super::buildpacks::front_end(flags.dockerfile.is_some(), buildpack_flags)?;
     options.build_args = parse_build_args(&flags.build_arg, env, &mut warnings)?;
     options.target = flags.target.clone().filter(|t| !t.is_empty());
 
@@ -316,7 +320,7 @@ fn kaniko_only_warnings(flags: &BuildFlags, warnings: &mut Vec<String>) {
     }
 }
 
-fn output_settings(log: &LogFlags) -> OutputSettings {
+pub(super) fn output_settings(log: &LogFlags) -> OutputSettings {
     OutputSettings {
         verbosity: log.verbosity.unwrap_or(Level::Info),
         log_format: log.log_format,
@@ -325,7 +329,10 @@ fn output_settings(log: &LogFlags) -> OutputSettings {
     }
 }
 
-fn registry_options(flags: &RegistryFlags, env: &Env) -> Result<RegistryOptions, UsageError> {
+pub(super) fn registry_options(
+    flags: &RegistryFlags,
+    env: &Env,
+) -> Result<RegistryOptions, UsageError> {
     let mut options = RegistryOptions {
         insecure: flags.insecure.unwrap_or(false),
         insecure_pull: flags.insecure_pull.unwrap_or(false),
@@ -547,7 +554,7 @@ fn parse_ssh(value: &str, env: &Env) -> Result<SshSpec, UsageError> {
 }
 
 /// kaniko's `--git branch=NAME,single-branch=BOOL,recurse-submodules=BOOL,insecure-skip-tls=BOOL`.
-fn parse_git(values: &[String], warnings: &mut Vec<String>) -> Result<GitOptions, UsageError> {
+fn parse_git(values: &[String]) -> Result<GitOptions, UsageError> {
     let mut git = GitOptions::default();
     for value in values {
         for field in value.split(',').map(str::trim).filter(|f| !f.is_empty()) {
@@ -560,17 +567,10 @@ fn parse_git(values: &[String], warnings: &mut Vec<String>) -> Result<GitOptions
                 "branch" => git.branch = Some(val.to_owned()).filter(|b| !b.is_empty()),
                 "single-branch" => git.single_branch = flag(val)?,
                 "recurse-submodules" => git.recurse_submodules = flag(val)?,
-                "insecure-skip-tls" => {
-                    if flag(val)? {
-                        warnings.push(
-                            "--git insecure-skip-tls=true is not supported; certificates of git servers are verified"
-                                .into(),
-                        );
-                    }
-                }
+                "insecure-skip-tls" => git.insecure_skip_tls = flag(val)?,
                 other => {
                     return Err(UsageError::new(format!(
-                        "--git: unknown option {other:?} (expected branch, single-branch, recurse-submodules)"
+                        "--git: unknown option {other:?} (expected branch, single-branch, recurse-submodules, insecure-skip-tls)"
                     )))
                 }
             }

@@ -12,6 +12,7 @@
 //! touch global state, and files (the docker config) are read later by
 //! [`Invocation::load_credentials`].
 
+mod buildpacks;
 mod flags;
 mod invocation;
 
@@ -71,6 +72,8 @@ pub enum Command {
     Build(Box<Invocation>),
     /// `executor warm`: fill the base-image cache directory.
     Warm(Box<WarmInvocation>),
+    /// `executor rebase`: put a buildpacks image on a new run image.
+    Rebase(Box<RebaseInvocation>),
     /// `executor version` or `--version`.
     Version,
     /// `--help`: the text to print on standard output.
@@ -163,6 +166,26 @@ pub struct WarmInvocation {
     pub warnings: Vec<String>,
 }
 
+/// `executor rebase` (`pack rebase`).
+#[derive(Debug)]
+pub struct RebaseInvocation {
+    /// The engine's options (keychain anonymous until loaded).
+    pub options: kiln_engine::RebaseOptions,
+    /// `--digest-file`: write the rebased image's digest here.
+    pub digest_file: Option<PathBuf>,
+    /// Logging.
+    pub output: OutputSettings,
+}
+
+impl RebaseInvocation {
+    /// Loads registry credentials as [`Invocation::load_credentials`] does.
+    pub fn load_credentials(&mut self, env: &Env) -> Result<(), kiln_registry::Error> {
+        let dirs = credential_search_dirs(&self.options.kiln_dir, env);
+        self.options.registry.keychain = Keychain::from_search_dirs(&dirs)?;
+        Ok(())
+    }
+}
+
 /// Parses a command line (`args[0]` is the program name) in the environment `env`.
 pub fn parse<I, S>(args: I, env: &Env) -> Result<Command, UsageError>
 where
@@ -176,6 +199,9 @@ where
     match cli.command {
         Some(Sub::Version) => Ok(Command::Version),
         Some(Sub::Warm(flags)) => Ok(Command::Warm(Box::new(build_warm(*flags, env)?))),
+        Some(Sub::Rebase(flags)) => Ok(Command::Rebase(Box::new(buildpacks::build_rebase(
+            *flags, env,
+        )?))),
         None => Ok(Command::Build(Box::new(build_invocation(
             cli.build,
             cli.registry,
@@ -216,7 +242,7 @@ fn clap_outcome(error: clap::Error) -> Result<Command, UsageError> {
             let mut message = format!("unexpected argument: {argument}");
             if argument == "true" || argument == "false" {
                 message.push_str(" (boolean flags take --flag=true or --flag=false)");
-            } else if argument == "warm" || argument == "version" {
+            } else if argument == "warm" || argument == "version" || argument == "rebase" {
                 message.push_str(" (subcommands come before any flag)");
             }
             Err(UsageError::new(message))

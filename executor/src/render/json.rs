@@ -19,6 +19,7 @@ pub(super) fn event_name(event: &BuildEvent) -> &'static str {
         BuildEvent::Pushed { .. } => "pushed",
         BuildEvent::PhaseFinished { .. } => "phase_finished",
         BuildEvent::Warning { .. } => "warning",
+        BuildEvent::Note { .. } => "note",
         BuildEvent::BuildFinished { .. } => "build_finished",
         #[allow(unreachable_patterns)]
         _ => "other",
@@ -103,7 +104,9 @@ pub(super) fn event_json(event: &BuildEvent) -> Value {
             "phase": phase.name(),
             "duration_ms": duration_ms(*duration),
         }),
-        BuildEvent::Warning { message } => json!({ "message": message }),
+        BuildEvent::Warning { message } | BuildEvent::Note { message } => {
+            json!({ "message": message })
+        }
         BuildEvent::BuildFinished { digest, duration } => json!({
             "digest": digest.to_string(),
             "duration_ms": duration_ms(*duration),

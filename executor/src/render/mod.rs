@@ -404,7 +404,11 @@ fn describe(event: &BuildEvent) -> (Level, String) {
             instruction,
         } => (
             Level::Info,
-            format!("#{stage}.{step} {instruction} (line {line})"),
+            // Steps a front end made without a file (buildpacks) have no line to show.
+            match line {
+                0 => format!("#{stage}.{step} {instruction}"),
+                line => format!("#{stage}.{step} {instruction} (line {line})"),
+            },
         ),
         BuildEvent::RunOutput {
             stage, step, line, ..
@@ -473,6 +477,7 @@ fn describe(event: &BuildEvent) -> (Level, String) {
             )
         }
         BuildEvent::Warning { message } => (Level::Warn, format!("WARN {message}")),
+        BuildEvent::Note { message } => (Level::Info, message.clone()),
         BuildEvent::BuildFinished { digest, duration } => (
             Level::Info,
             format!("built {digest} in {}", seconds(*duration)),
@@ -640,8 +645,8 @@ impl State {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use super::live::bar;
+    use super::*;
     use std::time::UNIX_EPOCH;
 
     #[test]

@@ -1,5 +1,5 @@
 //! A git repository context: `git://host/repo.git#ref#commit` or an `http(s)://` URL ending in
-//! `.git`, cloned with the system `git` program.
+//! `.git`, cloned with gitoxide (no `git` program needed).
 //!
 //! The fragment after the URL selects what is checked out, as in kaniko: an optional ref
 //! (`main`, `refs/heads/main`, `v1.0`, `refs/tags/v1.0`, or any other ref such as
@@ -7,10 +7,10 @@
 //! out after the ref. The repository's `.git` directory stays in the context, as in kaniko.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use futures::future::BoxFuture;
 
+use super::gix_remote::{update_submodules, Fetch, Remote};
 use super::{blocking, new_workspace, redactor, ContextSource, Materialized, SourceOptions};
 use crate::error::{ContextError, Result};
 use crate::redact::Redactor;
@@ -77,7 +77,7 @@ fn parse_go_bool(value: &str) -> Option<bool> {
 enum Checkout {
     /// The remote's default branch.
     Default,
-    /// A branch or tag, cloned with `--branch`.
+    /// A branch or tag, cloned as with `git clone --branch`.
     Branch(String),
     /// Any other ref, fetched after the clone.
     Ref(String),
@@ -155,140 +155,81 @@ impl GitSource {
         })
     }
 
-    /// Configuration passed with `-c` to every git invocation.
-    fn config_args(&self, ca_bundle: Option<&Path>) -> Vec<String> {
-        let mut args = vec!["-c".to_owned(), "advice.detachedHead=false".to_owned()];
-        if self.options.insecure_skip_tls {
-            args.extend(["-c".to_owned(), "http.sslVerify=false".to_owned()]);
-        }
-        if let Some(bundle) = ca_bundle {
-            args.extend([
-                "-c".to_owned(),
-                format!("http.sslCAInfo={}", bundle.display()),
-            ]);
-        }
-        args
-    }
-
+    /// Clones the repository into `workspace/src` as `git clone` and `git checkout` would
+    /// for kaniko, and returns that directory.
     fn clone_into(&self, workspace: &Path) -> Result<PathBuf> {
-        let name = self.describe();
-        let ca_bundle = if self.ca_certificates.is_empty() {
-            None
-        } else {
-            let bundle = workspace.join("ca-bundle.pem");
-            let mut pem = Vec::new();
-            for path in &self.ca_certificates {
-                let bytes = std::fs::read(path).map_err(|e| ContextError::CaCertificate {
-                    path: path.clone(),
-                    message: e.to_string(),
-                })?;
-                pem.extend_from_slice(&bytes);
-                pem.push(b'\n');
-            }
-            std::fs::write(&bundle, pem)
-                .map_err(|e| ContextError::io(&name, "write", &bundle, e))?;
-            Some(bundle)
-        };
-        let config = self.config_args(ca_bundle.as_deref());
-        let dest = workspace.join("src");
-
-        let mut clone: Vec<String> = vec!["clone".into(), "--quiet".into()];
-        if let Checkout::Branch(branch) = &self.checkout {
-            clone.extend(["--branch".into(), branch.clone()]);
+        let remote = Remote::new(
+            &self.url,
+            &self.describe(),
+            self.redactor.clone(),
+            &self.ca_certificates,
+            self.options.insecure_skip_tls,
+        )?;
+        let mut fetch = Fetch::default();
+        match &self.checkout {
+            Checkout::Default => {}
+            Checkout::Branch(branch) => fetch.branch = Some(branch.clone()),
+            Checkout::Ref(reference) => fetch.extra_ref = Some(reference.clone()),
         }
-        clone.push(if self.options.single_branch {
-            "--single-branch".into()
-        } else {
-            "--no-single-branch".into()
-        });
-        clone.extend(["--".into(), self.url.clone(), dest.display().to_string()]);
-        self.git(None, &config, &clone)?;
-
+        if self.options.single_branch {
+            fetch.refspec = self.single_branch_refspec(&remote)?;
+        }
+        let dest = workspace.join("src");
+        let fetched = remote.fetch(&dest, &fetch)?;
+        let mut detach = None;
         if let Checkout::Ref(reference) = &self.checkout {
-            self.git(
-                Some(&dest),
-                &config,
-                &[
-                    "fetch".into(),
-                    "--quiet".into(),
-                    "origin".into(),
-                    reference.clone(),
-                ],
-            )?;
-            self.git(
-                Some(&dest),
-                &config,
-                &[
-                    "checkout".into(),
-                    "--quiet".into(),
-                    "--detach".into(),
-                    "FETCH_HEAD".into(),
-                ],
-            )?;
+            let id = fetched.ref_id(reference).ok_or_else(|| {
+                remote.failed("clone", format!("the remote has no ref {reference:?}"))
+            })?;
+            detach = Some(id);
         }
         if let Some(commit) = &self.commit {
-            self.git(
-                Some(&dest),
-                &config,
-                &[
-                    "checkout".into(),
-                    "--quiet".into(),
-                    "--detach".into(),
-                    commit.clone(),
-                ],
-            )?;
+            let id = fetched.find_commit(&remote, commit)?.ok_or_else(|| {
+                remote.failed(
+                    "checkout",
+                    format!("commit {commit} is not in what the remote sent for this ref"),
+                )
+            })?;
+            detach = Some(id);
         }
+        let repo = fetched.check_out(&remote, detach)?;
         if self.options.recurse_submodules {
-            self.git(Some(&dest), &config, &submodule_update())?;
+            update_submodules(&remote, &repo, false)?;
         }
         Ok(dest)
     }
 
-    /// Runs one git command; on failure the error carries the (redacted) command and stderr.
-    fn git(&self, dir: Option<&Path>, config: &[String], args: &[String]) -> Result<()> {
-        run_git(&self.describe(), &self.redactor, dir, config, args).map(drop)
+    /// The one refspec `--single-branch` fetches, as `git clone --single-branch` picks it: the
+    /// branch or tag asked for, else the branch the remote's HEAD is on. `None` (fetch every
+    /// branch) when the remote's HEAD is detached.
+    fn single_branch_refspec(&self, remote: &Remote) -> Result<Option<String>> {
+        let full_name = match &self.checkout {
+            Checkout::Branch(name) => {
+                let candidates = [format!("refs/heads/{name}"), format!("refs/tags/{name}")];
+                let refs = remote.list_refs(&candidates)?;
+                candidates
+                    .into_iter()
+                    .find(|c| refs.iter().any(|r| r.name == *c))
+                    .ok_or_else(|| {
+                        remote.failed("clone", format!("the remote has no branch or tag {name:?}"))
+                    })?
+            }
+            Checkout::Default | Checkout::Ref(_) => {
+                let refs = remote.list_refs(&["HEAD".to_owned()])?;
+                match refs
+                    .into_iter()
+                    .find_map(|r| (r.name == "HEAD").then_some(r.target))
+                {
+                    Some(Some(target)) if target.starts_with("refs/heads/") => target,
+                    _ => return Ok(None),
+                }
+            }
+        };
+        Ok(Some(match full_name.strip_prefix("refs/heads/") {
+            Some(branch) => format!("+{full_name}:refs/remotes/origin/{branch}"),
+            None => format!("+{full_name}:{full_name}"),
+        }))
     }
-}
-
-/// The git arguments that check out every submodule of a checkout, recursively.
-pub(crate) fn submodule_update() -> [String; 5] {
-    ["submodule", "update", "--quiet", "--init", "--recursive"].map(String::from)
-}
-
-/// Runs `git [-C dir] CONFIG ARGS` without a terminal prompt; returns its stdout. On failure
-/// the error names `source_name` and carries the command and stderr, both through `redactor`.
-pub(crate) fn run_git(
-    source_name: &str,
-    redactor: &Redactor,
-    dir: Option<&Path>,
-    config: &[String],
-    args: &[String],
-) -> Result<String> {
-    let mut command = Command::new("git");
-    if let Some(dir) = dir {
-        command.arg("-C").arg(dir);
-    }
-    command
-        .args(config)
-        .args(args)
-        .env("GIT_TERMINAL_PROMPT", "0")
-        .env("LC_ALL", "C")
-        .stdin(std::process::Stdio::null());
-    let output = command
-        .output()
-        .map_err(|error| ContextError::GitNotRunnable {
-            source_name: source_name.to_owned(),
-            error,
-        })?;
-    if output.status.success() {
-        return Ok(String::from_utf8_lossy(&output.stdout).into_owned());
-    }
-    Err(ContextError::Git {
-        source_name: source_name.to_owned(),
-        command: redactor.redact(&args.join(" ")),
-        status: output.status.to_string(),
-        stderr: redactor.redact(String::from_utf8_lossy(&output.stderr).trim()),
-    })
 }
 
 impl ContextSource for GitSource {

@@ -4,13 +4,14 @@
 //! ref (`refs/pull/7/head`) or a full commit id; without it the remote's `HEAD` is used.
 //!
 //! It is fetched in two calls so that a layer cache can key the step before anything is
-//! downloaded: [`GitRepository::resolve`] asks the remote which commit the ref names
-//! (`git ls-remote`), [`GitRepository::checkout`] fetches exactly that commit (shallow where
-//! the server allows) with its submodules. Uses the system `git`, as git contexts do.
+//! downloaded: [`GitRepository::resolve`] asks the remote which commit the ref names (as
+//! `git ls-remote` does), [`GitRepository::checkout`] fetches exactly that commit (shallow where
+//! the server allows) with its submodules. Both go through gitoxide, as git contexts do: no
+//! `git` program is needed.
 
 use std::path::Path;
 
-use super::git::run_git;
+use super::gix_remote::{fetch_commit, update_submodules, Fetch, Remote};
 use super::redactor;
 use crate::error::{ContextError, Result};
 use crate::redact::Redactor;
@@ -107,41 +108,22 @@ impl GitRepository {
             });
         }
         let wanted = self.reference.as_deref().unwrap_or("HEAD");
-        let listing = self.git(
-            None,
-            &[
-                "ls-remote".into(),
-                "--".into(),
-                self.url.clone(),
-                wanted.into(),
-            ],
-        )?;
-        let refs: Vec<(&str, &str)> = listing
-            .lines()
-            .filter_map(|line| line.split_once('\t'))
-            .collect();
         // A branch before a tag of the same name, as `git checkout NAME` would; an annotated
-        // tag's commit is the peeled (`^{}`) line.
+        // tag names the commit it points to.
         let candidates = if wanted == "HEAD" || wanted.starts_with("refs/") {
-            vec![(wanted.to_owned(), wanted.to_owned())]
+            vec![wanted.to_owned()]
         } else {
             vec![
-                (
-                    format!("refs/heads/{wanted}"),
-                    format!("refs/heads/{wanted}"),
-                ),
-                (
-                    format!("refs/tags/{wanted}^{{}}"),
-                    format!("refs/tags/{wanted}"),
-                ),
-                (format!("refs/tags/{wanted}"), format!("refs/tags/{wanted}")),
+                format!("refs/heads/{wanted}"),
+                format!("refs/tags/{wanted}"),
             ]
         };
-        for (name, fetch) in candidates {
-            if let Some((id, _)) = refs.iter().find(|(_, r)| *r == name) {
+        let refs = self.remote()?.list_refs(&candidates)?;
+        for name in candidates {
+            if let Some(found) = refs.iter().find(|r| r.name == name) {
                 return Ok(GitCommit {
-                    id: (*id).to_owned(),
-                    fetch,
+                    id: found.id.to_string(),
+                    fetch: name,
                 });
             }
         }
@@ -155,71 +137,49 @@ impl GitRepository {
     /// submodules. The checkout keeps its `.git` directory: the caller leaves it out of what
     /// it copies unless asked to keep it.
     pub fn checkout(&self, commit: &GitCommit, dir: &Path) -> Result<()> {
-        let dir_string = dir.display().to_string();
-        self.git(None, &["init".into(), "--quiet".into(), dir_string])?;
-        let here = Some(dir);
-        self.git(
-            here,
-            &[
-                "remote".into(),
-                "add".into(),
-                "origin".into(),
-                self.url.clone(),
-            ],
-        )?;
-        let fetch = |what: &str, shallow: bool| {
-            let mut args = vec!["fetch".to_owned(), "--quiet".to_owned()];
-            if shallow {
-                args.push("--depth=1".into());
+        let remote = self.remote()?;
+        let id = gix::ObjectId::from_hex(commit.id.as_bytes())
+            .map_err(|e| remote.failed("checkout", format!("commit {:?}: {e}", commit.id)))?;
+        let repo = if commit.fetch == commit.id {
+            fetch_commit(&remote, dir, id, true)?
+        } else {
+            // The ref's tip only; should it have moved since it was resolved, the commit the
+            // step was keyed by is not what was fetched.
+            let tip = Fetch {
+                revision: Some(commit.fetch.clone()),
+                shallow: true,
+                ..Fetch::default()
+            };
+            // A server that cannot make shallow packs still sends the ref's whole history.
+            let fetched = remote.fetch(dir, &tip).or_else(|_| {
+                let whole = Fetch {
+                    shallow: false,
+                    ..tip
+                };
+                remote.fetch(dir, &whole)
+            })?;
+            if fetched.find_commit(&remote, &commit.id)? != Some(id) {
+                return Err(ContextError::InvalidSpec {
+                    spec: self.describe(),
+                    reason: format!(
+                        "{} no longer names commit {} (it moved while the build ran); build again",
+                        commit.fetch, commit.id
+                    ),
+                });
             }
-            args.extend(["origin".into(), what.to_owned()]);
-            self.git(here, &args)
+            fetched.check_out(&remote, Some(id))?
         };
-        // A server that does not give out commits by id (older git, git daemon without
-        // uploadpack.allowReachableSHA1InWant) still gives the whole history.
-        if fetch(&commit.fetch, true).is_err() {
-            if commit.fetch == commit.id {
-                self.git(here, &["fetch".into(), "--quiet".into(), "origin".into()])?;
-            } else {
-                fetch(&commit.fetch, false)?;
-            }
-        }
-        let fetched = self.git(
-            here,
-            &[
-                "rev-parse".into(),
-                "--verify".into(),
-                format!("{}^{{commit}}", commit.id),
-            ],
-        );
-        if fetched.is_err() {
-            return Err(ContextError::InvalidSpec {
-                spec: self.describe(),
-                reason: format!(
-                    "{} no longer names commit {} (it moved while the build ran); build again",
-                    commit.fetch, commit.id
-                ),
-            });
-        }
-        self.git(
-            here,
-            &[
-                "-c".into(),
-                "advice.detachedHead=false".into(),
-                "checkout".into(),
-                "--quiet".into(),
-                "--detach".into(),
-                commit.id.clone(),
-            ],
-        )?;
-        if dir.join(".gitmodules").is_file() {
-            self.git(here, &super::git::submodule_update())?;
-        }
-        Ok(())
+        update_submodules(&remote, &repo, true)
     }
 
-    fn git(&self, dir: Option<&Path>, args: &[String]) -> Result<String> {
-        run_git(&self.describe(), &self.redactor, dir, &[], args)
+    fn remote(&self) -> Result<Remote> {
+        Remote::new(
+            &self.url,
+            &self.describe(),
+            self.redactor.clone(),
+            &[],
+            false,
+        )
     }
 }
 

@@ -8,6 +8,7 @@
 mod dir;
 mod git;
 mod git_repository;
+mod gix_remote;
 mod http;
 mod tarball;
 

@@ -166,6 +166,9 @@ pub(crate) fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, 
         .steps
         .lower(&start.facts(), &trees::FinishedStages(shared))
         .map_err(|e| BuildError::Plan(e.to_string()))?;
+    for message in stage.steps.notes() {
+        shared.emit(BuildEvent::Note { message });
+    }
     let mut run = StageRun::new(shared, stage, &rootfs, start, materializer);
     run.plan_cache(stage, &steps)?;
     for (step_no, step) in steps.iter().enumerate() {
@@ -254,10 +257,9 @@ impl<'a> StageRun<'a> {
                 .iter()
                 .map(|l| l.diff_id.to_string())
                 .collect(),
-            base_image: self
-                .base_image
-                .as_ref()
-                .map(|(name, digest)| format!("{}@{digest}", name.split('@').next().unwrap_or(name))),
+            base_image: self.base_image.as_ref().map(|(name, digest)| {
+                format!("{}@{digest}", name.split('@').next().unwrap_or(name))
+            }),
             steps: std::mem::take(&mut self.step_layers),
         };
         let edits = stage
