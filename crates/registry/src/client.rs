@@ -16,6 +16,7 @@ use reqwest::header::{HeaderMap, LINK};
 use reqwest::StatusCode;
 use url::Url;
 
+use crate::clock::{Clock, SystemClock};
 use crate::error::{Error, Operation};
 use crate::options::{Access, RegistryOptions};
 use crate::repository::Repository;
@@ -102,8 +103,13 @@ impl Client {
     /// Makes a client. Certificate and key files named in the options are read now, so a
     /// wrong path fails here rather than at the first request.
     pub fn new(options: RegistryOptions) -> Result<Self, Error> {
+        Client::with_clock(options, Arc::new(SystemClock))
+    }
+
+    /// Like [`Client::new`], with the clock that decides when cached tokens expire.
+    pub fn with_clock(options: RegistryOptions, clock: Arc<dyn Clock>) -> Result<Self, Error> {
         Ok(Client {
-            inner: Arc::new(Inner::new(options)?),
+            inner: Arc::new(Inner::new(options, clock)?),
         })
     }
 

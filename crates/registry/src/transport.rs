@@ -21,6 +21,7 @@ use self::auth::{CachedToken, TokenKey};
 use self::dates::parse_http_date;
 use crate::certs_d::{DirError, HostDir, HostFiles};
 use crate::challenge::Challenge;
+use crate::clock::Clock;
 use crate::credentials::Credential;
 use crate::error::{error_chain, parse_error_body, retryable_status, Error, Operation};
 use crate::options::{api_host, Access, Profile, RegistryOptions};
@@ -32,6 +33,8 @@ const ERROR_BODY_LIMIT: usize = 64 * 1024;
 /// Shared state behind every clone of a `Client`.
 pub(crate) struct Inner {
     pub options: RegistryOptions,
+    /// What token lifetimes are measured with.
+    clock: Arc<dyn Clock>,
     tls: TlsMaterial,
     endpoints: Mutex<HashMap<(String, Profile), Arc<Endpoint>>>,
     tokens: Mutex<HashMap<TokenKey, CachedToken>>,
@@ -117,7 +120,7 @@ pub(crate) struct Ctx<'a> {
 }
 
 impl Inner {
-    pub fn new(options: RegistryOptions) -> Result<Self, Error> {
+    pub fn new(options: RegistryOptions, clock: Arc<dyn Clock>) -> Result<Self, Error> {
         let read_pem = |registry: &str, path: &std::path::Path| {
             std::fs::read(path).map_err(|e| Error::Tls {
                 registry: registry.to_owned(),
@@ -192,6 +195,7 @@ impl Inner {
         let transfers = Arc::new(Semaphore::new(options.max_concurrent_transfers.max(1)));
         Ok(Inner {
             options,
+            clock,
             tls,
             endpoints: Mutex::new(HashMap::new()),
             tokens: Mutex::new(HashMap::new()),
@@ -695,11 +699,14 @@ mod tests {
 
     #[test]
     fn backoff_doubles_up_to_the_cap() {
-        let inner = Inner::new(RegistryOptions {
-            retry_initial_delay: Duration::from_millis(100),
-            retry_max_delay: Duration::from_millis(350),
-            ..RegistryOptions::default()
-        })
+        let inner = Inner::new(
+            RegistryOptions {
+                retry_initial_delay: Duration::from_millis(100),
+                retry_max_delay: Duration::from_millis(350),
+                ..RegistryOptions::default()
+            },
+            Arc::new(crate::clock::SystemClock),
+        )
         .unwrap();
         assert_eq!(inner.backoff(0), Duration::from_millis(100));
         assert_eq!(inner.backoff(1), Duration::from_millis(200));

@@ -3,7 +3,7 @@
 //! apart from the request and retry machinery because it is the only part that handles secrets
 //! and token lifetimes.
 
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use reqwest::header::{HeaderValue, AUTHORIZATION};
@@ -100,7 +100,7 @@ impl Inner {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(key)
-            .filter(|t| t.expires > Instant::now())
+            .filter(|t| t.expires > self.clock.now())
             .map(|t| bearer_header(&t.value))
     }
 
@@ -127,7 +127,7 @@ impl Inner {
         let realm_url = Url::parse(realm).map_err(|e| {
             Error::invalid(ctx.target, ctx.operation, format!("realm {realm:?}: {e}"))
         })?;
-        let requested_at = SystemTime::now();
+        let requested_at = self.clock.system_now();
         let resp = match credential {
             Some(Credential::IdentityToken { token, .. }) => {
                 let mut form: Vec<(&str, String)> = vec![
@@ -219,17 +219,17 @@ impl Inner {
             .issued_at
             .as_deref()
             .and_then(parse_rfc3339)
-            .filter(|t| *t <= SystemTime::now() + Duration::from_secs(300))
+            .filter(|t| *t <= self.clock.system_now() + Duration::from_secs(300))
             .unwrap_or(requested_at);
         let valid_until = issued + lifetime;
         let remaining = valid_until
-            .duration_since(SystemTime::now())
+            .duration_since(self.clock.system_now())
             .unwrap_or(Duration::ZERO);
         // Renew a little early so a token does not expire between the check and its use.
         let margin = (lifetime / 10).min(Duration::from_secs(10));
         Ok(CachedToken {
             value: Secret::new(value),
-            expires: Instant::now() + remaining.saturating_sub(margin),
+            expires: self.clock.now() + remaining.saturating_sub(margin),
         })
     }
 }
