@@ -10,6 +10,8 @@
 //! `KILN_BENCH_DIR` the directory the trees are written under (default: the temp dir).
 //! `--unpack-file BLOB DIGEST DEST` unpacks one local blob, for profiling the unpacker alone.
 
+#![forbid(unsafe_code)]
+
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::process::Command;

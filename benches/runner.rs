@@ -8,6 +8,8 @@
 //! work volume), `--runs N` (default 3), `--only a,b` (workloads), `--results FILE` (also write
 //! the report there), `--tools kiln` (measure one side only, for profiling).
 
+#![forbid(unsafe_code)]
+
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};

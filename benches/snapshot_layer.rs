@@ -9,6 +9,8 @@
 //! threads and processes it starts) under `SCHED_FIFO`, which approximates an idle machine; the
 //! kernel's real-time throttling still leaves other processes 5% of each core.
 
+#![warn(clippy::undocumented_unsafe_blocks)]
+
 use std::fs;
 use std::process::Command;
 use std::time::{Duration, Instant};

@@ -1,6 +1,8 @@
 //! What Kiln's benchmarks share: measuring a child process the way `time -v` would, so each
 //! tool's figures (wall time, CPU time, peak RSS) are taken the same way in the same run.
 
+#![warn(clippy::undocumented_unsafe_blocks)]
+
 pub mod workloads;
 
 use std::io;

@@ -2,6 +2,8 @@
 //! rendering ([`render`]) and exit codes ([`exit`]). `main.rs` only wires these to the engine,
 //! so everything here is testable without running a build.
 
+#![warn(clippy::undocumented_unsafe_blocks)]
+
 pub mod cli;
 pub mod exit;
 pub mod render;

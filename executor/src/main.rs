@@ -1,5 +1,7 @@
 //! `executor`: build a container image from a Dockerfile, kaniko-style.
 
+#![forbid(unsafe_code)]
+
 use std::io::Write;
 use std::process::ExitCode;
 

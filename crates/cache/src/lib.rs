@@ -30,13 +30,17 @@
 //! # Ok(()) }
 //! ```
 
+#![forbid(unsafe_code)]
+
 pub mod base;
+mod clock;
 mod error;
 pub mod key;
 pub mod stage;
 pub mod store;
 
 pub use base::{BaseImage, BaseImageDir, WarmReport};
+pub use clock::Clock;
 pub use error::CacheError;
 pub use key::{
     run_environment, step_key, CacheKey, CopyInput, FileEntry, FileKind, KeyChain, MkdirInput,

@@ -122,9 +122,15 @@ impl StageRecord {
 
     /// The entry for `key`, when the record holds it and it is younger than `ttl`.
     pub fn entry(&self, key: &CacheKey, ttl: Duration) -> Option<&CacheEntry> {
+        self.entry_at(key, ttl, SystemTime::now())
+    }
+
+    /// [`StageRecord::entry`] as of `now` rather than the system clock's time, for callers
+    /// that read the time from a [`Clock`](crate::Clock).
+    pub fn entry_at(&self, key: &CacheKey, ttl: Duration, now: SystemTime) -> Option<&CacheEntry> {
         self.entries
             .iter()
-            .find(|e| e.key == *key && !expired(e.created, ttl))
+            .find(|e| e.key == *key && !expired(e.created, ttl, now))
     }
 }
 
@@ -258,7 +264,9 @@ impl CacheStore {
                 }
             }
         };
-        let Some((manifest, _)) = fresh_manifest(&manifest_bytes, &location, self.ttl())? else {
+        let Some((manifest, _)) =
+            fresh_manifest(&manifest_bytes, &location, self.ttl(), self.clock.now())?
+        else {
             return Ok(None);
         };
         if manifest.annotations.get(ANNOTATION_KEY).map(String::as_str)
@@ -298,7 +306,7 @@ impl CacheStore {
             bytes,
             media_type: MediaType::Other(STAGE_RECORD_MEDIA_TYPE.into()),
         };
-        let created = SystemTime::now();
+        let created = self.clock.now();
         let seconds = unix_seconds(created);
         let config_descriptor = if blob.bytes.len() <= MAX_INLINE_RECORD {
             blob.descriptor_with_data()

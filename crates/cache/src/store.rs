@@ -37,6 +37,7 @@ use kiln_registry::{
     BoxAsyncRead, BytesSource, Client, FileSource, PushBlobOptions, PushOutcome, Repository,
 };
 
+use crate::clock::{Clock, SystemClock};
 use crate::error::CacheError;
 
 /// The largest entry config carried inside its manifest (see [`EntryDocuments::build`]).
@@ -122,6 +123,8 @@ pub struct StoredEntry {
 pub struct CacheStore {
     pub(crate) backend: Backend,
     ttl: Duration,
+    /// What entries are stamped and aged with.
+    pub(crate) clock: Arc<dyn Clock>,
 }
 
 #[derive(Clone, Debug)]
@@ -136,6 +139,7 @@ impl CacheStore {
         CacheStore {
             backend: Backend::Registry { client, repo },
             ttl,
+            clock: Arc::new(SystemClock),
         }
     }
 
@@ -152,6 +156,7 @@ impl CacheStore {
         Ok(CacheStore {
             backend: Backend::Layout(Arc::new(layout)),
             ttl,
+            clock: Arc::new(SystemClock),
         })
     }
 
@@ -217,17 +222,27 @@ impl CacheStore {
         self.ttl
     }
 
+    /// The same cache, reading the time from `clock` to stamp what it writes and to age what
+    /// it reads (the system clock otherwise).
+    pub fn with_clock(self, clock: Arc<dyn Clock>) -> CacheStore {
+        CacheStore { clock, ..self }
+    }
+
     /// Looks up one key: `Ok(None)` on a miss (absent or expired).
     pub async fn lookup(&self, key: &CacheKey) -> Result<Option<CacheEntry>, CacheError> {
         match &self.backend {
             Backend::Registry { client, repo } => {
-                registry_lookup(client, repo, key, self.ttl).await
+                registry_lookup(client, repo, key, self.ttl, &*self.clock).await
             }
             Backend::Layout(layout) => {
                 let layout = layout.clone();
                 let key = key.clone();
                 let ttl = self.ttl;
-                blocking("cache lookup", move || layout_lookup(&layout, &key, ttl)).await
+                let clock = self.clock.clone();
+                blocking("cache lookup", move || {
+                    layout_lookup(&layout, &key, ttl, &*clock)
+                })
+                .await
             }
         }
     }
@@ -244,7 +259,7 @@ impl CacheStore {
     /// Writes an entry (its layer blob, config and manifest, then the tag) and returns it as a
     /// later lookup will. An entry under the same key is replaced.
     pub async fn store(&self, entry: &NewEntry) -> Result<StoredEntry, CacheError> {
-        let created = SystemTime::now();
+        let created = self.clock.now();
         let documents = EntryDocuments::build(entry, created)?;
         let layer_transfer = match &self.backend {
             Backend::Registry { client, repo } => {
@@ -482,25 +497,26 @@ fn entry_created(manifest: &Manifest, location: &str) -> Result<SystemTime, Cach
     Ok(UNIX_EPOCH + Duration::from_secs(seconds))
 }
 
-/// Parses an entry's manifest; `None` when the entry is older than `ttl` (a miss).
+/// Parses an entry's manifest; `None` when the entry is older than `ttl` at `now` (a miss).
 pub(crate) fn fresh_manifest(
     bytes: &[u8],
     location: &str,
     ttl: Duration,
+    now: SystemTime,
 ) -> Result<Option<(Manifest, SystemTime)>, CacheError> {
     let manifest = Manifest::from_json(bytes).map_err(|source| CacheError::Image {
         what: location.to_owned(),
         source,
     })?;
     let created = entry_created(&manifest, location)?;
-    Ok((!expired(created, ttl)).then_some((manifest, created)))
+    Ok((!expired(created, ttl, now)).then_some((manifest, created)))
 }
 
-pub(crate) fn expired(created: SystemTime, ttl: Duration) -> bool {
+pub(crate) fn expired(created: SystemTime, ttl: Duration, now: SystemTime) -> bool {
     // Creation times are stored in whole seconds, so the age is measured in whole seconds too:
     // comparing a truncated creation time with a precise "now" would age an entry by up to a
     // second at birth. A clock that went backwards makes the age zero: the entry counts as fresh.
-    let age_seconds = unix_seconds(SystemTime::now()).saturating_sub(unix_seconds(created));
+    let age_seconds = unix_seconds(now).saturating_sub(unix_seconds(created));
     age_seconds > ttl.as_secs()
 }
 
@@ -557,6 +573,7 @@ async fn registry_lookup(
     repo: &Repository,
     key: &CacheKey,
     ttl: Duration,
+    clock: &dyn Clock,
 ) -> Result<Option<CacheEntry>, CacheError> {
     let tag = key.tag();
     let location = format!("{repo}:{tag}");
@@ -565,7 +582,8 @@ async fn registry_lookup(
         Err(err) if err.status().is_some_and(|s| s.as_u16() == 404) => return Ok(None),
         Err(err) => return Err(err.into()),
     };
-    let Some((manifest, created)) = fresh_manifest(&fetched.bytes, &location, ttl)? else {
+    let Some((manifest, created)) = fresh_manifest(&fetched.bytes, &location, ttl, clock.now())?
+    else {
         return Ok(None);
     };
     let fetched_config = match manifest.config.embedded_data() {
@@ -587,6 +605,7 @@ fn layout_lookup(
     layout: &OciLayout,
     key: &CacheKey,
     ttl: Duration,
+    clock: &dyn Clock,
 ) -> Result<Option<CacheEntry>, CacheError> {
     let tag = key.tag();
     let location = format!("oci:{}:{tag}", layout.path().display());
@@ -594,7 +613,7 @@ fn layout_lookup(
         return Ok(None);
     };
     let bytes = layout.read_blob_bytes(&descriptor.digest, MAX_MANIFEST_SIZE)?;
-    let Some((manifest, created)) = fresh_manifest(&bytes, &location, ttl)? else {
+    let Some((manifest, created)) = fresh_manifest(&bytes, &location, ttl, clock.now())? else {
         return Ok(None);
     };
     if let Some(layer) = manifest.layers.first() {

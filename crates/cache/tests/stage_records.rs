@@ -2,10 +2,11 @@
 //! and an OCI layout, refused when stale or when they belong to another locator, and trusted
 //! for a base config only when its digest is the one the base manifest names.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use kiln_cache::{
-    CacheEntry, CacheKey, CacheStore, KeyChain, LayerFile, NewEntry, Parent, RecordedBase,
+    CacheEntry, CacheKey, CacheStore, Clock, KeyChain, LayerFile, NewEntry, Parent, RecordedBase,
     StageLocator, StageRecord, StepInput, DEFAULT_TTL,
 };
 use kiln_oci::{ContainerConfig, Digest, History, Platform};
@@ -14,7 +15,7 @@ use kiln_registry::{Client, RegistryOptions, Repository};
 use kiln_testkit::Registry;
 
 mod support;
-use support::make_layer;
+use support::{make_layer, Ahead};
 
 fn client() -> Client {
     Client::new(RegistryOptions {
@@ -147,12 +148,16 @@ async fn stale_entries_in_a_record_answer_nothing() {
         )
         .await
         .unwrap();
-    // Ages are whole seconds: after 3.1 s everything is at least 3 s old, past a 2 s TTL.
-    tokio::time::sleep(Duration::from_millis(3100)).await;
-    let short = CacheStore::open(&repo, &client(), Duration::from_secs(2)).unwrap();
+    // Ages are whole seconds: seen 3 s later everything is at least 3 s old, past a 2 s TTL.
+    let later = Arc::new(Ahead(Duration::from_secs(3)));
+    let short = CacheStore::open(&repo, &client(), Duration::from_secs(2))
+        .unwrap()
+        .with_clock(later.clone());
     assert!(short.lookup_stage(&locator).await.unwrap().is_none());
     let record = store.lookup_stage(&locator).await.unwrap().expect("fresh");
-    assert!(record.entry(&keys[0], Duration::from_secs(2)).is_none());
+    assert!(record
+        .entry_at(&keys[0], Duration::from_secs(2), later.now())
+        .is_none());
     assert!(record.entry(&keys[0], DEFAULT_TTL).is_some());
 }
 

@@ -2,6 +2,7 @@
 //! checked with skopeo, two stores ("two Pods") sharing one cache.
 
 use std::process::Command;
+use std::sync::Arc;
 use std::time::Duration;
 
 use kiln_cache::{
@@ -16,7 +17,7 @@ use kiln_registry::{
 use kiln_testkit::Registry;
 
 mod support;
-use support::make_layer;
+use support::{make_layer, Ahead};
 use tokio::io::AsyncReadExt as _;
 
 fn platform() -> Platform {
@@ -161,10 +162,11 @@ async fn expired_registry_entry_is_a_miss() {
     let client = client();
     let store = CacheStore::open(&repo, &client, DEFAULT_TTL).unwrap();
     store.store(&new_entry(key(0), None, "old")).await.unwrap();
-    // Ages are whole seconds: after 3.1 s the entry is at least 3 s old, past a 2 s TTL, while a
-    // rewritten entry stays fresh for the 2 s a slow machine may need to read it back.
-    tokio::time::sleep(Duration::from_millis(3100)).await;
-    let short = CacheStore::open(&repo, &client, Duration::from_secs(2)).unwrap();
+    // Ages are whole seconds: seen 3 s later the entry is at least 3 s old, past a 2 s TTL,
+    // while a rewritten entry stays fresh for the 2 s a slow machine may need to read it back.
+    let short = CacheStore::open(&repo, &client, Duration::from_secs(2))
+        .unwrap()
+        .with_clock(Arc::new(Ahead(Duration::from_secs(3))));
     assert!(short.lookup(&key(0)).await.unwrap().is_none());
     assert!(store.lookup(&key(0)).await.unwrap().is_some());
     // Rewriting the entry makes it fresh again.
@@ -300,8 +302,10 @@ async fn oci_layout_cache_round_trip() {
     let err = stream.read_to_end(&mut sink).await.unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::InvalidData, "{err}");
 
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    let expiring = CacheStore::oci_layout(&dir, Duration::ZERO).unwrap();
+    // Seen a second later, every entry is past a zero TTL.
+    let expiring = CacheStore::oci_layout(&dir, Duration::ZERO)
+        .unwrap()
+        .with_clock(Arc::new(Ahead(Duration::from_secs(1))));
     assert!(expiring.lookup(&key(0)).await.unwrap().is_none());
 
     if kiln_testkit::which("skopeo").is_some() {

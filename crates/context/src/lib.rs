@@ -23,6 +23,8 @@
 //! # let _ = key_part; Ok(()) }
 //! ```
 
+#![warn(clippy::undocumented_unsafe_blocks)]
+
 mod archive;
 pub mod dockerignore;
 mod error;

@@ -2,61 +2,21 @@
 //!
 //! [`parse_ast`] turns text into [`Node`]s, one per instruction, without judging whether the
 //! instruction or its flags exist (that is [`crate::Dockerfile::parse`]'s job). [`Ast::dump`]
-//! prints the tree in BuildKit's test format.
+//! prints the tree in BuildKit's test format. Parser directives are read in `directives`,
+//! here-documents in `heredoc`.
+
+mod directives;
+mod heredoc;
 
 use crate::error::{Error, ErrorKind, Lines};
-use crate::expand::Lexer;
 use crate::json::{parse_string_array, JsonArray};
 use crate::quote::{go_quote, go_quote_list};
 
-/// The parser directives at the top of a Dockerfile.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Directives {
-    /// `# syntax=...`: the frontend image the author asked for (informational for Kiln).
-    pub syntax: Option<String>,
-    /// `# escape=...`: the escape and line-continuation character, `\` (default) or `` ` ``.
-    pub escape: char,
-    /// `# check=...`: build-check configuration, kept verbatim.
-    pub check: Option<String>,
-}
-
-impl Default for Directives {
-    fn default() -> Self {
-        Directives {
-            syntax: None,
-            escape: '\\',
-            check: None,
-        }
-    }
-}
-
-/// A here-document attached to a RUN, COPY or ADD instruction.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Heredoc {
-    /// The delimiter word with quotes removed; also the file name for COPY/ADD.
-    pub name: String,
-    /// The file descriptor written before `<<` (`3<<EOF`), 0 when absent.
-    pub fd: u32,
-    /// Whether variables in the body are expanded (the delimiter was not quoted).
-    pub expand: bool,
-    /// `<<-`: leading tabs are stripped from each body line.
-    pub chomp: bool,
-    /// The body exactly as written, each line with its newline.
-    pub content: String,
-}
-
-impl Heredoc {
-    /// The body with leading tabs removed from each line when the heredoc used `<<-`.
-    pub fn body(&self) -> String {
-        if !self.chomp {
-            return self.content.clone();
-        }
-        self.content
-            .split_inclusive('\n')
-            .map(|line| line.trim_start_matches('\t'))
-            .collect()
-    }
-}
+use self::directives::DirectiveState;
+pub use self::directives::Directives;
+pub(crate) use self::heredoc::parse_heredoc_marker;
+use self::heredoc::read_heredocs;
+pub use self::heredoc::Heredoc;
 
 /// One instruction of the syntax tree.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -154,86 +114,6 @@ impl Ast {
         let end = self.nodes.last().map_or(0, |n| n.lines.end);
         Lines { start, end }
     }
-}
-
-/// Tracks the directive section at the top of the file.
-struct DirectiveState {
-    directives: Directives,
-    done: bool,
-    seen: Vec<String>,
-}
-
-impl DirectiveState {
-    /// Looks for `# key=value` on a (left-trimmed) line; the first line that is not a directive
-    /// ends the directive section for good.
-    fn inspect(&mut self, line: &str, line_no: usize) -> Result<(), Error> {
-        if self.done {
-            return Ok(());
-        }
-        let Some((key, value)) = directive(line) else {
-            self.done = true;
-            return Ok(());
-        };
-        let key = key.to_ascii_lowercase();
-        if !matches!(key.as_str(), "syntax" | "escape" | "check") {
-            self.done = true;
-            return Ok(());
-        }
-        let at = Lines::single(line_no);
-        if self.seen.contains(&key) {
-            return Err(Error::at(
-                at,
-                ErrorKind::Syntax(format!("only one {key} parser directive can be used")),
-            ));
-        }
-        self.seen.push(key.clone());
-        match key.as_str() {
-            "escape" => match value {
-                "\\" => self.directives.escape = '\\',
-                "`" => self.directives.escape = '`',
-                other => {
-                    return Err(Error::at(
-                        at,
-                        ErrorKind::Syntax(format!(
-                            "invalid escape token '{other}' does not match ` or \\"
-                        )),
-                    ))
-                }
-            },
-            "syntax" => self.directives.syntax = Some(value.to_string()),
-            _ => self.directives.check = Some(value.to_string()),
-        }
-        Ok(())
-    }
-}
-
-/// Matches `^#\s*([a-zA-Z][a-zA-Z0-9]*)\s*=\s*(.+?)\s*$` (Go's ASCII `\s`).
-fn directive(line: &str) -> Option<(&str, &str)> {
-    let is_space = |c: char| matches!(c, ' ' | '\t' | '\n' | '\x0c' | '\r');
-    let rest = line.strip_prefix('#')?.trim_start_matches(is_space);
-    let key_len = rest
-        .char_indices()
-        .take_while(|&(i, c)| {
-            if i == 0 {
-                c.is_ascii_alphabetic()
-            } else {
-                c.is_ascii_alphanumeric()
-            }
-        })
-        .count();
-    if key_len == 0 {
-        return None;
-    }
-    let (key, rest) = rest.split_at(key_len);
-    let rest = rest.trim_start_matches(is_space).strip_prefix('=')?;
-    let value = rest.trim_matches(is_space);
-    if !value.is_empty() {
-        return Some((key, value));
-    }
-    // `(.+?)` must take at least one character: with only whitespace left the regex gives back
-    // the last one.
-    let last = rest.chars().last()?;
-    Some((key, &rest[rest.len() - last.len_utf8()..]))
 }
 
 fn trim_newline(s: &str) -> &str {
@@ -646,74 +526,13 @@ fn node_from_line(line: &str, escape: char, lines: Lines, depth: usize) -> Resul
     })
 }
 
-/// Recognises `[fd]<<[-]WORD`; `Ok(None)` when `word` is not a heredoc marker.
-pub(crate) fn parse_heredoc_marker(word: &str) -> Result<Option<Heredoc>, String> {
-    let digits = word.len() - word.trim_start_matches(|c: char| c.is_ascii_digit()).len();
-    let Some(after) = word[digits..].strip_prefix("<<") else {
-        return Ok(None);
-    };
-    let (chomp, rest) = match after.strip_prefix('-') {
-        Some(r) => (true, r),
-        None => (false, after),
-    };
-    if rest.contains('<') || rest.is_empty() {
-        return Ok(None);
-    }
-    let fd = word[..digits].parse::<u32>().unwrap_or(0);
-    let no_vars: Vec<(String, String)> = Vec::new();
-    let lexer = Lexer::new('\\').skip_unset(true);
-    let words = lexer.split(rest, &no_vars).map_err(|e| e.to_string())?;
-    if words.len() != 1 {
-        return Ok(None);
-    }
-    let raw = lexer
-        .raw_quotes(true)
-        .split(rest, &no_vars)
-        .map_err(|e| e.to_string())?;
-    if raw.len() != words.len() {
-        return Err(format!(
-            "internal lexing of heredoc produced inconsistent results: {rest}"
-        ));
-    }
-    let quotes = |s: &str| s.chars().filter(|&c| c == '\'' || c == '"').count();
-    let expand = quotes(&words[0]) == quotes(&raw[0]);
-    Ok(Some(Heredoc {
-        name: words[0].clone(),
-        fd,
-        expand,
-        chomp,
-        content: String::new(),
-    }))
-}
-
-fn heredocs_in_line(line: &str) -> Result<Vec<Heredoc>, String> {
-    let no_vars: Vec<(String, String)> = Vec::new();
-    let words = Lexer::new('\\')
-        .raw_quotes(true)
-        .raw_escapes(true)
-        .skip_unset(true)
-        .split(line, &no_vars)
-        .unwrap_or_default();
-    let mut docs = Vec::new();
-    for word in words {
-        if let Some(doc) = parse_heredoc_marker(&word)? {
-            docs.push(doc);
-        }
-    }
-    Ok(docs)
-}
-
 /// Parses Dockerfile text into its syntax tree.
 ///
 /// Errors: an invalid or repeated directive, invalid JSON-array arguments holding non-strings,
 /// ENV/LABEL without a value, an unterminated heredoc, or a file without instructions.
 pub fn parse_ast(source: &str) -> Result<Ast, Error> {
     let source = source.strip_prefix('\u{feff}').unwrap_or(source);
-    let mut state = DirectiveState {
-        directives: Directives::default(),
-        done: false,
-        seen: Vec::new(),
-    };
+    let mut state = DirectiveState::default();
     let mut lines = source.split_inclusive('\n');
     let mut current = 0usize;
     let mut nodes: Vec<Node> = Vec::new();
@@ -776,40 +595,7 @@ pub fn parse_ast(source: &str) -> Result<Ast, Error> {
             )
         })?;
         if node.can_contain_heredoc() {
-            let docs = heredocs_in_line(&line).map_err(|m| {
-                Error::at(
-                    Lines {
-                        start,
-                        end: current,
-                    },
-                    ErrorKind::Syntax(m),
-                )
-            })?;
-            for mut doc in docs {
-                let mut terminated = false;
-                for raw in lines.by_ref() {
-                    current += 1;
-                    let mut candidate = trim_newline(raw);
-                    if doc.chomp {
-                        candidate = candidate.trim_start_matches('\t');
-                    }
-                    if candidate == doc.name {
-                        terminated = true;
-                        break;
-                    }
-                    doc.content.push_str(raw);
-                }
-                if !terminated {
-                    return Err(Error::at(
-                        Lines {
-                            start,
-                            end: current,
-                        },
-                        ErrorKind::UnterminatedHeredoc(doc.name),
-                    ));
-                }
-                node.heredocs.push(doc);
-            }
+            node.heredocs = read_heredocs(&line, &mut lines, start, &mut current)?;
         }
         node.lines = Lines {
             start,
@@ -881,16 +667,5 @@ mod tests {
         let src = format!("FROM a\n{}RUN x\n", "ONBUILD ".repeat(10_000));
         let err = parse_ast(&src).unwrap_err();
         assert_eq!(err.to_string(), "Dockerfile:2: ONBUILD nested too deeply");
-    }
-
-    #[test]
-    fn directive_regex() {
-        assert_eq!(directive("# escape = `"), Some(("escape", "`")));
-        assert_eq!(
-            directive("#syntax=docker/dockerfile:1 "),
-            Some(("syntax", "docker/dockerfile:1"))
-        );
-        assert_eq!(directive("# just a comment"), None);
-        assert_eq!(directive("#1x=y"), None);
     }
 }

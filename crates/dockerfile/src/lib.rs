@@ -66,6 +66,8 @@
 //! # Ok::<(), kiln_dockerfile::Error>(())
 //! ```
 
+#![forbid(unsafe_code)]
+
 mod ast;
 mod error;
 mod expand;

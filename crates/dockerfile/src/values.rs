@@ -233,40 +233,64 @@ pub(crate) fn parse_mount(
             }
         }
     }
-    let mut m = Mount {
-        kind,
-        target: String::new(),
-        source: None,
-        from: None,
-        read_only: false,
-        id: None,
-        sharing: CacheSharing::Shared,
-        mode: None,
-        uid: None,
-        gid: None,
-        size: None,
-        required: false,
-        env: None,
+    let mut fields_read = MountFields {
+        mount: Mount {
+            kind,
+            target: String::new(),
+            source: None,
+            from: None,
+            read_only: false,
+            id: None,
+            sharing: CacheSharing::Shared,
+            mode: None,
+            uid: None,
+            gid: None,
+            size: None,
+            required: false,
+            env: None,
+        },
+        read_only: None,
+        sharing_set: false,
     };
-    let mut read_only: Option<bool> = None;
-    let mut sharing_set = false;
-    let wrong_type = |key: &str| format!("unexpected key '{key}' for mount type '{kind}'");
     for field in &fields {
+        fields_read.apply(field, resolve)?;
+    }
+    fields_read.finish()
+}
+
+/// A `--mount` as its fields are read, with what the checks after the last field need.
+struct MountFields {
+    mount: Mount,
+    /// `readonly`/`readwrite` when given; the default depends on the type.
+    read_only: Option<bool>,
+    /// Whether `sharing` was given (only cache mounts take it).
+    sharing_set: bool,
+}
+
+impl MountFields {
+    /// Applies one `key=value` or bare `key` field.
+    fn apply(
+        &mut self,
+        field: &str,
+        resolve: &mut dyn FnMut(&str) -> Result<Source, String>,
+    ) -> Result<(), String> {
+        let kind = self.mount.kind;
+        let m = &mut self.mount;
         let (key, value) = match field.split_once('=') {
             Some((k, v)) => (k.to_ascii_lowercase(), Some(v)),
             None => (field.to_ascii_lowercase(), None),
         };
         let Some(value) = value else {
             match key.as_str() {
-                "readonly" | "ro" => read_only = Some(true),
-                "readwrite" | "rw" => read_only = Some(false),
+                "readonly" | "ro" => self.read_only = Some(true),
+                "readwrite" | "rw" => self.read_only = Some(false),
                 "required" if matches!(kind, MountType::Secret | MountType::Ssh) => {
                     m.required = true
                 }
-                "required" => return Err(wrong_type(&key)),
+                "required" => return Err(wrong_mount_key(&key, kind)),
                 _ => return Err(format!("invalid field '{field}' must be a key=value pair")),
             }
-            continue;
+            return Ok(());
         };
         let bool_value =
             |v: &str| parse_bool(v).ok_or_else(|| format!("invalid value for {key}: {v}"));
@@ -280,17 +304,17 @@ pub(crate) fn parse_mount(
             }
             "source" | "src" => m.source = Some(value.to_string()),
             "target" | "dst" | "destination" => m.target = value.to_string(),
-            "readonly" | "ro" => read_only = Some(bool_value(value)?),
-            "readwrite" | "rw" => read_only = Some(!bool_value(value)?),
+            "readonly" | "ro" => self.read_only = Some(bool_value(value)?),
+            "readwrite" | "rw" => self.read_only = Some(!bool_value(value)?),
             "required" => {
                 if !matches!(kind, MountType::Secret | MountType::Ssh) {
-                    return Err(wrong_type(&key));
+                    return Err(wrong_mount_key(&key, kind));
                 }
                 m.required = bool_value(value)?;
             }
             "size" => {
                 if kind != MountType::Tmpfs {
-                    return Err(wrong_type(&key));
+                    return Err(wrong_mount_key(&key, kind));
                 }
                 m.size = Some(parse_size(value).ok_or_else(|| format!("invalid size {value:?}"))?);
             }
@@ -302,7 +326,7 @@ pub(crate) fn parse_mount(
                     "locked" => CacheSharing::Locked,
                     _ => return Err(format!("unsupported sharing value {value:?}")),
                 };
-                sharing_set = true;
+                self.sharing_set = true;
             }
             "mode" => {
                 let mode = u32::from_str_radix(value, 8)
@@ -325,61 +349,79 @@ pub(crate) fn parse_mount(
             }
             "env" => {
                 if kind != MountType::Secret {
-                    return Err(wrong_type(&key));
+                    return Err(wrong_mount_key(&key, kind));
                 }
                 m.env = Some(value.to_string());
             }
             _ => return Err(format!("unexpected key '{key}' in '{field}'")),
         }
+        Ok(())
     }
-    let file_info_allowed = matches!(kind, MountType::Secret | MountType::Ssh | MountType::Cache);
-    if !file_info_allowed {
-        for (name, set) in [
-            ("mode", m.mode.is_some()),
-            ("uid", m.uid.is_some()),
-            ("gid", m.gid.is_some()),
-        ] {
-            if set {
-                return Err(format!("{name} not allowed for \"{kind}\" type mounts"));
+
+    /// Checks the combination of fields and fills in the type's defaults (read-only, the
+    /// cache id, the secret id and target, the ssh id).
+    fn finish(self) -> Result<Mount, String> {
+        let MountFields {
+            mount: mut m,
+            read_only,
+            sharing_set,
+        } = self;
+        let kind = m.kind;
+        let file_info_allowed =
+            matches!(kind, MountType::Secret | MountType::Ssh | MountType::Cache);
+        if !file_info_allowed {
+            for (name, set) in [
+                ("mode", m.mode.is_some()),
+                ("uid", m.uid.is_some()),
+                ("gid", m.gid.is_some()),
+            ] {
+                if set {
+                    return Err(format!("{name} not allowed for \"{kind}\" type mounts"));
+                }
             }
         }
-    }
-    if sharing_set && kind != MountType::Cache {
-        return Err(format!("invalid cache sharing set for {kind} mount"));
-    }
-    m.read_only = read_only.unwrap_or(!matches!(kind, MountType::Cache | MountType::Tmpfs));
-    match kind {
-        MountType::Bind | MountType::Cache | MountType::Tmpfs => {
-            if m.target.is_empty() {
-                return Err(format!("{kind} mount requires a target"));
+        if sharing_set && kind != MountType::Cache {
+            return Err(format!("invalid cache sharing set for {kind} mount"));
+        }
+        m.read_only = read_only.unwrap_or(!matches!(kind, MountType::Cache | MountType::Tmpfs));
+        match kind {
+            MountType::Bind | MountType::Cache | MountType::Tmpfs => {
+                if m.target.is_empty() {
+                    return Err(format!("{kind} mount requires a target"));
+                }
+                if kind == MountType::Cache && m.id.is_none() {
+                    m.id = Some(m.target.clone());
+                }
             }
-            if kind == MountType::Cache && m.id.is_none() {
-                m.id = Some(m.target.clone());
+            MountType::Secret => {
+                if m.source.is_none() && m.target.is_empty() && m.id.is_none() && m.env.is_none() {
+                    return Err("invalid secret mount. one of source, target required".to_string());
+                }
+                if m.source.is_some() && m.id.is_some() {
+                    return Err("both source and id can't be set".to_string());
+                }
+                if m.id.is_none() {
+                    let from_path = m.source.clone().unwrap_or_else(|| m.target.clone());
+                    let base = from_path.rsplit('/').next().unwrap_or_default().to_string();
+                    m.id = Some(if base.is_empty() { from_path } else { base });
+                }
+                if m.target.is_empty() && m.env.is_none() {
+                    m.target = format!("/run/secrets/{}", m.id.as_deref().unwrap_or_default());
+                }
+            }
+            MountType::Ssh => {
+                if m.id.is_none() {
+                    m.id = Some("default".to_string());
+                }
             }
         }
-        MountType::Secret => {
-            if m.source.is_none() && m.target.is_empty() && m.id.is_none() && m.env.is_none() {
-                return Err("invalid secret mount. one of source, target required".to_string());
-            }
-            if m.source.is_some() && m.id.is_some() {
-                return Err("both source and id can't be set".to_string());
-            }
-            if m.id.is_none() {
-                let from_path = m.source.clone().unwrap_or_else(|| m.target.clone());
-                let base = from_path.rsplit('/').next().unwrap_or_default().to_string();
-                m.id = Some(if base.is_empty() { from_path } else { base });
-            }
-            if m.target.is_empty() && m.env.is_none() {
-                m.target = format!("/run/secrets/{}", m.id.as_deref().unwrap_or_default());
-            }
-        }
-        MountType::Ssh => {
-            if m.id.is_none() {
-                m.id = Some("default".to_string());
-            }
-        }
+        Ok(m)
     }
-    Ok(m)
+}
+
+/// The error for a key the mount type does not take.
+fn wrong_mount_key(key: &str, kind: MountType) -> String {
+    format!("unexpected key '{key}' for mount type '{kind}'")
 }
 
 /// `ADD --checksum`: a digest (`sha256:<64 hex>`, `sha384:`, `sha512:`).

@@ -16,6 +16,8 @@
 //! pushed or written out (kiln-oci). Each operation's key, config edit and execution live in
 //! one module of `ops`.
 
+#![forbid(unsafe_code)]
+
 mod base;
 mod builder;
 mod buildpacks;

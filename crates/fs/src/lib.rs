@@ -3,6 +3,8 @@
 //! those changes into compressed, digested layer blobs.
 //!
 //! Modules are added by the unpack and the snapshot/layer-writer work; each owns one concern.
+
+#![forbid(unsafe_code)]
 pub mod blobstore;
 pub mod clone;
 pub mod compress;

@@ -6,6 +6,8 @@
 //! fs and cache depend on it, it depends on nothing of ours. Everything here is synchronous;
 //! blobs move through `Read`/`Write` streams and are never held whole in memory.
 
+#![forbid(unsafe_code)]
+
 pub mod archive;
 pub mod canonical;
 pub mod digest;

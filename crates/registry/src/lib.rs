@@ -41,11 +41,14 @@
 //! # }
 //! ```
 
+#![forbid(unsafe_code)]
+
 mod blob;
 mod certificate;
 mod certs_d;
 mod challenge;
 mod client;
+mod clock;
 mod credentials;
 mod error;
 mod options;
@@ -57,6 +60,7 @@ mod transport;
 pub use blob::{BlobSource, BlobStream, BoxAsyncRead, BytesSource, FileSource, ReaderSource};
 pub use challenge::Challenge;
 pub use client::{Client, Manifest, ManifestInfo, PushBlobOptions, PushOutcome, PushedBlob};
+pub use clock::Clock;
 pub use credentials::{
     normalize_registry, Credential, DockerConfig, Keychain, DOCKER_HUB_AUTH_KEY,
 };

@@ -1,26 +1,30 @@
 //! The HTTP layer under [`Client`](crate::Client): one reqwest client per registry and
-//! transport profile, scheme discovery with the plain-HTTP fallback, the authentication
-//! challenge and token cache, and the retry loop.
+//! transport profile, scheme discovery with the plain-HTTP fallback, and the retry loop. The
+//! authentication challenge and token cache are in `auth`, timestamp parsing in `dates`.
+
+mod auth;
+mod dates;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
-use base64::Engine as _;
-use reqwest::header::{HeaderValue, AUTHORIZATION, RETRY_AFTER, WWW_AUTHENTICATE};
+use reqwest::header::{AUTHORIZATION, RETRY_AFTER, WWW_AUTHENTICATE};
 use reqwest::{RequestBuilder, Response, StatusCode};
 use rustls_pki_types::CertificateDer;
 use tokio::sync::{OnceCell, Semaphore};
 use url::Url;
 
+use self::auth::{CachedToken, TokenKey};
+use self::dates::parse_http_date;
 use crate::certs_d::{DirError, HostDir, HostFiles};
 use crate::challenge::Challenge;
+use crate::clock::Clock;
 use crate::credentials::Credential;
 use crate::error::{error_chain, parse_error_body, retryable_status, Error, Operation};
 use crate::options::{api_host, Access, Profile, RegistryOptions};
-use crate::secret::Secret;
 use crate::tls::Identity;
 
 /// The most of an error body Kiln reads to report the registry's message.
@@ -29,15 +33,14 @@ const ERROR_BODY_LIMIT: usize = 64 * 1024;
 /// Shared state behind every clone of a `Client`.
 pub(crate) struct Inner {
     pub options: RegistryOptions,
+    /// What token lifetimes are measured with.
+    clock: Arc<dyn Clock>,
     tls: TlsMaterial,
     endpoints: Mutex<HashMap<(String, Profile), Arc<Endpoint>>>,
     tokens: Mutex<HashMap<TokenKey, CachedToken>>,
     token_fetches: Mutex<HashMap<TokenKey, Arc<tokio::sync::Mutex<()>>>>,
     transfers: Arc<Semaphore>,
 }
-
-/// A token cache key: API host and the space-joined scopes.
-type TokenKey = (String, String);
 
 /// Certificates named by the user, read once when the client is made so a bad file fails
 /// early and by name. The system's CAs are not here: see [`crate::tls`].
@@ -109,11 +112,6 @@ pub(crate) struct Endpoint {
     certs_dir: Option<PathBuf>,
 }
 
-struct CachedToken {
-    value: Secret,
-    expires: Instant,
-}
-
 /// What a request is for, to label errors.
 #[derive(Clone, Copy)]
 pub(crate) struct Ctx<'a> {
@@ -122,7 +120,7 @@ pub(crate) struct Ctx<'a> {
 }
 
 impl Inner {
-    pub fn new(options: RegistryOptions) -> Result<Self, Error> {
+    pub fn new(options: RegistryOptions, clock: Arc<dyn Clock>) -> Result<Self, Error> {
         let read_pem = |registry: &str, path: &std::path::Path| {
             std::fs::read(path).map_err(|e| Error::Tls {
                 registry: registry.to_owned(),
@@ -197,6 +195,7 @@ impl Inner {
         let transfers = Arc::new(Semaphore::new(options.max_concurrent_transfers.max(1)));
         Ok(Inner {
             options,
+            clock,
             tls,
             endpoints: Mutex::new(HashMap::new()),
             tokens: Mutex::new(HashMap::new()),
@@ -568,213 +567,6 @@ impl Inner {
             .saturating_mul(factor)
             .min(self.options.retry_max_delay)
     }
-
-    async fn credential(&self, ep: &Endpoint) -> Result<Option<Credential>, Error> {
-        ep.credential
-            .get_or_try_init(|| self.options.keychain.credential_for(&ep.registry))
-            .await
-            .cloned()
-    }
-
-    /// The `Authorization` header for a request needing `scopes`, per the last challenge.
-    async fn authorization(
-        &self,
-        ep: &Endpoint,
-        ctx: Ctx<'_>,
-        scopes: &[String],
-    ) -> Result<Option<HeaderValue>, Error> {
-        let challenge = ep
-            .challenge
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        match challenge {
-            None => Ok(None),
-            Some(Challenge::Basic { .. }) => match self.credential(ep).await? {
-                Some(Credential::Basic { username, password }) => {
-                    Ok(Some(basic_header(&username, &password)))
-                }
-                _ => Ok(None),
-            },
-            Some(Challenge::Bearer { realm, service, .. }) => {
-                let credential = self.credential(ep).await?;
-                if let Some(Credential::RegistryToken(token)) = &credential {
-                    return Ok(Some(bearer_header(token)));
-                }
-                let key = (ep.host.clone(), scopes.join(" "));
-                if let Some(header) = self.cached_token(&key) {
-                    return Ok(Some(header));
-                }
-                // One fetch per scope at a time: parallel layer pushes share the first token
-                // instead of each asking the token server.
-                let fetch_lock = self
-                    .token_fetches
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .entry(key.clone())
-                    .or_default()
-                    .clone();
-                let _fetching = fetch_lock.lock().await;
-                if let Some(header) = self.cached_token(&key) {
-                    return Ok(Some(header));
-                }
-                let token = self
-                    .fetch_token(
-                        ep,
-                        ctx,
-                        &realm,
-                        service.as_deref(),
-                        scopes,
-                        credential.as_ref(),
-                    )
-                    .await?;
-                let header = bearer_header(&token.value);
-                self.tokens
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(key, token);
-                Ok(Some(header))
-            }
-        }
-    }
-
-    fn cached_token(&self, key: &TokenKey) -> Option<HeaderValue> {
-        self.tokens
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(key)
-            .filter(|t| t.expires > Instant::now())
-            .map(|t| bearer_header(&t.value))
-    }
-
-    fn forget_token(&self, ep: &Endpoint, scopes: &[String]) {
-        self.tokens
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&(ep.host.clone(), scopes.join(" ")));
-    }
-
-    async fn fetch_token(
-        &self,
-        ep: &Endpoint,
-        ctx: Ctx<'_>,
-        realm: &str,
-        service: Option<&str>,
-        scopes: &[String],
-        credential: Option<&Credential>,
-    ) -> Result<CachedToken, Error> {
-        let ctx = Ctx {
-            target: ctx.target,
-            operation: Operation::Token,
-        };
-        let realm_url = Url::parse(realm).map_err(|e| {
-            Error::invalid(ctx.target, ctx.operation, format!("realm {realm:?}: {e}"))
-        })?;
-        let requested_at = SystemTime::now();
-        let resp = match credential {
-            Some(Credential::IdentityToken { token, .. }) => {
-                let mut form: Vec<(&str, String)> = vec![
-                    ("grant_type", "refresh_token".to_owned()),
-                    ("refresh_token", token.expose().to_owned()),
-                    ("client_id", "kiln".to_owned()),
-                ];
-                if let Some(service) = service {
-                    form.push(("service", service.to_owned()));
-                }
-                if !scopes.is_empty() {
-                    form.push(("scope", scopes.join(" ")));
-                }
-                let body = url::form_urlencoded::Serializer::new(String::new())
-                    .extend_pairs(form.iter().map(|(k, v)| (*k, v.as_str())))
-                    .finish();
-                self.retrying(ctx, self.options.retries, || {
-                    Some(
-                        ep.http
-                            .post(realm_url.clone())
-                            .header(
-                                reqwest::header::CONTENT_TYPE,
-                                "application/x-www-form-urlencoded",
-                            )
-                            .body(body.clone()),
-                    )
-                })
-                .await?
-            }
-            _ => {
-                let mut url = realm_url.clone();
-                {
-                    let mut query = url.query_pairs_mut();
-                    if let Some(service) = service {
-                        query.append_pair("service", service);
-                    }
-                    for scope in scopes {
-                        query.append_pair("scope", scope);
-                    }
-                }
-                let basic = match credential {
-                    Some(Credential::Basic { username, password }) => {
-                        Some(basic_header(username, password))
-                    }
-                    _ => None,
-                };
-                self.retrying(ctx, self.options.retries, || {
-                    let request = ep.http.get(url.clone());
-                    Some(match &basic {
-                        Some(value) => request.header(AUTHORIZATION, value.clone()),
-                        None => request,
-                    })
-                })
-                .await?
-            }
-        };
-        if !resp.status().is_success() {
-            return Err(status_error(resp, ctx).await);
-        }
-        #[derive(serde::Deserialize)]
-        struct TokenAnswer {
-            #[serde(default)]
-            token: Option<String>,
-            #[serde(default)]
-            access_token: Option<String>,
-            #[serde(default)]
-            expires_in: Option<u64>,
-            #[serde(default)]
-            issued_at: Option<String>,
-        }
-        let body = read_limited(resp, ERROR_BODY_LIMIT, ctx).await?;
-        let answer: TokenAnswer = serde_json::from_slice(&body).map_err(|e| {
-            Error::invalid(
-                ctx.target,
-                ctx.operation,
-                format!("token answer is not JSON ({:?} error)", e.classify()),
-            )
-        })?;
-        let value = answer
-            .access_token
-            .filter(|t| !t.is_empty())
-            .or(answer.token.filter(|t| !t.is_empty()))
-            .ok_or_else(|| {
-                Error::invalid(ctx.target, ctx.operation, "the answer holds no token")
-            })?;
-        // The spec's minimum lifetime is 60 s when the server does not say.
-        let lifetime = Duration::from_secs(answer.expires_in.unwrap_or(60).max(1));
-        let issued = answer
-            .issued_at
-            .as_deref()
-            .and_then(parse_rfc3339)
-            .filter(|t| *t <= SystemTime::now() + Duration::from_secs(300))
-            .unwrap_or(requested_at);
-        let valid_until = issued + lifetime;
-        let remaining = valid_until
-            .duration_since(SystemTime::now())
-            .unwrap_or(Duration::ZERO);
-        // Renew a little early so a token does not expire between the check and its use.
-        let margin = (lifetime / 10).min(Duration::from_secs(10));
-        Ok(CachedToken {
-            value: Secret::new(value),
-            expires: Instant::now() + remaining.saturating_sub(margin),
-        })
-    }
 }
 
 impl Endpoint {
@@ -841,24 +633,6 @@ fn challenge_of(resp: &Response) -> Option<Challenge> {
     )
 }
 
-fn basic_header(username: &str, password: &Secret) -> HeaderValue {
-    let encoded = base64::engine::general_purpose::STANDARD
-        .encode(format!("{username}:{}", password.expose()));
-    sensitive(format!("Basic {encoded}"))
-}
-
-fn bearer_header(token: &Secret) -> HeaderValue {
-    sensitive(format!("Bearer {}", token.expose()))
-}
-
-/// Header values marked sensitive are left out of reqwest's and hyper's debug output.
-fn sensitive(value: String) -> HeaderValue {
-    let mut header =
-        HeaderValue::from_str(&value).unwrap_or_else(|_| HeaderValue::from_static("Invalid"));
-    header.set_sensitive(true);
-    header
-}
-
 /// `Retry-After` as delay-seconds or as an HTTP date (RFC 9110).
 fn retry_after(resp: &Response) -> Option<Duration> {
     let value = resp.headers().get(RETRY_AFTER)?.to_str().ok()?.trim();
@@ -870,34 +644,6 @@ fn retry_after(resp: &Response) -> Option<Duration> {
         at.duration_since(SystemTime::now())
             .unwrap_or(Duration::ZERO),
     )
-}
-
-/// Parses the IMF-fixdate form, `Sun, 06 Nov 1994 08:49:37 GMT`.
-fn parse_http_date(text: &str) -> Option<SystemTime> {
-    let (_, rest) = text.split_once(", ")?;
-    let mut parts = rest.split(' ');
-    let day: i64 = parts.next()?.parse().ok()?;
-    let month = match parts.next()? {
-        "Jan" => 1,
-        "Feb" => 2,
-        "Mar" => 3,
-        "Apr" => 4,
-        "May" => 5,
-        "Jun" => 6,
-        "Jul" => 7,
-        "Aug" => 8,
-        "Sep" => 9,
-        "Oct" => 10,
-        "Nov" => 11,
-        "Dec" => 12,
-        _ => return None,
-    };
-    let year: i64 = parts.next()?.parse().ok()?;
-    let time = parts.next()?;
-    if parts.next()? != "GMT" || time.len() != 8 {
-        return None;
-    }
-    parse_rfc3339(&format!("{year:04}-{month:02}-{day:02}T{time}Z"))
 }
 
 /// Turns an unexpected response into an error with the registry's code and message.
@@ -947,99 +693,24 @@ pub(crate) async fn read_limited(
     Ok(body.freeze())
 }
 
-/// Parses the RFC 3339 timestamps token servers put in `issued_at`
-/// (`2024-01-02T03:04:05.678Z`, `...+02:00`).
-fn parse_rfc3339(text: &str) -> Option<SystemTime> {
-    let bytes = text.as_bytes();
-    if bytes.len() < 20
-        || bytes[4] != b'-'
-        || bytes[7] != b'-'
-        || !matches!(bytes[10], b'T' | b't' | b' ')
-    {
-        return None;
-    }
-    let num = |range: std::ops::Range<usize>| -> Option<i64> { text.get(range)?.parse().ok() };
-    let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
-    let (hour, minute, second) = (num(11..13)?, num(14..16)?, num(17..19)?);
-    if !(1..=12).contains(&month)
-        || !(1..=31).contains(&day)
-        || hour > 23
-        || minute > 59
-        || second > 60
-    {
-        return None;
-    }
-    let mut rest = &text[19..];
-    if let Some(frac) = rest.strip_prefix('.') {
-        let digits = frac.bytes().take_while(u8::is_ascii_digit).count();
-        rest = &frac[digits..];
-    }
-    let offset = match rest {
-        "Z" | "z" => 0,
-        _ => {
-            let sign = match rest.as_bytes().first()? {
-                b'+' => 1,
-                b'-' => -1,
-                _ => return None,
-            };
-            let h: i64 = rest.get(1..3)?.parse().ok()?;
-            let m: i64 = rest.get(4..6)?.parse().ok()?;
-            sign * (h * 3600 + m * 60)
-        }
-    };
-    // Days from civil date (proleptic Gregorian), after Howard Hinnant's well-known formula.
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (month + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    let secs = days * 86_400 + hour * 3600 + minute * 60 + second - offset;
-    u64::try_from(secs)
-        .ok()
-        .map(|s| SystemTime::UNIX_EPOCH + Duration::from_secs(s))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn parses_token_timestamps() {
-        let t = parse_rfc3339("2024-01-02T03:04:05Z").unwrap();
-        assert_eq!(
-            t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs(),
-            1_704_164_645
-        );
-        let with_offset = parse_rfc3339("2024-01-02T05:04:05.123456+02:00").unwrap();
-        assert_eq!(with_offset, t);
-        assert!(parse_rfc3339("yesterday").is_none());
-        assert_eq!(parse_http_date("Tue, 02 Jan 2024 03:04:05 GMT"), Some(t));
-        assert!(parse_http_date("Tue, 02 Foo 2024 03:04:05 GMT").is_none());
-        assert!(parse_http_date("2 hours").is_none());
-        assert!(parse_rfc3339("2024-13-02T03:04:05Z").is_none());
-    }
-
-    #[test]
     fn backoff_doubles_up_to_the_cap() {
-        let inner = Inner::new(RegistryOptions {
-            retry_initial_delay: Duration::from_millis(100),
-            retry_max_delay: Duration::from_millis(350),
-            ..RegistryOptions::default()
-        })
+        let inner = Inner::new(
+            RegistryOptions {
+                retry_initial_delay: Duration::from_millis(100),
+                retry_max_delay: Duration::from_millis(350),
+                ..RegistryOptions::default()
+            },
+            Arc::new(crate::clock::SystemClock),
+        )
         .unwrap();
         assert_eq!(inner.backoff(0), Duration::from_millis(100));
         assert_eq!(inner.backoff(1), Duration::from_millis(200));
         assert_eq!(inner.backoff(2), Duration::from_millis(350));
         assert_eq!(inner.backoff(40), Duration::from_millis(350));
-    }
-
-    #[test]
-    fn auth_headers_are_sensitive() {
-        let h = basic_header("user", &Secret::new("pw"));
-        assert!(h.is_sensitive());
-        assert_eq!(h.to_str().unwrap(), "Basic dXNlcjpwdw==");
-        assert!(!format!("{h:?}").contains("dXNlcjpwdw"));
     }
 }

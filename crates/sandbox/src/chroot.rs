@@ -141,144 +141,58 @@ impl ChrootSandbox {
             exec.capabilities = Some(DOCKER_DEFAULT_CAPABILITIES);
         }
         let root = path_cstring(&self.rootfs)?;
-        let mut setup = Vec::new();
-        let mut add = |op: SetupOp, description: String| setup.push(Setup { op, description });
-        let mount = |source: Option<&str>,
-                     target: &CString,
-                     fstype: Option<&str>,
-                     flags,
-                     data: Option<&str>| {
-            SetupOp::Mount {
-                source: source.map(|s| CString::new(s).unwrap_or_default()),
-                target: target.clone(),
-                fstype: fstype.map(|s| CString::new(s).unwrap_or_default()),
-                flags,
-                data: data.map(|s| CString::new(s).unwrap_or_default()),
-            }
-        };
         let root_c = CString::new("/").unwrap_or_default();
-
-        // Nothing we mount may propagate back to the host's namespace.
-        add(
-            mount(None, &root_c, None, libc::MS_REC | libc::MS_PRIVATE, None),
-            "make all mounts private".into(),
-        );
-        // pivot_root needs the new root to be a mount point.
-        add(
-            SetupOp::Mount {
-                source: Some(root.clone()),
-                target: root.clone(),
-                fstype: None,
-                flags: libc::MS_BIND | libc::MS_REC,
-                data: None,
+        let mut setup = vec![
+            // Nothing we mount may propagate back to the host's namespace.
+            Setup {
+                op: mount(None, &root_c, None, libc::MS_REC | libc::MS_PRIVATE, None),
+                description: "make all mounts private".into(),
             },
-            format!("bind mount {} on itself", self.rootfs.display()),
-        );
+            // pivot_root needs the new root to be a mount point.
+            Setup {
+                op: SetupOp::Mount {
+                    source: Some(root.clone()),
+                    target: root.clone(),
+                    fstype: None,
+                    flags: libc::MS_BIND | libc::MS_REC,
+                    data: None,
+                },
+                description: format!("bind mount {} on itself", self.rootfs.display()),
+            },
+        ];
 
         let proc_dir = path_cstring(&stubs.dir(Path::new("/proc"))?)?;
-        add(
-            mount(
+        setup.push(Setup {
+            op: mount(
                 Some("proc"),
                 &proc_dir,
                 Some("proc"),
                 libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
                 None,
             ),
-            "mount proc on /proc".into(),
-        );
-
-        let dev = stubs.dir(Path::new("/dev"))?;
-        let dev_c = path_cstring(&dev)?;
-        add(
-            mount(
-                Some("tmpfs"),
-                &dev_c,
-                Some("tmpfs"),
-                libc::MS_NOSUID | libc::MS_STRICTATIME,
-                Some("mode=755,size=65536k"),
-            ),
-            "mount tmpfs on /dev".into(),
-        );
-        for name in DEVICES {
-            let target = path_cstring(&dev.join(name))?;
-            add(
-                SetupOp::CreateFile(target.clone()),
-                format!("create /dev/{name}"),
-            );
-            add(
-                mount(
-                    Some(&format!("/dev/{name}")),
-                    &target,
-                    None,
-                    libc::MS_BIND,
-                    None,
-                ),
-                format!("bind mount the host's /dev/{name}"),
-            );
-        }
-        let pts = path_cstring(&dev.join("pts"))?;
-        add(SetupOp::Mkdir(pts.clone()), "create /dev/pts".into());
-        add(
-            mount(
-                Some("devpts"),
-                &pts,
-                Some("devpts"),
-                libc::MS_NOSUID | libc::MS_NOEXEC,
-                Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
-            ),
-            "mount devpts on /dev/pts".into(),
-        );
-        for (target, link) in [
-            ("pts/ptmx", "ptmx"),
-            ("/proc/self/fd", "fd"),
-            ("/proc/self/fd/0", "stdin"),
-            ("/proc/self/fd/1", "stdout"),
-            ("/proc/self/fd/2", "stderr"),
-        ] {
-            add(
-                SetupOp::Symlink {
-                    target: CString::new(target).unwrap_or_default(),
-                    link: path_cstring(&dev.join(link))?,
-                },
-                format!("create the /dev/{link} symlink"),
-            );
-        }
-        let shm = path_cstring(&dev.join("shm"))?;
-        add(SetupOp::Mkdir(shm.clone()), "create /dev/shm".into());
-        add(
-            mount(
-                Some("shm"),
-                &shm,
-                Some("tmpfs"),
-                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-                Some("mode=1777,size=65536k"),
-            ),
-            "mount tmpfs on /dev/shm".into(),
-        );
-
+            description: "mount proc on /proc".into(),
+        });
+        setup.extend(dev_setup(stubs)?);
         let sys = path_cstring(&stubs.dir(Path::new("/sys"))?)?;
-        add(
-            SetupOp::Sysfs { target: sys },
-            "mount sysfs read-only on /sys".into(),
-        );
-
+        setup.push(Setup {
+            op: SetupOp::Sysfs { target: sys },
+            description: "mount sysfs read-only on /sys".into(),
+        });
         for (inside, generated) in etc_files {
             let target = path_cstring(&stubs.file(Path::new(inside))?)?;
-            add(
-                SetupOp::Mount {
+            setup.push(Setup {
+                op: SetupOp::Mount {
                     source: Some(path_cstring(generated)?),
                     target,
                     fstype: None,
                     flags: libc::MS_BIND,
                     data: None,
                 },
-                format!("bind mount the generated {inside}"),
-            );
+                description: format!("bind mount the generated {inside}"),
+            });
         }
 
-        for extra in extra_mounts(stubs, &step.mounts)? {
-            setup.push(extra);
-        }
+        setup.extend(extra_mounts(stubs, &step.mounts)?);
         setup.push(Setup {
             op: SetupOp::SetHostname(
                 CString::new(self.hostname.as_str()).map_err(|_| {
@@ -308,6 +222,99 @@ impl ChrootSandbox {
             exec,
         })
     }
+}
+
+/// A `mount(2)` setup operation from plain strings (none of which holds a NUL).
+fn mount(
+    source: Option<&str>,
+    target: &CString,
+    fstype: Option<&str>,
+    flags: libc::c_ulong,
+    data: Option<&str>,
+) -> SetupOp {
+    SetupOp::Mount {
+        source: source.map(|s| CString::new(s).unwrap_or_default()),
+        target: target.clone(),
+        fstype: fstype.map(|s| CString::new(s).unwrap_or_default()),
+        flags,
+        data: data.map(|s| CString::new(s).unwrap_or_default()),
+    }
+}
+
+/// The step's own `/dev`: a tmpfs with the host's harmless devices bound in, a private devpts
+/// instance, the usual symlinks and a `/dev/shm`, as Docker gives a container.
+fn dev_setup(stubs: &mut Stubs) -> Result<Vec<Setup>, SandboxError> {
+    let mut setup = Vec::new();
+    let mut add = |op: SetupOp, description: String| setup.push(Setup { op, description });
+    let dev = stubs.dir(Path::new("/dev"))?;
+    let dev_c = path_cstring(&dev)?;
+    add(
+        mount(
+            Some("tmpfs"),
+            &dev_c,
+            Some("tmpfs"),
+            libc::MS_NOSUID | libc::MS_STRICTATIME,
+            Some("mode=755,size=65536k"),
+        ),
+        "mount tmpfs on /dev".into(),
+    );
+    for name in DEVICES {
+        let target = path_cstring(&dev.join(name))?;
+        add(
+            SetupOp::CreateFile(target.clone()),
+            format!("create /dev/{name}"),
+        );
+        add(
+            mount(
+                Some(&format!("/dev/{name}")),
+                &target,
+                None,
+                libc::MS_BIND,
+                None,
+            ),
+            format!("bind mount the host's /dev/{name}"),
+        );
+    }
+    let pts = path_cstring(&dev.join("pts"))?;
+    add(SetupOp::Mkdir(pts.clone()), "create /dev/pts".into());
+    add(
+        mount(
+            Some("devpts"),
+            &pts,
+            Some("devpts"),
+            libc::MS_NOSUID | libc::MS_NOEXEC,
+            Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
+        ),
+        "mount devpts on /dev/pts".into(),
+    );
+    for (target, link) in [
+        ("pts/ptmx", "ptmx"),
+        ("/proc/self/fd", "fd"),
+        ("/proc/self/fd/0", "stdin"),
+        ("/proc/self/fd/1", "stdout"),
+        ("/proc/self/fd/2", "stderr"),
+    ] {
+        add(
+            SetupOp::Symlink {
+                target: CString::new(target).unwrap_or_default(),
+                link: path_cstring(&dev.join(link))?,
+            },
+            format!("create the /dev/{link} symlink"),
+        );
+    }
+    let shm = path_cstring(&dev.join("shm"))?;
+    add(SetupOp::Mkdir(shm.clone()), "create /dev/shm".into());
+    add(
+        mount(
+            Some("shm"),
+            &shm,
+            Some("tmpfs"),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            Some("mode=1777,size=65536k"),
+        ),
+        "mount tmpfs on /dev/shm".into(),
+    );
+    Ok(setup)
 }
 
 impl Sandbox for ChrootSandbox {

@@ -43,6 +43,8 @@
 //! `tokio::task::spawn_blocking`. Nothing else in the process may reap children with
 //! `waitpid(-1, ...)` or ignore SIGCHLD.
 
+#![warn(clippy::undocumented_unsafe_blocks)]
+
 mod cancel;
 mod chroot;
 mod error;

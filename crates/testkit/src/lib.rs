@@ -6,6 +6,8 @@
 //! Nothing here mocks a registry or a tool: a test that needs one gets the real thing, or a
 //! clear panic saying which Debian package is missing.
 
+#![warn(clippy::undocumented_unsafe_blocks)]
+
 pub mod bases;
 pub mod buildah;
 pub mod certs;

@@ -2,8 +2,9 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::{Duration, SystemTime};
 
-use kiln_cache::LayerFile;
+use kiln_cache::{Clock, LayerFile};
 use kiln_oci::{Descriptor, Digest, MediaType};
 
 /// A real gzip-compressed layer tar holding one file with `content`.
@@ -36,5 +37,16 @@ pub fn make_layer(dir: &Path, name: &str, content: &str) -> LayerFile {
         diff_id,
         path,
         mount_from: None,
+    }
+}
+
+/// The system clock run ahead by a fixed time: a cache reading it sees every entry written
+/// with the system clock that much older, without the test waiting.
+#[derive(Debug)]
+pub struct Ahead(pub Duration);
+
+impl Clock for Ahead {
+    fn now(&self) -> SystemTime {
+        SystemTime::now() + self.0
     }
 }

@@ -1,4 +1,8 @@
-//! Applying tar entries, one at a time, to a [`Root`].
+//! Applying tar entries, one at a time, to a [`Root`]. Reading an entry's metadata is in
+//! `meta`, whiteouts and opaque directories in `whiteout`.
+
+mod meta;
+mod whiteout;
 
 use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, HashSet};
@@ -7,7 +11,7 @@ use std::fs::File;
 use std::hash::BuildHasher;
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use kiln_oci::Digest;
@@ -15,18 +19,16 @@ use rustix::fd::{AsFd, BorrowedFd};
 use rustix::fs::{AtFlags, FileType, Gid, Mode, OFlags, Timespec, Timestamps, Uid, XattrFlags};
 use rustix::io::Errno;
 
+use self::meta::{read_meta, EntryMeta};
 use super::name::{self, Special};
 use super::pool::{
     create_exclusive, set_owner_and_mode, FileJob, FileOpError, WritePool, MAX_QUEUED_FILE,
 };
 use super::{SkippedEntry, UnpackError, UnpackEvent};
-use crate::resolve::{list_dir, remove_entry, ParentDir, Root, RootError};
+use crate::resolve::{remove_entry, ParentDir, Root, RootError};
 
 /// Copy buffer for file contents: large enough for few syscalls, small enough to not matter.
 const COPY_BUFFER: usize = 256 * 1024;
-
-/// PAX record prefix under which GNU tar, Go's archive/tar and Kiln's writer store xattrs.
-const PAX_XATTR_PREFIX: &[u8] = b"SCHILY.xattr.";
 
 /// Why applying the tar stopped: the stream failed (reported with the compressed offset by the
 /// caller), or an entry failed (already a complete error).
@@ -46,16 +48,6 @@ impl From<RootError> for OpError {
     fn from(e: RootError) -> Self {
         OpError::Root(e)
     }
-}
-
-/// The metadata of one tar entry that Kiln applies.
-struct EntryMeta {
-    mode: u32,
-    uid: u32,
-    gid: u32,
-    times: Timestamps,
-    xattrs: Vec<(OsString, Vec<u8>)>,
-    device: (u32, u32),
 }
 
 /// State of one layer's unpack.
@@ -546,89 +538,6 @@ impl<'r, 'o> Applier<'r, 'o> {
         Ok(())
     }
 
-    fn opaque(&mut self, dir: &Path) -> Result<(), OpError> {
-        if self.pool_busy() {
-            self.drain_pool()?;
-        }
-        let handle = match self.root.open_dir(dir) {
-            Ok(handle) => handle,
-            Err(e) if e.is_not_found() || e.raw_os_error() == Some(libc::ENOTDIR) => return Ok(()),
-            Err(e) => return Err(e.into()),
-        };
-        self.mark(dir);
-        let mut rel = dir.to_path_buf();
-        self.prune(handle.as_fd(), &mut rel)
-    }
-
-    /// Removes everything under `dir` (at `rel`) that this layer did not write.
-    fn prune(&mut self, dir: BorrowedFd<'_>, rel: &mut PathBuf) -> Result<(), OpError> {
-        let names = list_dir(dir).map_err(|e| self.io_err_std("list", rel, e))?;
-        for name in names {
-            rel.push(&name);
-            let result = if self.in_layer(rel) {
-                self.prune_child(dir, &name, rel)
-            } else {
-                let dir_path = rel.parent().unwrap_or(Path::new("")).to_path_buf();
-                self.preserve_dir_time(&dir_path, dir);
-                match remove_entry(dir, &name) {
-                    Ok(_) => {
-                        self.dir_times.remove(rel.as_path());
-                        self.emit(UnpackEvent::Removed { path: rel });
-                        Ok(())
-                    }
-                    Err(e) => Err(self.io_err_std("remove", rel, e).into()),
-                }
-            };
-            rel.pop();
-            result?;
-        }
-        Ok(())
-    }
-
-    fn prune_child(
-        &mut self,
-        dir: BorrowedFd<'_>,
-        name: &OsStr,
-        rel: &mut PathBuf,
-    ) -> Result<(), OpError> {
-        let st = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)
-            .map_err(|e| self.io_err("stat", rel, e))?;
-        if FileType::from_raw_mode(st.st_mode) != FileType::Directory {
-            return Ok(());
-        }
-        let child = rustix::fs::openat(
-            dir,
-            name,
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(|e| self.io_err("open directory", rel, e))?;
-        self.prune(child.as_fd(), rel)
-    }
-
-    fn whiteout(&mut self, target: &Path) -> Result<(), OpError> {
-        if self.pool_busy() {
-            self.drain_pool()?;
-        }
-        // A whiteout hides lower layers only; an entry of this layer with the same name stays.
-        if self.in_layer(target) {
-            return Ok(());
-        }
-        let parent = match self.root.resolve_parent(target) {
-            Ok(parent) => parent,
-            Err(e) if e.is_not_found() || e.raw_os_error() == Some(libc::ENOTDIR) => return Ok(()),
-            Err(e) => return Err(e.into()),
-        };
-        self.preserve_dir_time(target.parent().unwrap_or(Path::new("")), parent.dir());
-        let removed = remove_entry(parent.dir(), parent.name())
-            .map_err(|e| self.io_err_std("remove", target, e))?;
-        if removed {
-            self.dir_times.remove(target);
-            self.emit(UnpackEvent::Removed { path: target });
-        }
-        Ok(())
-    }
-
     /// The directory that will hold `path`, created (with parents, mode 0755) if missing.
     fn parent(&mut self, path: &Path) -> Result<ParentDir, OpError> {
         // A queued file in the way must exist before the path is resolved, so the resolution
@@ -855,146 +764,4 @@ fn uid(raw: u32) -> Uid {
 
 fn gid(raw: u32) -> Gid {
     Gid::from_raw(raw)
-}
-
-/// Reads the applied metadata of an entry: header fields with their PAX overrides (uid/gid are
-/// already folded in by the tar crate; sub-second times and xattrs are read here).
-fn read_meta<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<EntryMeta, OpError> {
-    let bad = |what: &str, e: io::Error| OpError::Invalid(format!("bad {what} field: {e}"));
-    let header = entry.header();
-    let old = header.as_old();
-    // As Go's archive/tar does, an all-blank numeric field reads as 0 (some writers leave
-    // fields they do not track empty).
-    let numeric = |field: &[u8], parsed: io::Result<u64>, what: &str| {
-        if field.iter().all(|b| *b == 0 || *b == b' ') {
-            Ok(0)
-        } else {
-            parsed.map_err(|e| bad(what, e))
-        }
-    };
-    let mode = numeric(&old.mode, header.mode().map(u64::from), "mode")? as u32 & 0o7777;
-    let uid = numeric(&old.uid, header.uid(), "uid")?;
-    let gid = numeric(&old.gid, header.gid(), "gid")?;
-    let mtime = numeric(&old.mtime, header.mtime(), "mtime")?;
-    let (major, minor) = match header.entry_type() {
-        tar::EntryType::Char | tar::EntryType::Block => {
-            let (dev_major, dev_minor) = match header.as_gnu() {
-                Some(gnu) => (gnu.dev_major, gnu.dev_minor),
-                None => match header.as_ustar() {
-                    Some(ustar) => (ustar.dev_major, ustar.dev_minor),
-                    None => ([0; 8], [0; 8]),
-                },
-            };
-            let major = header.device_major().map(|d| u64::from(d.unwrap_or(0)));
-            let minor = header.device_minor().map(|d| u64::from(d.unwrap_or(0)));
-            (
-                numeric(&dev_major, major, "device major")? as u32,
-                numeric(&dev_minor, minor, "device minor")? as u32,
-            )
-        }
-        _ => (0, 0),
-    };
-    let to_id = |v: u64, what: &str| {
-        u32::try_from(v)
-            .ok()
-            .filter(|v| *v != u32::MAX)
-            .ok_or_else(|| OpError::Invalid(format!("{what} {v} out of range")))
-    };
-    let (uid, gid) = (to_id(uid, "uid")?, to_id(gid, "gid")?);
-    let mut mtime = Timespec {
-        tv_sec: i64::try_from(mtime).unwrap_or(i64::MAX),
-        tv_nsec: 0,
-    };
-    let mut atime = None;
-    let mut xattrs = Vec::new();
-    if let Some(records) = entry.pax_extensions().map_err(OpError::Stream)? {
-        for record in records {
-            let record = record.map_err(|e| bad("PAX", e))?;
-            let key = record.key_bytes();
-            if key == b"mtime" {
-                mtime = parse_pax_time(record.value_bytes())
-                    .ok_or_else(|| OpError::Invalid("bad PAX mtime".into()))?;
-            } else if key == b"atime" {
-                atime = Some(
-                    parse_pax_time(record.value_bytes())
-                        .ok_or_else(|| OpError::Invalid("bad PAX atime".into()))?,
-                );
-            } else if let Some(name) = key.strip_prefix(PAX_XATTR_PREFIX) {
-                if name.is_empty() {
-                    return Err(OpError::Invalid("PAX xattr record without a name".into()));
-                }
-                xattrs.push((
-                    OsString::from_vec(name.to_vec()),
-                    record.value_bytes().to_vec(),
-                ));
-            }
-        }
-    }
-    Ok(EntryMeta {
-        mode,
-        uid,
-        gid,
-        times: Timestamps {
-            last_access: atime.unwrap_or(mtime),
-            last_modification: mtime,
-        },
-        xattrs,
-        device: (major, minor),
-    })
-}
-
-/// Parses a PAX time (`[-]SECONDS[.FRACTION]`).
-fn parse_pax_time(value: &[u8]) -> Option<Timespec> {
-    let text = std::str::from_utf8(value).ok()?;
-    let (negative, text) = match text.strip_prefix('-') {
-        Some(rest) => (true, rest),
-        None => (false, text),
-    };
-    let (secs, frac) = text.split_once('.').unwrap_or((text, ""));
-    if secs.is_empty() || !secs.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    if !frac.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let secs: i64 = secs.parse().ok()?;
-    let mut nanos: i64 = 0;
-    for (i, digit) in frac.bytes().take(9).enumerate() {
-        nanos += i64::from(digit - b'0') * 10i64.pow(8 - i as u32);
-    }
-    Some(if negative {
-        if nanos > 0 {
-            Timespec {
-                tv_sec: -secs - 1,
-                tv_nsec: 1_000_000_000 - nanos,
-            }
-        } else {
-            Timespec {
-                tv_sec: -secs,
-                tv_nsec: 0,
-            }
-        }
-    } else {
-        Timespec {
-            tv_sec: secs,
-            tv_nsec: nanos,
-        }
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_pax_times() {
-        let t = parse_pax_time(b"1700000000.25").unwrap();
-        assert_eq!((t.tv_sec, t.tv_nsec), (1_700_000_000, 250_000_000));
-        let t = parse_pax_time(b"-1.5").unwrap();
-        assert_eq!((t.tv_sec, t.tv_nsec), (-2, 500_000_000));
-        let t = parse_pax_time(b"12").unwrap();
-        assert_eq!((t.tv_sec, t.tv_nsec), (12, 0));
-        assert!(parse_pax_time(b"1.2x").is_none());
-        assert!(parse_pax_time(b"").is_none());
-    }
 }

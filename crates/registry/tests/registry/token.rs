@@ -3,8 +3,10 @@
 //! for cross-repository mounts.
 
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
-use kiln_registry::{Client, FileSource, PushBlobOptions, PushOutcome, Repository};
+use kiln_registry::{Client, Clock, FileSource, PushBlobOptions, PushOutcome, Repository};
 use kiln_testkit::{Registry, RegistryConfig};
 
 use crate::support::*;
@@ -158,9 +160,10 @@ async fn identity_token_and_registry_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_are_cached_per_scope_until_they_expire() {
-    let issuer = TokenServer::start_with_lifetime(USER, PASSWORD, REFRESH, 4).await;
-    // `issued_at` has whole seconds and the client renews 10% early, so a 4 s token is usable
-    // for at least 2.6 s: enough for the push and the two reads below on a slow machine.
+    // A 60 s token: `issued_at` has whole seconds and the client renews 10% (at most 10 s)
+    // early, so the token is reused for at least 53 s of the client's clock, which the test
+    // moves instead of waiting (the JWT itself stays valid for five minutes of real time).
+    let issuer = TokenServer::start_with_lifetime(USER, PASSWORD, REFRESH, 60).await;
     let registry = Registry::start_with(RegistryConfig {
         auth: Some(issuer.registry_auth_yaml()),
         ..RegistryConfig::default()
@@ -169,7 +172,9 @@ async fn tokens_are_cached_per_scope_until_they_expire() {
     let secret = mounted_docker_config(&serde_json::json!({
         "auths": { addr.clone(): basic_auth_entry(USER, PASSWORD) }
     }));
-    let client = Client::new(test_options(keychain_for(secret.path()))).unwrap();
+    let clock = Arc::new(AheadClock::default());
+    let client =
+        Client::with_clock(test_options(keychain_for(secret.path())), clock.clone()).unwrap();
     let repo = Repository::new(&addr, "tokens/expiring").unwrap();
     let image = make_image("expiring", 1_000);
     push_with_kiln(&client, &repo, &image, "v1").await;
@@ -180,10 +185,35 @@ async fn tokens_are_cached_per_scope_until_they_expire() {
     client.head_manifest(&repo, "v1").await.unwrap();
     assert_eq!(issuer.requests.load(Ordering::SeqCst), 2);
 
-    // After expires_in, the next request fetches a fresh token.
-    tokio::time::sleep(std::time::Duration::from_millis(4_200)).await;
+    // Well within its lifetime the token is still reused...
+    clock.advance(Duration::from_secs(30));
+    client.get_manifest(&repo, "v1").await.unwrap();
+    assert_eq!(issuer.requests.load(Ordering::SeqCst), 2);
+
+    // ...and after expires_in, the next request fetches a fresh one.
+    clock.advance(Duration::from_secs(31));
     client.get_manifest(&repo, "v1").await.unwrap();
     assert_eq!(issuer.requests.load(Ordering::SeqCst), 3);
+}
+
+/// The system's clocks moved forward by however much the test has advanced them.
+#[derive(Debug, Default)]
+struct AheadClock(Mutex<Duration>);
+
+impl AheadClock {
+    fn advance(&self, by: Duration) {
+        *self.0.lock().unwrap() += by;
+    }
+}
+
+impl Clock for AheadClock {
+    fn now(&self) -> Instant {
+        Instant::now() + *self.0.lock().unwrap()
+    }
+
+    fn system_now(&self) -> SystemTime {
+        SystemTime::now() + *self.0.lock().unwrap()
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
