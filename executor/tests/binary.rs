@@ -2,6 +2,10 @@
 
 use std::process::{Command, Output};
 
+#[path = "support/agent.rs"]
+mod agent;
+use agent::Agent;
+
 fn executor(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_executor"))
         .args(args)
@@ -438,57 +442,6 @@ fn warm_fills_the_cache_dir_once() {
         lines[1].contains("other/files:1") && !lines[1].contains("(0 blobs"),
         "{out}"
     );
-}
-
-/// A real ssh-agent holding one key, on a socket in a temporary directory; killed on drop.
-struct Agent {
-    child: std::process::Child,
-    socket: std::path::PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Agent {
-    fn start(comment: &str) -> Agent {
-        kiln_testkit::require_tools(&["ssh-agent", "ssh-add", "ssh-keygen"]);
-        let dir = tempfile::tempdir().unwrap();
-        let key = dir.path().join("key");
-        kiln_testkit::run(
-            Command::new("ssh-keygen")
-                .args(["-q", "-t", "ed25519", "-N", "", "-C", comment, "-f"])
-                .arg(&key),
-        );
-        let socket = dir.path().join("agent.sock");
-        let child = Command::new("ssh-agent")
-            .arg("-D")
-            .arg("-a")
-            .arg(&socket)
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        for _ in 0..100 {
-            if socket.exists() {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-        kiln_testkit::run(
-            Command::new("ssh-add")
-                .arg(&key)
-                .env("SSH_AUTH_SOCK", &socket),
-        );
-        Agent {
-            child,
-            socket,
-            _dir: dir,
-        }
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// `RUN --mount=type=ssh` reaches the `--ssh` agent through a socket of its own: the default

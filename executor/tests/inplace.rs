@@ -246,10 +246,11 @@ fn build_in_pod(
     (rootfs, log)
 }
 
-/// RUN --mount and RUN --network=none in a Pod: with CAP_SYS_ADMIN a read-write bind mount
-/// gets a private copy in a stage that has no `cp` (in-place, `PATH` is the stage's), and the
-/// step without network sees only loopback; without CAP_SYS_ADMIN that step runs on the Pod's
-/// network with a warning, as kaniko would run it.
+/// RUN --mount, heredocs and RUN --network=none in a Pod: a read-write bind mount gets a private
+/// copy in a stage that has no `cp` (in-place, `PATH` is the stage's), mounted with
+/// CAP_SYS_ADMIN and placed in `/` for the step without it; with it the step without network
+/// sees only loopback; without it that step runs on the Pod's network with a warning, as kaniko
+/// would run it.
 #[test]
 fn run_mounts_and_network_none_in_place() {
     require_tools(&["runc", "docker-registry", "skopeo", "umoci", "ldd"]);
@@ -263,22 +264,17 @@ fn run_mounts_and_network_none_in_place() {
     let volume = work.path().join("volume");
     std::fs::create_dir(&volume).unwrap();
 
-    for (case, caps, dockerfile) in [
-        (
-            "sys-admin",
-            &["CAP_SYS_ADMIN"][..],
-            "FROM busybox\n\
+    for (case, caps) in [
+        ("sys-admin", &["CAP_SYS_ADMIN"][..]),
+        ("default-pod", &[][..]),
+    ] {
+        // Without CAP_SYS_ADMIN the bind mount and the heredoc script are files in `/` for
+        // the step only (see the engine's ops::unmounted).
+        let dockerfile = "FROM busybox\n\
              RUN rm /bin/cp\n\
              RUN --mount=type=bind,target=/ctx,rw echo scribbled >> /ctx/note && cat /ctx/note > /seen\n\
-             RUN --network=none cut -d: -f1 /proc/net/dev | tail -n +3 | tr -d ' ' > /interfaces\n",
-        ),
-        (
-            "default-pod",
-            &[][..],
-            "FROM busybox\n\
-             RUN --network=none cut -d: -f1 /proc/net/dev | tail -n +3 | tr -d ' ' > /interfaces\n",
-        ),
-    ] {
+             RUN --network=none cut -d: -f1 /proc/net/dev | tail -n +3 | tr -d ' ' > /interfaces\n\
+             RUN <<EOF\necho heredoc ran > /heredoc\nEOF\n";
         std::fs::write(context.join("Dockerfile"), dockerfile).unwrap();
         let args = [
             "--no-push".to_owned(),
@@ -293,14 +289,27 @@ fn run_mounts_and_network_none_in_place() {
         let interfaces = std::fs::read_to_string(unpacked.join("rootfs/interfaces")).unwrap();
         if caps.is_empty() {
             assert_ne!(interfaces, "lo\n", "{log}");
-            assert!(log.contains("RUN --network=none needs CAP_SYS_ADMIN"), "{log}");
+            assert!(
+                log.contains("RUN --network=none needs CAP_SYS_ADMIN"),
+                "{log}"
+            );
         } else {
             assert_eq!(interfaces, "lo\n", "{log}");
-            assert_eq!(
-                std::fs::read_to_string(unpacked.join("rootfs/seen")).unwrap(),
-                "from the context\nscribbled\n"
-            );
             assert!(!log.contains("CAP_SYS_ADMIN"), "{log}");
+        }
+        assert_eq!(
+            std::fs::read_to_string(unpacked.join("rootfs/seen")).unwrap(),
+            "from the context\nscribbled\n"
+        );
+        assert_eq!(
+            std::fs::read_to_string(unpacked.join("rootfs/heredoc")).unwrap(),
+            "heredoc ran\n"
+        );
+        for absent in ["ctx", "run/kiln-heredoc"] {
+            assert!(
+                !unpacked.join("rootfs").join(absent).exists(),
+                "{case}: /{absent}"
+            );
         }
     }
     // The writes went to the step's copy, never to the context.

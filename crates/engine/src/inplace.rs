@@ -21,14 +21,23 @@ use crate::base::{self, ImageLayer};
 use crate::error::BuildError;
 use crate::options::BuildOptions;
 
-/// Paths of the container that belong to neither the image nor the build: the runtime's files
-/// in `/etc`, and the debug image's `/busybox`, whose shell CI systems run the build from.
-const CONTAINER_PATHS: [&str; 4] = [
-    "/etc/resolv.conf",
-    "/etc/hosts",
-    "/etc/hostname",
-    "/busybox",
-];
+/// The kernel's file systems: what a step finds there is the container's, never the image's.
+const KERNEL_PATHS: [&str; 3] = ["/proc", "/sys", "/dev"];
+
+/// Files the container runtime provides in every container, over whatever the image has.
+const RUNTIME_FILES: [&str; 3] = ["/etc/resolv.conf", "/etc/hosts", "/etc/hostname"];
+
+/// The debug image's busybox, whose shell CI systems (Jenkins, GitLab) run the build from. It
+/// is the container's only when it was there before the first build of this process wiped
+/// `/`: an image with a `/busybox` of its own, built in a container without one, keeps it.
+const DEBUG_SHELL: &str = "/busybox";
+
+/// Whether [`DEBUG_SHELL`] was in `/` when this process first asked, which is before its first
+/// in-place build touched `/` (later stages and builds find what an image put there).
+fn debug_shell_is_the_containers() -> bool {
+    static PRESENT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *PRESENT.get_or_init(|| std::fs::symlink_metadata(DEBUG_SHELL).is_ok())
+}
 
 /// Refuses in-place mode outside a container unless `force` (`--force`), since it deletes `/`.
 pub fn check_allowed(force: bool) -> Result<(), BuildError> {
@@ -42,25 +51,60 @@ pub fn check_allowed(force: bool) -> Result<(), BuildError> {
     ))
 }
 
+/// `path` made absolute against the working directory.
+fn absolute(path: &Path) -> PathBuf {
+    if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir().unwrap_or_default().join(path)
+    }
+}
+
+/// The spellings of the Kiln dir in `/`: as given, as resolved, and every symlink directly in
+/// `/` that leads to it (Kiln's image has `/kaniko -> kiln`, which kaniko users' scripts and
+/// mounts name). Nothing else called `/kiln` or `/kaniko` is special.
+fn kiln_dir_spellings(kiln_dir: &Path) -> Vec<PathBuf> {
+    let given = absolute(kiln_dir);
+    let mut spellings = vec![given.clone()];
+    let Ok(real) = std::fs::canonicalize(&given) else {
+        return spellings;
+    };
+    if real != given {
+        spellings.push(real.clone());
+    }
+    for entry in std::fs::read_dir("/").into_iter().flatten().flatten() {
+        let path = entry.path();
+        let is_link = entry.file_type().is_ok_and(|t| t.is_symlink());
+        if is_link
+            && !spellings.contains(&path)
+            && std::fs::canonicalize(&path).ok() == Some(real.clone())
+        {
+            spellings.push(path);
+        }
+    }
+    spellings
+}
+
 /// The paths an in-place build never deletes, overwrites or snapshots, for `options` and the
-/// build context directory `context_root`.
+/// build context directory `context_root`: the kernel's file systems, the runtime's files, the
+/// debug shell when the container has one, the Kiln dir (however it is spelled), the
+/// `--ignore-path`s, `/var/run` with `--ignore-var-run`, every mount point, the context and the
+/// files the build writes besides the image.
 pub fn ignore_options(options: &BuildOptions, context_root: &Path) -> IgnoreOptions {
     let mut extra: Vec<PathBuf> = options.snapshot.ignore_paths.clone();
-    extra.extend(CONTAINER_PATHS.iter().map(PathBuf::from));
+    extra.extend(KERNEL_PATHS.iter().chain(&RUNTIME_FILES).map(PathBuf::from));
+    if debug_shell_is_the_containers() {
+        extra.push(PathBuf::from(DEBUG_SHELL));
+    }
+    extra.extend(kiln_dir_spellings(&options.kiln_dir));
     let mut keep = |path: &Path| {
-        let absolute = if path.is_absolute() {
-            path.to_path_buf()
-        } else {
-            std::env::current_dir().unwrap_or_default().join(path)
-        };
-        // Both spellings: `/kaniko` may be a symlink to `/kiln` (Kiln's image), and the
-        // snapshotter compares paths as written, not resolved.
+        let absolute = absolute(path);
+        // Both spellings: the snapshotter compares paths as written, not resolved.
         if let Ok(real) = std::fs::canonicalize(&absolute) {
             extra.push(real);
         }
         extra.push(absolute);
     };
-    keep(&options.kiln_dir);
     keep(context_root);
     let output = &options.output;
     for file in [
@@ -84,7 +128,8 @@ pub fn ignore_options(options: &BuildOptions, context_root: &Path) -> IgnoreOpti
         }
     }
     IgnoreOptions {
-        system_paths: true,
+        // Listed above: `/kiln` and `/kaniko` are the Kiln dir only when they are.
+        system_paths: false,
         var_run: options.snapshot.ignore_var_run,
         mount_points: true,
         extra,
@@ -140,19 +185,121 @@ fn wipe_dir(
     Ok(())
 }
 
-/// Unpacks `layers` (all in the blob store) into `/`, leaving the ignored paths alone.
+/// Unpacks `layers` (all in the blob store) into `/`, leaving the ignored paths alone; what
+/// the layers hold inside an ignored path is told to `warn`, once per ignored path.
 pub fn unpack_into_root(
     layers: &[ImageLayer],
     blobs: &kiln_fs::blobstore::BlobStore,
     ignore: &IgnoreSet,
+    options: &BuildOptions,
+    warn: &dyn Fn(String),
 ) -> Result<(), BuildError> {
-    let skip = |rel: &Path| ignore.is_ignored(rel);
+    let left_out = std::cell::RefCell::new(LeftOut::default());
+    let skip = |rel: &Path| {
+        let ignored = ignore.is_ignored(rel);
+        if ignored {
+            left_out.borrow_mut().note(ignore, rel, false);
+        }
+        ignored
+    };
     base::unpack_into_except(
         Path::new("/"),
         layers,
         blobs,
         &mut Index::new(),
         Some(&skip),
+    )?;
+    for found in left_out.into_inner().warnings(options) {
+        warn(format!(
+            "in-place mode: the layers unpacked hold {found}, which the build leaves alone: \
+             the image keeps these files, but RUN steps do not see them"
+        ));
+    }
+    Ok(())
+}
+
+/// Entries an in-place build did not write because they are inside an ignored path, by the
+/// ignored path they are in, for warnings that name them.
+#[derive(Debug, Default)]
+pub(crate) struct LeftOut {
+    by_root: std::collections::BTreeMap<PathBuf, Vec<PathBuf>>,
+}
+
+impl LeftOut {
+    /// Records `rel` (relative to `/`), which `ignore` leaves out. The ignored path itself is
+    /// recorded only when `itself` (a copy to it; a layer's `/proc` or `/kiln` directory entry
+    /// loses nothing), otherwise only what is inside it.
+    pub(crate) fn note(&mut self, ignore: &IgnoreSet, rel: &Path, itself: bool) {
+        let mut prefix = PathBuf::new();
+        for component in rel.components() {
+            prefix.push(component);
+            if ignore.is_ignored(&prefix) {
+                if itself || prefix.as_path() != rel {
+                    let paths = self.by_root.entry(prefix).or_default();
+                    paths.push(rel.to_path_buf());
+                }
+                return;
+            }
+        }
+    }
+
+    /// One text per ignored path that held something worth a warning: the first paths left
+    /// out and how many there were, with why that path is ignored. The kernel's file systems
+    /// and the runtime's files are left out of every in-place build and need no warning.
+    pub(crate) fn warnings(&self, options: &BuildOptions) -> Vec<String> {
+        const SHOWN: usize = 3;
+        let mut out = Vec::new();
+        for (root, paths) in &self.by_root {
+            let absolute = Path::new("/").join(root);
+            let Some(why) = ignore_reason(options, &absolute) else {
+                continue;
+            };
+            let mut named: Vec<String> = paths
+                .iter()
+                .take(SHOWN)
+                .map(|p| format!("/{}", p.display()))
+                .collect();
+            if paths.len() > SHOWN {
+                named.push(format!("{} more", paths.len() - SHOWN));
+            }
+            out.push(format!(
+                "{} inside {} ({why})",
+                named.join(", "),
+                absolute.display()
+            ));
+        }
+        out
+    }
+}
+
+/// Why in-place mode leaves `path` (an ignored path, absolute) alone; `None` for the paths
+/// every container has and no image should write (the kernel's file systems, the runtime's
+/// files).
+fn ignore_reason(options: &BuildOptions, path: &Path) -> Option<&'static str> {
+    let is = |list: &[&str]| list.iter().any(|p| Path::new(p) == path);
+    if is(&KERNEL_PATHS) || is(&RUNTIME_FILES) {
+        return None;
+    }
+    Some(
+        if kiln_dir_spellings(&options.kiln_dir)
+            .iter()
+            .any(|p| p == path)
+        {
+            "Kiln's own directory, --kaniko-dir"
+        } else if path == Path::new(DEBUG_SHELL) {
+            "the debug image's shell"
+        } else if options
+            .snapshot
+            .ignore_paths
+            .iter()
+            .any(|p| Path::new("/").join(p) == path)
+        {
+            "an --ignore-path"
+        } else if path == Path::new("/var/run") {
+            "--ignore-var-run"
+        } else {
+            "a mount point of this container, the build context or an output file"
+        },
     )
 }
 

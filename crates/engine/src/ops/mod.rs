@@ -9,6 +9,7 @@ pub(crate) mod copy;
 pub(crate) mod mkdir;
 pub(crate) mod run;
 pub(crate) mod ssh_agent;
+pub(crate) mod unmounted;
 
 use kiln_cache::{CacheKey, StepInput};
 use kiln_context::{BuildContext, ContextHasher};

@@ -22,6 +22,7 @@ use kiln_fs::resolve::Root;
 
 use super::cache_mount::{CacheMountStore, CacheRequest, ClaimedCaches, Seed};
 use super::ssh_agent::AgentForward;
+use super::unmounted::Placed;
 use crate::events::{BuildEvent, OutputStream};
 use crate::options::{SecretSource, SecretSpec, SshSpec};
 
@@ -143,7 +144,7 @@ pub(crate) fn run(
             .filter(|w| !w.is_empty())
             .unwrap_or("/"),
     );
-    step.command = match &run.program {
+    let command = match &run.program {
         RunProgram::Exec(argv) => Command::exec(argv.clone()),
         RunProgram::Shell(script) => {
             let mut argv = super::config::shell(config);
@@ -155,17 +156,35 @@ pub(crate) fn run(
             std::fs::write(&host, content).map_err(|e| format!("{}: {e}", host.display()))?;
             std::fs::set_permissions(&host, std::fs::Permissions::from_mode(0o755))
                 .map_err(|e| format!("{}: {e}", host.display()))?;
-            let target = PathBuf::from("/run/kiln-heredoc").join(sanitize(name));
-            step.mounts.push(MountSpec {
-                target: target.clone(),
-                kind: MountKind::Bind {
-                    source: host,
-                    readonly: true,
-                },
-            });
-            Command::exec([target.to_string_lossy().into_owned()])
+            if sandbox.mounts_available() {
+                let target = PathBuf::from("/run/kiln-heredoc").join(sanitize(name));
+                step.mounts.push(MountSpec {
+                    target: target.clone(),
+                    kind: MountKind::Bind {
+                        source: host,
+                        readonly: true,
+                    },
+                });
+                Command::exec([target.to_string_lossy().into_owned()])
+            } else {
+                // In place without a mount of its own, the script runs from the scratch
+                // directory, which is in the Kiln dir and never snapshotted.
+                Command::exec([host.to_string_lossy().into_owned()])
+            }
         }
     };
+    run_step(sandbox, ctx, run, step, command)
+}
+
+/// Runs `step` with `command`, after giving it the network and mounts `run` asks for.
+fn run_step(
+    sandbox: &dyn Sandbox,
+    ctx: &RunContext<'_>,
+    run: &Run,
+    mut step: Step,
+    command: Command,
+) -> Result<RunOutcome, String> {
+    step.command = command;
     if run.network == NetworkMode::None {
         if sandbox.isolates_network() {
             step.network = Network::None;
@@ -189,6 +208,26 @@ pub(crate) fn run(
         prepare_mount(ctx, mount, caches.dir(index), &mut agents, &mut step)?;
     }
 
+    // Without a mount namespace of its own (in place, without CAP_SYS_ADMIN) the step's mounts
+    // become files in `/` for the step only.
+    let mut placed = if sandbox.mounts_available() || step.mounts.is_empty() {
+        None
+    } else {
+        let mounts = std::mem::take(&mut step.mounts);
+        // Kiln's own sources are moved, not copied; some were named through a resolved path.
+        let own: Vec<PathBuf> = [ctx.scratch, ctx.cache_mounts.dirs]
+            .into_iter()
+            .flat_map(|dir| [Some(dir.to_path_buf()), std::fs::canonicalize(dir).ok()])
+            .flatten()
+            .collect();
+        let movable = |source: &Path| own.iter().any(|dir| source.starts_with(dir));
+        Some(Placed::place(
+            sandbox.rootfs(),
+            ctx.scratch,
+            &mounts,
+            &movable,
+        )?)
+    };
     let mut sink = |stream: SandboxStream, line: &[u8]| {
         (ctx.emit)(BuildEvent::RunOutput {
             stage: ctx.stage,
@@ -200,9 +239,12 @@ pub(crate) fn run(
             line: String::from_utf8_lossy(line).into_owned(),
         })
     };
-    sandbox
-        .run(&step, &mut sink, &CancelToken::new())
-        .map_err(|e| e.to_string())
+    let outcome = sandbox.run(&step, &mut sink, &CancelToken::new());
+    // Undone whatever the step's fate, and before anything can snapshot `/`.
+    let undone = placed.as_mut().map(Placed::undo).transpose()?;
+    let mut outcome = outcome.map_err(|e| e.to_string())?;
+    outcome.restored_dirs.extend(undone.into_iter().flatten());
+    Ok(outcome)
 }
 
 /// Covers each of `ctx.hidden` with an empty read-only directory (or an empty file, for a

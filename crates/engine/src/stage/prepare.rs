@@ -11,7 +11,7 @@ use kiln_sandbox::Sandbox;
 
 use crate::base::{self, ImageLayer};
 use crate::error::BuildError;
-use crate::events::Phase;
+use crate::events::{BuildEvent, Phase};
 use crate::inplace;
 use crate::ops::config::env_pairs;
 use crate::shared::Shared;
@@ -141,8 +141,7 @@ impl Materializer<'_> {
             ))?;
             shared
                 .timed(Some(self.index), None, Phase::Unpack, || {
-                    let ignore = inplace::ignore_set(self.in_place_ignore)?;
-                    inplace::unpack_into_root(&parent_output.layers, &shared.blobs, &ignore)
+                    unpack_in_place(shared, self.in_place_ignore, &parent_output.layers)
                 })
                 .map_err(stage_error)
         } else {
@@ -176,8 +175,7 @@ impl Materializer<'_> {
         let shared = self.shared;
         shared.timed(Some(self.index), None, Phase::Unpack, || {
             if self.in_place {
-                let ignore = inplace::ignore_set(self.in_place_ignore)?;
-                inplace::unpack_into_root(layers, &shared.blobs, &ignore)
+                unpack_in_place(shared, self.in_place_ignore, layers)
             } else {
                 base::unpack_into(self.rootfs, layers, &shared.blobs, &mut Index::new())
             }
@@ -209,8 +207,7 @@ pub(crate) fn pull_base_into(
                     &*shared.events,
                     cache_dir,
                 ))?;
-                let ignore = inplace::ignore_set(ignore)?;
-                inplace::unpack_into_root(&pulled.layers, &shared.blobs, &ignore)?;
+                unpack_in_place(shared, ignore, &pulled.layers)?;
                 Ok(pulled)
             }
             None => base::pull_and_unpack(
@@ -226,6 +223,23 @@ pub(crate) fn pull_base_into(
             ),
         })
         .map_err(|e: BuildError| BuildError::step(at, format!("FROM {image}: {e}")))
+}
+
+/// Unpacks `layers` into `/` (in-place mode), sparing the paths `ignore` names and warning
+/// about what the layers hold inside them.
+fn unpack_in_place(
+    shared: &Shared,
+    ignore: &IgnoreOptions,
+    layers: &[ImageLayer],
+) -> Result<(), BuildError> {
+    let warn = |message: String| shared.emit(BuildEvent::Warning { message });
+    inplace::unpack_into_root(
+        layers,
+        &shared.blobs,
+        &inplace::ignore_set(ignore)?,
+        &shared.options,
+        &warn,
+    )
 }
 
 /// The stage's rootfs directory: `/` in place, else a directory of the work dir.

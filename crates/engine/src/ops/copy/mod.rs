@@ -15,8 +15,10 @@
 pub(crate) mod archive;
 mod chmod;
 pub(crate) mod fetch;
+mod files;
 pub(crate) mod tree;
 
+use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 
 use kiln_cache::{CopyInput, RemoteSource, RemoteValidator, SourceContent, StepInput};
@@ -27,6 +29,8 @@ use kiln_plan::{Copy, CopySource, Source};
 use self::tree::{CopyRequest, SourceTree};
 use super::KeyInputs;
 use crate::error::BuildError;
+use crate::events::BuildEvent;
+use crate::inplace::{self, LeftOut};
 use crate::remote::UrlPin;
 use crate::stage::StepContext;
 
@@ -130,7 +134,6 @@ pub(crate) fn execute(
     copy: &Copy,
     dest_root: &Path,
 ) -> Result<Copied, BuildError> {
-    let _shared = step.shared;
     let owner = step.chown_ids(copy.chown.as_deref())?;
     let workdir = step.working_dir();
     let excluded = DockerIgnore::parse(&copy.exclude.join("\n"), Path::new("--exclude"))
@@ -148,6 +151,25 @@ pub(crate) fn execute(
     }
     // Every download completes (and passes its checksum) before the rootfs is touched.
     let fetched = fetch_all(step, copy, &remote)?;
+    // In place, the copy leaves the paths the build ignores alone (the Kiln dir, mounts) and
+    // says which ones it did not write.
+    let shared = step.shared;
+    let ignore = (shared.mode == kiln_sandbox::Mode::InPlace && dest_root == Path::new("/"))
+        .then(|| {
+            inplace::ignore_set(&inplace::ignore_options(
+                &shared.options,
+                shared.context.root(),
+            ))
+        })
+        .transpose()?;
+    let left_out = RefCell::new(LeftOut::default());
+    let keep_out = |rel: &Path| {
+        let ignored = ignore.as_ref().is_some_and(|set| set.is_ignored(rel));
+        if let (true, Some(set)) = (ignored, &ignore) {
+            left_out.borrow_mut().note(set, rel, true);
+        }
+        ignored
+    };
     let mut written = Vec::new();
     let result = (|| {
         if !local.is_empty() {
@@ -160,6 +182,7 @@ pub(crate) fn execute(
                 exclude: &exclude,
                 parents: copy.parents,
                 unpack: copy.unpack,
+                keep_out: &keep_out,
             };
             written.extend(copy_local(step, copy.from.as_ref(), dest_root, &request)?);
         }
@@ -182,6 +205,7 @@ pub(crate) fn execute(
                 exclude: &tree::exclude_nothing,
                 parents: false,
                 unpack: false,
+                keep_out: &keep_out,
             };
             let tree = SourceTree {
                 view: TreeView::new(&root, ignore, &description),
@@ -192,6 +216,15 @@ pub(crate) fn execute(
         Ok(())
     })();
     fetched.remove();
+    for found in left_out.into_inner().warnings(&shared.options) {
+        shared.emit(BuildEvent::Warning {
+            message: format!(
+                "{}: in-place mode: the copy did not write {found}, which the build leaves alone: \
+                 they are not in the image",
+                step.at.location()
+            ),
+        });
+    }
     result.map(|()| Copied {
         written,
         as_keyed: fetched.as_keyed,

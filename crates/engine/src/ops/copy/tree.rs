@@ -31,7 +31,8 @@ use std::path::{Component, Path, PathBuf};
 use kiln_context::{ContextError, TreeView};
 use kiln_fs::resolve::{Root, RootError};
 use kiln_plan::{Chmod, CopySource};
-use rustix::fs::Timespec;
+
+use super::files::{copy_regular, set_meta_at, FileJob};
 
 /// Where COPY reads from: a tree (the build context with its ignore rules, a stage rootfs, an
 /// image), seen through its root.
@@ -61,6 +62,10 @@ pub(crate) struct CopyRequest<'a> {
     pub parents: bool,
     /// ADD: extract local tar archives (plain or compressed) into the destination.
     pub unpack: bool,
+    /// Destinations (relative to the rootfs, as resolved there) the copy must leave alone,
+    /// with everything below them: in-place mode's ignored paths (the Kiln dir, mounts). The
+    /// function hears of each one it is asked about, so the caller can name them.
+    pub keep_out: &'a dyn Fn(&Path) -> bool,
 }
 
 /// An `exclude` for [`CopyRequest`] that leaves nothing out.
@@ -124,7 +129,7 @@ pub(crate) enum CopyError {
     Archive(String),
 }
 
-fn dest_error(path: &Path) -> impl FnOnce(RootError) -> CopyError + '_ {
+pub(super) fn dest_error(path: &Path) -> impl FnOnce(RootError) -> CopyError + '_ {
     move |source| CopyError::Dest {
         path: path.to_path_buf(),
         source,
@@ -210,11 +215,18 @@ pub(crate) fn copy(
         written: Vec::new(),
         linked: HashMap::new(),
         exclude: request.exclude,
+        keep_out: request.keep_out,
         pending_files: Vec::new(),
         pending_dir_times: Vec::new(),
     };
+    if !dest_rel.as_os_str().is_empty() && (request.keep_out)(&dest_rel) {
+        return Ok(Vec::new());
+    }
     writer.ensure_dir_parents(&dest_rel)?;
     for item in items {
+        if (request.keep_out)(&item.target(&dest_rel, dest_names_dir)) {
+            continue;
+        }
         match item {
             Item::Inline { name, content } => {
                 let target = if dest_names_dir {
@@ -334,6 +346,28 @@ enum Item {
     },
 }
 
+impl Item {
+    /// Where the item goes: its own path under a directory destination, with `--parents` its
+    /// kept path, a copied directory's contents or an extracted archive into the destination.
+    fn target(&self, dest: &Path, dest_names_dir: bool) -> PathBuf {
+        let name = match self {
+            Item::Path {
+                keep: Some(keep), ..
+            } => return dest.join(keep),
+            Item::Path { meta, .. } if meta.is_dir() => return dest.to_path_buf(),
+            Item::Path { matched, .. } => {
+                matched.file_name().map(PathBuf::from).unwrap_or_default()
+            }
+            Item::Inline { name, .. } | Item::Link { name, .. } => PathBuf::from(name),
+        };
+        if dest_names_dir {
+            dest.join(name)
+        } else {
+            dest.to_path_buf()
+        }
+    }
+}
+
 /// `rel` without its last components `tail`: the `--parents` pivot directory of a source.
 fn without_tail(rel: &Path, tail: &Path) -> PathBuf {
     let keep = rel
@@ -408,6 +442,8 @@ struct Writer<'a> {
     linked: HashMap<(u64, u64), PathBuf>,
     /// `--exclude`, matched against paths relative to the copied source directory.
     exclude: &'a dyn Fn(&Path) -> bool,
+    /// Destinations not to write, see [`CopyRequest::keep_out`].
+    keep_out: &'a dyn Fn(&Path) -> bool,
     /// Regular files found while walking a source directory, copied together at the end by
     /// several threads: creating files and filling their pages is kernel work that scales
     /// with cores.
@@ -415,17 +451,6 @@ struct Writer<'a> {
     /// Directory times to set once every file below them exists (creating a file moves its
     /// directory's mtime), deepest first.
     pending_dir_times: Vec<(PathBuf, Metadata)>,
-}
-
-/// One regular file to copy: where it is in the source tree, its metadata, destination, owner
-/// and mode.
-struct FileJob {
-    source: PathBuf,
-    meta: Metadata,
-    target: PathBuf,
-    uid: u32,
-    gid: u32,
-    mode: u32,
 }
 
 impl Writer<'_> {
@@ -607,13 +632,13 @@ impl Writer<'_> {
             if excluded_dir.as_ref().is_some_and(|d| below.starts_with(d)) {
                 continue;
             }
-            if (self.exclude)(&below) {
+            let target = dest.join(&below);
+            if (self.exclude)(&below) || (self.keep_out)(&target) {
                 if entry.is_dir() {
                     excluded_dir = Some(below);
                 }
                 continue;
             }
-            let target = dest.join(&below);
             let meta = entry.metadata().clone();
             if meta.is_dir() {
                 self.make_dir(&target, Some(&meta))?;
@@ -733,68 +758,75 @@ impl Writer<'_> {
     }
 }
 
-/// Copies one regular file of the source tree `source` into `root`, with its owner, mode and
-/// times, replacing what was at the destination.
-fn copy_regular(root: &Root, source: &Root, job: &FileJob) -> Result<(), CopyError> {
-    if let Ok(existing) = root.symlink_metadata(&job.target) {
-        if existing.is_dir() {
-            return Err(CopyError::OverwriteDirectory(job.target.clone()));
-        }
-        root.remove_all(&job.target)
-            .map_err(dest_error(&job.target))?;
-    }
-    let mut input = source.open_file(&job.source).map_err(CopyError::Read)?;
-    let mut output = root
-        .create(&job.target, 0o600)
-        .map_err(dest_error(&job.target))?;
-    io::copy(&mut input, &mut output).map_err(|source| CopyError::Write {
-        path: job.target.clone(),
-        source,
-    })?;
-    drop(output);
-    set_meta_at(
-        root,
-        &job.target,
-        Some((job.uid, job.gid)),
-        Some(job.mode),
-        Some(&job.meta),
-    )
-}
-
-/// Sets owner, mode (after the owner, since chown clears setuid bits) and access and
-/// modification times (from `times_of`) of `rel` under `root`, without following a final
-/// symlink.
-fn set_meta_at(
-    root: &Root,
-    rel: &Path,
-    owner: Option<(u32, u32)>,
-    mode: Option<u32>,
-    times_of: Option<&Metadata>,
-) -> Result<(), CopyError> {
-    if let Some((uid, gid)) = owner {
-        root.set_owner(rel, uid, gid).map_err(dest_error(rel))?;
-    }
-    if let Some(mode) = mode {
-        root.set_mode(rel, mode).map_err(dest_error(rel))?;
-    }
-    if let Some(meta) = times_of {
-        let accessed = Timespec {
-            tv_sec: meta.atime(),
-            tv_nsec: meta.atime_nsec(),
-        };
-        let modified = Timespec {
-            tv_sec: meta.mtime(),
-            tv_nsec: meta.mtime_nsec(),
-        };
-        root.set_times(rel, accessed, modified)
-            .map_err(dest_error(rel))?;
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A `keep_out` that writes everywhere.
+    fn keep_out_nothing(_: &Path) -> bool {
+        false
+    }
+
+    #[test]
+    fn kept_out_destinations_are_neither_written_nor_reported() {
+        let context = tempfile::tempdir().unwrap();
+        let rootfs = tempfile::tempdir().unwrap();
+        for dir in ["tree/kiln/sub", "tree/opt"] {
+            std::fs::create_dir_all(context.path().join(dir)).unwrap();
+        }
+        for file in ["tree/kiln/sub/x", "tree/kiln/y", "tree/opt/z", "note"] {
+            std::fs::write(context.path().join(file), file).unwrap();
+        }
+        let tree = Root::open(context.path()).unwrap();
+        let from = SourceTree {
+            view: TreeView::new(&tree, None, "context"),
+            keep_owner: false,
+        };
+        let asked = std::cell::RefCell::new(Vec::new());
+        let keep_out = |rel: &Path| {
+            let kept = rel.starts_with("kiln");
+            if kept {
+                asked.borrow_mut().push(rel.to_path_buf());
+            }
+            kept
+        };
+        let request = |sources: &'static [&'static str], dest: &'static str| {
+            let sources: Vec<CopySource> = sources
+                .iter()
+                .map(|s| CopySource::Path((*s).into()))
+                .collect();
+            copy(
+                rootfs.path(),
+                &from,
+                &CopyRequest {
+                    sources: &sources,
+                    dest,
+                    workdir: "/",
+                    owner: None,
+                    chmod: None,
+                    exclude: &exclude_nothing,
+                    keep_out: &keep_out,
+                    parents: false,
+                    unpack: false,
+                },
+            )
+            .unwrap()
+        };
+        let written = request(&["tree"], "/");
+        assert!(rootfs.path().join("opt/z").is_file());
+        assert!(!rootfs.path().join("kiln").exists());
+        assert!(
+            written.iter().all(|p| !p.starts_with("kiln")),
+            "{written:?}"
+        );
+        assert_eq!(
+            *asked.borrow(),
+            [PathBuf::from("kiln")],
+            "a kept-out directory is one"
+        );
+        assert!(request(&["note"], "/kiln/").is_empty());
+        assert!(!rootfs.path().join("kiln").exists());
+    }
 
     #[test]
     fn copies_directory_contents_and_files_with_owner_rules() {
@@ -826,6 +858,7 @@ mod tests {
                 owner: Some((7, 8)),
                 chmod: None,
                 exclude: &exclude_nothing,
+                keep_out: &keep_out_nothing,
                 parents: false,
                 unpack: false,
             },
@@ -853,6 +886,7 @@ mod tests {
                 owner: None,
                 chmod: None,
                 exclude: &exclude_nothing,
+                keep_out: &keep_out_nothing,
                 parents: false,
                 unpack: false,
             },
@@ -870,6 +904,7 @@ mod tests {
                 owner: None,
                 chmod: None,
                 exclude: &exclude_nothing,
+                keep_out: &keep_out_nothing,
                 parents: false,
                 unpack: false,
             },
@@ -911,6 +946,7 @@ mod tests {
                     exclude,
                     parents,
                     unpack: false,
+                    keep_out: &keep_out_nothing,
                 },
             )
             .unwrap()
