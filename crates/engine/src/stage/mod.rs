@@ -118,6 +118,21 @@ pub(crate) fn resolve_ids(
     Ok((resolved.uid, gid))
 }
 
+/// What a chroot-mode snapshot leaves out: only the `--ignore-path`s. The stage's rootfs is a
+/// directory of its own, not the host's `/`: its `/proc`, `/sys` and `/dev` are the sandbox's
+/// mounts only inside a running step's own mount namespace (so what a step writes there never
+/// shows here, while a COPY there is the image's, as with BuildKit), and `/var/run`, `/kiln` and
+/// `/kaniko` hold the image's files, not the Pod's or Kiln's (`--ignore-var-run` is about the
+/// Pod's `/`, in-place mode).
+fn chroot_ignore_options(options: &crate::options::BuildOptions) -> IgnoreOptions {
+    IgnoreOptions {
+        system_paths: false,
+        var_run: false,
+        mount_points: false,
+        extra: options.snapshot.ignore_paths.clone(),
+    }
+}
+
 /// Builds stage `index` of the plan.
 pub(crate) fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, BuildError> {
     let stage = shared
@@ -141,11 +156,7 @@ pub(crate) fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, 
         ignore: if in_place {
             in_place_ignore.clone()
         } else {
-            IgnoreOptions {
-                var_run: shared.options.snapshot.ignore_var_run,
-                extra: shared.options.snapshot.ignore_paths.clone(),
-                ..IgnoreOptions::default()
-            }
+            chroot_ignore_options(&shared.options)
         },
     };
     let mut materializer = Materializer {
