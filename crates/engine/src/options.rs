@@ -74,7 +74,8 @@ pub struct SnapshotOptions {
     pub single_snapshot: bool,
     /// `--ignore-path`: paths never snapshotted or overwritten (in addition to the built-in list).
     pub ignore_paths: Vec<PathBuf>,
-    /// `--ignore-var-run` (default true): leave `/var/run` out of snapshots.
+    /// `--ignore-var-run` (default true): leave `/var/run` out of snapshots in in-place mode,
+    /// where it is the Pod's; in chroot mode the stage's `/var/run` is the image's and kept.
     pub ignore_var_run: bool,
 }
 

@@ -13,7 +13,8 @@ use super::index::{key_of, Key};
 #[derive(Debug, Clone)]
 pub struct IgnoreOptions {
     /// Ignore `/proc`, `/sys`, `/dev`, `/kiln` and `/kaniko` (relative to the root). On by
-    /// default; turning it off is only useful for tests on plain directories.
+    /// default, for a root that is a machine's `/` (in-place mode); off for a root of its own
+    /// (a chroot stage's rootfs), where those paths hold the image's files.
     pub system_paths: bool,
     /// Ignore `/var/run` (kaniko's `--ignore-var-run`, default true).
     pub var_run: bool,
