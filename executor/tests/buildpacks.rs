@@ -25,7 +25,15 @@ fn label<'a>(config: &'a serde_json::Value, key: &str) -> &'a str {
 fn a_builder_builds_an_app_that_runs_each_process() {
     let world = World::new();
     let app = world.app("cnb-basic");
-    let out = world.build(&app, "apps/basic:1", &[builder_flag(&world)]);
+    let sbom_dir = world.work.path().join("sbom-out");
+    let out = world.build(
+        &app,
+        "apps/basic:1",
+        &[
+            builder_flag(&world),
+            format!("--sbom-output-dir={}", sbom_dir.display()),
+        ],
+    );
     let log = stderr(&out);
     assert!(out.status.success(), "{log}");
     assert!(log.contains("front end: buildpacks"), "{log}");
@@ -79,6 +87,16 @@ fn a_builder_builds_an_app_that_runs_each_process() {
     assert!(flat.rootfs.join("workspace/greeting.txt").is_file());
     assert!(flat.rootfs.join("workspace/static/index.html").is_file());
     assert!(flat.rootfs.join("cnb/lifecycle/launcher").is_file());
+
+    let sbom = sbom_dir.join("launch/kiln-test_layers/runtime/sbom.cdx.json");
+    assert!(
+        std::fs::read_to_string(&sbom).is_ok_and(|t| t.contains("CycloneDX")),
+        "--sbom-output-dir has the layer's SBOM"
+    );
+    assert!(flat
+        .rootfs
+        .join("layers/sbom/launch/kiln-test_layers/runtime/sbom.cdx.json")
+        .is_file());
 
     let web = run_process(&flat, None);
     assert!(web.contains("argv: web default-arg"), "{web}");
@@ -361,4 +379,167 @@ fn malformed_files_are_named_with_their_key() {
     assert_ne!(out.status.code(), Some(0), "{log}");
     assert!(log.contains("project.toml"), "{log}");
     assert!(log.contains("exclude"), "{log}");
+}
+
+/// Without a builder: a plain busybox image as the build image (not made for CNB: the
+/// buildpacks run as uid 1000 with a home of their own), buildpacks from a package image, an
+/// archive and a directory, and a project descriptor's exclusions and metadata.
+#[test]
+fn buildpacks_from_images_archives_and_directories_run_in_a_plain_image() {
+    let world = World::new();
+    let testdata = support::cnb::testdata().join("buildpacks");
+    // A buildpack package image made by Kiln: the provider in /cnb/buildpacks, labelled.
+    let package = world.dir("package");
+    kiln_testkit::run(
+        std::process::Command::new("cp")
+            .arg("-a")
+            .arg(testdata.join("kiln-test_provider"))
+            .arg(package.join("provider")),
+    );
+    std::fs::write(
+        package.join("Dockerfile"),
+        "FROM scratch\n\
+         COPY provider/ /cnb/buildpacks/kiln-test_provider/\n\
+         LABEL io.buildpacks.buildpackage.metadata='{\"id\":\"kiln-test/provider\",\"version\":\"1.0.0\"}'\n",
+    )
+    .unwrap();
+    let out = executor(&[
+        format!("--context={}", package.display()),
+        format!("--destination={}", world.image("bp/provider:1")),
+        format!("--kiln-dir={}", world.dir("kiln-package").display()),
+        "--mode=chroot".into(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // The consumer as a .tgz.
+    let archive = world.work.path().join("consumer.tgz");
+    kiln_testkit::run(
+        std::process::Command::new("tar")
+            .arg("-czf")
+            .arg(&archive)
+            .arg("-C")
+            .arg(testdata.join("kiln-test_consumer/1.0.0"))
+            .arg("."),
+    );
+    let app = world.app("cnb-basic");
+    std::fs::write(app.join("secret.txt"), "left out\n").unwrap();
+    std::fs::write(
+        app.join("project.toml"),
+        "[_]\nschema-version = \"0.2\"\nid = \"kiln.test.app\"\nversion = \"2.1\"\n\
+         [io.buildpacks]\nexclude = [\"secret.txt\"]\n",
+    )
+    .unwrap();
+    let out = world.build(
+        &app,
+        "apps/plain:1",
+        &[
+            format!("--build-image={}", world.image(RUN_IMAGE)),
+            format!("--buildpack=docker://{}", world.image("bp/provider:1")),
+            format!("--buildpack={}", archive.display()),
+            format!(
+                "--buildpack={}",
+                testdata.join("kiln-test_layers/1.0.0").display()
+            ),
+            format!(
+                "--buildpack={}",
+                testdata.join("kiln-test_processes/1.0.0").display()
+            ),
+            "--default-process=worker".into(),
+        ],
+    );
+    let log = stderr(&out);
+    assert!(out.status.success(), "{log}");
+    assert!(
+        log.contains("consumer: greetings: hello from cnb-basic"),
+        "{log}"
+    );
+    assert!(
+        log.contains("buildpack group: kiln-test/provider@1.0.0, kiln-test/consumer@1.0.0, kiln-test/layers@1.0.0, kiln-test/processes@1.0.0"),
+        "{log}"
+    );
+    let flat = image::flatten(&world.registry, "apps/plain:1");
+    assert_eq!(flat.config["config"]["User"], "1000:1000");
+    assert_eq!(
+        flat.config["config"]["Entrypoint"][0],
+        "/cnb/process/worker"
+    );
+    assert!(
+        !flat.rootfs.join("workspace/secret.txt").exists(),
+        "excluded"
+    );
+    let project: serde_json::Value =
+        serde_json::from_str(label(&flat.config, "io.buildpacks.project.metadata")).unwrap();
+    assert_eq!(project["source"]["version"]["declared"], "2.1", "{project}");
+    let worker = run_process(&flat, None);
+    assert!(worker.contains("argv: worker"), "{worker}");
+}
+
+/// A project descriptor's group (a buildpack directory inside the context and an inline
+/// script) and the platform environment from the descriptor, `--env-file` and `--env`, later
+/// ones winning.
+#[test]
+fn a_project_descriptor_names_the_group_and_the_environment() {
+    let world = World::new();
+    let app = world.app("cnb-basic");
+    kiln_testkit::run(
+        std::process::Command::new("cp")
+            .arg("-a")
+            .arg(support::cnb::testdata().join("buildpacks/kiln-test_provider/1.0.0"))
+            .arg(app.join("provider-bp")),
+    );
+    kiln_testkit::run(
+        std::process::Command::new("cp")
+            .arg("-a")
+            .arg(support::cnb::testdata().join("buildpacks/kiln-test_consumer/1.0.0"))
+            .arg(app.join("consumer-bp")),
+    );
+    std::fs::write(
+        app.join("project.toml"),
+        r#"[_]
+schema-version = "0.2"
+
+[[io.buildpacks.group]]
+uri = "provider-bp"
+
+[[io.buildpacks.group]]
+uri = "consumer-bp"
+
+[[io.buildpacks.group]]
+id = "kiln-test/inline"
+[io.buildpacks.group.script]
+api = "0.10"
+shell = "/bin/sh"
+inline = "echo \"inline: project=$FROM_PROJECT file=$FROM_FILE flag=$FROM_FLAG\""
+
+[[io.buildpacks.build.env]]
+name = "FROM_PROJECT"
+value = "project"
+
+[[io.buildpacks.build.env]]
+name = "FROM_FILE"
+value = "project"
+"#,
+    )
+    .unwrap();
+    let env_file = world.work.path().join("build.env");
+    std::fs::write(
+        &env_file,
+        "# platform env\nFROM_FILE=file\nFROM_FLAG=file\n",
+    )
+    .unwrap();
+    let out = world.build(
+        &app,
+        "apps/descriptor:1",
+        &[
+            format!("--build-image={}", world.image(RUN_IMAGE)),
+            format!("--env-file={}", env_file.display()),
+            "--env=FROM_FLAG=flag".into(),
+        ],
+    );
+    let log = stderr(&out);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("provider: building greeting layer"), "{log}");
+    assert!(
+        log.contains("inline: project=project file=file flag=flag"),
+        "{log}"
+    );
 }

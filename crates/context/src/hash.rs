@@ -4,7 +4,9 @@
 //! A hash covers, for every entry of every source: its path relative to the source, its type,
 //! its permission bits (with setuid/setgid/sticky), its owner only when asked (COPY resets
 //! owners unless `--chown` or a preserving mode says otherwise), its symlink target and, for a
-//! regular file, the SHA-256 of its content. Every variable-length field is length-framed, so
+//! regular file, the SHA-256 of its content and which earlier entry of the same hash it is a
+//! hard link of, if any (a copy keeps names that share an inode hard-linked, so two trees that
+//! differ only in that make different layers). Every variable-length field is length-framed, so
 //! no two different trees produce the same byte stream: moving bytes between a name and a link
 //! target, or renaming a file, changes the hash. Modification times are not covered: a touched
 //! but unchanged file must not bust the cache.
@@ -39,8 +41,10 @@ const PARALLEL_HASH_BYTES: u64 = 1 << 20;
 /// with 64; with the pages cached it took 0.25 s whatever the count.
 const HASH_THREADS: usize = 32;
 
-/// The domain tag that starts every tree hash; bump it when the framing changes.
-const FORMAT_TAG: &[u8] = b"kiln-context-tree-v1";
+/// The domain tag that starts every tree hash; bump it when the framing changes. (v2 added the
+/// hard-link frames: a v1 hash of hard-linked files equals the v2 hash of separate copies, so
+/// v1 keys must never be looked up again.)
+const FORMAT_TAG: &[u8] = b"kiln-context-tree-v2";
 
 /// The largest read buffer used when hashing a file.
 const MAX_READ_BUFFER: usize = 256 * 1024;
@@ -214,6 +218,10 @@ impl ContentHasher {
         hasher.update(FORMAT_TAG);
         hasher.update([u8::from(options.include_owner)]);
         hasher.update((trees.len() as u64).to_le_bytes());
+        // (device, inode) of each multiply-linked file seen so far, to the ordinal of the first
+        // entry (over all sources) that named it: the copy links later names to that one.
+        let mut first_names: HashMap<(u64, u64), u64> = HashMap::new();
+        let mut ordinal: u64 = 0;
         for tree in trees {
             frame(&mut hasher, &tree.label);
             hasher.update((tree.entries.len() as u64).to_le_bytes());
@@ -248,6 +256,7 @@ impl ContentHasher {
                             .next()
                             .expect("one digest was computed per regular file");
                         hasher.update(digest);
+                        hash_link(&mut hasher, &mut first_names, metadata, ordinal);
                     }
                     b'l' => {
                         let target = root.read_link(&entry.path).map_err(contained)?;
@@ -256,6 +265,7 @@ impl ContentHasher {
                     b'c' | b'b' => hasher.update(metadata.rdev().to_le_bytes()),
                     _ => {}
                 }
+                ordinal += 1;
             }
         }
         Ok(ContentDigest(hasher.finalize().into()))
@@ -302,6 +312,29 @@ fn hash_pool() -> Option<&'static rayon::ThreadPool> {
             .ok()
     })
     .as_ref()
+}
+
+/// Frames the hard-link structure of the regular file at `ordinal`: `l` and the ordinal of the
+/// first entry naming the same inode, or `u` for a file whose inode no earlier entry named (a
+/// lone file, or the first name of a linked one). Link counts themselves are not hashed: a
+/// link outside the copied sources is not copied, so it must not change the key.
+fn hash_link(
+    hasher: &mut Sha256,
+    first_names: &mut HashMap<(u64, u64), u64>,
+    metadata: &Metadata,
+    ordinal: u64,
+) {
+    if metadata.nlink() > 1 {
+        let first = *first_names
+            .entry((metadata.dev(), metadata.ino()))
+            .or_insert(ordinal);
+        if first != ordinal {
+            hasher.update([b'l']);
+            hasher.update(first.to_le_bytes());
+            return;
+        }
+    }
+    hasher.update([b'u']);
 }
 
 /// Writes a length-framed field.

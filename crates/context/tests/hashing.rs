@@ -147,6 +147,63 @@ fn hash_is_stable_across_copies_and_changes_with_every_observable_property() {
     assert_eq!(hash(&root, "app", defaults), with_ignore);
 }
 
+/// Hashes the sources `names` of one step together (as `COPY a b /dst/` does).
+fn hash_of(root: &Path, names: &[&str]) -> ContentDigest {
+    let context = open_dir(root, None).unwrap();
+    let mut sources = Vec::new();
+    for name in names {
+        sources.extend(context.resolve_sources(name).unwrap());
+    }
+    context
+        .hash_sources(&ContextHasher::new(), &sources, HashOptions::default())
+        .unwrap()
+}
+
+#[test]
+fn which_names_share_an_inode_is_part_of_the_hash() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Two trees alike in every name, content, mode and mtime: in one, d/a and d/b are hard
+    // links of one file (a copy keeps them linked), in the other separate files.
+    let same_mtime = |path: &Path| {
+        fs::File::options()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_600_000_000))
+            .unwrap();
+    };
+    let make = |name: &str, linked: bool| {
+        let root = tmp.path().join(name);
+        fs::create_dir_all(root.join("d")).unwrap();
+        fs::write(root.join("d/a"), "shared").unwrap();
+        if linked {
+            fs::hard_link(root.join("d/a"), root.join("d/b")).unwrap();
+        } else {
+            fs::write(root.join("d/b"), "shared").unwrap();
+        }
+        same_mtime(&root.join("d/a"));
+        same_mtime(&root.join("d/b"));
+        root
+    };
+    let linked = make("linked", true);
+    let separate = make("separate", false);
+    assert_ne!(hash_of(&linked, &["d"]), hash_of(&separate, &["d"]));
+    assert_eq!(
+        hash_of(&linked, &["d"]),
+        hash_of(&make("linked-again", true), &["d"])
+    );
+    // Across the sources of one step too: the copy links the second name to the first.
+    assert_ne!(
+        hash_of(&linked, &["d/a", "d/b"]),
+        hash_of(&separate, &["d/a", "d/b"])
+    );
+    // A link to a file outside the sources is not copied, so it does not change the key.
+    fs::hard_link(separate.join("d/a"), separate.join("outside")).unwrap();
+    let alone = make("alone", false);
+    assert_eq!(hash_of(&separate, &["d"]), hash_of(&alone, &["d"]));
+    assert_eq!(hash_of(&linked, &["d/a"]), hash_of(&alone, &["d/a"]));
+}
+
 #[test]
 fn renaming_a_wildcard_source_changes_the_hash() {
     let tmp = tempfile::tempdir().unwrap();

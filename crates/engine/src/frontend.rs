@@ -93,12 +93,14 @@ pub(crate) fn hidden_credentials(
     vec![hidden]
 }
 
-/// Whether the Dockerfile at `path` (as [`locate_dockerfile`] found it) exists: looked up
-/// inside the context when it is there.
+/// Whether there is an entry at the Dockerfile's path (as [`locate_dockerfile`] found it),
+/// looked up inside the context when it is there. Any entry counts, a symlink that leads out
+/// of the context or a directory included: the user meant a Dockerfile build, and reading it
+/// then fails with an error naming the Dockerfile instead of silently switching to buildpacks.
 pub(crate) fn dockerfile_exists(context: &BuildContext, path: &Path) -> bool {
     match context_relative(context, path) {
-        Some(rel) => context.tree().metadata(&rel).is_ok_and(|m| m.is_file()),
-        None => path.is_file(),
+        Some(rel) => context.tree().symlink_metadata(&rel).is_ok(),
+        None => path.symlink_metadata().is_ok(),
     }
 }
 

@@ -247,6 +247,11 @@ pub(crate) fn prepare_exec(rootfs: &Path, step: &Step) -> Result<ExecSpec, Sandb
 }
 
 /// The ids to switch to; `None` when not running as root and already that user.
+///
+/// The group list set with `setgroups` starts with the primary group, whatever `/etc/group`
+/// says: Docker, containerd, BuildKit and buildah all do so since CVE-2023-25173 (a file whose
+/// group permissions are narrower than its other permissions must not be readable through the
+/// "other" bits by a member of its group), and `id` prints `groups=` accordingly.
 #[allow(clippy::type_complexity)]
 fn identity(
     user: &ResolvedUser,
@@ -255,7 +260,13 @@ fn identity(
     // SAFETY: geteuid/getegid have no preconditions.
     let (euid, egid) = unsafe { (libc::geteuid(), libc::getegid()) };
     if euid == 0 {
-        return Ok(Some((user.uid, user.gid, user.supplementary_gids.clone())));
+        let mut groups = vec![user.gid];
+        groups.extend(
+            (user.supplementary_gids.iter())
+                .copied()
+                .filter(|gid| *gid != user.gid),
+        );
+        return Ok(Some((user.uid, user.gid, groups)));
     }
     if user.uid == euid && user.gid == egid {
         return Ok(None);

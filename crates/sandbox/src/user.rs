@@ -24,7 +24,8 @@ pub struct ResolvedUser {
     pub uid: u32,
     /// Real, effective and saved gid.
     pub gid: u32,
-    /// Supplementary groups (`setgroups`); may be empty.
+    /// The groups `/etc/group` lists the user in; may be empty. A step's `setgroups` list is
+    /// the primary group followed by these.
     pub supplementary_gids: Vec<u32>,
     /// Home directory from passwd, `/` when the user has no entry; used for HOME if unset.
     pub home: String,

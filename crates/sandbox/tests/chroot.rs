@@ -75,6 +75,24 @@ fn user_switching() {
     assert_eq!(ids("kiln:daemon"), "1000|1|1|/home/kiln");
     assert_eq!(ids("4242"), "4242|0|0|/");
     assert_eq!(ids("root"), "0|0|0|/root");
+    // The kernel's list of the step's groups holds the primary group too (as Docker, BuildKit
+    // and buildah set it since CVE-2023-25173), which `id -G` would not show.
+    let groups = |user: &str| {
+        let ran = run(
+            &sb,
+            &Step::new(Command::shell("grep '^Groups:' /proc/self/status")).user(user),
+        );
+        ran.ok_stdout()
+            .join(" ")
+            .split_whitespace()
+            .skip(1)
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    assert_eq!(groups("kiln"), "1000 2000");
+    assert_eq!(groups("kiln:daemon"), "1");
+    assert_eq!(groups("1000:2000"), "2000");
+    assert_eq!(groups("4242"), "0");
 
     let err = run(&sb, &Step::new(Command::shell("true")).user("nosuchuser"))
         .result

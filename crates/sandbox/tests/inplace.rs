@@ -127,11 +127,20 @@ fn exit_codes() {
 
 #[test]
 fn user_switching_and_workdir() {
-    let script = "id -u; id -g; id -G; echo $HOME; pwd";
+    // The last line is the kernel's list of the step's groups, which holds the primary group
+    // too (CVE-2023-25173), as `id -G` would not show.
+    let script = "id -u; id -g; id -G; echo $HOME; pwd; awk '/^Groups:/ { $1 = $1; print }' /proc/self/status";
     let (lines, root) = in_container(&["--user", "kiln", "--workdir", "/w/x", script]);
     assert_eq!(
         stdout_of(&lines),
-        vec!["1000", "1000", "1000 2000", "/home/kiln", "/w/x"],
+        vec![
+            "1000",
+            "1000",
+            "1000 2000",
+            "/home/kiln",
+            "/w/x",
+            "Groups: 1000 2000"
+        ],
         "{lines:?}"
     );
     assert_eq!(last(&lines), "status:0");

@@ -1,7 +1,8 @@
 //! Real parts for Kiln's tests: a `docker-registry` process on a loopback port (plain HTTP or
 //! TLS, with client certificates if asked), certificates made by the `openssl` command, base
 //! root filesystems (busybox-static, debootstrap'd Debian) built once per machine and shared
-//! by every test process, and one-layer images of those trees pushed with skopeo.
+//! by every test process, one-layer images of those trees pushed with skopeo, and bases that
+//! share the busybox layer under configs of their own (see [`configured`]).
 //!
 //! Nothing here mocks a registry or a tool: a test that needs one gets the real thing, or a
 //! clear panic saying which Debian package is missing.
@@ -12,6 +13,7 @@ pub mod bases;
 pub mod buildah;
 pub mod certs;
 pub mod cnb;
+pub mod configured;
 pub mod git;
 pub mod hostile;
 pub mod http;

@@ -88,8 +88,10 @@ impl StepContext<'_> {
 }
 
 /// `--chown` / USER resolution: `user[:group]` by name or id against the rootfs's passwd and
-/// group files. For `--chown`, a missing group means "same number as the uid" (Docker's rule);
-/// for USER (WORKDIR ownership), the user's primary group.
+/// group files, as they are at this step. Without a group, a user named by name gets the primary
+/// group of its passwd entry (BuildKit reads both ids from it); for `--chown` a user given as a
+/// number gets that number as its gid too (BuildKit's rule for ids, which it does not look up),
+/// while for USER (WORKDIR ownership) it gets the primary group of the passwd entry of that uid.
 pub(crate) fn resolve_ids(
     rootfs: &Path,
     spec: &str,
@@ -103,13 +105,14 @@ pub(crate) fn resolve_ids(
         None => (spec, None),
     };
     let resolved = kiln_sandbox::resolve_user(rootfs, user).map_err(|e| e.to_string())?;
+    let numeric_user = !user.is_empty() && user.bytes().all(|b| b.is_ascii_digit());
     let gid = match group {
         Some(g) if !g.is_empty() => {
             kiln_sandbox::resolve_user(rootfs, &format!("0:{g}"))
                 .map_err(|e| e.to_string())?
                 .gid
         }
-        _ if chown_rule => resolved.uid,
+        _ if chown_rule && numeric_user => resolved.uid,
         _ => resolved.gid,
     };
     Ok((resolved.uid, gid))
@@ -499,5 +502,44 @@ impl<'a> StageRun<'a> {
             cache_key: self.plan.final_key,
             fully_cached: self.fully_cached,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::resolve_ids;
+
+    /// A rootfs whose user `app` has a primary group (2000) that differs from its uid (1500).
+    fn rootfs() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("etc")).unwrap();
+        std::fs::write(
+            dir.path().join("etc/passwd"),
+            "root:x:0:0:root:/root:/bin/sh\napp:x:1500:2000::/home/app:/bin/sh\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("etc/group"),
+            "root:x:0:\nstaff:x:2000:\nweb:x:3000:\n",
+        )
+        .unwrap();
+        dir
+    }
+
+    #[test]
+    fn chown_by_name_takes_the_primary_group_from_passwd() {
+        let root = rootfs();
+        assert_eq!(resolve_ids(root.path(), "app", true), Ok((1500, 2000)));
+        assert_eq!(resolve_ids(root.path(), "app:web", true), Ok((1500, 3000)));
+        assert_eq!(resolve_ids(root.path(), "app:4000", true), Ok((1500, 4000)));
+    }
+
+    #[test]
+    fn chown_by_id_uses_the_uid_as_gid_but_user_takes_the_primary_group() {
+        let root = rootfs();
+        assert_eq!(resolve_ids(root.path(), "1500", true), Ok((1500, 1500)));
+        assert_eq!(resolve_ids(root.path(), "4242", true), Ok((4242, 4242)));
+        assert_eq!(resolve_ids(root.path(), "1500", false), Ok((1500, 2000)));
+        assert_eq!(resolve_ids(root.path(), "app", false), Ok((1500, 2000)));
     }
 }
