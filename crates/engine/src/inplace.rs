@@ -254,13 +254,23 @@ impl LeftOut {
             let Some(why) = ignore_reason(options, &absolute) else {
                 continue;
             };
-            let mut named: Vec<String> = paths
+            // A directory is named only when nothing below it is: its files say more.
+            let mut sorted: Vec<&PathBuf> = paths.iter().collect();
+            sorted.sort();
+            sorted.dedup();
+            let leaves: Vec<&PathBuf> = sorted
+                .iter()
+                .enumerate()
+                .filter(|(i, p)| !sorted.get(i + 1).is_some_and(|next| next.starts_with(p)))
+                .map(|(_, p)| *p)
+                .collect();
+            let mut named: Vec<String> = leaves
                 .iter()
                 .take(SHOWN)
                 .map(|p| format!("/{}", p.display()))
                 .collect();
-            if paths.len() > SHOWN {
-                named.push(format!("{} more", paths.len() - SHOWN));
+            if leaves.len() > SHOWN {
+                named.push(format!("{} more", leaves.len() - SHOWN));
             }
             out.push(format!(
                 "{} inside {} ({why})",

@@ -633,10 +633,15 @@ impl Writer<'_> {
                 continue;
             }
             let target = dest.join(&below);
-            if (self.exclude)(&below) || (self.keep_out)(&target) {
+            if (self.exclude)(&below) {
                 if entry.is_dir() {
                     excluded_dir = Some(below);
                 }
+                continue;
+            }
+            // A kept-out directory's entries are still walked (and not written), so that the
+            // warning can name the files the image loses, not just the directory.
+            if (self.keep_out)(&target) {
                 continue;
             }
             let meta = entry.metadata().clone();
@@ -819,10 +824,15 @@ mod tests {
             written.iter().all(|p| !p.starts_with("kiln")),
             "{written:?}"
         );
+        let mut asked_sorted = asked.borrow().clone();
+        asked_sorted.sort();
+        let expected: Vec<PathBuf> = ["kiln", "kiln/sub", "kiln/sub/x", "kiln/y"]
+            .iter()
+            .map(PathBuf::from)
+            .collect();
         assert_eq!(
-            *asked.borrow(),
-            [PathBuf::from("kiln")],
-            "a kept-out directory is one"
+            asked_sorted, expected,
+            "each entry below a kept-out one is named"
         );
         assert!(request(&["note"], "/kiln/").is_empty());
         assert!(!rootfs.path().join("kiln").exists());
