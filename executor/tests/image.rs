@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use kiln_testkit::kiln_image::{kiln_image, repo_root, KilnImage};
+use kiln_testkit::kiln_image::{kiln_image, layout_digest, repo_root, KilnImage};
 use kiln_testkit::run;
 
 mod support;
@@ -101,18 +101,16 @@ fn kiln_builds_its_own_image_with_the_kaniko_layout_and_the_same_digest_again() 
     let again = tempfile::tempdir().unwrap();
     let context = again.path().join("context");
     run(Command::new(repo_root().join("executor/image-context.sh")).arg(&context));
-    let digest_file = again.path().join("digest");
     run(Command::new(repo_root().join("scripts/executor-image"))
         .arg("--no-push")
         .arg(format!(
             "--oci-layout-path={}",
             again.path().join("layout").display()
         ))
-        .arg(format!("--digest-file={}", digest_file.display()))
         .env("KILN_IMAGE_CONTEXT", &context)
         .env("DOCKER_CONFIG", "/nonexistent-kiln-test"));
-    let digest = std::fs::read_to_string(digest_file).unwrap();
-    assert_eq!(digest.trim(), image.digest);
+    let digest = layout_digest(&again.path().join("layout"));
+    assert_eq!(digest, image.digest);
 }
 
 #[test]
@@ -149,7 +147,9 @@ fn the_debug_image_adds_busybox_and_a_build_in_it_speaks_at_once() {
     ]);
     let podman_first = first_line_after(&mut in_podman);
     let mut direct = Command::new(rootfs.join("kiln/executor"));
+    // Not podman's environment: podman reads DOCKER_CONFIG too.
     direct
+        .env("DOCKER_CONFIG", "/nonexistent-kiln-test")
         .arg(format!("--context={}", context.path().display()))
         .args(["--no-push", "--progress=plain", "--mode=chroot"])
         .arg(format!("--kiln-dir={}", dir.path().join("kiln").display()));
@@ -168,7 +168,6 @@ fn first_line_after(command: &mut Command) -> f64 {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
-        .env("DOCKER_CONFIG", "/nonexistent-kiln-test")
         .spawn()
         .unwrap();
     let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();

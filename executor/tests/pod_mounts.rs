@@ -26,6 +26,8 @@ struct Case {
     args: Vec<String>,
     secrets: Vec<(String, String)>,
     ssh_key: Option<String>,
+    absent: Vec<String>,
+    present: Vec<String>,
 }
 
 /// The conformance cases about mounts and heredocs, and the ones only a Pod test can run.
@@ -53,6 +55,8 @@ fn read_case(dir: &Path) -> Case {
         args: Vec::new(),
         secrets: Vec::new(),
         ssh_key: None,
+        absent: Vec::new(),
+        present: Vec::new(),
     };
     let expect = std::fs::read_to_string(dir.join("expect")).unwrap();
     for line in expect
@@ -70,6 +74,8 @@ fn read_case(dir: &Path) -> Case {
                 case.secrets.push((id.to_owned(), secret.to_owned()));
             }
             "ssh" => case.ssh_key = Some(value.to_owned()),
+            "absent" => case.absent.push(value.to_owned()),
+            "present" => case.present.push(value.to_owned()),
             "buildah" => {}
             other => panic!("{}: {other}: not a directive this test knows", case.name),
         }
@@ -156,7 +162,18 @@ fn mount_and_heredoc_cases_pass_in_a_default_pod_and_leak_no_secret() {
         let agent = case.ssh_key.as_deref().map(Agent::start);
         let log = build(&registry, &podman, case, agent.as_ref());
         let tag = format!("inplace/{}:1", case.name);
-        let printed = image::run_with_runc(&image::flatten(&registry, &tag));
+        let flat = image::flatten(&registry, &tag);
+        for path in &case.absent {
+            if flat.rootfs.join(path).symlink_metadata().is_ok() {
+                failures.push(format!("{}: /{path} is in the image", case.name));
+            }
+        }
+        for path in &case.present {
+            if flat.rootfs.join(path).symlink_metadata().is_err() {
+                failures.push(format!("{}: /{path} is not in the image", case.name));
+            }
+        }
+        let printed = image::run_with_runc(&flat);
         if printed != case.run {
             failures.push(format!(
                 "{}: printed\n{printed}--- expected\n{}---\n{log}",

@@ -84,13 +84,10 @@ fn make(debug: bool) -> KilnImage {
             .env("DOCKER_CONFIG", "/nonexistent-kiln-test");
         run(&mut build);
     });
-    let digest = std::fs::read_to_string(dir.join("digest"))
-        .unwrap()
-        .trim()
-        .to_owned();
+    let layout = dir.join("layout");
     KilnImage {
-        layout: dir.join("layout"),
-        digest,
+        digest: layout_digest(&layout),
+        layout,
         context,
     }
 }
@@ -141,4 +138,16 @@ pub fn tree_digest(dir: &Path) -> String {
         }
     }
     hex::encode(hasher.finalize())
+}
+
+/// The digest of the one manifest in the OCI layout at `layout` (the executor writes its
+/// `--digest-file` only after a push; these builds do not push).
+pub fn layout_digest(layout: &Path) -> String {
+    let path = layout.join("index.json");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    let index: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let manifests = index["manifests"].as_array().expect("manifests");
+    assert_eq!(manifests.len(), 1, "{}: {text}", path.display());
+    manifests[0]["digest"].as_str().expect("digest").to_owned()
 }
