@@ -150,8 +150,13 @@ impl GitRepository {
                 shallow: true,
                 ..Fetch::default()
             };
-            // A server that cannot make shallow packs still sends the ref's whole history.
+            // A server that cannot make shallow packs still sends the ref's whole history. The
+            // failed attempt may have initialised a repository in `dir`, which a new fetch
+            // refuses to initialise over, so it starts from an empty directory again.
             let fetched = remote.fetch(dir, &tip).or_else(|_| {
+                empty_dir(dir).map_err(|e| {
+                    ContextError::io(&self.describe(), "empty before fetching again", dir, e)
+                })?;
                 let whole = Fetch {
                     shallow: false,
                     ..tip
@@ -186,6 +191,19 @@ impl GitRepository {
 /// A full SHA-1 or SHA-256 commit id.
 fn is_commit_id(text: &str) -> bool {
     matches!(text.len(), 40 | 64) && text.chars().all(|c| c.is_ascii_hexdigit())
+}
+
+/// Removes everything in `dir`, keeping the directory (a temporary directory its caller owns).
+fn empty_dir(dir: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if std::fs::symlink_metadata(&path)?.is_dir() {
+            std::fs::remove_dir_all(&path)?;
+        } else {
+            std::fs::remove_file(&path)?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
