@@ -89,6 +89,7 @@ pub(super) fn build_invocation(
     };
 
     options.snapshot = snapshot_options(&flags, &mut warnings)?;
+    options.extract_retries = flags.image_fs_extract_retry.unwrap_or(0);
 
     options.output = output_options(&flags, env, &mut warnings)?;
     options.kiln_dir = flags
@@ -122,6 +123,7 @@ pub(super) fn build_invocation(
         options,
         output: output_settings(&log),
         cache,
+        credential_providers: super::CredentialProviders::from_flag(&flags.credential_helpers)?,
         warnings,
     };
     validate(&invocation)?;
@@ -150,6 +152,7 @@ fn snapshot_options(
         snapshot.mode = SnapshotMode::from(kaniko);
     }
     snapshot.single_snapshot = flags.single_snapshot.unwrap_or(false);
+    snapshot.force_build_metadata = flags.force_build_metadata.unwrap_or(false);
     snapshot.ignore_paths = flags.ignore_path.clone();
     snapshot.ignore_var_run = match (flags.ignore_var_run, flags.whitelist_var_run) {
         (Some(v), _) => v,
@@ -297,24 +300,9 @@ fn kaniko_only_warnings(flags: &BuildFlags, warnings: &mut Vec<String>) {
     if flags.use_new_run == Some(false) {
         warnings.push("--use-new-run=false is ignored: Kiln has one RUN implementation".into());
     }
-    if flags.force_build_metadata == Some(true) {
-        warnings.push("--force-build-metadata is not implemented and has no effect".into());
-    }
     if flags.preserve_context == Some(true) {
         warnings.push(
             "--preserve-context has no effect: Kiln never deletes or changes the build context"
-                .into(),
-        );
-    }
-    if flags.image_fs_extract_retry.is_some_and(|n| n > 0) {
-        warnings.push(
-            "--image-fs-extract-retry is ignored: layer downloads are retried (--image-download-retry), extraction is not"
-                .into(),
-        );
-    }
-    if !flags.credential_helpers.is_empty() {
-        warnings.push(
-            "--credential-helpers is ignored: Kiln uses the credHelpers and credsStore of the docker config"
                 .into(),
         );
     }

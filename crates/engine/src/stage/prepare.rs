@@ -11,7 +11,7 @@ use kiln_sandbox::Sandbox;
 
 use crate::base::{self, ImageLayer};
 use crate::error::BuildError;
-use crate::events::Phase;
+use crate::events::{BuildEvent, Phase};
 use crate::inplace;
 use crate::ops::config::env_pairs;
 use crate::shared::Shared;
@@ -189,6 +189,58 @@ impl Materializer<'_> {
 /// or `/` in in-place mode (`in_place_ignore` given), sparing ignored paths. Layers download and
 /// unpack at the same time, so the two are one `pull` phase.
 pub(crate) fn pull_base_into(
+    shared: &Shared,
+    stage: usize,
+    at: &str,
+    image: &str,
+    in_place_ignore: Option<&IgnoreOptions>,
+    rootfs: &Path,
+    index: &mut Index,
+) -> Result<base::PulledImage, BuildError> {
+    let retries = shared.options.extract_retries;
+    let mut attempt = 0;
+    loop {
+        match pull_base_once(shared, stage, at, image, in_place_ignore, rootfs, index) {
+            Err(e) if attempt < retries => {
+                attempt += 1;
+                shared.emit(BuildEvent::Warning {
+                    message: format!(
+                        "{e}; pulling and unpacking it again (--image-fs-extract-retry, \
+                         {attempt} of {retries})"
+                    ),
+                });
+                // In place, unpacking again overwrites what the failed attempt wrote; a
+                // stage's own tree starts empty again.
+                if in_place_ignore.is_none() {
+                    empty_directory(rootfs)?;
+                    *index = Index::new();
+                }
+            }
+            outcome => return outcome,
+        }
+    }
+}
+
+/// Removes everything inside `dir`, keeping `dir` itself.
+fn empty_directory(dir: &Path) -> Result<(), BuildError> {
+    let io = |source| BuildError::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
+    for entry in std::fs::read_dir(dir).map_err(io)? {
+        let entry = entry.map_err(io)?;
+        let path = entry.path();
+        let removed = if entry.file_type().map_err(io)?.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        removed.map_err(|source| BuildError::Io { path, source })?;
+    }
+    Ok(())
+}
+
+fn pull_base_once(
     shared: &Shared,
     stage: usize,
     at: &str,
