@@ -481,10 +481,7 @@ fn main() {
     writeln!(report, "\nKiln's per-phase times (from `--benchmark-file` of its median cold run):\n\n{phase_report}").unwrap();
     print!("{report}");
     if let Some(path) = &options.results {
-        // The buildpacks benchmark (kiln-bench-buildpacks) keeps its own section at the end.
-        let old = std::fs::read_to_string(path).unwrap_or_default();
-        let kept = old.find("\n## Buildpacks").map_or("", |i| &old[i..]);
-        std::fs::write(path, format!("{report}{kept}"))
+        std::fs::write(path, &report)
             .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
     }
 }

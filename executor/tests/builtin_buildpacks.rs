@@ -8,10 +8,11 @@
 mod support;
 
 use kiln_testkit::langs::LangImage;
-use support::apps::{check_size, stderr, Apps};
+use support::apps::{check_size, stderr, Apps, SizeBound};
 
-/// Builds `name` with the buildpacks and with its Dockerfile; the build log.
-fn build_both(apps: &Apps, name: &str, app: &std::path::Path) -> String {
+/// Builds `name` with the buildpacks and with its Dockerfile, compares their sizes as
+/// `bound` says; the build log.
+fn build_both(apps: &Apps, name: &str, app: &std::path::Path, bound: SizeBound) -> String {
     let out = apps.build(app, &format!("apps/{name}:bp"), &[]);
     let log = stderr(&out);
     assert!(out.status.success(), "{log}");
@@ -23,6 +24,7 @@ fn build_both(apps: &Apps, name: &str, app: &std::path::Path) -> String {
         name,
         &format!("apps/{name}:bp"),
         &format!("apps/{name}:dockerfile"),
+        bound,
     );
     log
 }
@@ -33,12 +35,15 @@ fn build_both(apps: &Apps, name: &str, app: &std::path::Path) -> String {
 fn an_express_app_runs_and_keeps_its_dependencies_across_a_source_change() {
     let apps = Apps::new(&[LangImage::NodeBuild, LangImage::NodeRun]);
     let app = apps.app("node-express");
-    let log = build_both(&apps, "node-express", &app);
+    let log = build_both(&apps, "node-express", &app, SizeBound::Whole);
     assert!(
         log.contains("the app looks like a Node.js app: build image docker.io/library/node:22, run image docker.io/library/node:22-slim"),
         "{log}"
     );
-    assert!(log.contains("node: running npm install --omit=dev"), "{log}");
+    assert!(
+        log.contains("node: running npm install --omit=dev"),
+        "{log}"
+    );
     assert!(log.contains("buildpack group: kiln/node@0.1.0"), "{log}");
     assert!(
         log.contains("node: process web: node server.js (from \"main\" (server.js))"),
@@ -79,7 +84,10 @@ fn an_express_app_runs_and_keeps_its_dependencies_across_a_source_change() {
         .as_str()
         .unwrap()
         .to_owned();
-    assert!(before.contains(&modules), "the same modules layer as before");
+    assert!(
+        before.contains(&modules),
+        "the same modules layer as before"
+    );
     assert!(after.contains(&modules));
     assert_ne!(before, after, "the app layer changed");
     let served = apps.serve("apps/node-express:bp");
@@ -92,7 +100,7 @@ fn an_express_app_runs_and_keeps_its_dependencies_across_a_source_change() {
 fn an_npm_app_with_a_lockfile_runs_its_build_script() {
     let apps = Apps::new(&[LangImage::NodeBuild, LangImage::NodeRun]);
     let app = apps.app("node-build");
-    let log = build_both(&apps, "node-build", &app);
+    let log = build_both(&apps, "node-build", &app, SizeBound::Whole);
     assert!(log.contains("node: running npm ci --include=dev"), "{log}");
     assert!(log.contains("node: running npm ci --omit=dev"), "{log}");
     assert!(log.contains("built dist/server.js"), "{log}");
@@ -108,7 +116,10 @@ fn an_npm_app_with_a_lockfile_runs_its_build_script() {
         "{answer}\n{}",
         served.log()
     );
-    let modules = served.flat.rootfs.join("layers/kiln_node/modules/node_modules");
+    let modules = served
+        .flat
+        .rootfs
+        .join("layers/kiln_node/modules/node_modules");
     assert!(modules.join("ms").is_dir());
     assert!(
         !modules.join("picocolors").exists(),
@@ -122,9 +133,15 @@ fn an_npm_app_with_a_lockfile_runs_its_build_script() {
 fn a_flask_app_runs_under_its_procfile() {
     let apps = Apps::new(&[LangImage::PythonBuild, LangImage::PythonRun]);
     let app = apps.app("python-flask");
-    let log = build_both(&apps, "python-flask", &app);
-    assert!(log.contains("python: running pip install -r requirements.txt"), "{log}");
-    assert!(log.contains("python: process web: gunicorn app:app"), "{log}");
+    let log = build_both(&apps, "python-flask", &app, SizeBound::Whole);
+    assert!(
+        log.contains("python: running pip install -r requirements.txt"),
+        "{log}"
+    );
+    assert!(
+        log.contains("python: process web: gunicorn app:app"),
+        "{log}"
+    );
     assert!(
         log.contains("buildpack group: kiln/python@0.1.0, kiln/procfile@0.1.0"),
         "{log}"
@@ -145,12 +162,15 @@ fn a_flask_app_runs_under_its_procfile() {
 fn a_go_module_runs_on_the_smallest_base() {
     let apps = Apps::new(&[LangImage::GoBuild, LangImage::Smallest]);
     let app = apps.app("go-two");
-    let log = build_both(&apps, "go-two", &app);
+    let log = build_both(&apps, "go-two", &app, SizeBound::WithoutLauncher);
     assert!(
         log.contains("build image docker.io/library/golang:1.19, run image gcr.io/distroless/static-debian12:latest"),
         "{log}"
     );
-    assert!(log.contains("go: process web: /layers/kiln_go/app/bin/greeter"), "{log}");
+    assert!(
+        log.contains("go: process web: /layers/kiln_go/app/bin/greeter"),
+        "{log}"
+    );
     let served = apps.serve("apps/go-two:bp");
     assert!(
         served.get("/").contains("hello from go"),
@@ -171,8 +191,11 @@ fn a_go_module_runs_on_the_smallest_base() {
 fn a_static_site_is_served_with_its_types() {
     let apps = Apps::new(&[LangImage::Busybox, LangImage::Smallest]);
     let app = apps.app("static-site");
-    let log = build_both(&apps, "static-site", &app);
-    assert!(log.contains("the app looks like a static site app"), "{log}");
+    let log = build_both(&apps, "static-site", &app, SizeBound::WithoutLauncher);
+    assert!(
+        log.contains("the app looks like a static site app"),
+        "{log}"
+    );
     let served = apps.serve("apps/static-site:bp");
     let home = served.get("/");
     assert!(home.starts_with("HTTP/1.1 200"), "{home}\n{}", served.log());
@@ -185,7 +208,10 @@ fn a_static_site_is_served_with_its_types() {
     ] {
         let answer = served.get(path);
         assert!(answer.starts_with("HTTP/1.1 200"), "{path}: {answer}");
-        assert!(answer.contains(&format!("Content-Type: {mime}")), "{path}: {answer}");
+        assert!(
+            answer.contains(&format!("Content-Type: {mime}")),
+            "{path}: {answer}"
+        );
     }
     assert!(served.get("/missing").starts_with("HTTP/1.1 404"));
 }
@@ -241,13 +267,19 @@ fn broken_apps_fail_naming_the_file_and_push_nothing() {
         (
             &go,
             "broken/go",
-            &["greet/greet.go:4:9: undefined: undefinedName", "go build failed"],
+            &[
+                "greet/greet.go:4:9: undefined: undefinedName",
+                "go build failed",
+            ],
             vec![],
         ),
         (
             &strict,
             "broken/engines",
-            &["engines.node \">=99\" is not satisfied", "BP_NODE_STRICT_ENGINES=true"],
+            &[
+                "engines.node \">=99\" is not satisfied",
+                "BP_NODE_STRICT_ENGINES=true",
+            ],
             vec!["--env=BP_NODE_STRICT_ENGINES=true".into()],
         ),
     ];
@@ -260,6 +292,9 @@ fn broken_apps_fail_naming_the_file_and_push_nothing() {
         }
         let last = log.lines().last().unwrap_or_default();
         assert!(last.starts_with("error: "), "{destination}: {log}");
-        assert!(!apps.exists(&format!("{destination}:1")), "{destination}: nothing pushed");
+        assert!(
+            !apps.exists(&format!("{destination}:1")),
+            "{destination}: nothing pushed"
+        );
     }
 }

@@ -5,7 +5,7 @@
 
 #![forbid(unsafe_code)]
 
-use std::net::TcpListener;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -27,7 +27,7 @@ fn main() -> ExitCode {
         eprintln!("kiln-static-server: {} is not a directory", root.display());
         return ExitCode::from(2);
     }
-    let listener = match TcpListener::bind(("0.0.0.0", port)) {
+    let listener = match TcpListener::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))) {
         Ok(listener) => listener,
         Err(e) => {
             eprintln!("kiln-static-server: cannot listen on port {port}: {e}");

@@ -160,13 +160,17 @@ fn debian_with(rootfs: &Path, packages: &[&str]) {
     let resolv = rootfs.join("etc/resolv.conf");
     let saved = std::fs::read(&resolv).ok();
     std::fs::copy("/etc/resolv.conf", &resolv).unwrap();
-    run(Command::new("chroot").arg(rootfs).args(["apt-get", "update", "-qq"]));
+    run(Command::new("chroot")
+        .arg(rootfs)
+        .args(["apt-get", "update", "-qq"]));
     run(Command::new("chroot")
         .arg(rootfs)
         .args(["apt-get", "install", "-y", "-qq", "--no-install-recommends"])
         .args(packages)
         .env("DEBIAN_FRONTEND", "noninteractive"));
-    run(Command::new("chroot").arg(rootfs).args(["apt-get", "clean"]));
+    run(Command::new("chroot")
+        .arg(rootfs)
+        .args(["apt-get", "clean"]));
     match saved {
         Some(bytes) => std::fs::write(&resolv, bytes).unwrap(),
         None => std::fs::remove_file(&resolv).unwrap(),
