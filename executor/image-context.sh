@@ -26,6 +26,10 @@ cp "$binary" "$out/rootfs/kiln/executor"
 strip --strip-unneeded "$out/rootfs/kiln/executor"
 cp "$bundle" "$out/rootfs/kiln/ssl/certs/ca-certificates.crt"
 ln -s kiln "$out/rootfs/kaniko"
+# Buildpacks builds: the static lifecycle binaries and Kiln's own buildpacks, beside the
+# executor, where it looks for them (lifecycle/, buildpacks/).
+"$repo/scripts/build-lifecycle" "$out/rootfs/kiln/lifecycle" >/dev/null
+"$repo/scripts/build-buildpacks" "$out/rootfs/kiln/buildpacks" >/dev/null
 if [ "$debug" = "--debug" ]; then
     mkdir -p "$out/rootfs/busybox"
     cp /bin/busybox "$out/rootfs/busybox/busybox"

@@ -18,6 +18,7 @@ pub mod git;
 pub mod hostile;
 pub mod http;
 pub mod image;
+pub mod langs;
 mod registry;
 pub mod tree;
 
