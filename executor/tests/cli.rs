@@ -474,7 +474,7 @@ fn kaniko_only_flags_are_decided() {
     // Accepted silently: Kiln always does what they ask for.
     let inv = build(&[
         DEST,
-        "--compressed-caching=false",
+        "--compressed-caching=true",
         "--skip-push-permission-check",
         "--skip-unused-stages=true",
         "--use-new-run",
@@ -493,6 +493,7 @@ fn kaniko_only_flags_are_decided() {
         "--skip-unused-stages=false",
         "--use-new-run=false",
         "--preserve-context",
+        "--compressed-caching=false",
     ] {
         let inv = build(&[DEST, flag]);
         assert_eq!(inv.warnings.len(), 1, "{flag}: {:?}", inv.warnings);

@@ -93,7 +93,7 @@ flag_struct! {
             cache_copy_layers = "cache-copy-layers";
         @bool /// Never write to the layer cache.
             no_push_cache = "no-push-cache";
-        @bool /// kaniko only; accepted and ignored (Kiln always streams cache layers).
+        @bool /// kaniko only; `=false` is accepted with a warning (Kiln streams cache layers).
             #[arg(hide = true)] compressed_caching = "compressed-caching";
         @bool /// kaniko only; accepted and ignored (Kiln does no up-front push check).
             #[arg(hide = true)] skip_push_permission_check = "skip-push-permission-check";

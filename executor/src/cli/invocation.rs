@@ -300,6 +300,13 @@ fn kaniko_only_warnings(flags: &BuildFlags, warnings: &mut Vec<String>) {
     if flags.use_new_run == Some(false) {
         warnings.push("--use-new-run=false is ignored: Kiln has one RUN implementation".into());
     }
+    if flags.compressed_caching == Some(false) {
+        warnings.push(
+            "--compressed-caching=false has no effect: Kiln compresses cache layers as it streams \
+             them, so they never take the memory kaniko's flag saves"
+                .into(),
+        );
+    }
     if flags.preserve_context == Some(true) {
         warnings.push(
             "--preserve-context has no effect: Kiln never deletes or changes the build context"
