@@ -327,14 +327,13 @@ impl<W: Write + Send + 'static> Drop for ParallelGzip<W> {
 }
 
 fn deflate_worker(level: u32, jobs: Receiver<Job>, done: Sender<Done>) {
-    let mut deflate = Compress::new(flate2::Compression::new(level), false);
     for job in jobs {
         let mut crc = crc32fast::Hasher::new();
         crc.update(&job.data);
         // A panic in the deflater (a library bug) must fail the layer: otherwise the writer
         // waits forever for this block while the other workers run out of tokens.
         let deflated = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            deflate_block(&mut deflate, &job.data, &job.dictionary)
+            deflate_block(level, &job.data, &job.dictionary)
         }))
         .unwrap_or_else(|_| Err(io::Error::other("deflate: the compressor panicked")));
         if done
@@ -352,9 +351,11 @@ fn deflate_worker(level: u32, jobs: Receiver<Job>, done: Sender<Done>) {
 }
 
 /// Raw deflate of one block, primed with `dictionary`, ended with a sync flush so the next
-/// block's bytes can follow directly.
-fn deflate_block(deflate: &mut Compress, data: &[u8], dictionary: &[u8]) -> io::Result<Vec<u8>> {
-    deflate.reset();
+/// block's bytes can follow directly. Each block gets a compressor of its own: one reused
+/// after `reset` made bytes that depended on the blocks it had deflated before, and so on
+/// which worker got the block (layers differed between two `--reproducible` builds).
+fn deflate_block(level: u32, data: &[u8], dictionary: &[u8]) -> io::Result<Vec<u8>> {
+    let mut deflate = Compress::new(flate2::Compression::new(level), false);
     if !dictionary.is_empty() {
         deflate
             .set_dictionary(dictionary)
@@ -441,6 +442,19 @@ mod tests {
         out
     }
 
+    /// `len` pseudo-random bytes from `seed` (xorshift), which deflate cannot shrink.
+    fn noise(seed: u64, len: usize) -> Vec<u8> {
+        let mut x = seed;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
+            .collect()
+    }
+
     fn compress(data: &[u8], compression: Compression, threads: usize) -> (Vec<u8>, StreamSummary) {
         let mut c = Compressor::new(Vec::new(), compression, threads).unwrap();
         // Odd write sizes exercise block cutting across writes.
@@ -468,6 +482,27 @@ mod tests {
             .read_to_end(&mut decoded)
             .unwrap();
         assert_eq!(decoded, data);
+    }
+
+    /// Which worker deflates a block, and what it deflated before, depends on scheduling: a
+    /// block's bytes must depend on its data and dictionary only, or `--reproducible` layers
+    /// differ from run to run. Blocks of text, noise and zeros, each kind deflated differently.
+    #[test]
+    fn gzip_bytes_do_not_depend_on_which_worker_got_a_block() {
+        let mut data = Vec::new();
+        for round in 0..6u64 {
+            data.extend(sample(GZIP_BLOCK_SIZE + 1000 * round as usize));
+            data.extend(noise(0x9e37_79b9_7f4a_7c15 ^ round, GZIP_BLOCK_SIZE / 2));
+            data.extend(std::iter::repeat_n(0u8, GZIP_BLOCK_SIZE / 3));
+        }
+        // Machine code, as in the layer of Kiln's own image where builds first differed.
+        let exe = std::fs::read(std::env::current_exe().unwrap()).unwrap();
+        data.extend(&exe[..exe.len().min(40 * GZIP_BLOCK_SIZE)]);
+        let (expected, _) = compress(&data, Compression::Gzip { level: 6 }, 1);
+        for threads in [2, 3, 4, 2, 3, 4] {
+            let (got, _) = compress(&data, Compression::Gzip { level: 6 }, threads);
+            assert!(got == expected, "{threads} threads gave other bytes");
+        }
     }
 
     #[test]
