@@ -92,20 +92,7 @@ pub(super) fn build_invocation(
     options.extract_retries = flags.image_fs_extract_retry.unwrap_or(0);
 
     options.output = output_options(&flags, env, &mut warnings)?;
-    options.kiln_dir = flags
-        .kaniko_dir
-        .clone()
-        .or_else(|| {
-            env.get("KILN_DIR")
-                .filter(|d| !d.is_empty())
-                .map(PathBuf::from)
-        })
-        .or_else(|| {
-            env.get("KANIKO_DIR")
-                .filter(|d| !d.is_empty())
-                .map(PathBuf::from)
-        })
-        .unwrap_or_else(|| PathBuf::from("/kiln"));
+    options.kiln_dir = kiln_dir(flags.kaniko_dir.as_deref(), env);
     options.cleanup = flags.cleanup.unwrap_or(false);
     options.materialize = flags.materialize.unwrap_or(false);
     options.force = flags.force.unwrap_or(false);
@@ -313,6 +300,15 @@ fn kaniko_only_warnings(flags: &BuildFlags, warnings: &mut Vec<String>) {
                 .into(),
         );
     }
+}
+
+/// `--kaniko-dir`, else `$KILN_DIR`, else `$KANIKO_DIR`, else `/kiln`.
+pub(super) fn kiln_dir(flag: Option<&Path>, env: &Env) -> PathBuf {
+    let from_env = |name: &str| env.get(name).filter(|d| !d.is_empty()).map(PathBuf::from);
+    flag.map(Path::to_path_buf)
+        .or_else(|| from_env("KILN_DIR"))
+        .or_else(|| from_env("KANIKO_DIR"))
+        .unwrap_or_else(|| PathBuf::from("/kiln"))
 }
 
 pub(super) fn output_settings(log: &LogFlags) -> OutputSettings {

@@ -221,21 +221,13 @@ pub(crate) fn pull_base_into(
     }
 }
 
-/// Removes everything inside `dir`, keeping `dir` itself.
+/// Removes everything inside `dir`, keeping `dir` itself. Through its `Root`, so a symlink a
+/// failed unpack left there is removed, never followed.
 fn empty_directory(dir: &Path) -> Result<(), BuildError> {
-    let io = |source| BuildError::Io {
-        path: dir.to_path_buf(),
-        source,
-    };
-    for entry in std::fs::read_dir(dir).map_err(io)? {
-        let entry = entry.map_err(io)?;
-        let path = entry.path();
-        let removed = if entry.file_type().map_err(io)?.is_dir() {
-            std::fs::remove_dir_all(&path)
-        } else {
-            std::fs::remove_file(&path)
-        };
-        removed.map_err(|source| BuildError::Io { path, source })?;
+    let failed = |e| BuildError::image(dir.display().to_string(), e);
+    let root = kiln_fs::resolve::Root::open(dir).map_err(failed)?;
+    for name in root.read_dir("").map_err(failed)? {
+        root.remove_all(&name).map_err(failed)?;
     }
     Ok(())
 }
