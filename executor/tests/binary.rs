@@ -73,10 +73,10 @@ fn warnings_are_rendered_before_the_build() {
         "--mode=chroot",
         &kiln_dir_arg,
         "--context=/nonexistent-kiln-context",
-        "--force-build-metadata",
+        "--preserve-context",
     ]);
     let err = stderr(&output);
-    assert!(err.contains("WARN --force-build-metadata"), "{err}");
+    assert!(err.contains("WARN --preserve-context"), "{err}");
     // A context that does not exist is a build error: exit code 1, naming the path.
     assert_eq!(output.status.code(), Some(1), "{err}");
     assert!(err.contains("/nonexistent-kiln-context"), "{err}");

@@ -474,7 +474,7 @@ fn kaniko_only_flags_are_decided() {
     // Accepted silently: Kiln always does what they ask for.
     let inv = build(&[
         DEST,
-        "--compressed-caching=false",
+        "--compressed-caching=true",
         "--skip-push-permission-check",
         "--skip-unused-stages=true",
         "--use-new-run",
@@ -492,16 +492,26 @@ fn kaniko_only_flags_are_decided() {
     for flag in [
         "--skip-unused-stages=false",
         "--use-new-run=false",
-        "--force-build-metadata",
         "--preserve-context",
-        "--image-fs-extract-retry=3",
-        "--credential-helpers=ecr-login",
+        "--compressed-caching=false",
     ] {
         let inv = build(&[DEST, flag]);
         assert_eq!(inv.warnings.len(), 1, "{flag}: {:?}", inv.warnings);
         let name = flag.trim_start_matches('-').split('=').next().unwrap();
         assert!(inv.warnings[0].contains(name), "{flag}: {:?}", inv.warnings);
     }
+    // Implemented since: no warning, and the option is set.
+    let inv = build(&[DEST, "--force-build-metadata"]);
+    assert!(inv.warnings.is_empty(), "{:?}", inv.warnings);
+    assert!(inv.options.snapshot.force_build_metadata);
+    let inv = build(&[DEST, "--image-fs-extract-retry=3"]);
+    assert!(inv.warnings.is_empty(), "{:?}", inv.warnings);
+    assert_eq!(inv.options.extract_retries, 3);
+    assert!(build(&[DEST]).credential_providers.gitlab);
+    let inv = build(&[DEST, "--credential-helpers="]);
+    assert!(inv.warnings.is_empty() && !inv.credential_providers.gitlab);
+    let message = usage_error(&[DEST, "--credential-helpers=ecr,gitlab"]);
+    assert!(message.contains("docker-credential-ecr-login"), "{message}");
     // Rejected: GCS bucket contexts.
     let message = usage_error(&[DEST, "--bucket=my-bucket"]);
     assert!(message.contains("--bucket"), "{message}");

@@ -344,6 +344,7 @@ fn after_linked(parent: &Parent, linked: &CacheKey) -> CacheKey {
 pub struct KeyChain {
     parent: Parent,
     platform: Platform,
+    every_step_layered: bool,
 }
 
 impl KeyChain {
@@ -352,6 +353,18 @@ impl KeyChain {
         KeyChain {
             parent: base,
             platform,
+            every_step_layered: false,
+        }
+    }
+
+    /// A chain for builds where every step makes a layer, an empty one included
+    /// (`--force-build-metadata`). Its keys differ from the usual ones because the entries do:
+    /// a step that makes no layer in a usual build has one here, and a hit from either kind of
+    /// build would give the other the wrong layers.
+    pub fn every_step_layered(self) -> KeyChain {
+        KeyChain {
+            every_step_layered: true,
+            ..self
         }
     }
 
@@ -360,13 +373,23 @@ impl KeyChain {
     /// step after chains from both.
     pub fn next_key(&mut self, input: &StepInput) -> CacheKey {
         if input.is_linked() {
-            let key = linked_key(&self.platform, input);
+            let key = self.layered(linked_key(&self.platform, input));
             self.parent = Parent::Key(after_linked(&self.parent, &key));
             return key;
         }
-        let key = step_key(&self.parent, &self.platform, input);
+        let key = self.layered(step_key(&self.parent, &self.platform, input));
         self.parent = Parent::Key(key.clone());
         key
+    }
+
+    fn layered(&self, key: CacheKey) -> CacheKey {
+        if !self.every_step_layered {
+            return key;
+        }
+        let mut w = KeyWriter::new();
+        w.tag(b'F');
+        w.str(&key.to_string());
+        w.finish()
     }
 
     /// The key of the last step so far (what a stage `FROM` this one or a `COPY --from` uses),
@@ -716,5 +739,31 @@ impl KeyWriter {
 
     fn finish(self) -> CacheKey {
         CacheKey(self.0.finish())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys(chain: KeyChain) -> Vec<CacheKey> {
+        let mut chain = chain;
+        ["/a", "/b"]
+            .iter()
+            .map(|dir| chain.next_key(&StepInput::Config(ConfigEdit::WorkingDir((*dir).into()))))
+            .collect()
+    }
+
+    #[test]
+    fn chains_that_layer_every_step_never_share_a_key_with_usual_ones() {
+        let base = || Parent::Image(Digest::sha256_of(b"base"));
+        let platform = Platform::host;
+        let usual = keys(KeyChain::new(base(), platform()));
+        let layered = keys(KeyChain::new(base(), platform()).every_step_layered());
+        assert_eq!(
+            layered,
+            keys(KeyChain::new(base(), platform()).every_step_layered())
+        );
+        assert!(usual.iter().all(|key| !layered.contains(key)));
     }
 }

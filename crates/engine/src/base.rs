@@ -11,7 +11,7 @@ use kiln_fs::resolve::Root;
 use kiln_fs::snapshot::Index;
 use kiln_fs::unpack::{unpack_layer_except, UnpackEvent, UnpackOptions};
 use kiln_oci::image::{AnyManifest, Descriptor, ImageConfig, Manifest};
-use kiln_oci::{Digest, Platform, Reference};
+use kiln_oci::{Digest, DigestWriter, Platform, Reference};
 use kiln_registry::{Client, Repository};
 use tokio::io::AsyncReadExt;
 
@@ -339,7 +339,7 @@ pub fn pull_and_unpack(
             result
         }));
     }
-    let unpacked = unpack_sources(rootfs, &resolved, sources, index);
+    let unpacked = unpack_sources(rootfs, &resolved, sources, index, blobs);
     // The downloads' own errors say more (registry, status) than the unpacker's view of them.
     for download in downloads {
         if unpacked.is_err() {
@@ -360,6 +360,21 @@ pub fn pull_and_unpack(
     Ok(resolved.into_pulled())
 }
 
+/// Drops a stored blob whose bytes no longer match its digest (a disk fault, a half-copied
+/// cache directory), so the next pull downloads it again instead of failing on it forever.
+fn evict_if_damaged(blobs: &BlobStore, digest: &Digest) {
+    let path = blobs.blob_path(digest);
+    let matches = std::fs::File::open(&path).and_then(|mut file| {
+        let mut hasher = DigestWriter::new(std::io::sink(), digest.algorithm());
+        std::io::copy(&mut file, &mut hasher)?;
+        let (_, actual, _) = hasher.finish();
+        Ok(actual == *digest)
+    });
+    if matches!(matches, Ok(false)) {
+        let _ = std::fs::remove_file(&path);
+    }
+}
+
 enum LayerSource {
     Stored(std::fs::File),
     Following(FollowingReader),
@@ -370,6 +385,7 @@ fn unpack_sources(
     resolved: &Resolved,
     sources: Vec<LayerSource>,
     index: &mut Index,
+    blobs: &BlobStore,
 ) -> Result<(), BuildError> {
     let root =
         Root::open(rootfs).map_err(|e| BuildError::image(rootfs.display().to_string(), e))?;
@@ -378,11 +394,16 @@ fn unpack_sources(
         .zip(&resolved.layers)
         .zip(&resolved.config.rootfs.diff_ids)
     {
+        let stored = matches!(source, LayerSource::Stored(_));
         let reader: Box<dyn std::io::Read> = match source {
             LayerSource::Stored(file) => Box::new(file),
             LayerSource::Following(reader) => Box::new(reader),
         };
-        unpack_one(&root, reader, &layer.digest, diff_id, index, None)?;
+        let unpacked = unpack_one(&root, reader, &layer.digest, diff_id, index, None);
+        if unpacked.is_err() && stored {
+            evict_if_damaged(blobs, &layer.digest);
+        }
+        unpacked?;
     }
     index.seal(rootfs).map_err(|source| BuildError::Io {
         path: rootfs.to_path_buf(),

@@ -566,12 +566,14 @@ fn engine_cache(
             return Ok(None);
         }
     };
-    Ok(Some(EngineCache::new(
+    let mut cache = EngineCache::new(
         store,
         !settings.no_push,
         settings.run_layers,
         platform.clone(),
         events.clone(),
         settings.lookup_deadline,
-    )))
+    );
+    cache.every_step_layered = options.snapshot.force_build_metadata;
+    Ok(Some(cache))
 }

@@ -72,6 +72,10 @@ pub struct SnapshotOptions {
     pub mode: SnapshotMode,
     /// `--single-snapshot`: take one snapshot at the end of each stage instead of one per step.
     pub single_snapshot: bool,
+    /// `--force-build-metadata`: every step makes a layer, an empty one when it changed no
+    /// file (ENV, LABEL, a RUN that wrote nothing), as kaniko's flag does; tools that count on
+    /// one layer per instruction use it.
+    pub force_build_metadata: bool,
     /// `--ignore-path`: paths never snapshotted or overwritten (in addition to the built-in list).
     pub ignore_paths: Vec<PathBuf>,
     /// `--ignore-var-run` (default true): leave `/var/run` out of snapshots in in-place mode,
@@ -84,6 +88,7 @@ impl Default for SnapshotOptions {
         SnapshotOptions {
             mode: SnapshotMode::Exact,
             single_snapshot: false,
+            force_build_metadata: false,
             ignore_paths: Vec::new(),
             ignore_var_run: true,
         }
@@ -253,6 +258,10 @@ pub struct BuildOptions {
     pub materialize: bool,
     /// `--benchmark-file`: write per-phase timings as JSON here.
     pub benchmark_file: Option<PathBuf>,
+    /// `--image-fs-extract-retry`: how many more times a base image is pulled and unpacked
+    /// after unpacking it failed (a damaged stored blob is dropped first, so it is fetched
+    /// again), with a warning each time.
+    pub extract_retries: u32,
     /// The layer cache.
     pub cache: CacheOptions,
     /// Which front end makes the plan.
@@ -289,6 +298,7 @@ impl BuildOptions {
             force: false,
             materialize: false,
             benchmark_file: None,
+            extract_retries: 0,
             cache: CacheOptions::default(),
             front_end: FrontEndChoice::Auto,
             buildpacks: BuildpacksOptions::default(),

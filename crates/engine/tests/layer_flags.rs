@@ -1,6 +1,6 @@
-//! `--single-snapshot` (one layer per stage, as kaniko makes) and `COPY --link` (a layer made on
-//! its own, reused from the cache when only what is below it changes, as BuildKit does),
-//! against a real registry.
+//! `--single-snapshot` (one layer per stage, as kaniko makes), `--force-build-metadata` (one
+//! layer per step, as kaniko makes) and `COPY --link` (a layer made on its own, reused from the
+//! cache when only what is below it changes, as BuildKit does), against a real registry.
 
 use std::path::Path;
 use std::process::Command;
@@ -85,6 +85,56 @@ async fn single_snapshot_makes_one_layer_per_stage() {
         .count();
     assert_eq!(with_layers, 2, "{history:#?}");
     assert_eq!(flat.config["config"]["Env"][1], "X=1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn force_build_metadata_gives_every_step_a_layer_also_from_the_cache() {
+    let registry = Registry::start();
+    let base = format!("{}/library/busybox:latest", registry.addr());
+    image::push_rootfs(&registry, bases::busybox_rootfs(), "library/busybox:latest");
+    let work = tempfile::tempdir().unwrap();
+    let context = work.path().join("context");
+    std::fs::create_dir(&context).unwrap();
+    std::fs::write(context.join("a"), "a").unwrap();
+    std::fs::write(
+        context.join("Dockerfile"),
+        format!("FROM {base}\nENV X=1\nRUN true\nCOPY a /a\nLABEL l=v\nWORKDIR /\n"),
+    )
+    .unwrap();
+    let kiln_dir = work.path().join("kiln");
+    let build_to = |tag: &str, forced: bool| {
+        let mut options = options_for(&registry, &context, &kiln_dir);
+        options.snapshot.force_build_metadata = forced;
+        options.cache.enabled = true;
+        options
+            .output
+            .destinations
+            .push(format!("{}/forced:{tag}", registry.addr()));
+        options
+    };
+    // A usual build first, whose cache entries have no layer for four of the five steps: the
+    // forced build must not take them.
+    build(build_to("usual", false)).await;
+    let usual = image::flatten(&registry, "forced:usual");
+    assert_eq!(layer_count(&usual), 2, "the base's layer and COPY's");
+
+    for tag in ["cold", "cached"] {
+        build(build_to(tag, true)).await;
+        let flat = image::flatten(&registry, &format!("forced:{tag}"));
+        assert_eq!(
+            layer_count(&flat),
+            6,
+            "{tag}: the base's layer and one per step"
+        );
+        let history = flat.config["history"].as_array().unwrap();
+        assert!(
+            history
+                .iter()
+                .all(|h| h["empty_layer"].as_bool() != Some(true)),
+            "{tag}: {history:#?}"
+        );
+        assert_eq!(std::fs::read_to_string(flat.rootfs.join("a")).unwrap(), "a");
+    }
 }
 
 /// A base rootfs: busybox plus `extra` (another image under the same tag).

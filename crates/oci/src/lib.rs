@@ -12,6 +12,7 @@ pub mod archive;
 pub mod canonical;
 pub mod digest;
 pub mod image;
+pub mod interop;
 pub mod layout;
 pub mod media_type;
 pub mod platform;

@@ -246,6 +246,8 @@ fn helper_server_url(registry: &str) -> String {
 pub struct Keychain {
     config: Option<DockerConfig>,
     helper_path: Option<OsString>,
+    /// Credentials from outside the config (a CI job's environment), by normalized registry.
+    fallback: Vec<(String, Credential)>,
 }
 
 impl Keychain {
@@ -287,10 +289,7 @@ impl Keychain {
             match std::fs::metadata(&candidate) {
                 Ok(meta) if meta.is_file() => {
                     tracing::debug!(path = %candidate.display(), "using docker config");
-                    return Ok(Keychain {
-                        config: Some(DockerConfig::load(&candidate)?),
-                        helper_path: None,
-                    });
+                    return Ok(Keychain::from_config(DockerConfig::load(&candidate)?));
                 }
                 Ok(_) => continue,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
@@ -310,8 +309,17 @@ impl Keychain {
     pub fn from_config(config: DockerConfig) -> Self {
         Keychain {
             config: Some(config),
-            helper_path: None,
+            ..Keychain::default()
         }
+    }
+
+    /// Adds a credential for `registry` from outside the docker config (GitLab CI's registry
+    /// variables, for example). It is used only when the config has nothing for that registry,
+    /// so a mounted Secret always wins, as kaniko consults its config first.
+    pub fn with_fallback(mut self, registry: &str, credential: Credential) -> Self {
+        self.fallback
+            .push((normalize_registry(registry), credential));
+        self
     }
 
     /// Looks credential helpers up on `path` (a `PATH`-style list) instead of the process's
@@ -330,15 +338,22 @@ impl Keychain {
     /// `docker.io`): from its credential helper if one is configured, else from `auths`.
     /// `None` means anonymous access.
     pub async fn credential_for(&self, registry: &str) -> Result<Option<Credential>, Error> {
-        let Some(config) = &self.config else {
-            return Ok(None);
-        };
-        if let Some(helper) = config.helper_for(registry) {
-            if let Some(found) = self.run_helper(helper, registry).await? {
-                return Ok(Some(found));
+        if let Some(config) = &self.config {
+            if let Some(helper) = config.helper_for(registry) {
+                if let Some(found) = self.run_helper(helper, registry).await? {
+                    return Ok(Some(found));
+                }
+            }
+            if let Some(found) = config.auth_for(registry) {
+                return Ok(Some(found.clone()));
             }
         }
-        Ok(config.auth_for(registry).cloned())
+        let wanted = normalize_registry(registry);
+        Ok(self
+            .fallback
+            .iter()
+            .find(|(known, _)| *known == wanted)
+            .map(|(_, credential)| credential.clone()))
     }
 
     async fn run_helper(&self, helper: &str, registry: &str) -> Result<Option<Credential>, Error> {

@@ -13,6 +13,12 @@ use crate::{require_tools, run, Registry};
 /// of everything under `rootfs` (numeric owners, xattrs kept), and a linux/amd64 config with the
 /// default PATH. Returns the manifest digest (`sha256:...`).
 pub fn oci_layout_from_rootfs(rootfs: &Path, layout_dir: &Path, tag: &str) -> String {
+    oci_layout_with_env(rootfs, layout_dir, tag, &[])
+}
+
+/// [`oci_layout_from_rootfs`] with `env` (`NAME=VALUE`) in the config after the default PATH
+/// (a `PATH=` of its own replaces it).
+pub fn oci_layout_with_env(rootfs: &Path, layout_dir: &Path, tag: &str, env: &[&str]) -> String {
     require_tools(&["tar", "gzip"]);
     let blobs = layout_dir.join("blobs/sha256");
     std::fs::create_dir_all(&blobs).unwrap();
@@ -61,10 +67,15 @@ pub fn oci_layout_from_rootfs(rootfs: &Path, layout_dir: &Path, tag: &str) -> St
     let (layer_digest, layer_size) = file_digest(&tmp_layer);
     std::fs::rename(&tmp_layer, blobs.join(&layer_digest[7..])).unwrap();
 
+    let mut config_env = vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"];
+    if env.iter().any(|e| e.starts_with("PATH=")) {
+        config_env.clear();
+    }
+    config_env.extend_from_slice(env);
     let config = serde_json::json!({
         "architecture": "amd64",
         "os": "linux",
-        "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]},
+        "config": {"Env": config_env},
         "rootfs": {"type": "layers", "diff_ids": [diff_id]},
         "history": [{"created_by": format!("kiln-testkit: tar of {}", rootfs.display())}],
     });

@@ -19,6 +19,7 @@ pub mod hostile;
 pub mod http;
 pub mod image;
 pub mod kiln_image;
+pub mod langs;
 mod registry;
 pub mod tree;
 

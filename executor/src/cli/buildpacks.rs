@@ -1,7 +1,5 @@
 //! The buildpacks flags (`pack build`'s names) and `executor rebase`.
 
-use std::path::PathBuf;
-
 use kiln_engine::{BuildpacksOptions, FrontEndChoice};
 use kiln_oci::Platform;
 
@@ -82,20 +80,7 @@ pub(super) fn build_rebase(flags: RebaseFlags, env: &Env) -> Result<RebaseInvoca
             .filter(|v| !v.is_empty())
             .ok_or_else(|| UsageError::new(format!("rebase: {flag} is required")))
     };
-    let kiln_dir = flags
-        .kaniko_dir
-        .clone()
-        .or_else(|| {
-            env.get("KILN_DIR")
-                .filter(|d| !d.is_empty())
-                .map(PathBuf::from)
-        })
-        .or_else(|| {
-            env.get("KANIKO_DIR")
-                .filter(|d| !d.is_empty())
-                .map(PathBuf::from)
-        })
-        .unwrap_or_else(|| PathBuf::from("/kiln"));
+    let kiln_dir = super::invocation::kiln_dir(flags.kaniko_dir.as_deref(), env);
     let options = kiln_engine::RebaseOptions {
         image: required(flags.image, "--image")?,
         run_image: required(flags.run_image, "--run-image")?,

@@ -93,15 +93,15 @@ flag_struct! {
             cache_copy_layers = "cache-copy-layers";
         @bool /// Never write to the layer cache.
             no_push_cache = "no-push-cache";
-        @bool /// kaniko only; accepted and ignored (Kiln always streams cache layers).
+        @bool /// kaniko only; `=false` is accepted with a warning (Kiln streams cache layers).
             #[arg(hide = true)] compressed_caching = "compressed-caching";
         @bool /// kaniko only; accepted and ignored (Kiln does no up-front push check).
             #[arg(hide = true)] skip_push_permission_check = "skip-push-permission-check";
         @bool /// Skip (with a warning) a destination whose immutable tag exists already (ECR,
         /// Artifact Registry) instead of failing the build.
             push_ignore_immutable_tag_errors = "push-ignore-immutable-tag-errors";
-        @bool /// kaniko only; accepted with a warning, not implemented.
-            #[arg(hide = true)] force_build_metadata = "force-build-metadata";
+        @bool /// Give every step a layer of its own, an empty one when it changed no file.
+            force_build_metadata = "force-build-metadata";
         @bool /// kaniko only; accepted with a warning (Kiln never deletes the context).
             #[arg(hide = true)] preserve_context = "preserve-context";
         @bool /// In-place mode: leave the built filesystem in / even when every step was cached.
@@ -192,11 +192,12 @@ flag_struct! {
         /// Cache entry lifetime as a Go duration, e.g. 6h, 90m (default 336h).
         #[arg(long = "cache-ttl", value_name = "DURATION")]
         cache_ttl: Option<String>,
-        /// kaniko only; accepted with a warning (extraction is not retried).
-        #[arg(long = "image-fs-extract-retry", value_name = "N", hide = true)]
+        /// Pull and unpack a base image up to N more times when unpacking it fails.
+        #[arg(long = "image-fs-extract-retry", value_name = "N")]
         image_fs_extract_retry: Option<u32>,
-        /// kaniko only; accepted with a warning (Kiln uses the docker config's helpers).
-        #[arg(long = "credential-helpers", value_name = "LIST", hide = true)]
+        /// Credential providers besides the docker config: `default`, `gitlab` (on unless
+        /// the flag is given); an empty value turns gitlab off.
+        #[arg(long = "credential-helpers", value_name = "LIST")]
         credential_helpers: Vec<String>,
         /// kaniko's GCS bucket context; rejected.
         #[arg(short = 'b', long = "bucket", value_name = "BUCKET", hide = true)]

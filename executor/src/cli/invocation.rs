@@ -89,22 +89,10 @@ pub(super) fn build_invocation(
     };
 
     options.snapshot = snapshot_options(&flags, &mut warnings)?;
+    options.extract_retries = flags.image_fs_extract_retry.unwrap_or(0);
 
     options.output = output_options(&flags, env, &mut warnings)?;
-    options.kiln_dir = flags
-        .kaniko_dir
-        .clone()
-        .or_else(|| {
-            env.get("KILN_DIR")
-                .filter(|d| !d.is_empty())
-                .map(PathBuf::from)
-        })
-        .or_else(|| {
-            env.get("KANIKO_DIR")
-                .filter(|d| !d.is_empty())
-                .map(PathBuf::from)
-        })
-        .unwrap_or_else(|| PathBuf::from("/kiln"));
+    options.kiln_dir = kiln_dir(flags.kaniko_dir.as_deref(), env);
     options.cleanup = flags.cleanup.unwrap_or(false);
     options.materialize = flags.materialize.unwrap_or(false);
     options.force = flags.force.unwrap_or(false);
@@ -122,6 +110,7 @@ pub(super) fn build_invocation(
         options,
         output: output_settings(&log),
         cache,
+        credential_providers: super::CredentialProviders::from_flag(&flags.credential_helpers)?,
         warnings,
     };
     validate(&invocation)?;
@@ -150,6 +139,7 @@ fn snapshot_options(
         snapshot.mode = SnapshotMode::from(kaniko);
     }
     snapshot.single_snapshot = flags.single_snapshot.unwrap_or(false);
+    snapshot.force_build_metadata = flags.force_build_metadata.unwrap_or(false);
     snapshot.ignore_paths = flags.ignore_path.clone();
     snapshot.ignore_var_run = match (flags.ignore_var_run, flags.whitelist_var_run) {
         (Some(v), _) => v,
@@ -297,8 +287,12 @@ fn kaniko_only_warnings(flags: &BuildFlags, warnings: &mut Vec<String>) {
     if flags.use_new_run == Some(false) {
         warnings.push("--use-new-run=false is ignored: Kiln has one RUN implementation".into());
     }
-    if flags.force_build_metadata == Some(true) {
-        warnings.push("--force-build-metadata is not implemented and has no effect".into());
+    if flags.compressed_caching == Some(false) {
+        warnings.push(
+            "--compressed-caching=false has no effect: Kiln compresses cache layers as it streams \
+             them, so they never take the memory kaniko's flag saves"
+                .into(),
+        );
     }
     if flags.preserve_context == Some(true) {
         warnings.push(
@@ -306,18 +300,15 @@ fn kaniko_only_warnings(flags: &BuildFlags, warnings: &mut Vec<String>) {
                 .into(),
         );
     }
-    if flags.image_fs_extract_retry.is_some_and(|n| n > 0) {
-        warnings.push(
-            "--image-fs-extract-retry is ignored: layer downloads are retried (--image-download-retry), extraction is not"
-                .into(),
-        );
-    }
-    if !flags.credential_helpers.is_empty() {
-        warnings.push(
-            "--credential-helpers is ignored: Kiln uses the credHelpers and credsStore of the docker config"
-                .into(),
-        );
-    }
+}
+
+/// `--kaniko-dir`, else `$KILN_DIR`, else `$KANIKO_DIR`, else `/kiln`.
+pub(super) fn kiln_dir(flag: Option<&Path>, env: &Env) -> PathBuf {
+    let from_env = |name: &str| env.get(name).filter(|d| !d.is_empty()).map(PathBuf::from);
+    flag.map(Path::to_path_buf)
+        .or_else(|| from_env("KILN_DIR"))
+        .or_else(|| from_env("KANIKO_DIR"))
+        .unwrap_or_else(|| PathBuf::from("/kiln"))
 }
 
 pub(super) fn output_settings(log: &LogFlags) -> OutputSettings {

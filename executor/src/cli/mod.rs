@@ -13,6 +13,7 @@
 //! [`Invocation::load_credentials`].
 
 mod buildpacks;
+mod credentials;
 mod flags;
 mod invocation;
 
@@ -29,6 +30,7 @@ use kiln_registry::{Keychain, RegistryOptions};
 
 use crate::render::OutputSettings;
 
+pub use self::credentials::CredentialProviders;
 use self::flags::{parse_bool, Cli, Sub};
 use self::invocation::{build_invocation, build_warm};
 pub use self::invocation::{credential_search_dirs, parse_go_duration};
@@ -90,6 +92,8 @@ pub struct Invocation {
     pub output: OutputSettings,
     /// Layer-cache flags (issue 6), kept apart until the engine has cache options.
     pub cache: CacheFlags,
+    /// `--credential-helpers`: the providers consulted besides the docker config.
+    pub credential_providers: CredentialProviders,
     /// Notes about accepted-but-ignored or deprecated flags, to be shown as warnings.
     pub warnings: Vec<String>,
 }
@@ -181,7 +185,8 @@ impl RebaseInvocation {
     /// Loads registry credentials as [`Invocation::load_credentials`] does.
     pub fn load_credentials(&mut self, env: &Env) -> Result<(), kiln_registry::Error> {
         let dirs = credential_search_dirs(&self.options.kiln_dir, env);
-        self.options.registry.keychain = Keychain::from_search_dirs(&dirs)?;
+        let keychain = Keychain::from_search_dirs(&dirs)?;
+        self.options.registry.keychain = CredentialProviders::default().apply(keychain, env);
         Ok(())
     }
 }
@@ -282,7 +287,8 @@ impl Invocation {
     /// by kiln-registry itself.)
     pub fn load_credentials(&mut self, env: &Env) -> Result<(), kiln_registry::Error> {
         let dirs = credential_search_dirs(&self.options.kiln_dir, env);
-        self.options.registry.keychain = Keychain::from_search_dirs(&dirs)?;
+        let keychain = Keychain::from_search_dirs(&dirs)?;
+        self.options.registry.keychain = self.credential_providers.apply(keychain, env);
         Ok(())
     }
 
@@ -304,7 +310,8 @@ impl WarmInvocation {
     /// Loads registry credentials as [`Invocation::load_credentials`] does.
     pub fn load_credentials(&mut self, env: &Env) -> Result<(), kiln_registry::Error> {
         let dirs = credential_search_dirs(Path::new("/kiln"), env);
-        self.registry.keychain = Keychain::from_search_dirs(&dirs)?;
+        let keychain = Keychain::from_search_dirs(&dirs)?;
+        self.registry.keychain = CredentialProviders::default().apply(keychain, env);
         Ok(())
     }
 }

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod agent;
+pub mod apps;
 pub mod cnb;
 pub mod deploy;
 pub mod hostile;

@@ -3,6 +3,7 @@
 //! buildpacks named by URI, the previous image and the cache image), and the front-end choice
 //! itself.
 
+mod defaults;
 mod uris;
 
 pub use uris::BUILTIN_DIR_ENV;
@@ -68,25 +69,13 @@ pub(crate) async fn plan(facts: Gathered<'_>) -> Result<Plan, BuildError> {
         Some(name) => Some(BuilderImage::fetch(facts.client, name, facts.platform).await?),
         None => None,
     };
-    let build_image = match (&builder, &bp.build_image) {
-        (Some(builder), _) => builder.name.clone(),
-        (None, Some(image)) => image.clone(),
-        (None, None) => {
-            return Err(BuildError::Options(
-                "a buildpacks build needs the image buildpacks run in: give --builder IMAGE (a CNB builder) or --build-image IMAGE".into(),
-            ))
-        }
-    };
-    let run_image = match (&bp.run_image, &builder) {
-        (Some(image), _) => image.clone(),
-        (None, Some(builder)) => builder.run_image()?,
-        (None, None) => build_image.clone(),
-    };
     let group = uris::resolve_group(&facts, descriptor.as_ref(), builder.as_ref()).await?;
+    let builtin_order = builder.is_none() && group.is_none();
     let (buildpacks, image_buildpacks, order) = match group {
         Some(group) => group.into_parts(descriptor.as_ref())?,
         None => default_order(&facts, descriptor.as_ref(), builder.as_ref())?,
     };
+    let (build_image, run_image) = images(&facts, builder.as_ref(), builtin_order)?;
     let lifecycle_dir = lifecycle_dir(bp.lifecycle_dir.as_deref())?;
     let previous = previous_image(&facts).await;
     let (restore_cache_from, write_cache_to) = cache_image(&facts).await;
@@ -133,6 +122,55 @@ pub(crate) async fn plan(facts: Gathered<'_>) -> Result<Plan, BuildError> {
         identity,
     };
     kiln_cnb::platform::plan(inputs).map_err(|e| BuildError::Plan(format!("buildpacks: {e}")))
+}
+
+/// The build and run images: the builder and its run image, the flags, and for Kiln's own
+/// buildpacks the defaults of the language the context is taken for (see [`defaults`]); with
+/// other buildpacks and no builder, the run image defaults to the build image.
+fn images(
+    facts: &Gathered<'_>,
+    builder: Option<&BuilderImage>,
+    builtin_order: bool,
+) -> Result<(String, String), BuildError> {
+    let bp = &facts.options.buildpacks;
+    if let Some(builder) = builder {
+        let run = match &bp.run_image {
+            Some(image) => image.clone(),
+            None => builder.run_image()?,
+        };
+        return Ok((builder.name.clone(), run));
+    }
+    let language = builtin_order
+        .then(|| defaults::detect_context(facts.context))
+        .flatten();
+    if let Some(language) = &language {
+        let (build, run) = language.images();
+        let chosen = |flag: &Option<String>, default: String| match flag {
+            Some(image) => image.clone(),
+            None => default,
+        };
+        let (build, run) = (chosen(&bp.build_image, build), chosen(&bp.run_image, run));
+        (facts.events)(BuildEvent::Note {
+            message: format!(
+                "buildpacks: the app looks like a {} app: build image {build}, run image {run}",
+                language.name()
+            ),
+        });
+        return Ok((build, run));
+    }
+    let Some(build) = bp.build_image.clone() else {
+        let why = if builtin_order {
+            format!(
+                "Kiln's own buildpacks found none of {} in the context to choose images by, so a buildpacks build needs the image buildpacks run in: give --build-image IMAGE (or --builder IMAGE, a CNB builder)",
+                defaults::MARKERS
+            )
+        } else {
+            "a buildpacks build needs the image buildpacks run in: give --builder IMAGE (a CNB builder) or --build-image IMAGE".into()
+        };
+        return Err(BuildError::Options(why));
+    };
+    let run = bp.run_image.clone().unwrap_or_else(|| build.clone());
+    Ok((build, run))
 }
 
 /// The variables of `--env-file`s: `NAME=VALUE` lines (`NAME` alone takes the executor's

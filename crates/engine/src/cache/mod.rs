@@ -37,6 +37,8 @@ pub struct EngineCache {
     pub write: bool,
     /// Whether RUN layers are looked up and stored (`--cache-run-layers`).
     pub run_layers: bool,
+    /// `--force-build-metadata`: every step makes a layer, so its entries are keyed apart.
+    pub every_step_layered: bool,
     /// The platform being built (part of every key).
     pub platform: Platform,
     events: EventSink,
@@ -166,6 +168,7 @@ impl EngineCache {
             store,
             write,
             run_layers,
+            every_step_layered: false,
             platform,
             events,
             health: Arc::new(Health::default()),
@@ -348,6 +351,9 @@ impl EngineCache {
             return (vec![None; steps.len()], None);
         };
         let mut chain = KeyChain::new(parent, self.platform.clone());
+        if self.every_step_layered {
+            chain = chain.every_step_layered();
+        }
         let mut image = start.clone();
         let mut state = ops::config::EditState::new(&image.config);
         let mut out = Vec::with_capacity(steps.len());

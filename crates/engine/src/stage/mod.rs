@@ -213,6 +213,8 @@ struct StageRun<'a> {
     layer_options: kiln_fs::layer::LayerOptions,
     /// `--single-snapshot`: one layer for the whole stage, made after its last step.
     single_snapshot: bool,
+    /// `--force-build-metadata`: a step that changed no file still makes a (empty) layer.
+    every_step_layered: bool,
     /// How many steps the stage has.
     step_count: usize,
     /// How many of `layers` are the base's.
@@ -258,6 +260,7 @@ impl<'a> StageRun<'a> {
             fully_cached: false,
             layer_options,
             single_snapshot: shared.options.snapshot.single_snapshot,
+            every_step_layered: shared.options.snapshot.force_build_metadata,
             step_count: 0,
             base_layers,
             step_layers: Vec::new(),

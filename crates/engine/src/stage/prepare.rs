@@ -195,6 +195,50 @@ pub(crate) fn pull_base_into(
     rootfs: &Path,
     index: &mut Index,
 ) -> Result<base::PulledImage, BuildError> {
+    let retries = shared.options.extract_retries;
+    let mut attempt = 0;
+    loop {
+        match pull_base_once(shared, stage, at, image, in_place_ignore, rootfs, index) {
+            Err(e) if attempt < retries => {
+                attempt += 1;
+                shared.emit(BuildEvent::Warning {
+                    message: format!(
+                        "{e}; pulling and unpacking it again (--image-fs-extract-retry, \
+                         {attempt} of {retries})"
+                    ),
+                });
+                // In place, unpacking again overwrites what the failed attempt wrote; a
+                // stage's own tree starts empty again.
+                if in_place_ignore.is_none() {
+                    empty_directory(rootfs)?;
+                    *index = Index::new();
+                }
+            }
+            outcome => return outcome,
+        }
+    }
+}
+
+/// Removes everything inside `dir`, keeping `dir` itself. Through its `Root`, so a symlink a
+/// failed unpack left there is removed, never followed.
+fn empty_directory(dir: &Path) -> Result<(), BuildError> {
+    let failed = |e| BuildError::image(dir.display().to_string(), e);
+    let root = kiln_fs::resolve::Root::open(dir).map_err(failed)?;
+    for name in root.read_dir("").map_err(failed)? {
+        root.remove_all(&name).map_err(failed)?;
+    }
+    Ok(())
+}
+
+fn pull_base_once(
+    shared: &Shared,
+    stage: usize,
+    at: &str,
+    image: &str,
+    in_place_ignore: Option<&IgnoreOptions>,
+    rootfs: &Path,
+    index: &mut Index,
+) -> Result<base::PulledImage, BuildError> {
     let cache_dir = shared.options.cache.dir.as_deref();
     shared
         .timed(Some(stage), None, Phase::Pull, || match in_place_ignore {

@@ -36,7 +36,8 @@ impl StageRun<'_> {
             return self.run_unsnapshotted(step_no, step, history, mkdir_target);
         }
         if !step.operation.writes_files() {
-            self.add_layer(step, step_no, None, history);
+            let layer = self.forced_layer(step_no, step, None)?;
+            self.add_layer(step, step_no, layer, history);
             return Ok(());
         }
         if self.prepared.is_none() {
@@ -52,8 +53,29 @@ impl StageRun<'_> {
             }
             Operation::Config(_) => None,
         };
+        let layer = self.forced_layer(step_no, step, layer)?;
         self.add_layer(step, step_no, layer, history);
         Ok(())
+    }
+
+    /// `layer`, or under `--force-build-metadata` an empty layer in place of none, so every
+    /// step of the stage is one layer of the image.
+    fn forced_layer(
+        &mut self,
+        step_no: usize,
+        step: &Step,
+        layer: Option<ImageLayer>,
+    ) -> Result<Option<ImageLayer>, BuildError> {
+        if layer.is_some() || !self.every_step_layered {
+            return Ok(layer);
+        }
+        let rootfs = self.rootfs;
+        let layer = self
+            .shared
+            .timed(Some(self.index), Some(step_no), Phase::Layer, || {
+                self.write(rootfs, &Diff::default(), step_no, step)
+            })?;
+        Ok(Some(layer))
     }
 
     /// `--single-snapshot`: the step runs with no snapshot of its own; after the stage's last
@@ -95,6 +117,7 @@ impl StageRun<'_> {
             .snapshot()
             .map_err(|e| BuildError::step(step.provenance.location(), format!("snapshot: {e}")))?;
         let layer = self.layer_of(step_no, step, diff, None)?;
+        let layer = self.forced_layer(step_no, step, layer)?;
         self.add_layer(step, step_no, layer, history);
         Ok(())
     }

@@ -254,36 +254,16 @@ impl ImageConfig {
 
 /// Formats seconds since the Unix epoch as an RFC 3339 UTC timestamp
 /// (`2024-01-02T03:04:05Z`), the form of `created` fields, e.g. from `SOURCE_DATE_EPOCH`.
+/// Times beyond what RFC 3339 can write (years outside 0000–9999) are clamped to its range.
 pub fn rfc3339_utc(unix_seconds: i64) -> String {
-    let days = unix_seconds.div_euclid(86_400);
-    let secs_of_day = unix_seconds.rem_euclid(86_400);
-    let (year, month, day) = civil_from_days(days);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        secs_of_day / 3600,
-        secs_of_day % 3600 / 60,
-        secs_of_day % 60
-    )
-}
-
-/// Proleptic Gregorian date of a day count since 1970-01-01 (era-based arithmetic: 400-year
-/// eras have a fixed number of days).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let shifted = days + 719_468; // days from 0000-03-01
-    let era = shifted.div_euclid(146_097);
-    let day_of_era = shifted.rem_euclid(146_097);
-    let year_of_era =
-        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let month_index = (5 * day_of_year + 2) / 153; // 0 = March
-    let day = (day_of_year - (153 * month_index + 2) / 5 + 1) as u32;
-    let month = if month_index < 10 {
-        month_index + 3
+    let clamped = if unix_seconds < 0 {
+        jiff::Timestamp::MIN
     } else {
-        month_index - 9
-    } as u32;
-    let year = year_of_era + era * 400 + i64::from(month <= 2);
-    (year, month, day)
+        jiff::Timestamp::MAX
+    };
+    let time = jiff::Timestamp::from_second(unix_seconds).unwrap_or(clamped);
+    // Whole seconds: `created` fields carry no fraction.
+    format!("{:.0}", time)
 }
 
 /// (De)serialises a set of strings as a JSON object whose values are `{}`, the shape of

@@ -3,7 +3,7 @@
 
 use std::os::unix::fs::PermissionsExt as _;
 
-use kiln_registry::{Client, Error, Keychain, RegistryOptions, Repository};
+use kiln_registry::{Client, Credential, Error, Keychain, RegistryOptions, Repository, Secret};
 use kiln_testkit::{Registry, RegistryConfig};
 
 use crate::support::*;
@@ -330,4 +330,51 @@ async fn client_certificate_for_mutual_tls() {
     assert!(matches!(err, Error::Certificate { .. }), "{err}");
     assert!(err.to_string().contains("client certificate"), "{err}");
     assert!(err.to_string().starts_with(&proxy), "{err}");
+}
+
+/// A CI job's credentials (what the executor's gitlab provider adds from `$CI_REGISTRY_*`)
+/// reach a registry the mounted config says nothing about, and never override the config.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fallback_credentials_are_used_only_where_the_config_has_none() {
+    let TlsRegistry {
+        registry,
+        tls,
+        _auth_dir: _htpasswd_dir,
+    } = start_tls_registry();
+    let addr = registry.addr();
+    let basic = |password: &str| Credential::Basic {
+        username: USER.into(),
+        password: Secret::new(password),
+    };
+    let image = make_image("from the job's environment", 10_000);
+    let repo = Repository::new(&addr, "secure/ci").unwrap();
+
+    // The config knows only another registry: the fallback is used.
+    let other_only = mounted_docker_config(&serde_json::json!({
+        "auths": { "other.example:5000": basic_auth_entry(USER, "not-this-one") }
+    }));
+    let keychain = keychain_for(other_only.path()).with_fallback(&addr, basic(PASSWORD));
+    let client = Client::new(tls_options(keychain, &addr, &tls)).unwrap();
+    assert_eq!(
+        push_with_kiln(&client, &repo, &image, "v1").await,
+        image.manifest_digest
+    );
+
+    // The config has the right password, the fallback a wrong one: the config wins.
+    let right = mounted_docker_config(&serde_json::json!({
+        "auths": { addr.clone(): basic_auth_entry(USER, PASSWORD) }
+    }));
+    let keychain = keychain_for(right.path()).with_fallback(&addr, basic("wrong-password"));
+    let client = Client::new(tls_options(keychain, &addr, &tls)).unwrap();
+    assert_eq!(
+        push_with_kiln(&client, &repo, &image, "v2").await,
+        image.manifest_digest
+    );
+
+    // A wrong fallback and nothing in the config: refused, as without any credential.
+    let keychain = Keychain::anonymous().with_fallback(&addr, basic("wrong-password"));
+    let client = Client::new(tls_options(keychain, &addr, &tls)).unwrap();
+    let refused = client.list_tags(&repo).await.unwrap_err().to_string();
+    assert!(refused.contains("401"), "{refused}");
+    assert!(!refused.contains("wrong-password"), "{refused}");
 }

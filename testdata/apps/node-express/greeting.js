@@ -1,0 +1,2 @@
+// Edited by the benchmark's one-file rebuild.
+exports.greeting = () => 'hello from express';
