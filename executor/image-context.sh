@@ -42,10 +42,6 @@ if [ "${KILN_IMAGE_BUILDPACKS:-1}" != 0 ]; then
     fi
 fi
 ln -s kiln "$out/rootfs/kaniko"
-# Buildpacks builds: the static lifecycle binaries and Kiln's own buildpacks, beside the
-# executor, where it looks for them (lifecycle/, buildpacks/).
-"$repo/scripts/build-lifecycle" "$out/rootfs/kiln/lifecycle" >/dev/null
-"$repo/scripts/build-buildpacks" "$out/rootfs/kiln/buildpacks" >/dev/null
 if [ "$debug" = "--debug" ]; then
     mkdir -p "$out/rootfs/busybox"
     cp /bin/busybox "$out/rootfs/busybox/busybox"
