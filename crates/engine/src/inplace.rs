@@ -150,7 +150,18 @@ pub fn ignore_set(options: &IgnoreOptions) -> Result<IgnoreSet, BuildError> {
 pub fn wipe(root: &Path, ignore: &IgnoreSet) -> Result<(), BuildError> {
     let kept: Vec<PathBuf> = ignore.paths().map(Path::to_path_buf).collect();
     let tree = Root::open(root).map_err(|e| BuildError::image("image", e))?;
-    wipe_dir(&tree, Path::new(""), ignore, &kept)
+    wipe_dir(&tree, Path::new(""), ignore, &kept)?;
+    // The process's working directory may have been one of the deleted directories (kaniko's
+    // image starts in /workspace). A deleted working directory breaks every later lookup that
+    // asks for it, gix's clone of an ADD'ed repository among them, while nothing relative to
+    // it can be reached any more anyway; so the process moves to the root it just wiped.
+    if std::env::current_dir().is_err() {
+        std::env::set_current_dir(root).map_err(|source| BuildError::Io {
+            path: root.to_path_buf(),
+            source,
+        })?;
+    }
+    Ok(())
 }
 
 fn wipe_dir(
