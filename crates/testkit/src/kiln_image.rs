@@ -63,8 +63,11 @@ fn make(debug: bool) -> KilnImage {
         }
         run(&mut script);
     }
+    // scripts/executor-image dates the image at the checkout's last commit, so an image kept
+    // from an earlier commit with the same binaries is not this commit's image.
     let key = tree_digest(&context);
-    let dir = base.join(format!("{variant}-{}", &key[..16]));
+    let epoch = commit_time();
+    let dir = base.join(format!("{variant}-{}-{epoch}", &key[..16]));
     build_once(&dir, |partial| {
         let mut build = Command::new(repo_root().join("scripts/executor-image"));
         if debug {
@@ -90,6 +93,21 @@ fn make(debug: bool) -> KilnImage {
         layout,
         context,
     }
+}
+
+/// The checkout's last commit time, as `scripts/executor-image` reads it for
+/// `SOURCE_DATE_EPOCH` (0 outside a git checkout).
+fn commit_time() -> String {
+    Command::new("git")
+        .arg("-C")
+        .arg(repo_root())
+        .args(["log", "-1", "--format=%ct"])
+        .output()
+        .ok()
+        .filter(|out| out.status.success())
+        .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        .filter(|time| !time.is_empty())
+        .unwrap_or_else(|| "0".into())
 }
 
 /// An exclusive `flock` on `path`, held until the file is dropped.
