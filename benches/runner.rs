@@ -6,7 +6,9 @@
 //! Run it with `./scripts/bench` (as root). Options: `--executor PATH` (default: the release
 //! binary next to this one), `--work DIR` (default `/var/tmp/kiln-bench`, on disk like a Pod's
 //! work volume), `--runs N` (default 3), `--only a,b` (workloads), `--results FILE` (also write
-//! the report there), `--tools kiln` (measure one side only, for profiling).
+//! the report there), `--tools kiln` (measure one side only, for profiling), `--baseline PATH`
+//! (another executor, usually an earlier commit's, measured as the tool `baseline` interleaved
+//! with the others, so that a change is judged against its predecessor in one run).
 
 #![forbid(unsafe_code)]
 
@@ -22,6 +24,7 @@ use kiln_testkit::{bases, image, Registry};
 
 struct Options {
     executor: PathBuf,
+    baseline: Option<PathBuf>,
     work: PathBuf,
     runs: usize,
     only: Option<Vec<String>>,
@@ -35,6 +38,7 @@ fn parse_options() -> Options {
         executor: std::env::current_exe()
             .expect("own path")
             .with_file_name("executor"),
+        baseline: None,
         work: PathBuf::from("/var/tmp/kiln-bench"),
         runs: 3,
         only: None,
@@ -49,6 +53,10 @@ fn parse_options() -> Options {
         };
         match flag.as_str() {
             "--executor" => options.executor = value().into(),
+            "--baseline" => {
+                options.baseline = Some(value().into());
+                options.tools.push("baseline".into());
+            }
             "--work" => options.work = value().into(),
             "--runs" => {
                 options.runs = value()
@@ -65,7 +73,7 @@ fn parse_options() -> Options {
 }
 
 fn usage(message: &str) -> ! {
-    eprintln!("kiln-bench: {message}\nusage: kiln-bench [--executor PATH] [--work DIR] [--runs N] [--only a,b] [--results FILE] [--tools kiln,buildah]");
+    eprintln!("kiln-bench: {message}\nusage: kiln-bench [--executor PATH] [--baseline PATH] [--work DIR] [--runs N] [--only a,b] [--results FILE] [--tools kiln,buildah]");
     std::process::exit(2)
 }
 
@@ -81,6 +89,9 @@ trait Tool {
 }
 
 struct Kiln<'a> {
+    /// `kiln`, or `baseline` for the executor it is compared with; names its repositories and
+    /// directories too, so neither side ever sees the other's cache.
+    name: &'static str,
     executor: &'a Path,
     registry: &'a str,
     work: &'a Path,
@@ -91,8 +102,8 @@ impl Kiln<'_> {
         let mut cmd = Command::new(self.executor);
         cmd.arg(format!("--context=dir://{}", context.display()))
             .arg(format!(
-                "--destination={}/bench/kiln-{workload}:{tag}",
-                self.registry
+                "--destination={}/bench/{}-{workload}:{tag}",
+                self.registry, self.name
             ))
             .arg(format!("--kiln-dir={}", kiln_dir.display()))
             .arg(format!("--registry-map=docker.io={}", self.registry))
@@ -100,20 +111,23 @@ impl Kiln<'_> {
             .arg("--mode=chroot")
             .arg("--progress=plain")
             .stdout(std::process::Stdio::null())
-            .stderr(log_file(self.work, &format!("kiln-{workload}-{tag}")))
+            .stderr(log_file(
+                self.work,
+                &format!("{}-{workload}-{tag}", self.name),
+            ))
             .env("DOCKER_CONFIG", "/nonexistent-kiln-bench");
         cmd
     }
 
     fn cache_flags(&self, cmd: &mut Command, workload: &str) {
         cmd.arg("--cache=true").arg(format!(
-            "--cache-repo={}/bench/cache-{workload}",
-            self.registry
+            "--cache-repo={}/bench/cache-{}-{workload}",
+            self.registry, self.name
         ));
     }
 
     fn fresh_dir(&self, name: &str) -> PathBuf {
-        let dir = self.work.join(name);
+        let dir = self.work.join(format!("{}-{name}", self.name));
         let _ = std::fs::remove_dir_all(&dir);
         dir
     }
@@ -121,12 +135,14 @@ impl Kiln<'_> {
 
 impl Tool for Kiln<'_> {
     fn name(&self) -> &'static str {
-        "kiln"
+        self.name
     }
 
     fn cold(&self, workload: &str, context: &Path, run: usize) -> (Measured, Option<PathBuf>) {
-        let kiln_dir = self.fresh_dir("kiln-cold");
-        let timings = self.work.join(format!("timings-{workload}-{run}.json"));
+        let kiln_dir = self.fresh_dir("cold");
+        let timings = self
+            .work
+            .join(format!("timings-{}-{workload}-{run}.json", self.name));
         let mut cmd = self.command(workload, context, &format!("cold{run}"), &kiln_dir);
         cmd.arg(format!("--benchmark-file={}", timings.display()));
         let measured = measure(&mut cmd);
@@ -135,7 +151,7 @@ impl Tool for Kiln<'_> {
     }
 
     fn prime(&self, workload: &str, context: &Path) {
-        let kiln_dir = self.fresh_dir("kiln-prime");
+        let kiln_dir = self.fresh_dir("prime");
         let mut cmd = self.command(workload, context, "prime", &kiln_dir);
         self.cache_flags(&mut cmd, workload);
         measure(&mut cmd);
@@ -144,7 +160,7 @@ impl Tool for Kiln<'_> {
 
     fn cached(&self, workload: &str, context: &Path, run: usize) -> Measured {
         // A new work directory, as a new Pod would have: only the registry cache is shared.
-        let kiln_dir = self.fresh_dir("kiln-cached");
+        let kiln_dir = self.fresh_dir("cached");
         let mut cmd = self.command(workload, context, &format!("cached{run}"), &kiln_dir);
         self.cache_flags(&mut cmd, workload);
         let measured = measure(&mut cmd);
@@ -326,13 +342,21 @@ fn main() {
     image::push_rootfs(&registry, bases::debian_rootfs(), "library/debian:bookworm");
 
     let kiln = Kiln {
+        name: "kiln",
         executor: &options.executor,
         registry: &addr,
         work: &options.work,
     };
+    let baseline = options.baseline.as_deref().map(|executor| Kiln {
+        name: "baseline",
+        executor,
+        registry: &addr,
+        work: &options.work,
+    });
     let buildah = Buildah::new(&addr, &options.work);
     let tools: Vec<&dyn Tool> = [&kiln as &dyn Tool, &buildah]
         .into_iter()
+        .chain(baseline.as_ref().map(|b| b as &dyn Tool))
         .filter(|t| options.tools.iter().any(|n| n == t.name()))
         .collect();
 
@@ -352,7 +376,14 @@ fn main() {
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     writeln!(
         report,
-        "# Kiln vs buildah (overlay)\n\n{date}, commit {commit}, {cores} cores, medians of {} runs, work dir {}.\n",
+        "# {}\n\n{date}, commit {commit}, {cores} cores, medians of {} runs, work dir {}.\n",
+        // Against a baseline the report is a section of its own: it does not replace the
+        // figures against buildah.
+        if options.baseline.is_some() {
+            "Kiln against a baseline executor"
+        } else {
+            "Kiln vs buildah (overlay)"
+        },
         options.runs,
         options.work.display()
     )
@@ -366,6 +397,7 @@ fn main() {
     // The cache issue's target, per workload: a fully cached rebuild under 1 s and at least ten
     // times faster than the cold build of the same run.
     let mut cache_report = String::new();
+    let mut baseline_report = String::new();
 
     for &workload in WORKLOADS {
         if options
@@ -417,6 +449,18 @@ fn main() {
                     .collect::<BTreeMap<_, _>>(),
             ),
         ] {
+            if let (Some(k), Some(b)) = (medians.get("kiln"), medians.get("baseline")) {
+                writeln!(
+                    baseline_report,
+                    "| {workload} | {label} | {} | {} | {:.2}x | {} | {} |",
+                    secs(k.wall),
+                    secs(b.wall),
+                    k.wall.as_secs_f64() / b.wall.as_secs_f64().max(1e-6),
+                    mib(k.max_rss_kib),
+                    mib(b.max_rss_kib)
+                )
+                .unwrap();
+            }
             let ratio = match (medians.get("kiln"), medians.get("buildah")) {
                 (Some(k), Some(b)) => {
                     format!("{:.2}x", k.wall.as_secs_f64() / b.wall.as_secs_f64())
@@ -478,10 +522,17 @@ fn main() {
         )
         .unwrap();
     }
+    if !baseline_report.is_empty() {
+        writeln!(
+            report,
+            "\nKiln against the baseline executor {} (medians, interleaved runs):\n\n| workload | build | kiln wall (s) | baseline wall (s) | kiln/baseline | kiln RSS (MiB) | baseline RSS (MiB) |\n|---|---|---:|---:|---:|---:|---:|\n{baseline_report}",
+            options.baseline.as_deref().unwrap_or(Path::new("")).display()
+        )
+        .unwrap();
+    }
     writeln!(report, "\nKiln's per-phase times (from `--benchmark-file` of its median cold run):\n\n{phase_report}").unwrap();
     print!("{report}");
     if let Some(path) = &options.results {
-        std::fs::write(path, &report)
-            .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+        kiln_benches::write_section(path, &report);
     }
 }

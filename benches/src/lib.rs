@@ -6,6 +6,7 @@
 pub mod workloads;
 
 use std::io;
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -62,4 +63,53 @@ pub fn median(mut values: Vec<Measured>) -> Measured {
     assert!(!values.is_empty(), "median of no runs");
     values.sort_by_key(|m| m.wall);
     values[values.len() / 2]
+}
+
+/// Writes `section` (which starts with its own `# ` heading line) into the Markdown results file
+/// at `path`: in place of the section with the same heading, up to the next `# ` heading, or at
+/// the end. Each benchmark owns one section, so running one leaves the others' figures alone.
+pub fn write_section(path: &Path, section: &str) {
+    let heading = section.lines().next().unwrap_or_default();
+    let old = std::fs::read_to_string(path).unwrap_or_default();
+    let mut kept: Vec<String> = Vec::new();
+    let mut replaced = false;
+    for part in split_sections(&old) {
+        if part.lines().next() == Some(heading) {
+            kept.push(section.trim_end().to_owned());
+            replaced = true;
+        } else if !part.trim().is_empty() {
+            kept.push(part.trim_end().to_owned());
+        }
+    }
+    if !replaced {
+        kept.push(section.trim_end().to_owned());
+    }
+    let text = kept.join("\n\n") + "\n";
+    std::fs::write(path, text).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+}
+
+/// The file's parts, each starting at a line that begins with `# ` (the first part may not).
+fn split_sections(text: &str) -> Vec<&str> {
+    let mut starts: Vec<usize> = text.match_indices("\n# ").map(|(i, _)| i + 1).collect();
+    starts.insert(0, 0);
+    starts.push(text.len());
+    starts.windows(2).map(|w| &text[w[0]..w[1]]).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_section_replaces_its_namesake_and_keeps_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("RESULTS.md");
+        write_section(&path, "# A\n\nfirst\n");
+        write_section(&path, "# B\n\n| x |\n");
+        write_section(&path, "# A\n\nsecond\n");
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "# A\n\nsecond\n\n# B\n\n| x |\n"
+        );
+    }
 }
