@@ -468,6 +468,16 @@ impl Lower for ExportStage {
         let mut steps = Vec::new();
         let mut roles = Vec::new();
         let mut add = |op: Operation, text: String, role: Role| {
+            // Each layer is made on its own, as the lifecycle's exporter makes them, not on a
+            // copy of the run image: the engine then never unpacks the run image for the
+            // export (`--link` semantics; the run image has none of these paths).
+            let op = match op {
+                Operation::Copy(mut copy) => {
+                    copy.link = true;
+                    Operation::Copy(copy)
+                }
+                other => other,
+            };
             steps.push(step(op, text));
             roles.push(role);
         };

@@ -40,7 +40,7 @@ impl StageRun<'_> {
             self.add_layer(step, step_no, layer, history);
             return Ok(());
         }
-        if self.prepared.is_none() {
+        if self.prepared.is_none() && !defers_rootfs(&step.operation) {
             self.prepared = Some(self.materializer.materialize()?);
         }
         let layer = match &step.operation {
@@ -275,12 +275,23 @@ impl StageRun<'_> {
         let _ = std::fs::remove_dir_all(&tree);
         let layer = made?;
         if let Some(layer) = &layer {
-            self.materializer
-                .apply_layers(std::slice::from_ref(layer))?;
-            if let Some((snapshotter, _)) = self.prepared.as_mut() {
-                snapshotter
-                    .rescan()
-                    .map_err(|e| BuildError::image(format!("stage {}", self.index), e))?;
+            match self.prepared.as_mut() {
+                Some((snapshotter, _)) => {
+                    self.materializer
+                        .apply_layers(std::slice::from_ref(layer))?;
+                    snapshotter
+                        .rescan()
+                        .map_err(|e| BuildError::image(format!("stage {}", self.index), e))?;
+                }
+                // No step has needed the rootfs yet: the layer waits, as a cache hit does, and
+                // goes onto the base when a step needs the tree (or never, when none does).
+                None => self.materializer.pending_cached.push((
+                    kiln_cache::CachedLayer {
+                        descriptor: layer.descriptor.clone(),
+                        diff_id: layer.diff_id.clone(),
+                    },
+                    layer.clone(),
+                )),
             }
         }
         Ok(layer)
@@ -423,4 +434,12 @@ impl StageRun<'_> {
             origin: None,
         })
     }
+}
+
+/// Whether `operation` can run before the stage's rootfs exists: a linked copy is made in a
+/// tree of its own (BuildKit's `--link`: independent of what is below it), unless an owner
+/// name must be looked up in the stage's passwd and group files. A stage whose steps are all
+/// such copies (a buildpacks export on its run image) never unpacks its base.
+fn defers_rootfs(operation: &Operation) -> bool {
+    matches!(operation, Operation::Copy(op) if op.link && op.chown.is_none())
 }
