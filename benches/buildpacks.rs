@@ -18,7 +18,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use kiln_benches::{measure, median, Measured};
+use kiln_benches::{log_file, measure, median, Measured};
 use kiln_testkit::langs::{self, LangImage};
 use kiln_testkit::Registry;
 
@@ -167,12 +167,6 @@ impl Tool for Buildah<'_> {
             .env("CONTAINERS_REGISTRIES_CONF", &self.registries_conf);
         cmd
     }
-}
-
-fn log_file(work: &Path, name: &str) -> std::fs::File {
-    let path = work.join("logs").join(format!("{name}.log"));
-    std::fs::create_dir_all(path.parent().unwrap()).expect("log dir");
-    std::fs::File::create(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 /// The digest of the node buildpack's modules layer in `image`, from its lifecycle label.

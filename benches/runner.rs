@@ -19,7 +19,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use kiln_benches::workloads::{self, WORKLOADS};
-use kiln_benches::{measure, median, try_measure, Measured};
+use kiln_benches::{log_file, measure, median, try_measure, Measured};
 use kiln_testkit::{bases, image, Registry};
 
 struct Options {
@@ -277,14 +277,6 @@ impl Tool for Buildah<'_> {
         let store = self.work.join("buildah-cached");
         measure(&mut self.command(&store, workload, context, &format!("cached{run}"), true))
     }
-}
-
-/// Where a measured command's stderr goes: the runner's output stays a readable report, and a
-/// failed run's log is there to read (`measure` names the command that failed).
-fn log_file(work: &Path, name: &str) -> std::fs::File {
-    let path = work.join("logs").join(format!("{name}.log"));
-    std::fs::create_dir_all(path.parent().unwrap()).expect("log dir");
-    std::fs::File::create(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 fn secs(d: Duration) -> String {

@@ -58,6 +58,14 @@ pub fn try_measure(cmd: &mut Command) -> Result<Measured, String> {
     })
 }
 
+/// Where a measured command's stderr goes, `WORK/logs/NAME.log`: the runner's output stays a
+/// readable report, and a failed run's log is there to read (`measure` names the command).
+pub fn log_file(work: &Path, name: &str) -> std::fs::File {
+    let path = work.join("logs").join(format!("{name}.log"));
+    std::fs::create_dir_all(path.parent().unwrap()).expect("log dir");
+    std::fs::File::create(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
 /// The run with the median wall time: medians resist the odd run disturbed by other load.
 pub fn median(mut values: Vec<Measured>) -> Measured {
     assert!(!values.is_empty(), "median of no runs");

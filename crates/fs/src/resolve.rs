@@ -382,6 +382,15 @@ impl Root {
             .map_err(|e| self.io_err("remove", rel, e))
     }
 
+    /// Removes everything inside the root, keeping the root directory itself: a symlink in
+    /// it is removed, never followed.
+    pub fn remove_contents(&self) -> Result<(), RootError> {
+        for name in self.read_dir("")? {
+            self.remove_all(&name)?;
+        }
+        Ok(())
+    }
+
     /// The names in the directory `rel` (symlinks on the way followed inside the root),
     /// without `.` and `..`, sorted bytewise so that every walk of a tree is deterministic.
     pub fn read_dir(&self, rel: impl AsRef<Path>) -> Result<Vec<OsString>, RootError> {

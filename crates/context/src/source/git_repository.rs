@@ -193,17 +193,12 @@ fn is_commit_id(text: &str) -> bool {
     matches!(text.len(), 40 | 64) && text.chars().all(|c| c.is_ascii_hexdigit())
 }
 
-/// Removes everything in `dir`, keeping the directory (a temporary directory its caller owns).
+/// Removes everything in `dir` (a temporary directory its caller owns), keeping the directory;
+/// through its `Root`, so a symlink the failed fetch left there is never followed.
 fn empty_dir(dir: &Path) -> std::io::Result<()> {
-    for entry in std::fs::read_dir(dir)? {
-        let path = entry?.path();
-        if std::fs::symlink_metadata(&path)?.is_dir() {
-            std::fs::remove_dir_all(&path)?;
-        } else {
-            std::fs::remove_file(&path)?;
-        }
-    }
-    Ok(())
+    kiln_fs::resolve::Root::open(dir)
+        .and_then(|root| root.remove_contents())
+        .map_err(std::io::Error::other)
 }
 
 #[cfg(test)]

@@ -223,11 +223,9 @@ pub(crate) fn pull_base_into(
 /// failed unpack left there is removed, never followed.
 fn empty_directory(dir: &Path) -> Result<(), BuildError> {
     let failed = |e| BuildError::image(dir.display().to_string(), e);
-    let root = kiln_fs::resolve::Root::open(dir).map_err(failed)?;
-    for name in root.read_dir("").map_err(failed)? {
-        root.remove_all(&name).map_err(failed)?;
-    }
-    Ok(())
+    kiln_fs::resolve::Root::open(dir)
+        .and_then(|root| root.remove_contents())
+        .map_err(failed)
 }
 
 fn pull_base_once(
