@@ -104,6 +104,14 @@ impl Tool for Kiln<'_> {
             .args(langs::registry_flags(self.registry))
             .arg("--mode=chroot")
             .arg("--progress=plain")
+            // Where the time went, phase by phase, beside the log.
+            .arg(format!(
+                "--benchmark-file={}",
+                self.work
+                    .join("logs")
+                    .join(format!("kiln-{run}-{step}.json"))
+                    .display()
+            ))
             .stdout(std::process::Stdio::null())
             .stderr(log_file(self.work, &format!("kiln-{run}-{step}")))
             .env("DOCKER_CONFIG", "/nonexistent-kiln-bench")

@@ -61,6 +61,7 @@ fn defaults_match_kaniko() {
     assert_eq!(o.snapshot.mode, SnapshotMode::Exact);
     assert!(!o.snapshot.single_snapshot);
     assert!(o.snapshot.ignore_var_run);
+    assert!(o.snapshot.base_overlay);
     assert_eq!(o.output.destinations, ["127.0.0.1:5000/app:1"]);
     assert!(!o.output.no_push);
     assert_eq!(o.output.compression, Compression::Gzip);
@@ -112,6 +113,7 @@ fn every_build_flag_lands_in_its_field() {
             "--ignore-path",
             "/opt/skip",
             "--ignore-var-run=false",
+            "--base-overlay=false",
             "--kiln-dir=/work/kiln",
             "--mode=in-place",
             "--compression=zstd",
@@ -199,6 +201,7 @@ fn every_build_flag_lands_in_its_field() {
         [PathBuf::from("/var/cache"), PathBuf::from("/opt/skip")]
     );
     assert!(!o.snapshot.ignore_var_run);
+    assert!(!o.snapshot.base_overlay);
     assert_eq!(o.kiln_dir, PathBuf::from("/work/kiln"));
     assert_eq!(o.mode, Some(Mode::InPlace));
     assert_eq!(o.output.compression, Compression::Zstd);

@@ -20,6 +20,7 @@ use crate::options::BuildOptions;
 use crate::output::{self, PushAhead};
 use crate::shared::Shared;
 use crate::stage::build_stage;
+use crate::stage::overlay::{BaseOverlay, StageMounts};
 use crate::timing::TimingReport;
 use kiln_cache::CacheStore;
 
@@ -159,7 +160,7 @@ impl Builder {
         run_stages(&shared).await?;
         let report = finish(&shared, &setup.destinations, started).await?;
         drop(shared);
-        drop(setup.work_dir);
+        drop(setup);
         Ok(report)
     }
 }
@@ -179,8 +180,16 @@ struct Setup {
     destinations: Vec<Reference>,
     client: Client,
     warm: Mutex<HashSet<String>>,
+    /// Stage rootfs mounted inside `work_dir`: unmounted before it is removed.
+    mounts: Arc<StageMounts>,
     work_dir: tempfile::TempDir,
     blobs: BlobStore,
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        self.mounts.unmount_all();
+    }
 }
 
 impl Setup {
@@ -216,6 +225,7 @@ impl Setup {
             destinations,
             client,
             warm: Mutex::new(HashSet::new()),
+            mounts: Arc::default(),
             work_dir,
             blobs,
         };
@@ -323,6 +333,7 @@ impl Setup {
             push_ahead,
             image_stages,
             cache,
+            overlay: BaseOverlay::for_build(&options, mode, &self.mounts),
             options,
             hidden,
         })

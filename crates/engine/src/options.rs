@@ -81,6 +81,13 @@ pub struct SnapshotOptions {
     /// `--ignore-var-run` (default true): leave `/var/run` out of snapshots in in-place mode,
     /// where it is the Pod's; in chroot mode the stage's `/var/run` is the image's and kept.
     pub ignore_var_run: bool,
+    /// `--base-overlay` (default true): in chroot mode, run as root, a stage that starts from
+    /// an image mounts its rootfs as an overlay of the image's layers, each unpacked once into
+    /// the kiln dir's `layers/` and shared by every later stage and build, instead of unpacking
+    /// the image into the stage's own tree. A layer that cannot stand alone (its entries
+    /// assume the layers below), a kernel or kiln dir without overlayfs, or `false` here: the
+    /// stage's tree is unpacked as before.
+    pub base_overlay: bool,
 }
 
 impl Default for SnapshotOptions {
@@ -91,6 +98,7 @@ impl Default for SnapshotOptions {
             force_build_metadata: false,
             ignore_paths: Vec::new(),
             ignore_var_run: true,
+            base_overlay: true,
         }
     }
 }

@@ -19,6 +19,7 @@ use crate::events::{BuildEvent, EventSink, Phase};
 use crate::options::BuildOptions;
 use crate::output::PushAhead;
 use crate::remote::RemotePins;
+use crate::stage::overlay::BaseOverlay;
 use crate::stage::trees::ImageTree;
 use crate::stage::StageOutput;
 
@@ -58,6 +59,8 @@ pub(crate) struct Shared {
     pub(crate) remote: RemotePins,
     /// Paths RUN steps must not read (in-place: where the push credentials are).
     pub(crate) hidden: Vec<PathBuf>,
+    /// Stage bases mounted from layer trees instead of unpacked (`--base-overlay`).
+    pub(crate) overlay: Option<BaseOverlay>,
 }
 
 impl Shared {

@@ -9,6 +9,7 @@ pub mod blobstore;
 pub mod clone;
 pub mod compress;
 pub mod layer;
+pub mod overlay;
 pub mod resolve;
 pub mod snapshot;
 pub mod unpack;

@@ -77,6 +77,9 @@ flag_struct! {
             single_snapshot = "single-snapshot";
         @bool /// Leave /var/run out of snapshots (default true).
             ignore_var_run = "ignore-var-run";
+        @bool /// Chroot mode: mount each stage's base as an overlay of layers unpacked once in
+              /// the Kiln dir (default true); false unpacks it into every stage.
+            base_overlay = "base-overlay";
         @bool /// Remove the work directory (in-place mode: the built changes) at the end.
             cleanup = "cleanup";
         @bool /// Build in place even when not running in a container.

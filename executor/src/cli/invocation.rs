@@ -141,6 +141,7 @@ fn snapshot_options(
     snapshot.single_snapshot = flags.single_snapshot.unwrap_or(false);
     snapshot.force_build_metadata = flags.force_build_metadata.unwrap_or(false);
     snapshot.ignore_paths = flags.ignore_path.clone();
+    snapshot.base_overlay = flags.base_overlay.unwrap_or(true);
     snapshot.ignore_var_run = match (flags.ignore_var_run, flags.whitelist_var_run) {
         (Some(v), _) => v,
         (None, Some(v)) => {

@@ -3,6 +3,7 @@
 //! turning each step's changes into a layer in the blob store. Blocking code: it runs on a
 //! blocking thread and reaches the registry through the runtime handle.
 
+pub(crate) mod overlay;
 pub(crate) mod prepare;
 mod record;
 mod run_step;

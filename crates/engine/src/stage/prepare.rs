@@ -91,15 +91,20 @@ impl Materializer<'_> {
         let shared = self.shared;
         let mut index_of_rootfs = self.base_index.take().unwrap_or_default();
         if let Some(image) = self.pending_base.take() {
-            pull_base_into(
-                shared,
-                self.index,
-                &self.at,
-                &image,
-                self.in_place.then_some(self.in_place_ignore),
-                self.rootfs,
-                &mut index_of_rootfs,
-            )?;
+            match self.pull_for_mount(&image)? {
+                Some(pulled) => self.mount_or_unpack(&pulled.layers, &mut index_of_rootfs)?,
+                None => {
+                    pull_base_into(
+                        shared,
+                        self.index,
+                        &self.at,
+                        &image,
+                        self.in_place.then_some(self.in_place_ignore),
+                        self.rootfs,
+                        &mut index_of_rootfs,
+                    )?;
+                }
+            }
         }
         if let Some(parent) = self.pending_stage.take() {
             self.copy_parent_stage(parent)?;
@@ -121,6 +126,24 @@ impl Materializer<'_> {
                 BuildError::step(&self.at, format!("cannot prepare the RUN sandbox: {e}"))
             })?;
         Ok((snapshotter, sandbox))
+    }
+
+    /// Brings base `layers` (in the blob store) into the rootfs: mounted as an overlay with
+    /// the pending cache hits when possible (the snapshotter then indexes the tree with one
+    /// walk), else unpacked into it, indexed in `index`.
+    pub(crate) fn mount_or_unpack(
+        &mut self,
+        layers: &[ImageLayer],
+        index: &mut Index,
+    ) -> Result<(), BuildError> {
+        if self.mount_layers(layers)? {
+            self.rescan = true;
+            return Ok(());
+        }
+        let shared = self.shared;
+        shared.timed(Some(self.index), None, Phase::Unpack, || {
+            base::unpack_into(self.rootfs, layers, &shared.blobs, index)
+        })
     }
 
     /// The tree of the stage this one is built FROM, as this stage's own.

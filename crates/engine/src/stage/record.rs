@@ -56,17 +56,23 @@ pub(super) fn start(
             Some(cache) => start_cached(shared, cache, stage, image, materializer),
             None => {
                 let mut index_of_rootfs = materializer.base_index.take().unwrap_or_default();
-                let pulled = prepare::pull_base_into(
-                    shared,
-                    index,
-                    &at,
-                    image,
-                    materializer
-                        .in_place
-                        .then_some(materializer.in_place_ignore),
-                    materializer.rootfs,
-                    &mut index_of_rootfs,
-                )?;
+                let pulled = match materializer.pull_for_mount(image)? {
+                    Some(pulled) => {
+                        materializer.mount_or_unpack(&pulled.layers, &mut index_of_rootfs)?;
+                        pulled
+                    }
+                    None => prepare::pull_base_into(
+                        shared,
+                        index,
+                        &at,
+                        image,
+                        materializer
+                            .in_place
+                            .then_some(materializer.in_place_ignore),
+                        materializer.rootfs,
+                        &mut index_of_rootfs,
+                    )?,
+                };
                 materializer.base_index = Some(index_of_rootfs);
                 shared.push_ahead(index, &pulled.layers);
                 let mut config = pulled.config;

@@ -232,13 +232,17 @@ impl Entry {
 
     /// Whether the fields kaniko's `full` mode looks at besides content are equal: everything
     /// but ctime, inode and device, which move without the visible file changing.
+    /// A directory's size and link count are not compared: a layer does not carry them, and
+    /// they move without any visible change (a directory that grew and shrank again, or one
+    /// copied up by overlayfs, which reports 1 link for it from then on).
     pub fn same_visible_stat(&self, other: &Entry) -> bool {
+        let directory = self.kind == FileKind::Directory;
         self.kind == other.kind
             && self.mode == other.mode
             && self.uid == other.uid
             && self.gid == other.gid
-            && self.size == other.size
-            && self.nlink == other.nlink
+            && (directory || self.size == other.size)
+            && (directory || self.nlink == other.nlink)
             && self.mtime == other.mtime
             && self.rdev == other.rdev
     }

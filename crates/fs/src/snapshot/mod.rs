@@ -166,6 +166,7 @@ pub struct Snapshotter {
     ignore_options: IgnoreOptions,
     ignore: IgnoreSet,
     index: Index,
+    birth_times: bool,
 }
 
 impl Snapshotter {
@@ -185,6 +186,7 @@ impl Snapshotter {
                 source,
             })?;
         Ok(Snapshotter {
+            birth_times: !crate::overlay::is_overlay(&root),
             root,
             mode: options.mode,
             ignore_options: options.ignore.clone(),
@@ -232,6 +234,7 @@ impl Snapshotter {
             ignore: &self.ignore,
             observed_at,
             mode: self.mode,
+            birth_times: self.birth_times,
         };
         let items = walk::walk(&ctx, b"").map_err(|(path, source)| self.io_error(path, source))?;
         let mut new_entries: HashMap<Key, Entry> = HashMap::with_capacity(items.len());
@@ -294,6 +297,7 @@ impl Snapshotter {
             ignore: &self.ignore,
             observed_at,
             mode: self.mode,
+            birth_times: self.birth_times,
         };
         let mut items: Vec<Item> = Vec::new();
         let mut gone: Vec<Key> = Vec::new();

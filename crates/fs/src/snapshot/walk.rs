@@ -202,6 +202,9 @@ pub(crate) struct WalkContext<'a> {
     pub(crate) ignore: &'a IgnoreSet,
     pub(crate) observed_at: Timestamp,
     pub(crate) mode: SnapshotMode,
+    /// Whether birth times tell a recreated path from the old one; not on overlayfs (see
+    /// [`crate::overlay::is_overlay`]).
+    pub(crate) birth_times: bool,
 }
 
 /// Walks the subtree at `start` (a directory relative to the root; empty for the whole root),
@@ -285,6 +288,9 @@ fn read_dir<'s>(
         let Some(mut entry) = Entry::from_statx(&st) else {
             continue;
         };
+        if !ctx.birth_times {
+            entry.btime = None;
+        }
         let status =
             classify(ctx, &path, &mut entry).map_err(|e| (as_path(&path).to_path_buf(), e))?;
         if entry.kind == FileKind::Directory {

@@ -70,6 +70,10 @@ pub(crate) struct Applier<'r, 'o> {
     /// Worker threads for small regular files, started at the first one.
     pool: Option<WritePool>,
     pool_started: bool,
+    /// Whiteouts and opaque markers are recorded the way overlayfs reads them (a 0/0 character
+    /// device, a `trusted.overlay.opaque` xattr) instead of removing anything: the root holds
+    /// this layer alone and becomes an overlay lower dir (see [`super::unpack_layer_tree`]).
+    pub(super) overlay: bool,
 }
 
 impl<'r, 'o> Applier<'r, 'o> {
@@ -92,6 +96,7 @@ impl<'r, 'o> Applier<'r, 'o> {
             buf: vec![0; COPY_BUFFER],
             pool: None,
             pool_started: false,
+            overlay: false,
         }
     }
 
@@ -459,6 +464,11 @@ impl<'r, 'o> Applier<'r, 'o> {
             FileType::Fifo => 0,
             _ => rustix::fs::makedev(meta.device.0, meta.device.1),
         };
+        if self.overlay && file_type == FileType::CharacterDevice && dev == 0 {
+            return Err(OpError::Invalid(
+                "a 0:0 character device reads as a whiteout in an overlay lower dir".into(),
+            ));
+        }
         let parent = self.parent(path)?;
         self.clear(path, &parent, false)?;
         match rustix::fs::mknodat(
@@ -553,6 +563,11 @@ impl<'r, 'o> Applier<'r, 'o> {
             Ok(parent) => parent,
             Err(e) if e.is_not_found() => {
                 let dir = path.parent().unwrap_or(Path::new(""));
+                if self.overlay {
+                    // A directory made up here would hide, in the overlay, what lower layers
+                    // have at that path (their mode, owner, or a symlink such as `/bin`).
+                    return Err(not_alone(dir));
+                }
                 self.root.mkdir_all(dir, 0o755)?;
                 self.root.resolve_parent(path)?
             }
@@ -617,6 +632,13 @@ impl<'r, 'o> Applier<'r, 'o> {
         xattrs: &[(OsString, Vec<u8>)],
     ) -> Result<(), OpError> {
         for (name, value) in xattrs {
+            if self.overlay && name.as_bytes().starts_with(b"trusted.overlay.") {
+                // overlayfs would obey it (redirects, metacopy) instead of keeping it as data.
+                return Err(OpError::Invalid(format!(
+                    "xattr {} is overlayfs's own, so the layer cannot be an overlay lower dir",
+                    name.to_string_lossy()
+                )));
+            }
             let result = match &target {
                 XattrTarget::Fd(fd) => {
                     rustix::fs::fsetxattr(fd, name.as_os_str(), value, XattrFlags::empty())
@@ -764,4 +786,13 @@ fn uid(raw: u32) -> Uid {
 
 fn gid(raw: u32) -> Gid {
     Gid::from_raw(raw)
+}
+
+/// The error for an entry whose directory the layer does not list, when the layer is unpacked
+/// on its own: where that directory comes from depends on the layers below.
+fn not_alone(dir: &Path) -> OpError {
+    OpError::Invalid(format!(
+        "its directory {:?} is not in the layer, which therefore cannot be unpacked on its own",
+        dir
+    ))
 }

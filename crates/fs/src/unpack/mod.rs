@@ -207,8 +207,39 @@ pub fn unpack_layer_except<'a, R: Read>(
     options: UnpackOptions<'a>,
     skip: Option<&'a dyn Fn(&Path) -> bool>,
 ) -> Result<UnpackReport, UnpackError> {
+    let applier = apply::Applier::new(root, digest, options.on_event, skip);
+    unpack_with(applier, layer, digest, options.diff_id)
+}
+
+/// Unpacks one layer on its own into the empty `root`, as an overlayfs lower dir: a whiteout
+/// becomes a 0:0 character device and an opaque marker the `trusted.overlay.opaque` xattr on its
+/// directory, so that overlayfs, stacking such trees, shows what applying the layers one on top
+/// of the other would. Needs root (`mknod`, `trusted.*` xattrs).
+///
+/// A layer that only makes sense on top of the layers below it fails with
+/// [`UnpackError::InvalidEntry`] (and the root must be discarded): an entry or whiteout in a
+/// directory the layer does not list (unpacked alone, it would be made up with mode 0755 and
+/// hide the lower layers' directory, or their symlink in its place), a hard link to a lower
+/// layer's file, an overlayfs xattr, or a 0:0 character device (which overlayfs reads as a
+/// whiteout). Such a layer must be applied onto a rootfs instead.
+pub fn unpack_layer_tree<R: Read>(
+    root: &Root,
+    layer: R,
+    digest: &Digest,
+    diff_id: Option<&Digest>,
+) -> Result<UnpackReport, UnpackError> {
+    let mut applier = apply::Applier::new(root, digest, None, None);
+    applier.overlay = true;
+    unpack_with(applier, layer, digest, diff_id)
+}
+
+fn unpack_with<R: Read>(
+    mut applier: apply::Applier<'_, '_>,
+    layer: R,
+    digest: &Digest,
+    expected_diff_id: Option<&Digest>,
+) -> Result<UnpackReport, UnpackError> {
     let mut compressed = stream::HashingReader::new(layer, digest.algorithm());
-    let mut applier = apply::Applier::new(root, digest, options.on_event, skip);
 
     let applied = match apply_entries(&mut compressed, &mut applier, digest) {
         // A refused entry in a stream that decodes fine: no need to read the rest to say so.
@@ -240,7 +271,7 @@ pub fn unpack_layer_except<'a, R: Read>(
         });
     }
     let (compression, diff_id, uncompressed_size) = applied?;
-    if let Some(expected) = options.diff_id {
+    if let Some(expected) = expected_diff_id {
         if expected != &diff_id {
             return Err(UnpackError::DiffIdMismatch {
                 layer: digest.clone(),

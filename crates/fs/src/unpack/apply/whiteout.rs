@@ -13,6 +13,9 @@ use super::{Applier, OpError};
 use crate::resolve::{list_dir, remove_entry};
 use crate::unpack::UnpackEvent;
 
+/// The xattr that makes a directory of an overlay lower (or upper) dir opaque.
+const OVERLAY_OPAQUE: &str = "trusted.overlay.opaque";
+
 impl Applier<'_, '_> {
     pub(super) fn opaque(&mut self, dir: &Path) -> Result<(), OpError> {
         if self.pool_busy() {
@@ -20,9 +23,21 @@ impl Applier<'_, '_> {
         }
         let handle = match self.root.open_dir(dir) {
             Ok(handle) => handle,
+            Err(e) if self.overlay && e.is_not_found() => return Err(super::not_alone(dir)),
             Err(e) if e.is_not_found() || e.raw_os_error() == Some(libc::ENOTDIR) => return Ok(()),
             Err(e) => return Err(e.into()),
         };
+        if self.overlay {
+            // The layer's own entries stay visible; overlayfs hides only the lower layers'.
+            rustix::fs::fsetxattr(
+                &handle,
+                OVERLAY_OPAQUE,
+                b"y",
+                rustix::fs::XattrFlags::empty(),
+            )
+            .map_err(|e| self.io_err("mark opaque", dir, e))?;
+            return Ok(());
+        }
         self.mark(dir);
         let mut rel = dir.to_path_buf();
         self.prune(handle.as_fd(), &mut rel)
@@ -84,9 +99,25 @@ impl Applier<'_, '_> {
         }
         let parent = match self.root.resolve_parent(target) {
             Ok(parent) => parent,
+            Err(e) if self.overlay && e.is_not_found() => {
+                return Err(super::not_alone(target.parent().unwrap_or(Path::new(""))))
+            }
             Err(e) if e.is_not_found() || e.raw_os_error() == Some(libc::ENOTDIR) => return Ok(()),
             Err(e) => return Err(e.into()),
         };
+        if self.overlay {
+            self.preserve_dir_time(target.parent().unwrap_or(Path::new("")), parent.dir());
+            rustix::fs::mknodat(
+                parent.dir(),
+                parent.name(),
+                FileType::CharacterDevice,
+                Mode::empty(),
+                0,
+            )
+            .map_err(|e| self.io_err("create the whiteout for", target, e))?;
+            self.mark(target);
+            return Ok(());
+        }
         self.preserve_dir_time(target.parent().unwrap_or(Path::new("")), parent.dir());
         let removed = remove_entry(parent.dir(), parent.name())
             .map_err(|e| self.io_err_std("remove", target, e))?;

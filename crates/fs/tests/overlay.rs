@@ -1,0 +1,298 @@
+//! Layer trees stacked by overlayfs against the same layers applied onto one rootfs (run as
+//! root: overlay mounts, device nodes, `trusted.*` xattrs).
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use kiln_fs::overlay::{LayerTrees, OverlayMount, TreeError};
+use kiln_fs::resolve::Root;
+use kiln_fs::snapshot::{ChangeKind, IgnoreOptions, Index, SnapshotOptions, Snapshotter};
+use kiln_fs::unpack::{unpack_layer, UnpackError, UnpackOptions};
+use kiln_oci::Digest;
+use support::Layer;
+
+/// A layer blob (plain tar) with its digest, which is also its diff ID.
+struct Blob {
+    path: PathBuf,
+    digest: Digest,
+}
+
+fn blob(dir: &Path, name: &str, layer: Layer) -> Blob {
+    let bytes = layer.tar();
+    let path = dir.join(name);
+    std::fs::write(&path, &bytes).unwrap();
+    Blob {
+        path,
+        digest: Digest::sha256_of(&bytes),
+    }
+}
+
+/// What a tree shows, path by path: type, mode, owner, and content or link target. Not link
+/// counts: overlayfs reports a lower file's own, which counts a hard link a higher layer
+/// deleted (as every overlay-based builder does).
+fn listing(root: &Path) -> BTreeMap<String, String> {
+    fn walk(root: &Path, rel: &Path, out: &mut BTreeMap<String, String>) {
+        let mut names: Vec<_> = std::fs::read_dir(root.join(rel))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        for name in names {
+            let rel = rel.join(name);
+            let path = root.join(&rel);
+            let meta = std::fs::symlink_metadata(&path).unwrap();
+            let kind = meta.file_type();
+            let what = if kind.is_dir() {
+                "dir".to_owned()
+            } else if kind.is_symlink() {
+                format!("-> {}", std::fs::read_link(&path).unwrap().display())
+            } else if kind.is_file() {
+                format!(
+                    "file {:?}",
+                    String::from_utf8_lossy(&std::fs::read(&path).unwrap())
+                )
+            } else if kind.is_char_device() {
+                format!("char {}", meta.rdev())
+            } else {
+                "other".to_owned()
+            };
+            out.insert(
+                rel.display().to_string(),
+                format!(
+                    "{what} {:o} {}:{}",
+                    meta.mode() & 0o7777,
+                    meta.uid(),
+                    meta.gid()
+                ),
+            );
+            if kind.is_dir() {
+                walk(root, &rel, out);
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(root, Path::new(""), &mut out);
+    out
+}
+
+/// A base layer and one on top that deletes, hides, replaces and adds.
+fn two_layers(dir: &Path) -> Vec<Blob> {
+    let base = Layer::new()
+        .dir("etc")
+        .file("etc/a", b"a")
+        .file("etc/b", b"b")
+        .dir("usr")
+        .dir("usr/bin")
+        .file("usr/bin/tool", b"tool")
+        .hardlink("usr/bin/tool-link", "usr/bin/tool")
+        .symlink("bin", "usr/bin")
+        .dir("opt")
+        .file("opt/x", b"x")
+        .dir("opt/sub")
+        .file("opt/sub/y", b"y")
+        .dir_owned("tmp", 0o1777, 0, 0)
+        .dir_owned("home", 0o755, 0, 0)
+        .dir_owned("home/app", 0o700, 1000, 1000)
+        .file("replaced", b"a file below");
+    let top = Layer::new()
+        .dir("etc")
+        .file("etc/.wh.a", b"")
+        .file("etc/c", b"c")
+        .dir("opt")
+        .file("opt/.wh..wh..opq", b"")
+        .file("opt/z", b"z")
+        .dir("usr")
+        .dir("usr/bin")
+        .file("usr/bin/new", b"new")
+        .file("usr/bin/.wh.tool-link", b"")
+        .dir("home")
+        .file("home/.wh.app", b"")
+        .dir("replaced")
+        .file("replaced/inside", b"now a directory");
+    vec![blob(dir, "base.tar", base), blob(dir, "top.tar", top)]
+}
+
+#[test]
+fn stacked_trees_show_what_applying_the_layers_gives() {
+    let dir = tempfile::tempdir().unwrap();
+    let layers = two_layers(dir.path());
+
+    let applied = dir.path().join("applied");
+    std::fs::create_dir(&applied).unwrap();
+    let root = Root::open(&applied).unwrap();
+    for layer in &layers {
+        let file = std::fs::File::open(&layer.path).unwrap();
+        unpack_layer(&root, file, &layer.digest, UnpackOptions::default()).unwrap();
+    }
+
+    let store = LayerTrees::open(dir.path().join("trees")).unwrap();
+    let mut lowers: Vec<PathBuf> = layers
+        .iter()
+        .map(|l| store.get_or_unpack(&l.digest, &l.path, &l.digest).unwrap())
+        .collect();
+    lowers.reverse();
+    let [merged, upper, work] = ["merged", "upper", "work"].map(|d| {
+        let path = dir.path().join(d);
+        std::fs::create_dir(&path).unwrap();
+        path
+    });
+    let mount = OverlayMount::mount(&merged, &lowers, &upper, &work).unwrap();
+
+    let expected = listing(&applied);
+    assert!(!expected.contains_key("etc/a") && expected.contains_key("opt/z"));
+    assert_eq!(listing(&merged), expected);
+    drop(mount);
+    assert!(
+        listing(&merged).is_empty(),
+        "the overlay is unmounted when dropped"
+    );
+    // The trees never change: unpacked again (here, asked for again), they are reused as is.
+    let again = store
+        .get_or_unpack(&layers[1].digest, &layers[1].path, &layers[1].digest)
+        .unwrap();
+    assert_eq!(again, lowers[0]);
+}
+
+#[test]
+fn layers_that_need_the_layers_below_are_refused_and_leave_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store_dir = dir.path().join("trees");
+    let store = LayerTrees::open(&store_dir).unwrap();
+    let cases = [
+        ("parent", Layer::new().file("usr/bin/x", b"x")),
+        ("whiteout", Layer::new().file("etc/.wh.passwd", b"")),
+        ("opaque", Layer::new().file("opt/.wh..wh..opq", b"")),
+        ("hardlink", Layer::new().hardlink("copy", "original")),
+        (
+            "device",
+            Layer::new().node("dev-zero", tar::EntryType::Char, 0, 0),
+        ),
+    ];
+    for (name, layer) in cases {
+        let layer = blob(dir.path(), name, layer);
+        let result = store.get_or_unpack(&layer.digest, &layer.path, &layer.digest);
+        assert!(
+            matches!(
+                result,
+                Err(TreeError::Unpack(
+                    UnpackError::InvalidEntry { .. } | UnpackError::Apply { .. }
+                ))
+            ),
+            "{name}: {result:?}"
+        );
+        assert_eq!(
+            std::fs::read_dir(&store_dir).unwrap().count(),
+            0,
+            "{name}: something was left in the store"
+        );
+    }
+}
+
+#[test]
+fn a_damaged_blob_leaves_no_tree() {
+    let dir = tempfile::tempdir().unwrap();
+    let store_dir = dir.path().join("trees");
+    let store = LayerTrees::open(&store_dir).unwrap();
+    let layer = blob(
+        dir.path(),
+        "layer",
+        Layer::new().dir("etc").file("etc/a", b"a"),
+    );
+    let wrong = Digest::sha256_of(b"some other layer");
+    let result = store.get_or_unpack(&wrong, &layer.path, &layer.digest);
+    assert!(
+        matches!(
+            result,
+            Err(TreeError::Unpack(UnpackError::DiffIdMismatch { .. }))
+        ),
+        "{result:?}"
+    );
+    assert_eq!(std::fs::read_dir(&store_dir).unwrap().count(), 0);
+}
+
+#[test]
+fn concurrent_unpacks_of_one_layer_share_one_tree() {
+    let dir = tempfile::tempdir().unwrap();
+    let store_dir = dir.path().join("trees");
+    let store = LayerTrees::open(&store_dir).unwrap();
+    let mut layer = Layer::new().dir("data");
+    for i in 0..200 {
+        layer = layer.file(&format!("data/{i}"), format!("{i}").as_bytes());
+    }
+    let layer = blob(dir.path(), "layer", layer);
+    let trees: Vec<PathBuf> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|_| s.spawn(|| store.get_or_unpack(&layer.digest, &layer.path, &layer.digest)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap().unwrap())
+            .collect()
+    });
+    assert!(trees.iter().all(|t| t == &trees[0]));
+    let names: Vec<_> = std::fs::read_dir(&store_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names.len(), 1, "{names:?}");
+    assert_eq!(
+        std::fs::read_dir(trees[0].join("data")).unwrap().count(),
+        200
+    );
+}
+
+/// Writing into a directory of a lower layer copies it up: a new inode below, the same inode
+/// number through the mount. The snapshot must see a changed directory, not a replaced one
+/// (which a layer would mark opaque, hiding everything else the lower layers have there).
+#[test]
+fn a_copied_up_directory_is_modified_not_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let layers = two_layers(dir.path());
+    let store = LayerTrees::open(dir.path().join("trees")).unwrap();
+    let lowers: Vec<PathBuf> = layers
+        .iter()
+        .rev()
+        .map(|l| store.get_or_unpack(&l.digest, &l.path, &l.digest).unwrap())
+        .collect();
+    let [merged, upper, work] = ["merged", "upper", "work"].map(|d| {
+        let path = dir.path().join(d);
+        std::fs::create_dir(&path).unwrap();
+        path
+    });
+    let _mount = OverlayMount::mount(&merged, &lowers, &upper, &work).unwrap();
+    let options = SnapshotOptions {
+        ignore: IgnoreOptions {
+            system_paths: false,
+            var_run: false,
+            mount_points: false,
+            extra: Vec::new(),
+        },
+        ..SnapshotOptions::default()
+    };
+    let mut snapshotter = Snapshotter::new(&merged, Index::new(), &options).unwrap();
+    snapshotter.rescan().unwrap();
+    // Past the coarse clock tick the rescan observed in, so nothing is racy.
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    std::fs::write(merged.join("usr/bin/added"), b"added").unwrap();
+    std::fs::remove_file(merged.join("etc/b")).unwrap();
+    let diff = snapshotter.snapshot().unwrap();
+    let changes: Vec<(String, ChangeKind)> = diff
+        .changes
+        .iter()
+        .map(|c| (c.path.display().to_string(), c.kind))
+        .collect();
+    assert_eq!(
+        changes,
+        [
+            ("etc".to_owned(), ChangeKind::Modified),
+            ("etc/b".to_owned(), ChangeKind::Deleted),
+            // Copied up with `usr/bin` (a new ctime); layers list every parent anyway.
+            ("usr".to_owned(), ChangeKind::Modified),
+            ("usr/bin".to_owned(), ChangeKind::Modified),
+            ("usr/bin/added".to_owned(), ChangeKind::Added),
+        ]
+    );
+}
