@@ -13,10 +13,12 @@
 //! Needs root (overlayfs mounts, `mknod` and `trusted.*` xattrs in the trees), and a kiln dir
 //! on a filesystem overlayfs accepts as upper dir (not overlayfs itself, for example).
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, BufReader};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use kiln_oci::Digest;
 use rustix::fd::AsFd;
@@ -54,6 +56,9 @@ pub enum TreeError {
 #[derive(Debug, Clone)]
 pub struct LayerTrees {
     dir: PathBuf,
+    /// One lock per layer being unpacked by this process, so that stages starting from the
+    /// same base at the same time unpack it once and the others wait for that tree.
+    in_flight: Arc<Mutex<HashMap<Digest, Arc<Mutex<()>>>>>,
 }
 
 /// Distinguishes the temporary trees of one process's concurrent unpacks.
@@ -67,7 +72,10 @@ impl LayerTrees {
             path: dir.clone(),
             source,
         })?;
-        Ok(LayerTrees { dir })
+        Ok(LayerTrees {
+            dir,
+            in_flight: Arc::default(),
+        })
     }
 
     /// Where the tree of the layer with `diff_id` is (or would be).
@@ -86,6 +94,17 @@ impl LayerTrees {
         digest: &Digest,
     ) -> Result<PathBuf, TreeError> {
         let tree = self.path_of(diff_id);
+        if tree.is_dir() {
+            return Ok(tree);
+        }
+        let layer_lock = Arc::clone(
+            self.in_flight
+                .lock()
+                .expect("layer tree locks")
+                .entry(diff_id.clone())
+                .or_default(),
+        );
+        let _unpacking = layer_lock.lock().expect("layer tree lock");
         if tree.is_dir() {
             return Ok(tree);
         }
