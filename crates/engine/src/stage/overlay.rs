@@ -5,7 +5,7 @@
 //! costs half a millisecond to create; a rebuild from the same base creates none.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use kiln_fs::overlay::{LayerTrees, OverlayMount};
@@ -116,19 +116,26 @@ impl<'a> Materializer<'a> {
             .iter()
             .chain(cached.iter().map(|(_, layer)| layer))
             .collect();
-        // Each tree stands alone, so they unpack side by side.
+        // Each tree stands alone, so they unpack side by side, a few at a time (each unpack
+        // has writer threads of its own).
         let trees: Vec<Option<PathBuf>> =
             shared.timed(Some(self.index), None, Phase::Unpack, || {
+                let next = AtomicUsize::new(0);
+                let found: Mutex<Vec<Option<PathBuf>>> = Mutex::new(vec![None; layers.len()]);
+                let workers = std::thread::available_parallelism()
+                    .map_or(2, |n| n.get())
+                    .min(layers.len());
                 std::thread::scope(|scope| {
-                    let handles: Vec<_> = layers
-                        .iter()
-                        .map(|layer| scope.spawn(|| self.layer_tree(overlay, layer)))
-                        .collect();
-                    handles
-                        .into_iter()
-                        .map(|h| h.join().unwrap_or(None))
-                        .collect()
-                })
+                    for _ in 0..workers {
+                        scope.spawn(|| loop {
+                            let i = next.fetch_add(1, Ordering::Relaxed);
+                            let Some(layer) = layers.get(i) else { break };
+                            let tree = self.layer_tree(overlay, layer);
+                            found.lock().expect("layer trees")[i] = tree;
+                        });
+                    }
+                });
+                found.into_inner().expect("layer trees")
             });
         let mounted_hits = trees[base.len()..]
             .iter()
