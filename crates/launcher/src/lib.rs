@@ -25,6 +25,9 @@ pub enum LaunchError {
     /// The launcher's metadata is missing or malformed.
     #[error("{0}")]
     Metadata(#[from] kiln_cnb::Error),
+    /// A launch layer's directory or env file could not be read.
+    #[error("{0}")]
+    Layers(#[from] kiln_cnb::env::Error),
     /// The requested process type is not in the image.
     #[error("process type {kind} is not defined in {path} (defined: {defined})", path = path.display())]
     UnknownProcess {
