@@ -8,11 +8,11 @@
 mod support;
 
 use kiln_testkit::langs::LangImage;
-use support::apps::{check_size, stderr, Apps};
+use support::apps::{check_size, stderr, Apps, SizeBound};
 
-/// Builds `name` with the buildpacks and with its Dockerfile, checks their sizes; the build
-/// log.
-fn build_both(apps: &Apps, name: &str, app: &std::path::Path) -> String {
+/// Builds `name` with the buildpacks and with its Dockerfile, checks their sizes as `bound`
+/// says; the build log.
+fn build_both(apps: &Apps, name: &str, app: &std::path::Path, bound: SizeBound) -> String {
     let out = apps.build(app, &format!("apps/{name}:bp"), &[]);
     let log = stderr(&out);
     assert!(out.status.success(), "{log}");
@@ -24,6 +24,7 @@ fn build_both(apps: &Apps, name: &str, app: &std::path::Path) -> String {
         name,
         &format!("apps/{name}:bp"),
         &format!("apps/{name}:dockerfile"),
+        bound,
     );
     log
 }
@@ -34,7 +35,7 @@ fn build_both(apps: &Apps, name: &str, app: &std::path::Path) -> String {
 fn an_express_app_runs_and_keeps_its_dependencies_across_a_source_change() {
     let apps = Apps::new(&[LangImage::NodeBuild, LangImage::NodeRun]);
     let app = apps.app("node-express");
-    let log = build_both(&apps, "node-express", &app);
+    let log = build_both(&apps, "node-express", &app, SizeBound::Whole);
     assert!(
         log.contains("the app looks like a Node.js app: build image docker.io/library/node:22, run image docker.io/library/node:22-slim"),
         "{log}"
@@ -99,7 +100,7 @@ fn an_express_app_runs_and_keeps_its_dependencies_across_a_source_change() {
 fn an_npm_app_with_a_lockfile_runs_its_build_script() {
     let apps = Apps::new(&[LangImage::NodeBuild, LangImage::NodeRun]);
     let app = apps.app("node-build");
-    let log = build_both(&apps, "node-build", &app);
+    let log = build_both(&apps, "node-build", &app, SizeBound::Whole);
     assert!(log.contains("node: running npm ci --include=dev"), "{log}");
     assert!(log.contains("node: running npm ci --omit=dev"), "{log}");
     assert!(log.contains("built dist/server.js"), "{log}");
@@ -132,7 +133,7 @@ fn an_npm_app_with_a_lockfile_runs_its_build_script() {
 fn a_flask_app_runs_under_its_procfile() {
     let apps = Apps::new(&[LangImage::PythonBuild, LangImage::PythonRun]);
     let app = apps.app("python-flask");
-    let log = build_both(&apps, "python-flask", &app);
+    let log = build_both(&apps, "python-flask", &app, SizeBound::Whole);
     assert!(
         log.contains("python: running pip install -r requirements.txt"),
         "{log}"
@@ -161,7 +162,7 @@ fn a_flask_app_runs_under_its_procfile() {
 fn a_go_module_runs_on_the_smallest_base() {
     let apps = Apps::new(&[LangImage::GoBuild, LangImage::Smallest]);
     let app = apps.app("go-two");
-    let log = build_both(&apps, "go-two", &app);
+    let log = build_both(&apps, "go-two", &app, SizeBound::WholeWithMuslLauncher);
     assert!(
         log.contains("build image docker.io/library/golang:1.19, run image gcr.io/distroless/static-debian12:latest"),
         "{log}"
@@ -190,7 +191,7 @@ fn a_go_module_runs_on_the_smallest_base() {
 fn a_static_site_is_served_with_its_types() {
     let apps = Apps::new(&[LangImage::Busybox, LangImage::Smallest]);
     let app = apps.app("static-site");
-    let log = build_both(&apps, "static-site", &app);
+    let log = build_both(&apps, "static-site", &app, SizeBound::Whole);
     assert!(
         log.contains("the app looks like a static site app"),
         "{log}"
