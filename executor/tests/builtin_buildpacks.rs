@@ -10,8 +10,8 @@ mod support;
 use kiln_testkit::langs::LangImage;
 use support::apps::{check_size, stderr, Apps, SizeBound};
 
-/// Builds `name` with the buildpacks and with its Dockerfile, compares their sizes as
-/// `bound` says; the build log.
+/// Builds `name` with the buildpacks and with its Dockerfile, checks their sizes as `bound`
+/// says; the build log.
 fn build_both(apps: &Apps, name: &str, app: &std::path::Path, bound: SizeBound) -> String {
     let out = apps.build(app, &format!("apps/{name}:bp"), &[]);
     let log = stderr(&out);
@@ -162,7 +162,7 @@ fn a_flask_app_runs_under_its_procfile() {
 fn a_go_module_runs_on_the_smallest_base() {
     let apps = Apps::new(&[LangImage::GoBuild, LangImage::Smallest]);
     let app = apps.app("go-two");
-    let log = build_both(&apps, "go-two", &app, SizeBound::WithoutLauncher);
+    let log = build_both(&apps, "go-two", &app, SizeBound::WholeWithMuslLauncher);
     assert!(
         log.contains("build image docker.io/library/golang:1.19, run image gcr.io/distroless/static-debian12:latest"),
         "{log}"
@@ -191,7 +191,7 @@ fn a_go_module_runs_on_the_smallest_base() {
 fn a_static_site_is_served_with_its_types() {
     let apps = Apps::new(&[LangImage::Busybox, LangImage::Smallest]);
     let app = apps.app("static-site");
-    let log = build_both(&apps, "static-site", &app, SizeBound::WithoutLauncher);
+    let log = build_both(&apps, "static-site", &app, SizeBound::Whole);
     assert!(
         log.contains("the app looks like a static site app"),
         "{log}"

@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 
 use libcnb_data::buildpack::{ComponentBuildpackDescriptor, CompositeBuildpackDescriptor};
 
+pub use kiln_cnb_env::escape_id;
+
 use crate::api::Api;
 use crate::error::{io, Error, Result};
 use crate::files::parse_toml;
@@ -165,11 +167,6 @@ pub fn read_buildpack(dir: &Path) -> Result<Buildpack> {
     let path = dir.join("buildpack.toml");
     let text = std::fs::read_to_string(&path).map_err(io(&path))?;
     parse_buildpack_toml(dir, &path, &text)
-}
-
-/// The directory name of a buildpack id (`/` becomes `_`), as layers and buildpack dirs use.
-pub fn escape_id(id: &str) -> String {
-    id.replace('/', "_")
 }
 
 /// The buildpacks directory of a builder (`/cnb/buildpacks`): `<dir>/<escaped id>/<version>/`.

@@ -111,6 +111,15 @@ fn key_prefix(key: &str) -> String {
     }
 }
 
+impl From<kiln_cnb_env::Error> for Error {
+    fn from(e: kiln_cnb_env::Error) -> Error {
+        Error::Io {
+            path: e.path,
+            source: e.source,
+        }
+    }
+}
+
 /// Shorthand for results of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 

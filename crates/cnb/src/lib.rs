@@ -17,7 +17,8 @@ pub mod build;
 pub mod builder;
 pub mod buildpack;
 pub mod detect;
-pub mod env;
+/// Environment construction from layer directories (its own crate, shared with the launcher).
+pub use kiln_cnb_env as env;
 pub mod error;
 pub mod export;
 pub mod files;

@@ -6,25 +6,35 @@
 //! (`bin`, `lib`, `env`, `env.launch`, `env.launch/<type>`), runs the layers' `exec.d`
 //! programs, and replaces itself with the process: directly, or through the image's shell with
 //! `profile.d` scripts sourced for processes that ask for a shell.
+//!
+//! Every byte of the binary ships in every app image, so it depends on nothing but `std`,
+//! `libc` and kiln-cnb-env: metadata.toml and `exec.d` output are read by [`toml`], not by the
+//! `toml`/`serde` stack kiln-cnb writes them with.
 
-#![forbid(unsafe_code)]
+// One `unsafe` block: the child side of `exec.d`'s file descriptor 3 (see `run_exec_d`).
+#![deny(unsafe_code)]
+
+pub mod metadata;
+pub mod toml;
 
 use std::io::Read;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use kiln_cnb::api::Api;
-use kiln_cnb::buildpack::escape_id;
-use kiln_cnb::env::{files_in, subdirs, Env, Phase};
-use kiln_cnb::metadata::{BuildMetadata, Process};
+use kiln_cnb_env::{escape_id, files_in, subdirs, Env, Phase};
+
+use crate::metadata::{Metadata, MetadataError, Process};
 
 /// Why a process could not be launched.
 #[derive(Debug, thiserror::Error)]
 pub enum LaunchError {
     /// The launcher's metadata is missing or malformed.
     #[error("{0}")]
-    Metadata(#[from] kiln_cnb::Error),
+    Metadata(#[from] MetadataError),
+    /// A launch layer's directory or env file could not be read.
+    #[error("{0}")]
+    Layers(#[from] kiln_cnb_env::Error),
     /// The requested process type is not in the image.
     #[error("process type {kind} is not defined in {path} (defined: {defined})", path = path.display())]
     UnknownProcess {
@@ -135,10 +145,10 @@ pub struct Prepared {
 /// Chooses the process, builds its environment (running `exec.d` programs) and its command
 /// line.
 pub fn prepare(req: &LaunchRequest) -> Result<Prepared, LaunchError> {
-    let md = BuildMetadata::read(&req.layers_dir)?;
+    let md = Metadata::read(&req.layers_dir)?;
     let unknown = |kind: &str| LaunchError::UnknownProcess {
         kind: kind.to_owned(),
-        path: kiln_cnb::metadata::launch_metadata_path(&req.layers_dir),
+        path: req.layers_dir.join(metadata::METADATA_PATH),
         defined: if md.processes.is_empty() {
             "none".into()
         } else {
@@ -158,7 +168,7 @@ pub fn prepare(req: &LaunchRequest) -> Result<Prepared, LaunchError> {
     } else if let Some(kind) = req.var("CNB_PROCESS_TYPE") {
         Some(md.process(kind).ok_or_else(|| unknown(kind))?)
     } else if req.args.is_empty() {
-        match md.buildpack_default_process_type.as_deref() {
+        match md.default_process_type.as_deref() {
             Some(kind) => Some(md.process(kind).ok_or_else(|| unknown(kind))?),
             None => return Err(LaunchError::NothingToRun),
         }
@@ -169,10 +179,9 @@ pub fn prepare(req: &LaunchRequest) -> Result<Prepared, LaunchError> {
     // The command line, and whether it runs through a shell.
     let (process_type, command, args, direct, working_dir) = match chosen {
         Some(p) => {
-            let api = md.buildpack_api(&p.buildpack_id).unwrap_or(Api::new(0, 9));
             let args = if req.args.is_empty() {
                 p.args.clone()
-            } else if api.at_least(0, 9) {
+            } else if md.buildpack_api_at_least(&p.buildpack_id, 0, 9) {
                 // Buildpack API 0.9+: the user's arguments replace the default ones.
                 req.args.clone()
             } else {
@@ -199,21 +208,13 @@ pub fn prepare(req: &LaunchRequest) -> Result<Prepared, LaunchError> {
     };
 
     let mut env = Env::for_launch(req.env.iter().cloned());
-    let bp_dirs: Vec<(PathBuf, Api)> = md
+    let bp_dirs: Vec<PathBuf> = md
         .buildpacks
         .iter()
-        .map(|b| {
-            (
-                req.layers_dir.join(escape_id(&b.id)),
-                b.api
-                    .as_deref()
-                    .and_then(|a| a.parse().ok())
-                    .unwrap_or(Api::new(0, 9)),
-            )
-        })
-        .filter(|(d, _)| d != &req.app_dir)
+        .map(|b| req.layers_dir.join(escape_id(&b.id)))
+        .filter(|d| d != &req.app_dir)
         .collect();
-    for (bp_dir, _) in &bp_dirs {
+    for bp_dir in &bp_dirs {
         let layers = subdirs(bp_dir)?;
         for layer in &layers {
             env.add_root_dir(layer, Phase::Launch);
@@ -226,7 +227,7 @@ pub fn prepare(req: &LaunchRequest) -> Result<Prepared, LaunchError> {
             }
         }
     }
-    for (bp_dir, _) in &bp_dirs {
+    for bp_dir in &bp_dirs {
         for layer in subdirs(bp_dir)? {
             for program in layer_files(&layer, "exec.d", process_type.as_deref())? {
                 run_exec_d(&program, &req.app_dir, &mut env)?;
@@ -268,7 +269,7 @@ pub fn prepare(req: &LaunchRequest) -> Result<Prepared, LaunchError> {
             LaunchError::NoShell(process_type.clone().unwrap_or_else(|| command[0].clone()))
         })?;
     let mut script = String::new();
-    for (bp_dir, _) in &bp_dirs {
+    for bp_dir in &bp_dirs {
         for layer in subdirs(bp_dir)? {
             for profile in layer_files(&layer, "profile.d", process_type.as_deref())? {
                 script.push_str(&format!(". {}\n", quote(&profile.to_string_lossy())));
@@ -336,14 +337,7 @@ fn run_exec_d(program: &Path, app_dir: &Path, env: &mut Env) -> Result<(), Launc
         .env_clear()
         .envs(env.vars())
         .stdin(Stdio::null());
-    command_fds::CommandFdExt::fd_mappings(
-        &mut cmd,
-        vec![command_fds::FdMapping {
-            parent_fd: writer.into(),
-            child_fd: 3,
-        }],
-    )
-    .map_err(|e| fail(format!("cannot pass file descriptor 3: {e:?}")))?;
+    pass_as_fd_3(&mut cmd, writer);
     let mut child = cmd.spawn().map_err(|e| fail(e.to_string()))?;
     // The command keeps the pipe's write end until dropped; reading would never end.
     drop(cmd);
@@ -354,15 +348,47 @@ fn run_exec_d(program: &Path, app_dir: &Path, env: &mut Env) -> Result<(), Launc
         return Err(fail(format!("exited with {status}")));
     }
     read.map_err(|e| fail(format!("reading its output: {e}")))?;
-    let table: toml::Table = toml::from_str(&out)
-        .map_err(|e| fail(format!("its output is not TOML: {}", e.message())))?;
-    for (k, v) in table {
+    let table = toml::parse(&out).map_err(|e| fail(format!("its output is not TOML: {e}")))?;
+    for (k, v) in table.iter() {
         match v {
-            toml::Value::String(s) => env.set(k, s),
-            other => return Err(fail(format!("`{k}` must be a string, found {other}"))),
+            toml::Value::String(s) => env.set(k, s.as_str()),
+            other => {
+                return Err(fail(format!(
+                    "`{k}` must be a string, found {}",
+                    other.kind()
+                )))
+            }
         }
     }
     Ok(())
+}
+
+/// Makes `fd` the child's file descriptor 3 when `cmd` spawns; `cmd` owns it until dropped.
+///
+/// std has no way to give a child a descriptor at a chosen number, and doing it in the
+/// launcher's own process would take fd 3 from whoever holds it there; so it happens in the
+/// child, between fork and exec.
+#[allow(unsafe_code)]
+fn pass_as_fd_3(cmd: &mut Command, fd: std::io::PipeWriter) {
+    use std::os::fd::{AsRawFd, OwnedFd};
+    let fd = OwnedFd::from(fd);
+    // SAFETY: the closure runs in the forked child before exec and only makes async-signal-safe
+    // calls (dup2, fcntl) on a descriptor that `fd` keeps open until `cmd` is dropped: the
+    // closure owns `fd`, and `cmd` owns the closure. dup2 gives the copy at 3 no close-on-exec
+    // flag; when the pipe already is 3, dup2 would change nothing, so the flag is cleared.
+    unsafe {
+        cmd.pre_exec(move || {
+            let rc = if fd.as_raw_fd() == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd.as_raw_fd(), 3)
+            };
+            if rc == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }
 
 /// The program `name` as `execvp` would find it on `path`; a name with a `/` is taken as a

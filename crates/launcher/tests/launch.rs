@@ -297,3 +297,83 @@ buildpack-id = "old/bp"
     assert_eq!(out.status.code(), Some(82));
     assert!(String::from_utf8_lossy(&out.stderr).contains("config/metadata.toml"));
 }
+
+/// metadata.toml is written by kiln-cnb with the `toml` crate and read by the launcher's own
+/// reader: every string the writer can produce (quotes of both kinds, backslashes, line ends,
+/// control characters, non-ASCII) must read back as it was.
+#[test]
+fn metadata_written_by_the_exporter_reads_back() {
+    use kiln_cnb::layer::{Label, Slice};
+    use kiln_cnb::metadata::{BuildMetadata, Process};
+    use kiln_cnb::order::GroupBuildpack;
+    use kiln_launcher::metadata::Metadata;
+
+    let awkward = [
+        "plain",
+        "",
+        "double \"quoted\"",
+        "single 'quoted'",
+        "both ' and \"",
+        "back\\slash and C:\\path",
+        "line one\nline two\n",
+        "\"\"\"triple\"\"\" and '''triple'''",
+        "tab\tand\u{1}control\u{7f}",
+        "crlf\r\nend",
+        "ünïcödé ✓ 😀",
+        "ends with a quote\"",
+        "ends with an apostrophe'",
+    ];
+    let md = BuildMetadata {
+        buildpacks: vec![
+            GroupBuildpack {
+                id: "kiln/node".into(),
+                version: "1.0.0".into(),
+                api: Some("0.10".into()),
+                homepage: Some("https://example.invalid".into()),
+            },
+            GroupBuildpack {
+                id: "old/bp".into(),
+                version: "2".into(),
+                api: Some("0.8".into()),
+                homepage: None,
+            },
+        ],
+        labels: vec![Label {
+            key: "org.example".into(),
+            value: awkward.join("|"),
+        }],
+        processes: awkward
+            .iter()
+            .enumerate()
+            .map(|(i, text)| Process {
+                kind: format!("p{i}"),
+                command: vec![text.to_string(), "fixed".into()],
+                args: vec![text.to_string(); i % 3],
+                direct: i % 2 == 0,
+                buildpack_id: "kiln/node".into(),
+                working_dir: (i % 2 == 1).then(|| text.to_string()),
+            })
+            .collect(),
+        slices: vec![Slice {
+            paths: vec!["static/**".into()],
+        }],
+        buildpack_default_process_type: Some("p0".into()),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    md.write(dir.path()).unwrap();
+    let text = std::fs::read_to_string(dir.path().join("config/metadata.toml")).unwrap();
+    let read = Metadata::read(dir.path()).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    assert_eq!(read.default_process_type.as_deref(), Some("p0"));
+    assert_eq!(read.buildpacks.len(), 2);
+    assert!(read.buildpack_api_at_least("kiln/node", 0, 10));
+    assert!(!read.buildpack_api_at_least("old/bp", 0, 9));
+    assert_eq!(read.processes.len(), md.processes.len());
+    for (got, want) in read.processes.iter().zip(&md.processes) {
+        assert_eq!(got.kind, want.kind, "{text}");
+        assert_eq!(got.command, want.command, "{text}");
+        assert_eq!(got.args, want.args, "{text}");
+        assert_eq!(got.direct, want.direct, "{text}");
+        assert_eq!(got.buildpack_id, want.buildpack_id, "{text}");
+        assert_eq!(got.working_dir, want.working_dir, "{text}");
+    }
+}

@@ -22,6 +22,16 @@ pub fn lifecycle_dir() -> &'static Path {
     DIR.get_or_init(|| run_script("build-lifecycle", "lifecycle"))
 }
 
+/// The target triple the launcher in [`lifecycle_dir`] was built for, as
+/// `scripts/build-lifecycle` records it in `launcher.target`: the musl target of the host's
+/// architecture when the toolchain has it, else the host's gnu target (static glibc, larger).
+pub fn launcher_target() -> String {
+    let file = lifecycle_dir().join("launcher.target");
+    let target = std::fs::read_to_string(&file)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", file.display()));
+    target.trim().to_owned()
+}
+
 /// Kiln's own buildpacks as Kiln ships them (the repository's `buildpacks/` plus the static
 /// file server the static buildpack needs), as `KILN_BUILDPACKS_DIR` names it.
 pub fn buildpacks_dir() -> &'static Path {

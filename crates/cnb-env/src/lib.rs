@@ -1,11 +1,38 @@
 //! Environment construction from layer directories: the `bin`/`lib`/... root directories and
 //! the `env`, `env.build`, `env.launch` directories with their suffix rules, shared by the
-//! build phase and the launcher.
+//! build phase (kiln-cnb) and the launcher (kiln-launcher).
+//!
+//! A crate of its own, with nothing but `std` at run time, because the launcher ships in every
+//! app image: it must not pull in the TOML and JSON stack the build phase uses.
+
+#![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use crate::error::{io, Result};
+/// A layer directory or env file that could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {source}", path = path.display())]
+pub struct Error {
+    /// The path that failed.
+    pub path: PathBuf,
+    /// What the system said.
+    pub source: std::io::Error,
+}
+
+/// Shorthand for results of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
+    let path = path.into();
+    move |source| Error { path, source }
+}
+
+/// The directory name of a buildpack id (`/` becomes `_`), as the layers directory
+/// (`<layers>/<escaped id>/`) and a builder's buildpacks directory use.
+pub fn escape_id(id: &str) -> String {
+    id.replace('/', "_")
+}
 
 /// Which phase an environment is for: decides which layer root directories count.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,12 +115,7 @@ impl Env {
         K: Into<String>,
         V: Into<String>,
     {
-        Env {
-            vars: vars
-                .into_iter()
-                .map(|(k, v)| (k.into(), v.into()))
-                .collect(),
-        }
+        Env::from_vars_where(vars, |_| true)
     }
 
     /// The build phase's starting environment: only the [`BUILD_ENV_INCLUDED`] variables of
@@ -104,10 +126,7 @@ impl Env {
         K: Into<String>,
         V: Into<String>,
     {
-        let mut env = Env::from_vars(vars);
-        env.vars
-            .retain(|k, _| BUILD_ENV_INCLUDED.contains(&k.as_str()));
-        env
+        Env::from_vars_where(vars, |k| BUILD_ENV_INCLUDED.contains(&k))
     }
 
     /// The launcher's starting environment: `vars` without [`LAUNCH_ENV_EXCLUDED`].
@@ -117,9 +136,28 @@ impl Env {
         K: Into<String>,
         V: Into<String>,
     {
-        let mut env = Env::from_vars(vars);
-        env.vars
-            .retain(|k, _| !LAUNCH_ENV_EXCLUDED.contains(&k.as_str()));
+        Env::from_vars_where(vars, |k| !LAUNCH_ENV_EXCLUDED.contains(&k))
+    }
+
+    /// The variables of `vars` whose names `keep` accepts; a name given twice keeps its last
+    /// value.
+    ///
+    /// Inserted one by one and filtered before insertion, not collected and then retained: the
+    /// launcher then carries neither the sort `collect` does first nor the map's removal code
+    /// (a few kilobytes each, in every app image).
+    fn from_vars_where<I, K, V>(vars: I, keep: impl Fn(&str) -> bool) -> Env
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: Into<String>,
+        V: Into<String>,
+    {
+        let mut env = Env::new();
+        for (k, v) in vars {
+            let k = k.into();
+            if keep(&k) {
+                env.vars.insert(k, v.into());
+            }
+        }
         env
     }
 
@@ -234,48 +272,41 @@ fn split_action(file: &str) -> (&str, Option<Action>) {
 
 /// The regular files of `dir` (following symlinks) with their contents, sorted by name.
 fn env_files(dir: &Path) -> Result<Vec<(String, String)>> {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(io(dir)(e)),
-    };
     let mut out = Vec::new();
-    for entry in entries {
-        let entry = entry.map_err(io(dir))?;
-        let path = entry.path();
-        if path.is_dir() {
+    for (path, is_dir) in sorted_entries(dir)? {
+        if is_dir {
             continue;
         }
         let value = std::fs::read(&path).map_err(io(&path))?;
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
         out.push((
-            entry.file_name().to_string_lossy().into_owned(),
+            name.into_owned(),
             String::from_utf8_lossy(&value).into_owned(),
         ));
     }
-    out.sort();
     Ok(out)
 }
 
 /// The sorted subdirectories of `dir` (none when it does not exist).
-pub fn subdirs(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(io(dir)(e)),
-    };
-    let mut out = Vec::new();
-    for entry in entries {
-        let path = entry.map_err(io(dir))?.path();
-        if path.is_dir() {
-            out.push(path);
-        }
-    }
-    out.sort();
-    Ok(out)
+pub fn subdirs(dir: &Path) -> Result<Vec<PathBuf>> {
+    Ok(sorted_entries(dir)?
+        .into_iter()
+        .filter_map(|(path, is_dir)| is_dir.then_some(path))
+        .collect())
 }
 
 /// The sorted regular files (or links to them) directly in `dir`.
-pub fn files_in(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
+pub fn files_in(dir: &Path) -> Result<Vec<PathBuf>> {
+    Ok(sorted_entries(dir)?
+        .into_iter()
+        .filter_map(|(path, is_dir)| (!is_dir).then_some(path))
+        .collect())
+}
+
+/// The entries of `dir` by name, each with whether it is a directory (following symlinks);
+/// none when `dir` does not exist. One listing for the three callers above: the launcher
+/// carries one sort, not three.
+fn sorted_entries(dir: &Path) -> Result<Vec<(PathBuf, bool)>> {
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -284,17 +315,24 @@ pub fn files_in(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
     let mut out = Vec::new();
     for entry in entries {
         let path = entry.map_err(io(dir))?.path();
-        if !path.is_dir() {
-            out.push(path);
-        }
+        let is_dir = path.is_dir();
+        out.push((path, is_dir));
     }
-    out.sort();
+    // The paths share their parent, so byte order is name order; names are unique, so an
+    // unstable sort gives the one order there is.
+    out.sort_unstable_by(|a, b| a.0.as_os_str().cmp(b.0.as_os_str()));
     Ok(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn escaped_ids() {
+        assert_eq!(escape_id("heroku/nodejs"), "heroku_nodejs");
+        assert_eq!(escape_id("kiln/go"), "kiln_go");
+    }
 
     #[test]
     fn suffix_rules() {
