@@ -77,17 +77,9 @@ impl<'a> Materializer<'a> {
         if self.mountable().is_none() {
             return Ok(None);
         }
-        let cache_dir = shared.options.cache.dir.as_deref();
         let pulled = shared
             .timed(Some(self.index), None, Phase::Pull, || {
-                shared.runtime.block_on(crate::base::pull(
-                    &shared.client,
-                    &shared.blobs,
-                    image,
-                    &shared.platform,
-                    &*shared.events,
-                    cache_dir,
-                ))
+                super::prepare::pull_to_store(shared, image)
             })
             .map_err(|e| BuildError::step(&self.at, format!("FROM {image}: {e}")))?;
         Ok(Some(pulled))

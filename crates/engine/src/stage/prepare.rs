@@ -264,14 +264,7 @@ fn pull_base_once(
     shared
         .timed(Some(stage), None, Phase::Pull, || match in_place_ignore {
             Some(ignore) => {
-                let pulled = shared.runtime.block_on(base::pull(
-                    &shared.client,
-                    &shared.blobs,
-                    image,
-                    &shared.platform,
-                    &*shared.events,
-                    cache_dir,
-                ))?;
+                let pulled = pull_to_store(shared, image)?;
                 unpack_in_place(shared, ignore, &pulled.layers)?;
                 Ok(pulled)
             }
@@ -288,6 +281,18 @@ fn pull_base_once(
             ),
         })
         .map_err(|e: BuildError| BuildError::step(at, format!("FROM {image}: {e}")))
+}
+
+/// Pulls base `image` into the blob store only, for a caller that unpacks (or mounts) it itself.
+pub(crate) fn pull_to_store(shared: &Shared, image: &str) -> Result<base::PulledImage, BuildError> {
+    shared.runtime.block_on(base::pull(
+        &shared.client,
+        &shared.blobs,
+        image,
+        &shared.platform,
+        &*shared.events,
+        shared.options.cache.dir.as_deref(),
+    ))
 }
 
 /// Unpacks `layers` into `/` (in-place mode), sparing the paths `ignore` names and warning
