@@ -51,6 +51,18 @@ fn warnings(events: &[BuildEvent]) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_stored_base_layer_is_fetched_again_on_retry() {
+    damaged_base_layer_case(false).await;
+}
+
+/// With bases mounted, a layer tree made once is never read from its blob again; a damaged blob
+/// of a layer with no tree yet fails the tree, and the stage falls back to the unpack, retries
+/// and all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_stored_base_layer_with_no_tree_is_fetched_again_on_retry() {
+    damaged_base_layer_case(true).await;
+}
+
+async fn damaged_base_layer_case(base_overlay: bool) {
     let registry = Registry::start();
     let base = format!("{}/library/busybox:latest", registry.addr());
     image::push_rootfs(&registry, bases::busybox_rootfs(), "library/busybox:latest");
@@ -69,6 +81,7 @@ async fn a_damaged_stored_base_layer_is_fetched_again_on_retry() {
         options.kiln_dir = kiln_dir.clone();
         options.registry.insecure_registries.push(registry.addr());
         options.extract_retries = retries;
+        options.snapshot.base_overlay = base_overlay;
         options
             .output
             .destinations
@@ -80,7 +93,11 @@ async fn a_damaged_stored_base_layer_is_fetched_again_on_retry() {
     let blob = base_layer_blob(&kiln_dir);
     let good = std::fs::read(&blob).unwrap();
 
+    let forget_trees = || {
+        let _ = std::fs::remove_dir_all(kiln_dir.join("layers"));
+    };
     // Without retries the build fails, and the damaged blob is gone from the store.
+    forget_trees();
     damage(&blob, &good);
     let (failed, _) = build(options(0, "failed")).await;
     let message = failed.expect_err("unpacking a damaged layer must fail");
@@ -88,6 +105,7 @@ async fn a_damaged_stored_base_layer_is_fetched_again_on_retry() {
     assert!(!blob.exists(), "the damaged blob is still stored");
 
     // With one retry the same fault costs a warning and a download.
+    forget_trees();
     damage(&blob, &good);
     let (retried, events) = build(options(1, "retried")).await;
     retried.unwrap_or_else(|e| panic!("{e}: {events:#?}"));

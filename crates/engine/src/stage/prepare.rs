@@ -92,7 +92,9 @@ impl Materializer<'_> {
         let mut index_of_rootfs = self.base_index.take().unwrap_or_default();
         if let Some(image) = self.pending_base.take() {
             match self.pull_for_mount(&image)? {
-                Some(pulled) => self.mount_or_unpack(&pulled.layers, &mut index_of_rootfs)?,
+                Some(pulled) => {
+                    self.mount_or_unpack(&image, pulled, &mut index_of_rootfs)?;
+                }
                 None => {
                     pull_base_into(
                         shared,
@@ -128,22 +130,29 @@ impl Materializer<'_> {
         Ok((snapshotter, sandbox))
     }
 
-    /// Brings base `layers` (in the blob store) into the rootfs: mounted as an overlay with
-    /// the pending cache hits when possible (the snapshotter then indexes the tree with one
-    /// walk), else unpacked into it, indexed in `index`.
+    /// Brings base `image`, pulled into the blob store as `pulled`, into the rootfs: mounted as
+    /// an overlay with the pending cache hits when possible (the snapshotter then indexes the
+    /// tree with one walk), else pulled and unpacked as without overlays, indexed in `index`
+    /// (with `--image-fs-extract-retry`'s retries: a damaged stored blob is fetched again).
     pub(crate) fn mount_or_unpack(
         &mut self,
-        layers: &[ImageLayer],
+        image: &str,
+        pulled: base::PulledImage,
         index: &mut Index,
-    ) -> Result<(), BuildError> {
-        if self.mount_layers(layers)? {
+    ) -> Result<base::PulledImage, BuildError> {
+        if self.mount_layers(&pulled.layers)? {
             self.rescan = true;
-            return Ok(());
+            return Ok(pulled);
         }
-        let shared = self.shared;
-        shared.timed(Some(self.index), None, Phase::Unpack, || {
-            base::unpack_into(self.rootfs, layers, &shared.blobs, index)
-        })
+        pull_base_into(
+            self.shared,
+            self.index,
+            &self.at,
+            image,
+            None,
+            self.rootfs,
+            index,
+        )
     }
 
     /// The tree of the stage this one is built FROM, as this stage's own.

@@ -58,8 +58,7 @@ pub(super) fn start(
                 let mut index_of_rootfs = materializer.base_index.take().unwrap_or_default();
                 let pulled = match materializer.pull_for_mount(image)? {
                     Some(pulled) => {
-                        materializer.mount_or_unpack(&pulled.layers, &mut index_of_rootfs)?;
-                        pulled
+                        materializer.mount_or_unpack(image, pulled, &mut index_of_rootfs)?
                     }
                     None => prepare::pull_base_into(
                         shared,
