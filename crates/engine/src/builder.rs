@@ -333,7 +333,7 @@ impl Setup {
             push_ahead,
             image_stages,
             cache,
-            overlay: BaseOverlay::for_build(&options, mode, &self.mounts),
+            overlay: BaseOverlay::for_build(&options, mode, &self.mounts, &**events),
             options,
             hidden,
         })

@@ -45,11 +45,13 @@ pub(crate) struct BaseOverlay {
 
 impl BaseOverlay {
     /// The overlay setup for a build in chroot mode run as root with `--base-overlay` on, with
-    /// its layer trees in `kiln_dir/layers`; `None` otherwise.
+    /// its layer trees in `kiln_dir/layers`; `None` otherwise (with a note through `emit` when
+    /// that store cannot be made).
     pub(crate) fn for_build(
         options: &crate::options::BuildOptions,
         mode: kiln_sandbox::Mode,
         mounts: &Arc<StageMounts>,
+        emit: &dyn Fn(BuildEvent),
     ) -> Option<BaseOverlay> {
         let wanted = options.snapshot.base_overlay
             && mode == kiln_sandbox::Mode::Chroot
@@ -57,7 +59,15 @@ impl BaseOverlay {
         if !wanted {
             return None;
         }
-        let trees = LayerTrees::open(options.kiln_dir.join("layers")).ok()?;
+        let trees = match LayerTrees::open(options.kiln_dir.join("layers")) {
+            Ok(trees) => trees,
+            Err(e) => {
+                emit(BuildEvent::Note {
+                    message: format!("{e}: bases are unpacked into each stage instead"),
+                });
+                return None;
+            }
+        };
         Some(BaseOverlay {
             trees,
             mounts: Arc::clone(mounts),

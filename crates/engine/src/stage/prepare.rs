@@ -91,22 +91,7 @@ impl Materializer<'_> {
         let shared = self.shared;
         let mut index_of_rootfs = self.base_index.take().unwrap_or_default();
         if let Some(image) = self.pending_base.take() {
-            match self.pull_for_mount(&image)? {
-                Some(pulled) => {
-                    self.mount_or_unpack(&image, pulled, &mut index_of_rootfs)?;
-                }
-                None => {
-                    pull_base_into(
-                        shared,
-                        self.index,
-                        &self.at,
-                        &image,
-                        self.in_place.then_some(self.in_place_ignore),
-                        self.rootfs,
-                        &mut index_of_rootfs,
-                    )?;
-                }
-            }
+            self.bring_base(&image, &mut index_of_rootfs)?;
         }
         if let Some(parent) = self.pending_stage.take() {
             self.copy_parent_stage(parent)?;
@@ -130,26 +115,28 @@ impl Materializer<'_> {
         Ok((snapshotter, sandbox))
     }
 
-    /// Brings base `image`, pulled into the blob store as `pulled`, into the rootfs: mounted as
-    /// an overlay with the pending cache hits when possible (the snapshotter then indexes the
-    /// tree with one walk), else pulled and unpacked as without overlays, indexed in `index`
-    /// (with `--image-fs-extract-retry`'s retries: a damaged stored blob is fetched again).
-    pub(crate) fn mount_or_unpack(
+    /// Brings base `image` into the rootfs: pulled into the blob store and mounted as an
+    /// overlay with the pending cache hits when the build mounts bases and can here (the
+    /// snapshotter then indexes the tree with one walk); else pulled and unpacked, indexed in
+    /// `index`, with `--image-fs-extract-retry`'s retries (a damaged stored blob of a layer with
+    /// no tree is fetched again).
+    pub(crate) fn bring_base(
         &mut self,
         image: &str,
-        pulled: base::PulledImage,
         index: &mut Index,
     ) -> Result<base::PulledImage, BuildError> {
-        if self.mount_layers(&pulled.layers)? {
-            self.rescan = true;
-            return Ok(pulled);
+        if let Some(pulled) = self.pull_for_mount(image)? {
+            if self.mount_layers(&pulled.layers)? {
+                self.rescan = true;
+                return Ok(pulled);
+            }
         }
         pull_base_into(
             self.shared,
             self.index,
             &self.at,
             image,
-            None,
+            self.in_place.then_some(self.in_place_ignore),
             self.rootfs,
             index,
         )

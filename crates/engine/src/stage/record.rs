@@ -6,7 +6,7 @@ use kiln_cache::{Parent, StageLocator, StageRecord};
 use kiln_oci::image::ImageConfig;
 use kiln_plan::{Base, BaseFacts, Step};
 
-use super::prepare::{self, ensure_path, Materializer, Start};
+use super::prepare::{ensure_path, Materializer, Start};
 use super::trees::NoStages;
 use crate::cache::EngineCache;
 use crate::error::BuildError;
@@ -56,22 +56,7 @@ pub(super) fn start(
             Some(cache) => start_cached(shared, cache, stage, image, materializer),
             None => {
                 let mut index_of_rootfs = materializer.base_index.take().unwrap_or_default();
-                let pulled = match materializer.pull_for_mount(image)? {
-                    Some(pulled) => {
-                        materializer.mount_or_unpack(image, pulled, &mut index_of_rootfs)?
-                    }
-                    None => prepare::pull_base_into(
-                        shared,
-                        index,
-                        &at,
-                        image,
-                        materializer
-                            .in_place
-                            .then_some(materializer.in_place_ignore),
-                        materializer.rootfs,
-                        &mut index_of_rootfs,
-                    )?,
-                };
+                let pulled = materializer.bring_base(image, &mut index_of_rootfs)?;
                 materializer.base_index = Some(index_of_rootfs);
                 shared.push_ahead(index, &pulled.layers);
                 let mut config = pulled.config;
