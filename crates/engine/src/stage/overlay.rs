@@ -118,27 +118,9 @@ impl<'a> Materializer<'a> {
             .iter()
             .chain(cached.iter().map(|(_, layer)| layer))
             .collect();
-        // Each tree stands alone, so they unpack side by side, a few at a time (each unpack
-        // has writer threads of its own).
-        let trees: Vec<Option<PathBuf>> =
-            shared.timed(Some(self.index), None, Phase::Unpack, || {
-                let next = AtomicUsize::new(0);
-                let found: Mutex<Vec<Option<PathBuf>>> = Mutex::new(vec![None; layers.len()]);
-                let workers = std::thread::available_parallelism()
-                    .map_or(2, |n| n.get())
-                    .min(layers.len());
-                std::thread::scope(|scope| {
-                    for _ in 0..workers {
-                        scope.spawn(|| loop {
-                            let i = next.fetch_add(1, Ordering::Relaxed);
-                            let Some(layer) = layers.get(i) else { break };
-                            let tree = self.layer_tree(overlay, layer);
-                            found.lock().expect("layer trees")[i] = tree;
-                        });
-                    }
-                });
-                found.into_inner().expect("layer trees")
-            });
+        let trees = shared.timed(Some(self.index), None, Phase::Unpack, || {
+            overlay.trees_of(shared, &self.at, &layers)
+        });
         let mounted_hits = trees[base.len()..]
             .iter()
             .take_while(|tree| tree.is_some())
@@ -154,7 +136,7 @@ impl<'a> Materializer<'a> {
             }
         }
         lowers.reverse();
-        if !self.mount(overlay, &lowers)? {
+        if !overlay.mount_at(shared, self.rootfs, &lowers)? {
             self.pending_cached = cached;
             return Ok(false);
         }
@@ -168,13 +150,34 @@ impl<'a> Materializer<'a> {
         let overlay = shared.overlay.as_ref()?;
         (!self.in_place && overlay.usable.load(Ordering::Relaxed)).then_some(overlay)
     }
+}
 
-    /// The layer's tree in the store, unpacked now if it is not there yet; `None` (with a note
-    /// saying why) when the layer cannot be unpacked on its own.
-    fn layer_tree(&self, overlay: &BaseOverlay, layer: &ImageLayer) -> Option<PathBuf> {
-        let shared = self.shared;
+impl BaseOverlay {
+    /// The trees of `layers` in the store, the missing ones unpacked side by side, a few at a
+    /// time (each unpack has writer threads of its own); `None` for a layer that cannot be
+    /// unpacked on its own, with a note saying why.
+    fn trees_of(&self, shared: &Shared, at: &str, layers: &[&ImageLayer]) -> Vec<Option<PathBuf>> {
+        let next = AtomicUsize::new(0);
+        let found: Mutex<Vec<Option<PathBuf>>> = Mutex::new(vec![None; layers.len()]);
+        let workers = std::thread::available_parallelism()
+            .map_or(2, |n| n.get())
+            .min(layers.len());
+        std::thread::scope(|scope| {
+            for _ in 0..workers {
+                scope.spawn(|| loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(layer) = layers.get(i) else { break };
+                    let tree = self.layer_tree(shared, at, layer);
+                    found.lock().expect("layer trees")[i] = tree;
+                });
+            }
+        });
+        found.into_inner().expect("layer trees")
+    }
+
+    fn layer_tree(&self, shared: &Shared, at: &str, layer: &ImageLayer) -> Option<PathBuf> {
         let blob = shared.blobs.blob_path(&layer.descriptor.digest);
-        match overlay
+        match self
             .trees
             .get_or_unpack(&layer.diff_id, &blob, &layer.descriptor.digest)
         {
@@ -182,8 +185,8 @@ impl<'a> Materializer<'a> {
             Err(e) => {
                 shared.emit(BuildEvent::Note {
                     message: format!(
-                        "{}: layer {} is applied onto the stage's tree, not mounted: {e}",
-                        self.at, layer.diff_id
+                        "{at}: layer {} is applied onto the stage's tree, not mounted: {e}",
+                        layer.diff_id
                     ),
                 });
                 None
@@ -191,41 +194,74 @@ impl<'a> Materializer<'a> {
         }
     }
 
-    /// Mounts `lowers` (topmost first) at the stage's rootfs, its upper and work dirs beside it.
+    /// Mounts `lowers` (topmost first) at `rootfs`, its upper and work dirs beside it.
     /// False when overlayfs refuses (said once per build).
-    fn mount(&self, overlay: &BaseOverlay, lowers: &[PathBuf]) -> Result<bool, BuildError> {
-        let shared = self.shared;
-        let name = self
-            .rootfs
+    fn mount_at(
+        &self,
+        shared: &Shared,
+        rootfs: &Path,
+        lowers: &[PathBuf],
+    ) -> Result<bool, BuildError> {
+        let name = rootfs
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         let beside = |suffix: &str| -> Result<PathBuf, BuildError> {
-            let dir = self.rootfs.with_file_name(format!("{name}.{suffix}"));
+            let dir = rootfs.with_file_name(format!("{name}.{suffix}"));
             std::fs::create_dir_all(&dir).map_err(BuildError::io(&dir))?;
             Ok(dir)
         };
         let (upper, work) = (beside("upper")?, beside("overlay-work")?);
         std::fs::set_permissions(&upper, std::os::unix::fs::PermissionsExt::from_mode(0o755))
             .map_err(BuildError::io(&upper))?;
-        match OverlayMount::mount(self.rootfs, lowers, &upper, &work) {
+        match OverlayMount::mount(rootfs, lowers, &upper, &work) {
             Ok(mount) => {
-                overlay.mounts.add(mount);
+                self.mounts.add(mount);
                 Ok(true)
             }
             Err(e) => {
-                if overlay.usable.swap(false, Ordering::Relaxed) {
+                if self.usable.swap(false, Ordering::Relaxed) {
                     shared.emit(BuildEvent::Note {
                         message: format!(
                             "overlayfs cannot mount stage trees under {} ({e}): bases are \
                              unpacked into each stage instead",
-                            display_parent(self.rootfs)
+                            display_parent(rootfs)
                         ),
                     });
                 }
                 Ok(false)
             }
         }
+    }
+}
+
+impl Shared {
+    /// Mounts the image made of `layers` (bottom first, in the blob store) at `rootfs`, for a
+    /// finished stage or an image that later steps only read; false, with `rootfs` untouched,
+    /// when the build does not mount, a layer cannot stand alone or overlayfs refuses: the
+    /// caller unpacks instead.
+    pub(crate) fn mount_image_layers(
+        &self,
+        at: &str,
+        rootfs: &Path,
+        layers: &[ImageLayer],
+    ) -> Result<bool, BuildError> {
+        let Some(overlay) = self.overlay.as_ref() else {
+            return Ok(false);
+        };
+        if layers.is_empty() || !overlay.usable.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        let layers: Vec<&ImageLayer> = layers.iter().collect();
+        let Some(mut lowers) = overlay
+            .trees_of(self, at, &layers)
+            .into_iter()
+            .collect::<Option<Vec<PathBuf>>>()
+        else {
+            return Ok(false);
+        };
+        lowers.reverse();
+        overlay.mount_at(self, rootfs, &lowers)
     }
 }
 

@@ -1,6 +1,7 @@
 //! The trees later steps read from: a finished stage's filesystem (for `FROM stage`, copies
 //! and mounts from it, a buildpacks export reading what the build stage made) and an image's
-//! (copies and mounts from an image), each made once, when first needed.
+//! (copies and mounts from an image), each made once, when first needed: mounted from layer
+//! trees where the build mounts its bases, else unpacked.
 
 use std::path::PathBuf;
 
@@ -24,8 +25,8 @@ pub(crate) struct ImageTree {
 }
 
 impl Shared {
-    /// The tree of finished stage `index`: unpacked from the stage's layers the first time it
-    /// is needed, if the stage itself never materialized it.
+    /// The tree of finished stage `index`: mounted from the stage's layers (else unpacked from
+    /// them) the first time it is needed, if the stage itself never materialized it.
     pub(crate) fn stage_rootfs(&self, index: usize) -> Result<PathBuf, BuildError> {
         let stage = self
             .finished(index)
@@ -39,6 +40,13 @@ impl Shared {
                     &self.blobs,
                     &stage.layers,
                 ))?;
+                if self.mount_image_layers(
+                    &format!("stage {index}"),
+                    &stage.rootfs,
+                    &stage.layers,
+                )? {
+                    return Ok(());
+                }
                 base::unpack_into(&stage.rootfs, &stage.layers, &self.blobs, &mut Index::new())
             })?;
             *ready = true;
@@ -46,8 +54,8 @@ impl Shared {
         Ok(stage.rootfs.clone())
     }
 
-    /// The tree of `image` (as written in a copy or mount), pulled and unpacked the first time
-    /// it is needed. With the layer cache on it is the manifest the step's key was computed
+    /// The tree of `image` (as written in a copy or mount), pulled and mounted (else unpacked)
+    /// the first time it is needed. With the layer cache on it is the manifest the step's key was computed
     /// from, even if the tag has moved since.
     pub(crate) fn image_tree(&self, image: &str) -> Result<ImageTree, BuildError> {
         // Held while pulling, so that two stages needing the same image pull it once.
@@ -66,7 +74,9 @@ impl Shared {
         })?;
         let root = self.work_dir.join(format!("image-{}", images.len()));
         std::fs::create_dir_all(&root).map_err(BuildError::io(&root))?;
-        base::unpack_into(&root, &pulled.layers, &self.blobs, &mut Index::new())?;
+        if !self.mount_image_layers(image, &root, &pulled.layers)? {
+            base::unpack_into(&root, &pulled.layers, &self.blobs, &mut Index::new())?;
+        }
         let tree = ImageTree {
             root,
             manifest_digest: pulled.manifest_digest,
