@@ -296,3 +296,140 @@ fn a_copied_up_directory_is_modified_not_replaced() {
         ]
     );
 }
+
+/// The changes of a snapshot as (path, kind) pairs.
+fn changes_of(diff: &kiln_fs::snapshot::Diff) -> Vec<(String, ChangeKind)> {
+    diff.changes
+        .iter()
+        .map(|c| (c.path.display().to_string(), c.kind))
+        .collect()
+}
+
+/// A snapshotter that reads the upper dir finds, step after step, exactly what a walk of the
+/// whole mounted tree finds: writes, deletions of lower paths (whiteouts) and of paths an
+/// earlier step wrote (no trace left in the upper dir), directories made opaque, replaced,
+/// renamed and re-typed, links, and a step that changes nothing.
+#[test]
+fn snapshots_from_the_upper_dir_match_whole_walks() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let layers = two_layers(dir.path());
+    let store = LayerTrees::open(dir.path().join("trees")).unwrap();
+    let lowers: Vec<PathBuf> = layers
+        .iter()
+        .rev()
+        .map(|l| store.get_or_unpack(&l.digest, &l.path, &l.digest).unwrap())
+        .collect();
+    let [merged, upper, work] = ["merged", "upper", "work"].map(|d| {
+        let path = dir.path().join(d);
+        std::fs::create_dir(&path).unwrap();
+        path
+    });
+    let _mount = OverlayMount::mount(&merged, &lowers, &upper, &work).unwrap();
+    let options = SnapshotOptions {
+        ignore: IgnoreOptions {
+            system_paths: false,
+            var_run: false,
+            mount_points: false,
+            extra: Vec::new(),
+        },
+        ..SnapshotOptions::default()
+    };
+    let mut walking = Snapshotter::new(&merged, Index::new(), &options).unwrap();
+    walking.rescan().unwrap();
+    let mut following = Snapshotter::new(&merged, Index::new(), &options).unwrap();
+    following.rescan().unwrap();
+    following.follow_upper_dir(&upper).unwrap();
+    let m = |rel: &str| merged.join(rel);
+    type Step<'a> = Box<dyn Fn() + 'a>;
+    let steps: Vec<(&str, Step)> = vec![
+        ("nothing", Box::new(|| {})),
+        (
+            "copy: a new tree, reported by its paths",
+            Box::new(|| {
+                std::fs::create_dir_all(m("data/copied")).unwrap();
+                std::fs::write(m("data/copied/file"), b"copied").unwrap();
+            }),
+        ),
+        (
+            "delete the copied file",
+            Box::new(|| std::fs::remove_file(m("data/copied/file")).unwrap()),
+        ),
+        (
+            "write new and lower files",
+            Box::new(|| {
+                std::fs::write(m("etc/new"), b"new").unwrap();
+                std::fs::write(m("usr/bin/tool"), b"changed tool").unwrap();
+                std::fs::create_dir_all(m("srv/app/deep")).unwrap();
+                std::fs::write(m("srv/app/deep/f"), b"f").unwrap();
+            }),
+        ),
+        (
+            "delete what an earlier step wrote and a lower file",
+            Box::new(|| {
+                std::fs::remove_file(m("etc/new")).unwrap();
+                std::fs::remove_file(m("srv/app/deep/f")).unwrap();
+                std::fs::remove_file(m("etc/c")).unwrap();
+            }),
+        ),
+        (
+            "replace a lower directory and an upper one",
+            Box::new(|| {
+                std::fs::remove_dir_all(m("opt")).unwrap();
+                std::fs::create_dir(m("opt")).unwrap();
+                std::fs::write(m("opt/only"), b"only").unwrap();
+                std::fs::remove_dir_all(m("srv/app")).unwrap();
+                std::fs::create_dir(m("srv/app")).unwrap();
+                std::fs::write(m("srv/app/again"), b"again").unwrap();
+            }),
+        ),
+        (
+            "chmod, rename, a file becomes a directory, links",
+            Box::new(|| {
+                std::fs::set_permissions(m("usr"), std::fs::Permissions::from_mode(0o750)).unwrap();
+                std::fs::rename(m("replaced"), m("moved")).unwrap_or_else(|_| {
+                    std::fs::create_dir(m("moved")).unwrap();
+                    std::fs::write(m("moved/inside"), b"now a directory").unwrap();
+                    std::fs::remove_dir_all(m("replaced")).unwrap();
+                });
+                std::fs::remove_file(m("etc/b")).unwrap();
+                std::fs::create_dir(m("etc/b")).unwrap();
+                std::fs::write(m("etc/b/in"), b"in").unwrap();
+                std::os::unix::fs::symlink("/nowhere", m("srv/link")).unwrap();
+                std::fs::hard_link(m("usr/bin/new"), m("usr/bin/new-link")).unwrap();
+            }),
+        ),
+        (
+            "remove a whole new tree",
+            Box::new(|| {
+                std::fs::remove_dir_all(m("srv")).unwrap();
+                std::fs::remove_dir_all(m("moved")).unwrap();
+            }),
+        ),
+    ];
+    for (what, step) in steps {
+        // Past the coarse clock tick of the last observation, so nothing is racy.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        step();
+        let (walked, followed) = if what.starts_with("copy") {
+            (
+                changes_of(&walking.snapshot_paths(&["data"]).unwrap()),
+                changes_of(&following.snapshot_paths(&["data"]).unwrap()),
+            )
+        } else {
+            (
+                changes_of(&walking.snapshot().unwrap()),
+                changes_of(&following.snapshot().unwrap()),
+            )
+        };
+        assert_eq!(followed, walked, "{what}");
+        if what != "nothing" {
+            assert!(!walked.is_empty(), "{what}: the step changed nothing");
+        }
+    }
+    assert_eq!(
+        following.index().len(),
+        walking.index().len(),
+        "both indexes describe the same tree"
+    );
+}

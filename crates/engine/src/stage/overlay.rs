@@ -136,10 +136,11 @@ impl<'a> Materializer<'a> {
             }
         }
         lowers.reverse();
-        if !overlay.mount_at(shared, self.rootfs, &lowers)? {
+        let Some(upper) = overlay.mount_at(shared, self.rootfs, &lowers)? else {
             self.pending_cached = cached;
             return Ok(false);
-        }
+        };
+        self.upper = Some(upper);
         self.pending_cached = cached.into_iter().skip(mounted_hits).collect();
         Ok(true)
     }
@@ -194,14 +195,14 @@ impl BaseOverlay {
         }
     }
 
-    /// Mounts `lowers` (topmost first) at `rootfs`, its upper and work dirs beside it.
-    /// False when overlayfs refuses (said once per build).
+    /// Mounts `lowers` (topmost first) at `rootfs`, its upper and work dirs beside it, and
+    /// returns the upper dir. `None` when overlayfs refuses (said once per build).
     fn mount_at(
         &self,
         shared: &Shared,
         rootfs: &Path,
         lowers: &[PathBuf],
-    ) -> Result<bool, BuildError> {
+    ) -> Result<Option<PathBuf>, BuildError> {
         let name = rootfs
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -217,7 +218,7 @@ impl BaseOverlay {
         match OverlayMount::mount(rootfs, lowers, &upper, &work) {
             Ok(mount) => {
                 self.mounts.add(mount);
-                Ok(true)
+                Ok(Some(upper))
             }
             Err(e) => {
                 if self.usable.swap(false, Ordering::Relaxed) {
@@ -229,7 +230,7 @@ impl BaseOverlay {
                         ),
                     });
                 }
-                Ok(false)
+                Ok(None)
             }
         }
     }
@@ -261,7 +262,7 @@ impl Shared {
             return Ok(false);
         };
         lowers.reverse();
-        overlay.mount_at(self, rootfs, &lowers)
+        Ok(overlay.mount_at(self, rootfs, &lowers)?.is_some())
     }
 }
 

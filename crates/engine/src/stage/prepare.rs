@@ -83,6 +83,9 @@ pub(crate) struct Materializer<'a> {
     pub(crate) pending_cached: Vec<(kiln_cache::CachedLayer, ImageLayer)>,
     pub(crate) base_index: Option<Index>,
     pub(crate) rescan: bool,
+    /// The upper dir of the overlay mounted at the rootfs, once mounted: the snapshotter
+    /// reads a step's changes from it.
+    pub(crate) upper: Option<PathBuf>,
 }
 
 impl Materializer<'_> {
@@ -106,6 +109,11 @@ impl Materializer<'_> {
         if self.rescan {
             snapshotter
                 .rescan()
+                .map_err(|e| BuildError::image(format!("stage {}", self.index), e))?;
+        }
+        if let Some(upper) = &self.upper {
+            snapshotter
+                .follow_upper_dir(upper)
                 .map_err(|e| BuildError::image(format!("stage {}", self.index), e))?;
         }
         let sandbox: Box<dyn Sandbox> =

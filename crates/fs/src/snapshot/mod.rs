@@ -12,6 +12,7 @@
 
 pub mod ignore;
 pub mod index;
+mod upper;
 pub(crate) mod walk;
 
 use std::collections::{HashMap, HashSet};
@@ -167,6 +168,19 @@ pub struct Snapshotter {
     ignore: IgnoreSet,
     index: Index,
     birth_times: bool,
+    /// Set when the root is an overlayfs mount whose upper dir this snapshotter may read.
+    upper: Option<UpperDir>,
+}
+
+/// The upper dir of an overlayfs root: every write to the root lands in it, so a step's
+/// changes are among its paths and those it held at the previous snapshot.
+#[derive(Debug)]
+struct UpperDir {
+    path: PathBuf,
+    /// Every path the upper dir held at the last snapshot, plus the paths a
+    /// [`Snapshotter::snapshot_paths`] saw change since: a path written by an earlier step and
+    /// removed by this one leaves no trace in the upper dir (nothing below it to hide).
+    known: HashSet<Key>,
 }
 
 impl Snapshotter {
@@ -192,7 +206,26 @@ impl Snapshotter {
             ignore_options: options.ignore.clone(),
             ignore,
             index,
+            upper: None,
         })
+    }
+
+    /// Finds later changes from `upper`, the upper dir of the overlayfs mounted at the root,
+    /// instead of walking the whole root: only the paths the upper dir holds (now, or at the
+    /// previous snapshot) are looked at through the root, and the subtrees of the directories
+    /// it made new or opaque. A step then costs what it wrote, not what the base holds. The
+    /// index must describe the root as it is now (after [`Snapshotter::rescan`], say); the
+    /// results are those of a whole walk, as nothing changes the root but through the upper
+    /// dir.
+    pub fn follow_upper_dir(&mut self, upper: impl Into<PathBuf>) -> Result<(), SnapshotError> {
+        let path = upper.into();
+        let listing = upper::list(&path, &self.ignore, &self.index.entries, false)
+            .map_err(|(rel, source)| self.upper_error(&path, rel, source))?;
+        self.upper = Some(UpperDir {
+            path,
+            known: listing.singles.into_iter().collect(),
+        });
+        Ok(())
     }
 
     /// The rootfs.
@@ -215,8 +248,13 @@ impl Snapshotter {
         self.index
     }
 
-    /// Replaces the index with a fresh walk of the whole tree, reporting nothing.
+    /// Brings the index up to date with the tree, reporting nothing: a fresh walk of the whole
+    /// tree, or, when the snapshotter follows an upper dir, a look at what the upper dir holds.
     pub fn rescan(&mut self) -> Result<(), SnapshotError> {
+        if self.upper.is_some() {
+            self.snapshot_upper()?;
+            return Ok(());
+        }
         self.index = Index::new();
         self.snapshot()?;
         Ok(())
@@ -225,6 +263,9 @@ impl Snapshotter {
     /// Walks the whole rootfs once, returns what changed since the previous snapshot and makes
     /// the current state the new baseline.
     pub fn snapshot(&mut self) -> Result<Diff, SnapshotError> {
+        if self.upper.is_some() {
+            return self.snapshot_upper();
+        }
         self.refresh_ignore()?;
         let observed_at = Timestamp::coarse_now();
         let root = self.open_root()?;
@@ -278,7 +319,75 @@ impl Snapshotter {
             .collect();
         targets.sort();
         targets.dedup();
-        let listed: HashSet<&[u8]> = targets.iter().map(Vec::as_slice).collect();
+        let listed: HashSet<Key> = targets.iter().cloned().collect();
+        let (diff, _) = self.compare(&root, observed_at, targets, &listed)?;
+        if let Some(upper) = self.upper.as_mut() {
+            for change in &diff.changes {
+                let key = key_of(&change.path);
+                if change.kind == ChangeKind::Deleted {
+                    upper.known.remove(&key);
+                } else {
+                    upper.known.insert(key);
+                }
+            }
+        }
+        Ok(diff)
+    }
+
+    /// The snapshot of a root that follows its overlayfs upper dir: see
+    /// [`Snapshotter::follow_upper_dir`].
+    fn snapshot_upper(&mut self) -> Result<Diff, SnapshotError> {
+        self.refresh_ignore()?;
+        let observed_at = Timestamp::coarse_now();
+        let root = self.open_root()?;
+        let Some(upper) = self.upper.take() else {
+            return Err(self.io_error(PathBuf::new(), io::Error::other("no upper dir")));
+        };
+        let listing = upper::list(&upper.path, &self.ignore, &self.index.entries, true)
+            .map_err(|(rel, source)| self.upper_error(&upper.path, rel, source));
+        let listing = match listing {
+            Ok(listing) => listing,
+            Err(e) => {
+                self.upper = Some(upper);
+                return Err(e);
+            }
+        };
+        let mut targets: Vec<Key> = listing
+            .singles
+            .into_iter()
+            .chain(upper.known.iter().cloned())
+            .chain(listing.subtrees.iter().cloned())
+            .filter(|k| !self.ignore.is_key_ignored(k))
+            .collect();
+        targets.sort();
+        targets.dedup();
+        let walked: HashSet<Key> = listing.subtrees.into_iter().collect();
+        let compared = self.compare(&root, observed_at, targets, &walked);
+        let (diff, present) = match compared {
+            Ok(done) => done,
+            Err(e) => {
+                self.upper = Some(upper);
+                return Err(e);
+            }
+        };
+        self.upper = Some(UpperDir {
+            path: upper.path,
+            known: present,
+        });
+        Ok(diff)
+    }
+
+    /// Compares `targets` (sorted keys) and their parent directories with the index, walking
+    /// the subtree of every target directory in `walk`; a target that no longer exists is
+    /// deleted with everything the index holds under it. Returns the diff (the index updated)
+    /// and every path looked at that exists.
+    fn compare(
+        &mut self,
+        root: &walk::Root,
+        observed_at: Timestamp,
+        targets: Vec<Key>,
+        walk: &HashSet<Key>,
+    ) -> Result<(Diff, HashSet<Key>), SnapshotError> {
         // Parents gain or lose entries (and so change mtime) when their children are written.
         let mut single: Vec<Key> = Vec::new();
         for t in &targets {
@@ -292,7 +401,7 @@ impl Snapshotter {
         single.sort();
         single.dedup();
         let ctx = WalkContext {
-            root: &root,
+            root,
             old: &self.index.entries,
             ignore: &self.ignore,
             observed_at,
@@ -304,7 +413,7 @@ impl Snapshotter {
         let mut walked_dirs: Vec<Key> = Vec::new();
         for key in single {
             let path = as_path(&key);
-            let mut entry = match walk::stat_beneath(&root, path) {
+            let mut entry = match walk::stat_beneath(root, path) {
                 Ok(entry) => entry,
                 Err(e)
                     if e.kind() == io::ErrorKind::NotFound
@@ -316,9 +425,12 @@ impl Snapshotter {
                 }
                 Err(e) => return Err(self.io_error(path.to_path_buf(), e)),
             };
+            if !self.birth_times {
+                entry.btime = None;
+            }
             let status = walk::classify(&ctx, &key, &mut entry)
                 .map_err(|e| self.io_error(path.to_path_buf(), e))?;
-            if entry.kind == FileKind::Directory && listed.contains(key.as_slice()) {
+            if entry.kind == FileKind::Directory && walk.contains(&key) {
                 walked_dirs.push(key.clone());
             }
             items.push(Item {
@@ -327,7 +439,7 @@ impl Snapshotter {
                 status,
             });
         }
-        // A listed directory inside another listed directory is covered by the outer walk.
+        // A walked directory inside another walked directory is covered by the outer walk.
         let outer: Vec<Key> = walked_dirs
             .iter()
             .filter(|d| !walked_dirs.iter().any(|o| o != *d && is_under(d, o)))
@@ -347,14 +459,29 @@ impl Snapshotter {
             .iter()
             .filter_map(|item| self.change_of(item))
             .collect();
-        // Index entries that vanished: listed paths that are gone, and anything that used to be
+        // Index entries that vanished: targets that are gone, and anything that used to be
         // under a walked directory or a gone path but was not seen now.
+        // One lookup per ancestor, not one comparison per walked or gone path: a step that
+        // removed thousands of paths must not cost their number times the index's size.
+        let vanished: HashSet<&[u8]> = outer.iter().chain(gone.iter()).map(Vec::as_slice).collect();
+        let in_vanished = |key: &[u8]| {
+            let mut end = key.len();
+            loop {
+                if vanished.contains(&key[..end]) {
+                    return true;
+                }
+                match key[..end].iter().rposition(|b| *b == b'/') {
+                    Some(slash) => end = slash,
+                    None => return false,
+                }
+            }
+        };
         let mut deleted: Vec<Key> = self
             .index
             .entries
             .keys()
             .filter(|k| !seen.contains(*k))
-            .filter(|k| outer.iter().chain(gone.iter()).any(|s| is_under(k, s)))
+            .filter(|k| in_vanished(k))
             .filter(|k| !self.ignore.is_key_ignored(k))
             .cloned()
             .collect();
@@ -370,7 +497,15 @@ impl Snapshotter {
         for item in items {
             self.index.entries.insert(item.path, item.entry);
         }
-        Ok(self.finish(changes))
+        Ok((self.finish(changes), seen))
+    }
+
+    fn upper_error(&self, upper: &Path, rel: PathBuf, source: io::Error) -> SnapshotError {
+        SnapshotError::Io {
+            root: upper.to_path_buf(),
+            path: rel,
+            source,
+        }
     }
 
     fn change_of(&self, item: &Item) -> Option<Change> {
