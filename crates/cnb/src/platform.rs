@@ -268,6 +268,9 @@ impl Lower for BuildStage {
                 "HOME for the CNB user",
             ));
         }
+        // What an earlier build left goes in before the app: it changes less often than the
+        // app's source, so a rebuild after an edit takes these steps from the cache.
+        steps.extend(restore_steps(inputs, &owner)?);
         let mut app = copy(None, vec![path(".")], "/workspace/");
         app.chown = Some(owner.clone());
         app.exclude = inputs.exclude.clone();
@@ -285,7 +288,6 @@ impl Lower for BuildStage {
             env.chown = Some(owner.clone());
             steps.push(step(Operation::Copy(env), "write the platform env"));
         }
-        steps.extend(restore_steps(inputs, &owner)?);
         let lifecycle = format!("{LIFECYCLE_DIR}/{LIFECYCLE_BINARY}");
         steps.push(step(
             run(vec![lifecycle.clone(), "detect".into()]),

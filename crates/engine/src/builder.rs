@@ -180,7 +180,8 @@ struct Setup {
     destinations: Vec<Reference>,
     client: Client,
     warm: Mutex<HashSet<String>>,
-    /// Stage rootfs mounted inside `work_dir`: unmounted before it is removed.
+    /// Stage rootfs mounted inside `work_dir`: unmounted before it is removed (in the
+    /// background, see [`crate::trash`]).
     mounts: Arc<StageMounts>,
     work_dir: tempfile::TempDir,
     blobs: BlobStore,
@@ -189,6 +190,12 @@ struct Setup {
 impl Drop for Setup {
     fn drop(&mut self) {
         self.mounts.unmount_all();
+        // Renamed away and deleted in the background: the `TempDir` then finds nothing to
+        // delete when it drops.
+        let work_dir = self.work_dir.path().to_path_buf();
+        if let Some(work_root) = work_dir.parent() {
+            crate::trash::discard(work_root, work_dir.clone());
+        }
     }
 }
 
@@ -212,6 +219,7 @@ impl Setup {
         let setup_dirs = || -> Result<(tempfile::TempDir, BlobStore), BuildError> {
             let work_root = options.kiln_dir.join("work");
             std::fs::create_dir_all(&work_root).map_err(BuildError::io(&work_root))?;
+            crate::trash::sweep(&work_root);
             let work_dir = tempfile::Builder::new()
                 .prefix("build-")
                 .tempdir_in(&work_root)

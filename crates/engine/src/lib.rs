@@ -34,6 +34,7 @@ mod remote;
 mod shared;
 mod stage;
 mod timing;
+mod trash;
 
 pub use builder::{BuildReport, Builder};
 pub use buildpacks::BUILTIN_DIR_ENV;
