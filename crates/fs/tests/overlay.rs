@@ -340,6 +340,16 @@ fn snapshots_from_the_upper_dir_match_whole_walks() {
     let mut following = Snapshotter::new(&merged, Index::new(), &options).unwrap();
     following.rescan().unwrap();
     following.follow_upper_dir(&upper).unwrap();
+    // The same lower dirs without the upper dir, from which the third snapshotter fills its
+    // index only where steps write.
+    let [view, view_upper, view_work] = ["view", "view-upper", "view-work"].map(|d| {
+        let path = dir.path().join(d);
+        std::fs::create_dir(&path).unwrap();
+        path
+    });
+    let _view_mount = OverlayMount::mount(&view, &lowers, &view_upper, &view_work).unwrap();
+    let mut filling = Snapshotter::new(&merged, Index::new(), &options).unwrap();
+    filling.follow_upper_dir_over(&upper, &view).unwrap();
     let m = |rel: &str| merged.join(rel);
     type Step<'a> = Box<dyn Fn() + 'a>;
     let steps: Vec<(&str, Step)> = vec![
@@ -411,18 +421,35 @@ fn snapshots_from_the_upper_dir_match_whole_walks() {
         // Past the coarse clock tick of the last observation, so nothing is racy.
         std::thread::sleep(std::time::Duration::from_millis(20));
         step();
-        let (walked, followed) = if what.starts_with("copy") {
+        let (walked, followed, filled) = if what.starts_with("copy") {
             (
                 changes_of(&walking.snapshot_paths(&["data"]).unwrap()),
                 changes_of(&following.snapshot_paths(&["data"]).unwrap()),
+                changes_of(&filling.snapshot_paths(&["data"]).unwrap()),
             )
         } else {
             (
                 changes_of(&walking.snapshot().unwrap()),
                 changes_of(&following.snapshot().unwrap()),
+                changes_of(&filling.snapshot().unwrap()),
             )
         };
         assert_eq!(followed, walked, "{what}");
+        assert_eq!(filled, walked, "{what}, index filled from the lower view");
+        // Proofs depend on when each snapshot ran (racy entries get one), not on the tree.
+        let without_proof = |entry: Option<kiln_fs::snapshot::Entry>| {
+            entry.map(|mut e| {
+                e.proof = None;
+                e
+            })
+        };
+        for (path, _) in &walked {
+            assert_eq!(
+                without_proof(filling.entry(Path::new(path)).unwrap()),
+                without_proof(walking.index().get(Path::new(path)).cloned()),
+                "{what}: {path}"
+            );
+        }
         if what != "nothing" {
             assert!(!walked.is_empty(), "{what}: the step changed nothing");
         }
@@ -431,5 +458,9 @@ fn snapshots_from_the_upper_dir_match_whole_walks() {
         following.index().len(),
         walking.index().len(),
         "both indexes describe the same tree"
+    );
+    assert!(
+        filling.index().len() < walking.index().len(),
+        "the lower view's index holds only what steps touched"
     );
 }

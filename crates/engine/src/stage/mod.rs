@@ -175,7 +175,7 @@ pub(crate) fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, 
         // In place, what survived the wipe (directories leading to mount points) is not the
         // build's doing: the first snapshot must not report it.
         rescan: in_place,
-        upper: None,
+        mounted: None,
     };
     let start = record::start(shared, stage, &mut materializer)?;
     let steps = stage

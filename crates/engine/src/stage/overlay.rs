@@ -33,6 +33,15 @@ impl StageMounts {
     }
 }
 
+/// A stage rootfs mounted as an overlay.
+#[derive(Debug)]
+pub(crate) struct Mounted {
+    /// Where every write to the rootfs lands.
+    pub(crate) upper: PathBuf,
+    /// The lower dirs, topmost first.
+    pub(crate) lowers: Vec<PathBuf>,
+}
+
 /// What a build needs to mount its stages' bases.
 #[derive(Debug)]
 pub(crate) struct BaseOverlay {
@@ -140,9 +149,31 @@ impl<'a> Materializer<'a> {
             self.pending_cached = cached;
             return Ok(false);
         };
-        self.upper = Some(upper);
+        self.mounted = Some(Mounted { upper, lowers });
         self.pending_cached = cached.into_iter().skip(mounted_hits).collect();
         Ok(true)
+    }
+
+    /// Mounts the stage's lower dirs without its upper dir beside the rootfs: the tree as it
+    /// was before any step, for the snapshotter to read old entries from as steps touch
+    /// them. `None` when overlayfs refuses.
+    pub(crate) fn mount_lower_view(
+        &self,
+        mounted: &Mounted,
+    ) -> Result<Option<PathBuf>, BuildError> {
+        let Some(overlay) = self.mountable() else {
+            return Ok(None);
+        };
+        let name = self
+            .rootfs
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let view = self.rootfs.with_file_name(format!("{name}.lower-view"));
+        std::fs::create_dir_all(&view).map_err(BuildError::io(&view))?;
+        Ok(overlay
+            .mount_at(self.shared, &view, &mounted.lowers)?
+            .map(|_| view))
     }
 
     /// The build's overlay setup, when this stage may use it.

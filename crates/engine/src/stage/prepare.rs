@@ -83,9 +83,9 @@ pub(crate) struct Materializer<'a> {
     pub(crate) pending_cached: Vec<(kiln_cache::CachedLayer, ImageLayer)>,
     pub(crate) base_index: Option<Index>,
     pub(crate) rescan: bool,
-    /// The upper dir of the overlay mounted at the rootfs, once mounted: the snapshotter
-    /// reads a step's changes from it.
-    pub(crate) upper: Option<PathBuf>,
+    /// The overlay mounted at the rootfs, once mounted: the snapshotter reads a step's
+    /// changes from its upper dir.
+    pub(crate) mounted: Option<super::overlay::Mounted>,
 }
 
 impl Materializer<'_> {
@@ -106,16 +106,22 @@ impl Materializer<'_> {
         }
         let mut snapshotter = Snapshotter::new(self.rootfs, index_of_rootfs, self.snapshot_options)
             .map_err(|e| BuildError::image(format!("stage {}", self.index), e))?;
-        if self.rescan {
-            snapshotter
+        let indexed = match &self.mounted {
+            // Nothing written through the mount yet: the index fills from a mount of the same
+            // lower dirs as steps touch paths, instead of a walk of the whole base now.
+            Some(mounted) if !self.rescan => match self.mount_lower_view(mounted)? {
+                Some(view) => snapshotter.follow_upper_dir_over(&mounted.upper, view),
+                None => snapshotter
+                    .rescan()
+                    .and_then(|()| snapshotter.follow_upper_dir(&mounted.upper)),
+            },
+            Some(mounted) => snapshotter
                 .rescan()
-                .map_err(|e| BuildError::image(format!("stage {}", self.index), e))?;
-        }
-        if let Some(upper) = &self.upper {
-            snapshotter
-                .follow_upper_dir(upper)
-                .map_err(|e| BuildError::image(format!("stage {}", self.index), e))?;
-        }
+                .and_then(|()| snapshotter.follow_upper_dir(&mounted.upper)),
+            None if self.rescan => snapshotter.rescan(),
+            None => Ok(()),
+        };
+        indexed.map_err(|e| BuildError::image(format!("stage {}", self.index), e))?;
         let sandbox: Box<dyn Sandbox> =
             kiln_sandbox::open(shared.mode, self.rootfs).map_err(|e| {
                 BuildError::step(&self.at, format!("cannot prepare the RUN sandbox: {e}"))
@@ -135,7 +141,6 @@ impl Materializer<'_> {
     ) -> Result<base::PulledImage, BuildError> {
         if let Some(pulled) = self.pull_for_mount(image)? {
             if self.mount_layers(&pulled.layers)? {
-                self.rescan = true;
                 return Ok(pulled);
             }
         }

@@ -330,10 +330,15 @@ impl StageRun<'_> {
         step: &Step,
     ) -> Result<Diff, BuildError> {
         let (snapshotter, _) = self.prepared.as_mut().expect("materialized for run");
-        let before: Vec<_> = restored
-            .iter()
-            .filter_map(|p| snapshotter.index().get(p).cloned().map(|e| (p.clone(), e)))
-            .collect();
+        let mut before = Vec::new();
+        for path in restored {
+            let entry = snapshotter.entry(path).map_err(|e| {
+                BuildError::step(step.provenance.location(), format!("snapshot: {e}"))
+            })?;
+            if let Some(entry) = entry {
+                before.push((path.clone(), entry));
+            }
+        }
         let mut diff = snapshotter
             .snapshot()
             .map_err(|e| BuildError::step(step.provenance.location(), format!("snapshot: {e}")))?;

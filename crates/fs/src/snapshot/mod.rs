@@ -181,6 +181,131 @@ struct UpperDir {
     /// [`Snapshotter::snapshot_paths`] saw change since: a path written by an earlier step and
     /// removed by this one leaves no trace in the upper dir (nothing below it to hide).
     known: HashSet<Key>,
+    /// Where the index's entries come from when it was not filled by a walk.
+    lower: Option<LowerView>,
+}
+
+/// The mounted tree as it was before the first step (the same lower dirs without the upper
+/// dir), from which the index is filled path by path as steps touch them, instead of by a
+/// walk of the whole tree up front.
+#[derive(Debug)]
+struct LowerView {
+    path: PathBuf,
+    /// The device of the mounted root, which the view's entries are given: the two mounts
+    /// show the same inodes under different device numbers.
+    dev: u64,
+    /// Paths looked up in the view, found or not: from then on the index alone knows them.
+    resolved: HashSet<Key>,
+    /// Directories whose whole subtree was read from the view.
+    loaded: HashSet<Key>,
+}
+
+impl LowerView {
+    fn open(&self) -> Result<walk::Root, (PathBuf, io::Error)> {
+        walk::open_root(&self.path).map_err(|e| (PathBuf::new(), e))
+    }
+
+    /// Whether `key` or one of its ancestors had its whole subtree read.
+    fn in_loaded(&self, key: &[u8]) -> bool {
+        let mut end = key.len();
+        loop {
+            if self.loaded.contains(&key[..end]) {
+                return true;
+            }
+            match key[..end].iter().rposition(|b| *b == b'/') {
+                Some(slash) => end = slash,
+                None => return false,
+            }
+        }
+    }
+
+    /// Puts the view's entry for `key` into `index` unless the index already speaks for it.
+    fn resolve(
+        &mut self,
+        view: &walk::Root,
+        index: &mut HashMap<Key, Entry>,
+        key: &Key,
+    ) -> Result<(), (PathBuf, io::Error)> {
+        if key.is_empty()
+            || index.contains_key(key)
+            || self.resolved.contains(key)
+            || self.in_loaded(key)
+        {
+            return Ok(());
+        }
+        self.resolved.insert(key.clone());
+        match walk::stat_beneath(view, as_path(key)) {
+            Ok(mut entry) => {
+                entry.dev = self.dev;
+                entry.btime = None;
+                index.insert(key.clone(), entry);
+                Ok(())
+            }
+            Err(e) if is_absent(&e) => Ok(()),
+            Err(e) => Err((as_path(key).to_path_buf(), e)),
+        }
+    }
+
+    /// Puts the view's entries for everything below directory `dir` into `index`, where the
+    /// index does not already speak for them.
+    fn load_subtree(
+        &mut self,
+        view: &walk::Root,
+        index: &mut HashMap<Key, Entry>,
+        ignore: &IgnoreSet,
+        mode: SnapshotMode,
+        dir: &Key,
+    ) -> Result<(), (PathBuf, io::Error)> {
+        if self.in_loaded(dir) {
+            return Ok(());
+        }
+        self.resolve(view, index, dir)?;
+        let is_dir = if dir.is_empty() {
+            true
+        } else {
+            match walk::stat_beneath(view, as_path(dir)) {
+                Ok(entry) => entry.kind == FileKind::Directory,
+                Err(e) if is_absent(&e) => false,
+                Err(e) => return Err((as_path(dir).to_path_buf(), e)),
+            }
+        };
+        if is_dir {
+            let nothing = HashMap::new();
+            let ctx = WalkContext {
+                root: view,
+                old: &nothing,
+                ignore,
+                // Nothing in the view changes: none of its entries needs a proof.
+                observed_at: Timestamp {
+                    sec: i64::MAX,
+                    nsec: 0,
+                },
+                mode,
+                birth_times: false,
+            };
+            for item in walk::walk(&ctx, dir)? {
+                if index.contains_key(&item.path)
+                    || self.resolved.contains(&item.path)
+                    || self.in_loaded(&item.path)
+                {
+                    continue;
+                }
+                let mut entry = item.entry;
+                entry.dev = self.dev;
+                self.resolved.insert(item.path.clone());
+                index.insert(item.path, entry);
+            }
+        }
+        self.loaded.insert(dir.clone());
+        Ok(())
+    }
+}
+
+/// Whether a lookup failed because nothing is at the path (or a parent is not a directory).
+fn is_absent(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::NotFound
+        || e.raw_os_error() == Some(libc::ELOOP)
+        || e.raw_os_error() == Some(libc::ENOTDIR)
 }
 
 impl Snapshotter {
@@ -219,13 +344,67 @@ impl Snapshotter {
     /// dir.
     pub fn follow_upper_dir(&mut self, upper: impl Into<PathBuf>) -> Result<(), SnapshotError> {
         let path = upper.into();
-        let listing = upper::list(&path, &self.ignore, &self.index.entries, false)
+        let listing = upper::list(&path, &self.ignore, None)
             .map_err(|(rel, source)| self.upper_error(&path, rel, source))?;
         self.upper = Some(UpperDir {
             path,
             known: listing.singles.into_iter().collect(),
+            lower: None,
         });
         Ok(())
+    }
+
+    /// Like [`Snapshotter::follow_upper_dir`], for a root mounted a moment ago whose index is
+    /// still empty: instead of a walk of the whole tree, the index is filled from
+    /// `lower_view` (the same lower dirs mounted without the upper dir) only where steps
+    /// write. When the upper dir already holds something, the view no longer shows the tree
+    /// and the whole tree is walked instead.
+    pub fn follow_upper_dir_over(
+        &mut self,
+        upper: impl Into<PathBuf>,
+        lower_view: impl Into<PathBuf>,
+    ) -> Result<(), SnapshotError> {
+        let path = upper.into();
+        let listing = upper::list(&path, &self.ignore, None)
+            .map_err(|(rel, source)| self.upper_error(&path, rel, source))?;
+        if !listing.singles.is_empty() || !self.index.is_empty() {
+            self.rescan()?;
+            return self.follow_upper_dir(path);
+        }
+        let st = rustix::fs::statx(
+            rustix::fs::CWD,
+            &self.root,
+            rustix::fs::AtFlags::empty(),
+            rustix::fs::StatxFlags::BASIC_STATS,
+        )
+        .map_err(|e| self.io_error(PathBuf::new(), e.into()))?;
+        self.upper = Some(UpperDir {
+            path,
+            known: HashSet::new(),
+            lower: Some(LowerView {
+                path: lower_view.into(),
+                dev: libc::makedev(st.stx_dev_major, st.stx_dev_minor),
+                resolved: HashSet::new(),
+                loaded: HashSet::new(),
+            }),
+        });
+        Ok(())
+    }
+
+    /// What the index knows of `rel` (relative to the root) as of the last snapshot, looked up
+    /// in the lower view first when the index is filled as steps go.
+    pub fn entry(&mut self, rel: &Path) -> Result<Option<Entry>, SnapshotError> {
+        let key = key_of(rel);
+        if let Some(view) = self.upper.as_mut().and_then(|u| u.lower.as_mut()) {
+            let resolved = view
+                .open()
+                .and_then(|opened| view.resolve(&opened, &mut self.index.entries, &key));
+            if let Err((path, source)) = resolved {
+                let root = view.path.clone();
+                return Err(SnapshotError::Io { root, path, source });
+            }
+        }
+        Ok(self.index.entries.get(&key).cloned())
     }
 
     /// The rootfs.
@@ -233,7 +412,8 @@ impl Snapshotter {
         &self.root
     }
 
-    /// The index as of the last snapshot.
+    /// The index as of the last snapshot. After [`Snapshotter::follow_upper_dir_over`] it
+    /// holds only the paths steps have touched; [`Snapshotter::entry`] looks up any path.
     pub fn index(&self) -> &Index {
         &self.index
     }
@@ -340,41 +520,88 @@ impl Snapshotter {
         self.refresh_ignore()?;
         let observed_at = Timestamp::coarse_now();
         let root = self.open_root()?;
-        let Some(upper) = self.upper.take() else {
-            return Err(self.io_error(PathBuf::new(), io::Error::other("no upper dir")));
+        let listing = {
+            let Snapshotter {
+                upper,
+                index,
+                ignore,
+                ..
+            } = self;
+            let Some(upper) = upper.as_mut() else {
+                return Err(self.io_error(PathBuf::new(), io::Error::other("no upper dir")));
+            };
+            let listed = match upper.lower.as_mut() {
+                Some(view) => view.open().and_then(|opened| {
+                    upper::list(
+                        &upper.path,
+                        ignore,
+                        Some(&mut |key: &Key| {
+                            view.resolve(&opened, &mut index.entries, key)?;
+                            Ok(old_dir(&index.entries, key))
+                        }),
+                    )
+                }),
+                None => upper::list(
+                    &upper.path,
+                    ignore,
+                    Some(&mut |key: &Key| Ok(old_dir(&index.entries, key))),
+                ),
+            };
+            listed.map_err(|(rel, source)| SnapshotError::Io {
+                root: upper.path.clone(),
+                path: rel,
+                source,
+            })?
         };
-        let listing = upper::list(&upper.path, &self.ignore, &self.index.entries, true)
-            .map_err(|(rel, source)| self.upper_error(&upper.path, rel, source));
-        let listing = match listing {
-            Ok(listing) => listing,
-            Err(e) => {
-                self.upper = Some(upper);
-                return Err(e);
-            }
-        };
+        let known = self.upper.as_ref().map(|u| &u.known);
         let mut targets: Vec<Key> = listing
             .singles
             .into_iter()
-            .chain(upper.known.iter().cloned())
+            .chain(known.into_iter().flatten().cloned())
             .chain(listing.subtrees.iter().cloned())
             .filter(|k| !self.ignore.is_key_ignored(k))
             .collect();
         targets.sort();
         targets.dedup();
         let walked: HashSet<Key> = listing.subtrees.into_iter().collect();
-        let compared = self.compare(&root, observed_at, targets, &walked);
-        let (diff, present) = match compared {
-            Ok(done) => done,
-            Err(e) => {
-                self.upper = Some(upper);
-                return Err(e);
-            }
-        };
-        self.upper = Some(UpperDir {
-            path: upper.path,
-            known: present,
-        });
+        let (diff, present) = self.compare(&root, observed_at, targets, &walked)?;
+        if let Some(upper) = self.upper.as_mut() {
+            upper.known = present;
+        }
         Ok(diff)
+    }
+
+    /// Fills the index from the lower view, when it is filled as steps go, for `keys` and for
+    /// the whole subtrees of `subtrees`.
+    fn load_from_lower_view<'k>(
+        &mut self,
+        keys: impl Iterator<Item = &'k Key>,
+        subtrees: impl Iterator<Item = &'k Key>,
+    ) -> Result<(), SnapshotError> {
+        let Snapshotter {
+            upper,
+            index,
+            ignore,
+            mode,
+            ..
+        } = self;
+        let Some(view) = upper.as_mut().and_then(|u| u.lower.as_mut()) else {
+            return Ok(());
+        };
+        let loaded = view.open().and_then(|opened| {
+            for key in keys {
+                view.resolve(&opened, &mut index.entries, key)?;
+            }
+            for dir in subtrees {
+                view.load_subtree(&opened, &mut index.entries, ignore, *mode, dir)?;
+            }
+            Ok(())
+        });
+        loaded.map_err(|(path, source)| SnapshotError::Io {
+            root: view.path.clone(),
+            path,
+            source,
+        })
     }
 
     /// Compares `targets` (sorted keys) and their parent directories with the index, walking
@@ -400,17 +627,8 @@ impl Snapshotter {
         }
         single.sort();
         single.dedup();
-        let ctx = WalkContext {
-            root,
-            old: &self.index.entries,
-            ignore: &self.ignore,
-            observed_at,
-            mode: self.mode,
-            birth_times: self.birth_times,
-        };
-        let mut items: Vec<Item> = Vec::new();
+        let mut stated: Vec<(Key, Entry)> = Vec::new();
         let mut gone: Vec<Key> = Vec::new();
-        let mut walked_dirs: Vec<Key> = Vec::new();
         for key in single {
             let path = as_path(&key);
             let mut entry = match walk::stat_beneath(root, path) {
@@ -428,11 +646,31 @@ impl Snapshotter {
             if !self.birth_times {
                 entry.btime = None;
             }
+            stated.push((key, entry));
+        }
+        let walked_dirs: Vec<Key> = stated
+            .iter()
+            .filter(|(key, entry)| entry.kind == FileKind::Directory && walk.contains(key))
+            .map(|(key, _)| key.clone())
+            .collect();
+        if self.upper.as_ref().is_some_and(|u| u.lower.is_some()) {
+            self.load_from_lower_view(
+                stated.iter().map(|(key, _)| key).chain(gone.iter()),
+                walked_dirs.iter().chain(gone.iter()),
+            )?;
+        }
+        let ctx = WalkContext {
+            root,
+            old: &self.index.entries,
+            ignore: &self.ignore,
+            observed_at,
+            mode: self.mode,
+            birth_times: self.birth_times,
+        };
+        let mut items: Vec<Item> = Vec::new();
+        for (key, mut entry) in stated {
             let status = walk::classify(&ctx, &key, &mut entry)
-                .map_err(|e| self.io_error(path.to_path_buf(), e))?;
-            if entry.kind == FileKind::Directory && walk.contains(&key) {
-                walked_dirs.push(key.clone());
-            }
+                .map_err(|e| self.io_error(as_path(&key).to_path_buf(), e))?;
             items.push(Item {
                 path: key,
                 entry,
@@ -583,6 +821,13 @@ impl Snapshotter {
             source,
         }
     }
+}
+
+/// Whether the index knows `key` as a directory.
+fn old_dir(index: &HashMap<Key, Entry>, key: &Key) -> bool {
+    index
+        .get(key)
+        .is_some_and(|e| e.kind == FileKind::Directory)
 }
 
 #[cfg(test)]

@@ -3,7 +3,6 @@
 //! stat'ed through the mounted root, so overlayfs's own bookkeeping in the upper dir (whiteout
 //! devices, its xattrs) never reaches a layer.
 
-use std::collections::HashMap;
 use std::ffi::CStr;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
@@ -12,7 +11,7 @@ use std::path::{Path, PathBuf};
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, StatxFlags};
 
 use super::ignore::IgnoreSet;
-use super::index::{as_path, join_key, Entry, FileKind, Key};
+use super::index::{as_path, join_key, Key};
 use super::walk;
 
 /// What an upper dir holds, split by how the snapshot must look at it.
@@ -25,14 +24,16 @@ pub(super) struct Listing {
     pub(super) subtrees: Vec<Key>,
 }
 
-/// Lists the upper dir at `upper`, leaving out ignored paths. With `split`, directories that
-/// are opaque or not directories in `index` go to [`Listing::subtrees`] without being read;
-/// without it every path is in [`Listing::singles`].
+/// Whether a path was a directory before the steps being snapshotted.
+pub(super) type WasDirectory<'a> = &'a mut dyn FnMut(&Key) -> Result<bool, (PathBuf, io::Error)>;
+
+/// Lists the upper dir at `upper`, leaving out ignored paths. With `was_directory`,
+/// directories that are opaque or were not directories go to [`Listing::subtrees`] without
+/// being read; without it every path is in [`Listing::singles`].
 pub(super) fn list(
     upper: &Path,
     ignore: &IgnoreSet,
-    index: &HashMap<Key, Entry>,
-    split: bool,
+    mut was_directory: Option<WasDirectory<'_>>,
 ) -> Result<Listing, (PathBuf, io::Error)> {
     let root = walk::open_root(upper).map_err(|e| (PathBuf::new(), e))?;
     let mut listing = Listing {
@@ -67,10 +68,8 @@ pub(super) fn list(
                 listing.singles.push(key);
                 continue;
             }
-            if split {
-                let known_dir = index
-                    .get(&key)
-                    .is_some_and(|e| e.kind == FileKind::Directory);
+            if let Some(was_directory) = was_directory.as_mut() {
+                let known_dir = was_directory(&key)?;
                 let opaque =
                     is_opaque(dirfd.as_fd(), name).map_err(|e| (as_path(&key).to_path_buf(), e))?;
                 if opaque || !known_dir {
