@@ -124,7 +124,8 @@ pub struct RefusedDelete {
     pub request: String,
     /// The HTTP status.
     pub status: u16,
-    /// The registry's answer as an error message (status, error code and message).
+    /// The registry's answer: the status line, with the error code and message it sent
+    /// (`405 Method Not Allowed (UNSUPPORTED: The operation is unsupported.)`).
     pub message: String,
 }
 
@@ -250,6 +251,24 @@ fn is_refusal(error: &kiln_registry::Error) -> bool {
     }
 }
 
+/// A refusal as the registry put it: status line, then its error code and message if any.
+fn refusal_message(error: &kiln_registry::Error) -> String {
+    match error {
+        kiln_registry::Error::Status {
+            status,
+            body: Some(body),
+            ..
+        } if !body.message.is_empty() => format!("{status} ({}: {})", body.code, body.message),
+        kiln_registry::Error::Status {
+            status,
+            body: Some(body),
+            ..
+        } => format!("{status} ({})", body.code),
+        kiln_registry::Error::Status { status, .. } => status.to_string(),
+        other => other.to_string(),
+    }
+}
+
 async fn prune_registry(
     client: &Client,
     repo: &Repository,
@@ -342,13 +361,14 @@ async fn prune_registry(
             Ok(_) => report.removed.extend(items),
             Err(err) if is_refusal(&err) => {
                 let status = err.status().map_or(0, |s| s.as_u16());
+                let message = refusal_message(&err);
                 for item in items {
                     report.refused.push(RefusedDelete {
                         item,
                         registry: repo.registry().to_owned(),
                         request: format!("DELETE /v2/{}/manifests/{digest}", repo.name()),
                         status,
-                        message: err.to_string(),
+                        message: message.clone(),
                     });
                 }
             }
@@ -498,7 +518,7 @@ fn remove_blobs(
 
 fn unknown_references(location: &str) -> PruneFailure {
     PruneFailure {
-        what: format!("{location}: unreferenced blobs"),
+        what: "unreferenced blobs".to_owned(),
         error: CacheError::invalid(
             location,
             "left in place: a document that stays could not be read, so what it refers to is unknown",
@@ -533,10 +553,11 @@ fn prune_layout(
             Ok(None) => {
                 report.failed.push(PruneFailure {
                     what: format!("{location}:{name}"),
-                    error: CacheError::invalid(
-                        format!("{location}:{name}"),
-                        format!("manifest {} is missing", descriptor.digest),
-                    ),
+                    error: LayoutError::BlobNotFound {
+                        path: layout.blob_path(&descriptor.digest),
+                        digest: descriptor.digest.clone(),
+                    }
+                    .into(),
                 });
                 remaining.push(descriptor);
                 continue;
