@@ -6,7 +6,9 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use kiln_engine::Builder;
-use kiln_executor::cli::{self, Command, Invocation, RebaseInvocation, WarmInvocation};
+use kiln_executor::cli::{
+    self, Command, Invocation, PruneInvocation, RebaseInvocation, WarmInvocation,
+};
 use kiln_executor::exit;
 use kiln_executor::render::Renderer;
 use kiln_oci::{Platform, Reference};
@@ -37,6 +39,13 @@ fn main() -> ExitCode {
                 fail(&renderer, &error, exit::BUILD_FAILED)
             } else {
                 warm_cache_dir(&renderer, &warm)
+            }
+        }
+        Ok(Command::CachePrune(mut prune)) => {
+            let renderer = Renderer::for_process(&prune.output);
+            match prune.load_credentials(&env) {
+                Err(error) => fail(&renderer, &error, exit::BUILD_FAILED),
+                Ok(()) => prune_caches(&renderer, &prune),
             }
         }
         Ok(Command::Rebase(mut rebase)) => {
@@ -107,6 +116,98 @@ fn warm_cache_dir(renderer: &Renderer, warm: &WarmInvocation) -> i32 {
         }
         Err(error) => fail(renderer, &error, exit::BUILD_FAILED),
     }
+}
+
+/// `executor cache prune`: prunes the cache repository and/or the cache directory, printing
+/// each report as soon as it is made. Refused deletes are reported and leave the exit status 0
+/// (the registry's policy, not a failure of the command); anything that could not be examined
+/// or removed makes it 1, after the other cache was pruned all the same.
+fn prune_caches(renderer: &Renderer, prune: &PruneInvocation) -> i32 {
+    // Both paths are checked before anything is removed, and pruning must not create the
+    // layout or directory a mistyped path names.
+    if let Some(path) = prune
+        .cache_repo
+        .as_deref()
+        .and_then(|r| r.strip_prefix("oci:"))
+    {
+        if !std::path::Path::new(path).join("index.json").is_file() {
+            let message = format!("--cache-repo oci:{path}: not an OCI layout (no index.json)");
+            return fail(renderer, &message, exit::BUILD_FAILED);
+        }
+    }
+    if let Some(dir) = &prune.cache_dir {
+        if !dir.is_dir() {
+            let message = format!("--cache-dir {}: no such directory", dir.display());
+            return fail(renderer, &message, exit::BUILD_FAILED);
+        }
+    }
+    let runtime = match runtime(renderer) {
+        Ok(runtime) => runtime,
+        Err(code) => return code,
+    };
+    let options = kiln_cache::PruneOptions {
+        older_than: prune.older_than,
+        dry_run: prune.dry_run,
+    };
+    let mut failures = 0;
+    let mut report = |result: Result<kiln_cache::PruneReport, String>| match result {
+        Ok(report) => {
+            for line in kiln_executor::prune::report_lines(&report) {
+                println!("{line}");
+            }
+            if !report.refused.is_empty() {
+                renderer.warn(&format!(
+                    "{}: the registry refused {} delete{}; those entries stay (deletes are disabled on the registry or not allowed for these credentials)",
+                    report.location,
+                    report.refused.len(),
+                    if report.refused.len() == 1 { "" } else { "s" }
+                ));
+            }
+            failures += report.failed.len();
+        }
+        Err(error) => {
+            println!(
+                "failed: {}",
+                kiln_executor::render::redact_credentials(&error)
+            );
+            failures += 1;
+        }
+    };
+    runtime.block_on(async {
+        if let Some(repo) = &prune.cache_repo {
+            let pruned = async {
+                let client = kiln_registry::Client::new(prune.registry.clone())
+                    .map_err(|e| e.to_string())?;
+                let store = kiln_cache::CacheStore::open(repo, &client, prune.ttl)
+                    .map_err(|e| format!("--cache-repo {repo}: {e}"))?;
+                store
+                    .prune(&options)
+                    .await
+                    .map_err(|e| format!("pruning {}: {e}", store.location()))
+            };
+            report(pruned.await);
+        }
+        if let Some(dir) = &prune.cache_dir {
+            let pruned = async {
+                kiln_cache::BaseImageDir::open(dir)
+                    .map_err(|e| format!("--cache-dir {}: {e}", dir.display()))?
+                    .prune(&options)
+                    .await
+                    .map_err(|e| format!("pruning --cache-dir {}: {e}", dir.display()))
+            };
+            report(pruned.await);
+        }
+    });
+    runtime.shutdown_background();
+    if failures > 0 {
+        let message = format!(
+            "cache prune: {failures} failure{} (see above)",
+            if failures == 1 { "" } else { "s" }
+        );
+        return fail(renderer, &message, exit::BUILD_FAILED);
+    }
+    renderer.finish(None);
+    exit::SUCCESS
 }
 
 /// The images the stages a Dockerfile's last stage needs are built from or copy from

@@ -11,6 +11,7 @@
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::StreamExt as _;
@@ -19,6 +20,7 @@ use kiln_oci::layout::{MAX_CONFIG_SIZE, MAX_MANIFEST_SIZE};
 use kiln_oci::{AnyManifest, Descriptor, Digest, ImageConfig, Manifest, Platform, Reference};
 use kiln_registry::{Client, Repository};
 
+use crate::clock::{Clock, SystemClock};
 use crate::error::CacheError;
 use crate::store::blocking;
 
@@ -58,6 +60,8 @@ pub struct WarmReport {
 #[derive(Clone, Debug)]
 pub struct BaseImageDir {
     store: BlobStore,
+    /// What stored images are aged against when pruned.
+    clock: Arc<dyn Clock>,
 }
 
 impl BaseImageDir {
@@ -65,7 +69,18 @@ impl BaseImageDir {
     pub fn open(dir: impl Into<PathBuf>) -> Result<BaseImageDir, CacheError> {
         Ok(BaseImageDir {
             store: BlobStore::open(dir)?,
+            clock: Arc::new(SystemClock),
         })
+    }
+
+    /// The same directory, aging stored images against `clock` when pruning (the system
+    /// clock otherwise).
+    pub fn with_clock(self, clock: Arc<dyn Clock>) -> BaseImageDir {
+        BaseImageDir { clock, ..self }
+    }
+
+    pub(crate) fn now(&self) -> std::time::SystemTime {
+        self.clock.now()
     }
 
     /// The directory.
@@ -134,7 +149,11 @@ impl BaseImageDir {
     }
 
     /// Reads a small blob whole and verifies it; `None` if absent.
-    fn read_blob(&self, digest: &Digest, limit: u64) -> Result<Option<Vec<u8>>, CacheError> {
+    pub(crate) fn read_blob(
+        &self,
+        digest: &Digest,
+        limit: u64,
+    ) -> Result<Option<Vec<u8>>, CacheError> {
         let path = self.store.blob_path(digest);
         let bytes = match std::fs::read(&path) {
             Ok(bytes) => bytes,

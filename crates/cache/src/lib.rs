@@ -1,6 +1,7 @@
 //! Kiln's layer cache.
 //!
-//! Three parts, used by the engine (`kiln-engine`) and the `executor warm` command:
+//! Its parts, used by the engine (`kiln-engine`) and the `executor warm` and `executor cache
+//! prune` commands:
 //!
 //! - [`key`]: a step's [`CacheKey`], chained from the base image through every step, covering
 //!   exactly what the step can observe ([`StepInput`], [`run_environment`], [`KeyChain`]).
@@ -11,6 +12,11 @@
 //!   of a stage's lookups and carry its base config, so a fully cached stage costs one request
 //!   made at the same time as the base manifest's.
 //! - [`base`]: `--cache-dir`, base images by digest ([`BaseImageDir`]) and the warmer.
+//! - [`prune`]: retention. [`CacheStore::prune`] deletes entries and stage records older than
+//!   a cutoff (a registry's manifest `DELETE`, which a registry may refuse: that is reported,
+//!   not fatal; an OCI layout's `index.json` and the blobs nothing else uses), and
+//!   [`BaseImageDir::prune`] the base images stored longer than that, each with a
+//!   [`PruneReport`] of what went, what stayed and what was refused.
 //!
 //! ```no_run
 //! # async fn example(client: kiln_registry::Client, steps: Vec<kiln_cache::StepInput>,
@@ -36,6 +42,7 @@ pub mod base;
 mod clock;
 mod error;
 pub mod key;
+pub mod prune;
 pub mod stage;
 pub mod store;
 
@@ -46,6 +53,7 @@ pub use key::{
     run_environment, step_key, CacheKey, CopyInput, FileEntry, FileKind, KeyChain, MkdirInput,
     Parent, RemoteSource, RemoteValidator, RunInput, SourceContent, StepInput,
 };
+pub use prune::{PruneFailure, PruneOptions, PruneReport, PrunedItem, PrunedKind, RefusedDelete};
 pub use stage::{RecordedBase, StageLocator, StageRecord, STAGE_RECORD_MEDIA_TYPE};
 pub use store::{
     CacheEntry, CacheStore, CachedLayer, LayerFile, NewEntry, StoredEntry, ANNOTATION_CREATED_UNIX,

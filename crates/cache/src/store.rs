@@ -18,8 +18,8 @@
 //!
 //! An entry is therefore a valid image that `skopeo inspect` understands, and its layer blob is
 //! the very blob the destination image uses, so pushing it costs a cross-repository mount.
-//! Entries older than the TTL are misses; they are not deleted (registry garbage collection or
-//! a later write under the same tag replaces them).
+//! Entries older than the TTL are misses; a later write under the same tag replaces them, and
+//! [`CacheStore::prune`](crate::prune) deletes them (`executor cache prune`).
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -661,7 +661,7 @@ pub(crate) fn tag_locked(
 
 /// Takes the exclusive lock on a layout's `index.json.lock`; it is released when the returned
 /// file is closed.
-fn lock_index(dir: &Path) -> Result<File, CacheError> {
+pub(crate) fn lock_index(dir: &Path) -> Result<File, CacheError> {
     let lock_path = dir.join("index.json.lock");
     let lock = File::options()
         .create(true)

@@ -221,6 +221,12 @@ fn push_scope(name: &str) -> String {
     format!("repository:{name}:push,pull")
 }
 
+/// Distribution checks a manifest `DELETE` against the `delete` action of its own (push
+/// alone does not allow it), so a token must be asked for with that action.
+fn delete_scope(name: &str) -> String {
+    format!("repository:{name}:delete")
+}
+
 fn join(base: &Url, path: &str, ctx: Ctx<'_>) -> Result<Url, Error> {
     base.join(path)
         .map_err(|e| Error::invalid(ctx.target, ctx.operation, format!("bad URL {path:?}: {e}")))

@@ -29,6 +29,8 @@ pub enum Operation {
     PushManifest,
     /// Listing tags.
     ListTags,
+    /// Deleting a manifest (`DELETE /v2/<name>/manifests/<digest>`).
+    DeleteManifest,
 }
 
 impl fmt::Display for Operation {
@@ -43,6 +45,7 @@ impl fmt::Display for Operation {
             Operation::Mount => "mount",
             Operation::PushManifest => "manifest push",
             Operation::ListTags => "tag list",
+            Operation::DeleteManifest => "manifest delete",
         })
     }
 }

@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Extra configuration for a test registry; the default is anonymous plain HTTP.
+/// Extra configuration for a test registry; the default is anonymous plain HTTP, deletes
+/// allowed.
 #[derive(Debug, Default, Clone)]
 pub struct RegistryConfig {
     /// The body of the top-level `auth:` section, unindented YAML, e.g.
@@ -20,6 +21,9 @@ pub struct RegistryConfig {
     /// Serve pulls but refuse every write (distribution's maintenance read-only mode), for
     /// tests of a registry that refuses a push.
     pub read_only: bool,
+    /// Leave deletes off, as distribution's own default configuration does (every `DELETE`
+    /// is answered 405 `UNSUPPORTED`); otherwise the test registry allows them.
+    pub deletes_disabled: bool,
 }
 
 /// A running registry process, killed (and its storage deleted) on drop.
@@ -60,15 +64,16 @@ impl Registry {
             .port();
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let mut yaml = format!(
-            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n  secret: kiln-test-secret\n",
-            dir.path().join("storage").display()
+            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: {}\n",
+            dir.path().join("storage").display(),
+            !config.deletes_disabled,
         );
         if config.read_only {
-            yaml = yaml.replace(
-                "  delete:\n    enabled: true\n",
-                "  delete:\n    enabled: true\n  maintenance:\n    readonly:\n      enabled: true\n",
-            );
+            yaml.push_str("  maintenance:\n    readonly:\n      enabled: true\n");
         }
+        yaml.push_str(&format!(
+            "http:\n  addr: {addr}\n  secret: kiln-test-secret\n"
+        ));
         if let Some((cert, key)) = &config.tls {
             yaml.push_str(&format!(
                 "  tls:\n    certificate: {}\n    key: {}\n",

@@ -34,8 +34,24 @@ pub(super) enum Sub {
     Warm(Box<WarmFlags>),
     /// Put an image built with buildpacks on a new run image, without building (`pack rebase`).
     Rebase(Box<RebaseFlags>),
+    /// Look after the layer cache: `executor cache prune`.
+    Cache(CacheArgs),
     /// Print the version.
     Version,
+}
+
+#[derive(Args, Debug)]
+#[command(subcommand_required = true, arg_required_else_help = true)]
+pub(super) struct CacheArgs {
+    #[command(subcommand)]
+    pub(super) command: CacheSub,
+}
+
+#[derive(Subcommand, Debug)]
+pub(super) enum CacheSub {
+    /// Delete expired step entries and stage records from a cache repository or oci: layout,
+    /// and expired base images from a cache directory.
+    Prune(Box<PruneFlags>),
 }
 
 /// Generates a flag struct. Fields introduced with `@bool` are kaniko-style boolean flags:
@@ -377,6 +393,31 @@ flag_struct! {
         /// Platform of the images to cache.
         #[arg(long = "custom-platform", value_name = "PLATFORM")]
         custom_platform: Option<String>,
+        #[command(flatten)]
+        registry: RegistryFlags,
+        #[command(flatten)]
+        log: LogFlags,
+    }
+}
+
+flag_struct! {
+    #[derive(Args, Debug)]
+    struct PruneFlags {
+        @bool /// Report what would be removed; change nothing.
+            dry_run = "dry-run";
+
+        /// Cache repository to prune: REGISTRY/REPO or oci:/path.
+        #[arg(long = "cache-repo", value_name = "REPO")]
+        cache_repo: Option<String>,
+        /// Base-image cache directory (filled by `executor warm`) to prune.
+        #[arg(long = "cache-dir", value_name = "DIR")]
+        cache_dir: Option<PathBuf>,
+        /// Remove what is older than this Go duration, e.g. 72h (default: the cache TTL).
+        #[arg(long = "older-than", value_name = "DURATION")]
+        older_than: Option<String>,
+        /// The builds' cache entry lifetime, the default of --older-than (default 336h).
+        #[arg(long = "cache-ttl", value_name = "DURATION")]
+        cache_ttl: Option<String>,
         #[command(flatten)]
         registry: RegistryFlags,
         #[command(flatten)]

@@ -645,6 +645,36 @@ pub(super) fn build_warm(flags: WarmFlags, env: &Env) -> Result<WarmInvocation, 
     })
 }
 
+/// `executor cache prune`: at least one cache to prune, `--older-than` defaulting to the TTL.
+pub(super) fn build_prune(flags: PruneFlags, env: &Env) -> Result<PruneInvocation, UsageError> {
+    let cache_repo = flags.cache_repo.filter(|r| !r.is_empty());
+    if cache_repo.is_none() && flags.cache_dir.is_none() {
+        return Err(UsageError::new(
+            "cache prune: name the cache to prune with --cache-repo REGISTRY/REPO (or oci:/path) and/or --cache-dir DIR",
+        ));
+    }
+    let duration = |flag: &str, value: &Option<String>| {
+        value
+            .as_deref()
+            .map(|text| {
+                parse_go_duration(text)
+                    .map_err(|e| UsageError::new(format!("{flag} {text:?}: {e}")))
+            })
+            .transpose()
+    };
+    let ttl = duration("--cache-ttl", &flags.cache_ttl)?.unwrap_or(CacheFlags::default().ttl);
+    Ok(PruneInvocation {
+        cache_repo,
+        cache_dir: flags.cache_dir,
+        older_than: duration("--older-than", &flags.older_than)?.unwrap_or(ttl),
+        ttl,
+        dry_run: flags.dry_run.unwrap_or(false),
+        registry: registry_options(&flags.registry, env)?,
+        kiln_dir: kiln_dir(None, env),
+        output: output_settings(&flags.log),
+    })
+}
+
 /// Where the docker `config.json` is looked for, first match wins: `$DOCKER_CONFIG`, the
 /// `--kaniko-dir`'s `.docker`, `/kiln/.docker`, `/kaniko/.docker`, `$HOME/.docker`.
 pub fn credential_search_dirs(kiln_dir: &Path, env: &Env) -> Vec<PathBuf> {

@@ -31,8 +31,8 @@ use kiln_registry::{Keychain, RegistryOptions};
 use crate::render::OutputSettings;
 
 pub use self::credentials::CredentialProviders;
-use self::flags::{parse_bool, Cli, Sub};
-use self::invocation::{build_invocation, build_warm};
+use self::flags::{parse_bool, CacheSub, Cli, Sub};
+use self::invocation::{build_invocation, build_prune, build_warm};
 pub use self::invocation::{credential_search_dirs, parse_go_duration};
 
 /// The environment the command line is interpreted in (`--build-arg K`, `KANIKO_*`,
@@ -76,6 +76,8 @@ pub enum Command {
     Warm(Box<WarmInvocation>),
     /// `executor rebase`: put a buildpacks image on a new run image.
     Rebase(Box<RebaseInvocation>),
+    /// `executor cache prune`: remove expired cache entries and stored base images.
+    CachePrune(Box<PruneInvocation>),
     /// `executor version` or `--version`.
     Version,
     /// `--help`: the text to print on standard output.
@@ -170,6 +172,38 @@ pub struct WarmInvocation {
     pub warnings: Vec<String>,
 }
 
+/// `executor cache prune`: which caches to prune, and of what.
+#[derive(Debug)]
+pub struct PruneInvocation {
+    /// `--cache-repo`: `REGISTRY/REPO` or `oci:/path`.
+    pub cache_repo: Option<String>,
+    /// `--cache-dir`: a base-image directory filled by `executor warm`.
+    pub cache_dir: Option<PathBuf>,
+    /// `--older-than` (default: `--cache-ttl`, itself 336h by default).
+    pub older_than: Duration,
+    /// `--cache-ttl`, which the registry or layout cache is opened with.
+    pub ttl: Duration,
+    /// `--dry-run`: report, change nothing.
+    pub dry_run: bool,
+    /// Registry transport (keychain anonymous until loaded).
+    pub registry: RegistryOptions,
+    /// Where the docker config is looked for besides `$DOCKER_CONFIG` (`$KILN_DIR`,
+    /// `$KANIKO_DIR`, else `/kiln`).
+    pub kiln_dir: PathBuf,
+    /// Logging.
+    pub output: OutputSettings,
+}
+
+impl PruneInvocation {
+    /// Loads registry credentials as [`Invocation::load_credentials`] does.
+    pub fn load_credentials(&mut self, env: &Env) -> Result<(), kiln_registry::Error> {
+        let dirs = credential_search_dirs(&self.kiln_dir, env);
+        let keychain = Keychain::from_search_dirs(&dirs)?;
+        self.registry.keychain = CredentialProviders::default().apply(keychain, env);
+        Ok(())
+    }
+}
+
 /// `executor rebase` (`pack rebase`).
 #[derive(Debug)]
 pub struct RebaseInvocation {
@@ -207,6 +241,9 @@ where
         Some(Sub::Rebase(flags)) => Ok(Command::Rebase(Box::new(buildpacks::build_rebase(
             *flags, env,
         )?))),
+        Some(Sub::Cache(cache)) => match cache.command {
+            CacheSub::Prune(flags) => Ok(Command::CachePrune(Box::new(build_prune(*flags, env)?))),
+        },
         None => Ok(Command::Build(Box::new(build_invocation(
             cli.build,
             cli.registry,
@@ -247,7 +284,7 @@ fn clap_outcome(error: clap::Error) -> Result<Command, UsageError> {
             let mut message = format!("unexpected argument: {argument}");
             if argument == "true" || argument == "false" {
                 message.push_str(" (boolean flags take --flag=true or --flag=false)");
-            } else if argument == "warm" || argument == "version" || argument == "rebase" {
+            } else if ["warm", "version", "rebase", "cache"].contains(&argument.as_str()) {
                 message.push_str(" (subcommands come before any flag)");
             }
             Err(UsageError::new(message))

@@ -1,4 +1,5 @@
-//! Helpers shared by kiln-cache's integration tests.
+//! Helpers shared by kiln-cache's integration tests. Each test binary uses a part of them.
+#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -49,4 +50,24 @@ impl Clock for Ahead {
     fn now(&self) -> SystemTime {
         SystemTime::now() + self.0
     }
+}
+
+/// The system clock run behind by a fixed time: what a cache writes with it is that much
+/// older than it is, so tests get old entries without waiting.
+#[derive(Debug)]
+pub struct Behind(pub Duration);
+
+impl Clock for Behind {
+    fn now(&self) -> SystemTime {
+        SystemTime::now() - self.0
+    }
+}
+
+/// Sets a file's modification time `age` into the past (as if written then).
+pub fn make_old(path: &Path, age: Duration) {
+    std::fs::File::options()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.set_modified(SystemTime::now() - age))
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
 }

@@ -1,5 +1,5 @@
-//! Manifests and indexes: fetch (by tag or verified by digest, through mirrors), `HEAD` and
-//! upload. Kept apart from blobs because manifests are small documents read whole and
+//! Manifests and indexes: fetch (by tag or verified by digest, through mirrors), `HEAD`,
+//! upload and delete. Kept apart from blobs because manifests are small documents read whole and
 //! checked against `Docker-Content-Digest`, while blobs are streams.
 
 use std::sync::Arc;
@@ -10,7 +10,9 @@ use reqwest::header::{HeaderMap, ACCEPT, CONTENT_LENGTH, CONTENT_TYPE};
 use reqwest::StatusCode;
 
 use super::MANIFEST_LIMIT;
-use super::{header_digest, header_u64, pull_scope, push_scope, Client, Manifest, ManifestInfo};
+use super::{
+    delete_scope, header_digest, header_u64, pull_scope, push_scope, Client, Manifest, ManifestInfo,
+};
 use crate::error::{Error, Operation};
 use crate::options::Access;
 use crate::repository::{ManifestRef, Repository};
@@ -260,6 +262,33 @@ impl Client {
             }
         }
         Ok(local)
+    }
+
+    /// Deletes the manifest `digest` from `repo` (and with it every tag that points to it, as
+    /// the distribution API defines): `Ok(true)` when the registry accepted, `Ok(false)` when
+    /// it had no such manifest. The API deletes by digest only; a tag is resolved first (see
+    /// [`Client::head_manifest`]). A registry that does not allow deletes answers 405
+    /// (distribution's default configuration) or 401/403, returned as [`Error::Status`].
+    pub async fn delete_manifest(&self, repo: &Repository, digest: &Digest) -> Result<bool, Error> {
+        let ep = self.inner.endpoint(repo.registry(), Access::Push)?;
+        let target = repo.to_string();
+        let ctx = Ctx {
+            target: &target,
+            operation: Operation::DeleteManifest,
+        };
+        let url = self
+            .url(&ep, &format!("v2/{}/manifests/{digest}", repo.name()))
+            .await?;
+        let scopes = [delete_scope(repo.name())];
+        let resp = self
+            .inner
+            .send(&ep, ctx, &scopes, |http| Some(http.delete(url.clone())))
+            .await?;
+        match resp.status() {
+            status if status.is_success() => Ok(true),
+            StatusCode::NOT_FOUND => Ok(false),
+            _ => Err(status_error(resp, ctx).await),
+        }
     }
 }
 

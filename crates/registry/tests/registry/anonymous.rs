@@ -673,3 +673,43 @@ async fn callers_waiting_on_a_failing_ping_share_its_failure() {
         "four waiting callers made as many connections as one"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manifest_delete_by_digest_and_a_registry_that_refuses_it() {
+    let registry = Registry::start();
+    let client = anonymous_client();
+    let repo = Repository::new(registry.addr(), "deleting/app").unwrap();
+    let image = make_image("delete", 1_000);
+    let digest = push_with_kiln(&client, &repo, &image, "v1").await;
+    assert!(client.delete_manifest(&repo, &digest).await.unwrap());
+    // Gone by digest and by the tag that pointed to it.
+    for reference in [digest.to_string(), "v1".to_owned()] {
+        let err = client.get_manifest(&repo, &reference).await.unwrap_err();
+        assert_eq!(err.status().map(|s| s.as_u16()), Some(404), "{err}");
+    }
+    // Deleting what is not there is no error: the caller wanted it gone.
+    assert!(!client.delete_manifest(&repo, &digest).await.unwrap());
+
+    // distribution's default configuration: deletes off, answered 405 UNSUPPORTED.
+    let refusing = Registry::start_with(kiln_testkit::RegistryConfig {
+        deletes_disabled: true,
+        ..kiln_testkit::RegistryConfig::default()
+    });
+    let repo = Repository::new(refusing.addr(), "deleting/app").unwrap();
+    let digest = push_with_kiln(&client, &repo, &image, "v1").await;
+    let err = client.delete_manifest(&repo, &digest).await.unwrap_err();
+    assert_eq!(err.status().map(|s| s.as_u16()), Some(405), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.starts_with(&format!(
+            "{}/deleting/app: manifest delete refused: 405",
+            refusing.addr()
+        )),
+        "{text}"
+    );
+    assert!(text.contains("UNSUPPORTED"), "{text}");
+    assert_eq!(
+        client.get_manifest(&repo, "v1").await.unwrap().digest,
+        digest
+    );
+}

@@ -243,3 +243,22 @@ async fn parallel_pushes_share_one_token() {
     }
     assert_eq!(issuer.requests.load(Ordering::SeqCst), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manifest_delete_asks_for_the_delete_action() {
+    let (issuer, registry) = start().await;
+    let addr = registry.addr();
+    let secret = mounted_docker_config(&serde_json::json!({
+        "auths": { addr.clone(): basic_auth_entry(USER, PASSWORD) }
+    }));
+    let client = Client::new(test_options(keychain_for(secret.path()))).unwrap();
+    let repo = Repository::new(&addr, "tokens/pruned").unwrap();
+    let image = make_image("deleted with a token", 1_000);
+    let digest = push_with_kiln(&client, &repo, &image, "v1").await;
+    let before = issuer.requests.load(Ordering::SeqCst);
+    // The registry checks the token for the `delete` action: a push,pull token is refused.
+    assert!(client.delete_manifest(&repo, &digest).await.unwrap());
+    assert_eq!(issuer.requests.load(Ordering::SeqCst), before + 1);
+    let err = client.get_manifest(&repo, "v1").await.unwrap_err();
+    assert_eq!(err.status().map(|s| s.as_u16()), Some(404), "{err}");
+}
