@@ -69,12 +69,19 @@ async fn mounted_and_unpacked_bases_give_the_same_image() {
     std::fs::write(
         context.join("Dockerfile"),
         format!(
-            "FROM {}/layered:base\n\
+            "FROM {0}/layered:base AS side\n\
+             RUN echo side > /side\n\
+             FROM {0}/layered:base\n\
              RUN ls -a /opt/a > /listing && cat /opt/keep >> /listing\n\
              RUN echo extra >> /etc/passwd && rm /bin/cat && chmod 700 /home/kiln\n\
              RUN touch /etc/hostname-probe && rm /etc/hostname-probe\n\
              COPY a /etc/a\n\
-             RUN mkdir -p /usr/bin/deeper && echo z > /usr/bin/deeper/z\n",
+             RUN mkdir -p /usr/bin/deeper && echo z > /usr/bin/deeper/z\n\
+             RUN echo s > /tmp/scratch && mkdir -p /srv/new && echo n > /srv/new/n\n\
+             RUN rm /tmp/scratch && rm -rf /srv/new /opt && mkdir /srv/new /opt && echo m > /srv/new/m\n\
+             RUN true\n\
+             COPY --from=side /side /side\n\
+             COPY --from={0}/layered:base /opt/keep /from-image\n",
             registry.addr()
         ),
     )
@@ -118,8 +125,47 @@ async fn mounted_and_unpacked_bases_give_the_same_image() {
         std::fs::read_to_string(flat.rootfs.join("usr/bin/deeper/z")).unwrap(),
         "z\n"
     );
+    // Paths an earlier step wrote and a later one removed, a lower directory replaced, and
+    // what the copies from a stage and from an image brought.
+    assert!(!flat.rootfs.join("tmp/scratch").exists());
+    assert!(!flat.rootfs.join("srv/new/n").exists());
+    assert_eq!(
+        std::fs::read_to_string(flat.rootfs.join("srv/new/m")).unwrap(),
+        "m\n"
+    );
+    assert_eq!(
+        std::fs::read_dir(flat.rootfs.join("opt")).unwrap().count(),
+        0
+    );
+    assert_eq!(
+        std::fs::read_to_string(flat.rootfs.join("side")).unwrap(),
+        "side\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(flat.rootfs.join("from-image")).unwrap(),
+        "keep\n"
+    );
     let diff_ids = flat.config["rootfs"]["diff_ids"].as_array().unwrap().len();
-    // Three base layers and one per RUN and COPY (the probe that created and removed a file
-    // still moved /etc's mtime).
-    assert_eq!(diff_ids, 8, "{:#}", flat.config["history"]);
+    // Three base layers and one per RUN and COPY but `RUN true` (the probe that created and
+    // removed a file still moved /etc's mtime).
+    assert_eq!(diff_ids, 12, "{:#}", flat.config["history"]);
+
+    // Nothing stays mounted, and the work dirs go (in the background, after the build).
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let root = work.path().to_string_lossy().into_owned();
+    assert!(!mounts.contains(&root), "still mounted:\n{mounts}");
+    for tag in ["mounted", "unpacked"] {
+        let work_root = work.path().join(format!("kiln-{tag}/work"));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while std::fs::read_dir(&work_root).unwrap().count() > 0
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let left: Vec<_> = std::fs::read_dir(&work_root)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(left.is_empty(), "{tag}: left in the work dir: {left:?}");
+    }
 }
