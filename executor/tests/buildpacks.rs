@@ -138,13 +138,33 @@ fn an_unchanged_rebuild_reuses_every_layer() {
     assert!(stderr(&first).contains("layers: writing runtime layer"));
 
     let before = world.registry.requests().len();
-    let second = world.build(&app, "apps/reuse:1", &flags);
+    let timings = world.work.path().join("timings.json");
+    let mut second_flags = flags.to_vec();
+    second_flags.push(format!("--benchmark-file={}", timings.display()));
+    let second = world.build(&app, "apps/reuse:1", &second_flags);
     let log = stderr(&second);
     assert!(second.status.success(), "{log}");
     assert!(
         log.contains("layers: reusing runtime layer from the previous image"),
         "the buildpack saw its restored metadata: {log}"
     );
+    // The kept layer is the previous image's blob, taken by its diff ID: no file of it is
+    // copied (the step has no execute phase, only the lookup of the previous image).
+    let timings: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&timings).unwrap()).unwrap();
+    let kept = timings["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| {
+            s["instruction"]
+                .as_str()
+                .unwrap_or_default()
+                .ends_with(":runtime")
+        })
+        .unwrap_or_else(|| panic!("no step for the runtime layer: {timings:#}"));
+    assert!(kept["phases"].get("execute").is_none(), "{kept:#}");
+    assert!(kept["phases"].get("pull").is_some(), "{kept:#}");
     assert_eq!(std::fs::read_to_string(&digest_file).unwrap(), first_digest);
     let uploads: Vec<_> = world.registry.requests()[before..]
         .iter()

@@ -586,6 +586,12 @@ fn write_copy(w: &mut KeyWriter, copy: &Copy) {
     w.tag(u8::from(copy.unpack));
     w.opt_str(copy.checksum.as_deref());
     w.tag(u8::from(copy.keep_git_dir));
+    // Written only when set, so the keys of every other copy stay what they were; no content
+    // encoding that follows starts with this tag.
+    if let Some(layer) = &copy.reuse_layer {
+        w.tag(b'u');
+        w.str(layer);
+    }
 }
 
 fn write_content(w: &mut KeyWriter, content: &SourceContent) {

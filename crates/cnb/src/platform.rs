@@ -496,8 +496,12 @@ impl Lower for ExportStage {
                     }
                 },
             };
+            let mut layer_copy = copy(from, vec![path(&layer.path)], &layer.path);
+            if let LayerSource::Reuse { digest } = &layer.source {
+                layer_copy.reuse_layer = Some(digest.clone());
+            }
             add(
-                Operation::Copy(copy(from, vec![path(&layer.path)], &layer.path)),
+                Operation::Copy(layer_copy),
                 format!("layer {}:{}", layer.buildpack_id, layer.name),
                 Role::Layer {
                     buildpack: layer.buildpack_id.clone(),

@@ -206,6 +206,7 @@ fn operation(step: &Step) -> Result<Option<Operation>, String> {
             unpack: false,
             checksum: None,
             keep_git_dir: false,
+            reuse_layer: None,
         }))),
         Instruction::Add(add) => {
             let sources = add
@@ -225,6 +226,7 @@ fn operation(step: &Step) -> Result<Option<Operation>, String> {
                 unpack: true,
                 checksum: add.checksum.clone(),
                 keep_git_dir: add.keep_git_dir,
+                reuse_layer: None,
             })))
         }
         Instruction::Workdir(path) => Ok(Some(Operation::Mkdir(Mkdir {

@@ -125,6 +125,11 @@ pub struct Copy {
     pub checksum: Option<String>,
     /// Keep the `.git` directory of git sources.
     pub keep_git_dir: bool,
+    /// The diff ID of a layer of the `from` image that already holds exactly what this copy
+    /// (with `link`) makes: the engine takes that layer as the step's layer instead of copying
+    /// its files again. A buildpacks export sets it for a launch layer a buildpack kept from
+    /// the previous image; when the image has no such layer, the files are copied.
+    pub reuse_layer: Option<String>,
 }
 
 impl Copy {
@@ -142,6 +147,7 @@ impl Copy {
             unpack: false,
             checksum: None,
             keep_git_dir: false,
+            reuse_layer: None,
         }
     }
 }

@@ -234,6 +234,57 @@ impl StageRun<'_> {
 
     /// A copy made on its own: in an empty tree, whose whole content is the layer, which is
     /// then applied to the rootfs as a cached layer would be.
+    /// The layer of the copy's image named by [`Copy::reuse_layer`], brought into the blob
+    /// store; `None` when the copy names none or the image has no such layer (said in a note):
+    /// the files are then copied.
+    fn reused_layer(
+        &self,
+        step_no: usize,
+        step: &Step,
+        op: &Copy,
+    ) -> Result<Option<ImageLayer>, BuildError> {
+        let (Some(diff_id), Some(kiln_plan::Source::Image(image))) = (&op.reuse_layer, &op.from)
+        else {
+            return Ok(None);
+        };
+        let shared = self.shared;
+        let at = step.provenance.location();
+        let found = shared.timed(Some(self.index), Some(step_no), Phase::Pull, || {
+            shared.runtime.block_on(async {
+                let manifest = match shared.remote.image_manifest(image) {
+                    Some(pinned) => pinned,
+                    None => {
+                        crate::base::resolve_manifest(&shared.client, image, &shared.platform)
+                            .await?
+                    }
+                };
+                let pulled = manifest.with_config(&shared.client, None).await?;
+                let layer = pulled
+                    .layers
+                    .into_iter()
+                    .find(|layer| layer.diff_id.to_string() == *diff_id);
+                if let Some(layer) = &layer {
+                    crate::output::ensure_local(
+                        &shared.client,
+                        &shared.blobs,
+                        std::slice::from_ref(layer),
+                    )
+                    .await?;
+                }
+                Ok::<_, BuildError>(layer)
+            })
+        });
+        let layer = found.map_err(|e| BuildError::step(&at, format!("{image}: {e}")))?;
+        if layer.is_none() {
+            shared.emit(BuildEvent::Note {
+                message: format!(
+                    "{at}: {image} has no layer {diff_id} to reuse: its files are copied instead"
+                ),
+            });
+        }
+        Ok(layer)
+    }
+
     fn copy_linked(
         &mut self,
         step_no: usize,
@@ -241,6 +292,9 @@ impl StageRun<'_> {
         op: &Copy,
     ) -> Result<Option<ImageLayer>, BuildError> {
         let shared = self.shared;
+        if let Some(layer) = self.reused_layer(step_no, step, op)? {
+            return Ok(Some(layer));
+        }
         let tree = shared
             .work_dir
             .join(format!("link-{}-{step_no}", self.index));
