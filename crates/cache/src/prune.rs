@@ -50,6 +50,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt as _;
+use kiln_fs::resolve::Root;
 use kiln_oci::image::ANNOTATION_REF_NAME;
 use kiln_oci::layout::{LayoutError, OciLayout, MAX_MANIFEST_SIZE};
 use kiln_oci::{AnyManifest, Descriptor, Digest, Manifest, MediaType};
@@ -432,61 +433,95 @@ fn references(
 /// A blob file in a layout or cache directory.
 struct BlobFile {
     digest: Digest,
-    path: PathBuf,
+    /// Relative to the layout or directory.
+    rel: PathBuf,
     size: u64,
     modified: SystemTime,
 }
 
-/// Every file under `root/blobs/<algorithm>/` named by a valid digest (temporary files of
-/// writes in progress are not).
-fn list_blobs(root: &Path) -> Result<Vec<BlobFile>, CacheError> {
-    let blobs = root.join("blobs");
-    let algorithms = match std::fs::read_dir(&blobs) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(CacheError::io(&blobs)(e)),
-    };
-    let mut files = Vec::new();
-    for algorithm in algorithms {
-        let algorithm = algorithm.map_err(CacheError::io(&blobs))?;
-        let dir = algorithm.path();
-        if !algorithm.file_type().is_ok_and(|t| t.is_dir()) {
-            continue;
-        }
-        let algorithm_name = algorithm.file_name().to_string_lossy().into_owned();
-        for entry in std::fs::read_dir(&dir).map_err(CacheError::io(&dir))? {
-            let entry = entry.map_err(CacheError::io(&dir))?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let Ok(digest) = Digest::parse(&format!("{algorithm_name}:{name}")) else {
-                continue;
-            };
-            let path = entry.path();
-            let metadata = std::fs::symlink_metadata(&path).map_err(CacheError::io(&path))?;
-            if !metadata.is_file() {
+/// The blob files of the layout or cache directory at `root`, read through a [`Root`] so a
+/// symlink planted in it leads nowhere outside.
+struct Blobs {
+    tree: Root,
+    files: Vec<BlobFile>,
+}
+
+impl Blobs {
+    /// Every file under `root/blobs/<algorithm>/` named by a valid digest (temporary files of
+    /// writes in progress are not).
+    fn list(root: &Path) -> Result<Blobs, CacheError> {
+        let tree = Root::open(root).map_err(|e| root_error(root, Path::new(""), e))?;
+        let blobs = Path::new("blobs");
+        let algorithms = match tree.read_dir(blobs) {
+            Ok(names) => names,
+            Err(e) if e.is_not_found() => Vec::new(),
+            Err(e) => return Err(root_error(root, blobs, e)),
+        };
+        let mut files = Vec::new();
+        for algorithm in algorithms {
+            let dir = blobs.join(&algorithm);
+            if !tree.symlink_metadata(&dir).is_ok_and(|m| m.is_dir()) {
                 continue;
             }
-            files.push(BlobFile {
-                digest,
-                size: metadata.len(),
-                modified: metadata.modified().map_err(CacheError::io(&path))?,
-                path,
-            });
+            let algorithm_name = algorithm.to_string_lossy().into_owned();
+            let names = tree.read_dir(&dir).map_err(|e| root_error(root, &dir, e))?;
+            for name in names {
+                let Ok(digest) =
+                    Digest::parse(&format!("{algorithm_name}:{}", name.to_string_lossy()))
+                else {
+                    continue;
+                };
+                let rel = dir.join(&name);
+                let metadata = tree
+                    .symlink_metadata(&rel)
+                    .map_err(|e| root_error(root, &rel, e))?;
+                if !metadata.is_file() {
+                    continue;
+                }
+                files.push(BlobFile {
+                    digest,
+                    size: metadata.len(),
+                    modified: metadata.modified().map_err(|e| CacheError::Io {
+                        path: tree.path().join(&rel),
+                        source: e,
+                    })?,
+                    rel,
+                });
+            }
         }
+        files.sort_by(|a, b| a.digest.cmp(&b.digest));
+        Ok(Blobs { tree, files })
     }
-    files.sort_by(|a, b| a.digest.cmp(&b.digest));
-    Ok(files)
+
+    /// Whether the blob's first byte opens a JSON object, so layers (gzip, zstd, tar) are never
+    /// read whole while looking for documents.
+    fn starts_like_json(&self, file: &BlobFile) -> bool {
+        let mut first = [0u8; 1];
+        self.tree
+            .open_file(&file.rel)
+            .is_ok_and(|mut f| f.read_exact(&mut first).is_ok() && first[0] == b'{')
+    }
+}
+
+/// A failure of a contained file operation, as the cache reports I/O errors.
+fn root_error(root: &Path, rel: &Path, e: kiln_fs::resolve::RootError) -> CacheError {
+    CacheError::Io {
+        path: root.join(rel),
+        source: std::io::Error::other(e),
+    }
 }
 
 /// Removes (or in a dry run counts) the blob files in `dropped`, and those in neither `keep`
 /// nor `dropped` that are older than the cutoff, never one in `keep`.
 fn remove_blobs(
-    files: Vec<BlobFile>,
+    blobs: Blobs,
     keep: &BTreeSet<Digest>,
     dropped: &BTreeSet<Digest>,
     options: &PruneOptions,
     now: SystemTime,
     report: &mut PruneReport,
 ) {
+    let Blobs { tree, files } = blobs;
     for file in files {
         if keep.contains(&file.digest) {
             continue;
@@ -497,13 +532,13 @@ fn remove_blobs(
             continue;
         }
         if !options.dry_run {
-            match std::fs::remove_file(&file.path) {
+            match tree.remove(&file.rel) {
                 Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) if e.is_not_found() => continue,
                 Err(e) => {
                     report.failed.push(PruneFailure {
                         what: format!("blob {}", file.digest),
-                        error: CacheError::io(&file.path)(e),
+                        error: root_error(tree.path(), &file.rel, e),
                     });
                     continue;
                 }
@@ -618,8 +653,8 @@ fn prune_layout(
         layout.write_index(&index)?;
     }
     if known {
-        let files = list_blobs(layout.path())?;
-        remove_blobs(files, &keep, &dropped, options, now, &mut report);
+        let blobs = Blobs::list(layout.path())?;
+        remove_blobs(blobs, &keep, &dropped, options, now, &mut report);
     } else {
         report.failed.push(unknown_references(&location));
     }
@@ -634,13 +669,13 @@ fn prune_base_dir(
 ) -> Result<PruneReport, CacheError> {
     let location = dir.path().display().to_string();
     let mut report = PruneReport::new(location.clone(), options.dry_run, true);
-    let files = list_blobs(dir.path())?;
+    let blobs = Blobs::list(dir.path())?;
     let read = |digest: &Digest| dir.read_blob(digest, MAX_MANIFEST_SIZE);
 
     // The documents: small JSON blobs that parse as a manifest or an index (configs do not).
     let mut documents: BTreeMap<Digest, (AnyManifest, SystemTime)> = BTreeMap::new();
-    for file in &files {
-        if file.size > MAX_MANIFEST_SIZE || !starts_like_json(&file.path) {
+    for file in &blobs.files {
+        if file.size > MAX_MANIFEST_SIZE || !blobs.starts_like_json(file) {
             continue;
         }
         let Ok(Some(bytes)) = read(&file.digest) else {
@@ -677,19 +712,10 @@ fn prune_base_dir(
         }
     }
     if known {
-        remove_blobs(files, &keep, &dropped, options, now, &mut report);
+        remove_blobs(blobs, &keep, &dropped, options, now, &mut report);
     } else {
         report.failed.push(unknown_references(&location));
     }
     report.sort();
     Ok(report)
-}
-
-/// Whether the file's first byte opens a JSON object, so layers (gzip, zstd, tar) are never
-/// read whole while looking for documents.
-fn starts_like_json(path: &Path) -> bool {
-    let mut first = [0u8; 1];
-    std::fs::File::open(path)
-        .and_then(|mut f| f.read_exact(&mut first))
-        .is_ok_and(|()| first[0] == b'{')
 }
