@@ -685,22 +685,19 @@ impl Lower for CacheStage {
         for layer in &desc.cache_layers {
             let dir = format!("{}/{}/", desc.layers_dir, escape_id(&layer.buildpack_id));
             let text = format!("cache layer {}:{}", layer.buildpack_id, layer.name);
-            steps.push(step(
-                Operation::Copy(copy(
-                    Some(Source::Stage(0)),
-                    vec![path(&layer.path)],
-                    &layer.path,
-                )),
-                text.clone(),
-            ));
-            steps.push(step(
-                Operation::Copy(copy(
-                    Some(Source::Stage(0)),
-                    vec![path(&layer.metadata_path)],
-                    &dir,
-                )),
-                format!("{text} metadata"),
-            ));
+            // Each layer made on its own (`--link`), as the export's are: nothing is read from
+            // the stage's own tree, and the files are staged where the engine stages linked
+            // copies (a tmpfs when it has one).
+            let mut content = copy(Some(Source::Stage(0)), vec![path(&layer.path)], &layer.path);
+            content.link = true;
+            steps.push(step(Operation::Copy(content), text.clone()));
+            let mut metadata = copy(
+                Some(Source::Stage(0)),
+                vec![path(&layer.metadata_path)],
+                &dir,
+            );
+            metadata.link = true;
+            steps.push(step(Operation::Copy(metadata), format!("{text} metadata")));
         }
         Ok(steps)
     }

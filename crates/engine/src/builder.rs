@@ -341,7 +341,13 @@ impl Setup {
             push_ahead,
             image_stages,
             cache,
-            overlay: BaseOverlay::for_build(&options, mode, &self.mounts, &**events),
+            overlay: BaseOverlay::for_build(
+                &options,
+                mode,
+                &self.mounts,
+                self.work_dir.path(),
+                &**events,
+            ),
             options,
             hidden,
         })

@@ -206,6 +206,46 @@ impl Drop for OverlayMount {
     }
 }
 
+/// A tmpfs mounted for scratch trees that only live while a build runs (a linked copy's files
+/// before they become a layer): creating a file there costs microseconds, against half a
+/// millisecond on the disks builds run on. Unmounted (lazily) when dropped.
+#[derive(Debug)]
+pub struct TmpfsMount {
+    target: PathBuf,
+}
+
+impl TmpfsMount {
+    /// Mounts a tmpfs of at most `size` bytes at `target` (an existing directory), readable by
+    /// root only.
+    pub fn mount(target: &Path, size: u64) -> io::Result<TmpfsMount> {
+        let options = std::ffi::CString::new(format!("size={size},mode=0700"))
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        rustix::mount::mount(
+            "tmpfs",
+            target,
+            "tmpfs",
+            rustix::mount::MountFlags::NOSUID | rustix::mount::MountFlags::NODEV,
+            options.as_c_str(),
+        )?;
+        Ok(TmpfsMount {
+            target: target.to_path_buf(),
+        })
+    }
+
+    /// Where it is mounted.
+    pub fn path(&self) -> &Path {
+        &self.target
+    }
+}
+
+impl Drop for TmpfsMount {
+    fn drop(&mut self) {
+        if let Err(e) = rustix::mount::unmount(&self.target, UnmountFlags::DETACH) {
+            tracing::warn!("unmounting the tmpfs at {}: {e}", self.target.display());
+        }
+    }
+}
+
 fn mount_with_fs_context(
     target: &Path,
     lowers: &[PathBuf],

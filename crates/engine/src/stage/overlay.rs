@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use kiln_fs::overlay::{LayerTrees, OverlayMount};
+use kiln_fs::overlay::{LayerTrees, OverlayMount, TmpfsMount};
 
 use crate::base::ImageLayer;
 use crate::error::BuildError;
@@ -20,17 +20,37 @@ use super::prepare::Materializer;
 /// The overlay mounts of one build's stages, unmounted before the work dir they live in is
 /// removed (removing a mounted tree would delete through the mount, then fail).
 #[derive(Debug, Default)]
-pub(crate) struct StageMounts(Mutex<Vec<OverlayMount>>);
+pub(crate) struct StageMounts {
+    stages: Mutex<Vec<OverlayMount>>,
+    scratch: Mutex<Option<TmpfsMount>>,
+}
 
 impl StageMounts {
     fn add(&self, mount: OverlayMount) {
-        self.0.lock().expect("stage mounts").push(mount);
+        self.stages.lock().expect("stage mounts").push(mount);
     }
 
-    /// Unmounts every stage rootfs mounted so far.
+    /// Unmounts every stage rootfs mounted so far, and the scratch tmpfs.
     pub(crate) fn unmount_all(&self) {
-        self.0.lock().expect("stage mounts").clear();
+        self.stages.lock().expect("stage mounts").clear();
+        self.scratch.lock().expect("scratch mount").take();
     }
+}
+
+/// The most a build's scratch tmpfs may hold: a quarter of the memory available when the build
+/// starts, at most 1 GiB. What does not fit is written to disk instead.
+fn scratch_size() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let available_kib: u64 = meminfo
+        .lines()
+        .find_map(|line| line.strip_prefix("MemAvailable:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    let size = (available_kib * 1024 / 4).min(1 << 30);
+    (size >= 16 << 20).then_some(size)
 }
 
 /// A stage rootfs mounted as an overlay.
@@ -47,6 +67,8 @@ pub(crate) struct Mounted {
 pub(crate) struct BaseOverlay {
     trees: LayerTrees,
     mounts: Arc<StageMounts>,
+    /// A tmpfs in the work dir for trees that live only while the build runs.
+    scratch: Option<PathBuf>,
     /// Cleared at the first mount that fails (no overlayfs, a kiln dir overlayfs refuses as
     /// upper dir), so the build says so once and unpacks from then on.
     usable: AtomicBool,
@@ -60,6 +82,7 @@ impl BaseOverlay {
         options: &crate::options::BuildOptions,
         mode: kiln_sandbox::Mode,
         mounts: &Arc<StageMounts>,
+        work_dir: &Path,
         emit: &dyn Fn(BuildEvent),
     ) -> Option<BaseOverlay> {
         let wanted = options.snapshot.base_overlay
@@ -77,9 +100,18 @@ impl BaseOverlay {
                 return None;
             }
         };
+        // Without a tmpfs (no memory to spare, mounting refused) scratch trees go to disk.
+        let scratch = scratch_size().and_then(|size| {
+            let dir = work_dir.join("scratch");
+            std::fs::create_dir_all(&dir).ok()?;
+            let mount = TmpfsMount::mount(&dir, size).ok()?;
+            *mounts.scratch.lock().expect("scratch mount") = Some(mount);
+            Some(dir)
+        });
         Some(BaseOverlay {
             trees,
             mounts: Arc::clone(mounts),
+            scratch,
             usable: AtomicBool::new(true),
         })
     }
@@ -268,6 +300,12 @@ impl BaseOverlay {
 }
 
 impl Shared {
+    /// A directory on tmpfs for trees that only live while the build runs, when the build has
+    /// one.
+    pub(crate) fn scratch_dir(&self) -> Option<&Path> {
+        self.overlay.as_ref()?.scratch.as_deref()
+    }
+
     /// Mounts the image made of `layers` (bottom first, in the blob store) at `rootfs`, for a
     /// finished stage or an image that later steps only read; false, with `rootfs` untouched,
     /// when the build does not mount, a layer cannot stand alone or overlayfs refuses: the

@@ -295,39 +295,17 @@ impl StageRun<'_> {
         if let Some(layer) = self.reused_layer(step_no, step, op)? {
             return Ok(Some(layer));
         }
-        let tree = shared
-            .work_dir
-            .join(format!("link-{}-{step_no}", self.index));
-        std::fs::create_dir_all(&tree).map_err(BuildError::io(&tree))?;
-        let made: Result<Option<ImageLayer>, BuildError> = (|| {
-            let copied = shared.timed(Some(self.index), Some(step_no), Phase::Execute, || {
-                copy::execute(&self.context(step_no, step), op, &tree)
-            })?;
-            let options = SnapshotOptions {
-                mode: shared.options.snapshot.mode,
-                ignore: IgnoreOptions {
-                    system_paths: false,
-                    var_run: false,
-                    mount_points: false,
-                    extra: Vec::new(),
-                },
-            };
-            let mut snapshotter = Snapshotter::new(&tree, Index::new(), &options)
-                .map_err(|e| BuildError::step(step.provenance.location(), e))?;
-            let diff = snapshotter
-                .snapshot()
-                .map_err(|e| BuildError::step(step.provenance.location(), e))?;
-            self.check_not_lost(&diff, &tree, Some(&copied.written), step)?;
-            if diff.is_empty() {
-                return Ok(None);
-            }
-            let layer = shared.timed(Some(self.index), Some(step_no), Phase::Layer, || {
-                self.write(&tree, &diff, step_no, step)
-            })?;
-            Ok(Some(layer))
-        })();
-        let _ = std::fs::remove_dir_all(&tree);
-        let layer = made?;
+        let name = format!("link-{}-{step_no}", self.index);
+        let on_tmpfs = shared.scratch_dir().and_then(|scratch| {
+            // Whatever fails on the tmpfs (most likely, it filled up) is done again on disk,
+            // where a real failure recurs and is reported.
+            self.linked_layer_in(step_no, step, op, &scratch.join(&name))
+                .ok()
+        });
+        let layer = match on_tmpfs {
+            Some(layer) => layer,
+            None => self.linked_layer_in(step_no, step, op, &shared.work_dir.join(&name))?,
+        };
         if let Some(layer) = &layer {
             match self.prepared.as_mut() {
                 Some((snapshotter, _)) => {
@@ -349,6 +327,47 @@ impl StageRun<'_> {
             }
         }
         Ok(layer)
+    }
+
+    /// The layer of a linked copy made in a fresh tree at `tree`, removed afterwards.
+    fn linked_layer_in(
+        &self,
+        step_no: usize,
+        step: &Step,
+        op: &Copy,
+        tree: &Path,
+    ) -> Result<Option<ImageLayer>, BuildError> {
+        let shared = self.shared;
+        std::fs::create_dir_all(tree).map_err(BuildError::io(tree))?;
+        let made: Result<Option<ImageLayer>, BuildError> = (|| {
+            let copied = shared.timed(Some(self.index), Some(step_no), Phase::Execute, || {
+                copy::execute(&self.context(step_no, step), op, tree)
+            })?;
+            let options = SnapshotOptions {
+                mode: shared.options.snapshot.mode,
+                ignore: IgnoreOptions {
+                    system_paths: false,
+                    var_run: false,
+                    mount_points: false,
+                    extra: Vec::new(),
+                },
+            };
+            let mut snapshotter = Snapshotter::new(tree, Index::new(), &options)
+                .map_err(|e| BuildError::step(step.provenance.location(), e))?;
+            let diff = snapshotter
+                .snapshot()
+                .map_err(|e| BuildError::step(step.provenance.location(), e))?;
+            self.check_not_lost(&diff, tree, Some(&copied.written), step)?;
+            if diff.is_empty() {
+                return Ok(None);
+            }
+            let layer = shared.timed(Some(self.index), Some(step_no), Phase::Layer, || {
+                self.write(tree, &diff, step_no, step)
+            })?;
+            Ok(Some(layer))
+        })();
+        let _ = std::fs::remove_dir_all(tree);
+        made
     }
 
     fn make_directory(
