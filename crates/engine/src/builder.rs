@@ -83,7 +83,8 @@ impl Builder {
 
     /// Builds the image and writes it to every output. Must run inside a multi-threaded tokio
     /// runtime (stages run on blocking threads). On failure nothing is pushed and no digest file
-    /// is written.
+    /// is written. The build's work dir is deleted by a background thread after this returns
+    /// (see `--cleanup`, [`BuildOptions::cleanup`], to have it gone before).
     pub async fn build(self) -> Result<BuildReport, BuildError> {
         let started = Instant::now();
         let Some(path) = self.options.benchmark_file.clone() else {
@@ -185,11 +186,18 @@ struct Setup {
     mounts: Arc<StageMounts>,
     work_dir: tempfile::TempDir,
     blobs: BlobStore,
+    /// `--cleanup`: the work dir is gone before the build returns, not deleted in the
+    /// background.
+    cleanup: bool,
 }
 
 impl Drop for Setup {
     fn drop(&mut self) {
         self.mounts.unmount_all();
+        if self.cleanup {
+            // The `TempDir` deletes it when it drops, right after this.
+            return;
+        }
         // Renamed away and deleted in the background: the `TempDir` then finds nothing to
         // delete when it drops.
         let work_dir = self.work_dir.path().to_path_buf();
@@ -236,6 +244,7 @@ impl Setup {
             mounts: Arc::default(),
             work_dir,
             blobs,
+            cleanup: options.cleanup,
         };
         // Every registry the build will talk to is pinged as soon as it is known, while the
         // context and the Dockerfile are read: the first real request then finds the scheme

@@ -255,8 +255,10 @@ pub struct BuildOptions {
     /// `--kaniko-dir`/`--kiln-dir`: Kiln's own directory (work dirs, blob store); never
     /// snapshotted. Default `/kiln`.
     pub kiln_dir: PathBuf,
-    /// `--cleanup`: remove the work directory (and in in-place mode, the built filesystem
-    /// changes) after the build.
+    /// `--cleanup`: remove the work directory before the build returns (without it, a
+    /// background thread deletes it after the result is reported, and the next build with the
+    /// same Kiln dir finishes what an exiting process left), and in in-place mode the built
+    /// filesystem changes.
     pub cleanup: bool,
     /// `--force`: build even when not running in a container in in-place mode.
     pub force: bool,

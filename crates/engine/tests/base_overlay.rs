@@ -91,11 +91,21 @@ async fn mounted_and_unpacked_bases_give_the_same_image() {
         let kiln_dir = work.path().join(format!("kiln-{tag}"));
         let mut options = options_for(&registry, &context, &kiln_dir);
         options.snapshot.base_overlay = overlay;
+        // With --cleanup the work dir is gone when the build returns; without, a background
+        // thread deletes it (checked below).
+        options.cleanup = !overlay;
         options
             .output
             .destinations
             .push(format!("{}/layered:{tag}", registry.addr()));
         let (digest, events) = build(options).await;
+        if !overlay {
+            let left: Vec<_> = std::fs::read_dir(kiln_dir.join("work"))
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            assert!(left.is_empty(), "--cleanup left {left:?}");
+        }
         let notes: Vec<String> = events
             .iter()
             .filter_map(|e| match e {

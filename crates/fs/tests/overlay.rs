@@ -244,26 +244,44 @@ fn concurrent_unpacks_of_one_layer_share_one_tree() {
     );
 }
 
-/// Writing into a directory of a lower layer copies it up: a new inode below, the same inode
-/// number through the mount. The snapshot must see a changed directory, not a replaced one
-/// (which a layer would mark opaque, hiding everything else the lower layers have there).
-#[test]
-fn a_copied_up_directory_is_modified_not_replaced() {
-    let dir = tempfile::tempdir().unwrap();
-    let layers = two_layers(dir.path());
-    let store = LayerTrees::open(dir.path().join("trees")).unwrap();
-    let lowers: Vec<PathBuf> = layers
-        .iter()
-        .rev()
-        .map(|l| store.get_or_unpack(&l.digest, &l.path, &l.digest).unwrap())
-        .collect();
-    let [merged, upper, work] = ["merged", "upper", "work"].map(|d| {
-        let path = dir.path().join(d);
-        std::fs::create_dir(&path).unwrap();
-        path
-    });
-    let _mount = OverlayMount::mount(&merged, &lowers, &upper, &work).unwrap();
-    let options = SnapshotOptions {
+/// The trees of [`two_layers`] mounted as an overlay with an empty upper dir.
+struct Stack {
+    dir: tempfile::TempDir,
+    lowers: Vec<PathBuf>,
+    merged: PathBuf,
+    upper: PathBuf,
+    _mount: OverlayMount,
+}
+
+impl Stack {
+    fn mount() -> Stack {
+        let dir = tempfile::tempdir().unwrap();
+        let layers = two_layers(dir.path());
+        let store = LayerTrees::open(dir.path().join("trees")).unwrap();
+        let lowers: Vec<PathBuf> = layers
+            .iter()
+            .rev()
+            .map(|l| store.get_or_unpack(&l.digest, &l.path, &l.digest).unwrap())
+            .collect();
+        let [merged, upper, work] = ["merged", "upper", "work"].map(|d| {
+            let path = dir.path().join(d);
+            std::fs::create_dir(&path).unwrap();
+            path
+        });
+        let mount = OverlayMount::mount(&merged, &lowers, &upper, &work).unwrap();
+        Stack {
+            dir,
+            lowers,
+            merged,
+            upper,
+            _mount: mount,
+        }
+    }
+}
+
+/// Snapshot options that walk everything (no system paths or mount points left out).
+fn stack_options() -> SnapshotOptions {
+    SnapshotOptions {
         ignore: IgnoreOptions {
             system_paths: false,
             var_run: false,
@@ -271,8 +289,17 @@ fn a_copied_up_directory_is_modified_not_replaced() {
             extra: Vec::new(),
         },
         ..SnapshotOptions::default()
-    };
-    let mut snapshotter = Snapshotter::new(&merged, Index::new(), &options).unwrap();
+    }
+}
+
+/// Writing into a directory of a lower layer copies it up: a new inode below, the same inode
+/// number through the mount. The snapshot must see a changed directory, not a replaced one
+/// (which a layer would mark opaque, hiding everything else the lower layers have there).
+#[test]
+fn a_copied_up_directory_is_modified_not_replaced() {
+    let stack = Stack::mount();
+    let (merged, options) = (&stack.merged, stack_options());
+    let mut snapshotter = Snapshotter::new(merged, Index::new(), &options).unwrap();
     snapshotter.rescan().unwrap();
     // Past the coarse clock tick the rescan observed in, so nothing is racy.
     std::thread::sleep(std::time::Duration::from_millis(20));
@@ -312,44 +339,23 @@ fn changes_of(diff: &kiln_fs::snapshot::Diff) -> Vec<(String, ChangeKind)> {
 #[test]
 fn snapshots_from_the_upper_dir_match_whole_walks() {
     use std::os::unix::fs::PermissionsExt;
-    let dir = tempfile::tempdir().unwrap();
-    let layers = two_layers(dir.path());
-    let store = LayerTrees::open(dir.path().join("trees")).unwrap();
-    let lowers: Vec<PathBuf> = layers
-        .iter()
-        .rev()
-        .map(|l| store.get_or_unpack(&l.digest, &l.path, &l.digest).unwrap())
-        .collect();
-    let [merged, upper, work] = ["merged", "upper", "work"].map(|d| {
-        let path = dir.path().join(d);
-        std::fs::create_dir(&path).unwrap();
-        path
-    });
-    let _mount = OverlayMount::mount(&merged, &lowers, &upper, &work).unwrap();
-    let options = SnapshotOptions {
-        ignore: IgnoreOptions {
-            system_paths: false,
-            var_run: false,
-            mount_points: false,
-            extra: Vec::new(),
-        },
-        ..SnapshotOptions::default()
-    };
-    let mut walking = Snapshotter::new(&merged, Index::new(), &options).unwrap();
+    let stack = Stack::mount();
+    let (merged, upper, options) = (&stack.merged, &stack.upper, stack_options());
+    let mut walking = Snapshotter::new(merged, Index::new(), &options).unwrap();
     walking.rescan().unwrap();
-    let mut following = Snapshotter::new(&merged, Index::new(), &options).unwrap();
+    let mut following = Snapshotter::new(merged, Index::new(), &options).unwrap();
     following.rescan().unwrap();
-    following.follow_upper_dir(&upper).unwrap();
+    following.follow_upper_dir(upper).unwrap();
     // The same lower dirs without the upper dir, from which the third snapshotter fills its
     // index only where steps write.
     let [view, view_upper, view_work] = ["view", "view-upper", "view-work"].map(|d| {
-        let path = dir.path().join(d);
+        let path = stack.dir.path().join(d);
         std::fs::create_dir(&path).unwrap();
         path
     });
-    let _view_mount = OverlayMount::mount(&view, &lowers, &view_upper, &view_work).unwrap();
-    let mut filling = Snapshotter::new(&merged, Index::new(), &options).unwrap();
-    filling.follow_upper_dir_over(&upper, &view).unwrap();
+    let _view_mount = OverlayMount::mount(&view, &stack.lowers, &view_upper, &view_work).unwrap();
+    let mut filling = Snapshotter::new(merged, Index::new(), &options).unwrap();
+    filling.follow_upper_dir_over(upper, &view).unwrap();
     let m = |rel: &str| merged.join(rel);
     type Step<'a> = Box<dyn Fn() + 'a>;
     let steps: Vec<(&str, Step)> = vec![

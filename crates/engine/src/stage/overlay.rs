@@ -53,6 +53,15 @@ fn scratch_size() -> Option<u64> {
     (size >= 16 << 20).then_some(size)
 }
 
+/// What a refused overlay mount means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refused {
+    /// Overlayfs cannot be used here: said once, and the build unpacks from then on.
+    Unusable,
+    /// Only this mount is lost; the caller has another way (the snapshotter walks instead).
+    Fallback,
+}
+
 /// A stage rootfs mounted as an overlay.
 #[derive(Debug)]
 pub(crate) struct Mounted {
@@ -177,7 +186,7 @@ impl<'a> Materializer<'a> {
             }
         }
         lowers.reverse();
-        let Some(upper) = overlay.mount_at(shared, self.rootfs, &lowers)? else {
+        let Some(upper) = overlay.mount_at(shared, self.rootfs, &lowers, Refused::Unusable)? else {
             self.pending_cached = cached;
             return Ok(false);
         };
@@ -204,7 +213,7 @@ impl<'a> Materializer<'a> {
         let view = self.rootfs.with_file_name(format!("{name}.lower-view"));
         std::fs::create_dir_all(&view).map_err(BuildError::io(&view))?;
         Ok(overlay
-            .mount_at(self.shared, &view, &mounted.lowers)?
+            .mount_at(self.shared, &view, &mounted.lowers, Refused::Fallback)?
             .map(|_| view))
     }
 
@@ -265,6 +274,7 @@ impl BaseOverlay {
         shared: &Shared,
         rootfs: &Path,
         lowers: &[PathBuf],
+        refused: Refused,
     ) -> Result<Option<PathBuf>, BuildError> {
         let name = rootfs
             .file_name()
@@ -283,6 +293,7 @@ impl BaseOverlay {
                 self.mounts.add(mount);
                 Ok(Some(upper))
             }
+            Err(_) if refused == Refused::Fallback => Ok(None),
             Err(e) => {
                 if self.usable.swap(false, Ordering::Relaxed) {
                     shared.emit(BuildEvent::Note {
@@ -331,7 +342,9 @@ impl Shared {
             return Ok(false);
         };
         lowers.reverse();
-        Ok(overlay.mount_at(self, rootfs, &lowers)?.is_some())
+        Ok(overlay
+            .mount_at(self, rootfs, &lowers, Refused::Unusable)?
+            .is_some())
     }
 }
 
