@@ -447,6 +447,34 @@ fn retries_never_drop_below_the_default() {
 }
 
 #[test]
+fn stall_timeout_and_request_deadline() {
+    let defaults = build(&[DEST]).options.registry;
+    assert_eq!(defaults.stall_timeout, Some(Duration::from_secs(60)));
+    assert_eq!(defaults.request_deadline, Some(Duration::from_secs(3600)));
+    let set = build(&[
+        DEST,
+        "--registry-stall-timeout=90s",
+        "--registry-request-deadline=2h30m",
+    ])
+    .options
+    .registry;
+    assert_eq!(set.stall_timeout, Some(Duration::from_secs(90)));
+    assert_eq!(set.request_deadline, Some(Duration::from_secs(9000)));
+    let off = build(&[
+        DEST,
+        "--registry-stall-timeout=0",
+        "--registry-request-deadline=0s",
+    ])
+    .options
+    .registry;
+    assert_eq!((off.stall_timeout, off.request_deadline), (None, None));
+    assert!(usage_error(&[DEST, "--registry-stall-timeout=soon"])
+        .contains("--registry-stall-timeout"));
+    assert!(usage_error(&[DEST, "--registry-request-deadline=-1h"])
+        .contains("--registry-request-deadline"));
+}
+
+#[test]
 fn snapshot_modes_and_deprecated_spellings() {
     assert_eq!(
         build(&[DEST, "--snapshot-mode=full"]).options.snapshot.mode,

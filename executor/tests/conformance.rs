@@ -1,7 +1,8 @@
 //! Conformance: every case under `testdata/cases/` is built with the `executor` binary (chroot
-//! mode, kaniko-style flags) and with buildah against one loopback registry; both images are pulled back with skopeo,
-//! unpacked with umoci and compared path by path and config field by config field. The Kiln image
-//! is then run with runc and must print what the case's `expect` file says.
+//! mode, kaniko-style flags) twice, with bases mounted from layer trees and with bases unpacked
+//! (`BASE_PATHS`), and with buildah, against one loopback registry; the images are pulled back
+//! with skopeo, unpacked with umoci and compared path by path and config field by config field.
+//! Each Kiln image is then run with runc and must print what the case's `expect` file says.
 //!
 //! `expect` format, one directive per line (`#` starts a comment):
 //! - `run: TEXT` — one line of the expected stdout, in order;
@@ -214,10 +215,17 @@ fn load_cases() -> Vec<Case> {
     cases
 }
 
-/// The `executor` command line a kaniko user would write for `case`.
+/// The two ways a chroot build gets its bases, each checked against the oracle: mounted as
+/// overlays of layer trees kept in the Kiln dir (the default), and unpacked into the stage
+/// rootfs (`--base-overlay=false`, and where overlayfs is refused), each pushed to its own
+/// repository.
+const BASE_PATHS: [(bool, &str); 2] = [(true, "kiln"), (false, "kiln-unpacked")];
+
+/// The `executor` command line a kaniko user would write for `case`, pushing to `repo`.
 fn executor_command(
     registry: &Registry,
     case: &Case,
+    (base_overlay, repo): (bool, &str),
     kiln_dir: &Path,
     secret_dir: &Path,
 ) -> Command {
@@ -228,7 +236,8 @@ fn executor_command(
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_executor")));
     let mut cmd = Command::new(executor);
     cmd.arg(format!("--context=dir://{}", case.dir.display()))
-        .arg(format!("--destination={addr}/kiln/{}:1", case.name))
+        .arg(format!("--destination={addr}/{repo}/{}:1", case.name))
+        .arg(format!("--base-overlay={base_overlay}"))
         .arg(format!("--kiln-dir={}", kiln_dir.display()))
         .arg("--mode=chroot")
         .arg("--progress=plain")
@@ -385,8 +394,8 @@ fn path_expectations(case: &Case, kiln: &Flattened) -> Vec<String> {
 
 /// Looks for each secret value in every blob of the pushed image (layers decompressed, config
 /// with its history as is).
-fn secret_leaks(registry: &Registry, case: &Case) -> Vec<String> {
-    let repo_tag = format!("kiln/{}:1", case.name);
+fn secret_leaks(registry: &Registry, case: &Case, repo: &str) -> Vec<String> {
+    let repo_tag = format!("{repo}/{}:1", case.name);
     let mut leaks = Vec::new();
     for (id, value) in &case.secrets {
         for blob in image::blobs_containing(registry, &repo_tag, value.as_bytes()) {
@@ -408,40 +417,37 @@ fn check_case(registry: &Registry, buildah: &std::sync::Arc<Buildah>, case: &Cas
     }
     let case = &case;
     let oracle_build = spawn_buildah(buildah, case);
-    let work = tempfile::tempdir().unwrap();
-    let secret_dir = tempfile::tempdir().unwrap();
-    let kiln_built = executor_command(registry, case, work.path(), secret_dir.path())
-        .output()
-        .map_err(|e| format!("cannot start executor: {e}"))
-        .and_then(|out| {
-            if out.status.success() {
-                Ok(())
-            } else {
-                Err(format!(
-                    "executor exited with {}:\n{}",
-                    out.status,
-                    String::from_utf8_lossy(&out.stderr)
-                ))
-            }
-        });
-    let oracle_built = oracle_build.map(|h| h.join().expect("buildah thread"));
     let mut problems = Vec::new();
-
-    let kiln = match kiln_built {
-        Ok(_) => match catching("pull/unpack kiln image", || {
-            image::flatten(registry, &format!("kiln/{}:1", case.name))
-        }) {
-            Ok(flat) => Some(flat),
-            Err(e) => {
-                problems.push(e);
-                None
-            }
-        },
-        Err(e) => {
-            problems.push(format!("kiln build failed: {e}"));
-            None
+    let mut kilns = Vec::new();
+    for base_path in BASE_PATHS {
+        let repo = base_path.1;
+        let work = tempfile::tempdir().unwrap();
+        let secret_dir = tempfile::tempdir().unwrap();
+        let built = executor_command(registry, case, base_path, work.path(), secret_dir.path())
+            .output()
+            .map_err(|e| format!("cannot start executor: {e}"))
+            .and_then(|out| {
+                if out.status.success() {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "executor exited with {}:\n{}",
+                        out.status,
+                        String::from_utf8_lossy(&out.stderr)
+                    ))
+                }
+            });
+        match built {
+            Ok(()) => match catching(&format!("pull/unpack {repo} image"), || {
+                image::flatten(registry, &format!("{repo}/{}:1", case.name))
+            }) {
+                Ok(flat) => kilns.push((repo, flat)),
+                Err(e) => problems.push(e),
+            },
+            Err(e) => problems.push(format!("kiln build ({repo}) failed: {e}")),
         }
-    };
+    }
+    let oracle_built = oracle_build.map(|h| h.join().expect("buildah thread"));
     let oracle = match oracle_built {
         None => None,
         Some(Ok(())) => match catching("pull/unpack buildah image", || {
@@ -458,20 +464,22 @@ fn check_case(registry: &Registry, buildah: &std::sync::Arc<Buildah>, case: &Cas
             None
         }
     };
-    if let (Some(kiln), Some(oracle)) = (&kiln, &oracle) {
-        problems.extend(compare(case, kiln, oracle));
-    }
-    if let Some(kiln) = &kiln {
-        problems.extend(path_expectations(case, kiln));
-        problems.extend(secret_leaks(registry, case));
+    for (repo, kiln) in &kilns {
+        let mut found = Vec::new();
+        if let Some(oracle) = &oracle {
+            found.extend(compare(case, kiln, oracle));
+        }
+        found.extend(path_expectations(case, kiln));
+        found.extend(secret_leaks(registry, case, repo));
         match catching("run kiln image with runc", || image::run_with_runc(kiln)) {
             Ok(output) if output == case.run => {}
-            Ok(output) => problems.push(format!(
+            Ok(output) => found.push(format!(
                 "kiln image printed:\n{output}--- expected:\n{}---",
                 case.run
             )),
-            Err(e) => problems.push(e),
+            Err(e) => found.push(e),
         }
+        problems.extend(found.into_iter().map(|p| format!("[{repo}] {p}")));
     }
     eprintln!(
         "case {}: {} in {:.1?}{}",

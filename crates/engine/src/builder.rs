@@ -116,6 +116,17 @@ impl Builder {
             events,
             plan,
         } = self;
+        // Every retry is a line of the progress output; an embedder's own hook still runs.
+        let retry_events = events.clone();
+        let embedders_hook = options.registry.on_retry.take();
+        options.registry.on_retry = Some(
+            kiln_registry::RetryHook::new(move |retry| {
+                retry_events(BuildEvent::Note {
+                    message: format!("retrying: {retry}"),
+                })
+            })
+            .then(embedders_hook),
+        );
         let mode = options.mode.unwrap_or_else(Mode::detect);
         let setup = Setup::new(&options, mode)?;
         let context_started = Instant::now();

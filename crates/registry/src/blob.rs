@@ -202,7 +202,21 @@ impl PullState {
             return None;
         }
         loop {
-            match self.body.next().await {
+            let stall = self.inner.options.stall_timeout;
+            let next = match crate::transport::within(stall, self.body.next()).await {
+                Some(next) => next.map(|r| {
+                    r.map_err(|e| Error::transport(&self.target, Operation::PullBlob, &e))
+                }),
+                None => Some(Err(crate::transport::body_stalled(
+                    Ctx {
+                        target: &self.target,
+                        operation: Operation::PullBlob,
+                    },
+                    &self.url,
+                    stall.unwrap_or_default(),
+                ))),
+            };
+            match next {
                 Some(Ok(mut chunk)) => {
                     if self.skip > 0 {
                         let dropped = self.skip.min(chunk.len() as u64) as usize;
@@ -218,14 +232,22 @@ impl PullState {
                     self.offset += chunk.len() as u64;
                     return Some(Ok(chunk));
                 }
-                Some(Err(e)) => {
-                    let err = Error::transport(&self.target, Operation::PullBlob, &e);
+                Some(Err(err)) => {
                     if self.resumes >= self.inner.options.retries {
                         self.finished = true;
                         return Some(Err(err));
                     }
-                    tracing::warn!(error = %err, offset = self.offset, "blob download interrupted, resuming");
-                    tokio::time::sleep(self.inner.backoff(self.resumes)).await;
+                    let delay = self.inner.backoff(self.resumes);
+                    let reason = format!(
+                        "the download broke off after {} bytes ({err}); resuming there",
+                        self.offset
+                    );
+                    let ctx = Ctx {
+                        target: &self.target,
+                        operation: Operation::PullBlob,
+                    };
+                    self.inner.retry_note(ctx, reason, self.resumes, delay);
+                    tokio::time::sleep(delay).await;
                     self.resumes += 1;
                     if let Err(err) = self.resume().await {
                         self.finished = true;

@@ -277,10 +277,20 @@ impl Error {
                 reason: rejection.message().to_owned(),
             };
         }
+        // reqwest calls both its connect timeout and the request deadline "operation timed
+        // out"; the deadline is the one that covers the whole request, body included.
+        let message = if err.is_timeout() && !err.is_connect() {
+            match err.url() {
+                Some(url) => format!("{url}: the request deadline ran out before it finished"),
+                None => "the request deadline ran out before it finished".to_owned(),
+            }
+        } else {
+            error_chain(err)
+        };
         Error::Transport {
             target: target.to_owned(),
             operation,
-            message: error_chain(err),
+            message,
             connect: err.is_connect(),
         }
     }

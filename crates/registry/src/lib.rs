@@ -7,7 +7,8 @@
 //! challenges are answered, and tokens are cached per scope. Transport follows kaniko's flags
 //! ([`RegistryOptions`]): plain HTTP, skipped TLS verification, extra CAs and client
 //! certificates per registry (by flag, or in certs.d directories laid out as Docker's),
-//! mirrors and registry maps, retries with back-off, and a limit on concurrent transfers.
+//! mirrors and registry maps, retries with jittered back-off, a stall timeout and a deadline on every
+//! request, and a limit on concurrent transfers.
 //! Certificates are verified by webpki, except that a server certificate the user trusts as
 //! itself is checked as Go's crypto/x509 checks it, whatever its basic constraints.
 //!
@@ -65,6 +66,6 @@ pub use credentials::{
     normalize_registry, Credential, DockerConfig, Keychain, DOCKER_HUB_AUTH_KEY,
 };
 pub use error::{Error, Operation, RegistryErrorBody};
-pub use options::{ClientCertificate, RegistryOptions, UploadMode};
+pub use options::{ClientCertificate, RegistryOptions, Retry, RetryHook, UploadMode};
 pub use repository::{valid_tag, Repository};
 pub use secret::Secret;

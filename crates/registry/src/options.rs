@@ -1,12 +1,14 @@
 //! Client configuration, shaped after kaniko's registry flags so the executor can fill it
 //! directly from the command line.
 
+use std::fmt;
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::credentials::{normalize_registry, Keychain};
-use crate::error::Error;
+use crate::error::{Error, Operation};
 
 /// A client certificate and its private key (PEM files), for registries that require mutual
 /// TLS (`--registry-client-cert`).
@@ -97,8 +99,17 @@ pub struct RegistryOptions {
     pub upload_mode: UploadMode,
     /// Time allowed to open a connection (TCP and TLS).
     pub connect_timeout: Duration,
-    /// Longest silence allowed while reading a response; `None` waits forever.
-    pub read_timeout: Option<Duration>,
+    /// `--registry-stall-timeout`: the longest time a request may go without a byte moving in
+    /// either direction (a slice of the body sent, the answer's headers, a chunk of its body).
+    /// A transfer that keeps moving is never cut by it, however long it takes. A stalled try
+    /// fails and is retried like a broken connection. `None` waits forever.
+    pub stall_timeout: Option<Duration>,
+    /// `--registry-request-deadline`: the longest one try of one request may take, body
+    /// included, moving or not, so that a trickle ends too. `None` for no deadline.
+    pub request_deadline: Option<Duration>,
+    /// Called before every retry with what failed and when the next try goes out, so a build
+    /// can show it in its progress output. Retries are also logged with `tracing`.
+    pub on_retry: Option<RetryHook>,
     /// Page size asked for when listing tags; `None` lets the registry choose.
     pub tags_page_size: Option<u32>,
     /// The `User-Agent` header.
@@ -132,10 +143,77 @@ impl Default for RegistryOptions {
             chunk_size: 4 * 1024 * 1024,
             upload_mode: UploadMode::Auto,
             connect_timeout: Duration::from_secs(30),
-            read_timeout: Some(Duration::from_secs(300)),
+            stall_timeout: Some(Duration::from_secs(60)),
+            request_deadline: Some(Duration::from_secs(3600)),
+            on_retry: None,
             tags_page_size: None,
             user_agent: concat!("kiln/", env!("CARGO_PKG_VERSION")).to_owned(),
         }
+    }
+}
+
+/// A retry about to happen, as given to [`RegistryOptions::on_retry`].
+#[derive(Clone, Debug)]
+pub struct Retry {
+    /// `registry/repository` (or the registry alone).
+    pub target: String,
+    /// What was being done.
+    pub operation: Operation,
+    /// What went wrong with the last try: the status and the URL, or the transport failure.
+    pub reason: String,
+    /// Which retry this is, from 1.
+    pub attempt: u32,
+    /// How many retries are allowed in all.
+    pub retries: u32,
+    /// How long until the retry goes out.
+    pub delay: Duration,
+}
+
+impl fmt::Display for Retry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}: {}: {}; retry {} of {} in {:.1}s",
+            self.target,
+            self.operation,
+            self.reason,
+            self.attempt,
+            self.retries,
+            self.delay.as_secs_f64()
+        )
+    }
+}
+
+/// A function told about every retry ([`RegistryOptions::on_retry`]).
+#[derive(Clone)]
+pub struct RetryHook(Arc<dyn Fn(&Retry) + Send + Sync>);
+
+impl RetryHook {
+    /// Wraps `hook`.
+    pub fn new(hook: impl Fn(&Retry) + Send + Sync + 'static) -> RetryHook {
+        RetryHook(Arc::new(hook))
+    }
+
+    /// Tells the hook about `retry`.
+    pub fn call(&self, retry: &Retry) {
+        (self.0)(retry)
+    }
+
+    /// A hook that calls `self`, then `next`: an embedder's hook kept beside the engine's.
+    pub fn then(self, next: Option<RetryHook>) -> RetryHook {
+        match next {
+            None => self,
+            Some(next) => RetryHook::new(move |retry| {
+                self.call(retry);
+                next.call(retry);
+            }),
+        }
+    }
+}
+
+impl fmt::Debug for RetryHook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("RetryHook")
     }
 }
 

@@ -4,6 +4,9 @@
 
 mod auth;
 mod dates;
+mod watch;
+
+pub(crate) use watch::within;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -251,8 +254,8 @@ impl Inner {
         let mut builder = reqwest::Client::builder()
             .user_agent(self.options.user_agent.clone())
             .connect_timeout(self.options.connect_timeout);
-        if let Some(timeout) = self.options.read_timeout {
-            builder = builder.read_timeout(timeout);
+        if let Some(deadline) = self.options.request_deadline {
+            builder = builder.timeout(deadline);
         }
         let dir_files = self.tls.dir_files(registry)?;
         let certs_dir = match dir_files.first() {
@@ -487,15 +490,15 @@ impl Inner {
             if let Some(value) = authorization {
                 request = request.header(AUTHORIZATION, value);
             }
-            match request.send().await {
-                Err(e) => {
-                    let err = Error::transport(ctx.target, ctx.operation, &e);
+            match self.dispatch(request, ctx).await {
+                Err(err) => {
                     // A refused certificate is refused again on every try.
                     if attempt >= self.options.retries || matches!(err, Error::Certificate { .. }) {
                         return Err(err);
                     }
-                    tracing::warn!(error = %err, attempt, "retrying");
-                    tokio::time::sleep(self.backoff(attempt)).await;
+                    let delay = self.backoff(attempt);
+                    self.retry_note(ctx, failure_reason(&err), attempt, delay);
+                    tokio::time::sleep(delay).await;
                     attempt += 1;
                     last = Some(Err(err));
                 }
@@ -516,7 +519,7 @@ impl Inner {
                     let delay = retry_after(&resp)
                         .map(|d| d.min(self.options.retry_max_delay))
                         .unwrap_or_else(|| self.backoff(attempt));
-                    tracing::warn!(target = ctx.target, status = %resp.status(), ?delay, attempt, "retrying");
+                    self.retry_note(ctx, status_reason(&resp), attempt, delay);
                     tokio::time::sleep(delay).await;
                     attempt += 1;
                     last = Some(Ok(resp));
@@ -542,16 +545,18 @@ impl Inner {
                     "request could not be created",
                 ));
             };
-            match request.send().await {
-                Err(e) if attempt < retries && crate::certificate::find_rejection(&e).is_none() => {
-                    tracing::warn!(target = ctx.target, error = %error_chain(&e), attempt, "retrying");
-                    tokio::time::sleep(self.backoff(attempt)).await;
+            match self.dispatch(request, ctx).await {
+                Err(err) if attempt < retries && !matches!(err, Error::Certificate { .. }) => {
+                    let delay = self.backoff(attempt);
+                    self.retry_note(ctx, failure_reason(&err), attempt, delay);
+                    tokio::time::sleep(delay).await;
                 }
-                Err(e) => return Err(Error::transport(ctx.target, ctx.operation, &e)),
+                Err(err) => return Err(err),
                 Ok(resp) if retryable_status(resp.status()) && attempt < retries => {
                     let delay = retry_after(&resp)
                         .map(|d| d.min(self.options.retry_max_delay))
                         .unwrap_or_else(|| self.backoff(attempt));
+                    self.retry_note(ctx, status_reason(&resp), attempt, delay);
                     tokio::time::sleep(delay).await;
                 }
                 Ok(resp) => return Ok(resp),
@@ -560,12 +565,69 @@ impl Inner {
         }
     }
 
+    /// The wait before retry `attempt` (from 0): the back-off ceiling with up to half of it
+    /// cut at random, so that builds that failed together do not all come back at once.
     pub fn backoff(&self, attempt: u32) -> Duration {
+        self.backoff_ceiling(attempt)
+            .mul_f64(1.0 - random_fraction() / 2.0)
+    }
+
+    /// The longest wait before retry `attempt`: the first delay doubled with each retry, up to
+    /// the cap.
+    fn backoff_ceiling(&self, attempt: u32) -> Duration {
         let factor = 2u32.saturating_pow(attempt.min(16));
         self.options
             .retry_initial_delay
             .saturating_mul(factor)
             .min(self.options.retry_max_delay)
+    }
+
+    /// Tells the log and the retry hook that try `attempt` (from 0) failed for `reason` and
+    /// the next goes out after `delay`.
+    pub fn retry_note(&self, ctx: Ctx<'_>, reason: String, attempt: u32, delay: Duration) {
+        let retry = crate::options::Retry {
+            target: ctx.target.to_owned(),
+            operation: ctx.operation,
+            reason,
+            attempt: attempt + 1,
+            retries: self.options.retries,
+            delay,
+        };
+        tracing::warn!("retrying: {retry}");
+        if let Some(hook) = &self.options.on_retry {
+            hook.call(&retry);
+        }
+    }
+
+    /// Sends one try of a request, failing it when nothing moves for the stall timeout: no
+    /// slice of its body sent and no answer for that long.
+    async fn dispatch(&self, request: RequestBuilder, ctx: Ctx<'_>) -> Result<Response, Error> {
+        let (http, request) = request.build_split();
+        let mut request = request.map_err(|e| Error::transport(ctx.target, ctx.operation, &e))?;
+        let progress = watch::Progress::new();
+        if let Some(body) = request.body_mut().take() {
+            *request.body_mut() = Some(watch::watched(body, progress.clone()));
+        }
+        let described = format!("{} {}", request.method(), request.url());
+        let stall = self.options.stall_timeout;
+        match watch::unless_stalled(&progress, stall, http.execute(request)).await {
+            Some(Ok(mut resp)) => {
+                if let Some(stall) = stall {
+                    resp.extensions_mut().insert(StallTimeout(stall));
+                }
+                Ok(resp)
+            }
+            Some(Err(e)) => Err(Error::transport(ctx.target, ctx.operation, &e)),
+            None => Err(Error::Transport {
+                target: ctx.target.to_owned(),
+                operation: ctx.operation,
+                message: format!(
+                    "{described}: nothing moved for {} (the stall timeout)",
+                    seconds(stall.unwrap_or_default())
+                ),
+                connect: false,
+            }),
+        }
     }
 }
 
@@ -646,12 +708,28 @@ fn retry_after(resp: &Response) -> Option<Duration> {
     )
 }
 
+/// The stall timeout a response was sent under, kept with it so that whoever reads its body
+/// holds every chunk to the same bound.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct StallTimeout(pub Duration);
+
+/// The stall timeout that applies to reading `resp`'s body.
+pub(crate) fn stall_of(resp: &Response) -> Option<Duration> {
+    resp.extensions().get::<StallTimeout>().map(|s| s.0)
+}
+
+/// The longest an error's body is waited for: the error is the news, its body only explains it,
+/// so a body that trickles or stops must not hold the failure up.
+const ERROR_BODY_WAIT: Duration = Duration::from_secs(10);
+
 /// Turns an unexpected response into an error with the registry's code and message.
 pub(crate) async fn status_error(resp: Response, ctx: Ctx<'_>) -> Error {
     let status = resp.status();
-    let body = read_limited(resp, ERROR_BODY_LIMIT, ctx)
+    let wait = stall_of(&resp).map_or(ERROR_BODY_WAIT, |stall| stall.min(ERROR_BODY_WAIT));
+    let body = tokio::time::timeout(wait, read_limited(resp, ERROR_BODY_LIMIT, ctx))
         .await
         .ok()
+        .and_then(Result::ok)
         .and_then(|b| parse_error_body(&b));
     Error::Status {
         target: ctx.target.to_owned(),
@@ -676,11 +754,16 @@ pub(crate) async fn read_limited(
         ));
     }
     let mut body = bytes::BytesMut::new();
-    while let Some(chunk) = resp
-        .chunk()
-        .await
-        .map_err(|e| Error::transport(ctx.target, ctx.operation, &e))?
-    {
+    let stall = stall_of(&resp);
+    let url = resp.url().clone();
+    loop {
+        let Some(next) = watch::within(stall, resp.chunk()).await else {
+            return Err(body_stalled(ctx, &url, stall.unwrap_or_default()));
+        };
+        let Some(chunk) = next.map_err(|e| Error::transport(ctx.target, ctx.operation, &e))?
+        else {
+            break;
+        };
         if body.len() + chunk.len() > limit {
             return Err(Error::invalid(
                 ctx.target,
@@ -691,6 +774,52 @@ pub(crate) async fn read_limited(
         body.extend_from_slice(&chunk);
     }
     Ok(body.freeze())
+}
+
+/// The error of an answer whose body stopped arriving.
+pub(crate) fn body_stalled(ctx: Ctx<'_>, url: &Url, stall: Duration) -> Error {
+    Error::Transport {
+        target: ctx.target.to_owned(),
+        operation: ctx.operation,
+        message: format!(
+            "{url}: the answer's body stopped: nothing arrived for {} (the stall timeout)",
+            seconds(stall)
+        ),
+        connect: false,
+    }
+}
+
+/// What went wrong with a try, for a retry note: the cause without the target and operation
+/// the note already names.
+fn failure_reason(err: &Error) -> String {
+    match err {
+        Error::Transport { message, .. } => message.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// A retried status, for a retry note: the URL, the status and any `Retry-After`.
+fn status_reason(resp: &Response) -> String {
+    let mut reason = format!("{} answered {}", resp.url(), resp.status());
+    if let Some(value) = resp.headers().get(RETRY_AFTER).and_then(|v| v.to_str().ok()) {
+        reason.push_str(&format!(" (Retry-After: {value})"));
+    }
+    reason
+}
+
+/// A duration as people read it in an error: `2s`, `1.5s`.
+pub(crate) fn seconds(duration: Duration) -> String {
+    format!("{}s", duration.as_secs_f64())
+}
+
+/// A number in [0, 1) that differs from call to call; std's hasher keys are random per process
+/// and advance with each `RandomState`, which is all the spread a back-off needs.
+fn random_fraction() -> f64 {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    let bits = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    (bits >> 11) as f64 / (1u64 << 53) as f64
 }
 
 #[cfg(test)]
@@ -708,9 +837,27 @@ mod tests {
             Arc::new(crate::clock::SystemClock),
         )
         .unwrap();
-        assert_eq!(inner.backoff(0), Duration::from_millis(100));
-        assert_eq!(inner.backoff(1), Duration::from_millis(200));
-        assert_eq!(inner.backoff(2), Duration::from_millis(350));
-        assert_eq!(inner.backoff(40), Duration::from_millis(350));
+        assert_eq!(inner.backoff_ceiling(0), Duration::from_millis(100));
+        assert_eq!(inner.backoff_ceiling(1), Duration::from_millis(200));
+        assert_eq!(inner.backoff_ceiling(2), Duration::from_millis(350));
+        assert_eq!(inner.backoff_ceiling(40), Duration::from_millis(350));
+    }
+
+    #[test]
+    fn backoff_is_cut_at_random_by_at_most_half() {
+        let inner = Inner::new(
+            RegistryOptions {
+                retry_initial_delay: Duration::from_millis(1000),
+                ..RegistryOptions::default()
+            },
+            Arc::new(crate::clock::SystemClock),
+        )
+        .unwrap();
+        let waits: Vec<Duration> = (0..200).map(|_| inner.backoff(0)).collect();
+        assert!(waits
+            .iter()
+            .all(|w| *w > Duration::from_millis(500) && *w <= Duration::from_millis(1000)));
+        let distinct: std::collections::HashSet<_> = waits.iter().collect();
+        assert!(distinct.len() > 150, "{} distinct waits of 200", distinct.len());
     }
 }

@@ -351,6 +351,14 @@ flag_struct! {
         /// Retries for pulls (Kiln retries transient failures 3 times by default).
         #[arg(long = "image-download-retry", value_name = "N")]
         image_download_retry: Option<u32>,
+        /// Longest time a registry request may go without a byte moving in either direction
+        /// before the try fails and is retried (Go duration, default 60s; 0 waits forever).
+        #[arg(long = "registry-stall-timeout", value_name = "DURATION")]
+        registry_stall_timeout: Option<String>,
+        /// Longest time one try of one registry request may take, body included (Go duration,
+        /// default 1h; 0 for none).
+        #[arg(long = "registry-request-deadline", value_name = "DURATION")]
+        registry_request_deadline: Option<String>,
     }
 }
 

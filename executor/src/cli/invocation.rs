@@ -385,7 +385,20 @@ pub(super) fn registry_options(
     if let Some(retries) = asked {
         options.retries = options.retries.max(retries);
     }
+    if let Some(text) = &flags.registry_stall_timeout {
+        options.stall_timeout = bound("--registry-stall-timeout", text)?;
+    }
+    if let Some(text) = &flags.registry_request_deadline {
+        options.request_deadline = bound("--registry-request-deadline", text)?;
+    }
     Ok(options)
+}
+
+/// A time bound given as a Go duration, where `0` means none.
+fn bound(flag: &str, text: &str) -> Result<Option<Duration>, UsageError> {
+    let duration = parse_go_duration(text)
+        .map_err(|e| UsageError::new(format!("{flag} {text:?}: {e}")))?;
+    Ok((!duration.is_zero()).then_some(duration))
 }
 
 /// kaniko's `--registry-map` value: `ORIGINAL=MIRROR` pairs separated by `;`. A segment without

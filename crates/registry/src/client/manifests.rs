@@ -238,30 +238,51 @@ impl Client {
             .url(&ep, &format!("v2/{}/manifests/{mref}", repo.name()))
             .await?;
         let scopes = [push_scope(repo.name())];
-        let resp = self
-            .inner
-            .send(&ep, ctx, &scopes, |http| {
-                Some(
-                    http.put(url.clone())
-                        .header(CONTENT_TYPE, media_type.as_str())
-                        .body(bytes.clone()),
-                )
-            })
-            .await?;
-        if !resp.status().is_success() {
-            return Err(status_error(resp, ctx).await);
-        }
-        if let Some(announced) = header_digest(resp.headers()) {
-            if announced.algorithm() == local.algorithm() && announced != local {
-                return Err(Error::digest_mismatch(
-                    &target,
-                    ctx.operation,
-                    &local,
-                    announced,
-                ));
+        let mut resends = 0;
+        loop {
+            let resp = self
+                .inner
+                .send(&ep, ctx, &scopes, |http| {
+                    Some(
+                        http.put(url.clone())
+                            .header(CONTENT_TYPE, media_type.as_str())
+                            .body(bytes.clone()),
+                    )
+                })
+                .await?;
+            if !resp.status().is_success() {
+                return Err(status_error(resp, ctx).await);
             }
+            let stored = header_digest(resp.headers())
+                .filter(|announced| announced.algorithm() == local.algorithm());
+            let Some(stored) = stored.filter(|stored| stored != &local) else {
+                return Ok(local);
+            };
+            // The registry stored other bytes than were sent: they changed on the way. The tag
+            // now names that manifest, so it is sent again, and if that never mends it, the
+            // stored one is deleted rather than left behind under the tag.
+            if resends < self.inner.options.retries {
+                let delay = self.inner.backoff(resends);
+                let reason = format!(
+                    "the registry stored the manifest with digest {stored}, not {local}: its bytes changed on the way"
+                );
+                self.inner.retry_note(ctx, reason, resends, delay);
+                tokio::time::sleep(delay).await;
+                resends += 1;
+                continue;
+            }
+            let cleanup = match self.delete_manifest(repo, &stored).await {
+                Ok(_) => format!("the manifest {stored} it stored was deleted"),
+                Err(e) => format!("the manifest {stored} it stored could not be deleted ({e})"),
+            };
+            return Err(Error::invalid(
+                &target,
+                ctx.operation,
+                format!(
+                    "the registry stored the manifest with digest {stored}, not {local}: its bytes changed on the way, after {resends} retries; {cleanup}"
+                ),
+            ));
         }
-        Ok(local)
     }
 
     /// Deletes the manifest `digest` from `repo` (and with it every tag that points to it, as

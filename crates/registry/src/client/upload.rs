@@ -89,6 +89,9 @@ impl Client {
             _ => None,
         };
         let mut restarts = 0;
+        // A token can expire while a body goes out; the body is gone by the time the 401
+        // arrives, so the upload starts over once with a fresh token.
+        let mut restarted_for_auth = false;
         let mut last_error: Option<Error> = None;
         loop {
             let mount_now = if restarts == 0 { mount } else { None };
@@ -153,11 +156,17 @@ impl Client {
                 }
                 Err(err) => {
                     self.cancel_upload(&ep, name, &target, &location).await;
-                    if !err.is_retryable() || restarts >= self.inner.options.retries {
+                    let expired = is_unauthorized(&err) && !restarted_for_auth;
+                    let worth_restarting =
+                        err.is_retryable() || changed_on_the_way(&err) || expired;
+                    if !worth_restarting || restarts >= self.inner.options.retries {
                         return Err(err);
                     }
-                    tracing::warn!(error = %err, "upload failed, restarting it");
-                    tokio::time::sleep(self.inner.backoff(restarts)).await;
+                    restarted_for_auth |= expired;
+                    let delay = self.inner.backoff(restarts);
+                    let reason = format!("the upload failed ({err}); starting it over");
+                    self.inner.retry_note(ctx, reason, restarts, delay);
+                    tokio::time::sleep(delay).await;
                     restarts += 1;
                     last_error = Some(err);
                 }
@@ -551,6 +560,17 @@ fn verified_body(
         }
     });
     reqwest::Body::wrap_stream(stream)
+}
+
+/// Whether the registry refused an upload because what arrived does not hash to the digest
+/// it was announced with: the bytes changed on the way, and sending them again can mend it.
+fn changed_on_the_way(err: &Error) -> bool {
+    matches!(err, Error::Status { status, body: Some(body), .. }
+        if *status == StatusCode::BAD_REQUEST && body.code == "DIGEST_INVALID")
+}
+
+fn is_unauthorized(err: &Error) -> bool {
+    matches!(err, Error::Status { status, .. } if *status == StatusCode::UNAUTHORIZED)
 }
 
 fn location_of(resp: &Response, request_url: &Url, ctx: Ctx<'_>) -> Result<Url, Error> {
