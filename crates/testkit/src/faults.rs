@@ -653,11 +653,19 @@ impl Shared {
         conn.go_on(req)?;
         // An upload the registry stops reading (an early error answer) still gets its answer
         // relayed; the client's unread rest of the body then forbids reusing the connection.
+        // A client that stops sending leaves the registry waiting for the rest: the half-close
+        // makes it answer (or give up) at once, and the timeout bounds a registry that does not.
         let mut body_cut = false;
         match self.send_request(conn, req, upload, &mut up_writer) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::InvalidData => return Err(e),
-            Err(_) => body_cut = true,
+            Err(_) => {
+                body_cut = true;
+                let _ = up_writer.shutdown(Shutdown::Write);
+                up_reader
+                    .get_ref()
+                    .set_read_timeout(Some(Duration::from_secs(10)))?;
+            }
         }
         if upload == Upload::Short {
             let _ = up_writer.shutdown(Shutdown::Write);

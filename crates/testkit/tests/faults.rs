@@ -62,9 +62,10 @@ impl Client {
         for (name, value) in headers {
             head.push_str(&format!("{name}: {value}\r\n"));
         }
-        let framed = headers
-            .iter()
-            .any(|(name, _)| name.eq_ignore_ascii_case("content-length"));
+        let framed = headers.iter().any(|(name, _)| {
+            name.eq_ignore_ascii_case("content-length")
+                || name.eq_ignore_ascii_case("transfer-encoding")
+        });
         if !framed && (!body.is_empty() || matches!(method, "PUT" | "POST" | "PATCH")) {
             head.push_str(&format!("Content-Length: {}\r\n", body.len()));
         }
@@ -903,4 +904,103 @@ fn nth_and_times_pick_which_matching_requests_get_the_fault() {
     let unmatched = client.call("GET", "/token", &[], b"");
     assert_eq!(unmatched.status, 404);
     assert_eq!(proxy.seen().len(), 8);
+}
+
+/// Writes `data` as a chunked body in pieces of the given sizes, one with a chunk extension,
+/// and a trailer after the last chunk.
+fn write_chunked(stream: &mut TcpStream, data: &[u8], pieces: &[usize]) {
+    let mut at = 0;
+    for (i, &size) in pieces.iter().enumerate() {
+        let extension = if i == 1 { ";piece=two" } else { "" };
+        write!(stream, "{size:x}{extension}\r\n").unwrap();
+        stream.write_all(&data[at..at + size]).unwrap();
+        stream.write_all(b"\r\n").unwrap();
+        at += size;
+    }
+    assert_eq!(at, data.len());
+    stream.write_all(b"0\r\nX-Trailer: end\r\n\r\n").unwrap();
+}
+
+#[test]
+fn chunked_uploads_expect_continue_and_upstream_locations_pass_through() {
+    let registry = Registry::start();
+    let proxy = FaultProxy::start(
+        &registry.addr(),
+        vec![Rule::new(
+            Some("PATCH"),
+            "/fp/corrupt/",
+            Fault::CorruptBody {
+                direction: Direction::Upload,
+            },
+        )],
+    );
+    let data = noise(31_007, 11);
+    let pieces = [1_000, 7, 30_000];
+
+    // Sent with the registry's own name as Host, the upload's Location names the registry:
+    // the proxy rewrites it to itself.
+    let mut client = Client::connect(&proxy.addr());
+    client.host = registry.addr();
+    let started = client.call("POST", "/v2/fp/plain/blobs/uploads/", &[], b"");
+    assert_eq!(started.status, 202);
+    let path = location_path(&started, &proxy.addr());
+
+    // A chunked PATCH that waits for 100 Continue before its body.
+    client
+        .send(
+            "PATCH",
+            &path,
+            &[("Transfer-Encoding", "chunked"), ("Expect", "100-continue")],
+            b"",
+        )
+        .unwrap();
+    let (interim, _) = client.head().unwrap();
+    assert_eq!(interim, 100);
+    write_chunked(client.reader.get_mut(), &data, &pieces);
+    let patched = client.answer("PATCH").unwrap();
+    assert_eq!(
+        patched.status,
+        202,
+        "{}",
+        String::from_utf8_lossy(&patched.body)
+    );
+    assert_eq!(patched.header("range"), Some("0-31006"));
+    let path = location_path(&patched, &proxy.addr());
+    let done = client.call("PUT", &format!("{path}&digest={}", digest(&data)), &[], b"");
+    assert_eq!(done.status, 201, "{}", String::from_utf8_lossy(&done.body));
+    let stored = call(
+        &registry.addr(),
+        "GET",
+        &format!("/v2/fp/plain/blobs/{}", digest(&data)),
+        &[],
+        b"",
+    );
+    assert!(stored.body == data, "the chunked upload was stored changed");
+
+    // A chunked body the fault changes reaches the registry changed, and fails its digest.
+    let started = call(
+        &proxy.addr(),
+        "POST",
+        "/v2/fp/corrupt/blobs/uploads/",
+        &[],
+        b"",
+    );
+    let path = location_path(&started, &proxy.addr());
+    let mut client = Client::connect(&proxy.addr());
+    client
+        .send("PATCH", &path, &[("Transfer-Encoding", "chunked")], b"")
+        .unwrap();
+    write_chunked(client.reader.get_mut(), &data, &pieces);
+    let patched = client.answer("PATCH").unwrap();
+    assert_eq!(patched.status, 202);
+    let path = location_path(&patched, &proxy.addr());
+    let refused = client.call("PUT", &format!("{path}&digest={}", digest(&data)), &[], b"");
+    assert_eq!(
+        refused.status,
+        400,
+        "{}",
+        String::from_utf8_lossy(&refused.body)
+    );
+    assert!(String::from_utf8_lossy(&refused.body).contains("DIGEST_INVALID"));
+    assert_eq!(proxy.faults_given(), 1);
 }
