@@ -838,6 +838,8 @@ impl Shared {
             }
             Answer::Stall => {
                 status.send(client, &head(None, true), code)?;
+                // The registry's connection is not needed for the hold; release it now.
+                let _ = up.get_ref().shutdown(Shutdown::Both);
                 self.hold(client);
                 Ok(End::Close)
             }
