@@ -2,7 +2,8 @@
 //! TLS, with client certificates if asked), certificates made by the `openssl` command, base
 //! root filesystems (busybox-static, debootstrap'd Debian) built once per machine and shared
 //! by every test process, one-layer images of those trees pushed with skopeo, and bases that
-//! share the busybox layer under configs of their own (see [`configured`]).
+//! share the busybox layer under configs of their own (see [`configured`]), and a proxy that
+//! injects registry faults between a client and the real registry (see [`faults`]).
 //!
 //! Nothing here mocks a registry or a tool: a test that needs one gets the real thing, or a
 //! clear panic saying which Debian package is missing.
@@ -14,6 +15,7 @@ pub mod buildah;
 pub mod certs;
 pub mod cnb;
 pub mod configured;
+pub mod faults;
 pub mod git;
 pub mod hostile;
 pub mod http;
