@@ -468,8 +468,9 @@ fn stall_timeout_and_request_deadline() {
     .options
     .registry;
     assert_eq!((off.stall_timeout, off.request_deadline), (None, None));
-    assert!(usage_error(&[DEST, "--registry-stall-timeout=soon"])
-        .contains("--registry-stall-timeout"));
+    assert!(
+        usage_error(&[DEST, "--registry-stall-timeout=soon"]).contains("--registry-stall-timeout")
+    );
     assert!(usage_error(&[DEST, "--registry-request-deadline=-1h"])
         .contains("--registry-request-deadline"));
 }

@@ -175,8 +175,10 @@ impl Kind {
                 "EOF",
                 "incomplete",
                 "connection",
+                // distribution's answer to a body that did not arrive whole
+                "499",
             ],
-            Kind::Trickle => &["deadline"],
+            Kind::Trickle => &["stall timeout", "deadline"],
             Kind::StallAfterHeaders | Kind::NeverAnswers => &["stall timeout"],
             Kind::CorruptBody => &["digest"],
             Kind::TokenExpires => &["401"],
@@ -207,7 +209,16 @@ fn expected_outcome(kind: Kind, phase: Phase, dose: Dose) -> Outcome {
         return Outcome::Built;
     }
     match kind {
-        // A trickle that keeps moving is never cut, and the tiny base and layers arrive
+        // Kiln sees an upload's bytes handed to the kernel, not the bytes the registry read:
+        // the last of them drain from the socket's buffers unseen, and while they do, the
+        // stall timeout runs. The 7.5 KB layer at 1 KiB/s takes longer than the test's 2 s, so
+        // it fails when every try trickles (with the default 60 s, an upload slower than about
+        // 70 KB/s can be cut at its end this way; README, "A flaky registry").
+        Kind::Trickle if phase == Phase::LayerPush => match dose {
+            Dose::Twice => Outcome::Built,
+            Dose::Always => Outcome::Failed,
+        },
+        // A trickle that keeps moving is never cut: the tiny base and the manifest arrive
         // within the deadline.
         Kind::Trickle => Outcome::Built,
         // A pulled blob that does not match its digest fails the build: it is streamed into
@@ -243,11 +254,7 @@ impl Cell {
 
     fn rule(&self) -> Rule {
         let (method, path) = self.phase.requests(self.n);
-        let rule = Rule::new(
-            Some(method),
-            &path,
-            self.kind.fault(self.phase.direction()),
-        );
+        let rule = Rule::new(Some(method), &path, self.kind.fault(self.phase.direction()));
         match (self.dose, self.kind) {
             (Dose::Twice, Kind::TokenExpires) => rule.times(1),
             (Dose::Twice, _) => rule.times(2),
@@ -425,7 +432,10 @@ fn run_cell(cell: Cell, registry: &Registry, reference: &[String]) -> Verdict {
                 problems.push("the error does not name the registry".to_owned());
             }
             if !last_line.contains(cell.phase.operation()) {
-                problems.push(format!("the error does not name the {}", cell.phase.operation()));
+                problems.push(format!(
+                    "the error does not name the {}",
+                    cell.phase.operation()
+                ));
             }
             if !cell.kind.evidence().iter().any(|e| last_line.contains(e)) {
                 problems.push(format!(
@@ -479,7 +489,10 @@ fn every_fault_in_every_phase_ends_in_its_documented_outcome() {
                     phase,
                     dose,
                 };
-                if only.as_ref().is_none_or(|o| cell.name().contains(o.as_str())) {
+                if only
+                    .as_ref()
+                    .is_none_or(|o| cell.name().contains(o.as_str()))
+                {
                     cells.push(cell);
                 }
             }
@@ -574,11 +587,19 @@ fn a_stalled_registry_fails_the_push_within_the_stall_timeout_per_try() {
 
     let healthy = FaultProxy::start(&registry.addr(), Vec::new());
     let baseline = build(work.path(), &context, &healthy.addr(), 1, &[]);
-    assert!(baseline.output.status.success(), "{}", stderr(&baseline.output));
+    assert!(
+        baseline.output.status.success(),
+        "{}",
+        stderr(&baseline.output)
+    );
 
     let stalled = FaultProxy::start(
         &registry.addr(),
-        vec![Rule::new(Some("PUT"), "/v2/c2/app/manifests/", Fault::NeverAnswer)],
+        vec![Rule::new(
+            Some("PUT"),
+            "/v2/c2/app/manifests/",
+            Fault::NeverAnswer,
+        )],
     );
     let fresh = tempfile::tempdir().unwrap();
     let run = build(fresh.path(), &context, &stalled.addr(), 2, &[]);
@@ -599,9 +620,16 @@ fn a_stalled_registry_fails_the_push_within_the_stall_timeout_per_try() {
         bound.as_secs_f64(),
         baseline.elapsed.as_secs_f64()
     );
-    assert!(run.elapsed <= bound, "{:?} > {bound:?}:\n{err}", run.elapsed);
+    assert!(
+        run.elapsed <= bound,
+        "{:?} > {bound:?}:\n{err}",
+        run.elapsed
+    );
     assert!(run.elapsed >= stall * 4, "{:?}", run.elapsed);
     let last = err.lines().last().unwrap();
-    assert!(last.contains("stall timeout") && last.contains("manifest push"), "{last}");
+    assert!(
+        last.contains("stall timeout") && last.contains("manifest push"),
+        "{last}"
+    );
     assert!(!tag_exists(&registry.addr(), "c2/app:1"));
 }

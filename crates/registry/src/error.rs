@@ -318,9 +318,12 @@ impl Error {
     }
 }
 
-/// Statuses worth another try.
+/// Statuses worth another try. 499 is what distribution answers when a request's body did not
+/// arrive whole (its "client disconnected"), which proxies pass on: the connection broke on the
+/// way, and sending the request again mends it like any broken connection.
 pub(crate) fn retryable_status(status: StatusCode) -> bool {
     status == StatusCode::TOO_MANY_REQUESTS
+        || status.as_u16() == 499
         || (status.is_server_error() && status != StatusCode::NOT_IMPLEMENTED)
 }
 

@@ -760,8 +760,7 @@ pub(crate) async fn read_limited(
         let Some(next) = watch::within(stall, resp.chunk()).await else {
             return Err(body_stalled(ctx, &url, stall.unwrap_or_default()));
         };
-        let Some(chunk) = next.map_err(|e| Error::transport(ctx.target, ctx.operation, &e))?
-        else {
+        let Some(chunk) = next.map_err(|e| Error::transport(ctx.target, ctx.operation, &e))? else {
             break;
         };
         if body.len() + chunk.len() > limit {
@@ -801,7 +800,11 @@ fn failure_reason(err: &Error) -> String {
 /// A retried status, for a retry note: the URL, the status and any `Retry-After`.
 fn status_reason(resp: &Response) -> String {
     let mut reason = format!("{} answered {}", resp.url(), resp.status());
-    if let Some(value) = resp.headers().get(RETRY_AFTER).and_then(|v| v.to_str().ok()) {
+    if let Some(value) = resp
+        .headers()
+        .get(RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+    {
         reason.push_str(&format!(" (Retry-After: {value})"));
     }
     reason
@@ -858,6 +861,10 @@ mod tests {
             .iter()
             .all(|w| *w > Duration::from_millis(500) && *w <= Duration::from_millis(1000)));
         let distinct: std::collections::HashSet<_> = waits.iter().collect();
-        assert!(distinct.len() > 150, "{} distinct waits of 200", distinct.len());
+        assert!(
+            distinct.len() > 150,
+            "{} distinct waits of 200",
+            distinct.len()
+        );
     }
 }

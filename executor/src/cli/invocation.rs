@@ -396,8 +396,8 @@ pub(super) fn registry_options(
 
 /// A time bound given as a Go duration, where `0` means none.
 fn bound(flag: &str, text: &str) -> Result<Option<Duration>, UsageError> {
-    let duration = parse_go_duration(text)
-        .map_err(|e| UsageError::new(format!("{flag} {text:?}: {e}")))?;
+    let duration =
+        parse_go_duration(text).map_err(|e| UsageError::new(format!("{flag} {text:?}: {e}")))?;
     Ok((!duration.is_zero()).then_some(duration))
 }
 
