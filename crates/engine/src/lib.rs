@@ -22,6 +22,7 @@ mod base;
 mod builder;
 mod buildpacks;
 mod cache;
+mod cancel;
 mod error;
 mod events;
 mod frontend;
@@ -37,6 +38,7 @@ mod timing;
 mod trash;
 
 pub use builder::{BuildReport, Builder};
+pub use cancel::Cancel;
 pub use buildpacks::BUILTIN_DIR_ENV;
 pub use buildpacks::LIFECYCLE_DIR_ENV;
 pub use error::{BuildError, Cause};

@@ -118,6 +118,7 @@ pub async fn rebase(options: RebaseOptions, events: EventSink) -> Result<RebaseR
             manifest_first: true,
             ignore_immutable_tags: false,
         },
+        &crate::cancel::Cancel::new(),
     )
     .await?;
     events(BuildEvent::Note {
