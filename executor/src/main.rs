@@ -292,14 +292,13 @@ fn build(renderer: &Renderer, invocation: Invocation) -> i32 {
     };
     let cancel = Cancel::new();
     let warner = renderer.clone();
-    let interrupts =
-        match Interrupts::install(&runtime, cancel.clone(), move |m| warner.warn(m)) {
-            Ok(interrupts) => interrupts,
-            Err(error) => {
-                let message = format!("cannot handle SIGTERM and SIGINT: {error}");
-                return fail(renderer, &message, exit::BUILD_FAILED);
-            }
-        };
+    let interrupts = match Interrupts::install(&runtime, cancel.clone(), move |m| warner.warn(m)) {
+        Ok(interrupts) => interrupts,
+        Err(error) => {
+            let message = format!("cannot handle SIGTERM and SIGINT: {error}");
+            return fail(renderer, &message, exit::BUILD_FAILED);
+        }
+    };
     let builder = Builder::new(invocation.options)
         .events(renderer.sink())
         .cancel_with(cancel);

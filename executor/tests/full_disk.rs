@@ -17,7 +17,13 @@ impl SmallDisk {
     fn mount(size: &str) -> SmallDisk {
         let dir = tempfile::tempdir().unwrap();
         let status = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "kiln-full-disk"])
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size}"),
+                "kiln-full-disk",
+            ])
             .arg(dir.path())
             .status()
             .unwrap();
@@ -106,7 +112,11 @@ fn a_base_that_does_not_fit_names_the_unpack_and_the_path() {
     );
     let line = assert_full_disk_error(&output, "unpacking base layer sha256:", &disk);
     eprintln!("{line}");
-    assert_eq!(manifest_puts(&registry, "out/full-base"), 0, "a tag was pushed");
+    assert_eq!(
+        manifest_puts(&registry, "out/full-base"),
+        0,
+        "a tag was pushed"
+    );
     assert!(!digest_file.exists());
 }
 
@@ -128,6 +138,10 @@ fn a_layer_that_does_not_fit_names_the_step_and_the_blob_store() {
     let line = assert_full_disk_error(&output, "writing layer of step 0 to", &disk);
     assert!(line.contains("/blobs"), "{line}");
     eprintln!("{line}");
-    assert_eq!(manifest_puts(&registry, "out/full-layer"), 0, "a tag was pushed");
+    assert_eq!(
+        manifest_puts(&registry, "out/full-layer"),
+        0,
+        "a tag was pushed"
+    );
     assert!(!digest_file.exists());
 }

@@ -49,9 +49,9 @@ impl Workspace {
     }
 
     /// Starts `executor` for `destination`, its stderr going to a file named after `run`.
-    fn spawn(&self, run: &str, destination: &str, extra: &[&str]) -> Child {
+    fn spawn(&self, run: &str, destination: &str, extra: &[&str]) -> Running {
         let stderr = std::fs::File::create(self.stderr_path(run)).unwrap();
-        Command::new(env!("CARGO_BIN_EXE_executor"))
+        let child = Command::new(env!("CARGO_BIN_EXE_executor"))
             .arg(format!(
                 "--context=dir://{}",
                 self.dir.path().join("context").display()
@@ -66,7 +66,8 @@ impl Workspace {
             .stdout(Stdio::null())
             .stderr(stderr)
             .spawn()
-            .expect("run executor")
+            .expect("run executor");
+        Running(child)
     }
 
     fn run(&self, run: &str, destination: &str, extra: &[&str]) -> Output {
@@ -75,6 +76,32 @@ impl Workspace {
             status,
             stdout: Vec::new(),
             stderr: self.stderr(run).into_bytes(),
+        }
+    }
+}
+
+/// A running executor, killed if the test fails before it exits (else it would go on
+/// sleeping in its RUN step).
+struct Running(Child);
+
+impl std::ops::Deref for Running {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Running {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
         }
     }
 }
@@ -177,7 +204,10 @@ fn processes_with(needle: &str) -> Vec<String> {
         };
         let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
         if cmdline.contains(needle) {
-            found.push(format!("{}: {cmdline}", entry.file_name().to_string_lossy()));
+            found.push(format!(
+                "{}: {cmdline}",
+                entry.file_name().to_string_lossy()
+            ));
         }
     }
     found
@@ -228,13 +258,22 @@ fn interrupt_during_run(signal: &str, code: i32, pause: &str) {
     let destination = format!("{addr}/{repo}:1");
     let pause_arg = format!("--build-arg=PAUSE={pause}");
     let mut child = ws.spawn("first", &destination, &[&pause_arg]);
-    wait_for("the RUN step", Duration::from_secs(60), &ws, "first", || {
-        ws.stderr("first").contains("| step-started")
-    });
-    // The layers before the RUN (the base's and the first step's) are uploaded while it runs.
-    wait_for("the uploads ahead", Duration::from_secs(30), &ws, "first", || {
-        completed_uploads(&registry.requests(), &repo).len() >= 2
-    });
+    wait_for(
+        "the RUN step",
+        Duration::from_secs(60),
+        &ws,
+        "first",
+        || ws.stderr("first").contains("| step-started"),
+    );
+    // The first step's layer is uploaded while the RUN runs (the base's is mounted from its
+    // repository on the same registry, not uploaded).
+    wait_for(
+        "the upload ahead",
+        Duration::from_secs(30),
+        &ws,
+        "first",
+        || !completed_uploads(&registry.requests(), &repo).is_empty(),
+    );
     let uploaded = completed_uploads(&registry.requests(), &repo);
     assert!(
         !processes_with(&format!("sleep {pause}")).is_empty(),
@@ -246,7 +285,10 @@ fn interrupt_during_run(signal: &str, code: i32, pause: &str) {
     assert_eq!(exit, code, "{}", ws.stderr("first"));
     assert_left_nothing(&ws, &registry, &repo, "first");
     let survivors = processes_with(&format!("sleep {pause}"));
-    assert!(survivors.is_empty(), "processes of the step survived: {survivors:?}");
+    assert!(
+        survivors.is_empty(),
+        "processes of the step survived: {survivors:?}"
+    );
 
     let before = registry.requests().len();
     let rerun = ws.run("rerun", &destination, &["--build-arg=PAUSE=0"]);
@@ -286,9 +328,13 @@ fn sigint_during_a_base_pull_exits_130_and_leaves_nothing() {
     let destination = format!("{}/{repo}:1", registry.addr());
     let insecure = format!("--insecure-registry={}", proxy.addr());
     let mut child = ws.spawn("first", &destination, &[&insecure]);
-    wait_for("the base pull", Duration::from_secs(60), &ws, "first", || {
-        proxy.forwarded() > 96 << 10
-    });
+    wait_for(
+        "the base pull",
+        Duration::from_secs(60),
+        &ws,
+        "first",
+        || proxy.forwarded() > 96 << 10,
+    );
     send(&child, "INT");
     let (exit, took) = exit_code_within(&mut child, &ws, "first");
     eprintln!("SIGINT during a base pull: exit {exit} after {took:?}");
@@ -321,9 +367,13 @@ fn sigterm_during_the_layer_push_exits_143_and_the_rerun_reuses_uploads() {
     let destination = format!("{}/{repo}:1", proxy.addr());
     let insecure = format!("--insecure-registry={}", proxy.addr());
     let mut child = ws.spawn("first", &destination, &[&insecure]);
-    wait_for("the layer uploads", Duration::from_secs(60), &ws, "first", || {
-        proxy.forwarded() > 1_500_000
-    });
+    wait_for(
+        "the layer uploads",
+        Duration::from_secs(60),
+        &ws,
+        "first",
+        || proxy.forwarded() > 1_500_000,
+    );
     let uploaded = completed_uploads(&registry.requests(), repo);
     send(&child, "TERM");
     let (exit, took) = exit_code_within(&mut child, &ws, "first");
@@ -363,18 +413,26 @@ fn the_next_build_unmounts_and_claims_what_a_killed_build_left() {
     ));
     let destination = format!("{addr}/out/killed:1");
     let mut child = ws.spawn("first", &destination, &["--build-arg=PAUSE=1618"]);
-    wait_for("the RUN step", Duration::from_secs(60), &ws, "first", || {
-        ws.stderr("first").contains("| step-started")
-    });
+    wait_for(
+        "the RUN step",
+        Duration::from_secs(60),
+        &ws,
+        "first",
+        || ws.stderr("first").contains("| step-started"),
+    );
     let killed = entries_starting(&ws.kiln_dir().join("work"), &["build-"]);
     assert_eq!(killed.len(), 1, "{killed:?}");
     assert!(killed[0].starts_with(&format!("build-{}-", child.id())));
     send(&child, "KILL");
     child.wait().unwrap();
     // The step's init dies with its supervising thread.
-    wait_for("the step's end", Duration::from_secs(5), &ws, "first", || {
-        processes_with("sleep 1618").is_empty()
-    });
+    wait_for(
+        "the step's end",
+        Duration::from_secs(5),
+        &ws,
+        "first",
+        || processes_with("sleep 1618").is_empty(),
+    );
     let left = mounts_under(&ws.kiln_dir());
     assert!(!left.is_empty(), "the killed build left nothing mounted");
 
@@ -383,5 +441,8 @@ fn the_next_build_unmounts_and_claims_what_a_killed_build_left() {
     let mounts = mounts_under(&ws.kiln_dir());
     assert!(mounts.is_empty(), "still mounted: {mounts:?}");
     let work = entries_starting(&ws.kiln_dir().join("work"), &[&killed[0]]);
-    assert!(work.is_empty(), "the killed build's work dir is still there: {work:?}");
+    assert!(
+        work.is_empty(),
+        "the killed build's work dir is still there: {work:?}"
+    );
 }

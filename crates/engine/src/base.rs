@@ -441,7 +441,10 @@ fn unpack_one(
     )
     .map(drop)
     .map_err(|e| {
-        let what = format!("unpacking base layer {digest} into {}", root.path().display());
+        let what = format!(
+            "unpacking base layer {digest} into {}",
+            root.path().display()
+        );
         BuildError::image(what, e)
     })
 }
@@ -587,7 +590,11 @@ pub(crate) async fn fetch_blob(
     let mut last_report = 0u64;
     let temp_path = file.temp_path().to_path_buf();
     let write_error = |source| BuildError::Image {
-        what: format!("pulling {repo}@{} into {}", layer.digest, temp_path.display()),
+        what: format!(
+            "pulling {repo}@{} into {}",
+            layer.digest,
+            temp_path.display()
+        ),
         source: Box::new(source),
     };
     loop {

@@ -184,9 +184,8 @@ impl Builder {
         };
         phase_finished(&events, Phase::Plan, plan_started);
         cancel.check()?;
-        let shared = Arc::new(setup.shared(
-            options, context, plan, platform, mode, &events, &cancel,
-        )?);
+        let shared =
+            Arc::new(setup.shared(options, context, plan, platform, mode, &events, &cancel)?);
         run_stages(&shared).await?;
         let report = finish(&shared, &setup.destinations, started).await?;
         drop(shared);

@@ -38,9 +38,9 @@ mod timing;
 mod trash;
 
 pub use builder::{BuildReport, Builder};
-pub use cancel::Cancel;
 pub use buildpacks::BUILTIN_DIR_ENV;
 pub use buildpacks::LIFECYCLE_DIR_ENV;
+pub use cancel::Cancel;
 pub use error::{BuildError, Cause};
 pub use events::{BuildEvent, EventSink, OutputStream, Phase};
 pub use options::{

@@ -70,7 +70,10 @@ pub(crate) struct Shared {
 impl Shared {
     /// Waits on `runtime` for `work` from a blocking thread, giving up when the build is
     /// cancelled.
-    pub(crate) fn block_on<F: std::future::Future>(&self, work: F) -> Result<F::Output, BuildError> {
+    pub(crate) fn block_on<F: std::future::Future>(
+        &self,
+        work: F,
+    ) -> Result<F::Output, BuildError> {
         self.cancel.block_on(&self.runtime, work)
     }
 

@@ -251,30 +251,31 @@ impl StageRun<'_> {
         let shared = self.shared;
         let at = step.provenance.location();
         let found = shared.timed(Some(self.index), Some(step_no), Phase::Pull, || {
-            shared.block_on(async {
-                let manifest = match shared.remote.image_manifest(image) {
-                    Some(pinned) => pinned,
-                    None => {
-                        crate::base::resolve_manifest(&shared.client, image, &shared.platform)
-                            .await?
+            shared
+                .block_on(async {
+                    let manifest = match shared.remote.image_manifest(image) {
+                        Some(pinned) => pinned,
+                        None => {
+                            crate::base::resolve_manifest(&shared.client, image, &shared.platform)
+                                .await?
+                        }
+                    };
+                    let pulled = manifest.with_config(&shared.client, None).await?;
+                    let layer = pulled
+                        .layers
+                        .into_iter()
+                        .find(|layer| layer.diff_id.to_string() == *diff_id);
+                    if let Some(layer) = &layer {
+                        crate::output::ensure_local(
+                            &shared.client,
+                            &shared.blobs,
+                            std::slice::from_ref(layer),
+                        )
+                        .await?;
                     }
-                };
-                let pulled = manifest.with_config(&shared.client, None).await?;
-                let layer = pulled
-                    .layers
-                    .into_iter()
-                    .find(|layer| layer.diff_id.to_string() == *diff_id);
-                if let Some(layer) = &layer {
-                    crate::output::ensure_local(
-                        &shared.client,
-                        &shared.blobs,
-                        std::slice::from_ref(layer),
-                    )
-                    .await?;
-                }
-                Ok::<_, BuildError>(layer)
-            })
-            .and_then(|found| found)
+                    Ok::<_, BuildError>(layer)
+                })
+                .and_then(|found| found)
         });
         let layer = found.map_err(|e| BuildError::step(&at, format!("{image}: {e}")))?;
         if layer.is_none() {
