@@ -184,8 +184,7 @@ impl Builder {
         };
         phase_finished(&events, Phase::Plan, plan_started);
         cancel.check()?;
-        let shared =
-            Arc::new(setup.shared(options, context, plan, platform, mode, &events, &cancel)?);
+        let shared = Arc::new(setup.shared(options, context, plan, platform, mode, &events)?);
         run_stages(&shared).await?;
         let report = finish(&shared, &setup.destinations, started).await?;
         drop(shared);
@@ -314,7 +313,6 @@ impl Setup {
         platform: Platform,
         mode: Mode,
         events: &EventSink,
-        cancel: &Cancel,
     ) -> Result<Shared, BuildError> {
         for stage in plan.stages() {
             if let Base::Image(image) = &stage.base {
@@ -392,7 +390,7 @@ impl Setup {
             ),
             options,
             hidden,
-            cancel: cancel.clone(),
+            cancel: self.cancel.clone(),
         })
     }
 }
@@ -508,8 +506,8 @@ async fn finish(
             output::PushPolicy {
                 manifest_first,
                 ignore_immutable_tags: out.ignore_immutable_tags,
+                cancel: Some(&shared.cancel),
             },
-            &shared.cancel,
         )
         .await?;
         phase_finished(events, Phase::Push, push_started);
@@ -564,8 +562,8 @@ async fn push_extra_images(shared: &Shared) {
                 output::PushPolicy {
                     manifest_first: stage.fully_cached,
                     ignore_immutable_tags: false,
+                    cancel: Some(&shared.cancel),
                 },
-                &shared.cancel,
             )
             .await
         }

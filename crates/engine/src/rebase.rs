@@ -117,8 +117,8 @@ pub async fn rebase(options: RebaseOptions, events: EventSink) -> Result<RebaseR
         PushPolicy {
             manifest_first: true,
             ignore_immutable_tags: false,
+            cancel: None,
         },
-        &crate::cancel::Cancel::new(),
     )
     .await?;
     events(BuildEvent::Note {

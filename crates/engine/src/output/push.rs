@@ -20,13 +20,16 @@ use super::ensure_local;
 
 /// How [`push`] goes about each destination.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct PushPolicy {
+pub struct PushPolicy<'a> {
     /// Send the manifest first, and the blobs only if it is refused: for an image made wholly
     /// of cache hits, whose blobs an identical earlier build most likely pushed.
     pub manifest_first: bool,
     /// Skip, with a warning, a destination whose immutable tag already exists
     /// ([`OutputOptions::ignore_immutable_tags`](crate::OutputOptions::ignore_immutable_tags)).
     pub ignore_immutable_tags: bool,
+    /// Stops the push: uploads are dropped and no manifest is sent once it is cancelled
+    /// (checked right before each manifest PUT).
+    pub cancel: Option<&'a Cancel>,
 }
 
 /// Pushes the image to every destination: layers and config concurrently (skipping blobs the
@@ -39,9 +42,10 @@ pub async fn push(
     destinations: &[Reference],
     placed: &PlacedBlobs,
     emit: &(dyn Fn(BuildEvent) + Send + Sync),
-    policy: PushPolicy,
-    cancel: &Cancel,
+    policy: PushPolicy<'_>,
 ) -> Result<Digest, BuildError> {
+    let never = Cancel::new();
+    let cancel = policy.cancel.unwrap_or(&never);
     let immutable =
         |err: &kiln_registry::Error| policy.ignore_immutable_tags && err.is_immutable_tag();
     'destinations: for destination in destinations {

@@ -376,9 +376,8 @@ fn fetch_url(
     let downloaded = shared
         .block_on(fetch::download(url, copy.checksum.as_deref(), &dir))
         .and_then(|downloaded| downloaded.map_err(|e| step.fail(format!("ADD failed: {e}"))))
-        .map_err(|e| {
+        .inspect_err(|_| {
             let _ = std::fs::remove_dir_all(&dir);
-            e
         })?;
     if let Some(UrlPin::Validators(keyed)) = &pin {
         *as_keyed &= downloaded.validators == *keyed;
