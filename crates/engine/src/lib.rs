@@ -14,7 +14,8 @@
 //! (kiln-registry, kiln-fs), runs execute in the sandbox (kiln-sandbox), each step's changes
 //! are snapshotted and written as a compressed layer (kiln-fs), and the image is assembled and
 //! pushed or written out (kiln-oci). Each operation's key, config edit and execution live in
-//! one module of `ops`.
+//! one module of `ops`. A build can be stopped from outside with a [`Cancel`] handle
+//! ([`Builder::cancel_with`]): it then tags nothing and leaves no mount or work dir behind.
 
 #![forbid(unsafe_code)]
 
