@@ -2,8 +2,11 @@
 //!
 //! - `0`: success (also `--help` and `version`);
 //! - a failing RUN's own status (`128+N` when it was killed by signal `N`);
-//! - `1`: any other build error (registry, context, Dockerfile, I/O);
-//! - `2`: usage error (unknown flag, bad value).
+//! - `1`: any other build error (registry, context, Dockerfile, I/O, a full disk);
+//! - `2`: usage error (unknown flag, bad value);
+//! - `143` / `130`: the build was stopped by SIGTERM / SIGINT (128 + the signal) before its
+//!   manifests were pushed: nothing tagged, no digest file, its processes, mounts and work dir
+//!   gone (see [`crate::interrupt`]). A signal that comes after the push leaves the exit at 0.
 
 use kiln_engine::BuildError;
 

@@ -1,5 +1,6 @@
 //! The `executor` binary's library half: kaniko-compatible flag parsing ([`cli`]), progress
-//! rendering ([`render`]), the `cache prune` report ([`prune`]) and exit codes ([`exit`]).
+//! rendering ([`render`]), the `cache prune` report ([`prune`]), exit codes ([`exit`]) and
+//! the handling of SIGTERM and SIGINT during a build ([`interrupt`]).
 //! `main.rs` only wires these to the engine, so everything here is testable without running a
 //! build.
 
@@ -7,6 +8,7 @@
 
 pub mod cli;
 pub mod exit;
+pub mod interrupt;
 pub mod prune;
 pub mod render;
 

@@ -5,11 +5,12 @@
 use std::io::Write;
 use std::process::ExitCode;
 
-use kiln_engine::Builder;
+use kiln_engine::{Builder, Cancel};
 use kiln_executor::cli::{
     self, Command, Invocation, PruneInvocation, RebaseInvocation, WarmInvocation,
 };
 use kiln_executor::exit;
+use kiln_executor::interrupt::Interrupts;
 use kiln_executor::render::Renderer;
 use kiln_oci::{Platform, Reference};
 
@@ -289,7 +290,18 @@ fn build(renderer: &Renderer, invocation: Invocation) -> i32 {
         Ok(runtime) => runtime,
         Err(code) => return code,
     };
-    let builder = Builder::new(invocation.options).events(renderer.sink());
+    let cancel = Cancel::new();
+    let warner = renderer.clone();
+    let interrupts = match Interrupts::install(&runtime, cancel.clone(), move |m| warner.warn(m)) {
+        Ok(interrupts) => interrupts,
+        Err(error) => {
+            let message = format!("cannot handle SIGTERM and SIGINT: {error}");
+            return fail(renderer, &message, exit::BUILD_FAILED);
+        }
+    };
+    let builder = Builder::new(invocation.options)
+        .events(renderer.sink())
+        .cancel_with(cancel);
     let result = runtime.block_on(builder.build());
     // The build is over and its files are closed; waiting for idle worker threads to wind
     // down would only delay the exit.
@@ -300,7 +312,9 @@ fn build(renderer: &Renderer, invocation: Invocation) -> i32 {
             exit::SUCCESS
         }
         Err(error) => {
-            let code = exit::build_failure_code(&error);
+            let code = interrupts
+                .exit_code()
+                .unwrap_or_else(|| exit::build_failure_code(&error));
             fail(renderer, &error, code)
         }
     }

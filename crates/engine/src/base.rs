@@ -15,6 +15,7 @@ use kiln_oci::{Digest, DigestWriter, Platform, Reference};
 use kiln_registry::{Client, Repository};
 use tokio::io::AsyncReadExt;
 
+use crate::cancel::Cancel;
 use crate::error::BuildError;
 use crate::events::{BuildEvent, EventSink};
 
@@ -274,6 +275,7 @@ pub async fn pull_resolved(
 #[allow(clippy::too_many_arguments)]
 pub fn pull_and_unpack(
     runtime: &tokio::runtime::Handle,
+    cancel: &Cancel,
     client: &Client,
     blobs: &BlobStore,
     image: &str,
@@ -283,7 +285,7 @@ pub fn pull_and_unpack(
     index: &mut Index,
     cache_dir: Option<&Path>,
 ) -> Result<PulledImage, BuildError> {
-    let resolved = runtime.block_on(resolve(client, image, platform))?;
+    let resolved = cancel.block_on(runtime, resolve(client, image, platform))??;
     link_from_cache_dir(cache_dir, blobs, &resolved.layers);
     let mut sources = Vec::with_capacity(resolved.layers.len());
     let mut downloads = Vec::new();
@@ -315,17 +317,19 @@ pub fn pull_and_unpack(
         );
         drop(in_flight);
         let registered = InFlight(final_path);
-        let (client, repo, layer, image, events) = (
+        let (client, repo, layer, image, events, cancel) = (
             client.clone(),
             resolved.repo.clone(),
             layer.clone(),
             image.to_owned(),
             events.clone(),
+            cancel.clone(),
         );
         downloads.push(runtime.spawn(async move {
             let _registered = registered;
             let _finish_on_drop = FinishOnDrop(progress.clone());
-            let result = fetch_blob(
+            // A cancelled download ends here, which also wakes the unpacker following it.
+            let fetched = fetch_blob(
                 &client,
                 file,
                 &repo,
@@ -333,16 +337,16 @@ pub fn pull_and_unpack(
                 &image,
                 &*events,
                 Some(&progress),
-            )
-            .await;
+            );
+            let result = cancel.guard(fetched).await.and_then(|fetched| fetched);
             progress.finish(result.as_ref().map(|_| ()).map_err(|e| e.to_string()));
             result
         }));
     }
-    let unpacked = unpack_sources(rootfs, &resolved, sources, index, blobs);
+    let unpacked = unpack_sources(rootfs, &resolved, sources, index, blobs, cancel);
     // The downloads' own errors say more (registry, status) than the unpacker's view of them.
     for download in downloads {
-        if unpacked.is_err() {
+        if unpacked.is_err() || cancel.is_cancelled() {
             download.abort();
         }
         match runtime.block_on(download) {
@@ -386,6 +390,7 @@ fn unpack_sources(
     sources: Vec<LayerSource>,
     index: &mut Index,
     blobs: &BlobStore,
+    cancel: &Cancel,
 ) -> Result<(), BuildError> {
     let root =
         Root::open(rootfs).map_err(|e| BuildError::image(rootfs.display().to_string(), e))?;
@@ -396,11 +401,11 @@ fn unpack_sources(
     {
         let stored = matches!(source, LayerSource::Stored(_));
         let reader: Box<dyn std::io::Read> = match source {
-            LayerSource::Stored(file) => Box::new(file),
-            LayerSource::Following(reader) => Box::new(reader),
+            LayerSource::Stored(file) => Box::new(cancel.reader(file)),
+            LayerSource::Following(reader) => Box::new(cancel.reader(reader)),
         };
         let unpacked = unpack_one(&root, reader, &layer.digest, diff_id, index, None);
-        if unpacked.is_err() && stored {
+        if unpacked.is_err() && stored && !cancel.is_cancelled() {
             evict_if_damaged(blobs, &layer.digest);
         }
         unpacked?;
@@ -435,7 +440,13 @@ fn unpack_one(
         skip,
     )
     .map(drop)
-    .map_err(|e| BuildError::image("image", e))
+    .map_err(|e| {
+        let what = format!(
+            "unpacking base layer {digest} into {}",
+            root.path().display()
+        );
+        BuildError::image(what, e)
+    })
 }
 
 /// How far a download has got, shared with the reader that follows it.
@@ -577,9 +588,14 @@ pub(crate) async fn fetch_blob(
     let mut buf = vec![0u8; 256 << 10];
     let mut done = 0u64;
     let mut last_report = 0u64;
-    let write_error = |source| BuildError::Io {
-        path: file_path_for_errors(repo, layer),
-        source,
+    let temp_path = file.temp_path().to_path_buf();
+    let write_error = |source| BuildError::Image {
+        what: format!(
+            "pulling {repo}@{} into {}",
+            layer.digest,
+            temp_path.display()
+        ),
+        source: Box::new(source),
     };
     loop {
         let n = reader
@@ -615,11 +631,6 @@ pub(crate) async fn fetch_blob(
         total: layer.size,
     });
     Ok(())
-}
-
-/// Names a blob in an I/O error about writing it to the store.
-fn file_path_for_errors(repo: &Repository, layer: &Descriptor) -> PathBuf {
-    PathBuf::from(format!("blob store: {repo}@{}", layer.digest))
 }
 
 fn store_error(e: kiln_fs::blobstore::BlobStoreError) -> BuildError {

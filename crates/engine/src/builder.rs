@@ -14,6 +14,7 @@ use kiln_registry::Client;
 use kiln_sandbox::Mode;
 
 use crate::cache::EngineCache;
+use crate::cancel::Cancel;
 use crate::error::BuildError;
 use crate::events::{BuildEvent, EventSink, Phase};
 use crate::options::BuildOptions;
@@ -55,6 +56,7 @@ pub struct Builder {
     options: BuildOptions,
     events: EventSink,
     plan: Option<Plan>,
+    cancel: Cancel,
 }
 
 impl Builder {
@@ -64,7 +66,20 @@ impl Builder {
             options,
             events: Arc::new(|_| {}),
             plan: None,
+            cancel: Cancel::new(),
         }
+    }
+
+    /// Lets `cancel` stop the build (from a signal handler, another task, a timeout of the
+    /// caller's). Once [`Cancel::cancel`] is called the build kills the processes of the step
+    /// running, stops waiting for pulls, uploads and context fetches, stops unpacking at the
+    /// next read, pushes no manifest (it checks right before each one) and writes no digest
+    /// file; it unmounts what it mounted, removes its work dir and then returns
+    /// [`BuildError::Cancelled`]. A build whose manifests were all pushed when the cancellation
+    /// came finishes normally and returns its report.
+    pub fn cancel_with(mut self, cancel: Cancel) -> Builder {
+        self.cancel = cancel;
+        self
     }
 
     /// Delivers progress events to `sink`.
@@ -88,7 +103,7 @@ impl Builder {
     pub async fn build(self) -> Result<BuildReport, BuildError> {
         let started = Instant::now();
         let Some(path) = self.options.benchmark_file.clone() else {
-            return self.run(started).await;
+            return self.run_cancellable(started).await;
         };
         let report = Arc::new(Mutex::new(TimingReport::default()));
         let inner = self.events.clone();
@@ -97,7 +112,7 @@ impl Builder {
             recorder.lock().expect("timing report").record(&event);
             inner(event)
         });
-        let result = self.events(events).run(started).await;
+        let result = self.events(events).run_cancellable(started).await;
         // A failed build's timings are written too: they show how far it got and where the
         // time went before it stopped.
         let written =
@@ -110,11 +125,22 @@ impl Builder {
         Ok(report)
     }
 
+    /// [`Builder::run`], with any failure after a cancellation reported as the cancellation:
+    /// what broke then (a killed step, an aborted read) is its consequence, not a fault.
+    async fn run_cancellable(self, started: Instant) -> Result<BuildReport, BuildError> {
+        let cancel = self.cancel.clone();
+        match self.run(started).await {
+            Err(_) if cancel.is_cancelled() => Err(BuildError::Cancelled),
+            result => result,
+        }
+    }
+
     async fn run(self, started: Instant) -> Result<BuildReport, BuildError> {
         let Builder {
             mut options,
             events,
             plan,
+            cancel,
         } = self;
         // Every retry is a line of the progress output; an embedder's own hook still runs.
         let retry_events = events.clone();
@@ -128,11 +154,11 @@ impl Builder {
             .then(embedders_hook),
         );
         let mode = options.mode.unwrap_or_else(Mode::detect);
-        let setup = Setup::new(&options, mode)?;
+        let setup = Setup::new(&options, mode, &cancel)?;
         let context_started = Instant::now();
         let dockerfile =
             crate::frontend::locate_dockerfile(&options.dockerfile, &options.context.source);
-        let context = open(&options, &setup, &dockerfile).await?;
+        let context = cancel.guard(open(&options, &setup, &dockerfile)).await??;
         phase_finished(&events, Phase::Context, context_started);
         let plan_started = Instant::now();
         let platform = options.platform.clone().unwrap_or_else(Platform::host);
@@ -147,15 +173,15 @@ impl Builder {
                         (options.output.source_date_epoch)
                             .get_or_insert(kiln_cnb::platform::LAYER_EPOCH);
                     }
-                    crate::buildpacks::plan(crate::buildpacks::Gathered {
+                    let planned = crate::buildpacks::plan(crate::buildpacks::Gathered {
                         options: &options,
                         context: &context,
                         client: &setup.client,
                         platform: &platform,
                         work_dir: setup.work_dir.path(),
                         events: &events,
-                    })
-                    .await?
+                    });
+                    cancel.guard(planned).await??
                 } else {
                     events(BuildEvent::Note {
                         message: format!(
@@ -168,6 +194,7 @@ impl Builder {
             }
         };
         phase_finished(&events, Phase::Plan, plan_started);
+        cancel.check()?;
         let shared = Arc::new(setup.shared(options, context, plan, platform, mode, &events)?);
         run_stages(&shared).await?;
         let report = finish(&shared, &setup.destinations, started).await?;
@@ -200,12 +227,15 @@ struct Setup {
     /// `--cleanup`: the work dir is gone before the build returns, not deleted in the
     /// background.
     cleanup: bool,
+    /// A cancelled build's process exits right after the build returns, before a background
+    /// removal could finish: its work dir is deleted before the build returns.
+    cancel: Cancel,
 }
 
 impl Drop for Setup {
     fn drop(&mut self) {
         self.mounts.unmount_all();
-        if self.cleanup {
+        if self.cleanup || self.cancel.is_cancelled() {
             // The `TempDir` deletes it when it drops, right after this.
             return;
         }
@@ -219,7 +249,7 @@ impl Drop for Setup {
 }
 
 impl Setup {
-    fn new(options: &BuildOptions, mode: Mode) -> Result<Setup, BuildError> {
+    fn new(options: &BuildOptions, mode: Mode, cancel: &Cancel) -> Result<Setup, BuildError> {
         if mode == Mode::InPlace {
             crate::inplace::check_allowed(options.force)?;
         }
@@ -240,7 +270,7 @@ impl Setup {
             std::fs::create_dir_all(&work_root).map_err(BuildError::io(&work_root))?;
             crate::trash::sweep(&work_root);
             let work_dir = tempfile::Builder::new()
-                .prefix("build-")
+                .prefix(&crate::trash::work_dir_prefix())
                 .tempdir_in(&work_root)
                 .map_err(BuildError::io(&work_root))?;
             let blobs = BlobStore::open(options.kiln_dir.join("blobs"))
@@ -256,6 +286,7 @@ impl Setup {
             work_dir,
             blobs,
             cleanup: options.cleanup,
+            cancel: cancel.clone(),
         };
         // Every registry the build will talk to is pinged as soon as it is known, while the
         // context and the Dockerfile are read: the first real request then finds the scheme
@@ -370,6 +401,7 @@ impl Setup {
             ),
             options,
             hidden,
+            cancel: self.cancel.clone(),
         })
     }
 }
@@ -468,7 +500,7 @@ async fn finish(
     if !out.no_push && !destinations.is_empty() {
         let push_started = Instant::now();
         let placed = match &shared.push_ahead {
-            Some(pusher) => pusher.finish().await?,
+            Some(pusher) => shared.cancel.guard(pusher.finish()).await??,
             None => output::PlacedBlobs::default(),
         };
         let manifest_first = {
@@ -485,6 +517,7 @@ async fn finish(
             output::PushPolicy {
                 manifest_first,
                 ignore_immutable_tags: out.ignore_immutable_tags,
+                cancel: Some(&shared.cancel),
             },
         )
         .await?;
@@ -540,6 +573,7 @@ async fn push_extra_images(shared: &Shared) {
                 output::PushPolicy {
                     manifest_first: stage.fully_cached,
                     ignore_immutable_tags: false,
+                    cancel: Some(&shared.cancel),
                 },
             )
             .await

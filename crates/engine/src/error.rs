@@ -64,6 +64,11 @@ pub enum BuildError {
     /// `--force`).
     #[error("invalid options: {0}")]
     Options(String),
+    /// The build was stopped through its [`crate::Cancel`] handle before it had pushed its
+    /// manifests: nothing was tagged, no digest file was written, the step's processes were
+    /// killed and the build's mounts and work dir removed.
+    #[error("the build was cancelled")]
+    Cancelled,
 }
 
 impl BuildError {

@@ -14,7 +14,8 @@
 //! (kiln-registry, kiln-fs), runs execute in the sandbox (kiln-sandbox), each step's changes
 //! are snapshotted and written as a compressed layer (kiln-fs), and the image is assembled and
 //! pushed or written out (kiln-oci). Each operation's key, config edit and execution live in
-//! one module of `ops`.
+//! one module of `ops`. A build can be stopped from outside with a [`Cancel`] handle
+//! ([`Builder::cancel_with`]): it then tags nothing and leaves no mount or work dir behind.
 
 #![forbid(unsafe_code)]
 
@@ -22,6 +23,7 @@ mod base;
 mod builder;
 mod buildpacks;
 mod cache;
+mod cancel;
 mod error;
 mod events;
 mod frontend;
@@ -39,6 +41,7 @@ mod trash;
 pub use builder::{BuildReport, Builder};
 pub use buildpacks::BUILTIN_DIR_ENV;
 pub use buildpacks::LIFECYCLE_DIR_ENV;
+pub use cancel::Cancel;
 pub use error::{BuildError, Cause};
 pub use events::{BuildEvent, EventSink, OutputStream, Phase};
 pub use options::{

@@ -117,6 +117,7 @@ pub async fn rebase(options: RebaseOptions, events: EventSink) -> Result<RebaseR
         PushPolicy {
             manifest_first: true,
             ignore_immutable_tags: false,
+            cancel: None,
         },
     )
     .await?;

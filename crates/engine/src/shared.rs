@@ -15,6 +15,8 @@ use kiln_registry::Client;
 use kiln_sandbox::Mode;
 
 use crate::cache::EngineCache;
+use crate::cancel::Cancel;
+use crate::error::BuildError;
 use crate::events::{BuildEvent, EventSink, Phase};
 use crate::options::BuildOptions;
 use crate::output::PushAhead;
@@ -61,9 +63,20 @@ pub(crate) struct Shared {
     pub(crate) hidden: Vec<PathBuf>,
     /// Stage bases mounted from layer trees instead of unpacked (`--base-overlay`).
     pub(crate) overlay: Option<BaseOverlay>,
+    /// Stops the build from outside ([`crate::Builder::cancel_with`]).
+    pub(crate) cancel: Cancel,
 }
 
 impl Shared {
+    /// Waits on `runtime` for `work` from a blocking thread, giving up when the build is
+    /// cancelled.
+    pub(crate) fn block_on<F: std::future::Future>(
+        &self,
+        work: F,
+    ) -> Result<F::Output, BuildError> {
+        self.cancel.block_on(&self.runtime, work)
+    }
+
     pub(crate) fn emit(&self, event: BuildEvent) {
         (self.events)(event)
     }

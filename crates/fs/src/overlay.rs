@@ -47,6 +47,10 @@ pub enum TreeError {
     /// A tree being unpacked could not be opened or cleared inside its root.
     #[error(transparent)]
     Root(#[from] RootError),
+    /// The caller stopped the unpack ([`LayerTrees::get_or_unpack_until`]); the partial tree
+    /// was deleted.
+    #[error("unpacking was stopped")]
+    Stopped,
 }
 
 /// Layers unpacked on their own, one directory each, named by diff ID, for overlayfs to stack.
@@ -65,13 +69,15 @@ pub struct LayerTrees {
 static NEXT_TEMPORARY: AtomicU64 = AtomicU64::new(0);
 
 impl LayerTrees {
-    /// The store in `dir`, created if missing.
+    /// The store in `dir`, created if missing. Temporary trees that processes which no longer
+    /// exist left behind (a build killed while unpacking) are deleted.
     pub fn open(dir: impl Into<PathBuf>) -> Result<LayerTrees, TreeError> {
         let dir = dir.into();
         std::fs::create_dir_all(&dir).map_err(|source| TreeError::Io {
             path: dir.clone(),
             source,
         })?;
+        remove_abandoned(&dir);
         Ok(LayerTrees {
             dir,
             in_flight: Arc::default(),
@@ -92,6 +98,19 @@ impl LayerTrees {
         diff_id: &Digest,
         blob: &Path,
         digest: &Digest,
+    ) -> Result<PathBuf, TreeError> {
+        self.get_or_unpack_until(diff_id, blob, digest, &|| false)
+    }
+
+    /// [`LayerTrees::get_or_unpack`], giving up at the first read of the blob after `stop`
+    /// returns true (a cancelled build): the half-unpacked tree is deleted and the error is
+    /// [`TreeError::Stopped`].
+    pub fn get_or_unpack_until(
+        &self,
+        diff_id: &Digest,
+        blob: &Path,
+        digest: &Digest,
+        stop: &(dyn Fn() -> bool + Sync),
     ) -> Result<PathBuf, TreeError> {
         let tree = self.path_of(diff_id);
         if tree.is_dir() {
@@ -122,12 +141,13 @@ impl LayerTrees {
         let unpacked = (|| {
             let root = Root::open(&temporary)?;
             let file = File::open(blob).map_err(io_error(blob))?;
-            unpack_layer_tree(&root, BufReader::new(file), digest, Some(diff_id))?;
+            let reader = StopReader { inner: file, stop };
+            unpack_layer_tree(&root, BufReader::new(reader), digest, Some(diff_id))?;
             Ok::<_, TreeError>(())
         })();
         if let Err(e) = unpacked {
             discard(&temporary);
-            return Err(e);
+            return Err(if stop() { TreeError::Stopped } else { e });
         }
         match std::fs::rename(&temporary, &tree) {
             Ok(()) => Ok(tree),
@@ -142,6 +162,53 @@ impl LayerTrees {
             }
         }
     }
+}
+
+/// A reader that fails once `stop` says so, ending the unpack that reads it.
+struct StopReader<'a, R> {
+    inner: R,
+    stop: &'a (dyn Fn() -> bool + Sync),
+}
+
+impl<R: io::Read> io::Read for StopReader<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if (self.stop)() {
+            return Err(io::Error::other("unpacking was stopped"));
+        }
+        self.inner.read(buf)
+    }
+}
+
+/// Deletes the temporary trees (`.unpacking-PID-…`) of processes that are gone: a build
+/// killed in the middle of an unpack leaves one, which nothing else would ever remove.
+fn remove_abandoned(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(".unpacking-")
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if !process_alive(pid) {
+            discard(&dir.join(&name));
+        }
+    }
+}
+
+/// Whether a process with this id exists (EPERM: it does, but is someone else's).
+fn process_alive(pid: i32) -> bool {
+    let Some(pid) = rustix::process::Pid::from_raw(pid) else {
+        return false;
+    };
+    matches!(
+        rustix::process::test_kill_process(pid),
+        Ok(()) | Err(rustix::io::Errno::PERM)
+    )
 }
 
 /// Removes a tree this process made, through its root (a symlink in it is removed, never

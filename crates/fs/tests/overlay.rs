@@ -192,6 +192,46 @@ fn layers_that_need_the_layers_below_are_refused_and_leave_nothing() {
 }
 
 #[test]
+fn a_stopped_unpack_leaves_no_tree() {
+    let dir = tempfile::tempdir().unwrap();
+    let store_dir = dir.path().join("trees");
+    let store = LayerTrees::open(&store_dir).unwrap();
+    let mut layer = Layer::new().dir("data");
+    for i in 0..64 {
+        layer = layer.file(&format!("data/{i}"), &[b'x'; 8192]);
+    }
+    let layer = blob(dir.path(), "layer", layer);
+    // Stops once the unpack has read a few times, as a cancelled build does.
+    let reads = std::sync::atomic::AtomicUsize::new(0);
+    let stop = || reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed) >= 3;
+    let result = store.get_or_unpack_until(&layer.digest, &layer.path, &layer.digest, &stop);
+    assert!(matches!(result, Err(TreeError::Stopped)), "{result:?}");
+    assert_eq!(std::fs::read_dir(&store_dir).unwrap().count(), 0);
+    // Not stopped, the same layer unpacks.
+    let tree = store.get_or_unpack(&layer.digest, &layer.path, &layer.digest);
+    assert!(tree.unwrap().join("data/63").is_file());
+}
+
+#[test]
+fn opening_the_store_deletes_the_temporary_trees_of_dead_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store_dir = dir.path().join("trees");
+    // pid 0x7fffffff is never a live process; this test's own pid is.
+    let dead = store_dir.join(".unpacking-2147483647-0-abc");
+    let live = store_dir.join(format!(".unpacking-{}-0-abc", std::process::id()));
+    for tree in [&dead, &live] {
+        std::fs::create_dir_all(tree.join("usr/bin")).unwrap();
+        std::fs::write(tree.join("usr/bin/x"), b"x").unwrap();
+    }
+    LayerTrees::open(&store_dir).unwrap();
+    assert!(!dead.exists(), "a dead process's tree is deleted");
+    assert!(
+        live.join("usr/bin/x").exists(),
+        "a live process's tree stays"
+    );
+}
+
+#[test]
 fn a_damaged_blob_leaves_no_tree() {
     let dir = tempfile::tempdir().unwrap();
     let store_dir = dir.path().join("trees");

@@ -50,6 +50,8 @@ pub(crate) struct RunContext<'a> {
     pub(crate) hidden: &'a [PathBuf],
     /// Event sink.
     pub(crate) emit: &'a (dyn Fn(BuildEvent) + Send + Sync),
+    /// Kills the step's processes when the build is cancelled.
+    pub(crate) cancel: &'a CancelToken,
 }
 
 /// A stage's or image's file system that a bind or cache mount reads from.
@@ -239,7 +241,7 @@ fn run_step(
             line: String::from_utf8_lossy(line).into_owned(),
         })
     };
-    let outcome = sandbox.run(&step, &mut sink, &CancelToken::new());
+    let outcome = sandbox.run(&step, &mut sink, ctx.cancel);
     // Undone whatever the step's fate, and before anything can snapshot `/`.
     let undone = placed.as_mut().map(Placed::undo).transpose()?;
     let mut outcome = outcome.map_err(|e| e.to_string())?;

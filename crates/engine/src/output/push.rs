@@ -11,6 +11,7 @@ use kiln_oci::{Digest, Reference};
 use kiln_registry::{BytesSource, Client, FileSource, PushBlobOptions, Repository};
 
 use crate::base::ImageLayer;
+use crate::cancel::Cancel;
 use crate::error::BuildError;
 use crate::events::{BuildEvent, EventSink};
 
@@ -19,13 +20,16 @@ use super::ensure_local;
 
 /// How [`push`] goes about each destination.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct PushPolicy {
+pub struct PushPolicy<'a> {
     /// Send the manifest first, and the blobs only if it is refused: for an image made wholly
     /// of cache hits, whose blobs an identical earlier build most likely pushed.
     pub manifest_first: bool,
     /// Skip, with a warning, a destination whose immutable tag already exists
     /// ([`OutputOptions::ignore_immutable_tags`](crate::OutputOptions::ignore_immutable_tags)).
     pub ignore_immutable_tags: bool,
+    /// Stops the push: uploads are dropped and no manifest is sent once it is cancelled
+    /// (checked right before each manifest PUT).
+    pub cancel: Option<&'a Cancel>,
 }
 
 /// Pushes the image to every destination: layers and config concurrently (skipping blobs the
@@ -38,20 +42,28 @@ pub async fn push(
     destinations: &[Reference],
     placed: &PlacedBlobs,
     emit: &(dyn Fn(BuildEvent) + Send + Sync),
-    policy: PushPolicy,
+    policy: PushPolicy<'_>,
 ) -> Result<Digest, BuildError> {
+    let never = Cancel::new();
+    let cancel = policy.cancel.unwrap_or(&never);
     let immutable =
         |err: &kiln_registry::Error| policy.ignore_immutable_tags && err.is_immutable_tag();
     'destinations: for destination in destinations {
         let repo = Repository::new(destination.registry(), destination.repository())?;
         let reference = destination.tag().unwrap_or("latest").to_owned();
-        let put_manifest = || {
-            client.put_manifest(
-                &repo,
-                &reference,
-                &image.manifest.media_type,
-                Bytes::from(image.manifest.bytes.clone()),
-            )
+        // Checked right before each PUT: once a manifest is sent the tag may move, so a
+        // cancellation must be seen before, never after, that point.
+        let put_manifest = || async {
+            cancel.check()?;
+            client
+                .put_manifest(
+                    &repo,
+                    &reference,
+                    &image.manifest.media_type,
+                    Bytes::from(image.manifest.bytes.clone()),
+                )
+                .await
+                .map_err(BuildError::from)
         };
         // The registry checks that every blob the manifest names is in the repository and
         // refuses the manifest otherwise, so trying it first is safe: when it is refused the
@@ -59,14 +71,16 @@ pub async fn push(
         let accepted = if policy.manifest_first {
             match put_manifest().await {
                 Ok(pushed) => Some(pushed),
-                Err(err) if immutable(&err) => {
+                Err(BuildError::Registry(err)) if immutable(&err) => {
                     skip_immutable(destination, &err, emit);
                     continue 'destinations;
                 }
-                Err(err) if err.status().is_none() || err.is_immutable_tag() => {
-                    return Err(err.into())
+                Err(BuildError::Registry(err))
+                    if err.status().is_some() && !err.is_immutable_tag() =>
+                {
+                    None
                 }
-                Err(_) => None,
+                Err(err) => return Err(err),
             }
         } else {
             None
@@ -90,14 +104,15 @@ pub async fn push(
                         .await
                         .map_err(BuildError::from)
                 };
-                futures::future::try_join(try_join_all(uploads), config_upload).await?;
+                let blobs_placed = futures::future::try_join(try_join_all(uploads), config_upload);
+                cancel.guard(blobs_placed).await??;
                 match put_manifest().await {
                     Ok(pushed) => pushed,
-                    Err(err) if immutable(&err) => {
+                    Err(BuildError::Registry(err)) if immutable(&err) => {
                         skip_immutable(destination, &err, emit);
                         continue 'destinations;
                     }
-                    Err(err) => return Err(err.into()),
+                    Err(err) => return Err(err),
                 }
             }
         };

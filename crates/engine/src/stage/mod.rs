@@ -188,6 +188,7 @@ pub(crate) fn build_stage(shared: &Shared, index: usize) -> Result<StageOutput, 
     let mut run = StageRun::new(shared, stage, &rootfs, start, materializer);
     run.plan_cache(stage, &steps)?;
     for (step_no, step) in steps.iter().enumerate() {
+        shared.cancel.check()?;
         run.step(step_no, step)?;
     }
     run.finish_config(stage)?;

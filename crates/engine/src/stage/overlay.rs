@@ -171,6 +171,7 @@ impl<'a> Materializer<'a> {
         let trees = shared.timed(Some(self.index), None, Phase::Unpack, || {
             overlay.trees_of(shared, &self.at, &layers)
         });
+        shared.cancel.check()?;
         let mounted_hits = trees[base.len()..]
             .iter()
             .take_while(|tree| tree.is_some())
@@ -250,11 +251,15 @@ impl BaseOverlay {
 
     fn layer_tree(&self, shared: &Shared, at: &str, layer: &ImageLayer) -> Option<PathBuf> {
         let blob = shared.blobs.blob_path(&layer.descriptor.digest);
-        match self
-            .trees
-            .get_or_unpack(&layer.diff_id, &blob, &layer.descriptor.digest)
-        {
+        let cancelled = || shared.cancel.is_cancelled();
+        match (self.trees).get_or_unpack_until(
+            &layer.diff_id,
+            &blob,
+            &layer.descriptor.digest,
+            &cancelled,
+        ) {
             Ok(tree) => Some(tree),
+            Err(_) if cancelled() => None,
             Err(e) => {
                 shared.emit(BuildEvent::Note {
                     message: format!(

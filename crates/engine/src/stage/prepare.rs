@@ -166,11 +166,11 @@ impl Materializer<'_> {
             .map_err(stage_error)?;
         if self.in_place {
             // `/` was the parent's until the wipe: its layers rebuild it.
-            shared.runtime.block_on(crate::output::ensure_local(
+            shared.block_on(crate::output::ensure_local(
                 &shared.client,
                 &shared.blobs,
                 &parent_output.layers,
-            ))?;
+            ))??;
             shared
                 .timed(Some(self.index), None, Phase::Unpack, || {
                     unpack_in_place(shared, self.in_place_ignore, &parent_output.layers)
@@ -279,6 +279,7 @@ fn pull_base_once(
             }
             None => base::pull_and_unpack(
                 &shared.runtime,
+                &shared.cancel,
                 &shared.client,
                 &shared.blobs,
                 image,
@@ -294,14 +295,14 @@ fn pull_base_once(
 
 /// Pulls base `image` into the blob store only, for a caller that unpacks (or mounts) it itself.
 pub(crate) fn pull_to_store(shared: &Shared, image: &str) -> Result<base::PulledImage, BuildError> {
-    shared.runtime.block_on(base::pull(
+    shared.block_on(base::pull(
         &shared.client,
         &shared.blobs,
         image,
         &shared.platform,
         &*shared.events,
         shared.options.cache.dir.as_deref(),
-    ))
+    ))?
 }
 
 /// Unpacks `layers` into `/` (in-place mode), sparing the paths `ignore` names and warning

@@ -178,6 +178,7 @@ impl StageRun<'_> {
             ssh: &shared.options.ssh,
             hidden: &shared.hidden,
             emit: &*shared.events,
+            cancel: shared.cancel.steps(),
         };
         let sandbox = &*self.prepared.as_ref().expect("materialized for run").1;
         let outcome = shared.timed(Some(index), Some(step_no), Phase::Execute, || {
@@ -250,29 +251,31 @@ impl StageRun<'_> {
         let shared = self.shared;
         let at = step.provenance.location();
         let found = shared.timed(Some(self.index), Some(step_no), Phase::Pull, || {
-            shared.runtime.block_on(async {
-                let manifest = match shared.remote.image_manifest(image) {
-                    Some(pinned) => pinned,
-                    None => {
-                        crate::base::resolve_manifest(&shared.client, image, &shared.platform)
-                            .await?
+            shared
+                .block_on(async {
+                    let manifest = match shared.remote.image_manifest(image) {
+                        Some(pinned) => pinned,
+                        None => {
+                            crate::base::resolve_manifest(&shared.client, image, &shared.platform)
+                                .await?
+                        }
+                    };
+                    let pulled = manifest.with_config(&shared.client, None).await?;
+                    let layer = pulled
+                        .layers
+                        .into_iter()
+                        .find(|layer| layer.diff_id.to_string() == *diff_id);
+                    if let Some(layer) = &layer {
+                        crate::output::ensure_local(
+                            &shared.client,
+                            &shared.blobs,
+                            std::slice::from_ref(layer),
+                        )
+                        .await?;
                     }
-                };
-                let pulled = manifest.with_config(&shared.client, None).await?;
-                let layer = pulled
-                    .layers
-                    .into_iter()
-                    .find(|layer| layer.diff_id.to_string() == *diff_id);
-                if let Some(layer) = &layer {
-                    crate::output::ensure_local(
-                        &shared.client,
-                        &shared.blobs,
-                        std::slice::from_ref(layer),
-                    )
-                    .await?;
-                }
-                Ok::<_, BuildError>(layer)
-            })
+                    Ok::<_, BuildError>(layer)
+                })
+                .and_then(|found| found)
         });
         let layer = found.map_err(|e| BuildError::step(&at, format!("{image}: {e}")))?;
         if layer.is_none() {
@@ -497,7 +500,18 @@ impl StageRun<'_> {
     ) -> Result<ImageLayer, BuildError> {
         let shared = self.shared;
         let blob = write_layer(root, diff, &shared.blobs, &self.layer_options).map_err(|e| {
-            BuildError::step(step.provenance.location(), format!("writing layer: {e}"))
+            // The blob store is where a layer takes space: a full disk is said with its path.
+            let cause = match e {
+                kiln_fs::layer::LayerError::Write(source) => source.to_string(),
+                other => other.to_string(),
+            };
+            BuildError::step(
+                step.provenance.location(),
+                format!(
+                    "writing layer of step {step_no} to {}: {cause}",
+                    shared.blobs.root().display()
+                ),
+            )
         })?;
         shared.emit(BuildEvent::LayerCreated {
             stage: self.index,

@@ -35,11 +35,11 @@ impl Shared {
         if !*ready {
             self.timed(Some(index), None, Phase::Unpack, || {
                 std::fs::create_dir_all(&stage.rootfs).map_err(BuildError::io(&stage.rootfs))?;
-                self.runtime.block_on(crate::output::ensure_local(
+                self.block_on(crate::output::ensure_local(
                     &self.client,
                     &self.blobs,
                     &stage.layers,
-                ))?;
+                ))??;
                 if self.mount_image_layers(
                     &format!("stage {index}"),
                     &stage.rootfs,
@@ -64,14 +64,14 @@ impl Shared {
             return Ok(tree.clone());
         }
         let cache_dir = self.options.cache.dir.as_deref();
-        let pulled = self.runtime.block_on(async {
+        let pulled = self.block_on(async {
             let manifest = match self.remote.image_manifest(image) {
                 Some(pinned) => pinned,
                 None => base::resolve_manifest(&self.client, image, &self.platform).await?,
             };
             let (client, blobs, events) = (&self.client, &self.blobs, &*self.events);
             base::pull_resolved(client, blobs, manifest, image, events, cache_dir).await
-        })?;
+        })??;
         let root = self.work_dir.join(format!("image-{}", images.len()));
         std::fs::create_dir_all(&root).map_err(BuildError::io(&root))?;
         if !self.mount_image_layers(image, &root, &pulled.layers)? {

@@ -374,11 +374,10 @@ fn fetch_url(
         .join(format!("add-{}-{}-{index}", step.stage, step.step));
     std::fs::create_dir_all(&dir).map_err(BuildError::io(&dir))?;
     let downloaded = shared
-        .runtime
         .block_on(fetch::download(url, copy.checksum.as_deref(), &dir))
-        .map_err(|e| {
+        .and_then(|downloaded| downloaded.map_err(|e| step.fail(format!("ADD failed: {e}"))))
+        .inspect_err(|_| {
             let _ = std::fs::remove_dir_all(&dir);
-            step.fail(format!("ADD failed: {e}"))
         })?;
     if let Some(UrlPin::Validators(keyed)) = &pin {
         *as_keyed &= downloaded.validators == *keyed;
