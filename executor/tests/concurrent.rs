@@ -15,14 +15,16 @@ const COPIES: usize = 2;
 
 /// The Dockerfiles, by name. `{reg}` is the registry. Every RUN that reads a cache mount puts
 /// into the image only what does not depend on which build wrote the cache first: shared users
-/// write whole files by rename, a locked user may test and fill, a private copy is its own.
+/// write whole files by rename, a locked user may test and fill, a private copy is its own,
+/// and content is read with `cat`, not copied with `cp` (which would carry over the mode of
+/// whichever build made the file: `mktemp` makes 0600).
 const DOCKERFILES: &[(&str, &str)] = &[
     (
         "multistage",
         "FROM {reg}/library/debian:bookworm AS build\n\
          RUN --mount=type=cache,id=kiln-shared,target=/var/cache/shared,sharing=shared \\\n\
              f=$(mktemp /var/cache/shared/part.XXXXXX) && echo shared-v1 > \"$f\" \\\n\
-             && mv \"$f\" /var/cache/shared/version && cp /var/cache/shared/version /from-shared\n\
+             && mv \"$f\" /var/cache/shared/version && cat /var/cache/shared/version > /from-shared\n\
          RUN mkdir -p /out && seq 1 3000 > /out/numbers && sha256sum /out/numbers > /out/sum\n\
          COPY app.txt /out/app.txt\n\
          FROM {reg}/library/busybox:latest\n\
@@ -37,7 +39,7 @@ const DOCKERFILES: &[(&str, &str)] = &[
              if [ ! -f /cache/archive ]; then seq 1 20000 > /cache/archive; fi \\\n\
              && sha256sum < /cache/archive > /archive.sum\n\
          RUN --mount=type=cache,id=kiln-scratch,target=/scratch,sharing=private \\\n\
-             mkdir -p /scratch/work && echo private > /scratch/work/p && cp /scratch/work/p /private\n\
+             mkdir -p /scratch/work && echo private > /scratch/work/p && cat /scratch/work/p > /private\n\
          COPY . /src\n\
          RUN ls /src > /src.listing\n",
     ),
@@ -46,7 +48,7 @@ const DOCKERFILES: &[(&str, &str)] = &[
         "FROM {reg}/library/busybox:latest\n\
          RUN mkdir -p /data && for i in $(seq 1 300); do echo $i > /data/f$i; done\n\
          RUN --mount=type=cache,id=kiln-shared,target=/shared,sharing=locked \\\n\
-             echo shared-v1 > /shared/version && cp /shared/version /seen-version\n\
+             echo shared-v1 > /shared/version && cat /shared/version > /seen-version\n\
          RUN rm /data/f1 && echo changed > /data/f2\n\
          COPY data/ /data/\n",
     ),
@@ -183,6 +185,21 @@ fn trees_in(kiln_dir: &Path) -> Vec<String> {
     names
 }
 
+/// An image's config and manifest as the registry has them, for a failure message.
+fn describe(registry: &Registry, repo_tag: &str) -> String {
+    let source = format!("docker://{}/{repo_tag}", registry.addr());
+    let inspect = |extra: &[&str]| {
+        let out = Command::new("skopeo")
+            .args(["inspect", "--raw", "--tls-verify=false"])
+            .args(extra)
+            .arg(&source)
+            .output()
+            .unwrap();
+        text(&out.stdout)
+    };
+    format!("{}\n{}", inspect(&["--config"]), inspect(&[]))
+}
+
 fn prepared() -> (Registry, tempfile::TempDir, PathBuf) {
     let registry = Registry::start();
     image::push_rootfs(&registry, bases::busybox_rootfs(), "library/busybox:latest");
@@ -290,10 +307,16 @@ fn eight_builds_at_once_give_the_images_of_serial_builds() {
             started.elapsed().as_secs_f64()
         );
         for (i, (what, digest)) in got.iter().enumerate() {
+            let name = &contexts[i % contexts.len()].0;
             assert_eq!(
                 digest,
                 &reference[i % contexts.len()],
-                "{what} gave another image than the serial build"
+                "{what} gave another image than the serial build:\nserial: {}\nthis one: {}",
+                describe(&registry, &format!("concurrent/{name}:serial")),
+                describe(
+                    &registry,
+                    &format!("concurrent/{name}:{round}-{}", i / contexts.len())
+                ),
             );
         }
     }
