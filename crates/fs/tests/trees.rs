@@ -93,7 +93,7 @@ fn a_prune_removes_unused_trees_and_keeps_the_ones_held() {
     expected.sort_by_key(|d| d.to_string());
     assert_eq!(removed(&dry), expected);
     assert!(dry.removed.iter().all(|t| t.bytes > 0), "{:?}", dry.removed);
-    assert_eq!(in_use(&dry), [blobs[0].digest.clone()]);
+    assert_eq!(in_use(&dry), vec![blobs[0].digest.clone()]);
     assert_eq!(
         trees_in(store.dir()).len(),
         3,
@@ -102,7 +102,7 @@ fn a_prune_removes_unused_trees_and_keeps_the_ones_held() {
 
     let report = store.prune(Duration::ZERO, false).unwrap();
     assert_eq!(removed(&report), expected);
-    assert_eq!(in_use(&report), [blobs[0].digest.clone()]);
+    assert_eq!(in_use(&report), vec![blobs[0].digest.clone()]);
     assert!(report.failed.is_empty(), "{:?}", report.failed);
     assert_eq!(trees_in(store.dir()), [name_of(&blobs[0].digest)]);
     assert_eq!(
@@ -116,7 +116,7 @@ fn a_prune_removes_unused_trees_and_keeps_the_ones_held() {
 
     drop(held);
     let report = store.prune(Duration::ZERO, false).unwrap();
-    assert_eq!(removed(&report), [blobs[0].digest.clone()]);
+    assert_eq!(removed(&report), vec![blobs[0].digest.clone()]);
     assert!(report.in_use.is_empty());
     assert!(trees_in(store.dir()).is_empty());
 
@@ -140,7 +140,7 @@ fn trees_used_within_the_cutoff_stay() {
     used_ago(&store, &recent, Duration::from_secs(30 * 60));
 
     let report = store.prune(Duration::from_secs(3600), false).unwrap();
-    assert_eq!(removed(&report), [old.digest.clone()]);
+    assert_eq!(removed(&report), vec![old.digest.clone()]);
     assert!(report.removed[0].unused_for >= Duration::from_secs(3 * 3600));
     assert_eq!(report.kept, 1);
     assert_eq!(trees_in(store.dir()), [name_of(&recent.digest)]);
@@ -149,7 +149,7 @@ fn trees_used_within_the_cutoff_stay() {
     let held = take(&store, &recent);
     used_ago(&store, &recent, Duration::from_secs(3 * 3600));
     let report = store.prune(Duration::from_secs(3600), false).unwrap();
-    assert_eq!(in_use(&report), [recent.digest.clone()]);
+    assert_eq!(in_use(&report), vec![recent.digest.clone()]);
     drop(held);
     let report = store.prune(Duration::from_secs(3600), false).unwrap();
     assert!(report.removed.is_empty() && report.kept == 1, "{report:?}");
@@ -167,7 +167,7 @@ fn a_tree_without_a_stamp_is_aged_from_when_it_was_stored() {
     let report = store.prune(Duration::from_secs(3600), false).unwrap();
     assert_eq!((report.kept, report.removed.len()), (1, 0), "{report:?}");
     let report = store.prune(Duration::ZERO, false).unwrap();
-    assert_eq!(removed(&report), [layer.digest.clone()]);
+    assert_eq!(removed(&report), vec![layer.digest.clone()]);
 }
 
 #[test]
