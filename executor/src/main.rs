@@ -119,8 +119,8 @@ fn warm_cache_dir(renderer: &Renderer, warm: &WarmInvocation) -> i32 {
     }
 }
 
-/// `executor cache prune`: prunes the cache repository and/or the cache directory, printing
-/// each report as soon as it is made. Refused deletes are reported and leave the exit status 0
+/// `executor cache prune`: prunes the cache repository, the cache directory and/or the Kiln
+/// dir's layer trees, printing each report as soon as it is made. Refused deletes are reported and leave the exit status 0
 /// (the registry's policy, not a failure of the command); anything that could not be examined
 /// or removed makes it 1, after the other cache was pruned all the same.
 fn prune_caches(renderer: &Renderer, prune: &PruneInvocation) -> i32 {
@@ -136,9 +136,12 @@ fn prune_caches(renderer: &Renderer, prune: &PruneInvocation) -> i32 {
             return fail(renderer, &message, exit::BUILD_FAILED);
         }
     }
-    if let Some(dir) = &prune.cache_dir {
-        if !dir.is_dir() {
-            let message = format!("--cache-dir {}: no such directory", dir.display());
+    for (flag, dir) in [
+        ("--cache-dir", &prune.cache_dir),
+        ("--kiln-dir", &prune.layer_trees),
+    ] {
+        if let Some(dir) = dir.as_ref().filter(|dir| !dir.is_dir()) {
+            let message = format!("{flag} {}: no such directory", dir.display());
             return fail(renderer, &message, exit::BUILD_FAILED);
         }
     }
@@ -200,6 +203,20 @@ fn prune_caches(renderer: &Renderer, prune: &PruneInvocation) -> i32 {
         }
     });
     runtime.shutdown_background();
+    if let Some(dir) = &prune.layer_trees {
+        match kiln_executor::prune::prune_layer_trees(dir, prune.older_than, prune.dry_run) {
+            Ok(trees) => {
+                for line in kiln_executor::prune::tree_report_lines(&trees) {
+                    println!("{line}");
+                }
+                failures += trees.failed.len();
+            }
+            Err(error) => {
+                println!("failed: {error}");
+                failures += 1;
+            }
+        }
+    }
     if failures > 0 {
         let message = format!(
             "cache prune: {failures} failure{} (see above)",

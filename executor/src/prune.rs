@@ -1,10 +1,12 @@
 //! How `executor cache prune` reports what it did: one line per item removed (or, in a dry
-//! run, to be removed), refused or failed, then a summary line per cache. Kept apart from
-//! `main.rs` so the wording is tested without a registry.
+//! run, to be removed), refused, kept in use or failed, then a summary line per cache. Kept
+//! apart from `main.rs` so the wording is tested without a registry.
 
+use std::path::Path;
 use std::time::Duration;
 
 use kiln_cache::{PruneReport, PrunedKind};
+use kiln_fs::trees::{LayerTrees, TreePruneReport};
 
 use crate::render::{human_size, redact_credentials};
 
@@ -108,6 +110,84 @@ fn summary(report: &PruneReport) -> String {
         None => {}
     }
     text
+}
+
+/// Prunes the layer trees of the Kiln dir `kiln_dir` (`kiln_dir/layers`); the error names the
+/// directory. A Kiln dir that does not exist is an error (a mistyped path must not look like
+/// an empty store); one with no trees yet is pruned of nothing.
+pub fn prune_layer_trees(
+    kiln_dir: &Path,
+    older_than: Duration,
+    dry_run: bool,
+) -> Result<TreePruneReport, String> {
+    if !kiln_dir.is_dir() {
+        return Err(format!(
+            "--kiln-dir {}: no such directory",
+            kiln_dir.display()
+        ));
+    }
+    LayerTrees::open(kiln_dir.join("layers"))
+        .and_then(|trees| trees.prune(older_than, dry_run))
+        .map_err(|e| {
+            format!(
+                "pruning the layer trees of --kiln-dir {}: {e}",
+                kiln_dir.display()
+            )
+        })
+}
+
+/// The layer tree report as lines for standard output: one per tree removed (or removable),
+/// kept because a build holds it, or failed, then the summary.
+pub fn tree_report_lines(report: &TreePruneReport) -> Vec<String> {
+    let verb = if report.dry_run {
+        "would remove"
+    } else {
+        "removed"
+    };
+    let mut lines = Vec::new();
+    for tree in &report.removed {
+        lines.push(format!(
+            "{verb} layer tree {} ({}), unused for {}",
+            tree.diff_id,
+            human_size(tree.bytes),
+            go_duration(tree.unused_for)
+        ));
+    }
+    for tree in &report.in_use {
+        lines.push(format!(
+            "in use: layer tree {} stays (a running build holds it), last taken {} ago",
+            tree.diff_id,
+            go_duration(tree.unused_for)
+        ));
+    }
+    for failure in &report.failed {
+        lines.push(format!("failed: {failure}"));
+    }
+    let freed: u64 = report.removed.iter().map(|t| t.bytes).sum();
+    let trees = |n: usize| format!("{n} layer tree{}", if n == 1 { "" } else { "s" });
+    let mut summary = format!(
+        "{}{}: {} {} ({}), kept {} in use and {} used more recently",
+        if report.dry_run {
+            "dry run, nothing changed: "
+        } else {
+            ""
+        },
+        report.dir.display(),
+        verb,
+        trees(report.removed.len()),
+        human_size(freed),
+        report.in_use.len(),
+        report.kept,
+    );
+    if report.leftovers > 0 {
+        summary.push_str(&format!(
+            ", {verb} {} left half-made or half-deleted",
+            report.leftovers
+        ));
+    }
+    summary.push_str(&format!(", failed {}", report.failed.len()));
+    lines.push(summary);
+    lines
 }
 
 /// A duration as Go prints one (`240h0m5s`), the form `--older-than` takes, in whole seconds.

@@ -746,3 +746,49 @@ fn refusals_name_the_registry_request_and_status() {
     );
     assert!(lines.last().unwrap().contains("refused 1"));
 }
+
+#[test]
+fn layer_trees_removed_and_in_use_then_a_summary() {
+    use kiln_fs::trees::{PrunedTree, TreePruneReport};
+    let tree = |n: &[u8], unused: u64, bytes: u64| PrunedTree {
+        diff_id: Digest::sha256_of(n),
+        unused_for: Duration::from_secs(unused),
+        bytes,
+    };
+    let report = TreePruneReport {
+        dir: PathBuf::from("/kiln/layers"),
+        dry_run: false,
+        removed: vec![tree(b"old", 3 * 3600 + 5, 2_500_000)],
+        in_use: vec![tree(b"held", 0, 0)],
+        kept: 2,
+        leftovers: 1,
+        failed: vec!["layer tree store /kiln/layers/x: Permission denied".to_owned()],
+    };
+    let old = Digest::sha256_of(b"old");
+    let held = Digest::sha256_of(b"held");
+    assert_eq!(
+        kiln_executor::prune::tree_report_lines(&report),
+        [
+            format!("removed layer tree {old} (2.5 MB), unused for 3h0m5s"),
+            format!(
+                "in use: layer tree {held} stays (a running build holds it), last taken 0s ago"
+            ),
+            "failed: layer tree store /kiln/layers/x: Permission denied".to_owned(),
+            "/kiln/layers: removed 1 layer tree (2.5 MB), kept 1 in use and 2 used more recently, removed 1 left half-made or half-deleted, failed 1".to_owned(),
+        ]
+    );
+    let dry = TreePruneReport {
+        dry_run: true,
+        in_use: Vec::new(),
+        leftovers: 0,
+        failed: Vec::new(),
+        ..report
+    };
+    assert_eq!(
+        kiln_executor::prune::tree_report_lines(&dry),
+        [
+            format!("would remove layer tree {old} (2.5 MB), unused for 3h0m5s"),
+            "dry run, nothing changed: /kiln/layers: would remove 1 layer tree (2.5 MB), kept 0 in use and 2 used more recently, failed 0".to_owned(),
+        ]
+    );
+}

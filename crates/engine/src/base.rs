@@ -66,13 +66,29 @@ pub fn link_from_cache_dir(cache_dir: Option<&Path>, blobs: &BlobStore, layers: 
         let from = cached.blob_path(&layer.digest);
         let to = blobs.blob_path(&layer.digest);
         // The warmer verified the blob when it stored it under its digest.
-        if std::fs::hard_link(&from, &to).is_err() {
-            let temp = to.with_extension("from-cache-dir");
-            if std::fs::copy(&from, &temp).is_ok() {
-                let _ = std::fs::rename(&temp, &to);
-            }
-            let _ = std::fs::remove_file(&temp);
+        match std::fs::hard_link(&from, &to) {
+            Ok(()) => {}
+            // Another build sharing the blob store linked it first.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            // Another file system: copied under a name of its own and renamed into place, so
+            // builds copying the same blob at once never write into one file.
+            Err(_) => copy_into_store(&from, blobs, &layer.digest),
         }
+    }
+}
+
+/// Copies the stored blob at `from` into `blobs` under `digest`; a blob that cannot be copied
+/// is left to the registry pull.
+fn copy_into_store(from: &Path, blobs: &BlobStore, digest: &Digest) {
+    let Ok(mut source) = std::fs::File::open(from) else {
+        return;
+    };
+    let Ok(mut file) = blobs.create() else {
+        return;
+    };
+    // Dropping an uncommitted file removes it.
+    if std::io::copy(&mut source, &mut file).is_ok() {
+        let _ = file.commit(digest);
     }
 }
 

@@ -53,7 +53,7 @@ pub(crate) fn sweep(work_root: &Path) {
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         let owner = claim_owner(&name).or_else(|| work_dir_owner(&name));
-        let abandoned = owner.is_some_and(|pid| !process_alive(pid));
+        let abandoned = owner.is_some_and(|pid| !kiln_fs::trees::process_alive(pid));
         if !abandoned {
             continue;
         }
@@ -142,17 +142,6 @@ fn unclaimed_name(name: &str) -> &str {
         Some(rest) => rest.split_once('-').map_or(rest, |(_, name)| name),
         None => name,
     }
-}
-
-fn process_alive(pid: i32) -> bool {
-    let Some(pid) = rustix::process::Pid::from_raw(pid) else {
-        return false;
-    };
-    // EPERM means the process exists but belongs to someone else.
-    matches!(
-        rustix::process::test_kill_process(pid),
-        Ok(()) | Err(rustix::io::Errno::PERM)
-    )
 }
 
 fn spawn_removal(trees: Vec<PathBuf>) {

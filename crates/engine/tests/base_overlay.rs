@@ -30,9 +30,20 @@ async fn build(options: BuildOptions) -> (String, Vec<BuildEvent>) {
     (report.digest.to_string(), events)
 }
 
+/// The layer trees in the kiln dir (the store's own dot files, its locks and stamps, left out).
 fn trees(kiln_dir: &Path) -> usize {
     std::fs::read_dir(kiln_dir.join("layers"))
-        .map(|entries| entries.count())
+        .map(|entries| {
+            entries
+                .filter(|e| {
+                    !e.as_ref()
+                        .unwrap()
+                        .file_name()
+                        .to_string_lossy()
+                        .starts_with('.')
+                })
+                .count()
+        })
         .unwrap_or(0)
 }
 

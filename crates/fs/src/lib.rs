@@ -12,4 +12,5 @@ pub mod layer;
 pub mod overlay;
 pub mod resolve;
 pub mod snapshot;
+pub mod trees;
 pub mod unpack;

@@ -7,12 +7,24 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-use kiln_fs::overlay::{LayerTrees, OverlayMount, TreeError};
+use kiln_fs::overlay::OverlayMount;
 use kiln_fs::resolve::Root;
 use kiln_fs::snapshot::{ChangeKind, IgnoreOptions, Index, SnapshotOptions, Snapshotter};
+use kiln_fs::trees::{LayerTree, LayerTrees, TreeError};
 use kiln_fs::unpack::{unpack_layer, UnpackError, UnpackOptions};
 use kiln_oci::Digest;
 use support::Layer;
+
+/// The trees in a store (its lock and stamp files, named with a leading dot, left out).
+fn trees_in(store: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(store)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| !name.starts_with('.'))
+        .collect();
+    names.sort();
+    names
+}
 
 /// A layer blob (plain tar) with its digest, which is also its diff ID.
 struct Blob {
@@ -129,10 +141,11 @@ fn stacked_trees_show_what_applying_the_layers_gives() {
     }
 
     let store = LayerTrees::open(dir.path().join("trees")).unwrap();
-    let mut lowers: Vec<PathBuf> = layers
+    let held: Vec<LayerTree> = layers
         .iter()
         .map(|l| store.get_or_unpack(&l.digest, &l.path, &l.digest).unwrap())
         .collect();
+    let mut lowers: Vec<PathBuf> = held.iter().map(|t| t.path().to_path_buf()).collect();
     lowers.reverse();
     let [merged, upper, work] = ["merged", "upper", "work"].map(|d| {
         let path = dir.path().join(d);
@@ -153,7 +166,7 @@ fn stacked_trees_show_what_applying_the_layers_gives() {
     let again = store
         .get_or_unpack(&layers[1].digest, &layers[1].path, &layers[1].digest)
         .unwrap();
-    assert_eq!(again, lowers[0]);
+    assert_eq!(again.path(), lowers[0]);
 }
 
 #[test]
@@ -184,7 +197,7 @@ fn layers_that_need_the_layers_below_are_refused_and_leave_nothing() {
             "{name}: {result:?}"
         );
         assert_eq!(
-            std::fs::read_dir(&store_dir).unwrap().count(),
+            trees_in(&store_dir).len(),
             0,
             "{name}: something was left in the store"
         );
@@ -206,10 +219,15 @@ fn a_stopped_unpack_leaves_no_tree() {
     let stop = || reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed) >= 3;
     let result = store.get_or_unpack_until(&layer.digest, &layer.path, &layer.digest, &stop);
     assert!(matches!(result, Err(TreeError::Stopped)), "{result:?}");
-    assert_eq!(std::fs::read_dir(&store_dir).unwrap().count(), 0);
+    let left: Vec<_> = std::fs::read_dir(&store_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|name| name != ".stamps")
+        .collect();
+    assert!(left.is_empty(), "left in the store: {left:?}");
     // Not stopped, the same layer unpacks.
     let tree = store.get_or_unpack(&layer.digest, &layer.path, &layer.digest);
-    assert!(tree.unwrap().join("data/63").is_file());
+    assert!(tree.unwrap().path().join("data/63").is_file());
 }
 
 #[test]
@@ -250,7 +268,7 @@ fn a_damaged_blob_leaves_no_tree() {
         ),
         "{result:?}"
     );
-    assert_eq!(std::fs::read_dir(&store_dir).unwrap().count(), 0);
+    assert_eq!(trees_in(&store_dir).len(), 0);
 }
 
 #[test]
@@ -263,7 +281,7 @@ fn concurrent_unpacks_of_one_layer_share_one_tree() {
         layer = layer.file(&format!("data/{i}"), format!("{i}").as_bytes());
     }
     let layer = blob(dir.path(), "layer", layer);
-    let trees: Vec<PathBuf> = std::thread::scope(|s| {
+    let trees: Vec<LayerTree> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..4)
             .map(|_| s.spawn(|| store.get_or_unpack(&layer.digest, &layer.path, &layer.digest)))
             .collect();
@@ -272,14 +290,13 @@ fn concurrent_unpacks_of_one_layer_share_one_tree() {
             .map(|h| h.join().unwrap().unwrap())
             .collect()
     });
-    assert!(trees.iter().all(|t| t == &trees[0]));
-    let names: Vec<_> = std::fs::read_dir(&store_dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
+    assert!(trees.iter().all(|t| t.path() == trees[0].path()));
+    let names = trees_in(&store_dir);
     assert_eq!(names.len(), 1, "{names:?}");
     assert_eq!(
-        std::fs::read_dir(trees[0].join("data")).unwrap().count(),
+        std::fs::read_dir(trees[0].path().join("data"))
+            .unwrap()
+            .count(),
         200
     );
 }
@@ -291,6 +308,7 @@ struct Stack {
     merged: PathBuf,
     upper: PathBuf,
     _mount: OverlayMount,
+    _held: Vec<LayerTree>,
 }
 
 impl Stack {
@@ -298,11 +316,12 @@ impl Stack {
         let dir = tempfile::tempdir().unwrap();
         let layers = two_layers(dir.path());
         let store = LayerTrees::open(dir.path().join("trees")).unwrap();
-        let lowers: Vec<PathBuf> = layers
+        let held: Vec<LayerTree> = layers
             .iter()
             .rev()
             .map(|l| store.get_or_unpack(&l.digest, &l.path, &l.digest).unwrap())
             .collect();
+        let lowers: Vec<PathBuf> = held.iter().map(|t| t.path().to_path_buf()).collect();
         let [merged, upper, work] = ["merged", "upper", "work"].map(|d| {
             let path = dir.path().join(d);
             std::fs::create_dir(&path).unwrap();
@@ -315,6 +334,7 @@ impl Stack {
             merged,
             upper,
             _mount: mount,
+            _held: held,
         }
     }
 }

@@ -50,7 +50,7 @@ pub(super) struct CacheArgs {
 #[derive(Subcommand, Debug)]
 pub(super) enum CacheSub {
     /// Delete expired step entries and stage records from a cache repository or oci: layout,
-    /// and expired base images from a cache directory.
+    /// expired base images from a cache directory, and unused layer trees from a Kiln dir.
     Prune(Box<PruneFlags>),
 }
 
@@ -420,6 +420,10 @@ flag_struct! {
         /// Base-image cache directory (filled by `executor warm`) to prune.
         #[arg(long = "cache-dir", value_name = "DIR")]
         cache_dir: Option<PathBuf>,
+        /// Kiln dir whose layer trees (DIR/layers) to prune: those no build used for
+        /// --older-than; a tree a running build mounts is kept.
+        #[arg(long = "kiln-dir", visible_alias = "kaniko-dir", value_name = "DIR")]
+        kiln_dir: Option<PathBuf>,
         /// Remove what is older than this Go duration, e.g. 72h (default: the cache TTL).
         #[arg(long = "older-than", value_name = "DURATION")]
         older_than: Option<String>,

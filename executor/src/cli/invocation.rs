@@ -661,9 +661,9 @@ pub(super) fn build_warm(flags: WarmFlags, env: &Env) -> Result<WarmInvocation, 
 /// `executor cache prune`: at least one cache to prune, `--older-than` defaulting to the TTL.
 pub(super) fn build_prune(flags: PruneFlags, env: &Env) -> Result<PruneInvocation, UsageError> {
     let cache_repo = flags.cache_repo.filter(|r| !r.is_empty());
-    if cache_repo.is_none() && flags.cache_dir.is_none() {
+    if cache_repo.is_none() && flags.cache_dir.is_none() && flags.kiln_dir.is_none() {
         return Err(UsageError::new(
-            "cache prune: name the cache to prune with --cache-repo REGISTRY/REPO (or oci:/path) and/or --cache-dir DIR",
+            "cache prune: name the cache to prune with --cache-repo REGISTRY/REPO (or oci:/path), --cache-dir DIR and/or --kiln-dir DIR",
         ));
     }
     let duration = |flag: &str, value: &Option<String>| {
@@ -683,7 +683,8 @@ pub(super) fn build_prune(flags: PruneFlags, env: &Env) -> Result<PruneInvocatio
         ttl,
         dry_run: flags.dry_run.unwrap_or(false),
         registry: registry_options(&flags.registry, env)?,
-        kiln_dir: kiln_dir(None, env),
+        kiln_dir: kiln_dir(flags.kiln_dir.as_deref(), env),
+        layer_trees: flags.kiln_dir,
         output: output_settings(&flags.log),
     })
 }

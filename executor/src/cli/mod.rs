@@ -76,7 +76,8 @@ pub enum Command {
     Warm(Box<WarmInvocation>),
     /// `executor rebase`: put a buildpacks image on a new run image.
     Rebase(Box<RebaseInvocation>),
-    /// `executor cache prune`: remove expired cache entries and stored base images.
+    /// `executor cache prune`: remove expired cache entries, stored base images and unused
+    /// layer trees.
     CachePrune(Box<PruneInvocation>),
     /// `executor version` or `--version`.
     Version,
@@ -187,9 +188,11 @@ pub struct PruneInvocation {
     pub dry_run: bool,
     /// Registry transport (keychain anonymous until loaded).
     pub registry: RegistryOptions,
-    /// Where the docker config is looked for besides `$DOCKER_CONFIG` (`$KILN_DIR`,
-    /// `$KANIKO_DIR`, else `/kiln`).
+    /// Where the docker config is looked for besides `$DOCKER_CONFIG` (`--kiln-dir`,
+    /// `$KILN_DIR`, `$KANIKO_DIR`, else `/kiln`).
     pub kiln_dir: PathBuf,
+    /// `--kiln-dir`: the Kiln dir whose layer trees are pruned.
+    pub layer_trees: Option<PathBuf>,
     /// Logging.
     pub output: OutputSettings,
 }

@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use kiln_fs::overlay::{LayerTrees, OverlayMount, TmpfsMount};
+use kiln_fs::overlay::{OverlayMount, TmpfsMount};
+use kiln_fs::trees::{LayerTree, LayerTrees};
 
 use crate::base::ImageLayer;
 use crate::error::BuildError;
@@ -18,11 +19,13 @@ use crate::shared::Shared;
 use super::prepare::Materializer;
 
 /// The overlay mounts of one build's stages, unmounted before the work dir they live in is
-/// removed (removing a mounted tree would delete through the mount, then fail).
+/// removed (removing a mounted tree would delete through the mount, then fail), and the layer
+/// trees under them, held until then so that no prune removes a lower dir in use.
 #[derive(Debug, Default)]
 pub(crate) struct StageMounts {
     stages: Mutex<Vec<OverlayMount>>,
     scratch: Mutex<Option<TmpfsMount>>,
+    trees: Mutex<Vec<LayerTree>>,
 }
 
 impl StageMounts {
@@ -30,10 +33,19 @@ impl StageMounts {
         self.stages.lock().expect("stage mounts").push(mount);
     }
 
-    /// Unmounts every stage rootfs mounted so far, and the scratch tmpfs.
+    /// Keeps `tree` held until the build's mounts go; returns its path.
+    fn hold(&self, tree: LayerTree) -> PathBuf {
+        let path = tree.path().to_path_buf();
+        self.trees.lock().expect("held trees").push(tree);
+        path
+    }
+
+    /// Unmounts every stage rootfs mounted so far and the scratch tmpfs, then lets go of the
+    /// layer trees they stacked.
     pub(crate) fn unmount_all(&self) {
         self.stages.lock().expect("stage mounts").clear();
         self.scratch.lock().expect("scratch mount").take();
+        self.trees.lock().expect("held trees").clear();
     }
 }
 
@@ -249,6 +261,7 @@ impl BaseOverlay {
         found.into_inner().expect("layer trees")
     }
 
+    /// The tree of `layer`, held until the build's mounts go.
     fn layer_tree(&self, shared: &Shared, at: &str, layer: &ImageLayer) -> Option<PathBuf> {
         let blob = shared.blobs.blob_path(&layer.descriptor.digest);
         let cancelled = || shared.cancel.is_cancelled();
@@ -258,7 +271,7 @@ impl BaseOverlay {
             &layer.descriptor.digest,
             &cancelled,
         ) {
-            Ok(tree) => Some(tree),
+            Ok(tree) => Some(self.mounts.hold(tree)),
             Err(_) if cancelled() => None,
             Err(e) => {
                 shared.emit(BuildEvent::Note {
