@@ -295,9 +295,10 @@ mod tests {
         }
     }
 
-    /// Found again by `cargo fuzz run reference` (crates/oci/fuzz) after an earlier attempt
-    /// reported it: a variant without its `v` was compared before being prefixed, so `amd64/1`
-    /// normalised to `v1` (dropped only by a second pass) and `arm64/8.0` to `v8.0`.
+    /// Reported by an earlier fuzzing attempt; the `reference` fuzz target (crates/oci/fuzz)
+    /// fails on these inputs without the fix: a variant without its `v` was compared before
+    /// being prefixed, so `amd64/1` normalised to `v1` (dropped only by a second pass) and
+    /// `arm64/8.0` to `v8.0`.
     #[test]
     fn normalising_is_idempotent_for_unprefixed_variants() {
         for (input, expected) in [
