@@ -111,17 +111,17 @@ impl Platform {
             .as_deref()
             .map(|v| v.to_ascii_lowercase())
             .filter(|v| !v.is_empty());
+        // Prefix first, then compare: `1` and `8.0` must reach the same spelling as `v1` and
+        // `v8` in one pass, or normalising twice would differ from normalising once.
+        let prefixed = variant.as_deref().map(with_v_prefix);
         let (architecture, variant) = match self.architecture.to_ascii_lowercase().as_str() {
             "i386" | "i686" | "386" => ("386".to_owned(), variant),
-            "x86_64" | "x86-64" | "amd64" => (
-                "amd64".to_owned(),
-                variant.filter(|v| v != "v1").map(|v| with_v_prefix(&v)),
-            ),
+            "x86_64" | "x86-64" | "amd64" => ("amd64".to_owned(), prefixed.filter(|v| v != "v1")),
             "aarch64" | "arm64" => {
-                let variant = match variant.as_deref() {
-                    None | Some("8" | "v8" | "v8.0") => "v8".to_owned(),
-                    Some("9" | "v9" | "v9.0") => "v9".to_owned(),
-                    Some(other) => with_v_prefix(other),
+                let variant = match prefixed.as_deref() {
+                    None | Some("v8" | "v8.0") => "v8".to_owned(),
+                    Some("v9" | "v9.0") => "v9".to_owned(),
+                    Some(other) => other.to_owned(),
                 };
                 ("arm64".to_owned(), Some(variant))
             }
@@ -129,7 +129,7 @@ impl Platform {
             "armel" => ("arm".to_owned(), Some("v6".to_owned())),
             "arm" => (
                 "arm".to_owned(),
-                Some(variant.map_or_else(|| "v7".to_owned(), |v| with_v_prefix(&v))),
+                Some(prefixed.unwrap_or_else(|| "v7".to_owned())),
             ),
             other => (other.to_owned(), variant),
         };
@@ -293,6 +293,31 @@ mod tests {
             let err = Platform::parse(bad).unwrap_err();
             assert!(err.to_string().contains(&format!("{bad:?}")), "{err}");
         }
+    }
+
+    /// Reported by an earlier fuzzing attempt; the `reference` fuzz target (crates/oci/fuzz)
+    /// fails on these inputs without the fix: a variant without its `v` was compared before
+    /// being prefixed, so `amd64/1` normalised to `v1` (dropped only by a second pass) and
+    /// `arm64/8.0` to `v8.0`.
+    #[test]
+    fn normalising_is_idempotent_for_unprefixed_variants() {
+        for (input, expected) in [
+            ("linux/amd64/1", "linux/amd64"),
+            ("linux/x86_64/V1", "linux/amd64"),
+            ("linux/arm64/8.0", "linux/arm64/v8"),
+            ("linux/aarch64/9.0", "linux/arm64/v9"),
+            ("linux/arm64/9", "linux/arm64/v9"),
+            ("linux/arm/7", "linux/arm/v7"),
+        ] {
+            let once = p(input);
+            assert_eq!(once.to_string(), expected, "{input}");
+            assert_eq!(once.normalized(), once, "{input}");
+        }
+        let from_json = Platform {
+            variant: Some("1".to_owned()),
+            ..Platform::new("linux", "amd64")
+        };
+        assert_eq!(from_json.normalized().normalized(), from_json.normalized());
     }
 
     #[test]

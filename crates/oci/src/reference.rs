@@ -212,12 +212,16 @@ impl Reference {
     /// The short form the Docker CLI shows and `docker save` writes in `RepoTags`:
     /// `busybox:latest`, `someone/app:1`, `127.0.0.1:5000/app:1`.
     pub fn familiar(&self) -> String {
-        let mut name = if self.is_docker_hub() {
-            self.repository
-                .strip_prefix(OFFICIAL_PREFIX)
-                .filter(|rest| !rest.contains('/'))
-                .unwrap_or(&self.repository)
-                .to_owned()
+        let short = self
+            .repository
+            .strip_prefix(OFFICIAL_PREFIX)
+            .filter(|rest| !rest.contains('/'))
+            .unwrap_or(&self.repository);
+        // A Docker Hub repository whose first component looks like a host (`docker.io/o.y/t`)
+        // keeps its registry, or the short form would name an image on the registry `o.y`.
+        let first = short.split_once('/').map(|(first, _)| first);
+        let mut name = if self.is_docker_hub() && !first.is_some_and(looks_like_registry) {
+            short.to_owned()
         } else {
             self.name()
         };
@@ -322,15 +326,14 @@ impl<'de> serde::Deserialize<'de> for Reference {
 /// has uppercase letters, which repositories can't).
 fn split_registry(name: &str) -> (&str, &str) {
     match name.split_once('/') {
-        Some((first, rest))
-            if first.contains(['.', ':'])
-                || first == "localhost"
-                || first.to_lowercase() != first =>
-        {
-            (first, rest)
-        }
+        Some((first, rest)) if looks_like_registry(first) => (first, rest),
         _ => (DOCKER_HUB_REGISTRY, name),
     }
+}
+
+/// Docker's test for whether the first component of a name is a registry host.
+fn looks_like_registry(first: &str) -> bool {
+    first.contains(['.', ':']) || first == "localhost" || first.to_lowercase() != first
 }
 
 fn normalise_registry(registry: &str) -> &str {
@@ -708,6 +711,22 @@ mod tests {
         ];
         for (input, familiar) in cases {
             assert_eq!(Reference::parse(input).unwrap().familiar(), familiar);
+        }
+    }
+
+    /// Found by `cargo fuzz run reference` (crates/oci/fuzz): the familiar form of a Docker Hub
+    /// repository whose first component has a dot dropped `docker.io/` and re-parsed as an
+    /// image on the registry `o.y`.
+    #[test]
+    fn familiar_form_keeps_docker_hub_when_the_repository_looks_like_a_host() {
+        for (input, familiar) in [
+            ("docker.io/o.y/t", "docker.io/o.y/t:latest"),
+            ("docker.io/localhost/app:1", "docker.io/localhost/app:1"),
+            ("docker.io/library/o.y:2", "o.y:2"),
+        ] {
+            let reference = Reference::parse(input).unwrap();
+            assert_eq!(reference.familiar(), familiar, "{input}");
+            assert_eq!(Reference::parse(familiar).unwrap(), reference, "{familiar}");
         }
     }
 

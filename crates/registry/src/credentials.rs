@@ -1,7 +1,7 @@
 //! Registry credentials from a Docker `config.json`, as a kubelet mounts a
 //! `kubernetes.io/dockerconfigjson` Secret: `auths` entries, `credsStore` and `credHelpers`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsString;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -84,7 +84,12 @@ impl std::fmt::Debug for DockerConfig {
                 &self.auths.iter().map(|(k, _)| k).collect::<Vec<_>>(),
             )
             .field("creds_store", &self.creds_store)
-            .field("cred_helpers", &self.cred_helpers)
+            // Sorted: a HashMap prints in a per-process random order, and two loads of the
+            // same file should log the same text.
+            .field(
+                "cred_helpers",
+                &self.cred_helpers.iter().collect::<BTreeMap<_, _>>(),
+            )
             .finish()
     }
 }
@@ -572,5 +577,22 @@ mod tests {
         );
         let none = Keychain::from_search_dirs(&[root.path().join("missing")]).unwrap();
         assert!(none.config().is_none());
+    }
+
+    /// Found by `cargo fuzz run docker_config` (crates/registry/fuzz): two loads of the same
+    /// file printed their `credHelpers` in different orders. The fuzz target also checks that
+    /// `Debug` is the same with every secret removed, which this repeats for one input.
+    #[test]
+    fn debug_is_deterministic_and_shows_no_secret() {
+        let text = r#"{"auths":{"r.example":{"username":"u","password":"hunter2-secret"}},
+            "credHelpers":{"c127.0.0.1:5000ggcr.io":"gcloud","":"desktop","b":"x","a":"y"}}"#;
+        let shown = format!("{:?}", parse(text));
+        for _ in 0..8 {
+            assert_eq!(format!("{:?}", parse(text)), shown);
+        }
+        assert!(!shown.contains("hunter2-secret"), "{shown}");
+        let helpers = ["\"\": \"desktop\"", "\"a\"", "\"b\"", "\"c127"];
+        let positions: Vec<usize> = helpers.iter().map(|h| shown.find(h).unwrap()).collect();
+        assert!(positions.windows(2).all(|w| w[0] < w[1]), "{shown}");
     }
 }
