@@ -115,6 +115,15 @@ impl Shared {
         self.stages.lock().expect("stage map").get(&index).cloned()
     }
 
+    /// Whether the layers stage `index` makes can leave the build: pushed in the image (the
+    /// target and the stages it is built on), in an extra image (a buildpacks cache image), or
+    /// stored in the layer cache. The others are only read inside the build.
+    pub(crate) fn layers_leave_the_build(&self, index: usize) -> bool {
+        self.options.cache.enabled
+            || self.image_stages.contains(&index)
+            || (self.plan.extra_images().iter()).any(|extra| extra.stage == index)
+    }
+
     /// How new layers are written: the compression and level asked for, and the timestamp
     /// clamp of `--reproducible`.
     pub(crate) fn layer_options(&self) -> LayerOptions {

@@ -220,3 +220,73 @@ async fn a_linked_copy_is_reused_when_only_the_base_changes() {
         "plain\n"
     );
 }
+
+/// A stage that is neither in the image nor cached never leaves the build: its layers are
+/// stored uncompressed (the blob's digest is its diff ID), while the image's own layers are
+/// compressed as asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn layers_that_never_leave_the_build_are_not_compressed() {
+    let registry = Registry::start();
+    let base = format!("{}/library/busybox:latest", registry.addr());
+    image::push_rootfs(&registry, bases::busybox_rootfs(), "library/busybox:latest");
+    let work = tempfile::tempdir().unwrap();
+    let context = work.path().join("context");
+    std::fs::create_dir(&context).unwrap();
+    std::fs::write(
+        context.join("Dockerfile"),
+        format!(
+            "FROM {base} AS build\nRUN head -c 300000 /dev/zero > /zeros\n\
+             FROM {base}\nCOPY --from=build /zeros /zeros\n"
+        ),
+    )
+    .unwrap();
+    let build_with = |cache: bool, tag: &str| {
+        let mut options = options_for(&registry, &context, &work.path().join(tag));
+        options.cache.enabled = cache;
+        options
+            .output
+            .destinations
+            .push(format!("{}/inner:{tag}", registry.addr()));
+        options
+    };
+    let layers = |events: &[BuildEvent], wanted: usize| -> Vec<(bool, u64)> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                BuildEvent::LayerCreated {
+                    stage,
+                    digest,
+                    diff_id,
+                    size,
+                    ..
+                } if *stage == wanted => Some((digest == diff_id, *size)),
+                _ => None,
+            })
+            .collect()
+    };
+    let events = build(build_with(false, "plain")).await;
+    let build_stage = layers(&events, 0);
+    assert_eq!(build_stage.len(), 1, "{events:#?}");
+    assert!(build_stage[0].0, "stored as the plain tar: {build_stage:?}");
+    assert!(build_stage[0].1 > 300_000, "{build_stage:?}");
+    let image_stage = layers(&events, 1);
+    assert!(
+        image_stage
+            .iter()
+            .all(|(plain, size)| !plain && *size < 10_000),
+        "the image's layer is compressed: {image_stage:?}"
+    );
+    let flat = image::flatten(&registry, "inner:plain");
+    assert_eq!(
+        std::fs::metadata(flat.rootfs.join("zeros")).unwrap().len(),
+        300_000
+    );
+
+    // With the layer cache on, the build stage's layer is stored in the cache: compressed.
+    let events = build(build_with(true, "cached")).await;
+    let build_stage = layers(&events, 0);
+    assert!(
+        build_stage.iter().all(|(plain, _)| !plain),
+        "cached layers are compressed: {build_stage:?}"
+    );
+}

@@ -236,6 +236,11 @@ impl<'a> StageRun<'a> {
     ) -> StageRun<'a> {
         let index = stage.id;
         let mut layer_options = shared.layer_options();
+        if !shared.layers_leave_the_build(index) {
+            // Nobody downloads these layers: compressing them would cost time (half a second
+            // for a 50 MB build stage) and save nothing.
+            layer_options.compression = kiln_fs::compress::Compression::None;
+        }
         if let Some(epoch) = stage.layer_epoch {
             layer_options.source_date_epoch = Some(epoch);
         }
