@@ -464,16 +464,22 @@ fn run_cell(cell: Cell, registry: &Registry, reference: &[String]) -> Verdict {
     }
 }
 
-#[test]
-fn every_fault_in_every_phase_ends_in_its_documented_outcome() {
+/// A registry holding the tiny base, and a work dir with the test context in `context/`.
+fn start() -> (Registry, tempfile::TempDir, std::path::PathBuf) {
     kiln_testkit::require_tools(&["docker-registry", "skopeo", "umoci"]);
     let registry = Registry::start();
     push_tiny_base(&registry);
-
-    // The fault-free build the built cells must match.
     let work = tempfile::tempdir().unwrap();
     let context = work.path().join("context");
     write_context(&context);
+    (registry, work, context)
+}
+
+#[test]
+fn every_fault_in_every_phase_ends_in_its_documented_outcome() {
+    let (registry, work, context) = start();
+
+    // The fault-free build the built cells must match.
     let clean = build(work.path(), &context, &registry.addr(), 0, &[]);
     assert!(clean.output.status.success(), "{}", stderr(&clean.output));
     let reference = verified_layers(&registry.addr(), "c0/app:1").expect("reference image");
@@ -578,12 +584,7 @@ fn print_matrix(verdicts: &[Verdict]) {
 /// stall × tries, the back-off, the build's own time and a little slack.
 #[test]
 fn a_stalled_registry_fails_the_push_within_the_stall_timeout_per_try() {
-    kiln_testkit::require_tools(&["docker-registry", "skopeo", "umoci"]);
-    let registry = Registry::start();
-    push_tiny_base(&registry);
-    let work = tempfile::tempdir().unwrap();
-    let context = work.path().join("context");
-    write_context(&context);
+    let (registry, work, context) = start();
 
     let healthy = FaultProxy::start(&registry.addr(), Vec::new());
     let baseline = build(work.path(), &context, &healthy.addr(), 1, &[]);

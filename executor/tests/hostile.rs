@@ -232,33 +232,44 @@ fn hostile_contexts_stages_images_and_archives_stay_in_their_roots() {
         names
     };
     let root_before = top_level(Path::new("/"));
-    let mut failures = Vec::new();
     let build = |case: &Case, context: &Path, repo_tag: &str| {
         build_chroot(&registry, case, context, repo_tag)
     };
-    for case in &cases {
-        let problems = check(
+    let failures = failures_of(&cases, |case| {
+        check(
             &registry,
             Some(&buildah),
             &host,
             work.path(),
             case,
             ("hostile", &build),
-        );
-        if !problems.is_empty() {
-            failures.push(format!("=== {} ===\n{}", case.name, problems.join("\n")));
-        }
-    }
+        )
+    });
     assert_eq!(
         root_before,
         top_level(Path::new("/")),
         "the host's / changed"
     );
+    assert_none_failed(&failures, cases.len());
+}
+
+/// The problems of each case that has any, headed by its name.
+fn failures_of(cases: &[Case], mut problems_of: impl FnMut(&Case) -> Vec<String>) -> Vec<String> {
+    let mut failures = Vec::new();
+    for case in cases {
+        let problems = problems_of(case);
+        if !problems.is_empty() {
+            failures.push(format!("=== {} ===\n{}", case.name, problems.join("\n")));
+        }
+    }
+    failures
+}
+
+fn assert_none_failed(failures: &[String], cases: usize) {
     assert!(
         failures.is_empty(),
-        "{} of {} cases failed:\n{}",
+        "{} of {cases} cases failed:\n{}",
         failures.len(),
-        cases.len(),
         failures.join("\n\n")
     );
 }
@@ -288,28 +299,18 @@ fn hostile_cases_stay_in_their_roots_with_unpacked_bases() {
             &["--base-overlay=false"],
         )
     };
-    let mut failures = Vec::new();
     let cases = hostile::cases();
-    for case in &cases {
-        let problems = check(
+    let failures = failures_of(&cases, |case| {
+        check(
             &registry,
             None,
             &host,
             work.path(),
             case,
             ("hostile-unpacked", &build),
-        );
-        if !problems.is_empty() {
-            failures.push(format!("=== {} ===\n{}", case.name, problems.join("\n")));
-        }
-    }
-    assert!(
-        failures.is_empty(),
-        "{} of {} cases failed:\n{}",
-        failures.len(),
-        cases.len(),
-        failures.join("\n\n")
-    );
+        )
+    });
+    assert_none_failed(&failures, cases.len());
 }
 
 /// In chroot mode RUN sees the stage's rootfs only: the push credentials (`config.json` of
