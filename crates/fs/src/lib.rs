@@ -8,6 +8,7 @@
 pub mod blobstore;
 pub mod clone;
 pub mod compress;
+pub mod erofs;
 pub mod layer;
 pub mod overlay;
 pub mod resolve;

@@ -1,7 +1,7 @@
 //! Applying tar entries, one at a time, to a [`Root`]. Reading an entry's metadata is in
 //! `meta`, whiteouts and opaque directories in `whiteout`.
 
-mod meta;
+pub(super) mod meta;
 mod whiteout;
 
 use std::collections::hash_map::RandomState;
@@ -38,7 +38,7 @@ pub(crate) enum Failure {
 }
 
 /// What went wrong inside one entry, before the entry name and layer are attached.
-enum OpError {
+pub(super) enum OpError {
     Root(RootError),
     Stream(io::Error),
     Invalid(String),

@@ -31,6 +31,7 @@
 //! applied. [`UnpackEvent`]s delivered before an error describe that discarded root.
 
 mod apply;
+mod image;
 mod name;
 mod pool;
 mod stream;
@@ -41,6 +42,7 @@ use std::path::{Path, PathBuf};
 use kiln_oci::{Algorithm, Digest};
 
 use crate::resolve::{Root, RootError};
+pub use image::unpack_layer_image;
 pub use stream::Compression;
 
 /// What happened to one path while a layer was applied, for callers that keep an index of the

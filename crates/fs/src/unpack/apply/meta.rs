@@ -14,18 +14,20 @@ use super::OpError;
 const PAX_XATTR_PREFIX: &[u8] = b"SCHILY.xattr.";
 
 /// The metadata of one tar entry that Kiln applies.
-pub(super) struct EntryMeta {
-    pub(super) mode: u32,
-    pub(super) uid: u32,
-    pub(super) gid: u32,
-    pub(super) times: Timestamps,
-    pub(super) xattrs: Vec<(OsString, Vec<u8>)>,
-    pub(super) device: (u32, u32),
+pub(in crate::unpack) struct EntryMeta {
+    pub(in crate::unpack) mode: u32,
+    pub(in crate::unpack) uid: u32,
+    pub(in crate::unpack) gid: u32,
+    pub(in crate::unpack) times: Timestamps,
+    pub(in crate::unpack) xattrs: Vec<(OsString, Vec<u8>)>,
+    pub(in crate::unpack) device: (u32, u32),
 }
 
 /// Reads the applied metadata of an entry: header fields with their PAX overrides (uid/gid are
 /// already folded in by the tar crate; sub-second times and xattrs are read here).
-pub(super) fn read_meta<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<EntryMeta, OpError> {
+pub(in crate::unpack) fn read_meta<R: Read>(
+    entry: &mut tar::Entry<'_, R>,
+) -> Result<EntryMeta, OpError> {
     let bad = |what: &str, e: io::Error| OpError::Invalid(format!("bad {what} field: {e}"));
     let header = entry.header();
     let old = header.as_old();
