@@ -32,7 +32,11 @@ impl OverlayMount {
     /// Mounts at `target` an overlay of `lowers` (topmost first) under `upper`, with `work` as
     /// overlayfs's work dir (an empty directory on the same filesystem as `upper`). Lower dirs
     /// are given one by one (`lowerdir+`, Linux 6.8), so their number is not bounded by the
-    /// size of one mount option string; older kernels get the classic joined option. Lower dirs
+    /// size of one mount option string; older kernels get the classic joined option. `xino`
+    /// is on so that inode numbers stay the same from one mount of a lower dir to the next
+    /// when lower dirs are other filesystems (layer images): the snapshotter reads a stage's
+    /// old entries from a second mount of its lower dirs and tells a directory replaced from
+    /// one modified by its inode number. Lower dirs
     /// from a [`crate::trees::LayerTrees`] store must stay held (their
     /// [`crate::trees::LayerTree`]s alive) until the mount is dropped, or a prune may remove
     /// them under it.
@@ -129,6 +133,7 @@ fn mount_with_fs_context(
     }
     rustix::mount::fsconfig_set_string(fs.as_fd(), "upperdir", upper)?;
     rustix::mount::fsconfig_set_string(fs.as_fd(), "workdir", work)?;
+    rustix::mount::fsconfig_set_string(fs.as_fd(), "xino", "on")?;
     rustix::mount::fsconfig_create(fs.as_fd())?;
     let mount = rustix::mount::fsmount(
         fs.as_fd(),
@@ -157,6 +162,7 @@ fn mount_classic(target: &Path, lowers: &[PathBuf], upper: &Path, work: &Path) -
     options.push(escape_option(upper)?);
     options.push(",workdir=");
     options.push(escape_option(work)?);
+    options.push(",xino=on");
     let options =
         std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(options.as_os_str()))
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in an overlay path"))?;

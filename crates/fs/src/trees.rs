@@ -1,6 +1,12 @@
-//! The layer tree store: each layer unpacked once, on its own, into a directory named by its
-//! diff ID (whiteouts in overlayfs's form, see [`crate::unpack::unpack_layer_tree`]), for
-//! [`crate::overlay::OverlayMount`] to stack as lower dirs. One store serves every build that
+//! The layer tree store: each layer made once, on its own, into a tree named by its diff ID
+//! (whiteouts in overlayfs's form), for [`crate::overlay::OverlayMount`] to stack as lower
+//! dirs. Where the kernel mounts EROFS images from files, a tree is a layer image (a regular
+//! file, see [`crate::erofs`] and [`crate::unpack::unpack_layer_image`]): making one writes
+//! the tar once instead of creating every inode in it, and each holder mounts it read-only
+//! under `.mounts/` for as long as it holds it. A layer an image cannot stand for (an entry
+//! under a symlink the layer itself makes, a sparse file), or a store opened with
+//! [`LayerTrees::directories_only`], gets a directory unpacked by
+//! [`crate::unpack::unpack_layer_tree`] instead. One store serves every build that
 //! shares a kiln dir, in any number of processes at once, and [`LayerTrees::prune`] removes the
 //! trees nobody used for a while.
 //!
@@ -27,8 +33,9 @@ use std::time::{Duration, SystemTime};
 
 use kiln_oci::Digest;
 
+use crate::erofs::ErofsMount;
 use crate::resolve::{Root, RootError};
-use crate::unpack::{unpack_layer_tree, UnpackError};
+use crate::unpack::{unpack_layer_image, unpack_layer_tree, UnpackError};
 
 /// Why a layer has no tree in the store, or the store could not be pruned.
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +63,8 @@ pub enum TreeError {
 
 /// Holds each tree's lock and record of use, apart from the trees so no tree name can be one.
 const STAMPS: &str = ".stamps";
+/// Where holders mount layer images: `.mounts/PID-N-NAME`.
+const MOUNTS: &str = ".mounts";
 /// Prefix of a tree being unpacked: `.unpacking-PID-N-NAME`.
 const UNPACKING: &str = ".unpacking-";
 /// Prefix of a tree a prune took out of the store and is deleting: `.removing-PID-NAME`.
@@ -74,6 +83,8 @@ static NEXT_TEMPORARY: AtomicU64 = AtomicU64::new(0);
 #[derive(Debug, Clone)]
 pub struct LayerTrees {
     dir: PathBuf,
+    /// Whether missing layers are made into images (else directories).
+    images: bool,
 }
 
 /// A tree in the store, held for as long as this value lives: no prune removes it meanwhile.
@@ -82,19 +93,34 @@ pub struct LayerTrees {
 #[derive(Debug)]
 pub struct LayerTree {
     path: PathBuf,
+    /// The tree in the store: `path` itself for a directory, the image file for an image.
+    stored: PathBuf,
     /// The stamp, locked shared.
     stamp: File,
+    /// The holder's own mount of a layer image, at `path`.
+    mount: Option<ErofsMount>,
 }
 
 impl LayerTree {
-    /// Where the tree is, to give overlayfs as a lower dir.
+    /// Where the tree is (a directory, or the mount of a layer image), to give overlayfs as a
+    /// lower dir.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The tree in the store (the image file, for a layer image): the same for every holder of
+    /// one layer, where [`LayerTree::path`] of an image is each holder's own mount.
+    pub fn stored(&self) -> &Path {
+        &self.stored
     }
 }
 
 impl Drop for LayerTree {
     fn drop(&mut self) {
+        if let Some(mount) = self.mount.take() {
+            drop(mount);
+            let _ = std::fs::remove_dir(&self.path);
+        }
         // A stamp that cannot be touched only makes the tree look older to a prune, which
         // still cannot take it while a mount holds it.
         let _ = self.stamp.set_modified(SystemTime::now());
@@ -133,12 +159,55 @@ pub struct TreePruneReport {
     pub failed: Vec<String>,
 }
 
+/// Distinguishes one process's mounts of the same image.
+static NEXT_MOUNT: AtomicU64 = AtomicU64::new(0);
+
 impl LayerTree {
-    fn new(path: PathBuf, stamp: File) -> LayerTree {
+    /// Takes the tree at `tree` (held by `stamp`, shared): a directory as it is, an image
+    /// mounted under `mounts`. `None` when nothing is there.
+    fn take(tree: &Path, stamp: File, mounts: &Path) -> Result<Option<LayerTree>, TreeError> {
+        let Ok(meta) = tree.symlink_metadata() else {
+            return Ok(None);
+        };
         // The time of taking the tree counts as a use too, so a prune that runs while a
         // long build holds it reports how recently it was taken.
         let _ = stamp.set_modified(SystemTime::now());
-        LayerTree { path, stamp }
+        if meta.is_dir() {
+            return Ok(Some(LayerTree {
+                path: tree.to_path_buf(),
+                stored: tree.to_path_buf(),
+                stamp,
+                mount: None,
+            }));
+        }
+        if !meta.is_file() {
+            return Ok(None);
+        }
+        let name = tree.file_name().unwrap_or_default().to_string_lossy();
+        let target = mounts.join(format!(
+            "{}-{}-{name}",
+            std::process::id(),
+            NEXT_MOUNT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir(&target).map_err(io_error(&target))?;
+        match ErofsMount::mount(tree, &target) {
+            Ok(mount) => Ok(Some(LayerTree {
+                path: target,
+                stored: tree.to_path_buf(),
+                stamp,
+                mount: Some(mount),
+            })),
+            Err(source) => {
+                let _ = std::fs::remove_dir(&target);
+                Err(TreeError::Io {
+                    path: tree.to_path_buf(),
+                    source: io::Error::new(
+                        source.kind(),
+                        format!("mounting the layer image: {source}"),
+                    ),
+                })
+            }
+        }
     }
 }
 
@@ -149,9 +218,24 @@ impl LayerTrees {
         let dir = dir.into();
         let stamps = dir.join(STAMPS);
         std::fs::create_dir_all(&stamps).map_err(io_error(&stamps))?;
-        let trees = LayerTrees { dir };
+        let mounts = dir.join(MOUNTS);
+        std::fs::create_dir_all(&mounts).map_err(io_error(&mounts))?;
+        let images = crate::erofs::file_mounts_supported(&mounts);
+        let trees = LayerTrees { dir, images };
         trees.remove_abandoned();
         Ok(trees)
+    }
+
+    /// The same store, making missing layers into unpacked directories, never images (trees
+    /// already made stay what they are).
+    pub fn directories_only(mut self) -> LayerTrees {
+        self.images = false;
+        self
+    }
+
+    /// Whether missing layers are made into layer images.
+    pub fn makes_images(&self) -> bool {
+        self.images
     }
 
     /// Deletes the temporary trees (`.unpacking-PID-N-NAME`) of unpacks that stopped: their
@@ -159,6 +243,22 @@ impl LayerTrees {
     /// it is done, whatever pid namespace it runs in, so the lock is what makes this safe
     /// across Pods sharing a kiln dir; the pid only spares a live process's tree the check).
     fn remove_abandoned(&self) {
+        // Image mounts of builds killed before they let go: detached and their directories
+        // removed (a live process's mounts are its own).
+        if let Ok(entries) = std::fs::read_dir(self.dir.join(MOUNTS)) {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let pid = name
+                    .split('-')
+                    .next()
+                    .and_then(|pid| pid.parse::<i32>().ok());
+                if pid.is_some_and(|pid| !process_alive(pid)) {
+                    let _ =
+                        rustix::mount::unmount(&entry.path(), rustix::mount::UnmountFlags::DETACH);
+                    let _ = std::fs::remove_dir(entry.path());
+                }
+            }
+        }
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
             return;
         };
@@ -220,10 +320,9 @@ impl LayerTrees {
         loop {
             // Waits only while someone holds the lock exclusively: an unpack or a prune.
             let stamp = lock_shared(&stamp_path)?;
-            if tree.is_dir() {
-                return Ok(LayerTree::new(tree, stamp));
+            if let Some(held) = LayerTree::take(&tree, stamp, &self.dir.join(MOUNTS))? {
+                return Ok(held);
             }
-            drop(stamp);
             let Some(stamp) = try_lock_exclusive(&stamp_path)? else {
                 // Others hold it: one is unpacking (the next shared lock waits for it), or
                 // several are where this build is. Give them a moment.
@@ -242,21 +341,23 @@ impl LayerTrees {
                 waited += pause;
                 continue;
             };
-            if !tree.is_dir() {
+            if tree.symlink_metadata().is_err() {
                 self.unpack(&name, &tree, blob, digest, diff_id, stop)?;
             }
             // Not atomic (flock drops the exclusive lock before taking the shared one), so a
             // prune may slip in between: check again that this is still the tree's stamp and
             // the tree is still there, else start over.
             stamp.lock_shared().map_err(io_error(&stamp_path))?;
-            if is_linked(&stamp, &stamp_path) && tree.is_dir() {
-                return Ok(LayerTree::new(tree, stamp));
+            if is_linked(&stamp, &stamp_path) {
+                if let Some(held) = LayerTree::take(&tree, stamp, &self.dir.join(MOUNTS))? {
+                    return Ok(held);
+                }
             }
         }
     }
 
-    /// Unpacks the layer into a temporary tree and renames it to `tree`; the caller holds the
-    /// tree's stamp exclusively.
+    /// Makes the layer into a temporary image (or, when it cannot be one, a directory) and
+    /// renames it to `tree`; the caller holds the tree's stamp exclusively.
     fn unpack(
         &self,
         name: &str,
@@ -271,6 +372,30 @@ impl LayerTrees {
             std::process::id(),
             NEXT_TEMPORARY.fetch_add(1, Ordering::Relaxed),
         ));
+        if self.images {
+            let made = (|| {
+                let file = File::open(blob).map_err(io_error(blob))?;
+                let reader = StopReader { inner: file, stop };
+                unpack_layer_image(&temporary, BufReader::new(reader), digest, Some(diff_id))?;
+                Ok::<_, TreeError>(())
+            })()
+            .map_err(|e| if stop() { TreeError::Stopped } else { e });
+            match made {
+                Ok(()) => {
+                    let placed = std::fs::rename(&temporary, tree).map_err(io_error(tree));
+                    if placed.is_err() {
+                        discard(&temporary);
+                    }
+                    return placed;
+                }
+                // A layer an image cannot stand for may still unpack on its own.
+                Err(TreeError::Unpack(UnpackError::InvalidEntry { .. })) => discard(&temporary),
+                Err(e) => {
+                    discard(&temporary);
+                    return Err(e);
+                }
+            }
+        }
         std::fs::create_dir(&temporary).map_err(io_error(&temporary))?;
         let unpacked = (|| {
             let root = Root::open(&temporary)?;
@@ -362,7 +487,7 @@ impl LayerTrees {
         let tree = self.dir.join(name);
         let stamp_path = self.stamp_path(name);
         let tree_meta = store.symlink_metadata(name)?;
-        if !tree_meta.is_dir() {
+        if !tree_meta.is_dir() && !tree_meta.is_file() {
             return Ok(());
         }
         if !stamp_path.exists() {
@@ -413,7 +538,7 @@ impl LayerTrees {
         }
         if report.dry_run {
             drop(stamp);
-            let bytes = disk_usage(&Root::open(&tree)?)?;
+            let bytes = disk_usage(&tree)?;
             report.removed.push(PrunedTree {
                 diff_id,
                 unused_for,
@@ -428,7 +553,7 @@ impl LayerTrees {
         // starts over with a new stamp, and no tree.
         std::fs::remove_file(&stamp_path).map_err(io_error(&stamp_path))?;
         drop(stamp);
-        let bytes = disk_usage(&Root::open(&aside)?)?;
+        let bytes = disk_usage(&aside)?;
         store.remove_all(&removing)?;
         report.removed.push(PrunedTree {
             diff_id,
@@ -537,8 +662,14 @@ fn is_linked(file: &File, path: &Path) -> bool {
     }
 }
 
-/// The disk space the files in `root` take, each inode once, without following symlinks.
-fn disk_usage(root: &Root) -> Result<u64, TreeError> {
+/// The disk space a tree takes: an image's blocks, or a directory's files, each inode once,
+/// without following symlinks.
+fn disk_usage(tree: &Path) -> Result<u64, TreeError> {
+    let meta = tree.symlink_metadata().map_err(io_error(tree))?;
+    if meta.is_file() {
+        return Ok(meta.blocks() * 512);
+    }
+    let root = &Root::open(tree)?;
     fn walk(
         root: &Root,
         dir: &Path,
@@ -597,6 +728,10 @@ pub fn process_alive(pid: i32) -> bool {
 }
 
 fn discard(tree: &Path) {
+    if tree.symlink_metadata().is_ok_and(|m| m.is_file()) {
+        let _ = std::fs::remove_file(tree);
+        return;
+    }
     if let Ok(root) = Root::open(tree) {
         let _ = root.remove_contents();
     }

@@ -128,7 +128,22 @@ fn two_layers(dir: &Path) -> Vec<Blob> {
 }
 
 #[test]
-fn stacked_trees_show_what_applying_the_layers_gives() {
+fn stacked_layer_images_show_what_applying_the_layers_gives() {
+    let store = stacked_trees_show_what_applying_the_layers_gives(false);
+    assert!(
+        store.makes_images(),
+        "this kernel mounts EROFS images from files"
+    );
+}
+
+#[test]
+fn stacked_directory_trees_show_what_applying_the_layers_gives() {
+    stacked_trees_show_what_applying_the_layers_gives(true);
+}
+
+/// Stacks the trees of [`two_layers`] made by a store (making directories only, or images
+/// where the kernel can), checks the merged view, and returns the store.
+fn stacked_trees_show_what_applying_the_layers_gives(directories: bool) -> LayerTrees {
     let dir = tempfile::tempdir().unwrap();
     let layers = two_layers(dir.path());
 
@@ -140,7 +155,10 @@ fn stacked_trees_show_what_applying_the_layers_gives() {
         unpack_layer(&root, file, &layer.digest, UnpackOptions::default()).unwrap();
     }
 
-    let store = LayerTrees::open(dir.path().join("trees")).unwrap();
+    let mut store = LayerTrees::open(dir.path().join("trees")).unwrap();
+    if directories {
+        store = store.directories_only();
+    }
     let held: Vec<LayerTree> = layers
         .iter()
         .map(|l| store.get_or_unpack(&l.digest, &l.path, &l.digest).unwrap())
@@ -166,7 +184,12 @@ fn stacked_trees_show_what_applying_the_layers_gives() {
     let again = store
         .get_or_unpack(&layers[1].digest, &layers[1].path, &layers[1].digest)
         .unwrap();
-    assert_eq!(again.path(), lowers[0]);
+    assert_eq!(again.stored(), held[1].stored());
+    assert_eq!(
+        again.stored().is_dir(),
+        directories || !store.makes_images()
+    );
+    store
 }
 
 #[test]
@@ -222,7 +245,7 @@ fn a_stopped_unpack_leaves_no_tree() {
     let left: Vec<_> = std::fs::read_dir(&store_dir)
         .unwrap()
         .map(|e| e.unwrap().file_name())
-        .filter(|name| name != ".stamps")
+        .filter(|name| name != ".stamps" && name != ".mounts")
         .collect();
     assert!(left.is_empty(), "left in the store: {left:?}");
     // Not stopped, the same layer unpacks.
@@ -290,7 +313,7 @@ fn concurrent_unpacks_of_one_layer_share_one_tree() {
             .map(|h| h.join().unwrap().unwrap())
             .collect()
     });
-    assert!(trees.iter().all(|t| t.path() == trees[0].path()));
+    assert!(trees.iter().all(|t| t.stored() == trees[0].stored()));
     let names = trees_in(&store_dir);
     assert_eq!(names.len(), 1, "{names:?}");
     assert_eq!(
