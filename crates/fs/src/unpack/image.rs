@@ -21,14 +21,18 @@ use crate::erofs::{self, ImageError, Inode, Kind, Tree};
 use crate::resolve::RootError;
 
 const OPAQUE_XATTR: &[u8] = b"trusted.overlay.opaque";
+/// The most entries a layer image is made for. The tree is held in memory until the metadata
+/// is written (about 200 bytes an entry); a larger layer is unpacked into a directory, which
+/// streams.
+const MAX_INODES: usize = 1_000_000;
 
 /// Writes the layer read from `layer` (blob digest `digest`, verified, and diff ID `diff_id`
 /// when given) as an EROFS image into `image`, a new file. The image only makes sense alone,
 /// as an overlay lower dir: a layer that needs the layers below it is refused with
 /// [`UnpackError::InvalidEntry`] as [`super::unpack_layer_tree`] refuses it, and so is one this
 /// format does not hold (a sparse file, an xattr outside the `user`, `trusted`, `security` and
-/// POSIX ACL namespaces, an entry whose parent is a symlink). On error the file must be
-/// discarded.
+/// POSIX ACL namespaces, an entry whose parent is a symlink, more than a million entries). On
+/// error the file must be discarded.
 pub fn unpack_layer_image<R: Read>(
     image: &Path,
     layer: R,
@@ -385,6 +389,11 @@ impl<'a> Builder<'a> {
             .as_bytes()
             .to_vec();
         let index = self.tree.inodes.len();
+        if index >= MAX_INODES {
+            return Err(OpError::Invalid(format!(
+                "more than {MAX_INODES} entries, too many to index in memory"
+            )));
+        }
         self.tree.inodes.push(inode);
         self.entries_of_mut(parent).insert(name, index);
         Ok(())
