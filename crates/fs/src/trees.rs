@@ -212,8 +212,10 @@ impl LayerTree {
 }
 
 impl LayerTrees {
-    /// The store in `dir`, created if missing. Temporary trees that builds killed while
-    /// unpacking left behind are deleted.
+    /// The store in `dir`, created if missing. Missing layers will be made into layer images
+    /// if this kernel mounts EROFS images from files (tried once per process, with a tiny image
+    /// in `dir/.mounts`), else into directories. Temporary trees that builds killed while
+    /// unpacking left behind are deleted, and so are the image mounts of killed builds.
     pub fn open(dir: impl Into<PathBuf>) -> Result<LayerTrees, TreeError> {
         let dir = dir.into();
         let stamps = dir.join(STAMPS);
