@@ -42,19 +42,45 @@ impl OverlayMount {
         upper: &Path,
         work: &Path,
     ) -> io::Result<OverlayMount> {
+        Self::mount_inner(target, lowers, upper, work, false)
+    }
+
+    /// [`OverlayMount::mount`] for an upper dir on another filesystem than the lower dirs (a
+    /// tmpfs over layer trees on disk), with overlayfs's `xino=on`. Without it, overlayfs
+    /// numbers directories itself and a file copied up takes the upper filesystem's inode
+    /// number, so a snapshotter that compares inode numbers would see a directory a step only
+    /// wrote into as replaced (and make it opaque in the layer). With it, inode numbers are
+    /// the lower or upper inode's, tagged with its filesystem: the same in every mount of
+    /// the same lower dirs over an upper dir on that same filesystem, and kept across copy-up.
+    pub fn mount_across_filesystems(
+        target: &Path,
+        lowers: &[PathBuf],
+        upper: &Path,
+        work: &Path,
+    ) -> io::Result<OverlayMount> {
+        Self::mount_inner(target, lowers, upper, work, true)
+    }
+
+    fn mount_inner(
+        target: &Path,
+        lowers: &[PathBuf],
+        upper: &Path,
+        work: &Path,
+        xino: bool,
+    ) -> io::Result<OverlayMount> {
         if lowers.is_empty() {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "an overlay needs at least one lower dir",
             ));
         }
-        match mount_with_fs_context(target, lowers, upper, work) {
+        match mount_with_fs_context(target, lowers, upper, work, xino) {
             Ok(()) => {}
             Err(e)
                 if e.raw_os_error() == Some(libc::ENOSYS)
                     || e.raw_os_error() == Some(libc::EINVAL) =>
             {
-                mount_classic(target, lowers, upper, work)?
+                mount_classic(target, lowers, upper, work, xino)?
             }
             Err(e) => return Err(e),
         }
@@ -136,6 +162,7 @@ fn mount_with_fs_context(
     lowers: &[PathBuf],
     upper: &Path,
     work: &Path,
+    xino: bool,
 ) -> io::Result<()> {
     let fs = rustix::mount::fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC)?;
     for lower in lowers {
@@ -143,6 +170,9 @@ fn mount_with_fs_context(
     }
     rustix::mount::fsconfig_set_string(fs.as_fd(), "upperdir", upper)?;
     rustix::mount::fsconfig_set_string(fs.as_fd(), "workdir", work)?;
+    if xino {
+        rustix::mount::fsconfig_set_string(fs.as_fd(), "xino", "on")?;
+    }
     rustix::mount::fsconfig_create(fs.as_fd())?;
     let mount = rustix::mount::fsmount(
         fs.as_fd(),
@@ -159,7 +189,13 @@ fn mount_with_fs_context(
     Ok(())
 }
 
-fn mount_classic(target: &Path, lowers: &[PathBuf], upper: &Path, work: &Path) -> io::Result<()> {
+fn mount_classic(
+    target: &Path,
+    lowers: &[PathBuf],
+    upper: &Path,
+    work: &Path,
+    xino: bool,
+) -> io::Result<()> {
     let mut options = std::ffi::OsString::from("lowerdir=");
     for (i, lower) in lowers.iter().enumerate() {
         if i > 0 {
@@ -171,6 +207,9 @@ fn mount_classic(target: &Path, lowers: &[PathBuf], upper: &Path, work: &Path) -
     options.push(escape_option(upper)?);
     options.push(",workdir=");
     options.push(escape_option(work)?);
+    if xino {
+        options.push(",xino=on");
+    }
     let options =
         std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(options.as_os_str()))
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in an overlay path"))?;

@@ -590,15 +590,27 @@ impl<'a> Materializer<'a> {
             .unwrap_or_default();
         let view = self.rootfs.with_file_name(format!("{name}.lower-view"));
         std::fs::create_dir_all(&view).map_err(BuildError::io(&view))?;
-        Ok(overlay
-            .mount_at(
-                self.shared,
-                &view,
-                &mounted.lowers,
-                Refused::Fallback,
-                UpperPlace::Disk,
-            )?
-            .map(|_| view))
+        // The view must number inodes as the stage's mount does, so its upper dir is where
+        // the stage's is: see `OverlayMount::mount_across_filesystems`.
+        let place = if mounted.on_tmpfs {
+            UpperPlace::Tmpfs
+        } else {
+            UpperPlace::Disk
+        };
+        match overlay.mount_at(
+            self.shared,
+            &view,
+            &mounted.lowers,
+            Refused::Fallback,
+            place,
+        )? {
+            Some((_, on_tmpfs)) if on_tmpfs == mounted.on_tmpfs => Ok(Some(view)),
+            Some(_) => {
+                overlay.mounts.remove(&view);
+                Ok(None)
+            }
+            None => Ok(None),
+        }
     }
 
     /// The build's overlay setup, when this stage may use it.
@@ -684,7 +696,7 @@ impl BaseOverlay {
             let dir = uppers.path.join(&name);
             let (upper, work) = (made(dir.join("upper"))?, made(dir.join("work"))?);
             public(&upper)?;
-            match OverlayMount::mount(rootfs, lowers, &upper, &work) {
+            match OverlayMount::mount_across_filesystems(rootfs, lowers, &upper, &work) {
                 Ok(mount) => {
                     self.mounts.add(mount);
                     return Ok(Some((upper, true)));
