@@ -102,26 +102,41 @@ fn memory_available() -> Option<u64> {
 }
 
 /// The room left under this process's memory cgroup limit (cgroup v2, else v1); `None` when
-/// there is no limit or no cgroup to read.
+/// there is no limit or no cgroup to read. The cgroup's own directory is tried first, then the
+/// hierarchy's root (a container without a cgroup namespace sees its own cgroup mounted there
+/// while `/proc/self/cgroup` names the host's path).
 fn cgroup_room() -> Option<u64> {
     let read =
         |path: &Path| -> Option<u64> { std::fs::read_to_string(path).ok()?.trim().parse().ok() };
-    let cgroups = std::fs::read_to_string("/proc/self/cgroup").ok()?;
-    if let Some(path) = cgroups.lines().find_map(|l| l.strip_prefix("0::")) {
-        let dir = Path::new("/sys/fs/cgroup").join(path.trim_start_matches('/'));
+    let cgroups = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let path_of = |controller: &str| {
+        cgroups.lines().find_map(|line| {
+            let (_, rest) = line.split_once(':')?;
+            let (controllers, path) = rest.split_once(':')?;
+            (controllers.split(',').any(|c| c == controller)).then(|| path.to_owned())
+        })
+    };
+    let v2 = Path::new("/sys/fs/cgroup");
+    let v1 = Path::new("/sys/fs/cgroup/memory");
+    let v2_dirs = path_of("").map(|p| v2.join(p.trim_start_matches('/')));
+    for dir in v2_dirs.into_iter().chain([v2.to_path_buf()]) {
         // "max" when unlimited: no number, no bound.
         if let Some(limit) = read(&dir.join("memory.max")) {
-            let used = read(&dir.join("memory.current")).unwrap_or(0);
+            return Some(limit.saturating_sub(read(&dir.join("memory.current")).unwrap_or(0)));
+        }
+    }
+    let v1_dirs = path_of("memory").map(|p| v1.join(p.trim_start_matches('/')));
+    for dir in v1_dirs.into_iter().chain([v1.to_path_buf()]) {
+        let Some(limit) = read(&dir.join("memory.limit_in_bytes")) else {
+            continue;
+        };
+        // v1 says "no limit" with a number near i64::MAX, rounded down to a page.
+        if limit < 1 << 60 {
+            let used = read(&dir.join("memory.usage_in_bytes")).unwrap_or(0);
             return Some(limit.saturating_sub(used));
         }
     }
-    let dir = Path::new("/sys/fs/cgroup/memory");
-    let limit = read(&dir.join("memory.limit_in_bytes"))?;
-    // v1 says "no limit" with a number near i64::MAX, rounded down to a page.
-    if limit >= 1 << 60 {
-        return None;
-    }
-    Some(limit.saturating_sub(read(&dir.join("memory.usage_in_bytes")).unwrap_or(0)))
+    None
 }
 
 /// The smallest upper-dir tmpfs `--upper-tmpfs=auto` mounts: a smaller one would send most
