@@ -788,3 +788,52 @@ impl Shared {
 fn display_parent(path: &Path) -> String {
     path.parent().unwrap_or(path).display().to_string()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{human_size, upper_tmpfs_inodes, upper_tmpfs_size, UPPER_TMPFS_AUTO_MIN};
+    use crate::options::{SnapshotOptions, UpperTmpfs, UPPER_TMPFS_DEFAULT_CAP};
+
+    #[test]
+    fn sizes_are_said_in_binary_units() {
+        assert_eq!(human_size(512), "512 B");
+        assert_eq!(human_size(4 << 20), "4 MiB");
+        assert_eq!(human_size(3 << 29), "1.5 GiB");
+        assert_eq!(human_size(4 << 30), "4 GiB");
+    }
+
+    #[test]
+    fn the_upper_tmpfs_size_follows_the_flags() {
+        let with = |mode: UpperTmpfs, size: Option<u64>, single: bool| {
+            upper_tmpfs_size(&SnapshotOptions {
+                upper_tmpfs: mode,
+                upper_tmpfs_size: size,
+                single_snapshot: single,
+                ..SnapshotOptions::default()
+            })
+        };
+        assert_eq!(with(UpperTmpfs::Never, Some(1 << 30), false), None);
+        // A cap given with `true` is taken as given, however small.
+        assert_eq!(
+            with(UpperTmpfs::Always, Some(4 << 20), false),
+            Some(4 << 20)
+        );
+        // --single-snapshot leaves no layers to move a stage to disk with.
+        assert_eq!(with(UpperTmpfs::Always, Some(4 << 20), true), None);
+        assert_eq!(with(UpperTmpfs::Auto, None, true), None);
+        let forced = with(UpperTmpfs::Always, None, false).unwrap();
+        assert!((UPPER_TMPFS_AUTO_MIN..=UPPER_TMPFS_DEFAULT_CAP).contains(&forced));
+        // `auto` never goes under its minimum, nor over the cap it is given.
+        assert_eq!(with(UpperTmpfs::Auto, Some(16 << 20), false), None);
+        if let Some(auto) = with(UpperTmpfs::Auto, Some(256 << 20), false) {
+            assert!((UPPER_TMPFS_AUTO_MIN..=256 << 20).contains(&auto));
+        }
+    }
+
+    #[test]
+    fn inodes_are_bounded_by_the_size() {
+        assert_eq!(upper_tmpfs_inodes(4 << 20), 1024);
+        assert_eq!(upper_tmpfs_inodes(1 << 30), 262_144);
+        assert_eq!(upper_tmpfs_inodes(64 << 10), 1024);
+    }
+}
