@@ -103,8 +103,10 @@ impl StageRun<'_> {
         }
     }
 
-    /// Applies cache hit `layer` onto the prepared rootfs; when that fills the tmpfs upper dir
-    /// the stage moves to disk and the layer is applied there.
+    /// Applies cache `hit` of `step` onto the prepared rootfs; when that fills the tmpfs upper
+    /// dir, the stage moves to disk and the hit's layer is applied there (applying a layer
+    /// again over what a failed attempt left is not needed: the move rebuilds the upper dir
+    /// from the layers before it).
     pub(super) fn apply_hit(
         &mut self,
         step: &Step,
