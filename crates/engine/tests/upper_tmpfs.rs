@@ -39,6 +39,8 @@ struct Built {
     upper_dirs: Vec<String>,
     /// The tmpfs mount points seen in the kiln dir.
     tmpfs_mounts: Vec<String>,
+    /// The most lower dirs a stage's overlay had.
+    most_lowers: usize,
 }
 
 async fn build(options: BuildOptions) -> Built {
@@ -51,6 +53,7 @@ async fn build(options: BuildOptions) -> Built {
         std::thread::spawn(move || {
             let mut seen: Vec<String> = Vec::new();
             let mut tmpfs: Vec<String> = Vec::new();
+            let mut most_lowers = 0;
             while !stop.load(Ordering::Relaxed) {
                 let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
                 for line in mounts.lines() {
@@ -74,6 +77,16 @@ async fn build(options: BuildOptions) -> Built {
                     if !at_stage || !fs.starts_with("overlay ") {
                         continue;
                     }
+                    let lowers = fs
+                        .split(',')
+                        .filter(|o| o.starts_with("lowerdir+="))
+                        .count()
+                        .max(
+                            fs.split(',')
+                                .find_map(|o| o.strip_prefix("lowerdir="))
+                                .map_or(0, |l| l.split(':').count()),
+                        );
+                    most_lowers = most_lowers.max(lowers);
                     for option in fs.split(',') {
                         if let Some(upper) = option.strip_prefix("upperdir=") {
                             if !seen.iter().any(|s| s == upper) {
@@ -84,7 +97,7 @@ async fn build(options: BuildOptions) -> Built {
                 }
                 std::thread::sleep(std::time::Duration::from_millis(5));
             }
-            (seen, tmpfs)
+            (seen, tmpfs, most_lowers)
         })
     };
     let report = Builder::new(options)
@@ -92,7 +105,7 @@ async fn build(options: BuildOptions) -> Built {
         .build()
         .await;
     stop.store(true, Ordering::Relaxed);
-    let (upper_dirs, tmpfs_mounts) = watcher.join().unwrap();
+    let (upper_dirs, tmpfs_mounts, most_lowers) = watcher.join().unwrap();
     let events = events.lock().unwrap().clone();
     let notes: Vec<String> = events
         .iter()
@@ -107,6 +120,7 @@ async fn build(options: BuildOptions) -> Built {
         notes,
         upper_dirs,
         tmpfs_mounts,
+        most_lowers,
     }
 }
 
@@ -309,4 +323,70 @@ async fn a_tmpfs_three_quarters_full_moves_the_stage_before_its_next_step() {
         std::fs::read_to_string(flat.rootfs.join("next")).unwrap(),
         "next\n"
     );
+}
+
+/// The earlier steps are cache hits, mounted as lower dirs under the stage's tmpfs upper dir:
+/// a stage that then moves to disk mounts them again and applies nothing twice, and the image
+/// is the one a build on disk makes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_over_mounted_cache_hits_moves_to_disk() {
+    let registry = Registry::start();
+    image::push_rootfs(&registry, bases::busybox_rootfs(), "library/busybox:latest");
+    let work = tempfile::tempdir().unwrap();
+    let cache = work.path().join("cache");
+    let context = work.path().join("hits");
+    context_with(
+        &context,
+        &format!(
+            "FROM {}/library/busybox:latest\n\
+             RUN rm /bin/ls && mkdir /data && echo one > /data/one\n\
+             COPY a /data/a\n\
+             ARG MIB\n\
+             RUN dd if=/dev/zero of=/data/big bs=1M count=$MIB && echo after > /data/after\n",
+            registry.addr()
+        ),
+    );
+    let run = |mib: &str, mode: UpperTmpfs, tag: &str| {
+        let kiln_dir = work.path().join(format!("kiln-hits-{tag}"));
+        let mut options = options_for(&registry, &context, &kiln_dir, mode, &format!("hits:{tag}"));
+        options.snapshot.upper_tmpfs_size = Some(4 << 20);
+        options.cache.enabled = true;
+        options.cache.repo = Some(format!("oci:{}", cache.display()));
+        options.build_args.insert("MIB".into(), mib.into());
+        options
+    };
+    // Fills the cache with the first two steps' layers.
+    build(run("1", UpperTmpfs::Never, "seed")).await;
+    let tmpfs = build(run("20", UpperTmpfs::Always, "tmpfs")).await;
+    let disk = build(run("20", UpperTmpfs::Never, "disk")).await;
+    let spills: Vec<&String> = tmpfs
+        .notes
+        .iter()
+        .filter(|n| n.contains("tmpfs upper dir"))
+        .collect();
+    assert_eq!(
+        spills,
+        [
+            &"Dockerfile:5: the tmpfs upper dir (cap 4 MiB) is full: the stage continues on disk \
+           and the step runs again"
+                .to_owned()
+        ],
+        "notes: {:#?}",
+        tmpfs.notes
+    );
+    // The base's layer and the two hits.
+    assert_eq!(tmpfs.most_lowers, 3, "{:?}", tmpfs.upper_dirs);
+    assert_eq!(tmpfs.digest, disk.digest, "the two images differ");
+    let flat = image::flatten(&registry, "hits:tmpfs");
+    assert_eq!(
+        std::fs::metadata(flat.rootfs.join("data/big"))
+            .unwrap()
+            .len(),
+        20 << 20
+    );
+    assert_eq!(
+        std::fs::read_to_string(flat.rootfs.join("data/one")).unwrap(),
+        "one\n"
+    );
+    assert!(!flat.rootfs.join("bin/ls").exists());
 }
