@@ -128,10 +128,10 @@ flag_struct! {
         @bool /// Deprecated kaniko spelling of --ignore-var-run.
             #[arg(hide = true)] whitelist_var_run = "whitelist-var-run";
 
-        /// Chroot mode as root with --base-overlay only: put each stage's overlay upper dir
-        /// (its own writes) on tmpfs: auto (default: when a quarter of the memory available
-        /// is at least 64 MiB), true or false. A stage that fills the tmpfs continues on disk
-        /// and the step that filled it runs again.
+        /// Chroot mode as root with --base-overlay only (not with --single-snapshot): put each
+        /// stage's overlay upper dir (its own writes) on tmpfs: auto (default: when a quarter
+        /// of the memory available is at least 64 MiB), true or false. A stage that fills the
+        /// tmpfs continues on disk and the step that filled it runs again.
         #[arg(
             long = "upper-tmpfs",
             value_name = "auto|true|false",
@@ -141,8 +141,8 @@ flag_struct! {
         )]
         upper_tmpfs: Option<String>,
         /// The most the upper-dir tmpfs may hold (all stages together): bytes, or with a
-        /// suffix k/K, M, G (powers of 1024; KiB/MiB/GiB and KB/MB/GB the same); default 4G,
-        /// under auto also at most a quarter of the memory available.
+        /// suffix K, M, G, T (powers of 1024; KiB/MiB/GiB and KB/MB/GB the same), at least
+        /// 1M; default 4G, under auto also at most a quarter of the memory available.
         #[arg(long = "upper-tmpfs-size", value_name = "SIZE")]
         upper_tmpfs_size: Option<String>,
         /// Path to the Dockerfile (default Dockerfile); relative paths are tried against the
