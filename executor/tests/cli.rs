@@ -820,3 +820,47 @@ fn ssh_agents_come_from_their_socket_or_ssh_auth_sock() {
     }
     assert!(usage_error(&[DEST, "--ssh=default"]).contains("SSH_AUTH_SOCK"));
 }
+
+#[test]
+fn upper_tmpfs_forms_and_sizes() {
+    use kiln_engine::UpperTmpfs;
+    let o = build(&[DEST]).options;
+    assert_eq!(o.snapshot.upper_tmpfs, UpperTmpfs::Auto);
+    assert_eq!(o.snapshot.upper_tmpfs_size, None);
+    for (flag, want) in [
+        ("--upper-tmpfs", UpperTmpfs::Always),
+        ("--upper-tmpfs=true", UpperTmpfs::Always),
+        ("--upper-tmpfs=1", UpperTmpfs::Always),
+        ("--upper-tmpfs=false", UpperTmpfs::Never),
+        ("--upper-tmpfs=auto", UpperTmpfs::Auto),
+    ] {
+        assert_eq!(
+            build(&[DEST, flag]).options.snapshot.upper_tmpfs,
+            want,
+            "{flag}"
+        );
+    }
+    for (flag, want) in [
+        ("--upper-tmpfs-size=4194304", 4 << 20),
+        ("--upper-tmpfs-size=4M", 4 << 20),
+        ("--upper-tmpfs-size=4MiB", 4 << 20),
+        ("--upper-tmpfs-size=2048k", 2 << 20),
+        ("--upper-tmpfs-size=3G", 3 << 30),
+        ("--upper-tmpfs-size=1Ti", 1 << 40),
+    ] {
+        let o = build(&[DEST, flag]).options;
+        assert_eq!(o.snapshot.upper_tmpfs_size, Some(want), "{flag}");
+    }
+    let both = build(&[DEST, "--upper-tmpfs-size", "64M", "--upper-tmpfs=false"]).options;
+    assert_eq!(both.snapshot.upper_tmpfs, UpperTmpfs::Never);
+    assert_eq!(both.snapshot.upper_tmpfs_size, Some(64 << 20));
+
+    for bad in ["--upper-tmpfs=sometimes", "--upper-tmpfs=yes"] {
+        let message = usage_error(&[DEST, bad]);
+        assert!(message.contains("--upper-tmpfs"), "{bad}: {message}");
+    }
+    for bad in ["4X", "M", "-4M", "512k", "1.5G", "99999999999T", ""] {
+        let message = usage_error(&[DEST, &format!("--upper-tmpfs-size={bad}")]);
+        assert!(message.contains("--upper-tmpfs-size"), "{bad}: {message}");
+    }
+}

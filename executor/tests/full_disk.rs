@@ -58,6 +58,9 @@ fn build(disk: &SmallDisk, dockerfile: &str, destination: &str) -> (Output, Path
         .arg(format!("--kiln-dir={}", disk.path().display()))
         .arg(format!("--digest-file={}", digest_file.display()))
         .args(["--mode=chroot", "--progress=plain"])
+        // The stage's writes on the small disk too, as the RUN's `df /` then says: on the
+        // upper-dir tmpfs they would be bounded by memory, not by this disk.
+        .arg("--upper-tmpfs=false")
         .env("DOCKER_CONFIG", "/nonexistent-kiln-test")
         .output()
         .expect("run executor");

@@ -46,7 +46,8 @@ pub use error::{BuildError, Cause};
 pub use events::{BuildEvent, EventSink, OutputStream, Phase};
 pub use options::{
     BuildOptions, BuildpacksOptions, CacheOptions, ContextSpec, FrontEndChoice, GitOptions,
-    OutputOptions, SecretSource, SecretSpec, SnapshotOptions, SshSpec,
+    OutputOptions, SecretSource, SecretSpec, SnapshotOptions, SshSpec, UpperTmpfs,
+    UPPER_TMPFS_DEFAULT_CAP,
 };
 pub use rebase::{rebase, RebaseOptions, RebaseReport};
 pub use timing::TimingReport;

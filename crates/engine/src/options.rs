@@ -88,6 +88,42 @@ pub struct SnapshotOptions {
     /// assume the layers below), a kernel or kiln dir without overlayfs, or `false` here: the
     /// stage's tree is unpacked as before.
     pub base_overlay: bool,
+    /// `--upper-tmpfs` (default [`UpperTmpfs::Auto`]): where a mounted stage's overlay upper
+    /// dir (the stage's own writes) lives. Only stages whose rootfs is an overlay have one
+    /// (chroot mode, as root, with [`SnapshotOptions::base_overlay`]), and never under
+    /// `--single-snapshot`, whose steps leave no layers to move the stage to disk with.
+    pub upper_tmpfs: UpperTmpfs,
+    /// `--upper-tmpfs-size`: the most the build's upper-dir tmpfs may hold, in bytes; `None`
+    /// is [`UPPER_TMPFS_DEFAULT_CAP`]. Under [`UpperTmpfs::Auto`] a quarter of the memory
+    /// available bounds it too. A stage whose steps outgrow it continues on disk.
+    pub upper_tmpfs_size: Option<u64>,
+}
+
+/// The default cap of the upper-dir tmpfs: 4 GiB. A RUN that writes more than that (a large
+/// toolchain) is bound by disk bandwidth rather than by the cost of creating inodes, which is
+/// what the tmpfs saves, and would hold that much memory for the rest of the build.
+pub const UPPER_TMPFS_DEFAULT_CAP: u64 = 4 << 30;
+
+/// Whether a stage's overlay upper dir goes on tmpfs (`--upper-tmpfs=auto|true|false`).
+///
+/// Creating a file on the disks builds run on costs half a millisecond of kernel time, against
+/// microseconds on tmpfs, so a RUN that writes tens of thousands of small files spends seconds
+/// on metadata alone with its upper dir on disk. On tmpfs the files live in memory until the
+/// stage's layers are written; a stage that fills the tmpfs moves to disk (its earlier steps'
+/// layers applied to a new upper dir there) and the step runs again, so a step that fits on
+/// disk never fails for want of tmpfs space.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum UpperTmpfs {
+    /// On tmpfs when the memory available (`MemAvailable`, and the memory cgroup's room when
+    /// it has a limit) allows a useful one: a quarter of it, at most the cap, at least 64 MiB.
+    #[default]
+    Auto,
+    /// On tmpfs, of the cap's size, whatever the memory available says; when the tmpfs cannot
+    /// be mounted the build warns and keeps its upper dirs on disk (the flag asks for speed,
+    /// not for a different image).
+    Always,
+    /// On disk, beside the stage's rootfs in the work dir.
+    Never,
 }
 
 impl Default for SnapshotOptions {
@@ -99,6 +135,8 @@ impl Default for SnapshotOptions {
             ignore_paths: Vec::new(),
             ignore_var_run: true,
             base_overlay: true,
+            upper_tmpfs: UpperTmpfs::Auto,
+            upper_tmpfs_size: None,
         }
     }
 }

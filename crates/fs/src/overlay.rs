@@ -32,12 +32,18 @@ impl OverlayMount {
     /// Mounts at `target` an overlay of `lowers` (topmost first) under `upper`, with `work` as
     /// overlayfs's work dir (an empty directory on the same filesystem as `upper`). Lower dirs
     /// are given one by one (`lowerdir+`, Linux 6.8), so their number is not bounded by the
-    /// size of one mount option string; older kernels get the classic joined option. `xino`
-    /// is on so that inode numbers stay the same from one mount of a lower dir to the next
-    /// when lower dirs are other filesystems (layer images): the snapshotter reads a stage's
-    /// old entries from a second mount of its lower dirs and tells a directory replaced from
-    /// one modified by its inode number. Lower dirs
-    /// from a [`crate::trees::LayerTrees`] store must stay held (their
+    /// size of one mount option string; older kernels get the classic joined option.
+    ///
+    /// Always with overlayfs's `xino=on`. When the lower dirs are other filesystems than the
+    /// upper dir (layer images, an upper dir on tmpfs over trees on disk), overlayfs otherwise
+    /// numbers directories itself and a file copied up takes the upper filesystem's inode
+    /// number, so a snapshotter comparing inode numbers (a stage's old entries are read from a
+    /// second mount of its lower dirs) would see a directory a step only wrote into as replaced
+    /// and make it opaque in the layer. With it, inode numbers are the lower or upper inode's,
+    /// tagged with its filesystem: the same in every mount of the same lower dirs, and kept
+    /// across copy-up. On one filesystem overlayfs ignores it.
+    ///
+    /// Lower dirs from a [`crate::trees::LayerTrees`] store must stay held (their
     /// [`crate::trees::LayerTree`]s alive) until the mount is dropped, or a prune may remove
     /// them under it.
     pub fn mount(
@@ -93,15 +99,29 @@ impl TmpfsMount {
     /// Mounts a tmpfs of at most `size` bytes at `target` (an existing directory), readable by
     /// root only.
     pub fn mount(target: &Path, size: u64) -> io::Result<TmpfsMount> {
-        let options = std::ffi::CString::new(format!("size={size},mode=0700"))
+        let flags = rustix::mount::MountFlags::NOSUID | rustix::mount::MountFlags::NODEV;
+        Self::mount_with(target, format!("size={size},mode=0700"), flags)
+    }
+
+    /// Mounts a tmpfs of at most `size` bytes and `inodes` inodes at `target` (an existing
+    /// directory), readable by root only, for overlay upper dirs. Inodes are not counted in a
+    /// tmpfs's size (each takes about 1 KiB of kernel memory): bounding them bounds the memory
+    /// a tree of many empty files takes. Without `nosuid` and `nodev`: the device nodes and
+    /// set-user-ID programs a RUN step makes in an upper dir must work in later steps as
+    /// they do with the upper dir on disk.
+    pub fn mount_limited(target: &Path, size: u64, inodes: u64) -> io::Result<TmpfsMount> {
+        let options = format!("size={size},nr_inodes={inodes},mode=0700");
+        Self::mount_with(target, options, rustix::mount::MountFlags::empty())
+    }
+
+    fn mount_with(
+        target: &Path,
+        options: String,
+        flags: rustix::mount::MountFlags,
+    ) -> io::Result<TmpfsMount> {
+        let options = std::ffi::CString::new(options)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        rustix::mount::mount(
-            "tmpfs",
-            target,
-            "tmpfs",
-            rustix::mount::MountFlags::NOSUID | rustix::mount::MountFlags::NODEV,
-            options.as_c_str(),
-        )?;
+        rustix::mount::mount("tmpfs", target, "tmpfs", flags, options.as_c_str())?;
         Ok(TmpfsMount {
             target: target.to_path_buf(),
         })

@@ -128,6 +128,23 @@ flag_struct! {
         @bool /// Deprecated kaniko spelling of --ignore-var-run.
             #[arg(hide = true)] whitelist_var_run = "whitelist-var-run";
 
+        /// Chroot mode as root with --base-overlay only (not with --single-snapshot): put each
+        /// stage's overlay upper dir (its own writes) on tmpfs: auto (default: when a quarter
+        /// of the memory available is at least 64 MiB), true or false. A stage that fills the
+        /// tmpfs continues on disk and the step that filled it runs again.
+        #[arg(
+            long = "upper-tmpfs",
+            value_name = "auto|true|false",
+            num_args = 0..=1,
+            require_equals = true,
+            default_missing_value = "true"
+        )]
+        upper_tmpfs: Option<String>,
+        /// The most the upper-dir tmpfs may hold (all stages together): bytes, or with a
+        /// suffix K, M, G, T (powers of 1024; KiB/MiB/GiB and KB/MB/GB the same), at least
+        /// 1M; default 4G, under auto also at most a quarter of the memory available.
+        #[arg(long = "upper-tmpfs-size", value_name = "SIZE")]
+        upper_tmpfs_size: Option<String>,
         /// Path to the Dockerfile (default Dockerfile); relative paths are tried against the
         /// working directory first, then the context, as kaniko does.
         #[arg(short = 'f', long = "dockerfile", value_name = "PATH")]

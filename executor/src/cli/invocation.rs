@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use kiln_engine::{
     BuildOptions, ContextSpec, GitOptions, OutputOptions, SecretSource, SecretSpec,
-    SnapshotOptions, SshSpec,
+    SnapshotOptions, SshSpec, UpperTmpfs,
 };
 use kiln_fs::snapshot::{KanikoSnapshotMode, SnapshotMode};
 use kiln_oci::{Compression, ImageFormat, Platform};
@@ -142,6 +142,26 @@ fn snapshot_options(
     snapshot.force_build_metadata = flags.force_build_metadata.unwrap_or(false);
     snapshot.ignore_paths = flags.ignore_path.clone();
     snapshot.base_overlay = flags.base_overlay.unwrap_or(true);
+    snapshot.upper_tmpfs = match flags.upper_tmpfs.as_deref() {
+        None | Some("auto") => UpperTmpfs::Auto,
+        Some(value) => match super::flags::parse_bool(value) {
+            Ok(true) => UpperTmpfs::Always,
+            Ok(false) => UpperTmpfs::Never,
+            Err(_) => {
+                return Err(UsageError::new(format!(
+                    "--upper-tmpfs={value}: use auto, true or false"
+                )))
+            }
+        },
+    };
+    snapshot.upper_tmpfs_size = flags
+        .upper_tmpfs_size
+        .as_deref()
+        .map(|text| {
+            parse_size(text)
+                .map_err(|e| UsageError::new(format!("--upper-tmpfs-size {text:?}: {e}")))
+        })
+        .transpose()?;
     snapshot.ignore_var_run = match (flags.ignore_var_run, flags.whitelist_var_run) {
         (Some(v), _) => v,
         (None, Some(v)) => {
@@ -582,6 +602,32 @@ fn parse_git(values: &[String]) -> Result<GitOptions, UsageError> {
         }
     }
     Ok(git)
+}
+
+/// A size in bytes: a number, optionally followed by `k`/`K`, `M`, `G` or `T` (powers of
+/// 1024, as tmpfs's own `size=` option reads them), also spelled `KiB`, `KB`, `Mi`, ... Sizes
+/// under 1 MiB are refused: a tmpfs that small holds nothing worth its mount.
+pub(super) fn parse_size(text: &str) -> Result<u64, String> {
+    let digits = text.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    let suffix = &text[digits.len()..];
+    let number: u64 = digits
+        .parse()
+        .map_err(|_| "not a size (use a number of bytes, or e.g. 512M, 2G)".to_owned())?;
+    let shift = match suffix {
+        "" | "B" | "b" => 0,
+        "k" | "K" | "KB" | "KiB" | "Ki" | "kB" => 10,
+        "m" | "M" | "MB" | "MiB" | "Mi" => 20,
+        "g" | "G" | "GB" | "GiB" | "Gi" => 30,
+        "t" | "T" | "TB" | "TiB" | "Ti" => 40,
+        other => return Err(format!("unknown unit {other:?} (use K, M, G or T)")),
+    };
+    let bytes = number
+        .checked_mul(1 << shift)
+        .ok_or_else(|| "too large".to_owned())?;
+    if bytes < 1 << 20 {
+        return Err("at least 1M".to_owned());
+    }
+    Ok(bytes)
 }
 
 /// A Go `time.Duration` string as kaniko's `--cache-ttl` takes it: `336h`, `1h30m`, `1.5h`,

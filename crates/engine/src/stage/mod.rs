@@ -224,6 +224,9 @@ struct StageRun<'a> {
     base_layers: usize,
     /// The diff ID of each step's layer so far.
     step_layers: Vec<Option<String>>,
+    /// Indexes in `layers` of the layers whose files are not in the rootfs (a linked copy
+    /// that reuses an image's layer), left out when the stage moves to disk.
+    outside_rootfs: Vec<usize>,
 }
 
 impl<'a> StageRun<'a> {
@@ -272,6 +275,7 @@ impl<'a> StageRun<'a> {
             step_count: 0,
             base_layers,
             step_layers: Vec::new(),
+            outside_rootfs: Vec::new(),
         }
     }
 
@@ -386,18 +390,16 @@ impl<'a> StageRun<'a> {
         match &entry.layer {
             Some(cached) => {
                 let layer = cache.hit_layer(&shared.runtime, &shared.blobs, cached)?;
-                match self.prepared.as_mut() {
-                    Some((snapshotter, _)) => {
-                        self.materializer
-                            .apply_cached(&[(cached.clone(), layer.clone())])?;
-                        snapshotter
-                            .rescan()
-                            .map_err(|e| BuildError::image(format!("stage {}", self.index), e))?;
-                    }
-                    None => self
-                        .materializer
+                if self.prepared.is_some() {
+                    self.apply_hit(step, (cached.clone(), layer.clone()))?;
+                    let (snapshotter, _) = self.prepared.as_mut().expect("prepared above");
+                    snapshotter
+                        .rescan()
+                        .map_err(|e| BuildError::image(format!("stage {}", self.index), e))?;
+                } else {
+                    self.materializer
                         .pending_cached
-                        .push((cached.clone(), layer.clone())),
+                        .push((cached.clone(), layer.clone()));
                 }
                 if !self.fully_cached {
                     shared.push_ahead(self.index, std::slice::from_ref(&layer));

@@ -9,6 +9,7 @@ use kiln_oci::image::{Descriptor, History};
 use kiln_oci::MediaType;
 use kiln_plan::{Copy, Mkdir, Operation, Run, Step};
 
+use super::overlay::{human_size, FullnessWatch};
 use super::{resolve_ids, StageRun, StepContext};
 use crate::base::ImageLayer;
 use crate::error::BuildError;
@@ -41,20 +42,118 @@ impl StageRun<'_> {
             return Ok(());
         }
         if self.prepared.is_none() && !defers_rootfs(&step.operation) {
-            self.prepared = Some(self.materializer.materialize()?);
+            self.prepare(step)?;
         }
-        let layer = match &step.operation {
-            Operation::Run(op) => self.run_program(step_no, step, op)?,
-            Operation::Copy(op) if op.link => self.copy_linked(step_no, step, op)?,
-            Operation::Copy(op) => self.copy(step_no, step, op)?,
-            Operation::Mkdir(op) => {
-                let target = mkdir_target.unwrap_or_default();
-                self.make_directory(step_no, step, op, &target)?
+        if self.prepared.is_some() && self.materializer.upper_tmpfs_filling() {
+            // Later steps get the room they may need; this one's would be too little.
+            self.spill(step, false)?;
+        }
+        let target = mkdir_target.unwrap_or_default();
+        let layer = loop {
+            let watch = self
+                .prepared
+                .as_ref()
+                .and_then(|_| self.materializer.watch_upper_tmpfs());
+            let made = self.execute_step(step_no, step, &target);
+            let filled = watch.is_some_and(FullnessWatch::filled);
+            match made {
+                // It may have failed for want of room on the tmpfs: on disk it gets the room
+                // it would have had without the tmpfs, and a real failure fails again there.
+                // Steps are run again from the stage's layers, never from what the failed
+                // attempt left in the upper dir. The upper dir is on disk from then on, so
+                // this happens once per stage at most.
+                Err(_) if filled => {
+                    self.shared.cancel.check()?;
+                    self.spill(step, true)?;
+                }
+                made => break made?,
             }
-            Operation::Config(_) => None,
         };
         let layer = self.forced_layer(step_no, step, layer)?;
         self.add_layer(step, step_no, layer, history);
+        Ok(())
+    }
+
+    /// Executes a step that writes files and makes the layer of its changes.
+    fn execute_step(
+        &mut self,
+        step_no: usize,
+        step: &Step,
+        mkdir_target: &Path,
+    ) -> Result<Option<ImageLayer>, BuildError> {
+        match &step.operation {
+            Operation::Run(op) => self.run_program(step_no, step, op),
+            Operation::Copy(op) if op.link => self.copy_linked(step_no, step, op),
+            Operation::Copy(op) => self.copy(step_no, step, op),
+            Operation::Mkdir(op) => self.make_directory(step_no, step, op, mkdir_target),
+            Operation::Config(_) => Ok(None),
+        }
+    }
+
+    /// Brings the stage's rootfs into being for `step`. Cache hits applied onto a tmpfs upper
+    /// dir that fill it do not fail the build: the stage is then made on disk.
+    pub(super) fn prepare(&mut self, step: &Step) -> Result<(), BuildError> {
+        match self.materializer.materialize() {
+            Ok(prepared) => {
+                self.prepared = Some(prepared);
+                Ok(())
+            }
+            Err(_) if self.materializer.upper_tmpfs_filling() => self.spill(step, false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Applies cache `hit` of `step` onto the prepared rootfs; when that fills the tmpfs upper
+    /// dir, the stage moves to disk and the hit's layer is applied there (applying a layer
+    /// again over what a failed attempt left is not needed: the move rebuilds the upper dir
+    /// from the layers before it).
+    pub(super) fn apply_hit(
+        &mut self,
+        step: &Step,
+        hit: (kiln_cache::CachedLayer, ImageLayer),
+    ) -> Result<(), BuildError> {
+        let hit = [hit];
+        let watch = self.materializer.watch_upper_tmpfs();
+        let applied = self.materializer.apply_cached(&hit);
+        let filled = watch.is_some_and(FullnessWatch::filled);
+        match applied {
+            Err(_) if filled => {
+                self.shared.cancel.check()?;
+                self.spill(step, false)?;
+                self.materializer.apply_cached(&hit)
+            }
+            applied => applied,
+        }
+    }
+
+    /// Moves the stage's upper dir from the tmpfs to disk, saying so; `failed` when `step`
+    /// failed on the tmpfs and runs again.
+    fn spill(&mut self, step: &Step, failed: bool) -> Result<(), BuildError> {
+        let cap = self.materializer.upper_tmpfs_cap().unwrap_or(0);
+        let at = step.provenance.location();
+        let cap = human_size(cap);
+        let message = if failed {
+            format!(
+                "{at}: the tmpfs upper dir (cap {cap}) is full: the stage continues on disk and \
+                 the step runs again"
+            )
+        } else {
+            format!(
+                "{at}: the tmpfs upper dir (cap {cap}) is more than three quarters full: the \
+                 stage continues on disk"
+            )
+        };
+        self.shared.emit(BuildEvent::Note { message });
+        drop(self.prepared.take());
+        let layers: Vec<ImageLayer> = self
+            .layers
+            .iter()
+            .enumerate()
+            .skip(self.base_layers)
+            .filter(|(i, _)| !self.outside_rootfs.contains(i))
+            .map(|(_, layer)| layer.clone())
+            .collect();
+        self.prepared = Some(self.materializer.spill_to_disk(&layers)?);
         Ok(())
     }
 
@@ -296,6 +395,8 @@ impl StageRun<'_> {
     ) -> Result<Option<ImageLayer>, BuildError> {
         let shared = self.shared;
         if let Some(layer) = self.reused_layer(step_no, step, op)? {
+            // Its files never go into the rootfs: a stage moved to disk leaves it out too.
+            self.outside_rootfs.push(self.layers.len());
             return Ok(Some(layer));
         }
         let name = format!("link-{}-{step_no}", self.index);
