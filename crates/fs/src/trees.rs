@@ -256,7 +256,7 @@ impl LayerTrees {
                     .and_then(|pid| pid.parse::<i32>().ok());
                 if pid.is_some_and(|pid| !process_alive(pid)) {
                     let _ =
-                        rustix::mount::unmount(&entry.path(), rustix::mount::UnmountFlags::DETACH);
+                        rustix::mount::unmount(entry.path(), rustix::mount::UnmountFlags::DETACH);
                     let _ = std::fs::remove_dir(entry.path());
                 }
             }

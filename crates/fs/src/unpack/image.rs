@@ -83,7 +83,6 @@ pub fn unpack_layer_image<R: Read>(
                     return Ok(Err(e));
                 }
             }
-            drop(archive);
             io::copy(&mut tee, &mut io::sink())?;
             Ok::<_, io::Error>(Ok(()))
         })();
