@@ -50,22 +50,11 @@ pub fn unpack_layer_image<R: Read>(
         source,
     };
     let mut compressed = stream::HashingReader::new(layer, digest.algorithm());
-    let mut magic = [0u8; stream::MAGIC_LEN];
-    let n = stream::read_up_to(&mut compressed, &mut magic).map_err(|e| stream_err(0, e))?;
-    let compression = match stream::detect(&magic[..n]) {
-        stream::Detected::Supported(c) => c,
-        stream::Detected::Unsupported(name) => {
-            return Err(UnpackError::UnsupportedCompression {
-                layer: digest.clone(),
-                name,
-            })
-        }
-    };
+    let mut compression = None;
     let mut builder = Builder::new(digest);
     let indexed: Result<(Digest, u64), UnpackError> = (|| {
-        let whole = io::Cursor::new(&magic[..n]).chain(&mut compressed);
-        let decoder =
-            stream::decompressor(compression, whole).map_err(|e| stream_err(n as u64, e))?;
+        let (detected, decoder) = super::decompressed(&mut compressed, digest)?;
+        compression = Some(detected);
         let tar_stream = stream::HashingReader::new(decoder, Algorithm::Sha256);
         let mut out = BufWriter::with_capacity(1 << 20, &file);
         out.seek(SeekFrom::Start(erofs::TAR_OFFSET))
@@ -133,6 +122,7 @@ pub fn unpack_layer_image<R: Read>(
         }
     }
     let entries = builder.entries;
+    let compression = compression.expect("known once the tar was read");
     erofs::write_metadata(&file, image, &builder.tree, erofs::TAR_OFFSET + tar_size).map_err(
         |e| match e {
             ImageError::Unsupported(reason) => UnpackError::InvalidEntry {

@@ -294,13 +294,12 @@ fn unpack_with<R: Read>(
     })
 }
 
-/// Decompresses and applies every tar entry; returns the compression, the diffID and the tar
-/// size. The compressed stream is left wherever the tar ended.
-fn apply_entries<R: Read>(
-    compressed: &mut stream::HashingReader<R>,
-    applier: &mut apply::Applier<'_, '_>,
+/// Recognises the blob's compression from its first bytes, read from `compressed`, and returns
+/// it with the decompressed stream of the whole blob (those bytes included).
+pub(super) fn decompressed<'a, R: Read + 'a>(
+    compressed: &'a mut stream::HashingReader<R>,
     digest: &Digest,
-) -> Result<(Compression, Digest, u64), UnpackError> {
+) -> Result<(Compression, Box<dyn Read + 'a>), UnpackError> {
     let stream_err = |offset: u64, source: io::Error| UnpackError::Stream {
         layer: digest.clone(),
         offset,
@@ -317,28 +316,43 @@ fn apply_entries<R: Read>(
             })
         }
     };
+    let whole = io::Cursor::new(magic[..n].to_vec()).chain(compressed);
+    let decoder = stream::decompressor(compression, whole).map_err(|e| stream_err(n as u64, e))?;
+    Ok((compression, decoder))
+}
+
+/// Decompresses and applies every tar entry; returns the compression, the diffID and the tar
+/// size. The compressed stream is left wherever the tar ended.
+fn apply_entries<R: Read>(
+    compressed: &mut stream::HashingReader<R>,
+    applier: &mut apply::Applier<'_, '_>,
+    digest: &Digest,
+) -> Result<(Compression, Digest, u64), UnpackError> {
     // The decompressor holds `compressed` only by reference, so the blob can be drained and
     // digested after the tar ends.
     let offset_of = |c: &stream::HashingReader<R>| c.len();
-    let result = {
-        let whole = io::Cursor::new(&magic[..n]).chain(&mut *compressed);
-        let decoder =
-            stream::decompressor(compression, whole).map_err(|e| stream_err(n as u64, e))?;
+    let (compression, result) = {
+        let (compression, decoder) = decompressed(&mut *compressed, digest)?;
         let mut tar_stream = stream::HashingReader::new(decoder, Algorithm::Sha256);
         let outcome = {
             let mut archive = tar::Archive::new(&mut tar_stream);
             applier.apply_archive(&mut archive)
         };
-        match outcome {
+        let result = match outcome {
             Ok(()) => tar_stream
                 .drain_and_finish()
                 .map_err(apply::Failure::Stream),
             Err(e) => Err(e),
-        }
+        };
+        (compression, result)
     };
     match result {
         Ok((diff_id, tar_size)) => Ok((compression, diff_id, tar_size)),
-        Err(apply::Failure::Stream(source)) => Err(stream_err(offset_of(compressed), source)),
+        Err(apply::Failure::Stream(source)) => Err(UnpackError::Stream {
+            layer: digest.clone(),
+            offset: offset_of(compressed),
+            source,
+        }),
         Err(apply::Failure::Entry(e)) => Err(e),
     }
 }
