@@ -140,6 +140,35 @@ fn context_with(dir: &Path, dockerfile: &str) {
     std::fs::write(dir.join("Dockerfile"), dockerfile).unwrap();
 }
 
+/// Builds `context` (tagged `NAME:tmpfs` and `NAME:disk`) with its upper dirs on a 4 MiB
+/// tmpfs, then on disk, each with a Kiln dir of its own.
+async fn on_a_small_tmpfs_and_on_disk(
+    registry: &Registry,
+    work: &Path,
+    context: &Path,
+    name: &str,
+) -> (Built, Built) {
+    let mut built = Vec::new();
+    for (mode, tag) in [(UpperTmpfs::Always, "tmpfs"), (UpperTmpfs::Never, "disk")] {
+        let kiln_dir = work.join(format!("kiln-{name}-{tag}"));
+        let mut options = options_for(registry, context, &kiln_dir, mode, &format!("{name}:{tag}"));
+        options.snapshot.upper_tmpfs_size = Some(4 << 20);
+        built.push(build(options).await);
+    }
+    let disk = built.pop().expect("built on disk");
+    (built.pop().expect("built on tmpfs"), disk)
+}
+
+/// Asserts that the build moved its stage to disk once, saying `note`.
+fn assert_moved_once(built: &Built, note: &str) {
+    let moves: Vec<&String> = built
+        .notes
+        .iter()
+        .filter(|n| n.contains("tmpfs upper dir"))
+        .collect();
+    assert_eq!(moves, [note], "notes: {:#?}", built.notes);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_small_files_give_the_same_image_on_tmpfs_and_on_disk() {
     let registry = Registry::start();
@@ -218,28 +247,13 @@ async fn a_full_tmpfs_moves_the_stage_to_disk_and_runs_the_step_again() {
             registry.addr()
         ),
     );
-    let mut built = Vec::new();
-    for (mode, tag) in [(UpperTmpfs::Always, "tmpfs"), (UpperTmpfs::Never, "disk")] {
-        let kiln_dir = work.path().join(format!("kiln-full-{tag}"));
-        let mut options = options_for(&registry, &context, &kiln_dir, mode, &format!("full:{tag}"));
-        options.snapshot.upper_tmpfs_size = Some(4 << 20);
-        built.push(build(options).await);
-    }
-    let (tmpfs, disk) = (&built[0], &built[1]);
-    let spills: Vec<&String> = tmpfs
-        .notes
-        .iter()
-        .filter(|n| n.contains("tmpfs upper dir"))
-        .collect();
-    assert_eq!(
-        spills,
-        [
-            &"Dockerfile:4: the tmpfs upper dir (cap 4 MiB) is full: the stage continues on disk \
-           and the step runs again"
-                .to_owned()
-        ],
-        "notes: {:#?}",
-        tmpfs.notes
+    let (tmpfs, disk) =
+        on_a_small_tmpfs_and_on_disk(&registry, work.path(), &context, "full").await;
+    let (tmpfs, disk) = (&tmpfs, &disk);
+    assert_moved_once(
+        tmpfs,
+        "Dockerfile:4: the tmpfs upper dir (cap 4 MiB) is full: the stage continues on disk \
+         and the step runs again",
     );
     // The stage started on the tmpfs and ended on disk.
     assert!(
@@ -288,35 +302,13 @@ async fn a_tmpfs_three_quarters_full_moves_the_stage_before_its_next_step() {
             registry.addr()
         ),
     );
-    let mut built = Vec::new();
-    for (mode, tag) in [(UpperTmpfs::Always, "tmpfs"), (UpperTmpfs::Never, "disk")] {
-        let kiln_dir = work.path().join(format!("kiln-filling-{tag}"));
-        let mut options = options_for(
-            &registry,
-            &context,
-            &kiln_dir,
-            mode,
-            &format!("filling:{tag}"),
-        );
-        options.snapshot.upper_tmpfs_size = Some(4 << 20);
-        built.push(build(options).await);
-    }
-    let spills: Vec<&String> = built[0]
-        .notes
-        .iter()
-        .filter(|n| n.contains("tmpfs upper dir"))
-        .collect();
-    assert_eq!(
-        spills,
-        [
-            &"Dockerfile:3: the tmpfs upper dir (cap 4 MiB) is more than three quarters full: \
-           the stage continues on disk"
-                .to_owned()
-        ],
-        "notes: {:#?}",
-        built[0].notes
+    let built = on_a_small_tmpfs_and_on_disk(&registry, work.path(), &context, "filling").await;
+    assert_moved_once(
+        &built.0,
+        "Dockerfile:3: the tmpfs upper dir (cap 4 MiB) is more than three quarters full: the \
+         stage continues on disk",
     );
-    assert_eq!(built[0].digest, built[1].digest, "the two images differ");
+    assert_eq!(built.0.digest, built.1.digest, "the two images differ");
     let flat = image::flatten(&registry, "filling:tmpfs");
     assert!(!flat.rootfs.join("mid").exists() && !flat.rootfs.join("bin/ls").exists());
     assert_eq!(
@@ -359,20 +351,10 @@ async fn a_stage_over_mounted_cache_hits_moves_to_disk() {
     build(run("1", UpperTmpfs::Never, "seed")).await;
     let tmpfs = build(run("20", UpperTmpfs::Always, "tmpfs")).await;
     let disk = build(run("20", UpperTmpfs::Never, "disk")).await;
-    let spills: Vec<&String> = tmpfs
-        .notes
-        .iter()
-        .filter(|n| n.contains("tmpfs upper dir"))
-        .collect();
-    assert_eq!(
-        spills,
-        [
-            &"Dockerfile:5: the tmpfs upper dir (cap 4 MiB) is full: the stage continues on disk \
-           and the step runs again"
-                .to_owned()
-        ],
-        "notes: {:#?}",
-        tmpfs.notes
+    assert_moved_once(
+        &tmpfs,
+        "Dockerfile:5: the tmpfs upper dir (cap 4 MiB) is full: the stage continues on disk \
+         and the step runs again",
     );
     // The base's layer and the two hits.
     assert_eq!(tmpfs.most_lowers, 3, "{:?}", tmpfs.upper_dirs);
