@@ -17,74 +17,55 @@ use support::Layer;
 /// Everything a lower dir shows of each path: type, mode, owner, times, link count, size,
 /// content or target or device, and xattrs.
 fn full_listing(root: &Path) -> BTreeMap<String, String> {
-    fn walk(root: &Path, rel: &Path, out: &mut BTreeMap<String, String>) {
-        let mut names: Vec<_> = std::fs::read_dir(root.join(rel))
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        names.sort();
-        for name in names {
-            let rel = rel.join(name);
-            let path = root.join(&rel);
-            let meta = std::fs::symlink_metadata(&path).unwrap();
-            let kind = meta.file_type();
-            let what = if kind.is_dir() {
-                format!("dir nlink={}", meta.nlink())
-            } else if kind.is_symlink() {
-                format!("-> {}", std::fs::read_link(&path).unwrap().display())
-            } else if kind.is_file() {
-                let content = std::fs::read(&path).unwrap();
-                format!(
-                    "file nlink={} size={} {}",
-                    meta.nlink(),
-                    meta.size(),
-                    Digest::sha256_of(&content)
-                )
-            } else if kind.is_char_device() {
-                format!("char {}", meta.rdev())
-            } else if kind.is_block_device() {
-                format!("block {}", meta.rdev())
-            } else if kind.is_fifo() {
-                "fifo".to_owned()
-            } else {
-                "other".to_owned()
-            };
-            let mut xattrs: Vec<String> = xattr_names(&path)
-                .into_iter()
-                .map(|name| {
-                    let value = xattr_value(&path, &name);
-                    format!(
-                        "{}={}",
-                        String::from_utf8_lossy(&name),
-                        String::from_utf8_lossy(&value)
-                    )
-                })
-                .collect();
-            xattrs.sort();
-            out.insert(
-                rel.display().to_string(),
-                format!(
-                    "{what} {:o} {}:{} mtime={}.{} xattrs={xattrs:?}",
-                    meta.mode() & 0o7777,
-                    meta.uid(),
-                    meta.gid(),
-                    meta.mtime(),
-                    meta.mtime_nsec(),
-                ),
-            );
-            if kind.is_char_device() && meta.rdev() == 0 {
-                // A whiteout: overlayfs shows nothing of it but that the name is gone, and an
-                // unpacked tree dates it when it was made.
-                out.insert(rel.display().to_string(), "whiteout".to_owned());
-            }
-            if kind.is_dir() {
-                walk(root, &rel, out);
-            }
+    support::describe_tree(root, &|path, meta| {
+        let kind = meta.file_type();
+        if kind.is_char_device() && meta.rdev() == 0 {
+            // A whiteout: overlayfs shows nothing of it but that the name is gone, and an
+            // unpacked tree dates it when it was made.
+            return "whiteout".to_owned();
         }
-    }
-    let mut out = BTreeMap::new();
-    walk(root, Path::new(""), &mut out);
-    out
+        let what = if kind.is_dir() {
+            format!("dir nlink={}", meta.nlink())
+        } else if kind.is_symlink() {
+            format!("-> {}", std::fs::read_link(path).unwrap().display())
+        } else if kind.is_file() {
+            let content = std::fs::read(path).unwrap();
+            format!(
+                "file nlink={} size={} {}",
+                meta.nlink(),
+                meta.size(),
+                Digest::sha256_of(&content)
+            )
+        } else if kind.is_char_device() {
+            format!("char {}", meta.rdev())
+        } else if kind.is_block_device() {
+            format!("block {}", meta.rdev())
+        } else if kind.is_fifo() {
+            "fifo".to_owned()
+        } else {
+            "other".to_owned()
+        };
+        let mut xattrs: Vec<String> = xattr_names(path)
+            .into_iter()
+            .map(|name| {
+                let value = xattr_value(path, &name);
+                format!(
+                    "{}={}",
+                    String::from_utf8_lossy(&name),
+                    String::from_utf8_lossy(&value)
+                )
+            })
+            .collect();
+        xattrs.sort();
+        format!(
+            "{what} {:o} {}:{} mtime={}.{} xattrs={xattrs:?}",
+            meta.mode() & 0o7777,
+            meta.uid(),
+            meta.gid(),
+            meta.mtime(),
+            meta.mtime_nsec(),
+        )
+    })
 }
 
 fn xattr_names(path: &Path) -> Vec<Vec<u8>> {

@@ -46,48 +46,29 @@ fn blob(dir: &Path, name: &str, layer: Layer) -> Blob {
 /// counts: overlayfs reports a lower file's own, which counts a hard link a higher layer
 /// deleted (as every overlay-based builder does).
 fn listing(root: &Path) -> BTreeMap<String, String> {
-    fn walk(root: &Path, rel: &Path, out: &mut BTreeMap<String, String>) {
-        let mut names: Vec<_> = std::fs::read_dir(root.join(rel))
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        names.sort();
-        for name in names {
-            let rel = rel.join(name);
-            let path = root.join(&rel);
-            let meta = std::fs::symlink_metadata(&path).unwrap();
-            let kind = meta.file_type();
-            let what = if kind.is_dir() {
-                "dir".to_owned()
-            } else if kind.is_symlink() {
-                format!("-> {}", std::fs::read_link(&path).unwrap().display())
-            } else if kind.is_file() {
-                format!(
-                    "file {:?}",
-                    String::from_utf8_lossy(&std::fs::read(&path).unwrap())
-                )
-            } else if kind.is_char_device() {
-                format!("char {}", meta.rdev())
-            } else {
-                "other".to_owned()
-            };
-            out.insert(
-                rel.display().to_string(),
-                format!(
-                    "{what} {:o} {}:{}",
-                    meta.mode() & 0o7777,
-                    meta.uid(),
-                    meta.gid()
-                ),
-            );
-            if kind.is_dir() {
-                walk(root, &rel, out);
-            }
-        }
-    }
-    let mut out = BTreeMap::new();
-    walk(root, Path::new(""), &mut out);
-    out
+    support::describe_tree(root, &|path, meta| {
+        let kind = meta.file_type();
+        let what = if kind.is_dir() {
+            "dir".to_owned()
+        } else if kind.is_symlink() {
+            format!("-> {}", std::fs::read_link(path).unwrap().display())
+        } else if kind.is_file() {
+            format!(
+                "file {:?}",
+                String::from_utf8_lossy(&std::fs::read(path).unwrap())
+            )
+        } else if kind.is_char_device() {
+            format!("char {}", meta.rdev())
+        } else {
+            "other".to_owned()
+        };
+        format!(
+            "{what} {:o} {}:{}",
+            meta.mode() & 0o7777,
+            meta.uid(),
+            meta.gid()
+        )
+    })
 }
 
 /// A base layer and one on top that deletes, hides, replaces and adds.

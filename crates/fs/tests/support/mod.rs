@@ -3,7 +3,9 @@
 
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
 use std::io::Write;
+use std::path::Path;
 
 /// The fixed mtime every test entry gets, so trees compare deterministically.
 pub const MTIME: u64 = 1_600_000_000;
@@ -194,4 +196,36 @@ pub fn gzip(data: &[u8]) -> Vec<u8> {
     let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     encoder.write_all(data).unwrap();
     encoder.finish().unwrap()
+}
+
+/// Every path under `root` (relative, sorted, directories walked without following symlinks)
+/// with what `describe` says of it from its full path and `lstat`.
+pub fn describe_tree(
+    root: &Path,
+    describe: &dyn Fn(&Path, &std::fs::Metadata) -> String,
+) -> BTreeMap<String, String> {
+    fn walk(
+        root: &Path,
+        rel: &Path,
+        describe: &dyn Fn(&Path, &std::fs::Metadata) -> String,
+        out: &mut BTreeMap<String, String>,
+    ) {
+        let mut names: Vec<_> = std::fs::read_dir(root.join(rel))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        for name in names {
+            let rel = rel.join(name);
+            let path = root.join(&rel);
+            let meta = std::fs::symlink_metadata(&path).unwrap();
+            out.insert(rel.display().to_string(), describe(&path, &meta));
+            if meta.is_dir() {
+                walk(root, &rel, describe, out);
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(root, Path::new(""), describe, &mut out);
+    out
 }
