@@ -65,18 +65,10 @@ impl StageMounts {
 }
 
 /// The most a build's scratch tmpfs may hold: a quarter of the memory available when the build
-/// starts, at most 1 GiB. What does not fit is written to disk instead.
+/// starts (under the memory cgroup's limit too, see [`memory_available`]), at most 1 GiB. What
+/// does not fit is written to disk instead.
 fn scratch_size() -> Option<u64> {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let available_kib: u64 = meminfo
-        .lines()
-        .find_map(|line| line.strip_prefix("MemAvailable:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    let size = (available_kib * 1024 / 4).min(1 << 30);
+    let size = (memory_available()? / 4).min(1 << 30);
     (size >= 16 << 20).then_some(size)
 }
 
